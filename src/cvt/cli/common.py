@@ -1,0 +1,35 @@
+"""Argument helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def parse_img_size(text: str) -> tuple[int, int]:
+    """``224`` → (224, 224); ``288,224`` or ``288x224`` → (288, 224) as (H, W)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be N or H,W, got {text!r}") from None
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be N or H,W with positive values, got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def print_json(obj: Any) -> None:
+    """Print one JSON document on stdout."""
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain aligned text table (also valid Markdown)."""
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Model complexity: parameter count and multiply–accumulates (GMACs) of one forward pass.
+
+MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2), which covers convolutions and
+matrix products. The CPU kernel of ``F.scaled_dot_product_attention`` has no formula there, so one is
+registered here: two batched products, ``q @ k^T`` and ``attn @ v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cvt.models.cvt import CvT, count_params, scaled_grid
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of attention: (B, h, Tq, d) x (B, h, d, Tk) then (B, h, Tq, Tk) x (B, h, Tk, dv)."""
+    b, h, tq, d = query_shape
+    tk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * tq * tk * (d + dv)
+
+
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+@dataclass(frozen=True)
+class Complexity:
+    """Size and cost of a model at one input size."""
+
+    params: int
+    gmacs: float  # multiply-accumulates of one image, in billions
+    img_size: tuple[int, int]
+    token_grids: list[tuple[int, int]]  # (H, W) of each stage's tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> float:
+    """Multiply–accumulates (billions) of one forward pass for a single ``img_size`` image."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.zeros(1, in_chans, *img_size, device=device)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2e9
+
+
+def complexity(model: CvT, img_size: tuple[int, int] | None = None) -> Complexity:
+    """Parameters, GMACs and token grids of ``model`` at ``img_size`` (default: its own)."""
+    size = tuple(img_size or model.img_size)
+    model.check_input(torch.zeros(1, model.in_chans, *size, device="meta"))
+    grids = list(zip(scaled_grid(size[0], model.stage_specs), scaled_grid(size[1], model.stage_specs)))
+    return Complexity(count_params(model), count_gmacs(model, size, model.in_chans), size, grids)

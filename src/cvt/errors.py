@@ -1,0 +1,32 @@
+"""Errors the user can act on.
+
+Every problem caused by input (a wrong model name, a bad checkpoint, an image too small for the
+stages) raises a subclass of :class:`CvtError` with one sentence that says what was expected and what
+was found. The CLI prints that sentence and exits non-zero; library users can catch the class.
+"""
+
+from __future__ import annotations
+
+
+class CvtError(Exception):
+    """Base class of every user-facing error raised by this package (CLI exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CvtError, ValueError):
+    """A bad argument or option value (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class InputShapeError(CvtError, ValueError):
+    """An input tensor whose channel count or spatial size the model cannot process."""
+
+
+class CheckpointError(CvtError):
+    """A checkpoint that is missing, unreadable, unsafe, or does not fit the model."""
+
+
+class DataError(CvtError):
+    """A data set folder or file that is missing, empty, or unreadable."""

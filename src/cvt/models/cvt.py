@@ -1,0 +1,388 @@
+"""The CvT model: stages of (convolutional token embedding → transformer blocks), then a head.
+
+Semantics follow the official implementation (microsoft/CvT ``lib/models/cls_cvt.py``) with its
+defects fixed: batch size 1 works (no ``squeeze``), ``linear`` projection everywhere works, and a
+learned position embedding per stage is available for the paper's ablations.
+The model API follows timm: ``forward_features`` → ``forward_head`` → ``forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cvt.errors import InputShapeError, UsageError
+from cvt.models.layers import ACTIVATIONS, PROJECTION_METHODS, Block, ConvEmbed, conv_out_size
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Hyper-parameters of one CvT stage (one column of the official ``MODEL.SPEC``)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int = 3  # token-embedding conv kernel (7 in stage 1 of the official models)
+    patch_stride: int = 2  # token-embedding conv stride: the stage's downsampling
+    patch_padding: int = 1
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0  # dropout after the embedding, in the MLP and after the attention output
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth: block i of n gets rate * i / (n - 1)
+    cls_token: bool = False  # a learned cls token prepended to the stage's tokens
+    pos_embed: bool = False  # learned position embedding (off in the paper's final design)
+    method: str = "dw_bn"  # q/k/v projection: dw_bn | avg | linear
+    kernel_qkv: int = 3
+    stride_q: int = 1
+    padding_q: int = 1
+    stride_kv: int = 2  # stride-2 k/v: 4x fewer keys, the paper's Table 7
+    padding_kv: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in PROJECTION_METHODS:
+            raise UsageError(f"projection method must be one of {PROJECTION_METHODS}, got {self.method!r}")
+        if self.embed_dim % self.num_heads:
+            raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.method == "dw_bn" and self.stride_q != 1:
+            # the residual x + attn(x) needs one output token per input token
+            raise UsageError(f"stride_q must be 1 (got {self.stride_q}): the block's residual needs it")
+        for name in ("depth", "embed_dim", "num_heads", "patch_size", "patch_stride", "kernel_qkv"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
+
+
+STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StageSpec))
+
+
+def expand_stages(num_stages: int, **per_stage: Any) -> list[StageSpec]:
+    """Build ``num_stages`` specs from keyword lists (one value per stage) or scalars (all stages)."""
+    unknown = sorted(set(per_stage) - set(STAGE_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown stage option(s) {unknown}; known: {list(STAGE_FIELDS)}")
+    columns: dict[str, list[Any]] = {}
+    for name, value in per_stage.items():
+        if isinstance(value, (list, tuple)):
+            if len(value) != num_stages:
+                raise UsageError(f"{name} has {len(value)} values for {num_stages} stages")
+            columns[name] = list(value)
+        else:
+            columns[name] = [value] * num_stages
+    return [StageSpec(**{k: v[i] for k, v in columns.items()}) for i in range(num_stages)]
+
+
+class CvTStage(nn.Module):
+    """One stage: ``(B, C_in, H, W)`` map → ``(B, T, C)`` tokens (cls at 0 if any) and grid ``(H', W')``."""
+
+    def __init__(
+        self, spec: StageSpec, in_chans: int, grid: tuple[int, int], act: str, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.grad_checkpointing = False
+        self.patch_embed = ConvEmbed(
+            in_chans, spec.embed_dim, spec.patch_size, spec.patch_stride, spec.patch_padding, norm_eps
+        )
+        self.pos_grid = grid  # the grid the position embedding was learned at
+        if spec.pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], spec.embed_dim))
+        self.pos_drop = nn.Dropout(spec.drop_rate)
+        if spec.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
+        # per-block stochastic depth within the stage, as the official code (not per stage as HF)
+        rates = torch.linspace(0, spec.drop_path_rate, spec.depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                spec.embed_dim, spec.num_heads, spec.mlp_ratio, qkv_bias=spec.qkv_bias,
+                drop=spec.drop_rate, attn_drop=spec.attn_drop_rate, drop_path=rate, act=act,
+                norm_eps=norm_eps, method=spec.method, kernel_size=spec.kernel_qkv,
+                stride_kv=spec.stride_kv, stride_q=spec.stride_q, padding_kv=spec.padding_kv,
+                padding_q=spec.padding_q, with_cls_token=spec.cls_token,
+            )  # fmt: skip
+            for rate in rates
+        )
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding ``(1, H*W, C)``, bicubically resized when ``grid`` differs."""
+        if grid == self.pos_grid:
+            return self.pos_embed
+        h0, w0 = self.pos_grid
+        pe = self.pos_embed.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # (1, C, h0, w0)
+        pe = F.interpolate(pe, size=grid, mode="bicubic", align_corners=False)
+        return pe.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, grid = self.patch_embed(x)  # (B, H*W, C)
+        if self.spec.pos_embed:
+            x = x + self.position_embedding(grid)
+        if self.spec.cls_token:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
+        return x, grid
+
+
+def tokens_to_map(x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> torch.Tensor:
+    """``(B, [1+]H*W, C)`` tokens → ``(B, C, H, W)`` map, dropping a leading cls token."""
+    if has_cls:
+        x = x[:, 1:]
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
+
+
+class CvT(nn.Module):
+    """Convolutional vision Transformer (Wu et al., 2021), with timm's model API.
+
+    Args:
+        stages: one :class:`StageSpec` per stage.
+        num_classes: classifier outputs; 0 gives an identity head (features only).
+        in_chans: input channels.
+        img_size: the training input size ``(H, W)``; sizes the position embeddings and
+            ``pretrained_cfg``. Other sizes still work (position embeddings are interpolated).
+        act: MLP activation, ``quick_gelu`` (official checkpoints) or ``gelu`` (transformers' port).
+        norm_eps: LayerNorm epsilon (1e-5 in the official code).
+        init: ``trunc_norm`` (std 0.02) or ``xavier``, as the official ``MODEL.INIT``.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageSpec],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | tuple[int, int] = 224,
+        act: str = "quick_gelu",
+        norm_eps: float = 1e-5,
+        init: str = "trunc_norm",
+    ) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        if init not in ("trunc_norm", "xavier"):
+            raise UsageError(f"init must be 'trunc_norm' or 'xavier', got {init!r}")
+        if not stages:
+            raise UsageError("a CvT needs at least one stage")
+        self.stage_specs = tuple(stages)
+        self.num_stages = len(stages)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.act = act
+        self.norm_eps = norm_eps
+        self.has_cls_token = stages[-1].cls_token
+        self.global_pool = "token" if self.has_cls_token else "avg"
+        self.num_features = self.head_hidden_size = stages[-1].embed_dim
+
+        chans, grid, reduction = in_chans, self.img_size, 1
+        self.feature_info: list[dict[str, Any]] = []
+        for i, spec in enumerate(stages):
+            grid = tuple(conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in grid)
+            reduction *= spec.patch_stride
+            # official key layout: stage0.patch_embed…, stage0.blocks.0…, stage2.cls_token
+            self.add_module(f"stage{i}", CvTStage(spec, chans, grid, act, norm_eps))
+            self.feature_info.append(dict(num_chs=spec.embed_dim, reduction=reduction, module=f"stage{i}"))
+            chans = spec.embed_dim
+        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg: dict[str, Any] = {}
+        self._init_weights(init)
+
+    # ----------------------------------------------------------------------------------- init
+    def _init_weights(self, init: str) -> None:
+        """Official init: Linear by trunc_normal(0.02) or xavier; norms to (1, 0); conv left default."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if init == "xavier":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for stage in self.stages:
+            for name in ("cls_token", "pos_embed"):
+                if hasattr(stage, name):
+                    trunc_normal_(getattr(stage, name), std=0.02)
+
+    @property
+    def stages(self) -> list[CvTStage]:
+        """The stages in order (registered as ``stage0``, ``stage1`` … for the official key layout)."""
+        return [getattr(self, f"stage{i}") for i in range(self.num_stages)]
+
+    # ------------------------------------------------------------------------------- checks
+    def min_input_size(self) -> tuple[int, int]:
+        """Smallest ``(H, W)`` for which every stage keeps at least one token."""
+        return _min_input_size(self.stage_specs)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`InputShapeError` with the expected and actual shape for unusable input."""
+        if x.ndim != 4:
+            raise InputShapeError(f"expected a (B, {self.in_chans}, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise InputShapeError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        if x.shape[0] == 0:
+            raise InputShapeError(f"empty batch: input shape {tuple(x.shape)}")
+        min_h, min_w = self.min_input_size()
+        if x.shape[2] < min_h or x.shape[3] < min_w:
+            raise InputShapeError(
+                f"input {x.shape[2]}x{x.shape[3]} is too small: every stage needs at least one token, "
+                f"the minimum size is {min_h}x{min_w}"
+            )
+
+    # ------------------------------------------------------------------------------ forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` → last-stage tokens ``(B, [1+]T, C)`` after the final LayerNorm."""
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.check_input(x)
+        last = self.num_stages - 1
+        for i, stage in enumerate(self.stages):
+            x, grid = stage(x)
+            if i < last:
+                x = tokens_to_map(x, grid, stage.spec.cls_token)  # earlier cls tokens are discarded
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens (cls token, or the mean when the last stage has none) and classify."""
+        x = x[:, 0] if self.global_pool == "token" else x[:, int(self.has_cls_token) :].mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` images → ``(B, num_classes)`` logits."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-stage ``(B, C_i, H_i, W_i)`` maps (cls tokens split off), timm's backbone interface.
+
+        ``indices``: stage indices, or an int n for the last n stages (default all). ``norm``
+        applies the final LayerNorm to the last stage's map (the only one of its width).
+        """
+        if output_fmt != "NCHW":
+            raise UsageError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take = self._stage_indices(indices)
+        self.check_input(x)
+        intermediates: list[torch.Tensor] = []
+        last = max(take) if stop_early or intermediates_only else self.num_stages - 1
+        for i, stage in enumerate(self.stages[: last + 1]):
+            x, grid = stage(x)
+            is_final = i == self.num_stages - 1
+            if i in take:
+                tokens = self.norm(x) if norm and is_final else x
+                intermediates.append(tokens_to_map(tokens, grid, stage.spec.cls_token))
+            if not is_final:
+                x = tokens_to_map(x, grid, stage.spec.cls_token)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        n = self.num_stages
+        if indices is None:
+            return list(range(n))
+        take = list(range(n - indices, n)) if isinstance(indices, int) else [i % n if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < n]
+        if bad or (isinstance(indices, int) and not 0 < indices <= n):
+            raise UsageError(f"stage indices {indices!r} out of range for a {n}-stage model")
+        return take
+
+    # ------------------------------------------------------------------------ timm model API
+    def get_classifier(self) -> nn.Module:
+        """The classification head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: identity)."""
+        if global_pool is not None:
+            if global_pool not in ("token", "avg"):
+                raise UsageError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            if global_pool == "token" and not self.has_cls_token:
+                raise UsageError("global_pool='token' needs a cls token in the last stage")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW should not decay: cls tokens and position embeddings."""
+        return {name for name, _ in self.named_parameters() if name.endswith(("cls_token", "pos_embed"))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise lr decay (timm's ``group_with_matcher`` format)."""
+        if coarse:
+            return dict(stem=r"^stage0\.patch_embed", blocks=r"^stage(\d+)")
+        return dict(
+            stem=r"^stage0\.patch_embed",
+            blocks=[
+                (r"^stage(\d+)\.blocks\.(\d+)", None),
+                (r"^stage(\d+)\.(?:patch_embed|cls_token|pos_embed)", (0,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+
+@lru_cache(maxsize=64)
+def _min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
+    def ok(size: int) -> bool:
+        for s in specs:
+            size = conv_out_size(size, s.patch_size, s.patch_stride, s.patch_padding)
+            if size < 1:
+                return False
+            if s.method != "linear":
+                kv_ceil = s.method == "avg"
+                if conv_out_size(size, s.kernel_qkv, s.stride_kv, s.padding_kv, ceil_mode=kv_ceil) < 1:
+                    return False
+        return True
+
+    size = 1
+    while not ok(size):
+        size += 1
+        if size > 1 << 16:
+            raise UsageError("this stage configuration gives no valid input size")
+    # sizes are monotone here: a larger input never yields fewer tokens
+    return size, size
+
+
+def scaled_grid(size: int, specs: Sequence[StageSpec]) -> list[int]:
+    """Token-grid side after each stage along one axis of length ``size`` (56/28/14 at 224 for CvT-13)."""
+    sides = []
+    for s in specs:
+        size = conv_out_size(size, s.patch_size, s.patch_stride, s.patch_padding)
+        sides.append(size)
+    return sides
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())

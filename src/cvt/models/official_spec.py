@@ -1,0 +1,59 @@
+"""The official CvT experiment YAML (``MODEL.SPEC``) ↔ :class:`~cvt.models.cvt.StageSpec`.
+
+The official repository describes every model by per-stage lists under ``MODEL.SPEC``
+(``DIM_EMBED: [64, 192, 384]``, ``QKV_PROJ_METHOD: [dw_bn, dw_bn, dw_bn]`` …). This module maps
+those names onto this project's stage fields, so any official experiment file builds the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cvt.errors import UsageError
+from cvt.models.cvt import StageSpec, expand_stages
+
+# official MODEL.SPEC key -> StageSpec field
+OFFICIAL_SPEC_KEYS: dict[str, str] = {
+    "DIM_EMBED": "embed_dim",
+    "DEPTH": "depth",
+    "NUM_HEADS": "num_heads",
+    "PATCH_SIZE": "patch_size",
+    "PATCH_STRIDE": "patch_stride",
+    "PATCH_PADDING": "patch_padding",
+    "MLP_RATIO": "mlp_ratio",
+    "QKV_BIAS": "qkv_bias",
+    "DROP_RATE": "drop_rate",
+    "ATTN_DROP_RATE": "attn_drop_rate",
+    "DROP_PATH_RATE": "drop_path_rate",
+    "CLS_TOKEN": "cls_token",
+    "POS_EMBED": "pos_embed",
+    "QKV_PROJ_METHOD": "method",
+    "KERNEL_QKV": "kernel_qkv",
+    "STRIDE_Q": "stride_q",
+    "PADDING_Q": "padding_q",
+    "STRIDE_KV": "stride_kv",
+    "PADDING_KV": "padding_kv",
+}
+# keys of MODEL.SPEC that carry no per-stage architecture
+_IGNORED_KEYS = {"NUM_STAGES", "INIT", "NORM", "ACT"}
+
+
+def stages_from_official_spec(spec: Mapping[str, Any]) -> list[StageSpec]:
+    """Stage specs from an official ``MODEL.SPEC`` mapping (the YAML's per-stage lists)."""
+    unknown = sorted(set(spec) - set(OFFICIAL_SPEC_KEYS) - _IGNORED_KEYS)
+    if unknown:
+        raise UsageError(f"unknown MODEL.SPEC key(s) {unknown}; known: {sorted(OFFICIAL_SPEC_KEYS)}")
+    if "DIM_EMBED" not in spec:
+        raise UsageError("MODEL.SPEC has no DIM_EMBED: cannot tell the number of stages")
+    num_stages = int(spec.get("NUM_STAGES", len(spec["DIM_EMBED"])))
+    fields = {OFFICIAL_SPEC_KEYS[k]: v for k, v in spec.items() if k in OFFICIAL_SPEC_KEYS}
+    return expand_stages(num_stages, **fields)
+
+
+def official_spec_from_stages(stages: list[StageSpec]) -> dict[str, Any]:
+    """The inverse mapping: an official ``MODEL.SPEC`` dict for the given stages."""
+    spec: dict[str, Any] = {"NUM_STAGES": len(stages)}
+    for key, field in OFFICIAL_SPEC_KEYS.items():
+        spec[key] = [getattr(s, field) for s in stages]
+    return spec
