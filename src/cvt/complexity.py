@@ -59,5 +59,6 @@ def complexity(model: CvT, img_size: tuple[int, int] | None = None) -> Complexit
     """Parameters, GMACs and token grids of ``model`` at ``img_size`` (default: its own)."""
     size = tuple(img_size or model.img_size)
     model.check_input(torch.zeros(1, model.in_chans, *size, device="meta"))
-    grids = list(zip(scaled_grid(size[0], model.stage_specs), scaled_grid(size[1], model.stage_specs)))
+    heights, widths = scaled_grid(size[0], model.stage_specs), scaled_grid(size[1], model.stage_specs)
+    grids = list(zip(heights, widths, strict=True))
     return Complexity(count_params(model), count_gmacs(model, size, model.in_chans), size, grids)

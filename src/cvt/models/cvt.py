@@ -100,6 +100,7 @@ class CvTStage(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim))
         # per-block stochastic depth within the stage, as the official code (not per stage as HF)
         rates = torch.linspace(0, spec.drop_path_rate, spec.depth, device="cpu").tolist()
+        # fmt: off
         self.blocks = nn.ModuleList(
             Block(
                 spec.embed_dim, spec.num_heads, spec.mlp_ratio, qkv_bias=spec.qkv_bias,
@@ -107,9 +108,10 @@ class CvTStage(nn.Module):
                 norm_eps=norm_eps, method=spec.method, kernel_size=spec.kernel_qkv,
                 stride_kv=spec.stride_kv, stride_q=spec.stride_q, padding_kv=spec.padding_kv,
                 padding_q=spec.padding_q, with_cls_token=spec.cls_token,
-            )  # fmt: skip
+            )
             for rate in rates
         )
+        # fmt: on
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position embedding ``(1, H*W, C)``, bicubically resized when ``grid`` differs."""
@@ -187,7 +189,9 @@ class CvT(nn.Module):
         chans, grid, reduction = in_chans, self.img_size, 1
         self.feature_info: list[dict[str, Any]] = []
         for i, spec in enumerate(stages):
-            grid = tuple(conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in grid)
+            grid = tuple(
+                conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in grid
+            )
             reduction *= spec.patch_stride
             # official key layout: stage0.patch_embed…, stage0.blocks.0…, stage2.cls_token
             self.add_module(f"stage{i}", CvTStage(spec, chans, grid, act, norm_eps))
@@ -230,7 +234,9 @@ class CvT(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise :class:`InputShapeError` with the expected and actual shape for unusable input."""
         if x.ndim != 4:
-            raise InputShapeError(f"expected a (B, {self.in_chans}, H, W) image batch, got shape {tuple(x.shape)}")
+            raise InputShapeError(
+                f"expected a (B, {self.in_chans}, H, W) image batch, got shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.in_chans:
             raise InputShapeError(
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
@@ -301,7 +307,10 @@ class CvT(nn.Module):
         n = self.num_stages
         if indices is None:
             return list(range(n))
-        take = list(range(n - indices, n)) if isinstance(indices, int) else [i % n if i < 0 else i for i in indices]
+        if isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n if i < 0 else i for i in indices]
         bad = [i for i in take if not 0 <= i < n]
         if bad or (isinstance(indices, int) and not 0 < indices <= n):
             raise UsageError(f"stage indices {indices!r} out of range for a {n}-stage model")
