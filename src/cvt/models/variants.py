@@ -97,7 +97,7 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
     try:
         return build_model_with_cfg(
             _build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(flatten_sequential=False), **arch, **kwargs,
+            feature_cfg=dict(flatten_sequential=False), **{**arch, **kwargs},
         )  # fmt: skip
     except CvtError:
         raise

@@ -1,0 +1,351 @@
+"""The CvT model: official sizes, semantics (drop path, cls token, position embedding), timm API, errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+import cvt
+from cvt.models import CvT, StageSpec, expand_stages
+from cvt.models.layers import QuickGELU
+
+OFFICIAL_PARAMS = {"cvt_13": 19_997_480, "cvt_21": 31_622_696, "cvt_w24": 277_196_392}
+
+
+def tiny(**overrides) -> CvT:
+    """A 3-stage CvT small enough for many quick forward passes."""
+    per_stage = dict(
+        embed_dim=(16, 32, 48), depth=(1, 1, 2), num_heads=(1, 2, 3), patch_size=(7, 3, 3),
+        patch_stride=(4, 2, 2), patch_padding=(2, 1, 1), cls_token=(False, False, True),
+    )  # fmt: skip
+    model_args = {k: overrides.pop(k) for k in ("act", "img_size", "num_classes", "init") if k in overrides}
+    per_stage.update(overrides)
+    return CvT(expand_stages(3, **per_stage), **{"num_classes": 5, "img_size": 64, **model_args})
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_official_parameter_counts(name: str) -> None:
+    with torch.device("meta"):
+        model = cvt.create_model(name)
+    assert cvt.count_params(model) == OFFICIAL_PARAMS[name]
+
+
+def test_official_cvt13_spec() -> None:
+    with torch.device("meta"):
+        model = cvt.create_model("cvt_13")
+    specs = model.stage_specs
+    assert [s.embed_dim for s in specs] == [64, 192, 384]
+    assert [s.depth for s in specs] == [1, 2, 10]
+    assert [s.num_heads for s in specs] == [1, 3, 6]
+    assert [s.cls_token for s in specs] == [False, False, True]
+    assert [s.drop_path_rate for s in specs] == [0.0, 0.0, 0.1]
+    assert model.act == "quick_gelu" and model.norm_eps == 1e-5
+    assert isinstance(model.stage2.blocks[0].mlp.act, QuickGELU)
+    assert model.stage0.blocks[0].norm1.eps == 1e-5
+
+
+def test_cvt_w24_drop_path_and_default_size() -> None:
+    with torch.device("meta"):
+        model = cvt.create_model("cvt_w24")
+    assert model.stage_specs[-1].drop_path_rate == 0.3
+    assert model.pretrained_cfg["input_size"] == (3, 384, 384)
+    assert model.pretrained_cfg["crop_pct"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "crop_pct", "hub_id"),
+    [
+        ("cvt_13.msft_in1k", 224, 0.875, "microsoft/cvt-13"),
+        ("cvt_13.msft_in22k_ft_in1k_384", 384, 1.0, "microsoft/cvt-13-384-22k"),
+        ("cvt_21.msft_in1k_384", 384, 1.0, "microsoft/cvt-21-384"),
+    ],
+)
+def test_pretrained_configs(name: str, size: int, crop_pct: float, hub_id: str) -> None:
+    with torch.device("meta"):
+        model = cvt.create_model(name)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, size, size) and model.img_size == (size, size)
+    assert cfg["crop_pct"] == crop_pct and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert cfg["hf_hub_id"] == hub_id and cfg["num_classes"] == 1000
+    assert cfg["first_conv"] == "stage0.patch_embed.proj" and cfg["classifier"] == "head"
+
+
+def test_list_models_and_tags() -> None:
+    names = cvt.list_models()
+    assert {"cvt", "cvt_13", "cvt_21", "cvt_w24", "cvt_tiny", "cvt_13_cifar"} <= set(names)
+    assert cvt.list_models("cvt_2*") == ["cvt_21", "cvt_21_cifar"]
+    tags = cvt.list_models(pretrained=True)
+    assert "cvt_w24.msft_in22k_ft_in1k_384" in tags and len(tags) == 7
+
+
+def test_timm_create_model_builds_the_same_model() -> None:
+    torch.manual_seed(0)
+    ours = cvt.create_model("cvt_tiny", num_classes=7)
+    torch.manual_seed(0)
+    theirs = timm.create_model("cvt_tiny", num_classes=7)
+    assert type(theirs) is CvT
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert ours_sd.keys() == theirs_sd.keys()
+    assert all(torch.equal(ours_sd[k], theirs_sd[k]) for k in ours_sd)
+
+
+def test_seed_alias_is_cvt13_with_kernel3_stem() -> None:
+    with torch.device("meta"):
+        alias, base = cvt.create_model("cvt"), cvt.create_model("cvt_13", num_classes=10)
+    assert alias.num_classes == 10
+    assert alias.stage_specs[0].patch_size == 3
+    assert [s.depth for s in alias.stage_specs] == [s.depth for s in base.stage_specs]
+    # only the first embedding kernel differs: 64 * 3 * (7*7 - 3*3) fewer weights
+    assert cvt.count_params(base) - cvt.count_params(alias) == 64 * 3 * (49 - 9)
+
+
+def test_cifar_variants_keep_grids_at_32() -> None:
+    model = cvt.create_model("cvt_13_cifar").eval()
+    maps = model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(32, 32), (16, 16), (8, 8)]
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(cvt.UsageError, match=r"unknown model 'cvt_12'.*cvt_13"):
+        cvt.create_model("cvt_12")
+
+
+def test_unknown_override_is_named() -> None:
+    with pytest.raises(cvt.UsageError, match=r"'drop_path'.*did you mean 'drop_path_rate'"):
+        cvt.create_model("cvt_tiny", drop_path=0.1)
+
+
+def test_stage_overrides_scalar_and_per_stage() -> None:
+    model = cvt.create_model("cvt_tiny", stride_kv=1, drop_path_rate=(0.0, 0.1, 0.2))
+    assert [s.stride_kv for s in model.stage_specs] == [1, 1, 1]
+    assert [s.drop_path_rate for s in model.stage_specs] == [0.0, 0.1, 0.2]
+    with pytest.raises(cvt.UsageError, match="2 values for 3 stages"):
+        cvt.create_model("cvt_tiny", depth=(1, 2))
+
+
+def test_wrong_channel_count_names_expected_and_got() -> None:
+    model = tiny().eval()
+    with pytest.raises(cvt.InputShapeError, match="expected 3 input channels, got 1"):
+        model(torch.randn(2, 1, 64, 64))
+
+
+def test_too_small_input_names_minimum() -> None:
+    model = cvt.create_model("cvt_13").eval()
+    assert model.min_input_size() == (3, 3)
+    model(torch.randn(1, 3, 3, 3))  # the minimum works: 1x1 grids everywhere
+    with pytest.raises(cvt.InputShapeError, match="minimum size is 3x3"):
+        model(torch.randn(1, 3, 2, 16))
+
+
+def test_empty_batch_and_wrong_rank_are_refused() -> None:
+    model = tiny().eval()
+    with pytest.raises(cvt.InputShapeError, match="empty batch"):
+        model(torch.randn(0, 3, 64, 64))
+    with pytest.raises(cvt.InputShapeError, match="image batch"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_batch_of_one_equals_row_of_batch() -> None:
+    model = tiny().eval()
+    x = torch.randn(4, 3, 64, 48)
+    with torch.no_grad():
+        batch, single = model(x), model(x[2:3])
+    assert single.shape == (1, 5)
+    torch.testing.assert_close(single[0], batch[2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
+def test_projection_methods_fused_equals_reference(method: str) -> None:
+    model = tiny(method=method).eval()
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        fused = model(x)
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        reference = model(x)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_projection_is_plain_vit_attention() -> None:
+    """method='linear' everywhere (the official code crashes there): q/k/v are the tokens themselves."""
+    model = tiny(method="linear").eval()
+    attn = model.stage2.blocks[0].attn
+    assert attn.conv_proj_q is None and attn.conv_proj_k is None and attn.conv_proj_v is None
+    x = torch.randn(2, 1 + 16, 48)
+    with torch.no_grad():
+        out = attn(x, (4, 4))
+        q = attn.proj_q(x).reshape(2, 17, 3, 16).transpose(1, 2)
+        k = attn.proj_k(x).reshape(2, 17, 3, 16).transpose(1, 2)
+        v = attn.proj_v(x).reshape(2, 17, 3, 16).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * 48**-0.5, dim=-1)  # scale: dim_out, not head_dim
+        expected = attn.proj((probs @ v).transpose(1, 2).reshape(2, 17, 48))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_avg_projection_keeps_query_linear() -> None:
+    attn = tiny(method="avg").stage0.blocks[0].attn
+    assert attn.conv_proj_q is None
+    assert isinstance(attn.conv_proj_k.avg, nn.AvgPool2d) and attn.conv_proj_k.avg.ceil_mode
+
+
+def test_stride_q_must_be_one() -> None:
+    with pytest.raises(cvt.UsageError, match="stride_q must be 1"):
+        StageSpec(embed_dim=16, depth=1, num_heads=1, stride_q=2)
+
+
+def test_drop_path_rates_are_per_block_within_each_stage() -> None:
+    model = tiny(depth=(1, 2, 5), drop_path_rate=(0.0, 0.2, 0.4))
+    rates = [[getattr(b.drop_path, "drop_prob", 0.0) for b in s.blocks] for s in model.stages]
+    assert rates[0] == [0.0]
+    assert rates[1] == pytest.approx([0.0, 0.2])
+    assert rates[2] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_drop_path_drops_branches_not_the_residual() -> None:
+    """A block with drop-path rate 1 in training passes its input through unchanged (HF drops both)."""
+    model = tiny(depth=(1, 1, 2), drop_path_rate=(0.0, 0.0, 1.0)).train()
+    block = model.stage2.blocks[1]
+    assert block.drop_path.drop_prob == 1.0
+    x = torch.randn(2, 1 + 16, 48)
+    torch.testing.assert_close(block(x, (4, 4)), x)
+
+
+def test_cls_token_in_any_stage() -> None:
+    model = tiny(cls_token=(True, True, False)).eval()
+    assert hasattr(model.stage0, "cls_token") and not hasattr(model.stage2, "cls_token")
+    assert model.global_pool == "avg"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+    assert tokens.shape == (2, 16, 48)  # no cls in the last stage: 4x4 tokens
+    torch.testing.assert_close(pooled, tokens.mean(dim=1))
+
+
+def test_forward_head_pools_cls_token() -> None:
+    model = tiny().eval()
+    with torch.no_grad():
+        tokens = model.forward_features(torch.randn(2, 3, 64, 64))
+        logits = model.forward_head(tokens)
+    assert tokens.shape == (2, 17, 48)
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+    torch.testing.assert_close(logits, model.head(tokens[:, 0]))
+
+
+def test_position_embedding_learned_and_interpolated() -> None:
+    model = tiny(pos_embed=(True, False, True), img_size=64).eval()
+    assert model.stage0.pos_embed.shape == (1, 16 * 16, 16)
+    assert model.stage2.pos_embed.shape == (1, 4 * 4, 48)
+    assert model.no_weight_decay() == {"stage0.pos_embed", "stage2.pos_embed", "stage2.cls_token"}
+    stage = model.stage0
+    assert stage.position_embedding((16, 16)) is stage.pos_embed
+    with torch.no_grad():
+        stage.pos_embed.fill_(0.25)  # bicubic resizing of a constant is the same constant
+    resized = stage.position_embedding((24, 20))
+    assert resized.shape == (1, 24 * 20, 16)
+    torch.testing.assert_close(resized, torch.full_like(resized, 0.25))
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 96, 80))).all()
+
+
+def test_position_embedding_changes_the_output() -> None:
+    model = tiny(pos_embed=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.stage1.pos_embed.add_(1.0)
+        after = model(x)
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_forward_intermediates_are_stage_maps() -> None:
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, norm=True)
+        features = model.forward_features(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 48, 4, 4)]
+    assert [info["reduction"] for info in model.feature_info] == [4, 8, 16]
+    torch.testing.assert_close(final, features)
+    # the normed last map is the normed tokens without the cls token
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), features[:, 1:])
+    only_last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+    torch.testing.assert_close(only_last[0], model.forward_intermediates(x, intermediates_only=True)[-1])
+    with pytest.raises(cvt.UsageError, match="out of range"):
+        model.forward_intermediates(x, indices=[3])
+
+
+def test_reset_classifier() -> None:
+    model = tiny().eval()
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3 and model.num_classes == 3
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, model.num_features)
+    model.reset_classifier(4, global_pool="avg")
+    assert model.global_pool == "avg"
+    with pytest.raises(cvt.UsageError, match="needs a cls token"):
+        tiny(cls_token=False).reset_classifier(4, global_pool="token")
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = tiny().train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_group_matcher_covers_every_parameter() -> None:
+    model = tiny(pos_embed=True)
+    groups = group_parameters(model, model.group_matcher())
+    grouped = [name for names in groups.values() for name in names]
+    assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
+    first = groups[min(groups)]
+    assert all(n.startswith("stage0.patch_embed") for n in first)
+    final_norm = {n for names in groups.values() for n in names if n.startswith("norm")}
+    assert final_norm == {"norm.weight", "norm.bias"}
+
+
+def test_official_init() -> None:
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_13", num_classes=10)
+    fc1 = model.stage2.blocks[0].mlp.fc1
+    # timm's trunc_normal_(std=0.02) as the official code: bounds are +-2 absolute, i.e. ~normal(0, 0.02)
+    assert abs(fc1.weight.std().item() - 0.02) < 0.001 and abs(fc1.weight.mean().item()) < 0.001
+    assert torch.count_nonzero(fc1.bias) == 0
+    bn = model.stage1.blocks[0].attn.conv_proj_k.bn
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.count_nonzero(bn.bias) == 0
+    assert 0.01 < model.stage2.cls_token.std().item() < 0.03
+    xavier = tiny(init="xavier").stage2.blocks[0].mlp.fc1.weight
+    bound = (6 / (48 + 192)) ** 0.5
+    assert xavier.abs().max() <= bound and xavier.std() > 0.08  # xavier-uniform, not std 0.02
+
+
+def test_gelu_option_and_bad_options() -> None:
+    assert isinstance(tiny(act="gelu").stage0.blocks[0].mlp.act, nn.GELU)
+    with pytest.raises(cvt.UsageError, match="act must be one of"):
+        tiny(act="relu")
+    with pytest.raises(cvt.UsageError, match="projection method"):
+        tiny(method="conv")
+    with pytest.raises(cvt.UsageError, match="not divisible"):
+        tiny(num_heads=(3, 2, 3))
+
+
+def test_pretrained_without_published_weights_is_refused() -> None:
+    with pytest.raises(cvt.UsageError, match="cvt_tiny has no published weights"):
+        cvt.create_model("cvt_tiny", pretrained=True)
