@@ -1,0 +1,74 @@
+"""`cvt list`, `cvt info` and the CLI's error contract (one line, non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cvt.cli.main import main
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "list" in out and "info" in out
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "cvt_1*"]) == 0
+    assert capsys.readouterr().out.split() == ["cvt_13", "cvt_13_cifar"]
+    assert main(["list", "--pretrained", "cvt_w24*"]) == 0
+    assert capsys.readouterr().out.split() == ["cvt_w24.msft_in22k_ft_in1k_384"]
+
+
+def test_info_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "cvt_13", "--img-size", "384", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == 19_997_480
+    assert info["gmacs"] == pytest.approx(16.3, rel=0.02)
+    assert info["img_size"] == [384, 384]
+
+
+def test_info_non_square_and_classes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "cvt_tiny", "--img-size", "48,32", "--num-classes", "3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["token_grids"] == [[24, 16], [12, 8], [6, 4]]
+
+
+def test_info_table_has_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "| cvt_13 " in out and "19.9" not in out and "20.00M" in out and "194.22" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["info", "cvt_14"], 2, "unknown model 'cvt_14'; did you mean"),
+        (["info", "cvt_13", "--img-size", "2"], 1, "minimum size is 3x3"),
+    ],
+)
+def test_errors_are_one_line(argv: list[str], code: int, message: str, capsys) -> None:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_option_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "cvt_13", "--img-size", "abc"])
+    assert exit_info.value.code == 2
+    assert "image size must be N or H,W" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cvt", "info", "cvt_99"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("cvt info: error: unknown model 'cvt_99'")

@@ -1,0 +1,53 @@
+"""GMACs of the official variants against the paper's figures (within 2%)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cvt
+from cvt.complexity import complexity, count_gmacs
+
+PUBLISHED_GMACS = [
+    ("cvt_13", 224, 4.53),
+    ("cvt_13", 384, 16.3),
+    ("cvt_21", 224, 7.13),
+    ("cvt_21", 384, 24.9),
+    ("cvt_w24", 224, 60.86),
+    ("cvt_w24", 384, 193.2),
+]
+
+
+@pytest.mark.parametrize(("name", "size", "published"), PUBLISHED_GMACS)
+def test_gmacs_match_the_paper(name: str, size: int, published: float) -> None:
+    with torch.device("meta"):  # shapes only: no weights are allocated
+        model = cvt.create_model(name).eval()
+    info = complexity(model, (size, size))
+    assert info.gmacs == pytest.approx(published, rel=0.02)
+    assert info.params == cvt.count_params(model)
+
+
+def test_fused_attention_is_counted_like_the_reference() -> None:
+    """The CPU SDPA kernel has no formula in torch's counter: ours must count it like two matmuls."""
+    model = cvt.create_model("cvt_tiny").eval()
+    fused = count_gmacs(model, (32, 32))
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    assert fused == pytest.approx(count_gmacs(model, (32, 32)), rel=1e-9)
+
+
+def test_kv_stride_one_costs_more() -> None:
+    with torch.device("meta"):
+        stride2, stride1 = cvt.create_model("cvt_13"), cvt.create_model("cvt_13", stride_kv=1)
+    # paper Table 7: 4.53 vs 6.55 GFLOPs
+    assert complexity(stride1).gmacs == pytest.approx(6.55, rel=0.02)
+    assert complexity(stride1).gmacs / complexity(stride2).gmacs == pytest.approx(6.55 / 4.53, rel=0.02)
+
+
+def test_token_grids_non_square() -> None:
+    with torch.device("meta"):
+        model = cvt.create_model("cvt_13")
+    assert complexity(model, (288, 224)).token_grids == [(72, 56), (36, 28), (18, 14)]
+    with pytest.raises(cvt.InputShapeError, match="minimum size"):
+        complexity(model, (2, 2))
