@@ -1,0 +1,82 @@
+"""Ablation results as a Markdown table, a CSV file and a bar plot of top-1 accuracy per variant."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from cvt.ablation.runner import AblationRow
+from cvt.cli.common import format_table
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "family", "variant", "params", "gmacs", "top1", "train_seconds", "paper_params_m", "paper_gflops",
+    "paper_top1",
+)  # fmt: skip
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Sequence[AblationRow], with_results: bool = True) -> str:
+    """One line per variant; the paper's CvT-13 ImageNet figures next to the measured ones.
+
+    ``with_results=False`` leaves out the top-1 and training-time columns (dry runs).
+    """
+    headers = ["family", "variant", "params", "GMACs", "top-1 %", "train s", "paper params M", "paper GFLOPs",
+               "paper top-1 %"]  # fmt: skip
+    body = [
+        [r.family, r.variant, f"{r.params / 1e6:.3f}M", f"{r.gmacs:.4g}", _fmt(r.top1, ".1f"),
+         _fmt(r.train_seconds, ".0f"), _fmt(r.paper.params_m, ".1f"), _fmt(r.paper.gflops, ".2f"),
+         _fmt(r.paper.top1, ".1f")]
+        for r in rows
+    ]  # fmt: skip
+    if not with_results:
+        headers = headers[:4] + headers[6:]
+        body = [line[:4] + line[6:] for line in body]
+    return format_table(headers, body)
+
+
+def write_csv(rows: Sequence[AblationRow], path: Path) -> None:
+    """All columns of :data:`CSV_COLUMNS`, empty where unknown."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.as_dict().items()})
+
+
+def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
+    """Horizontal bars of top-1 per variant, grouped and coloured by family (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(r.family for r in rows))
+    colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    labels = [f"{r.family}: {r.variant}" for r in rows]
+    values = [r.top1 or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    bars = ax.barh(range(len(rows)), values, color=[colours[r.family] for r in rows])
+    ax.bar_label(bars, labels=[_fmt(r.top1, ".1f") for r in rows], padding=2, fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()  # first variant on top, as in the table
+    low = min(values, default=0.0)
+    ax.set_xlim(max(0.0, low - 10.0), 100.0)  # differences are a few points: don't start at 0
+    ax.set_xlabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: Sequence[AblationRow], out_dir: Path, title: str) -> list[Path]:
+    """``ablation.md``, ``ablation.csv`` and ``ablation.png`` in ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv_path, png = out_dir / "ablation.md", out_dir / "ablation.csv", out_dir / "ablation.png"
+    md.write_text(f"# {title}\n\n{markdown_table(rows)}\n")
+    write_csv(rows, csv_path)
+    plot_top1(rows, png, title)
+    return [md, csv_path, png]

@@ -1,0 +1,139 @@
+"""Ablation families, dry-run figures against the paper, the runner's reuse of results, reports, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import cvt
+from cvt.ablation import (
+    FAMILIES,
+    AblationRow,
+    PaperFigures,
+    ablation_variants,
+    build_variant,
+    dry_run,
+    run_ablation,
+)
+from cvt.ablation.report import write_report
+from cvt.cli.main import main
+
+
+def _tiny_stages() -> tuple[cvt.StageSpec, ...]:
+    with torch.device("meta"):
+        return cvt.create_model("cvt_tiny").stage_specs
+
+
+@pytest.mark.slow
+def test_cvt13_dry_run_matches_paper_tables_6_and_7() -> None:
+    rows = dry_run("cvt_13", ["token_embed", "kv_stride"], img_size=224, num_classes=1000)
+    checked = 0
+    for row in rows:
+        if row.paper.params_m is not None:
+            assert row.params / 1e6 == pytest.approx(row.paper.params_m, rel=0.02), row.variant
+            checked += 1
+        if row.paper.gflops is not None:
+            assert row.gmacs == pytest.approx(row.paper.gflops, rel=0.02), row.variant
+            checked += 1
+    assert checked == 6  # 4 parameter counts (Table 6) and 2 GFLOP counts (Table 7)
+    by_name = {(r.family, r.variant): r for r in rows}
+    # the squeezed (stride-2) key/value projection saves ~30% of the compute at equal size
+    s1, s2 = by_name["kv_stride", "stride 1"], by_name["kv_stride", "stride 2"]
+    assert s1.params == s2.params == 19_997_480
+    assert 1 - s2.gmacs / s1.gmacs == pytest.approx(1 - 4.53 / 6.55, abs=0.02)
+
+
+def test_families_cover_the_papers_tables_in_order() -> None:
+    variants = ablation_variants(_tiny_stages())
+    assert list(dict.fromkeys(v.family for v in variants)) == list(FAMILIES)
+    names = {f: [v.name for v in variants if v.family == f] for f in FAMILIES}
+    assert names["pos_embed"] == ["none", "first stage", "last stage", "every stage"]
+    assert names["conv_proj"] == ["none", "stage 1", "stages 1-2", "all stages"]
+    assert [v.paper.top1 for v in variants if v.family == "conv_proj"] == [80.6, 80.8, 81.0, 81.6]
+    assert [v.paper.params_m for v in variants if v.family == "token_embed"] == [19.5, 19.9, 20.3, 20.0]
+
+
+def test_variant_overrides_build_the_intended_stages() -> None:
+    variants = {(v.family, v.name): v for v in ablation_variants(_tiny_stages())}
+    specs = build_variant("cvt_tiny", variants["pos_embed", "last stage"]).stage_specs
+    assert [s.pos_embed for s in specs] == [False, False, True]
+    specs = build_variant("cvt_tiny", variants["conv_proj", "stage 1"]).stage_specs
+    assert [s.method for s in specs] == ["dw_bn", "linear", "linear"]
+    linear = build_variant("cvt_tiny", variants["token_embed", "linear, no PE"])
+    assert [(s.patch_size, s.patch_stride, s.patch_padding) for s in linear.stage_specs] == [(2, 2, 0)] * 3
+    conv = build_variant("cvt_tiny", variants["token_embed", "conv, no PE"])
+    # non-overlapping patches keep the token grids: only the embedding's receptive field changes
+    x = torch.randn(1, 3, 32, 32)
+    assert [m.shape for m in linear.forward_intermediates(x, intermediates_only=True)] == [
+        m.shape for m in conv.forward_intermediates(x, intermediates_only=True)
+    ]
+    assert linear.stage0.patch_embed.proj.weight.shape == (32, 3, 2, 2)
+
+
+def test_unknown_family_names_the_known_ones() -> None:
+    with pytest.raises(
+        cvt.UsageError, match=r"unknown ablation family 'kv_strid' \(did you mean 'kv_stride'\?\)"
+    ):
+        ablation_variants(_tiny_stages(), ["kv_strid"])
+
+
+def test_dry_run_measures_each_variant() -> None:
+    rows = dry_run("cvt_tiny", ["kv_stride", "proj_method"])
+    by_name = {(r.family, r.variant): r for r in rows}
+    assert by_name["kv_stride", "stride 2"].params == by_name["proj_method", "dw_bn"].params == 566_218
+    assert by_name["kv_stride", "stride 1"].gmacs > by_name["kv_stride", "stride 2"].gmacs
+    # per block, dw_bn adds a 3x3 depthwise conv (9c) and a BatchNorm (2c) for each of q, k and v;
+    # avg pooling (k, v) and the linear query add nothing. Blocks per stage: 1, 1, 2.
+    dw_bn_weights = sum(blocks * 3 * (9 * c + 2 * c) for c, blocks in ((32, 1), (64, 1), (128, 2)))
+    assert by_name["proj_method", "dw_bn"].params - by_name["proj_method", "linear"].params == dw_bn_weights
+    assert by_name["proj_method", "avg"].params == by_name["proj_method", "linear"].params
+
+
+def test_run_ablation_trains_each_distinct_model_once() -> None:
+    calls: list[dict] = []
+
+    def fake_train(overrides: dict) -> dict[str, float]:
+        calls.append(overrides)
+        return {"top1": 50.0 + len(calls), "train_seconds": 1.0}
+
+    rows = run_ablation("cvt_tiny", ["kv_stride", "proj_method"], fake_train, num_classes=10)
+    assert len(rows) == 5 and len(calls) == 4  # "stride 2" and "dw_bn" are the same model
+    by_name = {(r.family, r.variant): r for r in rows}
+    assert by_name["kv_stride", "stride 2"].top1 == by_name["proj_method", "dw_bn"].top1 == 52.0
+    assert calls[0] == {"stride_kv": 1}
+
+
+def test_report_files_hold_the_rows(tmp_path) -> None:
+    rows = [
+        AblationRow(
+            "kv_stride", "stride 1", 1_000_000, 0.25, PaperFigures(gflops=6.55, top1=82.3), 91.5, 12.0
+        ),
+        AblationRow(
+            "kv_stride", "stride 2", 1_000_000, 0.125, PaperFigures(gflops=4.53, top1=81.6), 90.0, 10.0
+        ),
+    ]
+    md, csv_path, png = write_report(rows, tmp_path / "out", "test")
+    assert "| kv_stride | stride 1 | 1.000M | 0.25  | 91.5    | 12 " in md.read_text()
+    with open(csv_path) as f:
+        table = list(csv.DictReader(f))
+    assert [(r["variant"], float(r["top1"]), r["paper_params_m"]) for r in table] == [
+        ("stride 1", 91.5, ""), ("stride 2", 90.0, ""),
+    ]  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_dry_run_json(capsys) -> None:
+    assert main(["ablate", "--dry-run", "--family", "kv_stride", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["family"], r["variant"], r["paper_gflops"]) for r in rows] == [
+        ("kv_stride", "stride 1", 6.55), ("kv_stride", "stride 2", 4.53),
+    ]  # fmt: skip
+    assert rows[1]["params"] == 566_218 and rows[1]["gmacs"] == pytest.approx(0.01543, rel=1e-3)
+
+
+def test_cli_unknown_family_exits_2(capsys) -> None:
+    assert main(["ablate", "--dry-run", "--family", "nope"]) == 2
+    assert "unknown ablation family 'nope'" in capsys.readouterr().err
