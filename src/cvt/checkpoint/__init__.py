@@ -1,5 +1,33 @@
-"""Checkpoint formats (placeholder until the checkpoint module lands)."""
+"""Checkpoint formats: official Microsoft ``.pth``, Hugging Face transformers, and the project's own.
 
+``load_checkpoint(model, path)`` detects the format and loads strictly; ``load_model(path)``
+rebuilds a model from a file that describes it; ``save_checkpoint`` and ``export_hf`` write.
+"""
 
-def checkpoint_filter_fn(state_dict, model):
-    return state_dict
+from cvt.checkpoint.hf import export_hf
+from cvt.checkpoint.load import (
+    LoadResult,
+    check_fit,
+    checkpoint_filter_fn,
+    convert_state_dict,
+    guess_variant,
+    load_checkpoint,
+    load_model,
+)
+from cvt.checkpoint.native import save_checkpoint
+from cvt.checkpoint.official import create_model_from_official_yaml
+from cvt.checkpoint.read import read_state_dict
+
+__all__ = [
+    "LoadResult",
+    "check_fit",
+    "checkpoint_filter_fn",
+    "convert_state_dict",
+    "create_model_from_official_yaml",
+    "export_hf",
+    "guess_variant",
+    "load_checkpoint",
+    "load_model",
+    "read_state_dict",
+    "save_checkpoint",
+]

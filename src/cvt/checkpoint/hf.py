@@ -1,0 +1,223 @@
+"""The Hugging Face transformers CvT layout: key renames, ``config.json`` ↔ stages, and export.
+
+transformers' ``CvtForImageClassification`` names the same tensors differently
+(``cvt.encoder.stages.0.layers.0.attention.attention.projection_query`` is our
+``stage0.blocks.0.attn.proj_q``) and can express fewer architectures: only ``dw_bn`` projections,
+no position embeddings, a cls token only in the last stage, LayerNorm eps fixed at 1e-5, GELU
+always, and (because it indexes drop-path rates by stage) stage ``i`` needs more than ``i`` blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvt.errors import CheckpointError
+from cvt.models.cvt import CvT, StageSpec
+
+_HF_STAGE = "cvt.encoder.stages.{i}."
+_HF_LAYER = _HF_STAGE + "layers.{j}."
+_HF_ATTN = _HF_LAYER + "attention.attention."
+# (native prefix, Hugging Face prefix); the rest of the key (weight, bias, running_mean …) is shared
+_KEY_PREFIXES: list[tuple[str, str]] = [
+    ("stage{i}.patch_embed.proj.", _HF_STAGE + "embedding.convolution_embeddings.projection."),
+    ("stage{i}.patch_embed.norm.", _HF_STAGE + "embedding.convolution_embeddings.normalization."),
+    ("stage{i}.cls_token", _HF_STAGE + "cls_token"),
+    ("stage{i}.blocks.{j}.norm1.", _HF_LAYER + "layernorm_before."),
+    ("stage{i}.blocks.{j}.norm2.", _HF_LAYER + "layernorm_after."),
+    ("stage{i}.blocks.{j}.attn.proj.", _HF_LAYER + "attention.output.dense."),
+    ("stage{i}.blocks.{j}.mlp.fc1.", _HF_LAYER + "intermediate.dense."),
+    ("stage{i}.blocks.{j}.mlp.fc2.", _HF_LAYER + "output.dense."),
+    ("norm.", "layernorm."),
+    ("head.", "classifier."),
+]
+for _short, _long in (("q", "query"), ("k", "key"), ("v", "value")):
+    _conv = _HF_ATTN + f"convolution_projection_{_long}.convolution_projection."
+    _KEY_PREFIXES += [
+        (f"stage{{i}}.blocks.{{j}}.attn.conv_proj_{_short}.conv.", _conv + "convolution."),
+        (f"stage{{i}}.blocks.{{j}}.attn.conv_proj_{_short}.bn.", _conv + "normalization."),
+        (f"stage{{i}}.blocks.{{j}}.attn.proj_{_short}.", _HF_ATTN + f"projection_{_long}."),
+    ]
+
+
+def _prefix_regex(template: str) -> re.Pattern[str]:
+    """``stage{i}.blocks.{j}.`` → a regex matching that prefix and capturing ``i`` and ``j``."""
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    return re.compile("^" + pattern)
+
+
+_TO_NATIVE = [(_prefix_regex(hf), native) for native, hf in _KEY_PREFIXES]
+_TO_HF = [(_prefix_regex(native), hf) for native, hf in _KEY_PREFIXES]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, target in rules:
+        m = pattern.match(key)
+        if m:
+            return target.format(**m.groupdict()) + key[m.end() :]
+    return None
+
+
+def hf_to_native(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename transformers CvT keys to the native (official) layout; unknown keys are kept as they are
+    so that the strict check reports them."""
+    return {_rename(k, _TO_NATIVE) or k: v for k, v in state_dict.items()}
+
+
+def native_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename native keys to transformers' CvT layout (every native key of an exportable model maps)."""
+    out = {}
+    for key, value in state_dict.items():
+        hf_key = _rename(key, _TO_HF)
+        if hf_key is None:
+            raise CheckpointError(f"the Hugging Face CvT layout has no place for the tensor {key!r}")
+        out[hf_key] = value
+    return out
+
+
+# transformers CvtConfig list field -> StageSpec field
+HF_STAGE_FIELDS: dict[str, str] = {
+    "patch_sizes": "patch_size",
+    "patch_stride": "patch_stride",
+    "patch_padding": "patch_padding",
+    "embed_dim": "embed_dim",
+    "num_heads": "num_heads",
+    "depth": "depth",
+    "mlp_ratio": "mlp_ratio",
+    "attention_drop_rate": "attn_drop_rate",
+    "drop_rate": "drop_rate",
+    "drop_path_rate": "drop_path_rate",
+    "qkv_bias": "qkv_bias",
+    "cls_token": "cls_token",
+    "qkv_projection_method": "method",
+    "kernel_qkv": "kernel_qkv",
+    "padding_kv": "padding_kv",
+    "stride_kv": "stride_kv",
+    "padding_q": "padding_q",
+    "stride_q": "stride_q",
+}
+_OPTIONAL_HF_FIELDS = {"attention_drop_rate", "drop_rate", "drop_path_rate"}  # regularization only
+# not CvtConfig fields: what we add so that a model exported here rebuilds exactly
+HF_ACT_KEY = "hidden_act"
+HF_IMAGE_SIZE_KEY = "image_size"
+# the published microsoft/cvt-* weights were trained with QuickGELU (transformers runs GELU)
+HF_DEFAULT_ACT = "quick_gelu"
+
+
+def model_kwargs_from_hf_config(config: dict[str, Any], act: str | None = None) -> dict[str, Any]:
+    """``CvT(**kwargs)`` arguments for a transformers ``config.json`` dict.
+
+    ``act`` defaults to the config's ``hidden_act`` (written by :func:`export_hf`) or QuickGELU,
+    the activation of the published weights. LayerNorm eps is 1e-5 whatever ``layer_norm_eps`` says:
+    transformers' CvT never passes that value to its LayerNorms.
+    """
+    if config.get("model_type") not in (None, "cvt"):
+        raise CheckpointError(f"config.json describes a {config['model_type']!r} model, expected 'cvt'")
+    missing = [k for k in HF_STAGE_FIELDS if k not in config and k not in _OPTIONAL_HF_FIELDS]
+    if missing:
+        raise CheckpointError(f"config.json lacks the CvT field(s) {missing}")
+    num_stages = len(config["embed_dim"])
+    columns = {field: config[k] for k, field in HF_STAGE_FIELDS.items() if k in config}
+    bad = [k for k, v in columns.items() if not isinstance(v, list) or len(v) != num_stages]
+    if bad:
+        raise CheckpointError(
+            f"config.json fields {bad} must be lists of {num_stages} values (one per stage)"
+        )
+    stages = [StageSpec(**{f: v[i] for f, v in columns.items()}) for i in range(num_stages)]
+    labels = config.get("id2label") or {}
+    num_classes = int(config.get("num_labels", len(labels) or 2))  # transformers' default: 2 labels
+    size = config.get(HF_IMAGE_SIZE_KEY, 224)
+    return dict(
+        stages=stages,
+        num_classes=num_classes,
+        in_chans=int(config.get("num_channels", 3)),
+        img_size=tuple(size) if isinstance(size, list) else int(size),
+        act=act or config.get(HF_ACT_KEY, HF_DEFAULT_ACT),
+        norm_eps=1e-5,
+    )
+
+
+def hf_label_names(config: dict[str, Any]) -> list[str] | None:
+    """Class names from ``id2label``, or None when they are transformers' placeholders (``LABEL_3``)."""
+    labels = config.get("id2label") or {}
+    names = [labels[k] for k in sorted(labels, key=int)]
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
+
+
+def hf_config_from_model(model: CvT) -> dict[str, Any]:
+    """A transformers ``config.json`` dict for ``model``; CheckpointError if transformers cannot say it."""
+    specs = model.stage_specs
+    last = len(specs) - 1
+    problems = []
+    for i, s in enumerate(specs):
+        if s.pos_embed:
+            problems.append(f"stage {i} has a position embedding (transformers' CvT has none)")
+        if s.cls_token and i != last:
+            problems.append(f"stage {i} has a cls token (transformers supports one only in the last stage)")
+        if s.method != "dw_bn":
+            problems.append(
+                f"stage {i} uses the {s.method!r} projection (transformers supports only 'dw_bn')"
+            )
+        if s.depth <= i:
+            problems.append(
+                f"stage {i} has {s.depth} block(s) (transformers indexes drop-path rates by stage, so "
+                f"stage {i} needs at least {i + 1})"
+            )
+    if model.norm_eps != 1e-5:
+        problems.append(f"LayerNorm eps is {model.norm_eps} (transformers' CvT always uses 1e-5)")
+    if model.global_pool != ("token" if model.has_cls_token else "avg"):
+        problems.append(f"global_pool is {model.global_pool!r} (transformers pools the cls token if any)")
+    if problems:
+        raise CheckpointError("cannot export to the Hugging Face layout: " + "; ".join(problems))
+    if model.act != "gelu":
+        warnings.warn(
+            f"the model uses {model.act}; transformers' CvtForImageClassification always runs GELU, so "
+            f"its outputs will differ slightly (this package reads '{HF_ACT_KEY}' back and matches)",
+            UserWarning,
+            stacklevel=3,
+        )
+    names = (model.pretrained_cfg or {}).get("label_names")
+    names = list(names) if names and len(names) == model.num_classes else None
+    id2label = {str(i): (names[i] if names else f"LABEL_{i}") for i in range(model.num_classes)}
+    config: dict[str, Any] = {
+        "architectures": ["CvtForImageClassification"],
+        "model_type": "cvt",
+        "num_channels": model.in_chans,
+        **{k: [getattr(s, field) for s in specs] for k, field in HF_STAGE_FIELDS.items()},
+        "initializer_range": 0.02,
+        "layer_norm_eps": model.norm_eps,
+        "id2label": id2label,
+        "label2id": {v: int(k) for k, v in id2label.items()},
+        HF_ACT_KEY: model.act,
+        HF_IMAGE_SIZE_KEY: list(model.img_size),
+    }
+    return config
+
+
+def export_hf(model: CvT, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
+    loads; returns the directory. Refuses to replace existing files unless ``overwrite``."""
+    from safetensors.torch import save_file
+
+    config = hf_config_from_model(model)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export target {out} exists and is not a directory")
+    targets = [out / "config.json", out / "model.safetensors"]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise CheckpointError(
+            f"refusing to overwrite {', '.join(existing)}: pass overwrite=True (CLI: --force)"
+        )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in native_to_hf(model.state_dict()).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(targets[1]), metadata={"format": "pt"})
+    targets[0].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out

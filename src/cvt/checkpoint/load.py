@@ -1,0 +1,252 @@
+"""Load any supported checkpoint into a model (strictly, with readable mismatch reports), or
+rebuild a model from a file that describes its architecture."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvt.checkpoint.hf import hf_label_names, hf_to_native, model_kwargs_from_hf_config
+from cvt.checkpoint.native import inference_cfg, model_from_architecture
+from cvt.checkpoint.read import (
+    FORMAT_HF,
+    FORMAT_NATIVE,
+    FORMAT_OFFICIAL,
+    detect_format,
+    read_state_dict,
+    unwrap_state_dict,
+)
+from cvt.errors import CheckpointError
+from cvt.models.cvt import CvT
+
+HEAD_KEYS = ("head.weight", "head.bias")
+_SHOWN = 5  # keys named per category in a mismatch message
+_BLOCK_KEY = re.compile(r"^stage(\d+)\.blocks\.(\d+)\.")
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
+    """Map a state dict of any supported layout onto ``model``'s native keys.
+
+    Hugging Face keys are renamed; official and native keys pass as they are. BatchNorm
+    ``num_batches_tracked`` counters that the model has and the checkpoint lacks are filled with 0
+    (a step counter, not a weight: some exports drop it). Also timm's ``pretrained_filter_fn``.
+    """
+    sd, _ = unwrap_state_dict(state_dict)
+    if detect_format(sd) == FORMAT_HF:
+        sd = hf_to_native(sd)
+    for key, buf in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in sd:
+            sd[key] = torch.zeros_like(buf, device="cpu")
+    return sd
+
+
+# timm's name for the same function (``build_model_with_cfg(..., pretrained_filter_fn=...)``)
+checkpoint_filter_fn = convert_state_dict
+
+
+@dataclass
+class FitReport:
+    """How a native state dict fits a model: keys missing, unexpected, and of another shape."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    # key -> (shape in the model, shape in the checkpoint)
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when every key matches in name and shape."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def head_only(self) -> bool:
+        """True when the only differences are in the classifier head (another class count)."""
+        bad = set(self.missing) | set(self.unexpected) | set(self.mismatched)
+        return bool(bad) and bad <= set(HEAD_KEYS)
+
+
+def check_fit(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> FitReport:
+    """Compare a native state dict with ``model``'s keys and shapes."""
+    expected = model.state_dict()
+    report = FitReport(
+        missing=[k for k in expected if k not in state_dict],
+        unexpected=[k for k in state_dict if k not in expected],
+    )
+    for key, value in state_dict.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            report.mismatched[key] = (tuple(expected[key].shape), tuple(value.shape))
+    return report
+
+
+def stage_signature(state_dict: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """``[(width, depth), ...]`` per stage, read off native keys: a fingerprint of the variant."""
+    depth: dict[int, int] = {}
+    for key in state_dict:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            depth[int(m[1])] = max(depth.get(int(m[1]), 0), int(m[2]) + 1)
+    sig = []
+    for i in range(len(depth)):
+        proj = state_dict.get(f"stage{i}.patch_embed.proj.weight")
+        sig.append((int(proj.shape[0]) if proj is not None else 0, depth.get(i, 0)))
+    return sig
+
+
+def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered variant whose keys and shapes (head aside) match a native state dict, if any."""
+    from cvt.models.variants import create_model, list_models
+
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if k not in HEAD_KEYS}
+    for name in list_models():
+        with torch.device("meta"):  # shapes only: even CvT-W24 builds instantly
+            candidate = create_model(name, num_classes=0)
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == wanted:
+            return name
+    return None
+
+
+def _fmt_keys(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def mismatch_message(
+    report: FitReport, state_dict: Mapping[str, torch.Tensor], model: CvT, source: Any
+) -> str:
+    """One readable sentence (or a few) saying why ``state_dict`` does not fit ``model``."""
+    if report.head_only:
+        found = state_dict.get("head.weight")
+        n = int(found.shape[0]) if found is not None else 0
+        return (
+            f"checkpoint {source} has a {n}-class head, the model has {model.num_classes} classes: build "
+            f"the model with num_classes={n} (CLI: --num-classes {n}), or load with ignore_head=True to "
+            f"keep a fresh head for fine-tuning"
+        )
+    parts = []
+    if report.missing:
+        parts.append(f"{len(report.missing)} missing key(s): {_fmt_keys(report.missing)}")
+    if report.unexpected:
+        parts.append(f"{len(report.unexpected)} unexpected key(s): {_fmt_keys(report.unexpected)}")
+    if report.mismatched:
+        shapes = [f"{k} (model {list(a)}, checkpoint {list(b)})" for k, (a, b) in report.mismatched.items()]
+        parts.append(f"{len(shapes)} shape mismatch(es): {_fmt_keys(shapes)}")
+    text = f"checkpoint {source} does not fit the model: " + "; ".join(parts)
+    theirs, ours = stage_signature(state_dict), stage_signature(model.state_dict())
+    if theirs and theirs != ours:
+        like = guess_variant(state_dict)
+        text += (
+            f". It looks like another architecture: (width, depth) per stage {theirs} vs the model's {ours}"
+            + (f"; that is {like}" if like else "")
+        )
+    if any(k.endswith("pos_embed") for k in report.mismatched):
+        text += ". Position embeddings differ in size: build the model with the checkpoint's img_size"
+    return text
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What :func:`load_checkpoint` did: the format read and the keys it left out."""
+
+    format: str
+    path: str | None
+    skipped: tuple[str, ...] = ()  # keys not loaded (ignored head, or mismatches with strict=False)
+    missing: tuple[str, ...] = ()  # model keys the checkpoint lacked (strict=False)
+
+
+def load_checkpoint(
+    model: CvT,
+    source: str | Path | Mapping[str, torch.Tensor],
+    strict: bool = True,
+    ignore_head: bool = False,
+    use_ema: bool = False,
+) -> LoadResult:
+    """Load a checkpoint file, Hugging Face directory or state dict of any supported format into ``model``.
+
+    ``strict`` (default): every key must match in name and shape, else a CheckpointError names the
+    differences. ``ignore_head``: keep the model's own head (fine-tuning on other classes).
+    ``use_ema``: take the EMA weights of a training checkpoint. ``strict=False`` loads what fits
+    and reports the rest in the returned :class:`LoadResult`.
+    """
+    if isinstance(source, Mapping):
+        raw, fmt, path = source, None, None
+    else:
+        raw, fmt, info = read_state_dict(source, use_ema=use_ema)
+        path = info["path"]
+    sd = convert_state_dict(raw, model)
+    fmt = fmt or detect_format(sd)
+    label = path or "state dict"
+    skipped = [k for k in HEAD_KEYS if k in sd] if ignore_head else []
+    for k in skipped:
+        del sd[k]
+    report = check_fit(sd, model)
+    if ignore_head:
+        report.missing = [k for k in report.missing if k not in HEAD_KEYS]
+    if strict and not report.ok:
+        raise CheckpointError(mismatch_message(report, sd, model, label))
+    for k in [*report.unexpected, *report.mismatched]:
+        skipped.append(k)
+        del sd[k]
+    assign = any(t.is_meta for t in model.state_dict().values())  # built on "meta": take the tensors
+    model.load_state_dict(sd, strict=False, assign=assign)
+    return LoadResult(fmt, path, tuple(skipped), tuple(report.missing))
+
+
+def load_model(path: str | Path, act: str | None = None, use_ema: bool = False) -> CvT:
+    """Rebuild a model from a file that describes its architecture, with its weights, in eval mode.
+
+    Works for this project's safetensors files and Hugging Face directories (or their weight file
+    beside ``config.json``). ``act`` overrides the activation of a Hugging Face model (default: its
+    ``hidden_act`` if exported by this package, else QuickGELU, as the published weights need).
+    Official ``.pth`` files carry no architecture: use ``create_model(name, checkpoint_path=...)``.
+    """
+    sd, fmt, info = read_state_dict(path, use_ema=use_ema)
+    if fmt == FORMAT_NATIVE:
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = model_from_architecture(info["arch"])
+        if act:
+            raise CheckpointError(
+                f"{info['path']} records its activation ({model.act}); act= is for HF files"
+            )
+    elif fmt == FORMAT_HF and "hf_config" in info:
+        kwargs = model_kwargs_from_hf_config(info["hf_config"], act)
+        with torch.device("meta"):
+            model = CvT(**kwargs)
+        model.pretrained_cfg = _hf_pretrained_cfg(kwargs, info["hf_config"])
+    else:
+        like = guess_variant(hf_to_native(sd) if fmt == FORMAT_HF else sd)
+        hint = (
+            f"cvt.create_model({like!r}, num_classes=..., checkpoint_path=...)"
+            if like
+            else ("cvt.create_model(<variant>, checkpoint_path=...)")
+        )
+        what = (
+            "an official state dict" if fmt == FORMAT_OFFICIAL else "Hugging Face weights without config.json"
+        )
+        raise CheckpointError(
+            f"{info['path']} is {what}, which does not describe its architecture: use {hint}"
+        )
+    load_checkpoint(model, sd, strict=True)
+    return model.eval()
+
+
+def _hf_pretrained_cfg(kwargs: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A timm ``pretrained_cfg`` for a model rebuilt from a transformers config (ImageNet defaults)."""
+    size = kwargs["img_size"]
+    cfg = inference_cfg(
+        kwargs["in_chans"], (size, size) if isinstance(size, int) else size, kwargs["num_classes"]
+    )
+    names = hf_label_names(config)
+    if names:
+        cfg["label_names"] = names
+    return cfg
+
+
+def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Classifier outputs of a native state dict (0 when it has no head)."""
+    head = state_dict.get("head.weight")
+    return int(head.shape[0]) if head is not None else 0

@@ -1,0 +1,113 @@
+"""The project's own checkpoint format: a safetensors file that can rebuild its model alone.
+
+The tensors are the native state dict (the official key layout). The metadata holds
+``cvt_format`` (the format version) and ``cvt_arch``: JSON with the variant name (if any), every
+stage's :class:`~cvt.models.cvt.StageSpec`, ``num_classes``, ``in_chans``, ``img_size``, ``act``,
+``norm_eps`` and the ``pretrained_cfg`` (input size, mean/std, crop, class names) for inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMAT_VERSION
+from cvt.errors import CheckpointError
+from cvt.models.cvt import CvT, StageSpec
+
+# pretrained_cfg entries stored as tuples by timm; JSON turns them into lists
+_TUPLE_CFG_KEYS = ("input_size", "mean", "std")
+
+
+def inference_cfg(
+    in_chans: int,
+    img_size: tuple[int, int],
+    num_classes: int,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    crop_pct: float | None = None,
+) -> dict[str, Any]:
+    """A timm ``pretrained_cfg`` (what ``timm.data.resolve_data_config`` reads) for a model rebuilt
+    from a file: ImageNet mean/std and bicubic resizing by default, as the official recipe;
+    crop 0.875 up to 224 pixels and none above, as the published configurations."""
+    h, w = img_size
+    return dict(
+        input_size=(in_chans, h, w), interpolation="bicubic", mean=tuple(mean or IMAGENET_DEFAULT_MEAN),
+        std=tuple(std or IMAGENET_DEFAULT_STD), crop_pct=crop_pct or (0.875 if max(h, w) <= 224 else 1.0),
+        crop_mode="center", num_classes=num_classes, first_conv="stage0.patch_embed.proj", classifier="head",
+    )  # fmt: skip
+
+
+def architecture_of(model: CvT, variant: str | None = None) -> dict[str, Any]:
+    """The JSON-serializable description that :func:`model_from_architecture` rebuilds ``model`` from."""
+    cfg = dict(model.pretrained_cfg or {})
+    return {
+        "variant": variant or cfg.get("architecture"),
+        "stages": [dataclasses.asdict(s) for s in model.stage_specs],
+        "num_classes": model.num_classes,
+        "in_chans": model.in_chans,
+        "img_size": list(model.img_size),
+        "act": model.act,
+        "norm_eps": model.norm_eps,
+        "global_pool": model.global_pool,
+        "pretrained_cfg": cfg,
+    }
+
+
+def model_from_architecture(arch: dict[str, Any], device: torch.device | str | None = None) -> CvT:
+    """Build the (randomly initialized) model an :func:`architecture_of` dict describes."""
+    try:
+        stages = [StageSpec(**s) for s in arch["stages"]]
+        with torch.device(device or "cpu"):
+            model = CvT(
+                stages, num_classes=arch["num_classes"], in_chans=arch["in_chans"],
+                img_size=tuple(arch["img_size"]), act=arch["act"], norm_eps=arch["norm_eps"],
+            )  # fmt: skip
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"the architecture metadata is incomplete or invalid: {err!r}") from err
+    model.global_pool = arch.get("global_pool", model.global_pool)
+    cfg = dict(arch.get("pretrained_cfg") or {})
+    for key in _TUPLE_CFG_KEYS:
+        if isinstance(cfg.get(key), list):
+            cfg[key] = tuple(cfg[key])
+    model.pretrained_cfg = cfg
+    return model
+
+
+def save_checkpoint(
+    model: CvT, path: str | Path, variant: str | None = None, overwrite: bool = False
+) -> Path:
+    """Save ``model`` in the project's safetensors format (weights + architecture); returns the path.
+
+    ``variant`` names the registered variant (default: ``model.pretrained_cfg['architecture']``);
+    the full per-stage spec is stored either way. An existing file is replaced only with
+    ``overwrite=True``, and atomically (written beside it, then renamed).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint target {path} is a directory, expected a file path")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"refusing to overwrite {path}: pass overwrite=True (CLI: --force)")
+    # safetensors stores contiguous, unshared tensors; the state dict of a CvT shares none
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
+        NATIVE_ARCH_KEY: json.dumps(architecture_of(model, variant)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,80 @@
+"""Build a model from an official CvT experiment YAML (``experiments/imagenet/cvt/*.yaml``).
+
+Read: ``MODEL.SPEC`` (the per-stage lists, via :func:`cvt.models.official_spec.stages_from_official_spec`,
+and ``INIT``), ``MODEL.NUM_CLASSES`` (official default 1000), ``TRAIN.IMAGE_SIZE`` (the size the
+model was trained at: sizes position embeddings), ``TEST.IMAGE_SIZE`` / ``TEST.CENTER_CROP`` and
+``INPUT.MEAN`` / ``INPUT.STD`` (the inference preprocessing). Everything else (solver, data) is
+training recipe, not architecture, and is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cvt.checkpoint.native import inference_cfg
+from cvt.errors import UsageError
+from cvt.models.cvt import CvT
+from cvt.models.official_spec import stages_from_official_spec
+
+OFFICIAL_NUM_CLASSES = 1000  # the official config's default MODEL.NUM_CLASSES
+OFFICIAL_IMAGE_SIZE = (224, 224)
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"official YAML file {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"{path} is not a readable YAML file: {err}") from err
+    if not isinstance(doc, Mapping):
+        raise UsageError(f"{path} holds a YAML {type(doc).__name__}, expected a mapping with a MODEL section")
+    return doc
+
+
+def _image_size(section: Any) -> tuple[int, int] | None:
+    size = section.get("IMAGE_SIZE") if isinstance(section, Mapping) else None
+    if size is None:
+        return None
+    sizes = [int(s) for s in (size if isinstance(size, (list, tuple)) else [size, size])]
+    if len(sizes) != 2:
+        raise UsageError(f"IMAGE_SIZE must be N or [H, W], got {size!r}")
+    return sizes[0], sizes[1]
+
+
+def create_model_from_official_yaml(
+    path_or_mapping: str | Path | Mapping[str, Any], num_classes: int | None = None
+) -> CvT:
+    """A randomly initialized :class:`CvT` described by an official experiment YAML (file or parsed dict).
+
+    ``num_classes`` overrides ``MODEL.NUM_CLASSES``. Load weights afterwards with
+    :func:`cvt.checkpoint.load_checkpoint`.
+    """
+    if isinstance(path_or_mapping, Mapping):
+        doc, source = path_or_mapping, "the official config"
+    else:
+        doc, source = _read_yaml(Path(path_or_mapping)), str(path_or_mapping)
+    model_cfg = doc.get("MODEL")
+    if not isinstance(model_cfg, Mapping) or not isinstance(model_cfg.get("SPEC"), Mapping):
+        raise UsageError(f"{source} has no MODEL.SPEC section: not an official CvT experiment file")
+    spec = model_cfg["SPEC"]
+    train_size = _image_size(doc.get("TRAIN"))
+    test_size = _image_size(doc.get("TEST"))
+    img_size = train_size or test_size or OFFICIAL_IMAGE_SIZE
+    classes = int(model_cfg.get("NUM_CLASSES", OFFICIAL_NUM_CLASSES) if num_classes is None else num_classes)
+    model = CvT(
+        stages_from_official_spec(spec), num_classes=classes, img_size=img_size,
+        init=str(spec.get("INIT", "trunc_norm")),
+    )  # fmt: skip
+    test_cfg = doc.get("TEST") if isinstance(doc.get("TEST"), Mapping) else {}
+    input_cfg = doc.get("INPUT") if isinstance(doc.get("INPUT"), Mapping) else {}
+    center_crop = bool(test_cfg.get("CENTER_CROP", True))  # official default: resize to size/0.875, crop
+    model.pretrained_cfg = inference_cfg(
+        model.in_chans, test_size or img_size, classes, mean=input_cfg.get("MEAN"), std=input_cfg.get("STD"),
+        crop_pct=0.875 if center_crop else 1.0,
+    )  # fmt: skip
+    return model

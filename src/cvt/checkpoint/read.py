@@ -1,0 +1,211 @@
+"""Read any supported checkpoint file into a flat ``{key: tensor}`` state dict, safely.
+
+Supported inputs (the format is detected from the file type and the keys, never from the name):
+
+- ``cvt``: this project's safetensors file, whose metadata describes the architecture;
+- ``official``: the Microsoft key layout (``stage0.patch_embed.proj.weight`` …) in a ``.pth``
+  pickle or a safetensors file without our metadata, plain or nested under ``state_dict`` /
+  ``model`` (training checkpoints of this project and timm's), with or without ``module.`` prefixes;
+- ``hf``: a Hugging Face transformers CvT checkpoint (``cvt.encoder.stages.*`` keys), given as
+  its directory or as the weight file inside it (``config.json`` beside it is read too).
+
+Pickles are read with ``torch.load(weights_only=True)`` only: a pickle that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvt.errors import CheckpointError
+
+FORMAT_NATIVE = "cvt"
+FORMAT_OFFICIAL = "official"
+FORMAT_HF = "hf"
+
+# safetensors metadata of the project's own format
+NATIVE_FORMAT_KEY = "cvt_format"
+NATIVE_FORMAT_VERSION = "1"
+NATIVE_ARCH_KEY = "cvt_arch"
+
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preference order, as transformers
+# containers of the model weights in training checkpoints (ours, timm's, the official trainer's)
+STATE_DICT_KEYS = ("state_dict", "model")
+EMA_STATE_DICT_KEYS = ("model_ema", "state_dict_ema")
+# wrappers that prefix every key: DistributedDataParallel / DataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+_NATIVE_KEY = re.compile(r"^stage\d+\.")
+_HF_KEY_PREFIX = "cvt.encoder."
+
+
+def read_state_dict(
+    path: str | Path, use_ema: bool = False
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """Read a checkpoint file or Hugging Face directory.
+
+    Returns ``(state_dict, format_name, extra_info)``: the tensors in the file's own key layout
+    (unwrapped and de-prefixed, not yet renamed), one of ``"cvt"``, ``"official"``, ``"hf"``, and
+    a dict with ``path`` (the weight file read), ``nested_key`` (the container the weights came
+    from, or None), ``arch`` (``cvt`` files: the architecture) and ``hf_config`` (``hf``: the parsed
+    ``config.json`` when present). ``use_ema`` prefers the EMA weights of a training checkpoint.
+    """
+    weight_file, hf_config_file = _locate(Path(path))
+    obj, metadata = _load_file(weight_file)
+    state_dict, nested_key = unwrap_state_dict(obj, weight_file, use_ema)
+    fmt = detect_format(state_dict, metadata, weight_file)
+    extra: dict[str, Any] = {"path": str(weight_file), "nested_key": nested_key}
+    if fmt == FORMAT_NATIVE:
+        extra["arch"] = _native_arch(metadata, weight_file)
+    if fmt == FORMAT_HF and hf_config_file.is_file():
+        extra["hf_config"] = _read_json(hf_config_file)
+    return state_dict, fmt, extra
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    """The weight file to read and where a Hugging Face ``config.json`` would be."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        return path, path.parent / HF_CONFIG_FILE
+    config = path / HF_CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(
+            f"directory {path} is not a Hugging Face checkpoint: expected {HF_CONFIG_FILE} with "
+            f"{' or '.join(HF_WEIGHT_FILES)}, found no {HF_CONFIG_FILE}"
+        )
+    for name in HF_WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name, config
+    raise CheckpointError(
+        f"Hugging Face directory {path} has {HF_CONFIG_FILE} but no weights: expected "
+        f"{' or '.join(HF_WEIGHT_FILES)}"
+    )
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length, then a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _load_file(path: Path) -> tuple[Any, dict[str, str]]:
+    """The deserialized object (a tensor dict, or a container of one) and safetensors metadata."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as err:
+        # torch reports a forbidden object as "Unsupported global: GLOBAL module.name ..."
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if unsafe:
+            raise CheckpointError(
+                f"refused to load {path}: its pickle needs {unsafe.group(1)}, which could run code; "
+                f"only tensors, containers and plain values are read (torch.load(weights_only=True)); "
+                f"re-save the checkpoint with torch.save(model.state_dict()) if you trust it"
+            ) from err
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated or not a "
+            f"checkpoint?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+        ) from err
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(
+    obj: Any, source: str | Path = "checkpoint", use_ema: bool = False
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The flat tensor dict inside ``obj`` and the container key it was under (None if top level).
+
+    Training checkpoints hold the weights under ``state_dict`` or ``model`` next to optimizer state;
+    EMA weights (``model_ema``, ``state_dict_ema``) are taken when ``use_ema`` or when nothing else
+    is there. Prefixes that wrappers add to every key (``module.``, ``_orig_mod.``) are removed.
+    """
+    nested_key = None
+    if not _is_tensor_dict(obj):
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(
+                f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)"
+            )
+        order = (
+            (*EMA_STATE_DICT_KEYS, *STATE_DICT_KEYS) if use_ema else (*STATE_DICT_KEYS, *EMA_STATE_DICT_KEYS)
+        )
+        nested_key = next((k for k in order if _is_tensor_dict(obj.get(k))), None)
+        if nested_key is None:
+            shown = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            raise CheckpointError(
+                f"{source} holds no state dict: expected a mapping of names to tensors, at the top level "
+                f"or under one of {list(order)}; top-level keys: {shown}"
+            )
+        if use_ema and nested_key not in EMA_STATE_DICT_KEYS:
+            raise CheckpointError(
+                f"{source} has no EMA weights: expected one of {list(EMA_STATE_DICT_KEYS)}, found {list(obj)}"
+            )
+        obj = obj[nested_key]
+    state_dict = dict(obj)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+                stripped = True
+    return state_dict, nested_key
+
+
+def detect_format(
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    source: Any = "checkpoint",
+) -> str:
+    """``cvt``, ``official`` or ``hf`` from the keys (and safetensors metadata); error if no CvT keys."""
+    if any(k.startswith(_HF_KEY_PREFIX) for k in state_dict):
+        return FORMAT_HF
+    if any(_NATIVE_KEY.match(k) for k in state_dict):
+        return FORMAT_NATIVE if metadata and NATIVE_FORMAT_KEY in metadata else FORMAT_OFFICIAL
+    shown = ", ".join(repr(k) for k in list(state_dict)[:4])
+    raise CheckpointError(
+        f"{source} holds no CvT weights: expected keys like 'stage0.patch_embed.proj.weight' (official) "
+        f"or 'cvt.encoder.stages.0...' (Hugging Face), found {shown}"
+    )
+
+
+def _native_arch(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
+    version = metadata.get(NATIVE_FORMAT_KEY)
+    if version != NATIVE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is a cvt checkpoint of format version {version}; this version of cvt reads "
+            f"version {NATIVE_FORMAT_VERSION}"
+        )
+    try:
+        return json.loads(metadata[NATIVE_ARCH_KEY])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path} has a missing or unreadable '{NATIVE_ARCH_KEY}' metadata entry"
+        ) from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not a readable JSON file: {err}") from err
