@@ -1,0 +1,261 @@
+"""The data sets: scikit-learn's digits (embedded), CIFAR-10/100 (python archive), ImageFolder trees.
+
+Every data set returns ``(PIL RGB image, class index)`` pairs, has ``.classes`` (names) and
+``.targets`` (one index per item), and raises :class:`~cvt.errors.DataError` with what was expected
+and what was found when its files are missing, empty or unreadable.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cvt.data.images import IMAGE_EXTENSIONS, load_image
+from cvt.errors import DataError, UsageError
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+SPLITS: tuple[str, ...] = ("train", "val")
+
+# The fixed digits split: stratified 80/20 with this seed → 1,437 train / 360 val images.
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+# folder, file names and the label-name key of the two CIFAR python archives
+_CIFAR_LAYOUT: dict[str, dict[str, Any]] = {
+    "cifar10": dict(
+        folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], val=["test_batch"],
+        meta="batches.meta", names_key="label_names", labels_key="labels",
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python", train=["train"], val=["test"], meta="meta",
+        names_key="fine_label_names", labels_key="fine_labels",
+    ),
+}  # fmt: skip
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as one ``(N, H, W, 3)`` uint8 array (digits, CIFAR).
+
+    An item is ``Image.fromarray`` of one row (no decoding, a few µs), so the same PIL transforms
+    (RandAugment included) apply to every data set.
+    """
+
+    def __init__(
+        self, images: np.ndarray, targets: list[int], classes: list[str], transform: Callable | None = None
+    ) -> None:
+        self.images = images
+        self.targets = targets
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def digits_dataset(split: str, transform: Callable | None = None) -> ArrayImageDataset:
+    """scikit-learn's handwritten digits (1,797 real 8×8 images, 10 classes) with the fixed split.
+
+    Gray levels 0..16 are scaled to 0..255 and copied to 3 channels; the model's transform resizes
+    the 8×8 images to its input size.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train_idx, val_idx = train_test_split(
+        indices, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
+    )
+    idx = np.sort(train_idx if split == "train" else val_idx)
+    gray = np.round(digits.images[idx] * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)  # (N, 8, 8, 3)
+    return ArrayImageDataset(rgb, digits.target[idx].tolist(), [str(d) for d in range(10)], transform)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR archives' dicts of numpy arrays and refuses every other global (no code runs)."""
+
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, Any]:
+    """One file of the CIFAR python archive as a dict (latin-1: the archive was pickled by Python 2)."""
+    try:
+        with open(path, "rb") as f:
+            entry = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"CIFAR file {path} is missing; the folder needs all the archive's files") from None
+    except Exception as err:  # truncated, not a pickle, or a pickle with code in it
+        raise DataError(f"cannot read CIFAR file {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(entry, dict):
+        raise DataError(f"CIFAR file {path} holds a {type(entry).__name__}, expected a dict")
+    return {_text(k): v for k, v in entry.items()}
+
+
+def _text(value: Any) -> Any:
+    """Bytes keys and label names (pickles written by Python 3 with bytes) as str."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def cifar_dataset(
+    name: str, root: Path, split: str, transform: Callable | None = None, download: bool = False
+) -> ArrayImageDataset:
+    """CIFAR-10 or CIFAR-100 from the python archive under ``root`` (downloaded there if asked)."""
+    layout = _CIFAR_LAYOUT[name]
+    folder = root / layout["folder"]
+    if not folder.is_dir():
+        if not download:
+            raise DataError(
+                f"{name}: no folder {folder}; put the extracted '{layout['folder']}' folder of the "
+                f"python archive under {root} (or pass --download to fetch it)"
+            )
+        _download_cifar(name, root)
+    images, targets = [], []
+    for file_name in layout[split]:
+        path = folder / file_name
+        entry = _read_cifar_pickle(path)
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are CHW planes
+            labels = [int(t) for t in entry[layout["labels_key"]]]
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"CIFAR file {path} is not in the CIFAR python format: {err!r}") from err
+        if len(labels) != len(data):
+            raise DataError(f"CIFAR file {path} has {len(data)} images but {len(labels)} labels")
+        images.append(data.transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
+        targets.extend(labels)
+    meta_path = folder / layout["meta"]
+    classes = [str(_text(c)) for c in _read_cifar_pickle(meta_path).get(layout["names_key"], [])]
+    if not classes or max(targets, default=-1) >= len(classes):
+        raise DataError(f"CIFAR meta file {meta_path} lists {len(classes)} class names for labels up to "
+                        f"{max(targets, default=-1)}")  # fmt: skip
+    return ArrayImageDataset(np.concatenate(images), targets, classes, transform)
+
+
+def _download_cifar(name: str, root: Path) -> None:
+    """Fetch and extract the archive with torchvision (which checks its md5)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    source = CIFAR10 if name == "cifar10" else CIFAR100
+    try:
+        download_and_extract_archive(source.url, str(root), filename=source.filename, md5=source.tgz_md5)
+    except Exception as err:  # no network, DNS failure, bad checksum, full disk …
+        raise DataError(f"could not download {name} from {source.url} into {root}: {err}") from err
+
+
+class ImageFolderDataset(Dataset):
+    """An ImageNet-layout tree ``root/<class>/<image>`` (class names sorted, as torchvision's ImageFolder).
+
+    Files without an image extension are ignored. Images are decoded when an item is read, so a
+    broken file is found then and raises :class:`~cvt.errors.DataError` naming it. With
+    ``skip_bad_images``, construction first scans every file's header (fast: no decoding) and drops
+    empty or non-image files with one warning; a file that only fails when decoded (a truncated
+    JPEG) is then replaced by the next readable item, with a warning naming it.
+    """
+
+    def __init__(self, root: Path, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
+        from torchvision.datasets.folder import find_classes, make_dataset
+
+        self.root = root
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        try:
+            self.classes, class_to_idx = find_classes(str(root))
+            samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        except FileNotFoundError as err:
+            raise DataError(f"image folder {root} has no class sub-folders ({err})") from err
+        if skip_bad_images:
+            bad = [path for path, _ in samples if not _has_image_header(path)]
+            if bad:
+                warnings.warn(
+                    f"skipping {len(bad)} unreadable file(s) in {root}: {', '.join(bad[:5])}"
+                    + (" …" if len(bad) > 5 else ""),
+                    stacklevel=2,
+                )
+                bad_set = set(bad)
+                samples = [s for s in samples if s[0] not in bad_set]
+        if not samples:
+            raise DataError(
+                f"image folder {root} has {len(self.classes)} class folder(s) but no image files "
+                f"(expected {root}/<class>/<image> with extension {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        self.samples: list[tuple[str, int]] = samples
+        self.targets: list[int] = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = load_image(path)
+            except DataError as err:
+                if not self.skip_bad_images:
+                    raise
+                warnings.warn(f"{err}; using the next image instead", stacklevel=2)
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise DataError(f"no readable image in {self.root}")
+
+
+def _has_image_header(path: str) -> bool:
+    """Whether PIL recognises the file's header (reads a few bytes; does not decode the pixels)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0] > 0 and img.size[1] > 0
+    except Exception:  # any failure means "not a readable image": the caller skips it with a warning
+        return False
+
+
+def build_dataset(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    transform: Callable | None = None,
+    download: bool = False,
+    skip_bad_images: bool = False,
+) -> Dataset:
+    """Build one split (``train`` or ``val``) of a data set in :data:`DATASETS`.
+
+    ``root``: for CIFAR the folder holding ``cifar-10-batches-py`` / ``cifar-100-python``
+    (default ``./data``); for ``imagefolder`` the folder holding ``train/`` and ``val/``;
+    ignored for ``digits``. The result has ``.classes`` and ``.targets`` and at least one item.
+    """
+    if name not in DATASETS:
+        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    if split not in SPLITS:
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if name == "digits":
+        return digits_dataset(split, transform)
+    if name in _CIFAR_LAYOUT:
+        return cifar_dataset(name, Path(root if root is not None else "data"), split, transform, download)
+    if root is None:
+        raise UsageError("dataset imagefolder needs a data folder (--data-dir) holding train/ and val/")
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; expected {root}/{split}/<class>/<image>")
+    return ImageFolderDataset(folder, transform, skip_bad_images)
+

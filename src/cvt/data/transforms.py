@@ -1,0 +1,162 @@
+"""Preprocessing: the model's data configuration, train/eval transforms and batch mixing (timm).
+
+Eval follows the pretrained configuration: resize the shorter side to ``size / crop_pct`` (bicubic
+for the published weights), center crop, normalize. Training reuses timm's augmentation stack
+(RandAugment, color jitter, random erasing, mixup/cutmix); only the crop differs with the input
+size: ImageNet-size inputs use RandomResizedCrop, small inputs (CIFAR, digits at 32×32) the
+pad-and-crop of the CIFAR recipes, since a resized crop of a 32×32 image throws most of it away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision import transforms
+
+from cvt.errors import UsageError
+
+# inputs up to this size train with pad-and-crop instead of RandomResizedCrop
+SMALL_INPUT_MAX = 64
+# data sets of small images: evaluated without a center crop (cropping 12.5% of 32×32 loses content)
+SMALL_IMAGE_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation and label regularisation; the defaults apply none of it."""
+
+    # RandAugment / AutoAugment policy in timm's syntax, e.g. "rand-m9-mstd0.5-inc1" (paper recipe)
+    auto_augment: str | None = None
+    # probability of random erasing (per-pixel random values), 0.25 in the paper's recipe
+    re_prob: float = 0.0
+    # probability of a horizontal flip (0.5 for natural images; leave 0 for digits)
+    hflip: float = 0.0
+    # random crop: pad-and-crop for small inputs, RandomResizedCrop with `scale` for ImageNet-size ones
+    random_crop: bool = False
+    # RandomResizedCrop area range for ImageNet-size inputs (ImageNet default)
+    scale: tuple[float, float] = (0.08, 1.0)
+    # color jitter strength for brightness/contrast/saturation; ignored with auto_augment, as in timm
+    color_jitter: float | None = None
+    # mixup alpha (0.8 in the paper's recipe); with cutmix, batches need an even size
+    mixup: float = 0.0
+    # cutmix alpha (1.0 in the paper's recipe); mixup and cutmix alternate per batch when both are set
+    cutmix: float = 0.0
+    # label smoothing (0.1 in the paper's recipe); applied inside mixup when mixing is on
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("re_prob", "hflip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise UsageError(f"mixup and cutmix alphas must be >= 0, got {self.mixup} and {self.cutmix}")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise UsageError(f"scale must be (min, max) with 0 < min <= max <= 1, got {self.scale}")
+
+
+def resolve_data_config(model: nn.Module, dataset: str | None = None) -> dict[str, Any]:
+    """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct`` for ``model``'s preprocessing.
+
+    From ``model.pretrained_cfg`` (timm's resolver), with the input size the model was built for
+    (``model.img_size``, which a fine-tuning run may have changed). For the small-image data sets
+    (:data:`SMALL_IMAGE_DATASETS`) ``crop_pct`` is 1: the whole image is resized, nothing cropped.
+    """
+    from timm.data import resolve_data_config as timm_resolve
+
+    cfg = timm_resolve(model=model)
+    img_size = getattr(model, "img_size", None)
+    if img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], *img_size)
+    if dataset in SMALL_IMAGE_DATASETS:
+        cfg["crop_pct"] = 1.0
+    return cfg
+
+
+def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
+    """The resize + center-crop steps of timm's eval pipeline (PIL in, PIL out)."""
+    from timm.data.transforms import MaybePILToTensor
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    steps = transforms_imagenet_eval(
+        tuple(data_cfg["input_size"][-2:]), crop_pct=data_cfg["crop_pct"],
+        interpolation=data_cfg["interpolation"], use_prefetcher=True,
+    ).transforms  # fmt: skip
+    assert isinstance(steps[-1], MaybePILToTensor)  # with use_prefetcher the last step only converts
+    return steps[:-1]
+
+
+def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | None = None) -> Callable:
+    """A PIL image → normalized ``(3, H, W)`` float tensor transform.
+
+    ``train=False`` (or ``aug`` None with ``train=True``): the deterministic eval pipeline
+    (timm's ``transforms_imagenet_eval``). ``train=True``: the crop chosen by the input size
+    (see the module docstring), then timm's augmentations, normalization and random erasing.
+    """
+    from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
+
+    height, width = data_cfg["input_size"][-2:]
+    common = dict(interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
+    if not train or aug is None:
+        return transforms_imagenet_eval((height, width), crop_pct=data_cfg["crop_pct"], **common)
+    rrc_crop, augment, finish = transforms_imagenet_train(
+        (height, width), scale=aug.scale, hflip=aug.hflip, color_jitter=aug.color_jitter,
+        auto_augment=aug.auto_augment, re_prob=aug.re_prob, re_mode="pixel", separate=True, **common,
+    )  # fmt: skip
+    if aug.random_crop and max(height, width) > SMALL_INPUT_MAX:
+        crop = rrc_crop.transforms  # RandomResizedCrop (+ flip)
+    else:
+        crop = _eval_geometry(data_cfg)
+        if aug.random_crop:
+            # CIFAR recipe: zero-pad by 1/8 of the side (4 px at 32) and crop back at a random offset
+            crop.append(transforms.RandomCrop((height, width), padding=max(height, width) // 8))
+        if aug.hflip > 0:
+            crop.append(transforms.RandomHorizontalFlip(aug.hflip))
+    _allow_zero_bit_posterize(augment.transforms)
+    return transforms.Compose([*crop, *augment.transforms, *finish.transforms])
+
+
+def _posterize_keep_msb(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keep the ``bits_to_keep`` most significant bits of every channel; 0 bits gives a black image."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(steps: list[Callable]) -> None:
+    """Make timm's Posterize ops accept 0 bits, which Pillow >= 13 rejects with a ValueError.
+
+    timm's RandAugment ("inc1" policies at magnitude 10) and AutoAugment ("v0") ask Pillow to keep
+    0 bits; older Pillow then returned a black image, Pillow 13 raises mid-epoch. The ops of these
+    transform instances (not timm's globals) get a posterize that keeps the old behaviour.
+    """
+    for step in steps:
+        policy = getattr(step, "policy", None)  # AutoAugment: a list of sub-policies (lists of ops)
+        ops = [op for sub in policy for op in sub] if policy is not None else getattr(step, "ops", [])
+        for op in ops:
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize_keep_msb
+
+
+def build_mixup(aug: AugmentConfig, num_classes: int) -> Callable | None:
+    """timm's ``Mixup`` (mixup/cutmix with smoothed one-hot targets) when either alpha is set, else None.
+
+    With it, the loss must take soft targets (``timm.loss.SoftTargetCrossEntropy``) and batches must
+    have an even size.
+    """
+    if aug.mixup <= 0 and aug.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, label_smoothing=aug.label_smoothing,
+        num_classes=num_classes,
+    )  # fmt: skip

@@ -1,0 +1,369 @@
+"""Tests of cvt.data: the three data sets on files the tests write, image decoding, transforms, loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cvt.data import (
+    AugmentConfig,
+    build_dataset,
+    build_loader,
+    build_mixup,
+    build_transform,
+    load_image,
+    resolve_data_config,
+)
+from cvt.data.transforms import _posterize_keep_msb
+from cvt.errors import DataError, UsageError
+
+
+class _ModelWithCfg(nn.Module):
+    """The two attributes resolve_data_config reads, without building a CvT."""
+
+    def __init__(self, img_size: int, crop_pct: float, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> None:
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.pretrained_cfg = dict(
+            input_size=(3, 224, 224), interpolation="bicubic", crop_pct=crop_pct, mean=mean, std=std
+        )
+
+
+# ------------------------------------------------------------------------------------ digits
+def test_digits_split_is_fixed_stratified_and_complete():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    train, val = build_dataset("digits", None, "train"), build_dataset("digits", None, "val")
+    assert (len(train), len(val)) == (1437, 360)
+    assert train.classes == [str(d) for d in range(10)]
+    # stratified: every class keeps 20% (±1) of its images in val
+    full = np.bincount(digits.target, minlength=10)
+    assert np.all(np.abs(np.bincount(val.targets, minlength=10) - 0.2 * full) <= 1)
+    # the two splits together are exactly the 1,797 images (as a multiset of pixel arrays)
+    def digests(ds):
+        return sorted(hashlib.sha1(ds.images[i, :, :, 0].tobytes()).hexdigest() + str(ds.targets[i])
+                      for i in range(len(ds)))  # fmt: skip
+
+    expected = sorted(
+        hashlib.sha1(np.round(img * 255 / 16).astype(np.uint8).tobytes()).hexdigest() + str(t)
+        for img, t in zip(digits.images, digits.target, strict=True)
+    )
+    assert sorted(digests(train) + digests(val)) == expected
+    # fixed: a second build gives the same order
+    assert build_dataset("digits", None, "val").targets == val.targets
+
+
+def test_digits_item_is_rgb_scaled_to_255_and_transform_upscales():
+    ds = build_dataset("digits", None, "train")
+    img, target = ds[0]
+    assert img.size == (8, 8) and img.mode == "RGB"
+    arr = np.asarray(img)
+    assert np.array_equal(arr[..., 0], arr[..., 2])
+    assert ds.images.max() == 255 and ds.images.min() == 0 and ds.images.dtype == np.uint8
+    cfg = resolve_data_config(_ModelWithCfg(32, 0.875), "digits")
+    assert cfg["crop_pct"] == 1.0 and cfg["input_size"] == (3, 32, 32)
+    x, _ = build_dataset("digits", None, "train", build_transform(cfg, train=False))[0]
+    assert x.shape == (3, 32, 32)
+    # a black corner stays black after the resize: (0 - 0.5) / 0.5 = -1
+    assert x[:, 0, 0].tolist() == pytest.approx([-1.0] * 3, abs=1e-6)
+    assert target == ds.targets[0]
+
+
+# ------------------------------------------------------------------------------------- CIFAR
+def _write_cifar10(root: Path, per_batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """The CIFAR-10 python archive layout with ``per_batch`` random images per file (protocol 2)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        entry = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                 b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        written[name] = (data, labels)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship",
+             b"truck"]  # fmt: skip
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+def test_cifar10_reads_the_pickle_archive(tmp_path):
+    written = _write_cifar10(tmp_path)
+    train = build_dataset("cifar10", tmp_path, "train")
+    val = build_dataset("cifar10", tmp_path, "val")
+    assert (len(train), len(val)) == (40, 8)
+    assert train.classes[:3] == ["airplane", "automobile", "bird"]
+    data, labels = written["data_batch_2"]
+    img, target = train[8 + 3]  # 4th image of the second file
+    # a row is 1024 red, 1024 green, 1024 blue values of a 32x32 image
+    assert np.array_equal(np.asarray(img), data[3].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert target == labels[3]
+    assert val.targets == written["test_batch"][1]
+
+
+def test_cifar100_reads_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 12), ("test", 4)):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": list(range(n)), "coarse_labels": [0] * n}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    ds = build_dataset("cifar100", tmp_path, "train")
+    assert len(ds) == 12 and len(ds.classes) == 100 and ds.targets[5] == 5 and ds.classes[5] == "c5"
+
+
+def test_cifar_missing_folder_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match=r"no folder .*cifar-10-batches-py.*--download"):
+        build_dataset("cifar10", tmp_path, "train")
+
+
+def test_cifar_truncated_file_is_named(tmp_path):
+    _write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="data_batch_3"):
+        build_dataset("cifar10", tmp_path, "train")
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` — a CIFAR file must never do that."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_pickle_with_code_is_refused_without_running_it(tmp_path):
+    _write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": _Payload(marker)}))
+    with pytest.raises(DataError, match=r"test_batch.*refusing to load"):
+        build_dataset("cifar10", tmp_path, "val")
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------- imagefolder
+def _save(path: Path, img: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kwargs)
+    return path
+
+
+def _make_folder(root: Path, split: str = "train", per_class: int = 3) -> None:
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(per_class):
+            _save(root / split / name / f"{i}.png", Image.new("RGB", (10, 12), (40 * c + i, 7, 9)))
+
+
+def test_imagefolder_classes_targets_and_non_images_ignored(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 0, 1, 1, 1]
+    img, target = ds[4]
+    assert target == 1 and img.getpixel((0, 0)) == (41, 7, 9)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: None, r"does not exist; expected .*/train/<class>/<image>"),
+        (lambda root: (root / "train").mkdir(), "no class sub-folders"),
+        (lambda root: (root / "train" / "cat").mkdir(parents=True), "no image files"),
+    ],
+)
+def test_imagefolder_missing_or_empty(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(DataError, match=message):
+        build_dataset("imagefolder", tmp_path, "train")
+
+
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buf, "JPEG")
+    data = buf.getvalue()
+    return data[: len(data) // 2]  # headers intact, half of the scan data missing
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "empty"), (b"plain text", "UnidentifiedImageError"), (_truncated_jpeg(), "truncated")],
+)
+def test_imagefolder_bad_file_is_named_at_item_time(tmp_path, content, reason):
+    _make_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "1.png"
+    bad.write_bytes(content)
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert len(ds) == 6  # lazy: found when the item is read
+    ds[3]
+    with pytest.raises(DataError, match=rf"(?i){bad}.*{reason}"):
+        ds[4]
+
+
+def test_imagefolder_skip_bad_images(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(b"")
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"GIF89a but not really")
+    (tmp_path / "train" / "dog" / "1.jpg").write_bytes(_truncated_jpeg())  # header is fine
+    with pytest.warns(UserWarning, match=r"skipping 2 unreadable file\(s\)"):
+        ds = build_dataset("imagefolder", tmp_path, "train", skip_bad_images=True)
+    assert len(ds) == 5 and ds.targets == [0, 1, 1, 1, 1]
+    index = [p for p, _ in ds.samples].index(str(tmp_path / "train" / "dog" / "1.jpg"))
+    with pytest.warns(UserWarning, match=r"1\.jpg.*using the next image"):
+        img, target = ds[index]
+    assert target == 1 and img.getpixel((0, 0)) == (41, 7, 9)  # dog/1.png, the next sample
+
+
+# ------------------------------------------------------------------------------ load_image
+def test_load_image_modes_become_rgb(tmp_path):
+    gray = load_image(_save(tmp_path / "g.png", Image.new("L", (4, 3), 77)))
+    rgba = load_image(_save(tmp_path / "a.png", Image.new("RGBA", (4, 3), (10, 20, 30, 0))))
+    palette = load_image(_save(tmp_path / "p.gif", Image.new("RGB", (4, 3), (255, 0, 0)).convert("P")))
+    assert [im.mode for im in (gray, rgba, palette)] == ["RGB"] * 3
+    assert gray.getpixel((1, 1)) == (77, 77, 77)
+    assert rgba.getpixel((1, 1)) == (10, 20, 30)
+    assert palette.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_load_image_16bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 100], [32768, 65535]], dtype=np.uint16)
+    path = _save(tmp_path / "deep.png", Image.fromarray(values))
+    assert Image.open(path).mode.startswith("I")
+    img = load_image(path)
+    assert np.asarray(img)[..., 0].tolist() == [[0, 100], [128, 255]]
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    # 4 wide x 2 high, left half black, right half white, stored with "rotate 90° clockwise to view"
+    stored = Image.new("RGB", (4, 2), (0, 0, 0))
+    stored.paste((255, 255, 255), (2, 0, 4, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = load_image(_save(tmp_path / "rot.jpg", stored, exif=exif, quality=100))
+    assert img.size == (2, 4)
+    # after the rotation the black half is on top
+    assert img.getpixel((0, 0))[0] < 60 and img.getpixel((0, 3))[0] > 200
+
+
+def test_load_image_draft_decodes_large_jpeg_small(tmp_path):
+    path = _save(tmp_path / "big.jpg", Image.new("L", (2400, 1600), 128))
+    img = load_image(path, min_side=200)
+    # JPEG DCT scaling 1/4 then a 2x box reduce: never the full 2400x1600 in RGB
+    assert img.size == (300, 200) and img.getpixel((10, 10)) == (128, 128, 128)
+    assert load_image(path).size == (2400, 1600)
+
+
+def test_load_image_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.png: no such file"):
+        load_image(tmp_path / "nope.png")
+
+
+# ------------------------------------------------------------------------------ transforms
+def test_eval_transform_resizes_by_crop_pct_and_normalizes():
+    model = _ModelWithCfg(224, 0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    cfg = resolve_data_config(model)
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    tf = build_transform(cfg, train=False)
+    # 300x400 image: shorter side to floor(224 / 0.875) = 256, then a 224 center crop
+    resize = tf.transforms[0]
+    assert resize.size == 256
+    img = Image.new("RGB", (400, 300), (255, 128, 0))
+    x = tf(img)
+    assert x.shape == (3, 224, 224)
+    expected = [(255 / 255 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (0 - 0.406) / 0.225]
+    assert x.mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_default_augment_is_no_augmentation():
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    img = Image.effect_noise((32, 32), 60).convert("RGB")
+    eval_x = build_transform(cfg, train=False)(img)
+    assert torch.equal(build_transform(cfg, train=True, aug=AugmentConfig())(img), eval_x)
+    assert torch.equal(build_transform(cfg, train=True, aug=None)(img), eval_x)
+
+
+def test_small_inputs_pad_and_crop_large_inputs_resized_crop():
+    aug = AugmentConfig(random_crop=True, hflip=0.5)
+    small = build_transform(resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10"), True, aug)
+    names = [type(t).__name__ for t in small.transforms]
+    assert "RandomCrop" in names and "RandomResizedCropAndInterpolation" not in names
+    assert next(t for t in small.transforms if type(t).__name__ == "RandomCrop").padding == 4
+    large = build_transform(resolve_data_config(_ModelWithCfg(224, 0.875)), True, aug)
+    assert type(large.transforms[0]).__name__ == "RandomResizedCropAndInterpolation"
+    # pad-and-crop: over many draws some output rows are the zero padding ((0 - 0.5) / 0.5 = -1)
+    torch.manual_seed(0)
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    padded = sum(bool((small(white) == -1).all(dim=0).any()) for _ in range(20))
+    assert padded >= 15
+
+
+def test_rand_augment_posterize_to_zero_bits_gives_black():
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    tf = build_transform(cfg, True, AugmentConfig(auto_augment="rand-m10-mstd0-inc1"))
+    ops = next(t for t in tf.transforms if type(t).__name__ == "RandAugment").ops
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert np.asarray(posterize(img)).max() == 0  # magnitude 10: keep 0 bits (Pillow 13 would raise)
+    assert _posterize_keep_msb(img, 1).getpixel((0, 0)) == (128, 0, 0)
+
+
+def test_augment_config_rejects_bad_values():
+    with pytest.raises(UsageError, match="re_prob"):
+        AugmentConfig(re_prob=1.5)
+    with pytest.raises(UsageError, match="scale"):
+        AugmentConfig(scale=(0.5, 0.2))
+
+
+def test_build_mixup_soft_targets():
+    assert build_mixup(AugmentConfig(), 10) is None
+    mixup = build_mixup(AugmentConfig(mixup=0.8, label_smoothing=0.1), 4)
+    _, target = mixup(torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert target.shape == (6, 4)
+    assert target.sum(dim=1).tolist() == pytest.approx([1.0] * 6)
+    assert target.min() >= 0.1 / 4 - 1e-6  # smoothing spreads 0.1 over the 4 classes
+
+
+# ---------------------------------------------------------------------------------- loader
+def test_loader_order_is_seeded_and_batches_checked():
+    ds = torch.utils.data.TensorDataset(torch.arange(20))
+
+    def order(seed):
+        return torch.cat([b[0] for b in build_loader(ds, 4, train=True, seed=seed)]).tolist()
+
+    assert order(3) == order(3) and order(3) != order(4) and sorted(order(3)) == list(range(20))
+    eval_batches = [b[0].tolist() for b in build_loader(ds, 6, train=False)]
+    assert eval_batches[0] == [0, 1, 2, 3, 4, 5] and eval_batches[-1] == [18, 19]  # no drop, no shuffle
+    assert len(build_loader(ds, 6, train=True)) == 3  # drop_last for training
+    with pytest.raises(UsageError, match=r"batch size 32 is larger than the data set \(20 images"):
+        build_loader(ds, 32, train=True)
+    with pytest.raises(UsageError, match="batch size must be >= 1"):
+        build_loader(ds, 0, train=False)
+
+
+def test_build_dataset_rejects_unknown_names():
+    with pytest.raises(UsageError, match="dataset must be one of digits, cifar10"):
+        build_dataset("mnist", None, "train")
+    with pytest.raises(UsageError, match="split must be one of train, val"):
+        build_dataset("digits", None, "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset("digits", None, "val")
