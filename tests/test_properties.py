@@ -16,7 +16,7 @@ def configs(draw: st.DrawFn) -> tuple[CvT, tuple[int, int], int]:
     num_stages = draw(st.integers(1, 3))
 
     def per_stage(values: st.SearchStrategy) -> list:
-        return per_stage(values)
+        return draw(st.lists(values, min_size=num_stages, max_size=num_stages))
 
     heads = per_stage(st.integers(1, 2))
     dims = [h * draw(st.sampled_from([4, 8])) for h in heads]
