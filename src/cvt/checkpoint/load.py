@@ -173,12 +173,12 @@ def load_checkpoint(
     and reports the rest in the returned :class:`LoadResult`.
     """
     if isinstance(source, Mapping):
-        raw, fmt, path = source, None, None
+        raw, _ = unwrap_state_dict(source, use_ema=use_ema)
+        fmt, path = detect_format(raw), None
     else:
         raw, fmt, info = read_state_dict(source, use_ema=use_ema)
         path = info["path"]
     sd = convert_state_dict(raw, model)
-    fmt = fmt or detect_format(sd)
     label = path or "state dict"
     skipped = [k for k in HEAD_KEYS if k in sd] if ignore_head else []
     for k in skipped:

@@ -1,0 +1,203 @@
+"""Hugging Face transformers CvT checkpoints: conversion, export, and ``pretrained=True`` (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import CvtConfig, CvtForImageClassification  # noqa: E402
+
+from cvt import CheckpointError  # noqa: E402
+from cvt.checkpoint import export_hf, load_checkpoint, load_model, read_state_dict  # noqa: E402
+from cvt.checkpoint.hf import model_kwargs_from_hf_config, native_to_hf  # noqa: E402
+from cvt.models import create_model  # noqa: E402
+from cvt.models.cvt import CvT  # noqa: E402
+
+# a small CvT in transformers' terms; depth[i] > i because transformers indexes drop-path rates by stage
+SMALL = dict(
+    embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], kernel_qkv=[3, 5, 3],
+    padding_kv=[1, 2, 1], padding_q=[1, 2, 1], stride_kv=[2, 1, 2], num_labels=7,
+)  # fmt: skip
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere, BatchNorm running statistics and LayerNorm affine included."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            values = torch.rand(t.shape, generator=gen) + 0.5 if name.endswith("running_var") else None
+            t.copy_(values if values is not None else torch.randn(t.shape, generator=gen) * 0.2)
+
+
+def _hf_model(seed: int = 0, **overrides) -> CvtForImageClassification:
+    model = CvtForImageClassification(CvtConfig(**{**SMALL, **overrides}))
+    _randomize(model, seed)
+    return model.eval()
+
+
+def _ours_for(hf: CvtForImageClassification) -> CvT:
+    return CvT(**model_kwargs_from_hf_config(hf.config.to_dict(), act="gelu")).eval()
+
+
+def _hf_logits(hf: CvtForImageClassification, x: torch.Tensor) -> torch.Tensor:
+    """transformers' logits; without a cls token its classification forward fails (transformers 5:
+    ``outputs[1]`` does not exist), so its head (LayerNorm, token mean, classifier) is applied here."""
+    if hf.config.cls_token[-1]:
+        return hf(pixel_values=x).logits
+    feats = hf.cvt(pixel_values=x).last_hidden_state  # (B, C, H, W)
+    return hf.classifier(hf.layernorm(feats.flatten(2).transpose(1, 2)).mean(dim=1))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"cls_token": [False, False, False]}, {"stride_kv": [1, 2, 2], "qkv_bias": [False, True, False]}],
+    ids=["cls_last", "no_cls", "strides_bias"],
+)
+def test_hf_logits_reproduced(overrides: dict) -> None:
+    hf = _hf_model(**overrides)
+    ours = _ours_for(hf)
+    result = load_checkpoint(ours, hf.state_dict())  # strict
+    assert result.format == "hf" and not result.skipped
+    x = torch.randn(2, 3, 64, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = _hf_logits(hf, x)
+        got = ours(x)
+    assert expected.shape == (2, 7) and expected.std().item() > 1e-2
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def _write_hf_dir(hf: CvtForImageClassification, folder: Path, weights: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    state_dict = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if weights.endswith(".safetensors"):
+        save_file(state_dict, str(folder / weights), metadata={"format": "pt"})
+    else:
+        torch.save(state_dict, folder / weights)
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_directory_and_file_load(tmp_path: Path, weights: str) -> None:
+    hf = _hf_model(seed=3)
+    folder = _write_hf_dir(hf, tmp_path / "hf", weights)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+    for source in (folder, folder / weights):  # the directory, or the weight file beside config.json
+        _, fmt, info = read_state_dict(source)
+        assert fmt == "hf" and info["hf_config"]["embed_dim"] == [16, 32, 48]
+        model = load_model(source, act="gelu")
+        assert model.num_classes == 7 and model.act == "gelu"
+        with torch.no_grad():
+            assert (model(x) - expected).abs().max().item() < 1e-5
+    # without act=, a hub config means the published weights: QuickGELU, what they were trained with
+    assert load_model(folder).act == "quick_gelu"
+
+
+def test_hf_weights_without_num_batches_tracked_load() -> None:
+    hf = _hf_model()
+    state_dict = {k: v for k, v in hf.state_dict().items() if not k.endswith("num_batches_tracked")}
+    ours = _ours_for(hf)
+    load_checkpoint(ours, state_dict)
+    key = "stage2.blocks.2.attn.conv_proj_v.bn.running_mean"
+    hf_key = (
+        "cvt.encoder.stages.2.layers.2.attention.attention.convolution_projection_value."
+        "convolution_projection.normalization.running_mean"
+    )
+    assert torch.equal(ours.state_dict()[key], hf.state_dict()[hf_key])
+
+
+def test_export_round_trip(tmp_path: Path) -> None:
+    ours = CvT(**model_kwargs_from_hf_config(CvtConfig(**SMALL).to_dict(), act="gelu"), init="trunc_norm")
+    _randomize(ours, seed=5)
+    ours.eval().pretrained_cfg = {"label_names": [f"class{i}" for i in range(7)]}
+    out = export_hf(ours, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    hf = CvtForImageClassification.from_pretrained(out).eval()
+    assert hf.config.id2label[3] == "class3"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ours(x)
+        assert (hf(pixel_values=x).logits - expected).abs().max().item() < 1e-5
+        back = load_model(out)  # act and image size read back from config.json
+        assert back.act == "gelu" and back.pretrained_cfg["label_names"][3] == "class3"
+        assert torch.equal(back(x), expected)
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        export_hf(ours, out)
+
+
+def test_export_warns_for_quick_gelu(tmp_path: Path) -> None:
+    model = CvT(**{**model_kwargs_from_hf_config(CvtConfig(**SMALL).to_dict()), "act": "quick_gelu"})
+    with pytest.warns(UserWarning, match="GELU"):
+        export_hf(model, tmp_path / "export")
+    assert load_model(tmp_path / "export").act == "quick_gelu"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"pos_embed": True}, "position embedding"),
+        ({"cls_token": (True, False, True)}, "cls token"),
+        ({"method": "avg"}, "'avg' projection"),
+        ({"depth": (1, 1, 2)}, "drop-path rates by stage"),
+        ({"norm_eps": 1e-6}, "eps"),
+    ],
+)
+def test_export_refuses_what_transformers_cannot_express(
+    tmp_path: Path, overrides: dict, reason: str
+) -> None:
+    model = create_model("cvt_tiny", act="gelu", **overrides)
+    with pytest.raises(CheckpointError, match=reason):
+        export_hf(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.slow
+def test_pretrained_true_downloads_and_converts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm.models._hub as timm_hub
+
+    with torch.device("meta"):
+        shapes = create_model("cvt_13").state_dict()
+    gen = torch.Generator().manual_seed(0)
+    native = {
+        k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else torch.zeros((), dtype=v.dtype)
+        for k, v in shapes.items()
+    }
+    save_file(native_to_hf(native), str(tmp_path / "model.safetensors"))
+    requested = []
+
+    def fake_download(repo_id: str, filename: str, **kwargs) -> str:
+        requested.append((repo_id, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", fake_download)
+    model = create_model("cvt_13.msft_in1k", pretrained=True)
+    assert requested == [("microsoft/cvt-13", "model.safetensors")]
+    assert torch.equal(
+        model.stage2.blocks[9].attn.proj_q.weight, native["stage2.blocks.9.attn.proj_q.weight"]
+    )
+    assert torch.equal(model.head.weight, native["head.weight"])
+    assert model.pretrained_cfg["hf_hub_id"] == "microsoft/cvt-13" and model.act == "quick_gelu"
+
+
+def test_pretrained_offline_fails_fast_with_checkpoint_path_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    with warnings.catch_warnings(), pytest.raises(CheckpointError) as err:
+        warnings.simplefilter("ignore")
+        create_model("cvt_13", pretrained=True, cache_dir=tmp_path)  # empty cache
+    message = str(err.value)
+    assert "microsoft/cvt-13" in message and "model.safetensors" in message and "checkpoint_path=" in message
