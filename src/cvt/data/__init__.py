@@ -3,7 +3,13 @@
 from cvt.data.datasets import DATASETS, SPLITS, ArrayImageDataset, ImageFolderDataset, build_dataset
 from cvt.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from cvt.data.loader import build_loader
-from cvt.data.transforms import AugmentConfig, build_mixup, build_transform, resolve_data_config
+from cvt.data.transforms import (
+    AugmentConfig,
+    build_mixup,
+    build_transform,
+    load_input,
+    resolve_data_config,
+)
 
 __all__ = [
     "DATASETS",
@@ -18,5 +24,6 @@ __all__ = [
     "build_transform",
     "is_image_file",
     "load_image",
+    "load_input",
     "resolve_data_config",
 ]

@@ -9,14 +9,18 @@ pad-and-crop of the CIFAR recipes, since a resized crop of a 32×32 image throws
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision import transforms
 
+from cvt.data.images import load_image
 from cvt.errors import UsageError
 
 # inputs up to this size train with pad-and-crop instead of RandomResizedCrop
@@ -144,6 +148,18 @@ def _allow_zero_bit_posterize(steps: list[Callable]) -> None:
         for op in ops:
             if getattr(op, "name", "").startswith("Posterize"):
                 op.aug_fn = _posterize_keep_msb
+
+
+def load_input(path: str | Path, data_cfg: dict[str, Any], transform: Callable | None = None) -> torch.Tensor:
+    """One image file → the ``(1, 3, H, W)`` model input of ``data_cfg``'s eval preprocessing.
+
+    A large image is decoded at reduced size (see :func:`~cvt.data.images.load_image`), never below
+    the size the eval resize needs. ``transform`` reuses a pipeline built by :func:`build_transform`.
+    """
+    transform = transform or build_transform(data_cfg, train=False)
+    # the eval resize makes the shorter side floor(size / crop_pct); decode at least that much
+    min_side = math.floor(min(data_cfg["input_size"][-2:]) / data_cfg["crop_pct"])
+    return transform(load_image(path, min_side=min_side)).unsqueeze(0)
 
 
 def build_mixup(aug: AugmentConfig, num_classes: int) -> Callable | None:

@@ -1,0 +1,106 @@
+"""``cvt eval``: top-1/top-5, loss, per-class accuracy and a confusion matrix of a model on a data set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cvt.cli.common import format_table, print_json
+from cvt.cli.model_source import add_model_source_arguments, load_model_source
+
+# files `cvt eval --output DIR` writes
+CONFUSION_PNG = "confusion.png"
+METRICS_JSON = "eval.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint on a data set (top-1/top-5, loss, per-class, confusion matrix)"
+    )
+    add_model_source_arguments(p)
+    p.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagefolder (default: the data set "
+                                     "the training checkpoint was trained on)")  # fmt: skip
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="CIFAR: the folder holding cifar-10-batches-py (default ./data); "
+                        "imagefolder: the folder holding val/")  # fmt: skip
+    p.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default val)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable ImageFolder files")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    p.add_argument("--output", metavar="DIR", help=f"write {CONFUSION_PNG} and {METRICS_JSON} into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace files of an earlier eval in --output")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
+    from cvt.engine.distributed import resolve_device
+    from cvt.engine.evaluate import evaluate, save_confusion_png
+    from cvt.errors import CheckpointError, UsageError
+
+    output = Path(args.output) if args.output else None
+    if output is not None and not args.overwrite:
+        existing = [output / n for n in (CONFUSION_PNG, METRICS_JSON) if (output / n).exists()]
+        if existing:
+            raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it, or another --output")
+    source = load_model_source(args)
+    dataset_name = args.dataset or source.train_config.get("dataset")
+    if dataset_name is None:
+        raise UsageError("which data set? pass --dataset digits|cifar10|cifar100|imagefolder")
+    data_dir = args.data_dir
+    if data_dir is None and dataset_name == source.train_config.get("dataset"):
+        data_dir = source.train_config.get("data_dir")
+    dataset = build_dataset(dataset_name, data_dir, args.split, skip_bad_images=args.skip_bad_images)
+    model = source.model
+    if len(dataset.classes) != model.num_classes:
+        raise CheckpointError(
+            f"{source.description} has {model.num_classes} classes but {dataset_name} has "
+            f"{len(dataset.classes)}: evaluate on the data set it was trained on, or fine-tune it first "
+            f"with a new head (cvt train --finetune {args.checkpoint or args.model} --dataset {dataset_name})"
+        )
+    if source.classes and list(source.classes) != list(dataset.classes):
+        print(f"cvt eval: warning: the checkpoint's class names differ from {dataset_name}'s "
+              f"(e.g. {source.classes[0]!r} vs {dataset.classes[0]!r}); indices are compared as they are",
+              file=sys.stderr)  # fmt: skip
+
+    data_cfg = resolve_data_config(model, dataset_name)
+    if args.img_size:
+        data_cfg["input_size"] = (data_cfg["input_size"][0], *args.img_size)
+    dataset.transform = build_transform(data_cfg, train=False)
+    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.workers)
+    device = resolve_device(args.device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    result = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, num_classes=model.num_classes)
+
+    classes = list(dataset.classes)
+    report = {
+        "model": source.description, "dataset": dataset_name, "split": args.split,
+        "input_size": list(data_cfg["input_size"]), **result.as_dict(classes),
+    }  # fmt: skip
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        title = f"{source.description} — {dataset_name} {args.split}, top-1 {result.top1:.2f}%"
+        png = save_confusion_png(result.confusion, classes, output / CONFUSION_PNG, title)
+        report["confusion_png"] = str(png)
+        (output / METRICS_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"{source.description} on {dataset_name} {args.split}: {result.num_samples} images at "
+          f"{data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}")  # fmt: skip
+    print(f"top-1 {result.top1:.2f}%  top-{result.topk} {result.top5:.2f}%  loss {result.loss:.4f}")
+    counts = result.confusion.sum(dim=1).tolist()
+    rows = [[name, n, "-" if n == 0 else f"{acc:.2f}%"]
+            for name, n, acc in zip(classes, counts, result.per_class_acc, strict=True)]  # fmt: skip
+    print(format_table(["class", "images", "accuracy"], rows))
+    if output is not None:
+        print(f"confusion matrix: {output / CONFUSION_PNG}; metrics: {output / METRICS_JSON}")
+    return 0

@@ -1,0 +1,133 @@
+"""Where ``cvt eval`` and ``cvt predict`` get their model: a checkpoint, or a pretrained name.
+
+Accepted checkpoints: a training checkpoint of ``cvt train`` (``last.pt`` / ``best.pt``: the model
+name, class count, input size and class names come from its ``config``), this project's
+safetensors file or a Hugging Face directory (they describe their architecture), or an official
+``.pth`` / bare state dict with ``--model NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cvt.cli.common import parse_img_size
+from cvt.errors import CheckpointError, UsageError
+
+
+@dataclass
+class ModelSource:
+    """A model ready for inference (eval mode, CPU) and what its checkpoint says about its data."""
+
+    model: Any  # cvt.models.CvT
+    description: str  # for messages: "cvt_tiny from runs/x/best.pt"
+    classes: list[str] | None = None  # class names stored with the weights, if any
+    train_config: dict[str, Any] = field(default_factory=dict)  # `config` of a training checkpoint
+
+
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--model``, ``--pretrained``, ``--ema``, ``--img-size``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", metavar="PATH",
+                       help="last.pt/best.pt of cvt train, a cvt .safetensors file, a Hugging Face "
+                            "directory, or an official .pth (with --model)")  # fmt: skip
+    group.add_argument("--model", metavar="NAME", help="variant (cvt list), e.g. cvt_13 or cvt_13.msft_in1k")
+    group.add_argument("--pretrained", action="store_true", help="download the published weights of --model")
+    group.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    group.add_argument("--img-size", type=parse_img_size, metavar="N|H,W",
+                       help="input size (default: the model's)")  # fmt: skip
+
+
+def _training_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The dict of a ``cvt train`` checkpoint (``model`` weights and a ``config``), else None.
+
+    Read with ``weights_only=True``; a file that fails here is left for the checkpoint reader,
+    which reports the problem precisely.
+    """
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a (safe, zip-format) pickle: read_state_dict names the problem
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
+        return obj
+    return None
+
+
+def _from_training_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -> ModelSource:
+    from cvt.checkpoint import load_checkpoint
+    from cvt.models import create_model
+
+    config = ckpt["config"]
+    missing = [k for k in ("model", "num_classes") if k not in config]
+    if missing:
+        raise CheckpointError(f"training checkpoint {path} has no {', '.join(missing)} in its config")
+    kwargs = dict(config.get("model_args") or {})
+    if config.get("img_size"):
+        kwargs["img_size"] = config["img_size"]
+    model = create_model(config["model"], num_classes=int(config["num_classes"]), **kwargs)
+    weights = ckpt["model"]
+    if use_ema:
+        weights = ckpt.get("ema") or ckpt.get("model_ema")
+        if not weights:
+            raise CheckpointError(f"training checkpoint {path} has no EMA weights (train with --ema)")
+    load_checkpoint(model, weights, strict=True)
+    classes = ckpt.get("classes") or config.get("classes")
+    return ModelSource(model.eval(), f"{config['model']} from {path}",
+                       list(classes) if classes else None, config)  # fmt: skip
+
+
+def load_model_source(args: argparse.Namespace) -> ModelSource:
+    """Build the model that ``--checkpoint`` / ``--model`` / ``--pretrained`` describe."""
+    from cvt.checkpoint import load_checkpoint, load_model, read_state_dict
+    from cvt.checkpoint.hf import hf_to_native
+    from cvt.checkpoint.load import infer_num_classes
+    from cvt.checkpoint.read import FORMAT_HF, FORMAT_NATIVE
+    from cvt.models import create_model
+
+    if args.checkpoint is None:
+        if not (args.model and args.pretrained):
+            raise UsageError("give --checkpoint PATH, or --model NAME --pretrained for the published weights")
+        model = create_model(args.model, pretrained=True)
+        names = model.pretrained_cfg.get("label_names")
+        return ModelSource(model.eval(), f"{args.model} (pretrained)", names)
+    if args.pretrained:
+        raise UsageError("--pretrained and --checkpoint exclude each other: the weights come from one")
+    path = Path(args.checkpoint)
+    ckpt = _training_checkpoint(path)
+    if ckpt is not None:
+        return _from_training_checkpoint(path, ckpt, args.ema)
+    if args.ema:
+        raise UsageError(f"--ema needs a training checkpoint of cvt train; {path} is not one")
+    state_dict, fmt, info = read_state_dict(path)
+    describes_itself = fmt == FORMAT_NATIVE or (fmt == FORMAT_HF and "hf_config" in info)
+    if describes_itself and not args.model:
+        model = load_model(path)
+        name = (model.pretrained_cfg or {}).get("architecture") or "model"
+        return ModelSource(model, f"{name} from {path}", model.pretrained_cfg.get("label_names"))
+    if not args.model:
+        raise UsageError(
+            f"{path} holds weights without their architecture: pass --model NAME (e.g. cvt_13; see cvt list)"
+        )
+    native = hf_to_native(state_dict) if fmt == FORMAT_HF else state_dict
+    model = create_model(args.model, num_classes=infer_num_classes(native))
+    load_checkpoint(model, state_dict, strict=True)
+    return ModelSource(model.eval(), f"{args.model} from {path}")
+
+
+def label_names(source: ModelSource) -> list[str]:
+    """Names of the model's outputs: the checkpoint's classes, ImageNet's for 1000 outputs, else indices."""
+    num_classes = source.model.num_classes
+    if source.classes and len(source.classes) == num_classes:
+        return list(source.classes)
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()  # shipped with timm: no download
+        return [info.index_to_description(i) for i in range(num_classes)]
+    return [str(i) for i in range(num_classes)]

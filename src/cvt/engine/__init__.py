@@ -1,0 +1,1 @@
+"""The training engine: the training loop, its state and checkpoints, and evaluation."""

@@ -1,0 +1,145 @@
+"""The evaluation loop and its metrics: top-1/top-k accuracy, mean loss, per-class accuracy, confusion.
+
+Used by ``cvt eval`` and by the training engine for validation. Top-5 becomes top-k with
+k = the class count when a data set has fewer than 5 classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvt.errors import DataError, UsageError
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one pass over a data set (accuracies in percent)."""
+
+    top1: float
+    top5: float  # top-k accuracy with k = min(5, num_classes), see `topk`
+    loss: float  # mean cross-entropy per sample
+    per_class_acc: list[float]  # percent per true class; NaN for a class with no samples
+    confusion: torch.Tensor  # (num_classes, num_classes) int64: rows = true class, columns = predicted
+    num_samples: int
+    topk: int = 5
+
+    def as_dict(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-ready metrics; per-class accuracies keyed by class name (None for absent classes)."""
+        names = list(classes) if classes is not None else [str(i) for i in range(len(self.per_class_acc))]
+        return {
+            "top1": self.top1,
+            "top5": self.top5,
+            "topk": self.topk,
+            "loss": self.loss,
+            "num_samples": self.num_samples,
+            "per_class_acc": {
+                n: (None if math.isnan(a) else a) for n, a in zip(names, self.per_class_acc, strict=True)
+            },
+            "confusion": self.confusion.tolist(),
+        }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+    num_classes: int | None = None,
+) -> EvalResult:
+    """Run ``model`` in eval mode over ``loader`` (batches of images and class indices) and score it.
+
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast; the loss and
+    metrics are computed in float32. ``num_classes`` defaults to the width of the model's logits.
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    confusion: torch.Tensor | None = None
+    loss_sum, topk_correct, k = 0.0, 0, 5
+    try:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = torch.as_tensor(targets).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(images)
+            logits = logits.float()  # (B, C)
+            if confusion is None:
+                num_classes = num_classes or logits.shape[1]
+                if logits.shape[1] != num_classes:
+                    raise UsageError(
+                        f"the model gives {logits.shape[1]} logits per image, expected {num_classes} classes"
+                    )
+                k = min(5, num_classes)
+                confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+            if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+                low, high = int(targets.min()), int(targets.max())
+                raise DataError(f"class indices must be in [0, {num_classes}), found {low}..{high}")
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            topk_pred = logits.topk(k, dim=1).indices  # (B, k), best first
+            topk_correct += int((topk_pred == targets[:, None]).any(dim=1).sum())
+            # one bincount over (true, predicted) pairs fills the whole confusion matrix
+            pairs = targets * num_classes + topk_pred[:, 0]
+            confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, -1)
+    finally:
+        model.train(was_training)
+    if confusion is None or int(confusion.sum()) == 0:
+        raise DataError("the evaluation data set yielded no images")
+    confusion = confusion.cpu()
+    n = int(confusion.sum())
+    per_class_total = confusion.sum(dim=1)
+    per_class_acc = (100.0 * confusion.diag() / per_class_total).tolist()  # NaN where a class has no samples
+    return EvalResult(
+        top1=100.0 * int(confusion.diag().sum()) / n,
+        top5=100.0 * topk_correct / n,
+        loss=loss_sum / n,
+        per_class_acc=per_class_acc,
+        confusion=confusion,
+        num_samples=n,
+        topk=k,
+    )
+
+
+def save_confusion_png(
+    confusion: torch.Tensor, classes: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Plot the confusion matrix, normalized per true class, as a PNG (counts written in each cell
+    when there are at most 20 classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    counts = confusion.double()
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)  # (C, C), rows sum to 1
+    num = len(classes)
+    side = min(max(4.0, 0.45 * num + 2.0), 24.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if num <= 50:
+        ax.set_xticks(range(num), labels=list(classes), rotation=90)
+        ax.set_yticks(range(num), labels=list(classes))
+    if num <= 20:
+        for i in range(num):
+            for j in range(num):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
