@@ -141,6 +141,11 @@ def test_too_small_input_names_minimum() -> None:
         model(torch.randn(1, 3, 2, 16))
 
 
+def test_img_size_below_the_minimum_is_refused() -> None:
+    with pytest.raises(cvt.UsageError, match="img_size 2x2 is too small.*minimum size is 3x3"):
+        cvt.create_model("cvt_13", img_size=2)
+
+
 def test_empty_batch_and_wrong_rank_are_refused() -> None:
     model = tiny().eval()
     with pytest.raises(cvt.InputShapeError, match="empty batch"):

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cvt.models import CvT, expand_stages
+from cvt.models.cvt import min_input_size
 from cvt.models.layers import conv_out_size
 
 
@@ -39,7 +40,9 @@ def configs(draw: st.DrawFn) -> tuple[CvT, tuple[int, int], int]:
     torch.manual_seed(draw(st.integers(0, 2**16)))
     act = draw(st.sampled_from(["quick_gelu", "gelu"]))
     num_classes = draw(st.integers(1, 5))
-    model = CvT(expand_stages(num_stages, **stage_fields), num_classes=num_classes, img_size=16, act=act)
+    specs = tuple(expand_stages(num_stages, **stage_fields))
+    img_size = max(16, *min_input_size(specs))  # position embeddings are sized at img_size
+    model = CvT(specs, num_classes=num_classes, img_size=img_size, act=act)
     with torch.no_grad():  # random BatchNorm statistics, as a trained model has
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -78,7 +81,8 @@ def test_output_shape_finiteness_and_batch_independence(config: tuple[CvT, tuple
 @given(configs())
 def test_state_dict_round_trip(config: tuple[CvT, tuple[int, int], int]) -> None:
     model, size, _ = config
-    clone = CvT(model.stage_specs, num_classes=model.num_classes, img_size=16, act=model.act).eval()
+    clone = CvT(model.stage_specs, num_classes=model.num_classes, img_size=model.img_size, act=model.act)
+    clone.eval()
     clone.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 3, *size)
     with torch.no_grad():

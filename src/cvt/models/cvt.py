@@ -186,6 +186,12 @@ class CvT(nn.Module):
         self.global_pool = "token" if self.has_cls_token else "avg"
         self.num_features = self.head_hidden_size = stages[-1].embed_dim
 
+        min_h, min_w = min_input_size(self.stage_specs)
+        if self.img_size[0] < min_h or self.img_size[1] < min_w:
+            raise UsageError(
+                f"img_size {self.img_size[0]}x{self.img_size[1]} is too small for these stages: "
+                f"the minimum size is {min_h}x{min_w}"
+            )
         chans, grid, reduction = in_chans, self.img_size, 1
         self.feature_info: list[dict[str, Any]] = []
         for i, spec in enumerate(stages):
@@ -229,7 +235,7 @@ class CvT(nn.Module):
     # ------------------------------------------------------------------------------- checks
     def min_input_size(self) -> tuple[int, int]:
         """Smallest ``(H, W)`` for which every stage keeps at least one token."""
-        return _min_input_size(self.stage_specs)
+        return min_input_size(self.stage_specs)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise :class:`InputShapeError` with the expected and actual shape for unusable input."""
@@ -362,7 +368,9 @@ class CvT(nn.Module):
 
 
 @lru_cache(maxsize=64)
-def _min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
+def min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
+    """Smallest ``(H, W)`` input for which every stage of ``specs`` keeps at least one token."""
+
     def ok(size: int) -> bool:
         for s in specs:
             size = conv_out_size(size, s.patch_size, s.patch_stride, s.patch_padding)
