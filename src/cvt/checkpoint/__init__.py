@@ -10,9 +10,9 @@ from cvt.checkpoint.load import (
     check_fit,
     checkpoint_filter_fn,
     convert_state_dict,
-    guess_variant,
     load_checkpoint,
     load_model,
+    matching_variants,
 )
 from cvt.checkpoint.native import save_checkpoint
 from cvt.checkpoint.official import create_model_from_official_yaml
@@ -25,9 +25,9 @@ __all__ = [
     "convert_state_dict",
     "create_model_from_official_yaml",
     "export_hf",
-    "guess_variant",
     "load_checkpoint",
     "load_model",
+    "matching_variants",
     "read_state_dict",
     "save_checkpoint",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,27 @@ def stage_signature(state_dict: Mapping[str, Any]) -> list[tuple[int, int]]:
     return sig
 
 
-def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The registered variant whose keys and shapes (head aside) match a native state dict, if any."""
+@lru_cache(maxsize=1)
+def _variant_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
+    """Key → shape of every registered variant without its head, built once per process on ``meta``."""
     from cvt.models.variants import create_model, list_models
 
-    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if k not in HEAD_KEYS}
+    shapes = {}
     for name in list_models():
-        with torch.device("meta"):  # shapes only: even CvT-W24 builds instantly
+        with torch.device("meta"):  # shapes only: even CvT-W24 allocates nothing
             candidate = create_model(name, num_classes=0)
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == wanted:
-            return name
-    return None
+        shapes[name] = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+    return shapes
+
+
+def matching_variants(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered variants whose keys and shapes (head aside) match a native state dict.
+
+    Shapes cannot tell strides and paddings apart: ``cvt`` and ``cvt_13_cifar`` both match a CvT-13
+    with a 3x3 stem.
+    """
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if k not in HEAD_KEYS}
+    return [name for name, shapes in _variant_shapes().items() if shapes == wanted]
 
 
 def _fmt_keys(keys: list[str]) -> str:
@@ -138,10 +149,10 @@ def mismatch_message(
     text = f"checkpoint {source} does not fit the model: " + "; ".join(parts)
     theirs, ours = stage_signature(state_dict), stage_signature(model.state_dict())
     if theirs and theirs != ours:
-        like = guess_variant(state_dict)
+        like = matching_variants(state_dict)
         text += (
             f". It looks like another architecture: (width, depth) per stage {theirs} vs the model's {ours}"
-            + (f"; that is {like}" if like else "")
+            + (f"; it matches {' or '.join(like)}" if like else "")
         )
     if any(k.endswith("pos_embed") for k in report.mismatched):
         text += ". Position embeddings differ in size: build the model with the checkpoint's img_size"
@@ -218,12 +229,9 @@ def load_model(path: str | Path, act: str | None = None, use_ema: bool = False) 
             model = CvT(**kwargs)
         model.pretrained_cfg = _hf_pretrained_cfg(kwargs, info["hf_config"])
     else:
-        like = guess_variant(hf_to_native(sd) if fmt == FORMAT_HF else sd)
-        hint = (
-            f"cvt.create_model({like!r}, num_classes=..., checkpoint_path=...)"
-            if like
-            else ("cvt.create_model(<variant>, checkpoint_path=...)")
-        )
+        like = matching_variants(hf_to_native(sd) if fmt == FORMAT_HF else sd)
+        name = like[0] if len(like) == 1 else "<variant>"
+        hint = f"cvt.create_model({name!r}, num_classes=..., checkpoint_path=...)"
         what = (
             "an official state dict" if fmt == FORMAT_OFFICIAL else "Hugging Face weights without config.json"
         )

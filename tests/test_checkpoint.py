@@ -1,0 +1,290 @@
+"""Checkpoint reading, strict loading, the project's own format and official YAML files (issue 2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvt import CheckpointError, UsageError
+from cvt.checkpoint import (
+    create_model_from_official_yaml,
+    load_checkpoint,
+    load_model,
+    matching_variants,
+    read_state_dict,
+    save_checkpoint,
+)
+from cvt.models import count_params, create_model
+from cvt.models.cvt import CvT
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CvT:
+    torch.manual_seed(0)
+    return create_model("cvt_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _fresh(**kwargs) -> CvT:
+    torch.manual_seed(123)  # other weights than the fixture's
+    return create_model("cvt_tiny", **kwargs).eval()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------ official layouts
+def _containers(sd: dict[str, torch.Tensor]) -> dict[str, object]:
+    module_sd = {f"module.{k}": v for k, v in sd.items()}
+    return {
+        "plain": sd,
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model": {"model": module_sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3},
+        "compiled": {f"_orig_mod.{k}": v for k, v in module_sd.items()},
+        "ema_only": {"model_ema": sd},
+    }
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "compiled", "ema_only"])
+def test_official_layouts_load(tmp_path: Path, tiny: CvT, layout: str) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save(_containers(tiny.state_dict())[layout], path)
+    model = _fresh()
+    assert not _same_weights(model, tiny)
+    result = load_checkpoint(model, path)
+    assert result.format == "official" and result.path == str(path) and not result.skipped
+    assert _same_weights(model, tiny)
+
+
+def test_training_checkpoint_prefers_model_or_ema(tmp_path: Path, tiny: CvT) -> None:
+    other = _fresh().state_dict()
+    path = tmp_path / "last.pt"
+    torch.save({"model": tiny.state_dict(), "model_ema": other, "epoch": 7, "best_acc": 0.5}, path)
+    sd, fmt, info = read_state_dict(path)
+    assert fmt == "official" and info["nested_key"] == "model"
+    assert torch.equal(sd["head.weight"], tiny.head.weight)
+    model = _fresh()
+    load_checkpoint(model, path, use_ema=True)
+    assert torch.equal(model.head.weight, other["head.weight"])
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        torch.save({"model": tiny.state_dict()}, tmp_path / "no_ema.pt")
+        read_state_dict(tmp_path / "no_ema.pt", use_ema=True)
+
+
+# ------------------------------------------------------------------------------ bad files
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nope\.pth does not exist"):
+        read_state_dict(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("kind", ["empty", "random", "text", "truncated_pickle", "truncated_safetensors"])
+def test_unreadable_files(tmp_path: Path, tiny: CvT, kind: str) -> None:
+    if kind.startswith("truncated"):
+        whole = tmp_path / "whole"
+        if kind == "truncated_pickle":
+            torch.save(tiny.state_dict(), whole)
+        else:
+            save_checkpoint(tiny, whole)
+        data = whole.read_bytes()[: whole.stat().st_size // 2]
+    else:
+        data = {"empty": b"", "random": os.urandom(4096), "text": b"hello, not a checkpoint\n"}[kind]
+    path = _write_bytes(tmp_path / f"{kind}.bin", data)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(_fresh(), path)
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    assert ("empty" in message) if kind == "empty" else ("not a readable" in message)
+
+
+def test_no_state_dict_and_no_cvt_keys(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"holds no state dict.*'epoch', 'lr'"):
+        read_state_dict(tmp_path / "meta.pt")
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "resnet.pt")
+    with pytest.raises(CheckpointError, match=r"holds no CvT weights.*'conv1\.weight'"):
+        read_state_dict(tmp_path / "resnet.pt")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        read_state_dict(tmp_path / "list.pt")
+
+
+def test_directory_without_config_or_weights(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"not a Hugging Face checkpoint.*no config\.json"):
+        read_state_dict(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(
+        CheckpointError, match=r"no weights: expected model\.safetensors or pytorch_model\.bin"
+    ):
+        read_state_dict(tmp_path)
+
+
+class _Payload:
+    """Unpickling this object would create a file: the attack ``weights_only`` must stop."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_code_running_pickle_is_refused(tmp_path: Path, tiny: CvT) -> None:
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": tiny.state_dict(), "extra": _Payload(target)}, path)
+    with pytest.raises(CheckpointError, match=r"refused to load .*evil\.pth.*could run code"):
+        load_checkpoint(_fresh(), path)
+    assert not target.exists()
+
+
+# ------------------------------------------------------------------------------ mismatches
+def test_other_architecture_names_keys_and_variant(tmp_path: Path) -> None:
+    with torch.device("meta"):  # shapes of CvT-13 with a 3x3 stem, zero weights: no init cost
+        shapes = create_model("cvt_13_cifar", num_classes=10).state_dict()
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, tmp_path / "c13.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(_fresh(), tmp_path / "c13.pth")
+    message = str(err.value)
+    assert "unexpected key(s): stage1.blocks.1." in message  # CvT-13 has 2 blocks in stage 1, tiny 1
+    assert "stage0.patch_embed.proj.weight (model [32, 3, 3, 3], checkpoint [64, 3, 3, 3])" in message
+    assert "[(64, 1), (192, 2), (384, 10)] vs the model's [(32, 1), (64, 1), (128, 2)]" in message
+    assert "it matches cvt or cvt_13_cifar" in message  # same shapes, other strides
+
+
+def test_head_mismatch_says_how_to_fix(tmp_path: Path, tiny: CvT) -> None:
+    path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    model = _fresh(num_classes=3)
+    with pytest.raises(CheckpointError, match=r"10-class head.*3 classes.*num_classes=10.*ignore_head=True"):
+        load_checkpoint(model, path)
+    head_before = model.head.weight.clone()
+    result = load_checkpoint(model, path, ignore_head=True)
+    assert set(result.skipped) == {"head.weight", "head.bias"}
+    assert torch.equal(model.head.weight, head_before)
+    assert torch.equal(model.stage2.blocks[1].mlp.fc2.weight, tiny.stage2.blocks[1].mlp.fc2.weight)
+
+
+def test_non_strict_loads_what_fits(tiny: CvT) -> None:
+    model = _fresh(depth=(1, 1, 3))  # one more block in the last stage
+    result = load_checkpoint(model, tiny.state_dict(), strict=False)
+    assert result.format == "official" and result.skipped == ()
+    assert result.missing and all(k.startswith("stage2.blocks.2.") for k in result.missing)
+    assert torch.equal(model.stage2.blocks[1].attn.proj.weight, tiny.stage2.blocks[1].attn.proj.weight)
+
+
+def test_matching_variants(tiny: CvT) -> None:
+    assert matching_variants(tiny.state_dict()) == ["cvt_tiny"]
+    assert matching_variants(_fresh(embed_dim=(16, 64, 128)).state_dict()) == []
+
+
+# ------------------------------------------------------------------------------ own format
+def test_native_round_trip(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
+    tiny.pretrained_cfg["label_names"] = [str(d) for d in range(10)]
+    path = save_checkpoint(tiny, tmp_path / "sub" / "tiny.safetensors")
+    _, fmt, info = read_state_dict(path)
+    assert fmt == "cvt" and info["arch"]["variant"] == "cvt_tiny"
+    assert info["arch"]["stages"][2]["depth"] == 2 and info["arch"]["img_size"] == [32, 32]
+    model = load_model(path)
+    assert not model.training and model.stage_specs == tiny.stage_specs and model.act == tiny.act
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32) and model.pretrained_cfg["label_names"][9] == "9"
+    with torch.no_grad():
+        assert torch.equal(model(images), tiny(images))
+    assert _same_weights(create_model("cvt_tiny", checkpoint_path=path), tiny)  # via create_model too
+
+
+def test_native_keeps_custom_architecture(tmp_path: Path, images: torch.Tensor) -> None:
+    custom = _fresh(pos_embed=True, method=("avg", "dw_bn", "linear"), act="gelu", num_classes=4)
+    path = save_checkpoint(custom, tmp_path / "custom.safetensors", variant="my_cvt")
+    model = load_model(path)
+    assert model.stage_specs == custom.stage_specs and model.act == "gelu" and model.num_classes == 4
+    with torch.no_grad():
+        assert torch.equal(model(images), custom(images))
+
+
+def test_save_refuses_to_overwrite(tmp_path: Path, tiny: CvT) -> None:
+    path = tmp_path / "user.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        save_checkpoint(tiny, path)
+    assert path.read_bytes() == b"precious"
+    save_checkpoint(tiny, path, overwrite=True)
+    assert read_state_dict(path)[1] == "cvt"
+    assert [p.name for p in tmp_path.iterdir()] == ["user.safetensors"]  # no temporary file left
+
+
+def test_load_model_needs_an_architecture(tmp_path: Path, tiny: CvT) -> None:
+    torch.save(tiny.state_dict(), tmp_path / "official.pth")
+    with pytest.raises(CheckpointError, match=r"official state dict.*create_model\('cvt_tiny'"):
+        load_model(tmp_path / "official.pth")
+
+
+# ------------------------------------------------------------------------------ official YAML
+CVT_13_YAML = """\
+OUTPUT_DIR: 'OUTPUT/'
+MODEL:
+  NAME: cls_cvt
+  SPEC:
+    INIT: 'trunc_norm'
+    NUM_STAGES: 3
+    PATCH_SIZE: [7, 3, 3]
+    PATCH_STRIDE: [4, 2, 2]
+    PATCH_PADDING: [2, 1, 1]
+    DIM_EMBED: [64, 192, 384]
+    NUM_HEADS: [1, 3, 6]
+    DEPTH: [1, 2, 10]
+    MLP_RATIO: [4.0, 4.0, 4.0]
+    ATTN_DROP_RATE: [0.0, 0.0, 0.0]
+    DROP_RATE: [0.0, 0.0, 0.0]
+    DROP_PATH_RATE: [0.0, 0.0, 0.1]
+    QKV_BIAS: [True, True, True]
+    CLS_TOKEN: [False, False, True]
+    POS_EMBED: [False, False, False]
+    QKV_PROJ_METHOD: ['dw_bn', 'dw_bn', 'dw_bn']
+    KERNEL_QKV: [3, 3, 3]
+    PADDING_KV: [1, 1, 1]
+    STRIDE_KV: [2, 2, 2]
+    PADDING_Q: [1, 1, 1]
+    STRIDE_Q: [1, 1, 1]
+TRAIN:
+  BATCH_SIZE_PER_GPU: 256
+  IMAGE_SIZE: [384, 384]
+TEST:
+  IMAGE_SIZE: [384, 384]
+  CENTER_CROP: False
+"""
+
+
+def test_official_yaml_builds_cvt_13(tmp_path: Path) -> None:
+    path = tmp_path / "cvt-13-384x384.yaml"
+    path.write_text(CVT_13_YAML)
+    with torch.device("meta"):
+        model = create_model_from_official_yaml(path)
+        reference = create_model("cvt_13")
+    assert count_params(model) == 19_997_480 == count_params(reference)
+    assert model.stage_specs == reference.stage_specs and model.num_classes == 1000
+    assert model.img_size == (384, 384) and model.pretrained_cfg["crop_pct"] == 1.0
+    with torch.device("meta"):
+        assert create_model_from_official_yaml(path, num_classes=5).num_classes == 5
+
+
+def test_official_yaml_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        create_model_from_official_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("TRAIN:\n  LR: 0.1\n")
+    with pytest.raises(UsageError, match=r"no MODEL\.SPEC"):
+        create_model_from_official_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(UsageError, match=r"unknown MODEL\.SPEC key"):
+        create_model_from_official_yaml({"MODEL": {"SPEC": {"DIM_EMBED": [8], "DEPTHS": [1]}}})
