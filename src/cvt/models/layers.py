@@ -4,11 +4,27 @@ Module and parameter names follow the official Microsoft implementation (``patch
 ``attn.conv_proj_k.conv``, ``attn.proj_q`` …) so that its checkpoints load without renaming.
 Tokens travel as ``(B, T, C)`` together with their grid size ``(H, W)``; a cls token, when the
 stage has one, sits at position 0 and is never convolved.
+
+Fast paths (all on by default, each behind a flag that :func:`set_fast_paths` switches, so tests can
+compare every one against the plain reference computation):
+
+- ``fused_attn``: ``F.scaled_dot_product_attention`` with the official scale, no materialised softmax;
+- ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
+  ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
+  outputs per channel runs ~20x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
+- ``fold_bn``: in eval mode the ``dw_bn`` BatchNorm is folded into the depthwise conv's weight and bias;
+- ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
+  ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``.
+
+Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
+graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +33,62 @@ from torch import nn
 
 ProjectionMethod = Literal["dw_bn", "avg", "linear"]
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
+QUICK_GELU_SCALE = 1.702
 
 
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation the official CvT checkpoints were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
+class DerivedWeights:
+    """Tensors computed from parameters or buffers, reused while no autograd graph is being built.
+
+    The cache is keyed on the identity and in-place version counter of every source tensor (so an
+    optimizer step, ``load_state_dict`` or ``.to()`` invalidates it) and on the autocast state: under
+    autocast the cached copies are already in the autocast dtype, saving a cast per call. With grad
+    enabled or under ``torch.compile`` the tensors are recomputed on every call (autograd must see
+    them). Not pickled and not deep-copied: a copy starts empty.
+    """
+
+    def __init__(self) -> None:
+        self._sources: list[tuple[weakref.ref[torch.Tensor], int]] = []
+        self._state: tuple[Any, ...] = ()
+        self._value: tuple[torch.Tensor, ...] = ()
+
+    def get(
+        self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """``compute()``, or its cached result when the sources and autocast state are unchanged."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        device = sources[0].device.type
+        autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        state = (autocast_dtype,)
+        fresh = state == self._state and len(sources) == len(self._sources)
+        fresh = fresh and all(
+            ref() is t and version == t._version
+            for (ref, version), t in zip(self._sources, sources, strict=True)
+        )
+        if not fresh:
+            value = compute()
+            if autocast_dtype is not None:
+                value = tuple(v.to(autocast_dtype) if v.is_floating_point() else v for v in value)
+            self._value = value
+            self._sources = [(weakref.ref(t), t._version) for t in sources]
+            self._state = state
+        return self._value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
@@ -39,6 +101,11 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: 
             out -= 1
         return out
     return span // stride + 1
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` map → ``(B, H*W, C)`` tokens: a free view when the map is channels-last."""
+    return x.flatten(2).transpose(1, 2)
 
 
 class ConvEmbed(nn.Module):
@@ -55,35 +122,53 @@ class ConvEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)  # (B, C, H, W)
+        x = self.proj(x)  # (B, C, H, W); channels-last in, channels-last out
         grid = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        return self.norm(x), grid
+        return self.norm(map_to_tokens(x)), grid  # (B, H*W, C)
 
 
 class ConvProjection(nn.Module):
     """One convolutional projection of the paper's Fig. 3: a ``(B, C, H, W)`` map to ``(B, T, C)`` tokens.
 
     ``dw_bn``: depthwise conv (no bias) + BatchNorm (submodules ``conv``, ``bn`` as in the official
-    checkpoints); ``avg``: average pooling with ceil mode (no parameters).
+    checkpoints), the BatchNorm folded into the conv in eval mode when ``fold_bn``; ``avg``: average
+    pooling with ceil mode (no parameters).
     """
 
     def __init__(self, method: str, dim: int, kernel_size: int, stride: int, padding: int) -> None:
         super().__init__()
         self.method = method
+        self.fold_bn = True
         if method == "dw_bn":
             self.conv = nn.Conv2d(
                 dim, dim, kernel_size, stride=stride, padding=padding, bias=False, groups=dim
             )
             self.bn = nn.BatchNorm2d(dim)
+            self._folded = DerivedWeights()
         elif method == "avg":
             self.avg = nn.AvgPool2d(kernel_size, stride=stride, padding=padding, ceil_mode=True)
         else:
             raise ValueError(f"ConvProjection method must be 'dw_bn' or 'avg', got {method!r}")
 
+    def folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depthwise weight ``(C, 1, k, k)`` and bias ``(C,)`` equal to conv followed by eval BatchNorm."""
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,): gamma / sqrt(var + eps)
+        return self.conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x)) if self.method == "dw_bn" else self.avg(x)
-        return x.flatten(2).transpose(1, 2)  # (B, H'*W', C)
+        if self.method == "avg":
+            return map_to_tokens(self.avg(x))
+        if self.fold_bn and not self.training and self.bn.running_mean is not None:
+            bn = self.bn
+            weight, bias = self._folded.get(
+                (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), self.folded_conv
+            )
+            c = self.conv
+            x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            x = self.bn(self.conv(x))
+        return map_to_tokens(x)  # (B, H'*W', C): a view, the conv keeps the channels-last layout
 
 
 class ConvAttention(nn.Module):
@@ -115,12 +200,15 @@ class ConvAttention(nn.Module):
             raise ValueError(f"unknown projection method {method!r}; expected one of {PROJECTION_METHODS}")
         if dim_out % num_heads:
             raise ValueError(f"dim_out {dim_out} is not divisible by num_heads {num_heads}")
+        self.method = method
         self.num_heads = num_heads
         self.dim_out = dim_out
         self.scale = dim_out**-0.5
         self.with_cls_token = with_cls_token
         self.attn_drop_rate = attn_drop
         self.fused_attn = True  # F.scaled_dot_product_attention; False: explicit softmax (reference path)
+        self.fuse_proj = True  # one matrix product for projections that share their input
+        self._fused_weights = DerivedWeights()
 
         q_method = "linear" if method == "avg" else method
         self.conv_proj_q = self._projection(q_method, dim_in, kernel_size, stride_q, padding_q)
@@ -138,6 +226,23 @@ class ConvAttention(nn.Module):
     def _projection(method: str, dim: int, kernel: int, stride: int, padding: int) -> ConvProjection | None:
         return None if method == "linear" else ConvProjection(method, dim, kernel, stride, padding)
 
+    def _split_heads(self, x: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        """``(B, T, parts * dim_out)`` → ``(parts, B, heads, T, head_dim)`` views (no copy)."""
+        b, t, _ = x.shape
+        return x.reshape(b, t, parts, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+
+    def _stacked_linear(self, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+        """``x`` through several Linear layers at once: one matmul with their weights concatenated."""
+        sources = tuple(t for lin in linears for t in (lin.weight, lin.bias) if t is not None)
+
+        def concat() -> tuple[torch.Tensor, ...]:
+            weight = torch.cat([lin.weight for lin in linears])  # (parts * dim_out, dim_in)
+            biases = [lin.bias for lin in linears]
+            return (weight,) if biases[0] is None else (weight, torch.cat(biases))
+
+        weight, *bias = self._fused_weights.get(sources, concat)
+        return F.linear(x, weight, bias[0] if bias else None)
+
     def _project_inputs(
         self, x: torch.Tensor, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,35 +251,80 @@ class ConvAttention(nn.Module):
         cls_tok = None
         if self.with_cls_token:
             cls_tok, x = x[:, :1], x[:, 1:]  # cls is never convolved
-        # (B, H*W, C) -> (B, C, H, W), built only when a convolutional projection needs it
+        # (B, H*W, C) -> (B, C, H, W): a channels-last view, which the depthwise conv reads without a copy
         x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
         def project(proj: ConvProjection | None) -> torch.Tensor:
             t = x if proj is None else proj(x_map)
             return t if cls_tok is None else torch.cat((cls_tok, t), dim=1)
 
-        return project(self.conv_proj_q), project(self.conv_proj_k), project(self.conv_proj_v)
+        q_in = project(self.conv_proj_q)
+        if self.method == "avg" and self.fuse_proj:
+            k_in = v_in = project(self.conv_proj_k)  # k and v pool the same map: pool once
+        else:
+            k_in, v_in = project(self.conv_proj_k), project(self.conv_proj_v)
+        return q_in, k_in, v_in
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.reshape(b, t, self.num_heads, -1).transpose(1, 2)  # (B, heads, T, head_dim)
+    def project_qkv(
+        self, x: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(B, heads, Tq, d)``, k and v ``(B, heads, Tkv, d)`` from the block's normed tokens."""
+        if self.fuse_proj and self.method == "linear":
+            q, k, v = self._split_heads(self._stacked_linear(x, (self.proj_q, self.proj_k, self.proj_v)), 3)
+            return q, k, v
+        q_in, k_in, v_in = self._project_inputs(x, grid)
+        q = self._split_heads(self.proj_q(q_in))[0]
+        if self.fuse_proj and self.method == "avg":
+            k, v = self._split_heads(self._stacked_linear(k_in, (self.proj_k, self.proj_v)), 2)
+        else:
+            # stride-2 kv: 4x fewer keys (the paper's Table 7)
+            k, v = self._split_heads(self.proj_k(k_in))[0], self._split_heads(self.proj_v(v_in))[0]
+        return q, k, v
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        q_in, k_in, v_in = self._project_inputs(x, grid)
-        q = self._split_heads(self.proj_q(q_in))  # (B, heads, Tq, d)
-        k = self._split_heads(self.proj_k(k_in))  # (B, heads, Tkv, d); stride-2 kv: 4x fewer keys
-        v = self._split_heads(self.proj_v(v_in))
+        q, k, v = self.project_qkv(x, grid)
         if self.fused_attn:
             drop = self.attn_drop_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         else:
-            out = self.attn_drop(self.attention_probs(q, k)) @ v
+            out = self.attn_drop(self.attention_probs(q, k)).to(v.dtype) @ v
         out = out.transpose(1, 2).flatten(2)  # (B, Tq, dim_out)
         return self.proj_drop(self.proj(out))
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights ``(B, heads, Tq, Tkv)``: the reference path, also used for maps."""
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast.
+
+        The reference path, also used for attention maps.
+        """
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
+
+
+class QuickGeluMlp(Mlp):
+    """timm's ``Mlp`` (fc1 → act → fc2, same keys) whose QuickGELU is folded into the weights (``fold_act``).
+
+    ``h * sigmoid(1.702 h) = silu(1.702 h) / 1.702``: fc1 is scaled by 1.702 and fc2 by 1 / 1.702, so
+    one SiLU pass replaces three elementwise passes (mul, sigmoid, mul) and their saved activations.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__(in_features, hidden_features, act_layer=QuickGELU, drop=drop)
+        self.fold_act = True
+        self._scaled = DerivedWeights()
+
+    def scaled_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fc1 weight and bias times 1.702, fc2 weight divided by 1.702."""
+        s = QUICK_GELU_SCALE
+        return self.fc1.weight * s, self.fc1.bias * s, self.fc2.weight * (1.0 / s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fold_act:
+            return super().forward(x)
+        sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
+        w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)
+        h = F.linear(x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
+        # in place when no graph needs h (inference): saves an allocation of the largest activation
+        h = F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
+        return self.drop2(F.linear(self.drop1(h), w2, self.fc2.bias))
 
 
 class Block(nn.Module):
@@ -208,8 +358,32 @@ class Block(nn.Module):
         )  # fmt: skip
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=ACTIVATIONS[act], drop=drop)
+        hidden = int(dim * mlp_ratio)
+        if act == "quick_gelu":
+            self.mlp: Mlp = QuickGeluMlp(dim, hidden, drop=drop)
+        else:
+            self.mlp = Mlp(dim, hidden, act_layer=ACTIVATIONS[act], drop=drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+FAST_PATH_FLAGS: tuple[str, ...] = ("fused_attn", "fuse_proj", "fold_bn", "fold_act")
+
+
+def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.Module:
+    """Switch the fast paths of every submodule: all to ``enabled``, then any named flag to its value.
+
+    ``set_fast_paths(model, False)`` gives the plain reference computation; ``set_fast_paths(model,
+    fold_bn=False)`` turns one path off. Flags: ``fused_attn``, ``fuse_proj``, ``fold_bn``, ``fold_act``.
+    """
+    unknown = sorted(set(flags) - set(FAST_PATH_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown fast-path flag(s) {unknown}; known: {list(FAST_PATH_FLAGS)}")
+    values = {name: flags.get(name, enabled) for name in FAST_PATH_FLAGS}
+    for module in model.modules():
+        for name, value in values.items():
+            if hasattr(module, name):
+                setattr(module, name, value)
+    return model
