@@ -154,6 +154,20 @@ def test_empty_batch_and_wrong_rank_are_refused() -> None:
         model(torch.randn(3, 64, 64))
 
 
+def test_wrong_dtype_is_refused_but_autocast_works() -> None:
+    model = tiny().eval()
+    with pytest.raises(cvt.InputShapeError, match="expected a torch.float32 input.*got torch.float64"):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(cvt.InputShapeError, match="got torch.uint8"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x.bfloat16())
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
 def test_batch_of_one_equals_row_of_batch() -> None:
     model = tiny().eval()
     x = torch.randn(4, 3, 64, 48)

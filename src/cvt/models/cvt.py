@@ -247,6 +247,13 @@ class CvT(nn.Module):
             raise InputShapeError(
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
             )
+        weight_dtype = self.stage0.patch_embed.proj.weight.dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or (x.dtype != weight_dtype and not autocast):
+            raise InputShapeError(
+                f"expected a {weight_dtype} input (the model's dtype), got {x.dtype}; convert with "
+                f"x.to({weight_dtype}) (integer images: scale to floats and normalize first)"
+            )
         if x.shape[0] == 0:
             raise InputShapeError(f"empty batch: input shape {tuple(x.shape)}")
         min_h, min_w = self.min_input_size()
