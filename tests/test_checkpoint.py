@@ -68,7 +68,8 @@ def test_official_layouts_load(tmp_path: Path, tiny: CvT, layout: str) -> None:
 def test_training_checkpoint_prefers_model_or_ema(tmp_path: Path, tiny: CvT) -> None:
     other = _fresh().state_dict()
     path = tmp_path / "last.pt"
-    torch.save({"model": tiny.state_dict(), "model_ema": other, "epoch": 7, "best_acc": 0.5}, path)
+    # the layout of `cvt train` checkpoints: weights, EMA weights, plain config values
+    torch.save({"model": tiny.state_dict(), "ema": other, "epoch": 7, "config": {"model": "cvt_tiny"}}, path)
     sd, fmt, info = read_state_dict(path)
     assert fmt == "official" and info["nested_key"] == "model"
     assert torch.equal(sd["head.weight"], tiny.head.weight)
@@ -76,7 +77,7 @@ def test_training_checkpoint_prefers_model_or_ema(tmp_path: Path, tiny: CvT) -> 
     load_checkpoint(model, path, use_ema=True)
     assert torch.equal(model.head.weight, other["head.weight"])
     with pytest.raises(CheckpointError, match="no EMA weights"):
-        torch.save({"model": tiny.state_dict()}, tmp_path / "no_ema.pt")
+        torch.save({"model": tiny.state_dict(), "ema": {}}, tmp_path / "no_ema.pt")  # trained without EMA
         read_state_dict(tmp_path / "no_ema.pt", use_ema=True)
 
 

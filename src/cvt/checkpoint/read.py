@@ -37,7 +37,7 @@ HF_CONFIG_FILE = "config.json"
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preference order, as transformers
 # containers of the model weights in training checkpoints (ours, timm's, the official trainer's)
 STATE_DICT_KEYS = ("state_dict", "model")
-EMA_STATE_DICT_KEYS = ("model_ema", "state_dict_ema")
+EMA_STATE_DICT_KEYS = ("ema", "model_ema", "state_dict_ema")  # cvt train; DeiT-style; timm
 # wrappers that prefix every key: DistributedDataParallel / DataParallel, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -137,7 +137,7 @@ def unwrap_state_dict(
     """The flat tensor dict inside ``obj`` and the container key it was under (None if top level).
 
     Training checkpoints hold the weights under ``state_dict`` or ``model`` next to optimizer state;
-    EMA weights (``model_ema``, ``state_dict_ema``) are taken when ``use_ema`` or when nothing else
+    EMA weights (``ema``, ``model_ema``, ``state_dict_ema``) are taken when ``use_ema`` or when nothing else
     is there. Prefixes that wrappers add to every key (``module.``, ``_orig_mod.``) are removed.
     """
     nested_key = None
