@@ -1,0 +1,109 @@
+"""Exports load in their own runtimes and match the eager model; bad requests fail clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import cvt
+from cvt.cli.main import main
+from cvt.export import export_model, require_packages, run_exported, verify_export
+
+
+def _with_batchnorm_statistics(model: cvt.CvT) -> cvt.CvT:
+    """Non-trivial BatchNorm running statistics, so that a wrongly exported BatchNorm would show."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> cvt.CvT:
+    torch.manual_seed(0)
+    # depths 1/2/3: transformers' CvT needs at least i + 1 blocks in stage i (its drop-path indexing)
+    return _with_batchnorm_statistics(cvt.create_model("cvt_tiny", depth=(1, 2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_pe() -> cvt.CvT:
+    torch.manual_seed(1)
+    return _with_batchnorm_statistics(cvt.create_model("cvt_tiny", pos_embed=(False, False, True)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_deprecations():
+    with warnings.catch_warnings():  # torch.jit and the legacy ONNX exporter are deprecated upstream
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def test_onnx_matches_eager_with_a_dynamic_batch(tiny, tmp_path) -> None:
+    path = export_model(tiny, "onnx", tmp_path / "m.onnx")
+    for batch in (1, 5):  # traced with batch 2
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = tiny(images)
+        torch.testing.assert_close(run_exported("onnx", path, images), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_onnx_with_position_embedding_at_another_input_size(tiny_pe, tmp_path) -> None:
+    # at 48x40 the traced graph resizes the last stage's 4x4 position embedding to 6x5 (bicubic)
+    path = export_model(tiny_pe, "onnx", tmp_path / "m48.onnx", img_size=(48, 40))
+    assert verify_export(tiny_pe, "onnx", path, img_size=(48, 40)) < 1e-4
+
+
+@pytest.mark.slow
+def test_torchscript_loads_without_cvt_and_matches(tiny, tmp_path) -> None:
+    path = export_model(tiny, "torchscript", tmp_path / "m.pt")
+    loaded = torch.jit.load(str(path))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), tiny(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("safetensors", "m.safetensors"), ("hf", "hf")])
+def test_checkpoint_formats_rebuild_the_model(tiny, tmp_path, fmt, name) -> None:
+    # (transformers' own loading of the hf folder is tested with the checkpoint package)
+    path = export_model(tiny, fmt, tmp_path / name, variant="cvt_tiny")
+    assert verify_export(tiny, fmt, path) < 1e-5
+
+
+def test_refuses_to_overwrite(tiny, tmp_path) -> None:
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"user data")
+    with pytest.raises(cvt.UsageError, match="refusing to overwrite"):
+        export_model(tiny, "onnx", target)
+    assert target.read_bytes() == b"user data"
+
+
+def test_missing_package_is_named(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a)
+    )
+    require_packages("onnx")  # writing needs only onnx
+    with pytest.raises(cvt.UsageError, match="--format onnx needs the package 'onnxruntime'"):
+        require_packages("onnx", verify=True)
+    with pytest.raises(cvt.UsageError, match="unknown export format 'tflite'"):
+        require_packages("tflite")
+
+
+def test_cli_export(tmp_path, capsys) -> None:
+    out = tmp_path / "tiny.safetensors"
+    args = ["export", "cvt_tiny", "--format", "safetensors", "--output", str(out)]
+    assert main([*args, "--num-classes", "4"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "vs. eager PyTorch" in text
+    diff = float(text.rsplit(":", 1)[1])
+    assert diff < 1e-4
+    # a second export to the same path is refused with exit code 2 and one line on stderr
+    assert main(args) == 2
+    assert capsys.readouterr().err.count("\n") == 1
