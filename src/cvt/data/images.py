@@ -21,6 +21,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 # integer modes PIL uses for 16-bit (and 32-bit) grayscale PNG/TIFF files
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# modes whose pixel values Image.reduce may average (it refuses I;16 and would average palette indices)
+_AVERAGEABLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -29,11 +31,11 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale is scaled, not clipped, to 0..255."""
+    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale keeps its top 8 bits (PIL would clip at 255)."""
     if img.mode in _WIDE_INT_MODES:
         # PIL's own I;16 → RGB conversion clips at 255, which turns most 16-bit images white
-        values = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+        values = np.asarray(img)  # (H, W) uint16 or int32 holding 0..65535
+        img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
         values = np.asarray(img, dtype=np.float32)  # float images: assume 0..1
         img = Image.fromarray(np.clip(values * 255.0, 0, 255).round().astype(np.uint8), mode="L")
@@ -60,12 +62,13 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
                 # picks the largest DCT scale 1/2..1/8 keeping both sides >= min_side (no full decode)
                 img.draft("RGB", (min_side, min_side))
             img.load()  # decode now so a truncated or corrupt file fails here, naming the path
-            img = _to_rgb(ImageOps.exif_transpose(img))
-            if min_side is not None:
-                factor = min(img.size) // min_side
-                if factor >= 2:
-                    img = img.reduce(factor)  # box filter: cheap and alias-free before the resize
-            return img
+            img = ImageOps.exif_transpose(img)
+            factor = min(img.size) // min_side if min_side else 1
+            if factor >= 2:
+                if img.mode not in _AVERAGEABLE_MODES:
+                    img = _to_rgb(img)  # palette indices or 1-bit pixels cannot be averaged
+                img = img.reduce(factor)  # box filter, before the RGB copy: cheap and alias-free
+            return _to_rgb(img)
     except DataError:
         raise
     except FileNotFoundError:

@@ -1,0 +1,191 @@
+"""Tests of the evaluation loop (exact metrics on a model with known outputs) and of ``cvt eval``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cvt.cli.main import main
+from cvt.engine.evaluate import EvalResult, evaluate, save_confusion_png
+from cvt.errors import DataError
+
+
+class _TableModel(nn.Module):
+    """Returns row ``i`` of a fixed logit table for an image whose first pixel holds ``i``."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+        self.scale = nn.Parameter(torch.ones(()))  # lets autocast and .train()/.eval() see a module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0, 0, 0].long()] * self.scale
+
+
+def _logits_with_rank(target: int, rank: int, num_classes: int) -> torch.Tensor:
+    """Logits whose ``rank``-th largest value (0 = best) is at ``target``; the best class is the
+    first class other than ``target`` when rank > 0."""
+    order = [c for c in range(num_classes) if c != target]
+    order.insert(rank, target)  # order[j] gets the j-th largest logit
+    logits = torch.empty(num_classes)
+    for j, c in enumerate(order):
+        logits[c] = float(num_classes - j)
+    return logits
+
+
+def _case():
+    """10 samples, 7 classes; the target's rank per sample fixes every metric."""
+    targets = [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    ranks = [0, 0, 0, 1, 2, 4, 5, 6, 0, 3]  # top-1: 4 of 10; top-5 (rank < 5): 8 of 10
+    table = torch.stack([_logits_with_rank(t, r, 7) for t, r in zip(targets, ranks, strict=True)])
+    images = torch.zeros(10, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(10, dtype=torch.float32)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.tensor(targets)), batch_size=3
+    )
+    return _TableModel(table), loader, table, torch.tensor(targets)
+
+
+def test_evaluate_metrics_are_exact():
+    model, loader, table, targets = _case()
+    model.train()
+    result = evaluate(model, loader, "cpu")
+    assert model.training  # mode restored
+    assert result.num_samples == 10 and result.topk == 5
+    assert result.top1 == pytest.approx(40.0)
+    assert result.top5 == pytest.approx(80.0)
+    expected_loss = sum(
+        float(torch.logsumexp(table[i], 0) - table[i, t]) for i, t in enumerate(targets.tolist())
+    ) / 10
+    assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+    # predicted class: the target when rank 0, else the first other class (0, or 1 when target is 0)
+    preds = [0, 1, 2, 0, 0, 0, 0, 1, 1, 0]
+    expected = torch.zeros(7, 7, dtype=torch.int64)
+    for t, p in zip(targets.tolist(), preds, strict=True):
+        expected[t, p] += 1
+    assert torch.equal(result.confusion, expected)
+    # class 0: samples 0 (right) and 7 (wrong) → 50%; class 1: samples 1, 8 right → 100%
+    assert result.per_class_acc == pytest.approx([50.0, 100.0, 50.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_evaluate_bf16_autocast_and_fewer_than_five_classes():
+    table = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]])
+    images = torch.zeros(4, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(4, dtype=torch.float32)
+    loader = [(images, torch.tensor([0, 2, 1, 0]))]
+    result = evaluate(_TableModel(table), loader, "cpu", amp_dtype=torch.bfloat16)
+    assert result.topk == 3 and result.top5 == 100.0  # top-k with k = the 3 classes
+    assert result.top1 == 75.0 and result.per_class_acc == [50.0, 100.0, 100.0]
+
+
+def test_evaluate_absent_class_is_nan_and_json_null():
+    table = torch.eye(3)
+    images = torch.zeros(2, 3, 2, 2)
+    images[1, 0, 0, 0] = 1.0
+    result = evaluate(_TableModel(table), [(images, torch.tensor([0, 1]))], "cpu")
+    assert math.isnan(result.per_class_acc[2])
+    as_dict = result.as_dict(["a", "b", "c"])
+    assert as_dict["per_class_acc"] == {"a": 100.0, "b": 100.0, "c": None}
+    json.dumps(as_dict, allow_nan=False)
+
+
+def test_evaluate_errors():
+    model = _TableModel(torch.eye(3))
+    with pytest.raises(DataError, match="yielded no images"):
+        evaluate(model, [], "cpu")
+    with pytest.raises(DataError, match=r"class indices must be in \[0, 3\), found 0\.\.7"):
+        evaluate(model, [(torch.zeros(2, 3, 2, 2), torch.tensor([0, 7]))], "cpu")
+
+
+def test_confusion_png(tmp_path):
+    result = EvalResult(50.0, 100.0, 0.5, [100.0, 0.0], torch.tensor([[3, 0], [2, 0]]), 5, 2)
+    path = save_confusion_png(result.confusion, ["cat", "dog"], tmp_path / "sub" / "c.png", "title")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= 300
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _training_checkpoint(tmp_path, num_classes=10, with_ema=False):
+    """A `cvt train`-style checkpoint of cvt_tiny whose head always answers class 3 (bias 10)."""
+    from cvt import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cvt_tiny", num_classes=num_classes)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[3] = 10.0
+    ckpt = {
+        "model": model.state_dict(),
+        "config": {"model": "cvt_tiny", "num_classes": num_classes, "img_size": 32, "dataset": "digits",
+                   "data_dir": "data", "model_args": {}},
+        "classes": [str(i) for i in range(num_classes)],
+    }  # fmt: skip
+    if with_ema:
+        ema = {k: v.clone() for k, v in model.state_dict().items()}
+        ema["head.bias"] = torch.zeros(num_classes)
+        ema["head.bias"][5] = 10.0
+        ckpt["ema"] = ema
+    path = tmp_path / "best.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.slow
+def test_cli_eval_json_and_files(tmp_path, capsys):
+    ckpt = _training_checkpoint(tmp_path, with_ema=True)
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", str(ckpt), "--batch-size", "128"]
+    assert main([*args, "--output", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # the digits val split has 37 images of class 3 among 360, and the model always answers 3
+    assert report["dataset"] == "digits" and report["num_samples"] == 360
+    assert report["top1"] == pytest.approx(100 * 37 / 360)
+    assert report["per_class_acc"]["3"] == 100.0 and report["per_class_acc"]["0"] == 0.0
+    assert report["confusion"][0][3] == 36 and sum(map(sum, report["confusion"])) == 360
+    assert (out / "confusion.png").is_file()
+    assert json.loads((out / "eval.json").read_text())["top1"] == report["top1"]
+    # a second run does not overwrite the first without --overwrite
+    assert main([*args, "--output", str(out)]) == 2
+    assert "confusion.png exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_cli_eval_ema_on_imagefolder_text(tmp_path, capsys):
+    ckpt = _training_checkpoint(tmp_path, with_ema=True)
+    for c in range(10):
+        for i in range(c % 3 + 1):  # 1, 2 or 3 images per class; class 5 has 3
+            path = tmp_path / "data" / "val" / str(c) / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 36), (25 * c, 0, 10 * i)).save(path)
+    data = str(tmp_path / "data")
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "imagefolder", "--data-dir", data]
+    # --ema evaluates the EMA weights, which always answer class 5
+    assert main([*args, "--ema"]) == 0
+    text = capsys.readouterr().out
+    assert "on imagefolder val: 19 images at 32x32" in text
+    assert f"top-1 {100 * 3 / 19:.2f}%" in text
+    assert "| 5     | 3      | 100.00%  |" in text and "| 3     | 1      | 0.00%    |" in text
+    assert main(args) == 0  # the main weights answer class 3
+    assert "| 3     | 1      | 100.00%  |" in capsys.readouterr().out
+
+
+def test_cli_eval_class_count_mismatch(tmp_path, capsys):
+    ckpt = _training_checkpoint(tmp_path, num_classes=4)
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "digits"]) == 1
+    err = capsys.readouterr().err
+    assert "has 4 classes but digits has 10" in err and "--finetune" in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_cli_eval_needs_a_model_source(tmp_path, capsys):
+    assert main(["eval", "--dataset", "digits"]) == 2
+    assert "give --checkpoint PATH, or --model NAME --pretrained" in capsys.readouterr().err
+    bad = tmp_path / "random.pt"
+    bad.write_bytes(b"\x00\x01not a checkpoint" * 10)
+    assert main(["eval", "--checkpoint", str(bad), "--dataset", "digits"]) == 1
+    assert "random.pt" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""Tests of ``cvt predict`` and the image → model input path it shares (formats, EXIF, huge images)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvt.cli.main import main
+from cvt.data import load_input
+
+CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A `cvt train`-style cvt_tiny checkpoint whose head always answers class 3 ("three")."""
+    from cvt import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cvt_tiny", num_classes=10)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.arange(10.0) * 0.1)
+        model.head.bias[3] = 10.0
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    torch.save({"model": model.state_dict(), "classes": CLASSES,
+                "config": {"model": "cvt_tiny", "num_classes": 10, "img_size": 32, "dataset": "digits"}},
+               path)  # fmt: skip
+    return path
+
+
+def _images(folder):
+    """One image of each kind predict must accept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "png": folder / "rgb.png", "jpeg": folder / "photo.jpg", "gray": folder / "gray.png",
+        "rgba": folder / "alpha.png", "deep": folder / "deep16.png",
+    }  # fmt: skip
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(paths["png"])
+    Image.effect_noise((64, 80), 50).convert("RGB").save(paths["jpeg"], quality=90)
+    Image.new("L", (30, 30), 90).save(paths["gray"])
+    Image.new("RGBA", (33, 35), (0, 255, 0, 128)).save(paths["rgba"])
+    Image.fromarray(np.full((20, 24), 40000, dtype=np.uint16)).save(paths["deep"])
+    (folder / "notes.txt").write_text("ignored: not an image")
+    return paths
+
+
+def test_predict_json_all_image_kinds(tmp_path, checkpoint, capsys):
+    paths = _images(tmp_path / "imgs")
+    args = ["predict", str(tmp_path / "imgs"), "--checkpoint", str(checkpoint), "--json", "--top-k", "3"]
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == sorted(str(p) for p in paths.values())
+    # logits: 10 for "three", 0.1 * i for the others (the features are multiplied by a zero weight)
+    others = [0.1 * i for i in range(10) if i != 3]
+    p_three = 1 / (1 + sum(math.exp(v - 10.0) for v in others))
+    for entry in results:
+        preds = entry["predictions"]
+        assert [p["label"] for p in preds] == ["three", "nine", "eight"]
+        assert [p["index"] for p in preds] == [3, 9, 8]
+        assert preds[0]["prob"] == pytest.approx(p_three, rel=1e-5)
+        assert preds[1]["prob"] == pytest.approx(math.exp(0.9 - 10.0) * p_three, rel=1e-4)
+
+
+def test_predict_text_output_and_top_k_clamped(tmp_path, checkpoint, capsys):
+    paths = _images(tmp_path)
+    assert main(["predict", str(paths["gray"]), "--checkpoint", str(checkpoint), "--top-k", "50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(paths["gray"]) and len(lines) == 11  # 10 classes at most
+    assert lines[1].startswith("  1. three  99.9")
+
+
+def test_predict_imagenet_names_for_1000_classes(tmp_path, capsys):
+    from cvt import create_model
+
+    model = create_model("cvt_tiny", num_classes=1000)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[1] = 20.0
+    ckpt = tmp_path / "in1k.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "cvt_tiny", "num_classes": 1000}}, ckpt)
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--json", "--top-k=1"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "goldfish, Carassius auratus"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [(b"", "empty"), (b"GIF89a\x00garbage", "UnidentifiedImageError")]
+)
+def test_predict_bad_file_is_named(tmp_path, checkpoint, capsys, content, reason):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(content)
+    assert main(["predict", str(bad), "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and reason in err and err.count("\n") == 1
+
+
+def test_predict_truncated_png_is_named(tmp_path, checkpoint, capsys):
+    path = tmp_path / "cut.png"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(path)
+    path.write_bytes(path.read_bytes()[:-200])
+    assert main(["predict", str(path), "--checkpoint", str(checkpoint)]) == 1
+    assert f"cannot read image {path}" in capsys.readouterr().err
+
+
+def test_predict_missing_input_and_bad_top_k(tmp_path, checkpoint, capsys):
+    assert main(["predict", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint)]) == 1
+    assert "nope.png does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)]) == 1
+    assert "holds no image files" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--top-k", "0"]) == 2
+
+
+def test_load_input_exif_rotated_equals_upright(tmp_path):
+    # the same picture stored upright, and stored rotated with an EXIF tag saying how to turn it
+    upright = Image.new("RGB", (40, 64), (0, 0, 0))
+    upright.paste((255, 255, 255), (0, 0, 40, 20))  # white band on top
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90° counter-clockwise... " — viewers turn the stored image back upright
+    upright.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "tagged.jpg", exif=exif, quality=100)
+    cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+           "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # fmt: skip
+    a, b = load_input(tmp_path / "upright.png", cfg), load_input(tmp_path / "tagged.jpg", cfg)
+    assert a.shape == b.shape == (1, 3, 32, 32)
+    assert (a - b).abs().max() < 0.08  # equal up to JPEG loss
+
+
+@pytest.mark.slow
+def test_huge_jpeg_is_decoded_small(tmp_path):
+    """A 10,000x10,000 JPEG: decoding for a 224 model adds less than 100 MB of resident memory."""
+    path = tmp_path / "huge.jpg"
+    Image.new("L", (10_000, 10_000), 128).save(path, quality=50)
+    script = (
+        "import json, resource, sys; from cvt.data import load_image, load_input\n"
+        "cfg = dict(input_size=(3, 224, 224), interpolation='bicubic', crop_pct=0.875, "
+        "mean=(0.5,) * 3, std=(0.5,) * 3)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "x = load_input(sys.argv[1], cfg)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "size = load_image(sys.argv[1], min_side=256).size\n"
+        "print(json.dumps([list(x.shape), list(size), (after - before) // 1024]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, check=True)
+    shape, decoded, grown_mb = json.loads(run.stdout)
+    assert shape == [1, 3, 224, 224]
+    assert decoded == [313, 313]  # DCT scale 1/8 (1250 px), then a 4x box reduce: shorter side >= 256
+    assert grown_mb < 100, run.stdout  # a full RGB decode alone would be 300 MB
