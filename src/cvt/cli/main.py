@@ -17,7 +17,7 @@ from cvt import __version__
 from cvt.errors import CvtError
 
 # subcommand modules under cvt.cli, in the order `cvt --help` lists them
-COMMAND_MODULES: tuple[str, ...] = ("models", "ablate", "evaluate", "predict", "export")
+COMMAND_MODULES: tuple[str, ...] = ("models", "train", "ablate", "evaluate", "predict", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

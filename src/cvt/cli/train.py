@@ -1,0 +1,72 @@
+"""``cvt train``: one flag per :class:`~cvt.engine.config.TrainConfig` option, then the training loop.
+
+Flags are generated from the dataclass, so a YAML key and its flag always share a name
+(``batch_size`` ↔ ``--batch-size``) and help text. Flags that are not given do not override the
+YAML recipe (``--config``), which does not override what a resumed checkpoint recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import yaml
+
+from cvt.engine.config import FIELDS, field_help, field_type
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML (``0.1`` → float, ``[1,2,10]`` → list, ``avg`` → str)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per training option (absent flags stay out of the namespace)."""
+    parser.add_argument("--config", help="YAML recipe: a file, or a shipped name such as cvt13_in1k")
+    for name in FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = field_type(name)
+        common: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=field_help(name))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind is dict:
+            parser.add_argument(flag, nargs="+", type=_key_value, metavar="KEY=VALUE", **common)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", type=float if name == "scale" else int, **common)
+        else:
+            parser.add_argument(flag, type=kind, metavar=name.upper(), **common)
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, as ``TrainConfig`` keys and values."""
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    if "model_args" in flags:
+        flags["model_args"] = dict(flags["model_args"])
+    return flags
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand."""
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a CvT (default: cvt_tiny on the bundled digits, no download)",
+        description="Train a CvT. Options come from the defaults, then --config, then these flags; "
+        "the run folder (runs/<name>) gets config.yaml, metrics.csv, TensorBoard events, curves.png, "
+        "last.pt, best.pt and summary.json. Under torchrun every process runs this command.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cvt.engine.trainer import resolve_run, train
+
+    cfg, checkpoint = resolve_run(args.config, flags_from_args(args))
+    train(cfg, checkpoint)
+    return 0

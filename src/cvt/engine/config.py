@@ -1,0 +1,238 @@
+"""``TrainConfig``: every option of ``cvt train`` as plain data, and how YAML files and flags fill it.
+
+Precedence, lowest first: the dataclass defaults → a YAML recipe (``--config FILE`` or the name of a
+recipe shipped in ``cvt/configs``) → command-line flags. YAML keys and flags share their names
+(``batch_size`` ↔ ``--batch-size``). Unknown keys and values of the wrong type raise
+:class:`~cvt.errors.UsageError` naming the key, with a close match when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cvt.errors import UsageError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "multistep", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _opt(default: Any, why: str) -> Any:
+    """A dataclass field whose ``why`` is both the reason for its default and its ``--help`` text."""
+    return field(default=default, metadata={"help": why})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; the run folder's ``config.yaml`` is this, fully resolved."""
+
+    # ---- what to train
+    model: str = _opt("cvt_tiny", "variant name (cvt list); cvt_tiny trains on a 2-core CPU in minutes")
+    model_args: dict = field(
+        default_factory=dict, metadata={"help": "model overrides KEY=VALUE, e.g. method=avg drop_path_rate=0"}
+    )
+    pretrained: bool = _opt(False, "start from the published weights of an arch.tag name")
+    finetune: str = _opt("", "checkpoint to start from; a head of another class count is re-initialised")
+    num_classes: int | None = _opt(None, "classifier outputs; default: the data set's class count")
+    img_size: int | None = _opt(None, "training resolution; default: the variant's (32 for cvt_tiny)")
+    # ---- data
+    dataset: str = _opt("digits", "digits (bundled, no download) | cifar10 | cifar100 | imagefolder")
+    data_dir: str = _opt("data", "root of the data set (cifar-10-batches-py, or train/ and val/)")
+    download: bool = _opt(False, "allow torchvision to download CIFAR into --data-dir")
+    skip_bad_images: bool = _opt(False, "skip unreadable ImageFolder files instead of stopping")
+    workers: int = _opt(0, "data loader processes; 0 loads in the training process (exact resume)")
+    train_subset: int | None = _opt(None, "train on N images of a fixed random subset (quick checks)")
+    # ---- augmentation and regularisation (timm)
+    auto_augment: str | None = _opt(None, "timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    re_prob: float = _opt(0.0, "random-erasing probability")
+    hflip: float = _opt(0.0, "horizontal-flip probability (0 for digits: a flipped 2 is no digit)")
+    random_crop: bool = _opt(False, "random crop: pad-and-crop at <= 64 px, RandomResizedCrop above")
+    scale: list = field(
+        default_factory=lambda: [0.08, 1.0],
+        metadata={"help": "RandomResizedCrop area range (inputs > 64 px)"},
+    )
+    color_jitter: float | None = _opt(None, "colour-jitter strength")
+    mixup: float = _opt(0.0, "mixup alpha (soft-target loss when > 0)")
+    cutmix: float = _opt(0.0, "cutmix alpha (soft-target loss when > 0)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy (or of mixup targets)")
+    # ---- optimisation
+    epochs: int = _opt(30, "passes over the training set")
+    batch_size: int = _opt(64, "images per process and step (global batch = batch_size x processes)")
+    eval_batch_size: int | None = _opt(None, "validation batch; default: 2 x batch_size")
+    optimizer: str = _opt("adamw", "adamw (the paper's) | sgd (the seed's)")
+    lr: float = _opt(2e-3, "peak learning rate, for a global batch of lr_base_batch if that is set")
+    lr_base_batch: int | None = _opt(None, "scale lr by global_batch / lr_base_batch (official recipes)")
+    weight_decay: float = _opt(0.05, "decoupled (adamw) or L2 (sgd); never on biases, norms, tokens")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "Nesterov momentum for SGD")
+    sched: str = _opt("cosine", "per-step lr schedule: cosine | step | multistep | constant")
+    warmup_epochs: float = _opt(2.0, "linear warm-up from warmup_lr (per step)")
+    warmup_lr: float = _opt(1e-5, "learning rate at step 0 of the warm-up")
+    min_lr: float = _opt(1e-5, "floor of the cosine schedule")
+    decay_epochs: float = _opt(30.0, "step schedule: decay every this many epochs")
+    decay_milestones: list = field(
+        default_factory=lambda: [30, 60, 90],
+        metadata={"help": "multistep schedule: epochs at which lr decays"},
+    )
+    decay_rate: float = _opt(0.1, "step/multistep: lr factor at each decay")
+    clip_grad: float | None = _opt(None, "clip the global gradient norm to this value")
+    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3)")
+    ema_decay: float = _opt(0.9998, "EMA decay per optimizer step")
+    amp: str = _opt("none", "autocast dtype: none | bf16 (CPU and GPU) | fp16 (GPU, with a grad scaler)")
+    compile: bool = _opt(False, "torch.compile the model")
+    grad_checkpointing: bool = _opt(False, "recompute block activations in backward (saves memory)")
+    sync_bn: bool = _opt(False, "synchronise BatchNorm statistics across GPUs (torchrun)")
+    skip_nonfinite: bool = _opt(False, "skip steps with a NaN/Inf loss instead of stopping the run")
+    # ---- run bookkeeping
+    name: str = _opt("", "run name; default: <model>-<dataset>")
+    output: str = _opt("", "run folder; default: runs/<name>")
+    overwrite: bool = _opt(False, "replace the run files of an existing run folder")
+    resume: str = _opt("", "continue from a last.pt, or 'auto' for <output>/last.pt when it exists")
+    save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (exact mid-epoch resume)")
+    seed: int = _opt(0, "seeds the weights, data order, augmentation and dropout")
+    deterministic: bool = _opt(False, "deterministic algorithms only (bit-exact reruns and resumes on CPU)")
+    device: str = _opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+
+    @property
+    def run_name(self) -> str:
+        """The run's name: ``name`` or ``<model>-<dataset>``."""
+        return self.name or f"{self.model}-{self.dataset}"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: ``output`` or ``runs/<run_name>``."""
+        return Path(self.output) if self.output else Path("runs") / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy (YAML- and ``torch.load(weights_only=True)``-safe)."""
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+
+def field_help(name: str) -> str:
+    """The ``--help`` text of an option."""
+    return FIELDS[name].metadata["help"]
+
+
+def field_type(name: str) -> Any:
+    """The base type of an option with ``None`` stripped (``int | None`` → ``int``)."""
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _check_value(key: str, value: Any) -> Any:
+    """Return ``value`` converted to the option's type, or raise a UsageError naming the option."""
+    hint = _HINTS[key]
+    if value is None and isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):
+        return None
+    want = field_type(key)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is list and isinstance(value, tuple):
+        return list(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise UsageError(
+            f"option {key!r} must be of type {want.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
+    """A copy of ``cfg`` with ``overrides`` applied; unknown keys and wrong types raise UsageError."""
+    unknown = [k for k in overrides if k not in FIELDS]
+    if unknown:
+        named = ", ".join(f"{k!r}{_suggest(k)}" for k in unknown)
+        raise UsageError(f"unknown option(s) in {source}: {named}")
+    return dataclasses.replace(cfg, **{k: _check_value(k, v) for k, v in overrides.items()})
+
+
+def recipe_names() -> list[str]:
+    """Names of the YAML recipes shipped with the package (``cvt train --config NAME``)."""
+    root = resources.files("cvt") / "configs"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path_or_name: str) -> dict[str, Any]:
+    """The options of a YAML file, or of a shipped recipe given by name (``cvt13_in1k``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        recipe = resources.files("cvt") / "configs" / f"{path.name.removesuffix('.yaml')}.yaml"
+        if not recipe.is_file():
+            raise UsageError(
+                f"config {path_or_name!r} is neither a file nor a shipped recipe; recipes: "
+                f"{', '.join(recipe_names())}"
+            )
+        text = recipe.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UsageError(f"config {path_or_name!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"config {path_or_name!r} must be a mapping of option: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise UsageError for values no run can use (zero epochs, a negative lr, an unknown optimizer)."""
+    positive = ("epochs", "batch_size", "lr", "accum_steps", "ema_decay")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise UsageError(f"option {key!r} must be > 0, got {getattr(cfg, key)}")
+    for key in ("eval_batch_size", "lr_base_batch", "img_size", "num_classes", "clip_grad", "train_subset"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise UsageError(f"option {key!r} must be > 0 when given, got {value}")
+    for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "workers", "save_every_steps",
+                "mixup", "cutmix", "momentum"):  # fmt: skip
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"option {key!r} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("hflip", "re_prob"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise UsageError(f"option {key!r} is a probability in [0, 1], got {getattr(cfg, key)}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UsageError(f"option 'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
+    choices = {"optimizer": OPTIMIZERS, "sched": SCHEDULES, "amp": AMP_MODES}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UsageError(f"option {key!r} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
+        raise UsageError(f"option 'scale' must be two numbers 0 < lo <= hi <= 1, got {cfg.scale}")
+    if cfg.overwrite and cfg.resume:
+        raise UsageError("options 'overwrite' and 'resume' conflict: choose one")
+    return cfg
+
+
+def resolve_config(
+    yaml_source: str | None, flags: dict[str, Any], base: TrainConfig | None = None
+) -> TrainConfig:
+    """Defaults (or ``base``) ← the YAML file ``yaml_source`` ← ``flags``, validated."""
+    cfg = base or TrainConfig()
+    if yaml_source:
+        cfg = apply_overrides(cfg, read_yaml(yaml_source), f"config {yaml_source!r}")
+    return validate(apply_overrides(cfg, flags, "the command line"))

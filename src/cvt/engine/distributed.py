@@ -1,0 +1,88 @@
+"""Process-group set-up for ``torchrun``: one process per device, rank 0 writes every file.
+
+``torchrun --nproc_per_node N -m cvt train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+without them training runs in one process. NCCL is used on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cvt.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank among ``world_size`` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there is a process group (more than one process)."""
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → ``cuda:<local_rank>`` when a GPU is available, else ``cpu``; other names as given."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Join the ``torchrun`` process group when launched by it; a single-process env otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """Leave the process group (if this module joined one)."""
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(env: DistEnv, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: all ranks must call it)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(env: DistEnv, values: list[float]) -> list[float]:
+    """Element-wise mean of ``values`` over the ranks (identity in one process)."""
+    if not env.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return (t / env.world_size).tolist()

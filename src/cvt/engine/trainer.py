@@ -1,0 +1,453 @@
+"""The training loop of ``cvt train``, readable top to bottom.
+
+:func:`resolve_run` turns a YAML file and flags into a :class:`TrainConfig` (based on the checkpoint's
+config when resuming); :func:`train` then builds data, model, optimizer and schedule, and runs one
+explicit loop: autocast → loss → finite check → backward (accumulated) → unscale → clip → step →
+lr per step → EMA, with validation, checkpoints and logs at the end of every epoch.
+
+Exact resume: a checkpoint stores the model, optimizer, scheduler, grad scaler, EMA, the position
+in the epoch and every RNG state. The data order of an epoch depends only on ``(seed, epoch)``
+(:class:`~cvt.engine.sampler.ResumableSampler`), so a run restarted from ``last.pt`` — even one
+written mid-epoch by ``--save-every-steps`` — continues with the very batches, augmentations and
+dropout masks of the uninterrupted run (bit-exact on CPU with ``--deterministic`` and ``workers 0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from cvt.engine.config import TrainConfig, resolve_config
+from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, shutdown_distributed
+from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
+from cvt.engine.rundir import (
+    TensorBoardLog,
+    check_run_dir,
+    plot_curves,
+    prepare_run_dir,
+    write_config,
+    write_metrics,
+    write_summary,
+)
+from cvt.engine.sampler import ResumableSampler
+from cvt.engine.state import atomic_torch_save, capture_rng, load_train_checkpoint, restore_rng
+from cvt.errors import CvtError, UsageError
+
+
+class NonFiniteLossError(CvtError):
+    """The loss became NaN or infinite (the run stops unless ``--skip-nonfinite``)."""
+
+
+def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's config and, when resuming, its checkpoint.
+
+    Without ``resume``: defaults ← YAML ← flags. With ``resume PATH`` (or ``auto`` and an existing
+    ``<run>/last.pt``): the checkpoint's config ← YAML ← flags, so ``--epochs`` can extend a run.
+    """
+    cfg = resolve_config(yaml_source, flags)
+    if not cfg.resume:
+        return cfg, None
+    path = cfg.run_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not path.is_file():
+        return cfg, None  # nothing to resume yet: a fresh run in the same folder
+    ckpt = load_train_checkpoint(path)
+    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    base = resolve_config(None, saved)
+    # the run continues in the checkpoint's folder unless --output says otherwise
+    run_flags = {"output": flags.get("output") or str(path.parent), **flags, "resume": cfg.resume}
+    return resolve_config(yaml_source, run_flags, base=base), ckpt
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 (CPU/GPU) or fp16 (GPU) autocast, or nothing."""
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The variant with the data set's class count, optionally started from ``finetune`` weights."""
+    from cvt.models import create_model
+
+    overrides = dict(cfg.model_args)
+    if cfg.img_size is not None:
+        overrides["img_size"] = cfg.img_size
+    model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **overrides)
+    if cfg.finetune:
+        _load_finetune(model, cfg.finetune)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _load_finetune(model: nn.Module, path: str) -> None:
+    """Load every weight of ``path`` into ``model``; a head of another class count stays fresh and
+    position embeddings learned at another resolution are resized (bicubic)."""
+    from timm.layers import resample_abs_pos_embed
+
+    from cvt.checkpoint.load import convert_state_dict, load_checkpoint
+    from cvt.checkpoint.read import read_state_dict
+
+    raw, _, _ = read_state_dict(path)
+    sd = convert_state_dict(raw, model)
+    own = model.state_dict()
+    head_differs = "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape
+    for i, stage in enumerate(model.stages):
+        key = f"stage{i}.pos_embed"
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            side = math.isqrt(sd[key].shape[1])  # checkpoints of square grids (1, H*W, C)
+            sd[key] = resample_abs_pos_embed(sd[key], list(stage.pos_grid), [side, side], num_prefix_tokens=0)
+    load_checkpoint(model, sd, strict=True, ignore_head=head_differs)
+
+
+def _checkpoint(
+    model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: Any, cfg: TrainConfig,
+    progress: dict[str, Any], classes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """Everything a resumed run needs, as tensors and plain containers (``weights_only``-loadable)."""
+    config = cfg.to_dict()
+    config.update(num_classes=model.num_classes, img_size=model.img_size[0])  # resolved values
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "ema": ema.module.state_dict() if ema is not None else {},
+        "rng": capture_rng(),
+        "config": config,
+        "classes": list(classes),
+        **progress,  # epoch, batches_done, step, history, best_top1, epoch sums, train_seconds
+    }
+
+
+class _InterruptFlag:
+    """Turns Ctrl-C (SIGINT) into a flag the loop checks between steps, so it can save and stop."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _InterruptFlag:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:  # a second Ctrl-C stops at once, without saving
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _progress_bar(total: int, epoch: int, epochs: int, env: DistEnv) -> Any:
+    """A tqdm bar per epoch on rank 0 in a terminal; silent in CI, pipes and other ranks."""
+    from tqdm import tqdm
+
+    quiet = not env.is_main or not sys.stderr.isatty() or bool(os.environ.get("CI"))
+    return tqdm(
+        total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=quiet, leave=False, dynamic_ncols=True
+    )
+
+
+def _epoch_batches(loader: DataLoader, rng_state: dict[str, Any] | None) -> Iterator[Any]:
+    """Iterate ``loader``, restoring ``rng_state`` after its iterator exists (resume: the iterator's
+    own set-up must not shift the generators of the interrupted run)."""
+    iterator = iter(loader)
+    if rng_state is not None:
+        restore_rng(rng_state)
+    yield from iterator
+
+
+def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a training described by ``cfg`` (continuing ``resume``, a loaded ``last.pt``); returns the summary.
+
+    Raises :class:`~cvt.errors.UsageError` for options that cannot work together, data errors from
+    :mod:`cvt.data`, :class:`NonFiniteLossError` on a NaN/Inf loss, and ``KeyboardInterrupt``
+    after saving ``last.pt`` when interrupted with Ctrl-C.
+    """
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+
+    from cvt.data import (
+        AugmentConfig,
+        build_dataset,
+        build_loader,
+        build_mixup,
+        build_transform,
+        resolve_data_config,
+    )
+    from cvt.engine.evaluate import evaluate
+
+    env = init_distributed(cfg.device)
+    device = env.device
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise UsageError("amp fp16 needs a CUDA GPU (its grad scaler is GPU-only); use --amp bf16 on CPU")
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("sync_bn needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); drop --sync-bn on CPU")
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume))  # every rank, before anyone writes
+    if env.distributed:
+        torch.distributed.barrier()
+    if env.is_main:
+        prepare_run_dir(run_dir, cfg.overwrite)
+    _set_deterministic(cfg.deterministic)
+    _seed_everything(cfg.seed)  # same initial weights on every rank
+
+    # ---- data: datasets first (their class count sizes the head), transforms from the model
+    aug = AugmentConfig(
+        auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, hflip=cfg.hflip, random_crop=cfg.random_crop,
+        scale=tuple(cfg.scale), color_jitter=cfg.color_jitter, mixup=cfg.mixup, cutmix=cfg.cutmix,
+        label_smoothing=cfg.label_smoothing,
+    )  # fmt: skip
+    train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", download=cfg.download and env.is_main,
+                              skip_bad_images=cfg.skip_bad_images)  # fmt: skip
+    val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", skip_bad_images=cfg.skip_bad_images)
+    classes = list(train_set.classes)
+    num_classes = cfg.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise UsageError(f"num_classes {num_classes} is smaller than the data set's {len(classes)} classes")
+
+    # ---- model, EMA, wrappers (the raw `model` is what checkpoints and evaluation see)
+    model = _build_model(cfg, num_classes)
+    data_cfg = resolve_data_config(model, cfg.dataset)
+    train_set.transform = build_transform(data_cfg, train=True, aug=aug)
+    val_set.transform = build_transform(data_cfg, train=False)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_set):
+        keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
+        train_set = Subset(train_set, keep[: cfg.train_subset].tolist())
+    if cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    train_model: nn.Module = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = train_model  # for no_sync(), which a compiled wrapper does not expose
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    # ---- sampler, optimizer, schedule, loss
+    sampler = ResumableSampler(
+        len(train_set), cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.accum_steps
+    )
+    if sampler.batches_per_epoch == 0:
+        raise UsageError(
+            f"batch size {cfg.batch_size} x {env.world_size} process(es) x {cfg.accum_steps} accumulation "
+            f"step(s) is larger than the training set ({len(train_set)} images): no full step per epoch"
+        )
+    steps_per_epoch = sampler.batches_per_epoch // cfg.accum_steps
+    global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
+    lr = effective_lr(cfg, global_batch)
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    mixup = build_mixup(aug, num_classes)
+    if mixup is not None and cfg.batch_size % 2:
+        raise UsageError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
+    if mixup is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()  # mixup's targets are smoothed one-hot vectors
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val_loader = build_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, train=False,
+                              num_workers=cfg.workers)  # fmt: skip
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    # ---- where we are: fresh, or restored from a checkpoint
+    progress: dict[str, Any] = dict(
+        epoch=0, batches_done=0, step=0, history=[], best_top1=-1.0, epoch_loss_sum=0.0, epoch_samples=0,
+        train_seconds=0.0, skipped_steps=0,
+    )  # fmt: skip
+    pending_rng: dict[str, Any] | None = None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        if ema is not None and resume["ema"]:
+            ema.module.load_state_dict(resume["ema"])
+        progress.update({k: resume[k] for k in progress if k in resume})
+        scheduler.step_update(progress["step"])
+        if env.is_main:
+            pending_rng = resume["rng"]
+        else:  # only rank 0's generators were saved: the others get a fresh stream per restart
+            _seed_everything(cfg.seed + env.rank + 7919 * progress["step"])
+    else:
+        _seed_everything(cfg.seed + env.rank)  # per-rank augmentation and dropout streams
+    if env.is_main:
+        write_config(run_dir, {**cfg.to_dict(), "num_classes": num_classes, "img_size": model.img_size[0]})
+        tb = TensorBoardLog(run_dir, purge_step=progress["step"] if resume else None)
+        print(
+            f"training {cfg.model} on {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
+            f"{num_classes} classes) for {cfg.epochs} epochs: global batch {global_batch}, lr {lr:g}, "
+            f"{env.world_size} process(es) on {device.type} → {run_dir}",
+            flush=True,
+        )
+
+    def save(name: str) -> None:
+        atomic_torch_save(_checkpoint(model, optimizer, scheduler, scaler, ema, cfg, progress, classes),
+                          run_dir / name)  # fmt: skip
+
+    session_start = time.perf_counter()
+    seconds_before = progress["train_seconds"]
+    with _InterruptFlag() as interrupt:
+        for epoch in range(progress["epoch"], cfg.epochs):
+            epoch_start = time.perf_counter()
+            sampler.set_position(epoch, progress["batches_done"])
+            loader = DataLoader(
+                train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                drop_last=True, pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # worker seeds
+            )  # fmt: skip
+            train_model.train()
+            bar = _progress_bar(len(loader), epoch, cfg.epochs, env)
+            window_bad = False  # a non-finite loss in this accumulation window (--skip-nonfinite)
+            seen = 0
+            for images, targets in _epoch_batches(loader, pending_rng):
+                pending_rng = None
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                n = targets.shape[0]
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                batch_idx = progress["batches_done"]
+                boundary = (batch_idx + 1) % cfg.accum_steps == 0
+                # DDP: all-reduce gradients only on the last micro-batch of the window
+                sync = boundary or not env.distributed
+                with ddp.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, device):
+                    logits = train_model(images)
+                    loss = criterion(logits.float(), targets)
+                    finite = bool(torch.isfinite(loss))
+                    if any_rank(env, not finite):  # every rank decides together
+                        if not cfg.skip_nonfinite:
+                            raise NonFiniteLossError(
+                                f"non-finite loss ({loss.item()}) at step {progress['step']} "
+                                f"(epoch {epoch + 1}, batch {batch_idx}); lower --lr, set --clip-grad, "
+                                f"or pass --skip-nonfinite"
+                            )
+                        window_bad = True
+                    else:
+                        scaled = loss / cfg.accum_steps
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                progress["batches_done"] += 1
+                if finite:
+                    progress["epoch_loss_sum"] += loss.item() * n
+                    progress["epoch_samples"] += n
+                seen += n
+                if boundary:
+                    if window_bad:
+                        progress["skipped_steps"] += 1
+                        if env.is_main:
+                            print(f"skipped step {progress['step']}: non-finite loss", file=sys.stderr)
+                    else:
+                        if scaler is not None:
+                            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                        if cfg.clip_grad:
+                            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                        if scaler is not None:
+                            scaler.step(optimizer)  # skips the update if fp16 gradients overflowed
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                        if ema is not None:
+                            ema.update(model, step=progress["step"])
+                    optimizer.zero_grad(set_to_none=True)
+                    window_bad = False
+                    progress["step"] += 1
+                    scheduler.step_update(progress["step"])  # the lr of the next step
+                    if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0 and env.is_main:
+                        save("last.pt")
+                    if any_rank(env, interrupt.raised):
+                        if env.is_main:
+                            progress["train_seconds"] = seconds_before + time.perf_counter() - session_start
+                            save("last.pt")
+                            print(f"interrupted: saved {run_dir / 'last.pt'} at step {progress['step']}; "
+                                  f"continue with --resume auto", file=sys.stderr, flush=True)  # fmt: skip
+                        raise KeyboardInterrupt
+                bar.update(1)
+                if bar.n % 10 == 0 or bar.n == bar.total:
+                    rate = seen * env.world_size / max(time.perf_counter() - epoch_start, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{rate:.0f}")  # fmt: skip
+            bar.close()
+
+            # ---- end of epoch: validation, checkpoints, logs
+            loss_sum, samples = mean_over_ranks(env, [progress["epoch_loss_sum"], progress["epoch_samples"]])
+            train_loss = loss_sum / samples if samples else float("nan")
+            result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, num_classes=num_classes)
+            row = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=result.loss, top1=result.top1,
+                       top5=result.top5, lr=optimizer.param_groups[0]["lr"],
+                       time=time.perf_counter() - epoch_start)  # fmt: skip
+            if ema is not None:
+                row["ema_top1"] = evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype).top1
+            progress["history"].append(row)
+            progress.update(epoch=epoch + 1, batches_done=0, epoch_loss_sum=0.0, epoch_samples=0)
+            progress["train_seconds"] = seconds_before + time.perf_counter() - session_start
+            is_best = result.top1 > progress["best_top1"]
+            if is_best:
+                progress["best_top1"] = result.top1
+            if env.is_main:
+                if is_best:
+                    save("best.pt")
+                save("last.pt")
+                write_metrics(run_dir, progress["history"])
+                plot_curves(run_dir, progress["history"])
+                tb.log({f"train/{k}" if k in ("train_loss", "lr") else f"val/{k}": v
+                        for k, v in row.items() if k not in ("epoch", "time")}, progress["step"])  # fmt: skip
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  "
+                    f"val_loss {result.loss:.4f}  top1 {result.top1:.2f}  top5 {result.top5:.2f}  "
+                    f"lr {row['lr']:.2e}  {row['time']:.1f}s",
+                    flush=True,
+                )
+
+    history = progress["history"]
+    best_epoch = max(history, key=lambda r: r["top1"])["epoch"] if history else 0
+    summary = {
+        "best_top1": progress["best_top1"],
+        "best_epoch": best_epoch,
+        "final_top1": history[-1]["top1"] if history else float("nan"),
+        "final_top5": history[-1]["top5"] if history else float("nan"),
+        "epochs": cfg.epochs,
+        "steps": progress["step"],
+        "skipped_steps": progress["skipped_steps"],
+        "train_seconds": round(progress["train_seconds"], 2),
+        "run_dir": str(run_dir),
+    }
+    if env.is_main:
+        write_summary(run_dir, summary)
+        tb.close()
+        print(
+            f"done: top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
+            f"{best_epoch}) in {summary['train_seconds']:.0f} s → {run_dir}",
+            flush=True,
+        )
+    shutdown_distributed(env)
+    return summary
