@@ -189,6 +189,17 @@ def test_pretrained_true_downloads_and_converts(tmp_path: Path, monkeypatch: pyt
     assert model.pretrained_cfg["hf_hub_id"] == "microsoft/cvt-13" and model.act == "quick_gelu"
 
 
+def test_pretrained_weights_that_do_not_fit_name_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import timm.models._hub as timm_hub
+
+    save_file(native_to_hf(create_model("cvt_tiny").state_dict()), str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(timm_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(tmp_path / filename))
+    with pytest.raises(CheckpointError, match=r"pretrained weights does not fit.*it matches cvt_tiny"):
+        create_model("cvt_13", pretrained=True)
+
+
 def test_pretrained_offline_fails_fast_with_checkpoint_path_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

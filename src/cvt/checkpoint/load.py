@@ -35,19 +35,17 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: CvT) -> di
 
     Hugging Face keys are renamed; official and native keys pass as they are. BatchNorm
     ``num_batches_tracked`` counters that the model has and the checkpoint lacks are filled with 0
-    (a step counter, not a weight: some exports drop it). Also timm's ``pretrained_filter_fn``.
+    (a step counter, not a weight: some exports drop it).
     """
     sd, _ = unwrap_state_dict(state_dict)
     if detect_format(sd) == FORMAT_HF:
         sd = hf_to_native(sd)
     for key, buf in model.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in sd:
+        # only beside the BatchNorm's other statistics: a missing layer must stay missing
+        stats = key.removesuffix("num_batches_tracked") + "running_mean"
+        if key.endswith("num_batches_tracked") and key not in sd and stats in sd:
             sd[key] = torch.zeros_like(buf, device="cpu")
     return sd
-
-
-# timm's name for the same function (``build_model_with_cfg(..., pretrained_filter_fn=...)``)
-checkpoint_filter_fn = convert_state_dict
 
 
 @dataclass
@@ -157,6 +155,18 @@ def mismatch_message(
     if any(k.endswith("pos_embed") for k in report.mismatched):
         text += ". Position embeddings differ in size: build the model with the checkpoint's img_size"
     return text
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn``: :func:`convert_state_dict`, then a check of everything but the
+    head (timm itself replaces a head of another class count), so that published weights that do
+    not fit fail with a CheckpointError naming the keys rather than a RuntimeError inside timm."""
+    sd = convert_state_dict(state_dict, model)
+    report = check_fit({k: v for k, v in sd.items() if k not in HEAD_KEYS}, model)
+    report.missing = [k for k in report.missing if k not in HEAD_KEYS]
+    if not report.ok:
+        raise CheckpointError(mismatch_message(report, sd, model, "pretrained weights"))
+    return sd
 
 
 @dataclass(frozen=True)
