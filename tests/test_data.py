@@ -367,3 +367,17 @@ def test_build_dataset_rejects_unknown_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_dataset("digits", None, "val")
+
+
+def test_published_variants_resolve_to_the_official_preprocessing():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from cvt import create_model
+
+    with torch.device("meta"):  # shapes only
+        at_224, at_384 = create_model("cvt_13"), create_model("cvt_21.msft_in22k_ft_in1k_384")
+    cfg = resolve_data_config(at_224)
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]) == ((3, 224, 224), 0.875, "bicubic")
+    assert (cfg["mean"], cfg["std"]) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert resolve_data_config(at_384)["input_size"] == (3, 384, 384)
+    assert resolve_data_config(at_384)["crop_pct"] == 1.0

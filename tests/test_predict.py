@@ -156,3 +156,37 @@ def test_huge_jpeg_is_decoded_small(tmp_path):
     assert shape == [1, 3, 224, 224]
     assert decoded == [313, 313]  # DCT scale 1/8 (1250 px), then a 4x box reduce: shorter side >= 256
     assert grown_mb < 100, run.stdout  # a full RGB decode alone would be 300 MB
+
+
+def test_model_sources_official_state_dict_and_native_file(tmp_path, checkpoint, capsys):
+    from cvt import create_model
+    from cvt.checkpoint import save_checkpoint
+
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "x.png")
+    model = create_model("cvt_tiny", num_classes=10)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    # an official-style bare state dict needs --model: it does not describe its architecture
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    args = ["predict", str(tmp_path / "x.png"), "--json", "--top-k=1", "--checkpoint"]
+    assert main([*args, str(tmp_path / "bare.pth")]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "bare.pth"), "--model", "cvt_tiny"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0] == {
+        "index": 3, "label": "3", "prob": pytest.approx(0.99932, abs=1e-5)
+    }  # fmt: skip
+    # this project's safetensors file rebuilds the model alone
+    save_checkpoint(model, tmp_path / "tiny.safetensors", variant="cvt_tiny")
+    assert main([*args, str(tmp_path / "tiny.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["index"] == 3
+
+
+def test_model_source_conflicting_options(tmp_path, checkpoint, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    image = str(tmp_path / "x.png")
+    assert main(["predict", image, "--checkpoint", str(checkpoint), "--pretrained", "--model", "cvt_13"]) == 2
+    assert "--pretrained and --checkpoint exclude each other" in capsys.readouterr().err
+    assert main(["predict", image, "--model", "cvt_tiny"]) == 2
+    assert "give --checkpoint PATH, or --model NAME --pretrained" in capsys.readouterr().err
+    torch.save(torch.load(checkpoint, weights_only=True)["model"], tmp_path / "bare.pth")
+    assert main(["predict", image, "--checkpoint", str(tmp_path / "bare.pth"), "--ema"]) == 2
+    assert "--ema needs a training checkpoint" in capsys.readouterr().err
