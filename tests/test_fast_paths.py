@@ -1,0 +1,188 @@
+"""Every fast path of the model hot path equals the plain reference computation (issue 4).
+
+Tiny 2-stage models with each projection method (dw_bn, avg, linear), with and without a cls token,
+on a non-square input; BatchNorm statistics are randomised so that folding them is not a no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from cvt.models import CvT, expand_stages
+from cvt.models.layers import FAST_PATH_FLAGS, ConvProjection, QuickGeluMlp, set_fast_paths
+
+METHODS = ("dw_bn", "avg", "linear")
+INPUT_HW = (40, 56)  # non-square: grids 10x14 then 5x7, stride-2 kv 3x4
+
+
+def tiny_model(method: str, cls: bool, act: str = "quick_gelu", seed: int = 0) -> CvT:
+    """A 2-stage CvT with unit-scale random weights and random BatchNorm statistics."""
+    torch.manual_seed(seed)
+    stages = expand_stages(
+        2, embed_dim=(16, 32), depth=(1, 2), num_heads=(1, 2), patch_size=(7, 3), patch_stride=(4, 2),
+        patch_padding=(2, 1), cls_token=(False, cls), method=method, stride_kv=2,
+    )  # fmt: skip
+    model = CvT(stages, num_classes=7, img_size=INPUT_HW, act=act)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):  # unit-scale activations: logits of order 1, not 0.02
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
+            nn.init.normal_(m.bias, std=0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1, 0.2)
+            m.bias.data.normal_(0, 0.2)
+    return model
+
+
+def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, *INPUT_HW, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(model: CvT, x: torch.Tensor) -> torch.Tensor:
+    ref = set_fast_paths(copy.deepcopy(model), False)
+    with torch.no_grad():
+        return ref(x)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_each_fast_path_equals_reference_in_eval(method: str, cls: bool) -> None:
+    model = tiny_model(method, cls).eval()
+    x = images()
+    expected = reference_logits(model, x)
+    assert expected.std() > 0.1  # a non-trivial function
+    variants = [{}] + [{flag: False} for flag in FAST_PATH_FLAGS]  # all fast, then each one off
+    for flags in variants:
+        set_fast_paths(model, True, **flags)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5, msg=f"flags {flags}")
+    # single fast paths on their own
+    for flag in FAST_PATH_FLAGS:
+        set_fast_paths(model, False, **{flag: True})
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5, msg=f"only {flag}")
+
+
+def test_folded_batchnorm_equals_conv_then_bn() -> None:
+    proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).eval()
+    proj.bn.running_mean.normal_()
+    proj.bn.running_var.uniform_(0.2, 3.0)
+    nn.init.normal_(proj.bn.weight)
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        folded = proj(x)
+        plain = proj.bn(proj.conv(x)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str) -> None:
+    fast = tiny_model(method, cls=True).train()
+    ref = set_fast_paths(copy.deepcopy(fast), False)
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    for model in (fast, ref):
+        nn.functional.cross_entropy(model(x), target).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in fast.named_buffers():  # BatchNorm running statistics updated the same way
+        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_and_eval_agree_when_batchnorm_uses_its_running_statistics() -> None:
+    """Training mode with BN set to eval equals the eval model: dropout is off, only BN differs."""
+    model = tiny_model("dw_bn", cls=True)
+    x = images()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(x)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    torch.testing.assert_close(model(x).detach(), evaluated, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "avg"])
+def test_channels_last_input_gives_the_same_logits(method: str) -> None:
+    model = tiny_model(method, cls=False).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x.contiguous(memory_format=torch.channels_last)), model(x), rtol=0, atol=1e-5
+        )
+
+
+def test_gelu_model_keeps_timm_mlp_and_matches_reference() -> None:
+    model = tiny_model("dw_bn", cls=True, act="gelu").eval()
+    assert not any(isinstance(m, QuickGeluMlp) for m in model.modules())
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
+    model = tiny_model("avg", cls=True).eval()
+    mlp = model.stage1.blocks[0].mlp
+    x = images()
+    with torch.no_grad():
+        model(x)
+        cached = mlp._scaled._value
+        model(x)
+        assert mlp._scaled._value is cached  # no recomputation while nothing changed
+
+    # in-place update (an optimizer step)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+        assert mlp._scaled._value is not cached
+
+    # load_state_dict (copies into the same tensors) and a BatchNorm buffer changed in place
+    other = tiny_model("avg", cls=True, seed=5)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(other.eval(), x), rtol=0, atol=1e-5)
+    dw_model = tiny_model("dw_bn", cls=False).eval()
+    with torch.no_grad():
+        dw_model(x)
+        dw_model.stage0.blocks[0].attn.conv_proj_k.bn.running_mean.add_(0.7)
+        torch.testing.assert_close(dw_model(x), reference_logits(dw_model, x), rtol=0, atol=1e-5)
+
+
+def test_models_with_warm_caches_copy_and_pickle() -> None:
+    model = tiny_model("linear", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+
+
+def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32() -> None:
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x)
+            q = torch.randn(1, 2, 5, 8)
+            probs = model.stage1.blocks[0].attn.attention_probs(q.bfloat16(), q.bfloat16())
+    assert probs.dtype == torch.float32
+    rel = (bf16.float() - fp32).norm() / fp32.norm()
+    assert rel < 0.02, f"bf16 logits differ from fp32 by {rel:.3%}"
+
+
+def test_set_fast_paths_rejects_unknown_flags() -> None:
+    with pytest.raises(ValueError, match="fold_nothing"):
+        set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)
