@@ -135,6 +135,20 @@ def test_export_round_trip(tmp_path: Path) -> None:
         export_hf(ours, out)
 
 
+def test_export_without_head_round_trips(tmp_path: Path) -> None:
+    features = CvT(
+        **{**model_kwargs_from_hf_config(CvtConfig(**SMALL).to_dict(), act="gelu"), "num_classes": 0}
+    )
+    out = export_hf(features.eval(), tmp_path / "export")
+    hf = CvtForImageClassification.from_pretrained(out).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        pooled = features(x)  # (1, 48): the normalized cls token
+        assert pooled.shape == (1, 48)
+        assert (hf(pixel_values=x).logits - pooled).abs().max().item() < 1e-5
+        assert torch.equal(load_model(out)(x), pooled)
+
+
 def test_export_warns_for_quick_gelu(tmp_path: Path) -> None:
     model = CvT(**{**model_kwargs_from_hf_config(CvtConfig(**SMALL).to_dict()), "act": "quick_gelu"})
     with pytest.warns(UserWarning, match="GELU"):

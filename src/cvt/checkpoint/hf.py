@@ -129,8 +129,10 @@ def model_kwargs_from_hf_config(config: dict[str, Any], act: str | None = None) 
             f"config.json fields {bad} must be lists of {num_stages} values (one per stage)"
         )
     stages = [StageSpec(**{f: v[i] for f, v in columns.items()}) for i in range(num_stages)]
-    labels = config.get("id2label") or {}
-    num_classes = int(config.get("num_labels", len(labels) or 2))  # transformers' default: 2 labels
+    if isinstance(config.get("id2label"), dict):  # what transformers counts, {} included
+        num_classes = len(config["id2label"])
+    else:
+        num_classes = int(config.get("num_labels", 2))  # transformers' default: 2 labels
     size = config.get(HF_IMAGE_SIZE_KEY, 224)
     return dict(
         stages=stages,
