@@ -226,10 +226,21 @@ def test_save_refuses_to_overwrite(tmp_path: Path, tiny: CvT) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["user.safetensors"]  # no temporary file left
 
 
-def test_load_model_needs_an_architecture(tmp_path: Path, tiny: CvT) -> None:
-    torch.save(tiny.state_dict(), tmp_path / "official.pth")
-    with pytest.raises(CheckpointError, match=r"official state dict.*create_model\('cvt_tiny'"):
-        load_model(tmp_path / "official.pth")
+def test_load_model_of_official_state_dict(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
+    torch.save({"model": tiny.state_dict()}, tmp_path / "official.pth")
+    model = load_model(tmp_path / "official.pth")  # the only variant with these shapes
+    assert model.pretrained_cfg["architecture"] == "cvt_tiny" and model.num_classes == 10
+    with torch.no_grad():
+        assert torch.equal(model(images), tiny(images))
+    with torch.device("meta"):  # shapes of CvT-13 with a 3x3 stem, zero weights: no init cost
+        shapes = create_model("cvt_13_cifar", num_classes=4).state_dict()
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, tmp_path / "c13.pth")
+    with pytest.raises(CheckpointError, match=r"matches cvt and cvt_13_cifar: pass model_name="):
+        load_model(tmp_path / "c13.pth")
+    model = load_model(tmp_path / "c13.pth", model_name="cvt_13_cifar", act="gelu")
+    assert model.num_classes == 4 and model.act == "gelu" and model.stage_specs[0].patch_stride == 1
+    with pytest.raises(UsageError, match="records its architecture"):
+        load_model(save_checkpoint(tiny, tmp_path / "tiny.safetensors"), model_name="cvt_13")
 
 
 # ------------------------------------------------------------------------------ official YAML

@@ -17,7 +17,6 @@ from cvt.checkpoint.native import inference_cfg, model_from_architecture
 from cvt.checkpoint.read import (
     FORMAT_HF,
     FORMAT_NATIVE,
-    FORMAT_OFFICIAL,
     detect_format,
     read_state_dict,
     unwrap_state_dict,
@@ -217,37 +216,51 @@ def load_checkpoint(
     return LoadResult(fmt, path, tuple(skipped), tuple(report.missing))
 
 
-def load_model(path: str | Path, act: str | None = None, use_ema: bool = False) -> CvT:
-    """Rebuild a model from a file that describes its architecture, with its weights, in eval mode.
+def load_model(
+    path: str | Path, model_name: str | None = None, act: str | None = None, use_ema: bool = False
+) -> CvT:
+    """Rebuild a model with its weights from a checkpoint alone, in eval mode.
 
-    Works for this project's safetensors files and Hugging Face directories (or their weight file
-    beside ``config.json``). ``act`` overrides the activation of a Hugging Face model (default: its
+    This project's safetensors files and Hugging Face directories (or their weight file beside
+    ``config.json``) describe their architecture. Official state dicts do not: ``model_name``
+    names the variant to build (a tag such as ``cvt_13.msft_in1k_384`` sets the input size), by
+    default the one registered variant whose keys and shapes match; the class count comes from the
+    head. ``act`` sets the activation where the file does not record it (Hugging Face default:
     ``hidden_act`` if exported by this package, else QuickGELU, as the published weights need).
-    Official ``.pth`` files carry no architecture: use ``create_model(name, checkpoint_path=...)``.
     """
+    from cvt.errors import UsageError
+    from cvt.models.variants import create_model
+
     sd, fmt, info = read_state_dict(path, use_ema=use_ema)
+    source = info["path"]
+    describes_itself = fmt == FORMAT_NATIVE or (fmt == FORMAT_HF and "hf_config" in info)
+    if model_name and describes_itself:
+        raise UsageError(f"{source} records its architecture; model_name= is for official state dicts")
     if fmt == FORMAT_NATIVE:
+        if act:
+            raise UsageError(f"{source} records its activation; act= is for files that do not")
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = model_from_architecture(info["arch"])
-        if act:
-            raise CheckpointError(
-                f"{info['path']} records its activation ({model.act}); act= is for HF files"
-            )
-    elif fmt == FORMAT_HF and "hf_config" in info:
+    elif describes_itself:
         kwargs = model_kwargs_from_hf_config(info["hf_config"], act)
         with torch.device("meta"):
             model = CvT(**kwargs)
         model.pretrained_cfg = _hf_pretrained_cfg(kwargs, info["hf_config"])
     else:
-        like = matching_variants(hf_to_native(sd) if fmt == FORMAT_HF else sd)
-        name = like[0] if len(like) == 1 else "<variant>"
-        hint = f"cvt.create_model({name!r}, num_classes=..., checkpoint_path=...)"
-        what = (
-            "an official state dict" if fmt == FORMAT_OFFICIAL else "Hugging Face weights without config.json"
-        )
-        raise CheckpointError(
-            f"{info['path']} is {what}, which does not describe its architecture: use {hint}"
-        )
+        native = hf_to_native(sd) if fmt == FORMAT_HF else sd
+        if model_name is None:
+            like = matching_variants(native)
+            if len(like) != 1:
+                what = f"matches {' and '.join(like)}" if like else "matches no registered variant"
+                raise CheckpointError(
+                    f"{source} does not describe its architecture and {what}: pass model_name= "
+                    f"(CLI: --model NAME), or build the model and use load_checkpoint"
+                )
+            model_name = like[0]
+        with torch.device("meta"):
+            model = create_model(
+                model_name, num_classes=infer_num_classes(native), **({"act": act} if act else {})
+            )
     load_checkpoint(model, sd, strict=True)
     return model.eval()
 
