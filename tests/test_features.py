@@ -1,0 +1,73 @@
+"""CvT as a backbone: features_only models, feature_info, out_indices errors, the FPN example."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import cvt
+from cvt.models.cvt import tokens_to_map
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation_backbone.py"
+
+
+def test_features_only_returns_the_stage_maps() -> None:
+    torch.manual_seed(0)
+    net = cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 1, 2)).eval()
+    images = torch.randn(2, 3, 32, 24)  # non-square: maps keep the aspect ratio
+    with torch.no_grad():
+        maps = net(images)
+        # the same computation by hand: each stage's tokens reshaped to a map (cls token dropped)
+        x, expected = images, []
+        for stage in net.model.stages:
+            tokens, grid = stage(x)
+            x = tokens_to_map(tokens, grid, stage.spec.cls_token)
+            expected.append(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 12), (2, 64, 8, 6), (2, 128, 4, 3)]
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert net.feature_info.channels() == [32, 64, 128]
+    assert net.feature_info.reduction() == [2, 4, 8]  # cvt_tiny: stride-2 embeddings everywhere
+
+
+def test_imagenet_variants_have_strides_4_8_16_through_timm() -> None:
+    # one block per stage keeps CvT-13's embeddings (strides, widths) at a fraction of the cost
+    net = timm.create_model("cvt_13", features_only=True, out_indices=(1, 2), depth=1).eval()
+    assert net.feature_info.reduction() == [8, 16]
+    assert net.feature_info.channels() == [192, 384]
+    with torch.no_grad():
+        maps = net(torch.randn(1, 3, 64, 48))
+    assert [tuple(m.shape) for m in maps] == [(1, 192, 8, 6), (1, 384, 4, 3)]  # 64/8, 48/8; 64/16, 48/16
+    with torch.device("meta"):
+        full = cvt.create_model("cvt_13", features_only=True)
+    assert full.feature_info.reduction() == [4, 8, 16]
+
+
+def test_out_indices_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(cvt.UsageError, match=r"stage indices \(0, 3\) out of range for a 3-stage model"):
+        net = cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))
+        net(torch.zeros(1, 3, 32, 32))  # (raised here until the model validates at construction)
+
+
+@pytest.mark.slow
+def test_fpn_example_trains_through_the_backbone() -> None:
+    spec = importlib.util.spec_from_file_location("segmentation_backbone", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    torch.manual_seed(0)
+    model = example.Segmenter("cvt_tiny", num_classes=2, img_size=32)
+    images, masks = example.toy_batch(4, 32, torch.Generator().manual_seed(0))
+    logits = model(images)
+    assert logits.shape == (4, 2, 32, 32)
+    torch.nn.functional.cross_entropy(logits, masks).backward()
+    for stage in model.backbone.model.stages:  # gradients reach every stage of the backbone
+        assert stage.patch_embed.proj.weight.grad.abs().sum() > 0
+
+    losses = example.train("cvt_tiny", img_size=32, steps=4, batch=4)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0]
