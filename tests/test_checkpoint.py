@@ -300,3 +300,24 @@ def test_official_yaml_errors(tmp_path: Path) -> None:
         create_model_from_official_yaml(tmp_path / "bad.yaml")
     with pytest.raises(UsageError, match=r"unknown MODEL\.SPEC key"):
         create_model_from_official_yaml({"MODEL": {"SPEC": {"DIM_EMBED": [8], "DEPTHS": [1]}}})
+
+
+# ------------------------------------------------------------------------------ cvt convert
+def test_cli_convert(tmp_path: Path, tiny: CvT, images: torch.Tensor, capsys: pytest.CaptureFixture) -> None:
+    from cvt.cli.main import main
+
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tiny.state_dict().items()}}, tmp_path / "o.pth")
+    out = tmp_path / "tiny.safetensors"
+    assert main(["convert", str(tmp_path / "o.pth"), "--output", str(out)]) == 0
+    assert "cvt_tiny" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(images), tiny(images))
+    assert main(["convert", str(tmp_path / "o.pth"), "--output", str(out)]) == 1  # exists: refused
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("cvt convert: error: refusing to overwrite") and "--force" in err and "\n" not in err
+    )
+    # cvt_tiny has one block in stage 1: transformers' CvT cannot hold it
+    assert main(["convert", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert "drop-path rates by stage" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

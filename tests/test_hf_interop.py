@@ -226,3 +226,23 @@ def test_pretrained_offline_fails_fast_with_checkpoint_path_hint(
         create_model("cvt_13", pretrained=True, cache_dir=tmp_path)  # empty cache
     message = str(err.value)
     assert "microsoft/cvt-13" in message and "model.safetensors" in message and "checkpoint_path=" in message
+
+
+def test_cli_convert_hf_to_cvt_and_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cvt.cli.main import main
+
+    hf = _hf_model(seed=7)
+    folder = _write_hf_dir(hf, tmp_path / "hf", "model.safetensors")
+    native = tmp_path / "cvt.safetensors"
+    assert main(["convert", str(folder), "--output", str(native), "--act", "gelu"]) == 0
+    assert main(["convert", str(native), "--output", str(tmp_path / "again"), "--to", "hf"]) == 0
+    assert capsys.readouterr().err == ""  # gelu: nothing to warn about
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+        assert (load_model(native)(x) - expected).abs().max().item() < 1e-5
+        again = CvtForImageClassification.from_pretrained(tmp_path / "again").eval()
+        assert (again(pixel_values=x).logits - expected).abs().max().item() < 1e-5
+    # without --act a hub folder is QuickGELU, which transformers cannot run: converting back warns
+    assert main(["convert", str(folder), "--output", str(tmp_path / "q"), "--to", "hf"]) == 0
+    assert "cvt convert: warning:" in capsys.readouterr().err
