@@ -165,15 +165,17 @@ def test_model_sources_official_state_dict_and_native_file(tmp_path, checkpoint,
     Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "x.png")
     model = create_model("cvt_tiny", num_classes=10)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    # an official-style bare state dict needs --model: it does not describe its architecture
+    # an official-style bare state dict: --model names the variant, else the one whose shapes match
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     args = ["predict", str(tmp_path / "x.png"), "--json", "--top-k=1", "--checkpoint"]
-    assert main([*args, str(tmp_path / "bare.pth")]) == 2
-    assert "pass --model NAME" in capsys.readouterr().err
     assert main([*args, str(tmp_path / "bare.pth"), "--model", "cvt_tiny"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0] == {
         "index": 3, "label": "3", "prob": pytest.approx(0.99932, abs=1e-5)
     }  # fmt: skip
+    assert main([*args, str(tmp_path / "bare.pth")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["index"] == 3
+    assert main([*args, str(tmp_path / "bare.pth"), "--model", "cvt_13"]) == 1  # another architecture
+    assert "does not fit the model" in capsys.readouterr().err
     # this project's safetensors file rebuilds the model alone
     save_checkpoint(model, tmp_path / "tiny.safetensors", variant="cvt_tiny")
     assert main([*args, str(tmp_path / "tiny.safetensors")]) == 0

@@ -3,7 +3,7 @@
 Accepted checkpoints: a training checkpoint of ``cvt train`` (``last.pt`` / ``best.pt``: the model
 name, class count, input size and class names come from its ``config``), this project's
 safetensors file or a Hugging Face directory (they describe their architecture), or an official
-``.pth`` / bare state dict with ``--model NAME``.
+``.pth`` / bare state dict (the variant whose shapes match, or ``--model NAME``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--checkpoint", metavar="PATH",
                        help="last.pt/best.pt of cvt train, a cvt .safetensors file, a Hugging Face "
-                            "directory, or an official .pth (with --model)")  # fmt: skip
+                            "directory, or an official .pth")  # fmt: skip
     group.add_argument("--model", metavar="NAME", help="variant (cvt list), e.g. cvt_13 or cvt_13.msft_in1k")
     group.add_argument("--pretrained", action="store_true", help="download the published weights of --model")
     group.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
@@ -84,10 +84,7 @@ def _from_training_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -
 
 def load_model_source(args: argparse.Namespace) -> ModelSource:
     """Build the model that ``--checkpoint`` / ``--model`` / ``--pretrained`` describe."""
-    from cvt.checkpoint import load_checkpoint, load_model, read_state_dict
-    from cvt.checkpoint.hf import hf_to_native
-    from cvt.checkpoint.load import infer_num_classes
-    from cvt.checkpoint.read import FORMAT_HF, FORMAT_NATIVE
+    from cvt.checkpoint import load_model
     from cvt.models import create_model
 
     if args.checkpoint is None:
@@ -104,20 +101,10 @@ def load_model_source(args: argparse.Namespace) -> ModelSource:
         return _from_training_checkpoint(path, ckpt, args.ema)
     if args.ema:
         raise UsageError(f"--ema needs a training checkpoint of cvt train; {path} is not one")
-    state_dict, fmt, info = read_state_dict(path)
-    describes_itself = fmt == FORMAT_NATIVE or (fmt == FORMAT_HF and "hf_config" in info)
-    if describes_itself and not args.model:
-        model = load_model(path)
-        name = (model.pretrained_cfg or {}).get("architecture") or "model"
-        return ModelSource(model, f"{name} from {path}", model.pretrained_cfg.get("label_names"))
-    if not args.model:
-        raise UsageError(
-            f"{path} holds weights without their architecture: pass --model NAME (e.g. cvt_13; see cvt list)"
-        )
-    native = hf_to_native(state_dict) if fmt == FORMAT_HF else state_dict
-    model = create_model(args.model, num_classes=infer_num_classes(native))
-    load_checkpoint(model, state_dict, strict=True)
-    return ModelSource(model.eval(), f"{args.model} from {path}")
+    # official state dicts take --model (default: the one variant whose shapes match)
+    model = load_model(path, model_name=args.model)
+    name = args.model or (model.pretrained_cfg or {}).get("architecture") or "model"
+    return ModelSource(model, f"{name} from {path}", model.pretrained_cfg.get("label_names"))
 
 
 def label_names(source: ModelSource) -> list[str]:
