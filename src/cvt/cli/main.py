@@ -2,14 +2,21 @@
 
 Each subcommand lives in its own module ``cvt.cli.<name>`` exposing ``register(subparsers)``,
 which adds its parser and sets ``func``; heavy imports happen inside the command, so ``--help``
-stays fast. Expected errors (:class:`~cvt.errors.CvtError`) print one line and exit 1 (2 for usage);
-``--debug`` shows the full traceback instead.
+stays fast.
+
+Error contract (``tests/test_cli_errors.py``): expected errors (:class:`~cvt.errors.CvtError`) and
+environment failures (``OSError``: a full disk, a folder that cannot be written) print one line
+``cvt <command>: error: ...`` on stderr and exit 1 (2 for usage errors, as argparse does);
+any other exception is a bug and prints one ``internal error`` line with a hint; Ctrl-C exits 130.
+``--debug`` (before or after the command) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -30,7 +37,49 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"cvt.cli.{name}").register(subparsers)
+    # `cvt train ... --debug` works too (train.py passes its arguments after the command);
+    # SUPPRESS keeps the top-level value when the flag is not repeated after the command
+    for sub in {id(p): p for p in subparsers.choices.values()}.values():
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+# how torch's DataLoader re-raises an exception of a worker process: the worker's traceback is
+# inside the message, whose last line is "package.ErrorType: the original message"
+_WORKER_HEADER = re.compile(r"^Caught \w+ in DataLoader worker process (\d+)\.$")
+_QUALIFIED_PREFIX = re.compile(r"^[\w.]+: ")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line: the first line, or for an error re-raised from a
+    DataLoader worker, the original message (its traceback stays behind ``--debug``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    worker = _WORKER_HEADER.match(lines[0])
+    if worker and len(lines) > 1:
+        return f"{_QUALIFIED_PREFIX.sub('', lines[-1])} (in data loader worker {worker[1]})"
+    return lines[0] + (" [more with --debug]" if len(lines) > 1 else "")
+
+
+def report_error(command: str, err: Exception) -> int:
+    """Print the one-line message for ``err`` raised by ``cvt <command>``; returns the exit code."""
+    if isinstance(err, BrokenPipeError):
+        # the reader of stdout went away (`cvt list | head`): nothing to say, and nothing more to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    if isinstance(err, CvtError):
+        print(f"cvt {command}: error: {one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, OSError):  # the environment, not the code: a full disk, a read-only folder
+        print(f"cvt {command}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    what = ": ".join(filter(None, (type(err).__name__, one_line(err))))
+    print(
+        f"cvt {command}: internal error: {what} (a bug: rerun with --debug for the traceback and report it)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,14 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CvtError as err:
-        if args.debug:
-            raise
-        print(f"cvt {args.command}: error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
         print(f"cvt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        return report_error(args.command, err)
 
 
 if __name__ == "__main__":
