@@ -24,7 +24,7 @@ from cvt import __version__
 from cvt.errors import CvtError
 
 # subcommand modules under cvt.cli, in the order `cvt --help` lists them
-COMMAND_MODULES: tuple[str, ...] = ("models", "train", "ablate", "evaluate", "predict", "export", "convert")
+COMMAND_MODULES: tuple[str, ...] = ("models", "train", "ablate", "evaluate", "predict", "export", "convert", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

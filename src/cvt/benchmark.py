@@ -1,0 +1,373 @@
+"""Throughput, peak memory and achieved GFLOP/s of a CvT and its peers, measured the same way.
+
+One *subject* is a model to time: ``cvt`` (this package), ``hf`` (transformers'
+``CvtForImageClassification`` built from the same configuration and loaded with the same weights) or
+``official`` (``benchmarks/official_reference.py``: the official algorithm re-implemented, checked to
+give this package's logits). All subjects of one call run in the same process with the same input,
+and their timed runs are interleaved (one run of each in turn), so background load on a shared
+machine hits all of them alike.
+
+- ``infer``: a forward pass under ``torch.inference_mode`` in eval mode;
+- ``train``: forward, cross-entropy, backward and an SGD (momentum 0.9) step in train mode.
+- ``bf16``/``fp16``: the fp32 model under ``torch.autocast`` (the usual mixed-precision recipe).
+- GFLOP/s: 2 x the multiply-accumulates of ``cvt.complexity`` per image (x3 for a training step:
+  backward costs two forwards), divided by the median time; the ceiling is a square matrix product
+  in the same dtype on the same device and threads.
+- peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one extra step per subject; on CPU a fresh
+  subprocess per subject runs two steps and reports its peak RSS (``ru_maxrss``) minus its RSS just
+  before the first step (so the Python and torch baseline and the weights are excluded; in-process
+  deltas would be hidden by whichever subject ran first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvt.errors import CvtError, UsageError
+
+SUBJECTS: tuple[str, ...] = ("cvt", "hf", "official")
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OFFICIAL_REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "official_reference.py"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure; every subject of a comparison runs with the same configuration."""
+
+    model: str = "cvt_13"
+    img_size: tuple[int, int] = (224, 224)
+    batch_size: int = 8
+    mode: str = "infer"  # infer | train
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    compile: bool = False  # torch.compile the subject
+    channels_last: bool = False  # input (and conv weights) in channels-last memory format
+    grad_checkpointing: bool = False  # this package only; peers run without
+    warmup: int = 2
+    runs: int = 5
+    device: str = "cpu"
+    measure_memory: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` for a configuration that cannot run here."""
+        if self.mode not in ("infer", "train"):
+            raise UsageError(f"mode must be 'infer' or 'train', got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"device {self.device!r} requested but CUDA is not available")
+        if self.dtype == "fp16" and not self.device.startswith("cuda"):
+            raise UsageError("dtype fp16 needs a CUDA device; on CPU use --dtype bf16 or fp32")
+        if self.batch_size < 1 or self.runs < 1 or self.warmup < 0:
+            raise UsageError(
+                f"batch size and runs must be >= 1 and warmup >= 0, got batch {self.batch_size}, "
+                f"runs {self.runs}, warmup {self.warmup}"
+            )
+
+
+@dataclass
+class BenchResult:
+    """The measurements of one subject."""
+
+    subject: str
+    img_per_s: float  # median
+    img_per_s_min: float
+    img_per_s_max: float
+    spread_pct: float  # (max - min) / median, in percent
+    step_ms: float  # median time of one batch
+    peak_memory_mb: float | None
+    gflops_per_s: float
+    ceiling_gflops_per_s: float
+    ceiling_fraction: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def autocast_context(cfg: BenchConfig) -> AbstractContextManager[Any]:
+    """``torch.autocast`` for bf16/fp16, a no-op for fp32."""
+    if cfg.dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def load_official_reference() -> Any:
+    """The ``benchmarks/official_reference.py`` module of a source checkout."""
+    if not OFFICIAL_REFERENCE.is_file():
+        raise UsageError(
+            f"--compare official needs the repository's benchmarks/official_reference.py (a source "
+            f"checkout); not found at {OFFICIAL_REFERENCE}"
+        )
+    spec = importlib.util.spec_from_file_location("cvt_official_reference", OFFICIAL_REFERENCE)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def build_hf_peer(model: nn.Module) -> nn.Module:
+    """transformers' ``CvtForImageClassification`` with ``model``'s configuration and weights.
+
+    transformers always runs GELU, so its logits differ slightly from a QuickGELU model's.
+    """
+    try:
+        from transformers import CvtConfig, CvtForImageClassification
+    except ImportError:
+        raise UsageError(
+            "--compare hf needs the transformers package, which is not installed (pip install transformers)"
+        ) from None
+    from cvt.checkpoint.hf import hf_config_from_model, native_to_hf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the GELU-vs-QuickGELU warning: known, stated above
+        config = hf_config_from_model(model)
+    peer = CvtForImageClassification(CvtConfig(**config))
+    peer.load_state_dict(native_to_hf(model.state_dict()))
+    return peer
+
+
+class _Logits(nn.Module):
+    """Wraps a transformers model so that calling it returns the logits tensor."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(pixel_values=x).logits
+
+
+def build_subjects(cfg: BenchConfig, names: list[str]) -> tuple[dict[str, nn.Module], int]:
+    """The models to time, in eval mode on ``cfg.device``, all holding the same weights, and their
+    number of classes."""
+    from cvt.models import create_model
+
+    torch.manual_seed(0)
+    ours = create_model(cfg.model).to(cfg.device).eval()
+    if cfg.grad_checkpointing:
+        ours.set_grad_checkpointing(True)
+    subjects: dict[str, nn.Module] = {}
+    for name in names:
+        if name == "cvt":
+            subjects[name] = ours
+        elif name == "hf":
+            subjects[name] = _Logits(build_hf_peer(ours)).to(cfg.device).eval()
+        elif name == "official":
+            peer = load_official_reference().OfficialCvT.from_cvt(ours).eval()
+            check_same_logits(ours, peer, cfg)
+            subjects[name] = peer
+        else:
+            raise UsageError(f"unknown benchmark subject {name!r}; expected one of {SUBJECTS}")
+    if cfg.channels_last:
+        for model in subjects.values():
+            model.to(memory_format=torch.channels_last)
+    return subjects, ours.num_classes
+
+
+def check_same_logits(ours: nn.Module, peer: nn.Module, cfg: BenchConfig, atol: float = 1e-4) -> None:
+    """Assert that the official re-implementation computes this package's function (fp32, eval)."""
+    x = torch.randn(2, 3, *cfg.img_size, device=cfg.device, generator=None)
+    with torch.inference_mode():
+        diff = (ours(x) - peer(x)).abs().max().item()
+    if diff > atol:
+        raise AssertionError(f"official re-implementation differs from cvt by {diff:.2e} (> {atol})")
+
+
+def matmul_ceiling(dtype: str, device: str, size: int = 2048, runs: int = 5) -> float:
+    """GFLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` (median of ``runs``)."""
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    times = []
+    for i in range(runs + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One timed unit: an inference forward, or a full training step (fwd, loss, bwd, SGD step)."""
+    if cfg.mode == "infer":
+        model.eval()
+
+        def infer(x: torch.Tensor, _: torch.Tensor) -> None:
+            with torch.inference_mode(), autocast_context(cfg):
+                model(x)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def train(x: torch.Tensor, target: torch.Tensor) -> None:
+        with autocast_context(cfg):
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def make_batch(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image batch (channels-last if asked) and random labels."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, 3, *cfg.img_size, generator=gen).to(cfg.device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(cfg.device)
+    return x, target
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA OOM, or the CPU allocator giving up)."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _oom_error(cfg: BenchConfig, err: BaseException) -> CvtError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CvtError(
+        f"batch size {cfg.batch_size} at {cfg.img_size[0]}x{cfg.img_size[1]} ({cfg.mode}, {cfg.dtype}) does "
+        f"not fit in memory on {cfg.device} ({first_line}); try a smaller --batch-size"
+    )
+
+
+def time_subjects(
+    cfg: BenchConfig, subjects: dict[str, nn.Module], num_classes: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each subject (warm-up, then ``cfg.runs`` interleaved timed runs) and, on
+    CUDA, each subject's peak allocated MB over one more step."""
+    steps, batches = {}, {}
+    for name, model in subjects.items():
+        if cfg.compile:
+            model = torch.compile(model)
+        steps[name] = make_step(model, cfg)
+        batches[name] = make_batch(cfg, num_classes)
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    cuda_peaks: dict[str, float] = {}
+    try:
+        for name, step in steps.items():
+            for _ in range(cfg.warmup):
+                step(*batches[name])
+        for _ in range(cfg.runs):
+            for name, step in steps.items():
+                synchronize(cfg.device)
+                start = time.perf_counter()
+                step(*batches[name])
+                synchronize(cfg.device)
+                times[name].append(time.perf_counter() - start)
+        if cfg.device.startswith("cuda") and cfg.measure_memory:
+            for name, step in steps.items():  # one untimed step each: the runs above are interleaved
+                torch.cuda.reset_peak_memory_stats(cfg.device)
+                step(*batches[name])
+                cuda_peaks[name] = torch.cuda.max_memory_allocated(cfg.device) / 2**20
+    except (RuntimeError, MemoryError) as err:
+        if is_out_of_memory(err):
+            raise _oom_error(cfg, err) from err
+        raise
+    return times, cuda_peaks
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process, in MB (Linux ``/proc``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_step_memory_mb(cfg: BenchConfig, subject: str) -> float:
+    """Peak memory of ``cfg``'s step for one subject, in MB (see the module docstring for how)."""
+    if cfg.device.startswith("cuda"):
+        raise ValueError("on CUDA the peak comes from the timed runs")
+    request = json.dumps({"cfg": dataclasses.asdict(cfg), "subject": subject})
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, cvt.benchmark as b; b._memory_worker(sys.argv[1])", request],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        if "can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr or proc.returncode < 0:
+            raise _oom_error(cfg, RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else ""))
+        raise RuntimeError(f"memory measurement of {subject} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_worker(request: str) -> None:
+    """Subprocess entry: build one subject, run two steps, print peak RSS minus pre-step RSS (MB)."""
+    data = json.loads(request)
+    fields = data["cfg"]
+    fields["img_size"] = tuple(fields["img_size"])
+    cfg = dataclasses.replace(BenchConfig(), **fields)
+    subjects, num_classes = build_subjects(cfg, [data["subject"]])
+    model = subjects[data["subject"]]
+    step = make_step(torch.compile(model) if cfg.compile else model, cfg)
+    batch = make_batch(cfg, num_classes)
+    before = _rss_mb()
+    for _ in range(2):
+        step(*batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    print(peak - before)
+
+
+def run_benchmark(cfg: BenchConfig, compare: list[str] | None = None) -> list[BenchResult]:
+    """Measure this package's model and, optionally, peers (``hf``, ``official``) under ``cfg``."""
+    from cvt.complexity import count_gmacs
+
+    cfg.check()
+    names = ["cvt", *(compare or [])]
+    subjects, num_classes = build_subjects(cfg, names)
+    flops_per_image = 2e9 * count_gmacs(subjects["cvt"], cfg.img_size) * (3 if cfg.mode == "train" else 1)
+    times, cuda_peaks = time_subjects(cfg, subjects, num_classes)
+    ceiling = matmul_ceiling(cfg.dtype, cfg.device)
+    results = []
+    for name in names:
+        rates = [cfg.batch_size / t for t in times[name]]
+        median = statistics.median(rates)
+        if not cfg.measure_memory:
+            memory = None
+        elif cfg.device.startswith("cuda"):
+            memory = cuda_peaks[name]
+        else:
+            memory = peak_step_memory_mb(cfg, name)
+        achieved = flops_per_image * median / 1e9
+        results.append(
+            BenchResult(
+                subject=name,
+                img_per_s=median,
+                img_per_s_min=min(rates),
+                img_per_s_max=max(rates),
+                spread_pct=100 * (max(rates) - min(rates)) / median,
+                step_ms=1e3 * statistics.median(times[name]),
+                peak_memory_mb=memory,
+                gflops_per_s=achieved,
+                ceiling_gflops_per_s=ceiling,
+                ceiling_fraction=achieved / ceiling,
+            )
+        )
+    return results

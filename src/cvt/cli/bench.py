@@ -1,0 +1,83 @@
+"""``cvt bench``: throughput, peak memory and GFLOP/s of a variant, optionally against its peers."""
+
+from __future__ import annotations
+
+import argparse
+
+from cvt.cli.common import format_table, parse_img_size, print_json
+
+COMPARE_CHOICES = {"hf": ["hf"], "official": ["official"], "all": ["hf", "official"]}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand."""
+    p = subparsers.add_parser(
+        "bench",
+        help="measure img/s, peak memory and GFLOP/s (optionally against transformers / official)",
+        description="Warm-up, then interleaved timed runs of each model; prints the median img/s and its "
+        "spread, peak memory (CUDA max allocated, or peak RSS of a fresh process on CPU), achieved "
+        "GFLOP/s and its fraction of a measured matrix-product ceiling.",
+    )
+    p.add_argument("--model", default="cvt_13", help="variant name (default: cvt_13)")
+    p.add_argument("--img-size", type=parse_img_size, default=(224, 224), help="input size N or H,W")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mode", choices=["infer", "train"], default="infer")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every measured model")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (cvt)")
+    p.add_argument("--compare", choices=sorted(COMPARE_CHOICES), help="also measure peer(s) in this process")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model (default 2)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per model (default 5)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from cvt.benchmark import BenchConfig, run_benchmark
+    from cvt.errors import UsageError
+    from cvt.models import list_models
+
+    if args.model not in list_models():
+        raise UsageError(f"unknown model {args.model!r}; `cvt list` shows the variants")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = BenchConfig(
+        model=args.model, img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,
+        dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
+        grad_checkpointing=args.grad_checkpointing, warmup=args.warmup, runs=args.runs, device=device,
+        measure_memory=not args.no_memory,
+    )  # fmt: skip
+    results = run_benchmark(cfg, COMPARE_CHOICES[args.compare] if args.compare else None)
+    ours = results[0]
+    if args.json:
+        report = {
+            "config": {**vars(cfg), "img_size": list(cfg.img_size), "threads": torch.get_num_threads()},
+            "results": [r.as_dict() for r in results],
+            "speedup": {r.subject: ours.img_per_s / r.img_per_s for r in results[1:]},
+        }
+        print_json(report)
+        return 0
+    rows = [
+        [r.subject, f"{r.img_per_s:.2f}", f"{r.img_per_s_min:.2f}-{r.img_per_s_max:.2f}",
+         "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}",
+         f"{r.gflops_per_s:.1f}", f"{100 * r.ceiling_fraction:.0f}%",
+         "1.00x" if r is ours else f"{ours.img_per_s / r.img_per_s:.2f}x"]
+        for r in results
+    ]  # fmt: skip
+    print(
+        f"{cfg.model} {cfg.img_size[0]}x{cfg.img_size[1]} batch {cfg.batch_size} {cfg.mode} {cfg.dtype} "
+        f"on {device} ({torch.get_num_threads()} threads), {cfg.runs} runs; "
+        f"matmul ceiling {ours.ceiling_gflops_per_s:.0f} GFLOP/s"
+    )
+    headers = ["model", "img/s", "min-max", "peak MB", "GFLOP/s", "of ceiling", "cvt speed-up"]
+    print(format_table(headers, rows))
+    return 0
