@@ -24,7 +24,9 @@ from cvt import __version__
 from cvt.errors import CvtError
 
 # subcommand modules under cvt.cli, in the order `cvt --help` lists them
-COMMAND_MODULES: tuple[str, ...] = ("models", "train", "ablate", "evaluate", "predict", "export", "convert", "bench")
+COMMAND_MODULES: tuple[str, ...] = (
+    "models", "train", "ablate", "evaluate", "predict", "export", "convert", "bench", "attention",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

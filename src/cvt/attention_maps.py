@@ -1,0 +1,126 @@
+"""Where the classifier looks: the last stage's cls-token attention over its key/value grid, per head.
+
+The maps come from the reference softmax (:meth:`ConvAttention.attention_probs`) of the last block,
+recomputed from that block's own input, so they are exact whichever attention kernel the forward
+pass used. With a stride-2 key/value projection the key grid is half the token grid (7x7 for
+CvT-13 at 224); the maps are upsampled over the image for display.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cvt.errors import InputShapeError
+from cvt.models import CvT
+from cvt.models.layers import conv_out_size
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """One image's last-block attention of the cls query (or the mean query without a cls token)."""
+
+    probs: torch.Tensor  # (heads, Tkv): attention over every key, cls key first when present; sums to 1
+    grid: tuple[int, int]  # (H_kv, W_kv) of the keys after the key/value projection
+    query: str  # "cls token" or "mean of all queries"
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """``(heads, H_kv, W_kv)`` attention on the grid keys (the cls key's share left out)."""
+        return self.probs[:, -self.grid[0] * self.grid[1] :].reshape(-1, *self.grid)
+
+    def upsampled(self, size: tuple[int, int]) -> torch.Tensor:
+        """``(heads, H, W)`` maps resized bilinearly to an image of ``size``."""
+        return F.interpolate(self.maps[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _key_grid(model: CvT, grid: tuple[int, int]) -> tuple[int, int]:
+    """The last stage's key/value grid for a token grid (the k/v projection downsamples it)."""
+    spec = model.stage_specs[-1]
+    if spec.method == "linear":
+        return grid
+    ceil = spec.method == "avg"  # average pooling runs with ceil_mode
+    return tuple(conv_out_size(g, spec.kernel_qkv, spec.stride_kv, spec.padding_kv, ceil) for g in grid)
+
+
+def last_stage_attention(model: CvT, image: torch.Tensor) -> AttentionMaps:
+    """Attention maps of the last block for one ``(1, C, H, W)`` (or ``(C, H, W)``) normalized image."""
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise InputShapeError(f"expected one image (1, C, H, W), got shape {tuple(image.shape)}")
+    attn = model.stages[-1].blocks[-1].attn
+    captured: dict[str, tuple] = {}
+
+    def keep_input(module: torch.nn.Module, args: tuple) -> None:
+        captured["args"] = args  # (normed tokens (1, [1+]T, C), token grid (H, W))
+
+    handle = attn.register_forward_pre_hook(keep_input)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(image)
+            tokens, grid = captured["args"]
+            q, k, _ = attn.project_qkv(tokens, grid)  # (1, heads, Tq, d), (1, heads, Tkv, d)
+            probs = attn.attention_probs(q, k)[0]  # (heads, Tq, Tkv)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    has_cls = model.stage_specs[-1].cls_token
+    row = probs[:, 0] if has_cls else probs.mean(dim=1)  # (heads, Tkv)
+    key_grid = _key_grid(model, tuple(grid))
+    assert row.shape[-1] == key_grid[0] * key_grid[1] + int(has_cls), "key grid does not match the keys"
+    return AttentionMaps(row.float().cpu(), key_grid, "cls token" if has_cls else "mean of all queries")
+
+
+def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """A PNG: the image, then one panel per head with its upsampled attention over the image.
+
+    ``image``: ``(3, H, W)`` with values in [0, 1] (what the model saw, before normalization).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    pixels = image.permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, 3)
+    heat = maps.upsampled(tuple(image.shape[-2:])).numpy()  # (heads, H, W)
+    heads = heat.shape[0]
+    cols = min(heads + 1, 4)
+    rows = -(-(heads + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(pixels)
+    axes.flat[0].set_title("input", fontsize=9)
+    for h in range(heads):
+        ax = axes.flat[h + 1]
+        ax.imshow(pixels)
+        ax.imshow(heat[h], cmap="jet", alpha=0.5)
+        ax.set_title(f"head {h + 1}", fontsize=9)
+    fig.suptitle(title or f"last-stage attention of the {maps.query}, key grid {maps.grid[0]}x{maps.grid[1]}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def attention_for_file(
+    model: CvT, image_path: str | Path, output: str | Path, title: str = ""
+) -> tuple[AttentionMaps, Path]:
+    """Read an image with the model's eval preprocessing, compute its maps and save the PNG grid."""
+    from cvt.data.transforms import load_input, resolve_data_config
+
+    data_cfg = resolve_data_config(model)
+    image = load_input(image_path, data_cfg)  # (1, 3, H, W), normalized
+    maps = last_stage_attention(model, image)
+    mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
+    shown = image[0] * std + mean  # back to [0, 1]: the crop the model saw
+    return maps, save_attention_grid(maps, shown, output, title)

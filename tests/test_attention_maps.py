@@ -1,0 +1,69 @@
+"""Attention maps: probability distributions over the key grid, per head, and the PNG grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cvt
+from cvt.attention_maps import last_stage_attention, save_attention_grid
+from cvt.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny() -> cvt.CvT:
+    torch.manual_seed(0)
+    return cvt.create_model("cvt_tiny").eval()  # last stage: 4 heads, 4x4 tokens, stride-2 kv: 2x2 keys
+
+
+def test_maps_are_the_cls_rows_of_the_reference_softmax(tiny) -> None:
+    image = torch.randn(1, 3, 32, 32)
+    maps = last_stage_attention(tiny, image)
+    assert maps.query == "cls token" and maps.grid == (2, 2)
+    assert maps.probs.shape == (4, 1 + 4) and maps.maps.shape == (4, 2, 2)
+    torch.testing.assert_close(maps.probs.sum(-1), torch.ones(4))  # a distribution over keys, per head
+    assert (maps.probs >= 0).all()
+    torch.testing.assert_close(maps.maps.sum((-2, -1)), 1 - maps.probs[:, 0])  # all but the cls key
+    # the same numbers from the explicit (non-fused) attention path, recorded inside the forward pass
+    attn = tiny.stages[-1].blocks[-1].attn
+    recorded = []
+    original = attn.attention_probs
+    attn.attention_probs = lambda q, k: recorded.append(original(q, k)) or recorded[-1]
+    attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            tiny(image)
+    finally:
+        del attn.attention_probs
+        attn.fused_attn = True
+    torch.testing.assert_close(recorded[-1][0, :, 0], maps.probs)
+    assert maps.upsampled((32, 32)).shape == (4, 32, 32)
+
+
+def test_mean_query_without_cls_token_and_avg_keys() -> None:
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny", cls_token=False, method="avg").eval()
+    maps = last_stage_attention(model, torch.randn(3, 32, 40))
+    assert maps.query == "mean of all queries"
+    assert maps.grid == (3, 3)  # 4x5 tokens, 3x3 average pooling, stride 2, padding 1, ceil mode
+    torch.testing.assert_close(maps.maps.sum((-2, -1)), torch.ones(4))
+
+
+def test_png_grid_and_cli(tiny, tmp_path, capsys) -> None:
+    maps = last_stage_attention(tiny, torch.randn(1, 3, 32, 32))
+    png = save_attention_grid(maps, torch.rand(3, 32, 32), tmp_path / "grid.png")
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size[0] > 3 * img.size[1] / 2  # 5 panels: 4 columns, 2 rows
+
+    pixels = np.zeros((40, 50, 3), np.uint8)
+    pixels[10:30, 20:40] = 255
+    Image.fromarray(pixels).save(tmp_path / "square.png")
+    out = tmp_path / "maps.png"
+    args = ["attention", str(tmp_path / "square.png"), "--model", "cvt_tiny", "--output", str(out)]
+    assert main(args) == 0
+    assert "4 head(s), attention of the cls token over a 2x2 key grid" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(args) == 2  # refuses to overwrite
+    assert "refusing to overwrite" in capsys.readouterr().err
