@@ -215,6 +215,15 @@ def test_native_keeps_custom_architecture(tmp_path: Path, images: torch.Tensor) 
         assert torch.equal(model(images), custom(images))
 
 
+def test_save_unwraps_wrapped_models(tmp_path: Path, tiny: CvT) -> None:
+    from timm.utils import ModelEmaV3
+
+    for i, wrapped in enumerate((torch.nn.DataParallel(tiny), ModelEmaV3(tiny))):
+        sd, _, info = read_state_dict(save_checkpoint(wrapped, tmp_path / f"w{i}.safetensors"))
+        assert info["nested_key"] is None and sd.keys() == tiny.state_dict().keys()
+        assert info["arch"]["variant"] == "cvt_tiny"
+
+
 def test_save_refuses_to_overwrite(tmp_path: Path, tiny: CvT) -> None:
     path = tmp_path / "user.safetensors"
     path.write_bytes(b"precious")

@@ -203,11 +203,13 @@ def hf_config_from_model(model: CvT) -> dict[str, Any]:
     return config
 
 
-def export_hf(model: CvT, out_dir: str | Path, overwrite: bool = False) -> Path:
+def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
     loads; returns the directory. Refuses to replace existing files unless ``overwrite``."""
     from safetensors.torch import save_file
+    from timm.utils import unwrap_model
 
+    model = unwrap_model(model)  # DistributedDataParallel, torch.compile, ModelEmaV3: the CvT inside
     config = hf_config_from_model(model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -81,16 +81,19 @@ def model_from_architecture(arch: dict[str, Any], device: torch.device | str | N
 
 
 def save_checkpoint(
-    model: CvT, path: str | Path, variant: str | None = None, overwrite: bool = False
+    model: torch.nn.Module, path: str | Path, variant: str | None = None, overwrite: bool = False
 ) -> Path:
     """Save ``model`` in the project's safetensors format (weights + architecture); returns the path.
 
-    ``variant`` names the registered variant (default: ``model.pretrained_cfg['architecture']``);
+    ``model`` may be wrapped (DDP, ``torch.compile``, an EMA). ``variant`` names the registered
+    variant (default: ``model.pretrained_cfg['architecture']``);
     the full per-stage spec is stored either way. An existing file is replaced only with
     ``overwrite=True``, and atomically (written beside it, then renamed).
     """
     from safetensors.torch import save_file
+    from timm.utils import unwrap_model
 
+    model = unwrap_model(model)  # DistributedDataParallel, torch.compile, ModelEmaV3: the CvT inside
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint target {path} is a directory, expected a file path")
