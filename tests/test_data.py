@@ -381,3 +381,16 @@ def test_published_variants_resolve_to_the_official_preprocessing():
     assert (cfg["mean"], cfg["std"]) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     assert resolve_data_config(at_384)["input_size"] == (3, 384, 384)
     assert resolve_data_config(at_384)["crop_pct"] == 1.0
+
+
+def test_imagefolder_with_given_classes_keeps_training_indices(tmp_path):
+    for name in ("ant", "bee", "cat"):
+        _save(tmp_path / "train" / name / "0.png", Image.new("RGB", (4, 4)))
+    _save(tmp_path / "val" / "cat" / "0.png", Image.new("RGB", (4, 4)))  # val has only "cat"
+    train = build_dataset("imagefolder", tmp_path, "train")
+    assert build_dataset("imagefolder", tmp_path, "val").targets == [0]  # on its own, cat would be 0
+    val = build_dataset("imagefolder", tmp_path, "val", classes=train.classes)
+    assert val.classes == ["ant", "bee", "cat"] and val.targets == [2]
+    _save(tmp_path / "val" / "dog" / "0.png", Image.new("RGB", (4, 4)))
+    with pytest.raises(DataError, match="class folder.*dog.*not among the 3 given classes"):
+        build_dataset("imagefolder", tmp_path, "val", classes=train.classes)

@@ -58,7 +58,10 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir
     if data_dir is None and dataset_name == source.train_config.get("dataset"):
         data_dir = source.train_config.get("data_dir")
-    dataset = build_dataset(dataset_name, data_dir, args.split, skip_bad_images=args.skip_bad_images)
+    # an ImageFolder is read with the checkpoint's class list, so indices agree even if val/ lacks a class
+    known = source.classes if dataset_name == "imagefolder" else None
+    dataset = build_dataset(dataset_name, data_dir, args.split, skip_bad_images=args.skip_bad_images,
+                            classes=known)  # fmt: skip
     model = source.model
     if len(dataset.classes) != model.num_classes:
         raise CheckpointError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -173,19 +173,39 @@ class ImageFolderDataset(Dataset):
     ``skip_bad_images``, construction first scans every file's header (fast: no decoding) and drops
     empty or non-image files with one warning; a file that only fails when decoded (a truncated
     JPEG) is then replaced by the next readable item, with a warning naming it.
+
+    ``classes`` fixes the class names and their order (e.g. the training split's), so that a
+    validation folder lacking some classes keeps the training indices; a folder of a class not in
+    the list is then an error.
     """
 
-    def __init__(self, root: Path, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        transform: Callable | None = None,
+        skip_bad_images: bool = False,
+        classes: Sequence[str] | None = None,
+    ) -> None:
         from torchvision.datasets.folder import find_classes, make_dataset
 
         self.root = root
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         try:
-            self.classes, class_to_idx = find_classes(str(root))
-            samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+            found, _ = find_classes(str(root))
         except FileNotFoundError as err:
             raise DataError(f"image folder {root} has no class sub-folders ({err})") from err
+        if classes is not None:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise DataError(
+                    f"image folder {root} has class folder(s) {', '.join(unknown[:5])} that are not among "
+                    f"the {len(classes)} given classes (the training split's?)"
+                )
+        self.classes: list[str] = list(classes) if classes is not None else found
+        class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        # classes without a folder, or with an empty one, simply have no samples
+        samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
         if skip_bad_images:
             bad = [path for path, _ in samples if not _has_image_header(path)]
             if bad:
@@ -237,12 +257,16 @@ def build_dataset(
     transform: Callable | None = None,
     download: bool = False,
     skip_bad_images: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
     """Build one split (``train`` or ``val``) of a data set in :data:`DATASETS`.
 
     ``root``: for CIFAR the folder holding ``cifar-10-batches-py`` / ``cifar-100-python``
     (default ``./data``); for ``imagefolder`` the folder holding ``train/`` and ``val/``;
     ignored for ``digits``. The result has ``.classes`` and ``.targets`` and at least one item.
+    ``classes`` (imagefolder only; digits and CIFAR have fixed classes): the class names in index
+    order, e.g. ``train_set.classes`` when building ``val``, so that the indices agree even when
+    ``val/`` lacks a class folder.
     """
     if name not in DATASETS:
         raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
@@ -257,5 +281,5 @@ def build_dataset(
     folder = Path(root) / split
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; expected {root}/{split}/<class>/<image>")
-    return ImageFolderDataset(folder, transform, skip_bad_images)
+    return ImageFolderDataset(folder, transform, skip_bad_images, classes)
 
