@@ -101,6 +101,16 @@ def test_hf_directory_and_file_load(tmp_path: Path, weights: str) -> None:
             assert (model(x) - expected).abs().max().item() < 1e-5
     # without act=, a hub config means the published weights: QuickGELU, what they were trained with
     assert load_model(folder).act == "quick_gelu"
+    # the hub's preprocessor_config.json gives the input size and preprocessing
+    preprocessor = {
+        "size": {"shortest_edge": 384},
+        "crop_pct": 0.875,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.25] * 3,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    cfg = load_model(folder).pretrained_cfg
+    assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0 and cfg["std"] == (0.25,) * 3
 
 
 def test_hf_weights_without_num_batches_tracked_load() -> None:

@@ -109,12 +109,36 @@ HF_IMAGE_SIZE_KEY = "image_size"
 HF_DEFAULT_ACT = "quick_gelu"
 
 
-def model_kwargs_from_hf_config(config: dict[str, Any], act: str | None = None) -> dict[str, Any]:
+def hf_input_settings(preprocessor: dict[str, Any] | None) -> dict[str, Any]:
+    """``img_size``, ``mean``, ``std``, ``crop_pct`` found in a ``preprocessor_config.json`` dict.
+
+    The hub's CvT processors (ConvNeXt's) center-crop ``crop_pct`` below 384 pixels and only
+    resize from 384 up; ``size`` is an int or ``{"shortest_edge": n}``.
+    """
+    if not preprocessor:
+        return {}
+    size = preprocessor.get("size") or preprocessor.get("crop_size")
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size.get("height")
+    settings: dict[str, Any] = {}
+    if isinstance(size, int):
+        settings["img_size"] = size
+        settings["crop_pct"] = preprocessor.get("crop_pct") if size < 384 else 1.0
+    for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+        if isinstance(preprocessor.get(theirs), list):
+            settings[ours] = tuple(preprocessor[theirs])
+    return settings
+
+
+def model_kwargs_from_hf_config(
+    config: dict[str, Any], act: str | None = None, img_size: int = 224
+) -> dict[str, Any]:
     """``CvT(**kwargs)`` arguments for a transformers ``config.json`` dict.
 
     ``act`` defaults to the config's ``hidden_act`` (written by :func:`export_hf`) or QuickGELU,
-    the activation of the published weights. LayerNorm eps is 1e-5 whatever ``layer_norm_eps`` says:
-    transformers' CvT never passes that value to its LayerNorms.
+    the activation of the published weights. ``img_size`` applies when the config does not record
+    one (transformers' does not; :func:`export_hf` adds it). LayerNorm eps is 1e-5 whatever
+    ``layer_norm_eps`` says: transformers' CvT never passes that value to its LayerNorms.
     """
     if config.get("model_type") not in (None, "cvt"):
         raise CheckpointError(f"config.json describes a {config['model_type']!r} model, expected 'cvt'")
@@ -133,7 +157,7 @@ def model_kwargs_from_hf_config(config: dict[str, Any], act: str | None = None) 
         num_classes = len(config["id2label"])
     else:
         num_classes = int(config.get("num_labels", 2))  # transformers' default: 2 labels
-    size = config.get(HF_IMAGE_SIZE_KEY, 224)
+    size = config.get(HF_IMAGE_SIZE_KEY, img_size)
     return dict(
         stages=stages,
         num_classes=num_classes,

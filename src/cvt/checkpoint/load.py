@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cvt.checkpoint.hf import hf_label_names, hf_to_native, model_kwargs_from_hf_config
+from cvt.checkpoint.hf import hf_input_settings, hf_label_names, hf_to_native, model_kwargs_from_hf_config
 from cvt.checkpoint.native import inference_cfg, model_from_architecture
 from cvt.checkpoint.read import (
     FORMAT_HF,
@@ -242,10 +242,11 @@ def load_model(
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = model_from_architecture(info["arch"])
     elif describes_itself:
-        kwargs = model_kwargs_from_hf_config(info["hf_config"], act)
+        inputs = hf_input_settings(info.get("hf_preprocessor"))
+        kwargs = model_kwargs_from_hf_config(info["hf_config"], act, inputs.pop("img_size", 224))
         with torch.device("meta"):
             model = CvT(**kwargs)
-        model.pretrained_cfg = _hf_pretrained_cfg(kwargs, info["hf_config"])
+        model.pretrained_cfg = _hf_pretrained_cfg(kwargs, info["hf_config"], inputs)
     else:
         native = hf_to_native(sd) if fmt == FORMAT_HF else sd
         if model_name is None:
@@ -265,11 +266,14 @@ def load_model(
     return model.eval()
 
 
-def _hf_pretrained_cfg(kwargs: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """A timm ``pretrained_cfg`` for a model rebuilt from a transformers config (ImageNet defaults)."""
+def _hf_pretrained_cfg(
+    kwargs: dict[str, Any], config: dict[str, Any], inputs: dict[str, Any]
+) -> dict[str, Any]:
+    """A timm ``pretrained_cfg`` for a model rebuilt from a transformers config and the preprocessing
+    ``inputs`` (mean, std, crop_pct) of its ``preprocessor_config.json``; ImageNet defaults otherwise."""
     size = kwargs["img_size"]
     cfg = inference_cfg(
-        kwargs["in_chans"], (size, size) if isinstance(size, int) else size, kwargs["num_classes"]
+        kwargs["in_chans"], (size, size) if isinstance(size, int) else size, kwargs["num_classes"], **inputs
     )
     names = hf_label_names(config)
     if names:

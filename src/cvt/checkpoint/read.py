@@ -34,6 +34,7 @@ NATIVE_FORMAT_VERSION = "1"
 NATIVE_ARCH_KEY = "cvt_arch"
 
 HF_CONFIG_FILE = "config.json"
+HF_PREPROCESSOR_FILE = "preprocessor_config.json"  # input size, mean/std, crop (optional)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preference order, as transformers
 # containers of the model weights in training checkpoints (ours, timm's, the official trainer's)
 STATE_DICT_KEYS = ("state_dict", "model")
@@ -53,8 +54,9 @@ def read_state_dict(
     Returns ``(state_dict, format_name, extra_info)``: the tensors in the file's own key layout
     (unwrapped and de-prefixed, not yet renamed), one of ``"cvt"``, ``"official"``, ``"hf"``, and
     a dict with ``path`` (the weight file read), ``nested_key`` (the container the weights came
-    from, or None), ``arch`` (``cvt`` files: the architecture) and ``hf_config`` (``hf``: the parsed
-    ``config.json`` when present). ``use_ema`` prefers the EMA weights of a training checkpoint.
+    from, or None), ``arch`` (``cvt`` files: the architecture) and, for ``hf``, ``hf_config`` and
+    ``hf_preprocessor`` (the parsed ``config.json`` and ``preprocessor_config.json`` when present).
+    ``use_ema`` prefers the EMA weights of a training checkpoint.
     """
     weight_file, hf_config_file = _locate(Path(path))
     obj, metadata = _load_file(weight_file)
@@ -65,6 +67,9 @@ def read_state_dict(
         extra["arch"] = _native_arch(metadata, weight_file)
     if fmt == FORMAT_HF and hf_config_file.is_file():
         extra["hf_config"] = _read_json(hf_config_file)
+        preprocessor = hf_config_file.with_name(HF_PREPROCESSOR_FILE)
+        if preprocessor.is_file():
+            extra["hf_preprocessor"] = _read_json(preprocessor)
     return state_dict, fmt, extra
 
 
