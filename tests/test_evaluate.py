@@ -92,6 +92,8 @@ def test_evaluate_absent_class_is_nan_and_json_null():
     as_dict = result.as_dict(["a", "b", "c"])
     assert as_dict["per_class_acc"] == {"a": 100.0, "b": 100.0, "c": None}
     json.dumps(as_dict, allow_nan=False)
+    with_bar = evaluate(_TableModel(table), [(images, torch.tensor([0, 1]))], "cpu", progress=True)
+    assert torch.equal(with_bar.confusion, result.confusion)
 
 
 def test_evaluate_errors():

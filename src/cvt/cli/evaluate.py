@@ -81,7 +81,8 @@ def run_eval(args: argparse.Namespace) -> int:
     loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.workers)
     device = resolve_device(args.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    result = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, num_classes=model.num_classes)
+    result = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, num_classes=model.num_classes,
+                      progress=sys.stderr.isatty())  # fmt: skip
 
     classes = list(dataset.classes)
     report = {

@@ -7,6 +7,7 @@ k = the class count when a data set has fewer than 5 classes.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,18 @@ def evaluate(
     device: torch.device | str,
     amp_dtype: torch.dtype | None = None,
     num_classes: int | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Run ``model`` in eval mode over ``loader`` (batches of images and class indices) and score it.
 
     ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast; the loss and
     metrics are computed in float32. ``num_classes`` defaults to the width of the model's logits.
-    The model's train/eval mode is restored afterwards.
+    ``progress`` shows a progress bar on stderr. The model's train/eval mode is restored afterwards.
     """
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stderr)
     device = torch.device(device)
     was_training = model.training
     model.eval()
