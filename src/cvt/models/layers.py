@@ -68,7 +68,8 @@ class DerivedWeights:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return compute()
         device = sources[0].device.type
-        autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        autocast_dtype = torch.get_autocast_dtype(device) if autocast_on else None
         state = (autocast_dtype,)
         fresh = state == self._state and len(sources) == len(self._sources)
         fresh = fresh and all(
