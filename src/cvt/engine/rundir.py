@@ -39,7 +39,13 @@ def check_run_dir(run_dir: Path, overwrite: bool, resuming: bool) -> None:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` removes the run files it holds."""
+    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` removes the run files it holds.
+
+    Temporary files of a save that was killed midway (``.last.pt.*.tmp``) are removed in any case.
+    """
+    for name in RUN_FILES:
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            stale.unlink()
     if overwrite:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)

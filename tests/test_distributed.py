@@ -1,0 +1,64 @@
+"""``torchrun --nproc_per_node 2 -m cvt train`` on CPU (gloo) equals one process with the same global batch.
+
+BatchNorm would make the two runs differ by design: in ``dw_bn`` projections each process
+normalises with the statistics of its own half batch, and ``--sync-bn`` (torch's SyncBatchNorm) is
+GPU-only. The test therefore uses ``method=avg`` projections (no BatchNorm; LayerNorm is per token)
+and no stochastic depth, so both runs compute the same function of the same samples: gradients
+all-reduced over 2 x 8 images equal the gradient of the 16-image batch, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cvt.engine import resolve_run, train
+
+MICRO = dict(
+    img_size=16, train_subset=64, epochs=2, warmup_epochs=0.5, lr=3e-3, seed=2,
+    model_args={"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2], "method": "avg",
+                "drop_path_rate": 0.0},
+)  # fmt: skip
+
+
+def as_argv(flags: dict) -> list[str]:
+    argv = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "model_args":
+            argv += [flag, *(f"{k}={v}" for k, v in value.items())]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg, _ = resolve_run(None, {**MICRO, "batch_size": 16, "output": str(tmp_path / "single")})
+        single = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+    flags = {**MICRO, "batch_size": 8, "output": str(tmp_path / "ddp")}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "cvt", "train", *as_argv(flags)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 16" in done.stdout and "2 process(es)" in done.stdout
+    assert done.stdout.count("epoch 2/2") == 1  # only rank 0 prints and writes
+
+    a = torch.load(tmp_path / "single" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-5, msg=key)
+    ddp_summary = (tmp_path / "ddp" / "summary.json").read_text()
+    assert f'"final_top1": {single["final_top1"]}' in ddp_summary

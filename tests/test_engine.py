@@ -1,0 +1,256 @@
+"""The training engine on a micro CvT and a slice of the digits: run folder, checkpoints, faults."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from cvt.engine import NonFiniteLossError, resolve_config, resolve_run, train
+from cvt.engine import state as engine_state
+from cvt.engine.optim import build_scheduler, effective_lr, param_groups
+from cvt.engine.rundir import METRIC_COLUMNS
+from cvt.engine.sampler import ResumableSampler
+from cvt.engine.state import atomic_torch_save
+from cvt.errors import CheckpointError, UsageError
+from cvt.models import create_model
+
+# A 3-stage CvT of a few thousand parameters at 16x16: 4 steps per epoch on 64 digits in ~1 s
+MICRO = dict(
+    img_size=16, train_subset=64, batch_size=16, epochs=2, warmup_epochs=0.5, lr=3e-3, seed=3,
+    model_args={"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2]},
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tensors are tiny, and `pytest -n 2` already fills both cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro(tmp_path, name="run", **extra):
+    """Flags of a micro run writing into ``tmp_path/name``."""
+    return {**MICRO, "output": str(tmp_path / name), **extra}
+
+
+def run(flags):
+    cfg, ckpt = resolve_run(None, flags)
+    return train(cfg, ckpt)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_folder_has_every_file_with_sane_contents(tmp_path):
+    summary = run(micro(tmp_path))
+    out = tmp_path / "run"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json", "tb"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == list(METRIC_COLUMNS)
+    for r in rows:
+        assert 0 <= float(r["top1"]) <= float(r["top5"]) <= 100
+        assert 0 < float(r["train_loss"]) < 5 and 0 < float(r["val_loss"]) < 5
+    assert float(rows[1]["train_loss"]) < math.log(10) + 0.1  # not worse than chance
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-5)  # cosine ends at min_lr
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == summary
+    assert saved["epochs"] == 2 and saved["steps"] == 8 and saved["train_seconds"] > 0
+    assert saved["final_top1"] == pytest.approx(float(rows[-1]["top1"]))
+    assert saved["best_top1"] == pytest.approx(max(float(r["top1"]) for r in rows))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+
+    # config.yaml holds every resolved option and reruns as a --config recipe
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["num_classes"] == 10 and config["img_size"] == 16 and config["batch_size"] == 16
+    assert resolve_config(str(out / "config.yaml"), {}).model_args == MICRO["model_args"]
+
+    # checkpoints load without unpickling code and rebuild the model
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    expected = {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "ema",
+        "epoch",
+        "step",
+        "rng",
+        "config",
+        "classes",
+    }
+    assert expected <= set(ckpt)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["classes"]) == (2, 8, [str(d) for d in range(10)])
+    assert {"model", "num_classes", "img_size"} <= set(ckpt["config"])
+    model = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO["model_args"])
+    model.load_state_dict(ckpt["model"])
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["history"][-1]["top1"] == pytest.approx(saved["best_top1"])
+
+
+def test_existing_run_folder_is_refused_untouched_then_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "last.pt").write_bytes(b"old")
+    with pytest.raises(UsageError, match="already has content .*--resume auto.*--overwrite"):
+        run(micro(tmp_path))
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "notes.txt"]
+    assert (out / "last.pt").read_bytes() == b"old"
+
+    run(micro(tmp_path, epochs=1, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces run files only
+    assert weights(out / "last.pt")  # a real checkpoint now
+
+
+def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
+    """Resume from a checkpoint saved after step 3 of 8 (mid-epoch 1) equals the uninterrupted run."""
+    snapshots = {}
+
+    def save_and_keep(obj, path):
+        atomic_torch_save(obj, path)
+        if path.name == "last.pt":
+            snapshots[obj["step"]] = path.read_bytes()
+
+    monkeypatch.setattr("cvt.engine.trainer.atomic_torch_save", save_and_keep)
+    flags = micro(tmp_path, deterministic=True, save_every_steps=3, mixup=0.8, random_crop=True)
+    flags["model_args"] = {**flags["model_args"], "drop_path_rate": 0.2}  # random: RNG must be restored
+    run(flags)
+    assert sorted(snapshots) == [3, 4, 6, 8]  # mid-epoch saves at 3 and 6, epoch ends at 4 and 8
+    full = weights(tmp_path / "run" / "last.pt")
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes(snapshots[3])
+    monkeypatch.setattr("cvt.engine.trainer.atomic_torch_save", atomic_torch_save)
+    summary = run({"resume": str(resumed / "last.pt")})  # config comes from the checkpoint
+    assert summary["steps"] == 8 and summary["run_dir"] == str(resumed)
+    assert_same_weights(weights(resumed / "last.pt"), full)
+    rows = list(csv.DictReader((resumed / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_resume_auto_continues_and_extends_a_finished_run(tmp_path):
+    run(micro(tmp_path, epochs=1))
+    summary = run(micro(tmp_path, epochs=2, resume="auto"))
+    assert summary["steps"] == 8
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_cross_entropy = torch.nn.functional.cross_entropy
+
+    def nan_at_third_batch(logits, target, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_cross_entropy(logits, target, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_third_batch)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2 \(epoch 1, batch 2\)"):
+        run(micro(tmp_path, "stop", epochs=1))
+    assert not (tmp_path / "stop" / "last.pt").exists()  # nothing trained on NaN is saved
+
+    calls["n"] = 0
+    summary = run(micro(tmp_path, "skip", epochs=1, skip_nonfinite=True))
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    state = torch.load(tmp_path / "skip" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_options_that_cannot_work_on_cpu(tmp_path):
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        run(micro(tmp_path, amp="fp16", device="cpu"))
+    with pytest.raises(UsageError, match="SyncBatchNorm is GPU-only"):
+        run(micro(tmp_path, sync_bn=True, device="cpu"))
+    with pytest.raises(UsageError, match="larger than the training set"):
+        run(micro(tmp_path, batch_size=128))
+
+
+def test_sampler_shards_are_the_single_process_batches():
+    single = ResumableSampler(50, batch_size=8, seed=1)
+    ranks = [ResumableSampler(50, batch_size=4, rank=r, world_size=2, seed=1) for r in range(2)]
+    order = list(single)
+    assert len(order) == 48 and len(set(order)) == 48  # 6 whole batches, no repeats
+    shards = [list(s) for s in ranks]
+    for step in range(6):
+        together = shards[0][4 * step : 4 * step + 4] + shards[1][4 * step : 4 * step + 4]
+        assert sorted(together) == sorted(order[8 * step : 8 * step + 8])
+    single.set_position(epoch=0, batches_done=2)
+    assert list(single) == order[16:]
+    single.set_position(epoch=1)
+    assert list(single) != order  # a new shuffle every epoch
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = create_model("cvt_tiny", num_classes=10, pos_embed=True)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert "stage2.cls_token" in skipped and "stage0.pos_embed" in skipped and "norm.weight" in skipped
+    assert "stage0.blocks.0.attn.conv_proj_k.bn.weight" in skipped and "head.bias" in skipped
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim > 1 and n not in skipped
+    }
+
+
+def test_lr_scaling_and_schedule():
+    cfg = resolve_config(None, {"lr": 2.5e-4, "lr_base_batch": 256, "epochs": 10, "warmup_epochs": 1.0})
+    assert effective_lr(cfg, 2048) == pytest.approx(2e-3)  # the official 8-GPU recipe
+    assert effective_lr(resolve_config(None, {"lr": 0.01}), 2048) == 0.01  # no base batch: as given
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, resolve_config(None, {"lr": 1.0, "epochs": 10, "warmup_epochs": 1.0,
+                                                       "warmup_lr": 0.0, "min_lr": 0.0}), 10)  # fmt: skip
+    lrs = []
+    for step in (0, 5, 10, 55, 100):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:2] == pytest.approx([0.0, 0.5])  # linear warm-up over 10 steps
+    assert lrs[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # cosine, counted from step 0
+    assert lrs[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.55)))
+    assert lrs[4] == pytest.approx(0.0)
+
+
+def test_atomic_save_keeps_the_previous_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    atomic_torch_save({"model": {"w": torch.ones(2)}}, target)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine_state.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_torch_save({"model": {"w": torch.zeros(2)}}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_resume_of_a_broken_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*last\.pt"):
+        resolve_run(None, {"resume": str(bad)})
+    torch.save({"model": {}}, bad)
+    with pytest.raises(CheckpointError, match=r"not a cvt train checkpoint \(missing optimizer, epoch, step"):
+        resolve_run(None, {"resume": str(bad)})
