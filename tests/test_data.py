@@ -331,6 +331,9 @@ def test_augment_config_rejects_bad_values():
         AugmentConfig(re_prob=1.5)
     with pytest.raises(UsageError, match="scale"):
         AugmentConfig(scale=(0.5, 0.2))
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    with pytest.raises(UsageError, match="auto_augment must be a timm policy .* got 'bogus'"):
+        build_transform(cfg, True, AugmentConfig(auto_augment="bogus"))
 
 
 def test_build_mixup_soft_targets():

@@ -109,10 +109,16 @@ def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | 
     common = dict(interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
     if not train or aug is None:
         return transforms_imagenet_eval((height, width), crop_pct=data_cfg["crop_pct"], **common)
-    rrc_crop, augment, finish = transforms_imagenet_train(
-        (height, width), scale=aug.scale, hflip=aug.hflip, color_jitter=aug.color_jitter,
-        auto_augment=aug.auto_augment, re_prob=aug.re_prob, re_mode="pixel", separate=True, **common,
-    )  # fmt: skip
+    try:
+        rrc_crop, augment, finish = transforms_imagenet_train(
+            (height, width), scale=aug.scale, hflip=aug.hflip, color_jitter=aug.color_jitter,
+            auto_augment=aug.auto_augment, re_prob=aug.re_prob, re_mode="pixel", separate=True, **common,
+        )  # fmt: skip
+    except AssertionError as err:  # timm asserts on an unknown policy name
+        raise UsageError(
+            f"auto_augment must be a timm policy such as rand-m9-mstd0.5-inc1, augmix-m5 or v0; "
+            f"got {aug.auto_augment!r} ({err})"
+        ) from err
     if aug.random_crop and max(height, width) > SMALL_INPUT_MAX:
         crop = rrc_crop.transforms  # RandomResizedCrop (+ flip)
     else:
