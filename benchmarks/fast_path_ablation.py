@@ -1,0 +1,75 @@
+"""What each fast path buys: CvT-13 img/s with every fast path on, each one off, and all off.
+
+All variants share one model and one input and their timed runs are interleaved, so background load
+hits them alike (the machine this was written on was shared; rerun on a quiet one):
+
+    .venv/bin/python benchmarks/fast_path_ablation.py                 # inference fp32, batch 8
+    .venv/bin/python benchmarks/fast_path_ablation.py --mode train --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from cvt.benchmark import BenchConfig, make_batch, make_step
+from cvt.models import create_model
+from cvt.models.layers import FAST_PATH_FLAGS, set_fast_paths
+
+
+def variants() -> dict[str, dict[str, bool]]:
+    """Name → flags for :func:`set_fast_paths`: all on, each off in turn, all off."""
+    table = {"all fast paths": {f: True for f in FAST_PATH_FLAGS}}
+    for flag in FAST_PATH_FLAGS:
+        table[f"without {flag}"] = {f: f != flag for f in FAST_PATH_FLAGS}
+    table["reference (all off)"] = {f: False for f in FAST_PATH_FLAGS}
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="cvt_13")
+    parser.add_argument("--mode", choices=["infer", "train"], default="infer")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(model=args.model, batch_size=args.batch_size, mode=args.mode, dtype=args.dtype)
+    torch.manual_seed(0)
+    model: nn.Module = create_model(args.model)
+    step = make_step(model, cfg)
+    x, target = make_batch(cfg, model.num_classes)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    runs = {name: (flags, x) for name, flags in variants().items()}
+    runs["all fast paths + channels-last input"] = (variants()["all fast paths"], x_cl)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.runs + 1):  # the first round warms up
+        for name, (flags, inp) in runs.items():
+            set_fast_paths(model, **flags)
+            start = time.perf_counter()
+            step(inp, target)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["reference (all off)"])
+    threads = torch.get_num_threads()
+    print(f"{args.model} {args.mode} {args.dtype} batch {args.batch_size}, {threads} threads, "
+          f"{args.runs} interleaved runs (median)\n")  # fmt: skip
+    print("| variant | img/s | vs reference |\n|---|---|---|")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"| {name} | {args.batch_size / t:.2f} | {base / t:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Measure the speed and memory targets of issue 4 and print them as a Markdown table.
+
+CvT-13 at 224 against transformers' ``CvtForImageClassification`` (same configuration and weights)
+and the official algorithm re-implemented (``official_reference.py``), in the same process with
+interleaved timed runs (see ``cvt.benchmark``):
+
+    .venv/bin/python benchmarks/run_targets.py            # ~5 min on a quiet 2-core CPU
+    .venv/bin/python benchmarks/run_targets.py --runs 5 --json targets.json
+
+bf16 rows need a CPU with native bf16 (AVX-512 BF16 / AMX) or a GPU; elsewhere bf16 is emulated,
+takes many minutes and says nothing about the implementations, so it is skipped unless
+``--force-bf16``. On CUDA the GPU targets (bf16 + compile vs transformers fp32 eager) run too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+
+import torch
+
+from cvt.benchmark import BenchConfig, BenchResult, peak_step_memory_mb, run_benchmark
+from cvt.models import create_model
+
+PEERS = ["hf", "official"]
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: a measured figure for each implementation and the target check."""
+
+    name: str
+    values: dict[str, float]  # subject -> img/s (or MB for memory rows)
+    ratio: float  # cvt relative to the reference named in `versus`
+    versus: str
+    target: str  # e.g. ">= 1.25x"
+    met: bool
+    note: str = ""
+
+
+def has_native_bf16(device: str) -> bool:
+    """Whether bf16 matrix products run natively (not emulated) on ``device``."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def speed_row(name: str, results: list[BenchResult], minimum: float, note: str = "") -> Row:
+    """cvt's img/s against the faster peer."""
+    values = {r.subject: r.img_per_s for r in results}
+    faster = max(PEERS, key=lambda p: values[p])
+    ratio = values["cvt"] / values[faster]
+    return Row(name, values, ratio, faster, f">= {minimum}x", ratio >= minimum, note)
+
+
+def bf16_logit_error(device: str, img_size: int = 224, batch: int = 8) -> float:
+    """Relative L2 error of CvT-13 logits under bf16 autocast against fp32 (random weights)."""
+    torch.manual_seed(0)
+    model = create_model("cvt_13").to(device).eval()
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            bf16 = model(x).float()
+    return ((bf16 - fp32).norm() / fp32.norm()).item()
+
+
+def measure(args: argparse.Namespace) -> list[Row]:
+    """Every target of the issue that this machine can measure."""
+    device = args.device
+    base = BenchConfig(model="cvt_13", img_size=(224, 224), warmup=args.warmup, runs=args.runs,
+                       device=device, measure_memory=False)  # fmt: skip
+    bf16 = args.force_bf16 or has_native_bf16(device)
+    rows = []
+
+    def bench(**changes: object) -> list[BenchResult]:
+        cfg = dataclasses.replace(base, **changes)
+        print(f"measuring {cfg.mode} {cfg.dtype} batch {cfg.batch_size} ...", file=sys.stderr, flush=True)
+        return run_benchmark(cfg, PEERS)
+
+    rows.append(speed_row("inference fp32, batch 8", bench(batch_size=8), 1.25))
+    if bf16:
+        err = bf16_logit_error(device)
+        rows.append(
+            speed_row("inference bf16 autocast, batch 8", bench(batch_size=8, dtype="bf16"), 1.4,
+                      note=f"logits rel. error vs fp32 {100 * err:.2f}% (target <= 2%)")
+        )  # fmt: skip
+    rows.append(speed_row("train step fp32, batch 16", bench(batch_size=16, mode="train"), 1.2))
+    if bf16:
+        rows.append(speed_row("train step bf16 autocast, batch 16",
+                              bench(batch_size=16, mode="train", dtype="bf16"), 1.3))  # fmt: skip
+
+    train16 = dataclasses.replace(base, batch_size=16, mode="train")
+    if device.startswith("cuda"):  # max allocated over one step each
+        mem_cfg = dataclasses.replace(train16, measure_memory=True, runs=1)
+        peaks = {r.subject: r.peak_memory_mb for r in run_benchmark(mem_cfg, ["official"])}
+        official_mb, ours_mb = peaks["official"], peaks["cvt"]
+        gc_cfg = dataclasses.replace(mem_cfg, grad_checkpointing=True)
+        ours_gc_mb = run_benchmark(gc_cfg)[0].peak_memory_mb
+    else:
+        print("measuring peak train memory (fresh processes) ...", file=sys.stderr, flush=True)
+        official_mb = peak_step_memory_mb(train16, "official")
+        ours_mb = peak_step_memory_mb(train16, "cvt")
+        ours_gc_mb = peak_step_memory_mb(dataclasses.replace(train16, grad_checkpointing=True), "cvt")
+    for name, mb, limit in (("peak train memory, batch 16 (MB)", ours_mb, 0.75),
+                            ("... with gradient checkpointing (MB)", ours_gc_mb, 0.5)):  # fmt: skip
+        ratio = mb / official_mb
+        rows.append(Row(name, {"cvt": mb, "official": official_mb}, ratio, "official", f"<= {limit}x",
+                        ratio <= limit))  # fmt: skip
+
+    if device.startswith("cuda"):
+        hf_fp32 = {mode: run_benchmark(dataclasses.replace(base, batch_size=b, mode=mode), ["hf"])[1]
+                   for mode, b in (("train", 16), ("infer", 8))}  # fmt: skip
+        for mode, b, minimum in (("train", 16, 2.0), ("infer", 8, 3.0)):
+            fast = run_benchmark(
+                dataclasses.replace(base, batch_size=b, mode=mode, dtype="bf16", compile=True)
+            )
+            values = {"cvt": fast[0].img_per_s, "hf": hf_fp32[mode].img_per_s}
+            ratio = values["cvt"] / values["hf"]
+            rows.append(Row(f"GPU {mode} bf16+compile vs hf fp32 eager, batch {b}", values, ratio, "hf",
+                            f">= {minimum}x", ratio >= minimum))  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    """The rows as a Markdown table."""
+    lines = ["| measurement | cvt | transformers | official (re-impl.) | cvt vs | target | met |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        cells = [f"{r.values[s]:.1f}" if s in r.values else "-" for s in ("cvt", "hf", "official")]
+        lines.append(f"| {r.name} | {' | '.join(cells)} | {r.ratio:.2f}x {r.versus} | {r.target} | "
+                     f"{'yes' if r.met else 'NO'} |")  # fmt: skip
+    lines += [f"| {r.name}: {r.note} |" for r in rows if r.note]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per implementation")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even where it is emulated")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(args)
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))  # fmt: skip
+    print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median\n")
+    print(markdown(rows))
+    if not (args.force_bf16 or has_native_bf16(args.device)):
+        print(
+            "\nbf16 rows skipped: no native bf16 on this device (rerun with --force-bf16 to measure anyway)"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
