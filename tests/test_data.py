@@ -141,6 +141,14 @@ def test_cifar_truncated_file_is_named(tmp_path):
         build_dataset("cifar10", tmp_path, "train")
 
 
+def test_cifar_meta_must_name_every_label(tmp_path):
+    _write_cifar10(tmp_path)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(pickle.dumps({"label_names": ["a", "b"]}, protocol=2))
+    with pytest.raises(DataError, match=r"batches\.meta lists 2 class names for labels 0\.\.9"):
+        build_dataset("cifar10", tmp_path, "train")
+
+
 class _Payload:
     """Unpickling this runs ``os.system`` — a CIFAR file must never do that."""
 

@@ -147,9 +147,10 @@ def cifar_dataset(
         targets.extend(labels)
     meta_path = folder / layout["meta"]
     classes = [str(_text(c)) for c in _read_cifar_pickle(meta_path).get(layout["names_key"], [])]
-    if not classes or max(targets, default=-1) >= len(classes):
-        raise DataError(f"CIFAR meta file {meta_path} lists {len(classes)} class names for labels up to "
-                        f"{max(targets, default=-1)}")  # fmt: skip
+    low, high = min(targets, default=0), max(targets, default=0)
+    if not classes or low < 0 or high >= len(classes):
+        raise DataError(f"CIFAR meta file {meta_path} lists {len(classes)} class names for labels "
+                        f"{low}..{high}")  # fmt: skip
     return ArrayImageDataset(np.concatenate(images), targets, classes, transform)
 
 
