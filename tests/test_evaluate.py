@@ -191,3 +191,26 @@ def test_cli_eval_needs_a_model_source(tmp_path, capsys):
     bad.write_bytes(b"\x00\x01not a checkpoint" * 10)
     assert main(["eval", "--checkpoint", str(bad), "--dataset", "digits"]) == 1
     assert "random.pt" in capsys.readouterr().err
+
+
+def test_cli_eval_cifar_from_the_pickle_archive(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    ckpt = _training_checkpoint(tmp_path)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [3, 3, 1, 0, 9, 3] if name == "test_batch" else [0] * 4
+        entry = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": labels}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 6 and report["top1"] == 50.0  # the model always answers 3
+    assert main([*args[:-1], str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "--download" in err

@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help="CIFAR: the folder holding cifar-10-batches-py (default ./data); "
                         "imagefolder: the folder holding val/")  # fmt: skip
+    p.add_argument("--download", action="store_true", help="download CIFAR into --data-dir if missing")
     p.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default val)")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable ImageFolder files")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
@@ -60,8 +61,8 @@ def run_eval(args: argparse.Namespace) -> int:
         data_dir = source.train_config.get("data_dir")
     # an ImageFolder is read with the checkpoint's class list, so indices agree even if val/ lacks a class
     known = source.classes if dataset_name == "imagefolder" else None
-    dataset = build_dataset(dataset_name, data_dir, args.split, skip_bad_images=args.skip_bad_images,
-                            classes=known)  # fmt: skip
+    dataset = build_dataset(dataset_name, data_dir, args.split, download=args.download,
+                            skip_bad_images=args.skip_bad_images, classes=known)  # fmt: skip
     model = source.model
     if len(dataset.classes) != model.num_classes:
         raise CheckpointError(
