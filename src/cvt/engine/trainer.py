@@ -215,10 +215,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     check_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume))  # every rank, before anyone writes
     if env.distributed:
         torch.distributed.barrier()
-    if env.is_main:
-        prepare_run_dir(run_dir, cfg.overwrite)
     _set_deterministic(cfg.deterministic)
-    _seed_everything(cfg.seed)  # same initial weights on every rank
 
     # ---- data: datasets first (their class count sizes the head), transforms from the model
     aug = AugmentConfig(
@@ -226,15 +223,22 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         scale=tuple(cfg.scale), color_jitter=cfg.color_jitter, mixup=cfg.mixup, cutmix=cfg.cutmix,
         label_smoothing=cfg.label_smoothing,
     )  # fmt: skip
+    if env.distributed and not env.is_main:
+        torch.distributed.barrier()  # rank 0 reads (and with --download fetches) the data first
     train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", download=cfg.download and env.is_main,
                               skip_bad_images=cfg.skip_bad_images)  # fmt: skip
     val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", skip_bad_images=cfg.skip_bad_images)
+    if env.distributed and env.is_main:
+        torch.distributed.barrier()
+    if env.is_main:  # only now: a missing data set leaves no run folder behind
+        prepare_run_dir(run_dir, cfg.overwrite)
     classes = list(train_set.classes)
     num_classes = cfg.num_classes or len(classes)
     if num_classes < len(classes):
         raise UsageError(f"num_classes {num_classes} is smaller than the data set's {len(classes)} classes")
 
     # ---- model, EMA, wrappers (the raw `model` is what checkpoints and evaluation see)
+    _seed_everything(cfg.seed)  # same initial weights on every rank
     model = _build_model(cfg, num_classes)
     data_cfg = resolve_data_config(model, cfg.dataset)
     train_set.transform = build_transform(data_cfg, train=True, aug=aug)

@@ -1,0 +1,71 @@
+"""``cvt train`` and the seed's ``python train.py``: flags, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cvt.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_COMMAND = ["--model", "cvt", "--name", "cvt", "--sched", "cosine", "--epochs", "200", "--lr", "0.01"]
+
+
+def test_bad_option_values_exit_2_with_one_line(capsys, tmp_path):
+    assert main(["train", "--epochs", "0", "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cvt train: error: option 'epochs' must be > 0, got 0"
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_yaml_key_message_names_the_suggestion(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochz: 3\n")
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().endswith("'epochz' (did you mean 'epochs'?)")
+
+
+def test_flag_parse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--batch-size", "many"])
+    assert exit_info.value.code == 2
+    assert "--batch-size: invalid int value: 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--model-args", "method"])
+    assert "expected KEY=VALUE, got 'method'" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_usage_error(capsys, tmp_path):
+    assert main(["train", "--model", "cvt_99", "--output", str(tmp_path / "r")]) == 2
+    assert "unknown model 'cvt_99'" in capsys.readouterr().err
+
+
+def test_seed_command_without_cifar_says_where_to_put_it(capsys, tmp_path, monkeypatch):
+    """``python train.py --model cvt ...`` in a folder without ./data: one line, exit 1, no download."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", *SEED_COMMAND])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvt train: error: cifar10: no folder data/cifar-10-batches-py")
+    assert "--download" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_seed_command_maps_onto_the_seed_defaults(tmp_path, monkeypatch):
+    """The seed's flags on top of the seed recipe; a cvt train flag (--output) is accepted too."""
+    from cvt.engine import resolve_run
+    from cvt.engine.config import read_yaml
+
+    recipe = read_yaml("seed_cifar10")
+    cfg, ckpt = resolve_run("seed_cifar10", {"model": "cvt", "name": "cvt", "sched": "cosine", "epochs": 200})
+    assert ckpt is None and str(cfg.run_dir) == "runs/cvt"
+    expected = dict(dataset="cifar10", data_dir="data", batch_size=128, optimizer="sgd", momentum=0.9,
+                    weight_decay=5e-4, lr=0.01, download=False, auto_augment=None, mixup=0.0)  # fmt: skip
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert set(recipe) <= set(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
