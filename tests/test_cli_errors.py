@@ -1,0 +1,213 @@
+"""The CLI's error contract, across every subcommand (``cvt.cli.main``).
+
+Expected errors print ONE line ``cvt <command>: error: ...`` on stderr and exit 1 (2 for usage
+errors); a bug prints one ``internal error`` line that says to rerun with ``--debug``; ``--debug``
+(before or after the command) shows the traceback; Ctrl-C exits 130. Per-command messages are
+tested by each command's own tests; here one representative failure per command checks the contract.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cvt.cli.main import build_parser, main
+from cvt.errors import CheckpointError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subparsers() -> dict[str, object]:
+    """``{command name: its argparse parser}`` of the installed CLI."""
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")  # the subparsers action
+    return dict(action.choices)
+
+
+COMMANDS = sorted(_subparsers())
+
+
+def _assert_one_line(err: str, command: str, fragment: str, kind: str = "error") -> None:
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"cvt {command}: {kind}: "), err
+    assert fragment in err, err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small inputs shared by the cases: a `cvt train`-style checkpoint, an image, bad files."""
+    from PIL import Image
+
+    from cvt import create_model
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = create_model("cvt_tiny", num_classes=10)
+    ckpt = root / "best.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "cvt_tiny", "num_classes": 10}}, ckpt)
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(root / "img.png")
+    (root / "random.pt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    (root / "typo.yaml").write_text("epochz: 3\n")
+    (root / "a_file").write_text("not a folder")
+    (root / "keep.safetensors").write_bytes(b"precious")
+    names = {"img": "img.png", "random": "random.pt", "typo": "typo.yaml", "file": "a_file",
+             "keep": "keep.safetensors"}  # fmt: skip
+    return {"ckpt": ckpt, **{key: root / name for key, name in names.items()}}
+
+
+# (argv with {placeholders} for `files`, exit code, fragment of the one-line message)
+CASES: list[tuple[list[str], int, str]] = [
+    (["list", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    (["info", "cvt_99"], 2, "unknown model 'cvt_99'"),
+    (["train", "--epochs", "0"], 2, "option 'epochs' must be > 0, got 0"),
+    (["train", "--config", "{typo}"], 2, "'epochz' (did you mean 'epochs'?)"),
+    (["train", "--output", "{file}/run"], 2, "cannot write to the run folder"),
+    (["train", "--overwrite", "--resume", "auto"], 2, "'overwrite' and 'resume' conflict"),
+    (["train", "--resume", "{random}"], 1, "cannot read checkpoint"),
+    (["eval", "--checkpoint", "{random}", "--dataset", "digits"], 1, "is not a readable PyTorch"),
+    (["eval", "--checkpoint", "{ckpt}", "--dataset", "imagefolder"], 2, "needs a data folder"),
+    (["predict", "{img}", "--checkpoint", "{file}/nope.pt"], 1, "does not exist"),
+    (["predict", "{file}", "--checkpoint", "{ckpt}"], 1, "cannot read image"),
+    (["export", "cvt_tiny", "--format", "safetensors", "--output", "{keep}"], 2, "refusing to overwrite"),
+    (["convert", "{random}", "--output", "{file}.out"], 1, "is not a readable PyTorch"),
+    (["ablate", "--model", "cvt_99", "--dry-run"], 2, "unknown model 'cvt_99'"),
+    (["bench", "--model", "cvt_tiny", "--threads", "0"], 2, "--threads must be >= 1, got 0"),
+    (["attention", "{file}.png", "--model", "cvt_tiny", "--output", "{file}.png"], 1, "cannot read image"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "fragment"), CASES, ids=[" ".join(c[0][:3]) for c in CASES])
+def test_expected_errors_are_one_line_with_the_exit_code(
+    argv: list[str], code: int, fragment: str, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    if argv[0] not in COMMANDS:
+        pytest.skip(f"cvt {argv[0]} is not registered yet")
+    argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
+    try:
+        result = main(argv)
+    except SystemExit as exit_info:  # argparse's own usage errors: usage text, then one error line
+        assert exit_info.code == code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(("cvt: error: ", f"cvt {argv[0]}: error: ")) and fragment in last
+    else:
+        assert result == code
+        _assert_one_line(capsys.readouterr().err, argv[0], fragment)
+    assert files["keep"].read_bytes() == b"precious"  # nothing overwritten by a failing command
+
+
+def test_every_command_is_covered_here() -> None:
+    """A new subcommand must get a row in CASES (its representative error)."""
+    assert set(COMMANDS) <= {c[0][0] for c in CASES}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_and_accepts_debug_after_it(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sub = _subparsers()[command]
+    assert "--debug" in sub._option_string_actions  # `cvt <command> ... --debug`
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: cvt {command}" in capsys.readouterr().out
+
+
+def _fail_with(monkeypatch: pytest.MonkeyPatch, err: BaseException) -> None:
+    """Make `cvt list` raise ``err`` from inside the command."""
+
+    def raiser(args: object) -> int:
+        raise err
+
+    monkeypatch.setattr("cvt.cli.models.run_list", raiser)
+
+
+def test_a_bug_prints_one_internal_error_line_with_a_debug_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fail_with(monkeypatch, RuntimeError("boom\nsecond line of detail"))
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    _assert_one_line(err, "list", "RuntimeError: boom [more with --debug]", kind="internal error")
+    assert "rerun with --debug" in err
+    _fail_with(monkeypatch, NotImplementedError())  # no message at all: the type alone
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    _assert_one_line(err, "list", "internal error: NotImplementedError (a bug", kind="internal error")
+
+
+@pytest.mark.parametrize("argv", [["--debug", "list"], ["list", "--debug"]])
+def test_debug_lets_the_exception_through(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_with(monkeypatch, CheckpointError("bad checkpoint"))
+    with pytest.raises(CheckpointError, match="bad checkpoint"):
+        main(argv)
+
+
+def test_environment_errors_are_one_line_not_internal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fail_with(monkeypatch, OSError(errno.ENOSPC, "No space left on device", "runs/x/last.pt"))
+    assert main(["list"]) == 1
+    _assert_one_line(capsys.readouterr().err, "list", "No space left on device: 'runs/x/last.pt'")
+
+
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _fail_with(monkeypatch, KeyboardInterrupt())
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err == "cvt list: interrupted\n"
+
+
+class _BrokenImages(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise DataError(f"cannot read image img{index}.jpg: the file is empty (0 bytes)")
+
+
+def test_data_loader_worker_error_is_unwrapped_to_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch re-raises a worker's exception with the worker's traceback inside its message."""
+
+    def read_in_a_worker(args: object) -> int:
+        next(iter(DataLoader(_BrokenImages(), num_workers=1, multiprocessing_context="fork")))
+        return 0
+
+    monkeypatch.setattr("cvt.cli.models.run_list", read_in_a_worker)
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    _assert_one_line(err, "list", "img0.jpg: the file is empty (0 bytes) (in data loader worker 0)")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and timm: seconds
+def test_seed_script_accepts_debug_and_shows_the_traceback() -> None:
+    """``python train.py ... --debug``: the flag comes after the command that train.py prepends."""
+    cmd = [sys.executable, str(REPO / "train.py"), "--epochs", "0", "--debug"]
+    loud = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
+    assert loud.returncode == 1  # the interpreter's code for an uncaught exception
+    assert "Traceback (most recent call last)" in loud.stderr
+    assert loud.stderr.rstrip().endswith("cvt.errors.UsageError: option 'epochs' must be > 0, got 0")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and timm: seconds
+def test_closed_stdout_pipe_exits_quietly() -> None:
+    """``cvt ... | head``: the reader goes away; no traceback, no 'Exception ignored' noise."""
+    script = (
+        "import sys\nimport cvt.cli.models as m\n"
+        "def flood(args):\n    for _ in range(100000):\n        print('x' * 100)\n"
+        "m.run_list = flood\nfrom cvt.cli.main import main\nsys.exit(main(['list']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1000)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == ""
