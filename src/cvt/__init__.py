@@ -3,6 +3,7 @@
 ``import cvt`` registers the variants in timm's registry (``timm.create_model('cvt_13')``).
 """
 
+from cvt.checkpoint import export_hf, load_checkpoint, load_model, save_checkpoint
 from cvt.errors import CheckpointError, CvtError, DataError, InputShapeError, UsageError
 from cvt.models import CvT, StageSpec, count_params, create_model, list_models
 
@@ -19,5 +20,9 @@ __all__ = [
     "__version__",
     "count_params",
     "create_model",
+    "export_hf",
     "list_models",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
 ]

@@ -211,6 +211,8 @@ class CvT(nn.Module):
     # ----------------------------------------------------------------------------------- init
     def _init_weights(self, init: str) -> None:
         """Official init: Linear by trunc_normal(0.02) or xavier; norms to (1, 0); conv left default."""
+        if self.head_hidden_size and self.norm.weight.is_meta:
+            return  # built on the meta device (shape-only uses: GMACs, key matching): nothing to fill
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 if init == "xavier":
@@ -248,8 +250,8 @@ class CvT(nn.Module):
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
             )
         weight_dtype = self.stage0.patch_embed.proj.weight.dtype
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not x.is_floating_point() or (x.dtype != weight_dtype and not autocast):
+        mismatch = x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or mismatch:
             raise InputShapeError(
                 f"expected a {weight_dtype} input (the model's dtype), got {x.dtype}; convert with "
                 f"x.to({weight_dtype}) (integer images: scale to floats and normalize first)"
