@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,12 +14,14 @@ from cvt.ablation import (
     FAMILIES,
     AblationRow,
     PaperFigures,
+    Variant,
     ablation_variants,
     build_variant,
     dry_run,
     run_ablation,
 )
 from cvt.ablation.report import write_report
+from cvt.ablation.training import ABLATION_DEFAULTS, train_ablation, variant_config, variant_slug
 from cvt.cli.main import main
 
 
@@ -95,8 +98,8 @@ def test_dry_run_measures_each_variant() -> None:
 def test_run_ablation_trains_each_distinct_model_once() -> None:
     calls: list[dict] = []
 
-    def fake_train(overrides: dict) -> dict[str, float]:
-        calls.append(overrides)
+    def fake_train(variant: Variant) -> dict[str, float]:
+        calls.append(variant.overrides)
         return {"top1": 50.0 + len(calls), "train_seconds": 1.0}
 
     rows = run_ablation("cvt_tiny", ["kv_stride", "proj_method"], fake_train, num_classes=10)
@@ -137,3 +140,39 @@ def test_cli_dry_run_json(capsys) -> None:
 def test_cli_unknown_family_exits_2(capsys) -> None:
     assert main(["ablate", "--dry-run", "--family", "nope"]) == 2
     assert "unknown ablation family 'nope'" in capsys.readouterr().err
+
+
+def test_too_small_data_and_existing_report_fail_before_training(tmp_path) -> None:
+    budget = replace(ABLATION_DEFAULTS, train_subset=10, batch_size=64, output=str(tmp_path / "a"))
+    with pytest.raises(cvt.DataError, match="has 10 image\\(s\\), fewer than one batch of 64"):
+        train_ablation(budget, ["kv_stride"])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ablation.csv").write_text("mine")
+    with pytest.raises(cvt.UsageError, match="refusing to overwrite"):
+        train_ablation(replace(ABLATION_DEFAULTS, output=str(tmp_path / "b")), ["kv_stride"])
+    assert (tmp_path / "b" / "ablation.csv").read_text() == "mine"
+
+
+def test_variant_config_adds_the_overrides_to_the_budget(tmp_path) -> None:
+    budget = replace(ABLATION_DEFAULTS, model_args={"drop_path_rate": 0.0})
+    variant = ablation_variants(_tiny_stages(), ["conv_proj"])[1]
+    cfg = variant_config(budget, variant, tmp_path / variant_slug(variant))
+    assert cfg.model_args == {"drop_path_rate": 0.0, "method": ["dw_bn", "linear", "linear"]}
+    assert cfg.output == str(tmp_path / "conv_proj-stage_1") and cfg.epochs == budget.epochs
+
+
+@pytest.mark.slow
+def test_cli_trains_each_variant_and_writes_the_report(tmp_path, capsys) -> None:
+    out = tmp_path / "ablation"
+    args = ["ablate", "--family", "kv_stride", "--epochs", "1", "--train-subset", "64", "--batch-size", "32"]
+    assert main([*args, "--output", str(out)]) == 0
+    with open(out / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["stride 1", "stride 2"]
+    for row in rows:
+        assert 0.0 <= float(row["top1"]) <= 100.0 and float(row["train_seconds"]) > 0
+        run = out / f"kv_stride-{row['variant'].replace(' ', '_')}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["final_top1"] == pytest.approx(float(row["top1"]))
+    assert (out / "ablation.png").stat().st_size > 0
+    assert "| kv_stride | stride 1 |" in capsys.readouterr().out

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from cvt.ablation.variants import PaperFigures, Variant, ablation_variants
-from cvt.complexity import complexity
-from cvt.models import CvT, StageSpec, create_model
+from cvt.complexity import count_gmacs
+from cvt.models import CvT, StageSpec, count_params, create_model
 
 
 @dataclass(frozen=True)
@@ -56,23 +56,27 @@ def dry_run(
     families: Sequence[str] | None = None,
     img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    device: str = "meta",
 ) -> list[AblationRow]:
-    """One row per variant of ``families`` (default all) with parameters and GMACs, nothing trained."""
+    """One row per variant of ``families`` (default all) with parameters and GMACs, nothing trained.
+
+    Models are built on ``device``: ``meta`` (shapes only, no weights: CvT-W24 in a second) by default.
+    """
     variants = ablation_variants(_base_stages(base), families)
     measured: dict[tuple[StageSpec, ...], tuple[int, float]] = {}
     rows = []
     for variant in variants:
-        with torch.device("meta"):  # shapes only: counting needs no weights
+        with torch.device(device):
             model = build_variant(base, variant, num_classes, img_size).eval()
         if model.stage_specs not in measured:
-            info = complexity(model)
-            measured[model.stage_specs] = (info.params, info.gmacs)
+            gmacs = count_gmacs(model, model.img_size, model.in_chans)
+            measured[model.stage_specs] = (count_params(model), gmacs)
         params, gmacs = measured[model.stage_specs]
         rows.append(AblationRow(variant.family, variant.name, params, gmacs, variant.paper))
     return rows
 
 
-TrainFn = Callable[[dict[str, Any]], dict[str, float]]
+TrainFn = Callable[[Variant], dict[str, float]]
 
 
 def run_ablation(
@@ -83,12 +87,14 @@ def run_ablation(
     img_size: int | tuple[int, int] | None = None,
     on_row: Callable[[AblationRow], None] | None = None,
 ) -> list[AblationRow]:
-    """Train every variant with ``train_fn(overrides) -> {"top1", "train_seconds"}``; one row each.
+    """Train every variant with ``train_fn(variant) -> {"top1", "train_seconds"}``; one row each.
 
     ``train_fn`` builds ``base`` with the variant's model overrides and holds the budget (data,
     epochs, seed), so every variant gets the same one. ``on_row`` is called after each variant.
     """
-    rows = dry_run(base, families, img_size, num_classes)
+    # measured on real CPU tensors: the trained models are small, and the meta device cannot run
+    # every input check (autocast queries on meta tensors fail in torch 2.14)
+    rows = dry_run(base, families, img_size, num_classes, device="cpu")
     variants = ablation_variants(_base_stages(base), families)
     results: dict[tuple[StageSpec, ...], dict[str, float]] = {}
     trained = []
@@ -96,7 +102,7 @@ def run_ablation(
         with torch.device("meta"):
             specs = build_variant(base, variant, num_classes, img_size).stage_specs
         if specs not in results:  # the same model in another family: reuse its result
-            results[specs] = train_fn(dict(variant.overrides))
+            results[specs] = train_fn(variant)
         result = results[specs]
         row = replace(row, top1=float(result["top1"]), train_seconds=float(result["train_seconds"]))
         trained.append(row)

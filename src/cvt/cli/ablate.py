@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.cli.common import parse_img_size, print_json
+from cvt.cli.common import print_json
+from cvt.cli.train import add_train_arguments, flags_from_args
 
 FAMILY_HELP = (
     "pos_embed (Table 5), token_embed (Table 6), kv_stride (Table 7), conv_proj (Table 8), "
@@ -13,31 +14,37 @@ FAMILY_HELP = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``ablate`` subcommand."""
+    """Add the ``ablate`` subcommand: its own options plus every ``cvt train`` option (the budget)."""
     p = subparsers.add_parser(
         "ablate",
         help="run the paper's ablations (position/token embedding, kv stride, conv projection)",
-        description="Train every variant of the chosen ablation families with the same budget and write "
-        "ablation.md, ablation.csv and ablation.png; --dry-run prints parameters and GMACs only.",
+        description="Train every variant of the chosen ablation families with the same budget (any "
+        "cvt train option; default: cvt_tiny on digits, 2 epochs each) and write ablation.md, "
+        "ablation.csv and ablation.png to --output (default runs/ablate-<model>-<dataset>). "
+        "--dry-run prints parameters and GMACs per variant instead, next to the paper's CvT-13 figures.",
     )
-    p.add_argument("--model", default="cvt_tiny", help="base variant (default: cvt_tiny)")
     p.add_argument("--family", nargs="+", metavar="NAME", help=FAMILY_HELP)
-    p.add_argument("--img-size", type=parse_img_size, help="input size N or H,W (default: the model's)")
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's, or the data's)")
     p.add_argument("--dry-run", action="store_true", help="print params and GMACs per variant, train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print a JSON list")
+    add_train_arguments(p)
     p.set_defaults(func=run_ablate)
 
 
 def run_ablate(args: argparse.Namespace) -> int:
     from cvt.ablation import dry_run
     from cvt.ablation.report import markdown_table
+    from cvt.ablation.training import ABLATION_DEFAULTS, train_ablation
+    from cvt.engine.config import resolve_config
 
-    if args.dry_run:
-        rows = dry_run(args.model, args.family, args.img_size, args.num_classes)
-        if args.json:
-            print_json([row.as_dict() for row in rows])
-        else:
-            print(markdown_table(rows, with_results=False))
+    budget = resolve_config(args.config, flags_from_args(args), base=ABLATION_DEFAULTS)
+    if not args.dry_run:
+        rows, paths = train_ablation(budget, args.family)
+        print(markdown_table(rows))
+        print("wrote " + ", ".join(str(p) for p in paths))
         return 0
-    raise NotImplementedError
+    rows = dry_run(budget.model, args.family, budget.img_size, budget.num_classes)
+    if args.json:
+        print_json([row.as_dict() for row in rows])
+    else:
+        print(markdown_table(rows, with_results=False))
+    return 0

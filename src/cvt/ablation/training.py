@@ -1,0 +1,104 @@
+"""Training the ablation variants: one ``cvt train`` run per distinct model, all with the same budget.
+
+The budget is a :class:`~cvt.engine.config.TrainConfig` (data, epochs, batch, lr, seed); a variant
+only adds its model overrides to ``model_args`` and gets its own run folder under the ablation's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from cvt.ablation.report import write_report
+from cvt.ablation.runner import AblationRow, run_ablation
+from cvt.ablation.variants import Variant
+from cvt.engine.config import TrainConfig
+from cvt.errors import DataError, UsageError
+
+# The default budget: 11 distinct cvt_tiny models on the digits (1437 training images) must train in
+# under 15 minutes on a 2-core CPU, so 2 epochs each; warm-up shortened to a quarter epoch to match.
+ABLATION_DEFAULTS = TrainConfig(epochs=2, warmup_epochs=0.25)
+
+
+def variant_slug(variant: Variant) -> str:
+    """A folder name for a variant: ``kv_stride-stride_1``."""
+    return f"{variant.family}-" + re.sub(r"[^a-z0-9]+", "_", variant.name.lower()).strip("_")
+
+
+def variant_config(budget: TrainConfig, variant: Variant, run_dir: Path) -> TrainConfig:
+    """``budget`` with the variant's model overrides (lists, so the run's config.yaml can hold them)."""
+    overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in variant.overrides.items()}
+    return replace(
+        budget, model_args={**budget.model_args, **overrides}, output=str(run_dir), name=run_dir.name
+    )
+
+
+def check_data(budget: TrainConfig) -> int:
+    """The training set's class count; :class:`DataError` when it cannot fill one batch of the budget."""
+    from cvt.data import build_dataset
+
+    train_set = build_dataset(budget.dataset, budget.data_dir, "train")
+    images = len(train_set)
+    if budget.train_subset is not None:
+        images = min(images, budget.train_subset)
+    steps = images // (budget.batch_size * budget.accum_steps)
+    if steps == 0:
+        raise DataError(
+            f"the {budget.dataset} training set has {images} image(s), fewer than one batch of "
+            f"{budget.batch_size * budget.accum_steps}: lower --batch-size or use more data"
+        )
+    return len(train_set.classes)
+
+
+def train_variant(config: TrainConfig) -> dict[str, float]:
+    """Train one variant with the engine; its final validation top-1 (%) and training seconds."""
+    from cvt.engine import train
+
+    summary = train(config)
+    return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
+
+
+REPORT_FILES: tuple[str, ...] = ("ablation.md", "ablation.csv", "ablation.png")
+
+
+def ablation_dir(budget: TrainConfig) -> Path:
+    """The ablation's folder: ``budget.output`` or ``runs/ablate-<model>-<dataset>``."""
+    return Path(budget.output) if budget.output else Path("runs") / f"ablate-{budget.model}-{budget.dataset}"
+
+
+def train_ablation(
+    budget: TrainConfig, families: Sequence[str] | None = None, verbose: bool = True
+) -> tuple[list[AblationRow], list[Path]]:
+    """Train every variant of ``families`` with ``budget``; the rows and the report files written.
+
+    Variant runs go to ``<ablation dir>/<family>-<variant>/``. Refuses to replace an existing
+    report unless ``budget.overwrite``; checks the data can fill a batch and the family names
+    (in :func:`run_ablation`'s dry run) before training anything.
+    """
+    out_dir = ablation_dir(budget)
+    existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing and not budget.overwrite:
+        raise UsageError(
+            f"refusing to overwrite {', '.join(existing)}: choose another --output or --overwrite"
+        )
+    num_classes = check_data(budget)
+
+    def train_fn(variant: Variant) -> dict[str, float]:
+        return train_variant(variant_config(budget, variant, out_dir / variant_slug(variant)))
+
+    def announce(row: AblationRow) -> None:
+        if verbose:
+            print(
+                f"ablation {row.family} / {row.variant}: top-1 {row.top1:.2f}% in {row.train_seconds:.0f} s"
+            )
+
+    rows = run_ablation(
+        budget.model, families, train_fn, budget.num_classes or num_classes, budget.img_size, on_row=announce
+    )
+    title = (
+        f"{budget.model} on {budget.dataset}: {budget.epochs} epoch(s) per variant, "
+        f"batch {budget.batch_size}, lr {budget.lr:g}, seed {budget.seed}"
+    )
+    return rows, write_report(rows, out_dir, title)
