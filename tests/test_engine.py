@@ -254,3 +254,47 @@ def test_resume_of_a_broken_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"model": {}}, bad)
     with pytest.raises(CheckpointError, match=r"not a cvt train checkpoint \(missing optimizer, epoch, step"):
         resolve_run(None, {"resume": str(bad)})
+
+
+def test_accumulation_equals_the_large_batch(tmp_path):
+    """2 accumulated micro-batches of 8 give the weights of batches of 16 (no BatchNorm: method=avg).
+
+    SGD, not AdamW: the key bias gets a zero gradient up to rounding (softmax ignores a constant added
+    to every logit of a row), and Adam would scale that rounding noise up to full-size updates.
+    """
+    args = {**MICRO["model_args"], "method": "avg", "drop_path_rate": 0.0}
+    common = dict(epochs=1, model_args=args, optimizer="sgd", lr=0.05)
+    run(micro(tmp_path, "big", **common))
+    summary = run(micro(tmp_path, "accum", batch_size=8, accum_steps=2, **common))
+    assert summary["steps"] == 4
+    big, accum = weights(tmp_path / "big" / "last.pt"), weights(tmp_path / "accum" / "last.pt")
+    for key in big:
+        torch.testing.assert_close(accum[key], big[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_ema_bf16_and_clipping_run_and_are_recorded(tmp_path):
+    summary = run(micro(tmp_path, epochs=1, ema=True, ema_decay=0.5, amp="bf16", clip_grad=1.0))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    assert not torch.equal(ckpt["ema"]["head.weight"], ckpt["model"]["head.weight"])  # an average, not a copy
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert 0 <= float(rows[0]["ema_top1"]) <= 100 and math.isfinite(summary["final_top1"])
+
+
+def test_finetune_keeps_the_body_resets_the_head_and_resizes_position_embeddings(tmp_path):
+    from cvt.engine.trainer import _load_finetune
+
+    torch.manual_seed(0)
+    source = create_model("cvt_tiny", num_classes=10, img_size=16, pos_embed=True, **MICRO["model_args"])
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "best.pt")
+    target = create_model("cvt_tiny", num_classes=12, img_size=32, pos_embed=True, **MICRO["model_args"])
+    fresh_head = target.head.weight.clone()
+    _load_finetune(target, str(tmp_path / "best.pt"))
+    got, want = target.state_dict(), source.state_dict()
+    assert torch.equal(got["stage1.blocks.0.attn.proj_q.weight"], want["stage1.blocks.0.attn.proj_q.weight"])
+    assert torch.equal(got["stage2.cls_token"], want["stage2.cls_token"])
+    assert torch.equal(target.head.weight, fresh_head)  # 12 classes: the new head is kept
+    assert want["stage0.pos_embed"].shape == (1, 8 * 8, 8)
+    assert got["stage0.pos_embed"].shape == (1, 16 * 16, 8)
+    # bicubic resizing keeps each channel's mean: the values are interpolated, not re-initialised
+    assert torch.allclose(got["stage0.pos_embed"].mean(1), want["stage0.pos_embed"].mean(1), atol=0.02)
