@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cvt.models import CvT, expand_stages
-from cvt.models.layers import FAST_PATH_FLAGS, ConvProjection, QuickGeluMlp, set_fast_paths
+from cvt.models.layers import FAST_PATH_FLAGS, ConvProjection, QuickGeluMlp, SiluLinear, set_fast_paths
 
 METHODS = ("dw_bn", "avg", "linear")
 INPUT_HW = (40, 56)  # non-square: grids 10x14 then 5x7, stride-2 kv 3x4
@@ -186,3 +186,29 @@ def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32() -> None:
 def test_set_fast_paths_rejects_unknown_flags() -> None:
     with pytest.raises(ValueError, match="fold_nothing"):
         set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)
+
+
+def test_silu_linear_recomputing_backward_passes_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluLinear.apply, (h, weight, bias))
+    out = SiluLinear.apply(h, weight, bias)
+    torch.testing.assert_close(out, nn.functional.linear(nn.functional.silu(h), weight, bias))
+
+
+def test_bf16_autocast_training_step_gives_fp32_gradients_close_to_fp32() -> None:
+    model = tiny_model("dw_bn", cls=True).train()
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    nn.functional.cross_entropy(model(x), target).backward()
+    fp32 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    fc1 = "stage1.blocks.1.mlp.fc1.weight"
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+    rel = (model.get_parameter(fc1).grad - fp32[fc1]).norm() / fp32[fc1].norm()
+    assert rel < 0.05, f"bf16 gradient of {fc1} differs by {rel:.2%}"

@@ -300,11 +300,39 @@ class ConvAttention(nn.Module):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
 
 
+class SiluLinear(torch.autograd.Function):
+    """``F.linear(silu(h), weight, bias)`` that keeps only ``h`` for backward and recomputes the SiLU.
+
+    Autograd would keep both ``h`` and ``silu(h)`` (4 x dim per token each): this halves the MLP's
+    saved activations for one extra elementwise pass in backward. ``weight`` and ``bias`` must already
+    be in ``h``'s dtype (the caller casts them, so under autocast the cast stays differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.silu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight = ctx.saved_tensors
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.ops.aten.silu_backward(grad_out @ weight, h)  # (..., hidden)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.flatten(0, -2).T @ F.silu(h).flatten(0, -2)  # (out, hidden)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.flatten(0, -2).sum(0)
+        return grad_h, grad_w, grad_b
+
+
 class QuickGeluMlp(Mlp):
     """timm's ``Mlp`` (fc1 → act → fc2, same keys) whose QuickGELU is folded into the weights (``fold_act``).
 
     ``h * sigmoid(1.702 h) = silu(1.702 h) / 1.702``: fc1 is scaled by 1.702 and fc2 by 1 / 1.702, so
-    one SiLU pass replaces three elementwise passes (mul, sigmoid, mul) and their saved activations.
+    one SiLU pass replaces three elementwise passes (mul, sigmoid, mul). In training, fc2 and the SiLU
+    run as :class:`SiluLinear`, which saves one hidden activation instead of three.
     """
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
@@ -323,9 +351,12 @@ class QuickGeluMlp(Mlp):
         sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
         w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)
         h = F.linear(x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
-        # in place when no graph needs h (inference): saves an allocation of the largest activation
-        h = F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
-        return self.drop2(F.linear(self.drop1(h), w2, self.fc2.bias))
+        if torch.is_grad_enabled() and h.requires_grad:
+            if self.training and self.drop1.p > 0:  # dropout between SiLU and fc2: plain autograd
+                return self.drop2(F.linear(self.drop1(F.silu(h)), w2, self.fc2.bias))
+            return self.drop2(SiluLinear.apply(h, w2.to(h.dtype), self.fc2.bias.to(h.dtype)))
+        # no graph: SiLU in place, saving an allocation of the largest activation
+        return self.drop2(F.linear(self.drop1(F.silu(h, inplace=True)), w2, self.fc2.bias))
 
 
 class Block(nn.Module):
