@@ -56,17 +56,13 @@ def dry_run(
     families: Sequence[str] | None = None,
     img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
-    device: str = "meta",
 ) -> list[AblationRow]:
-    """One row per variant of ``families`` (default all) with parameters and GMACs, nothing trained.
-
-    Models are built on ``device``: ``meta`` (shapes only, no weights: CvT-W24 in a second) by default.
-    """
+    """One row per variant of ``families`` (default all) with parameters and GMACs, nothing trained."""
     variants = ablation_variants(_base_stages(base), families)
     measured: dict[tuple[StageSpec, ...], tuple[int, float]] = {}
     rows = []
     for variant in variants:
-        with torch.device(device):
+        with torch.device("meta"):  # shapes only: counting needs no weights
             model = build_variant(base, variant, num_classes, img_size).eval()
         if model.stage_specs not in measured:
             gmacs = count_gmacs(model, model.img_size, model.in_chans)
@@ -92,9 +88,7 @@ def run_ablation(
     ``train_fn`` builds ``base`` with the variant's model overrides and holds the budget (data,
     epochs, seed), so every variant gets the same one. ``on_row`` is called after each variant.
     """
-    # measured on real CPU tensors: the trained models are small, and the meta device cannot run
-    # every input check (autocast queries on meta tensors fail in torch 2.14)
-    rows = dry_run(base, families, img_size, num_classes, device="cpu")
+    rows = dry_run(base, families, img_size, num_classes)
     variants = ablation_variants(_base_stages(base), families)
     results: dict[tuple[StageSpec, ...], dict[str, float]] = {}
     trained = []
