@@ -22,6 +22,7 @@ from cvt.engine import resolve_run, train
 # every logit of a row), and Adam would scale that rounding noise up to full-size updates.
 MICRO = dict(
     img_size=16, train_subset=64, epochs=2, warmup_epochs=0.5, optimizer="sgd", lr=0.05, seed=2,
+    random_crop=False,  # each rank draws its own augmentation: no random transforms here
     model_args={"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2], "method": "avg",
                 "drop_path_rate": 0.0},
 )  # fmt: skip
@@ -31,7 +32,9 @@ def as_argv(flags: dict) -> list[str]:
     argv = []
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
-        if key == "model_args":
+        if isinstance(value, bool):
+            argv.append(flag if value else flag.replace("--", "--no-", 1))
+        elif key == "model_args":
             argv += [flag, *(f"{k}={v}" for k, v in value.items())]
         else:
             argv += [flag, str(value)]

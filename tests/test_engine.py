@@ -120,6 +120,7 @@ def test_existing_run_folder_is_refused_untouched_then_overwritten(tmp_path):
     run(micro(tmp_path, epochs=1, overwrite=True))
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces run files only
     assert weights(out / "last.pt")  # a real checkpoint now
+    assert run(micro(tmp_path, epochs=2, resume="auto"))["steps"] == 8  # --overwrite is not inherited
 
 
 def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch):

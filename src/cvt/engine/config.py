@@ -55,7 +55,7 @@ class TrainConfig:
     auto_augment: str | None = _opt(None, "timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
     re_prob: float = _opt(0.0, "random-erasing probability")
     hflip: float = _opt(0.0, "horizontal-flip probability (0 for digits: a flipped 2 is no digit)")
-    random_crop: bool = _opt(False, "random crop: pad-and-crop at <= 64 px, RandomResizedCrop above")
+    random_crop: bool = _opt(True, "random crop: pad-and-crop up to 64 px (digits, CIFAR), RRC above")
     scale: list = field(
         default_factory=lambda: [0.08, 1.0],
         metadata={"help": "RandomResizedCrop area range (inputs > 64 px)"},

@@ -64,7 +64,11 @@ def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainCo
     if cfg.resume == "auto" and not path.is_file():
         return cfg, None  # nothing to resume yet: a fresh run in the same folder
     ckpt = load_train_checkpoint(path)
-    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    # how the interrupted run was started (--overwrite, its own --resume) does not carry over
+    run_once = ("overwrite", "resume")
+    saved = {
+        k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__ and k not in run_once
+    }
     base = resolve_config(None, saved)
     # the run continues in the checkpoint's folder unless --output says otherwise
     run_flags = {"output": flags.get("output") or str(path.parent), **flags, "resume": cfg.resume}
