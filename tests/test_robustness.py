@@ -482,3 +482,16 @@ def test_a_data_loader_worker_killed_by_the_os_is_one_clear_line(
     code = main(["train", *MICRO_FLAGS, "--workers", "1", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err.splitlines()[-1]
     assert code == 1 and err.startswith("cvt train: error: ") and "worker" in err
+
+
+# ------------------------------------------------------------------------------ the table
+def test_every_test_named_in_docs_robustness_exists() -> None:
+    """docs/robustness.md cites tests as ``tests/<file>.py::<name>``; each must be a test function."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    cited = set(re.findall(r"`(tests/\w+\.py)::(\w+)", (root / "docs" / "robustness.md").read_text()))
+    assert len(cited) > 40
+    missing = [f"{f}::{name}" for f, name in sorted(cited)
+               if not (root / f).is_file() or f"def {name}(" not in (root / f).read_text()]  # fmt: skip
+    assert not missing, missing
