@@ -14,7 +14,7 @@ machine hits all of them alike.
   backward costs two forwards), divided by the median time; the ceiling is a square matrix product
   in the same dtype on the same device and threads.
 - peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one extra step per subject; on CPU a fresh
-  subprocess per subject runs two steps and reports its peak RSS (``ru_maxrss``) minus its RSS just
+  subprocess per subject runs two steps and reports its peak RSS (``VmHWM``) minus its RSS just
   before the first step (so the Python and torch baseline and the weights are excluded; in-process
   deltas would be hidden by whichever subject ran first).
 """
@@ -300,6 +300,18 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process image, in MB.
+
+    ``VmHWM`` starts afresh at ``exec``; ``ru_maxrss`` would not: Linux carries it over from the
+    parent, so a small worker would report the benchmark process's own peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: best effort
+
+
 def peak_step_memory_mb(cfg: BenchConfig, subject: str) -> float:
     """Peak memory of ``cfg``'s step for one subject, in MB (see the module docstring for how)."""
     if cfg.device.startswith("cuda"):
@@ -331,8 +343,7 @@ def _memory_worker(request: str) -> None:
     before = _rss_mb()
     for _ in range(2):
         step(*batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    print(peak - before)
+    print(_peak_rss_mb() - before)
 
 
 def run_benchmark(cfg: BenchConfig, compare: list[str] | None = None) -> list[BenchResult]:
