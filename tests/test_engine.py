@@ -152,6 +152,9 @@ def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
 
 def test_resume_auto_continues_and_extends_a_finished_run(tmp_path):
     run(micro(tmp_path, epochs=1))
+    wider = {**MICRO["model_args"], "embed_dim": [8, 16, 64]}
+    with pytest.raises(CheckpointError, match="does not fit cvt_tiny with 10 classes"):
+        run(micro(tmp_path, epochs=2, resume="auto", model_args=wider))
     summary = run(micro(tmp_path, epochs=2, resume="auto"))
     assert summary["steps"] == 8
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))

@@ -44,7 +44,7 @@ from cvt.engine.rundir import (
 )
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save, capture_rng, load_train_checkpoint, restore_rng
-from cvt.errors import CvtError, UsageError
+from cvt.errors import CheckpointError, CvtError, UsageError
 
 
 class NonFiniteLossError(CvtError):
@@ -295,8 +295,14 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     )  # fmt: skip
     pending_rng: dict[str, Any] | None = None
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+        except (RuntimeError, ValueError) as err:  # another variant, class count or optimizer
+            raise CheckpointError(
+                f"the checkpoint to resume does not fit {cfg.model} with {num_classes} classes and "
+                f"optimizer {cfg.optimizer} (resume with the options it was trained with): {err}"
+            ) from err
         scheduler.load_state_dict(resume["scheduler"])
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
