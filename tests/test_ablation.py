@@ -165,6 +165,7 @@ def test_variant_config_adds_the_overrides_to_the_budget(tmp_path) -> None:
 def test_cli_trains_each_variant_and_writes_the_report(tmp_path, capsys) -> None:
     out = tmp_path / "ablation"
     args = ["ablate", "--family", "kv_stride", "--epochs", "1", "--train-subset", "64", "--batch-size", "32"]
+    args += ["--img-size", "16"]  # 8/4/2 token grids: a quarter of the cost of 32x32
     assert main([*args, "--output", str(out)]) == 0
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
