@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -84,8 +85,17 @@ def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, random bytes, or a pickle with code in it
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler refused the file
+        unsafe = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
+        if unsafe:  # the pickle names a Python object (os.system, a class …): loading it could run code
+            raise CheckpointError(
+                f"refused to load {path}: it holds Python objects that could run code ({unsafe[0][:100]}); "
+                f"only weights-only checkpoints written by cvt train are read"
+            ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated, or not a PyTorch file") from err
+    except Exception as err:  # a truncated zip archive, an unreadable file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {reason}") from err
     required = ("model", "optimizer", "epoch", "step", "config")
     missing = [k for k in required if k not in ckpt] if isinstance(ckpt, dict) else list(required)
     if missing:

@@ -51,6 +51,10 @@ class NonFiniteLossError(CvtError):
     """The loss became NaN or infinite (the run stops unless ``--skip-nonfinite``)."""
 
 
+class DataLoaderWorkerError(CvtError):
+    """A data-loader worker process died (killed by the OS, usually for memory)."""
+
+
 def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The run's config and, when resuming, its checkpoint.
 
@@ -186,7 +190,15 @@ def _epoch_batches(loader: DataLoader, rng_state: dict[str, Any] | None) -> Iter
     iterator = iter(loader)
     if rng_state is not None:
         restore_rng(rng_state)
-    yield from iterator
+    try:
+        yield from iterator
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        raise DataLoaderWorkerError(
+            f"a data-loader worker died ({str(err).splitlines()[0]}); the OS may have killed it for memory: "
+            f"use fewer --workers, or --workers 0 to see any error in the training process"
+        ) from err
 
 
 def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
