@@ -254,6 +254,10 @@ class ConvAttention(nn.Module):
             cls_tok, x = x[:, :1], x[:, 1:]  # cls is never convolved
         # (B, H*W, C) -> (B, C, H, W): a channels-last view, which the depthwise conv reads without a copy
         x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
+            # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
+            # its slower NCHW kernel; one channels-last copy here serves all three projections
+            x_map = x_map.contiguous(memory_format=torch.channels_last)
 
         def project(proj: ConvProjection | None) -> torch.Tensor:
             t = x if proj is None else proj(x_map)
