@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ablate",
         help="run the paper's ablations (position/token embedding, kv stride, conv projection)",
         description="Train every variant of the chosen ablation families with the same budget (any "
-        "cvt train option; default: cvt_tiny on digits, 1 epoch each) and write ablation.md, "
+        "cvt train option; default: cvt_tiny on digits, 3 epochs each) and write ablation.md, "
         "ablation.csv and ablation.png to --output (default runs/ablate-<model>-<dataset>). "
         "--dry-run prints parameters and GMACs per variant instead, next to the paper's CvT-13 figures.",
     )
