@@ -13,8 +13,10 @@ compare every one against the plain reference computation):
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
   outputs per channel runs ~20x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
 - ``fold_bn``: in eval mode the ``dw_bn`` BatchNorm is folded into the depthwise conv's weight and bias;
+  After a cls split the map is made channels-last once, so the depthwise convs do not each copy it;
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
-  ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``.
+  ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
+  :class:`SiluLinear` keeps one hidden activation for backward instead of three.
 
 Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
 graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor).
