@@ -106,7 +106,10 @@ def save_checkpoint(
         NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
         NATIVE_ARCH_KEY: json.dumps(architecture_of(model, variant)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, or the folder is not writable
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -15,6 +15,7 @@ Pickles are read with ``torch.load(weights_only=True)`` only: a pickle that woul
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,20 +116,32 @@ def _load_file(path: Path) -> tuple[Any, dict[str, str]]:
             raise CheckpointError(
                 f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from err
+    return safe_torch_load(path), {}
+
+
+def safe_torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, with one-line errors: unsafe pickle, or unreadable file.
+
+    A pickle that names a Python object (``os.system``, a class …) would run code when loaded
+    normally: torch's weights-only unpickler refuses it, and so do we, naming the object.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        # torch reports a forbidden object as "Unsupported global: GLOBAL module.name ..."
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        if unsafe:
+        # torch's weights-only unpickler words a refusal "Unsupported global: GLOBAL os.system" or
+        # "unsupported GLOBAL posix.system whose module posix is blocked", depending on the object
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and unsafe:
             raise CheckpointError(
                 f"refused to load {path}: its pickle needs {unsafe.group(1)}, which could run code; "
                 f"only tensors, containers and plain values are read (torch.load(weights_only=True)); "
                 f"re-save the checkpoint with torch.save(model.state_dict()) if you trust it"
             ) from err
+        # anything else: a truncated zip archive, random bytes, an unreadable file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated or not a "
-            f"checkpoint?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+            f"checkpoint?): {type(err).__name__}: {detail}"
         ) from err
 
 
@@ -211,6 +224,9 @@ def _native_arch(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable JSON file: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
+    return data

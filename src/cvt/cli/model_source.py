@@ -46,14 +46,11 @@ def _training_checkpoint(path: Path) -> dict[str, Any] | None:
     Read with ``weights_only=True``; a file that fails here is left for the checkpoint reader,
     which reports the problem precisely.
     """
-    import torch
+    from cvt.checkpoint.read import safe_torch_load
 
-    if not path.is_file():
+    if not path.is_file() or path.suffix in (".safetensors", ".json"):
         return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a (safe, zip-format) pickle: read_state_dict names the problem
-        return None
+    obj = safe_torch_load(path, mmap=True)  # an unsafe or broken file stops here, named
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
         return obj
     return None

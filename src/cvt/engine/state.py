@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cvt.checkpoint.read import safe_torch_load
 from cvt.errors import CheckpointError
 
 
@@ -83,19 +83,7 @@ def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's weights-only unpickler refused the file
-        unsafe = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
-        if unsafe:  # the pickle names a Python object (os.system, a class …): loading it could run code
-            raise CheckpointError(
-                f"refused to load {path}: it holds Python objects that could run code ({unsafe[0][:100]}); "
-                f"only weights-only checkpoints written by cvt train are read"
-            ) from err
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, or not a PyTorch file") from err
-    except Exception as err:  # a truncated zip archive, an unreadable file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {reason}") from err
+    ckpt = safe_torch_load(path)
     required = ("model", "optimizer", "epoch", "step", "config")
     missing = [k for k in required if k not in ckpt] if isinstance(ckpt, dict) else list(required)
     if missing:

@@ -49,6 +49,9 @@ class StageSpec:
     padding_kv: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("depth", "embed_dim", "num_heads", "patch_size", "patch_stride", "kernel_qkv"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
         if self.method not in PROJECTION_METHODS:
             raise UsageError(f"projection method must be one of {PROJECTION_METHODS}, got {self.method!r}")
         if self.embed_dim % self.num_heads:
@@ -56,9 +59,6 @@ class StageSpec:
         if self.method == "dw_bn" and self.stride_q != 1:
             # the residual x + attn(x) needs one output token per input token
             raise UsageError(f"stride_q must be 1 (got {self.stride_q}): the block's residual needs it")
-        for name in ("depth", "embed_dim", "num_heads", "patch_size", "patch_stride", "kernel_qkv"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
 
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StageSpec))
