@@ -188,16 +188,12 @@ def test_code_in_a_pickle_never_runs_from_any_command(
     assert not (tmp_path / "out.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/read.py only recognises torch's 'Unsupported global' "
-                   "wording; a blocked module (os.system) is reported as a truncated file")  # fmt: skip
 def test_blocked_module_pickle_is_called_unsafe(system_call_pickle: tuple[Path, Path]) -> None:
     evil, _ = system_call_pickle
     with pytest.raises(CheckpointError, match=r"refused to load .*could run code"):
         load_checkpoint(create_model("cvt_tiny", num_classes=3), evil)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/state.py load_train_checkpoint passes torch's multi-line "
-                   "message through and does not say the file was refused as unsafe")  # fmt: skip
 def test_resume_from_a_code_pickle_says_it_was_refused(system_call_pickle: tuple[Path, Path]) -> None:
     from cvt.engine import resolve_run
 
@@ -261,8 +257,6 @@ def test_broken_hugging_face_config_is_explained(
         load_model(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/hf.py model_kwargs_from_hf_config calls config.get on "
-                   "whatever JSON it gets: a list gives AttributeError (an internal error)")  # fmt: skip
 def test_hugging_face_config_that_is_not_an_object_is_explained(
     hf_export: tuple[Path, dict], tmp_path: Path
 ) -> None:
@@ -274,15 +268,11 @@ def test_hugging_face_config_that_is_not_an_object_is_explained(
         load_model(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="models/cvt.py StageSpec checks embed_dim % num_heads before "
-                   "num_heads >= 1: num_heads 0 raises ZeroDivisionError")  # fmt: skip
 def test_zero_heads_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="num_heads must be >= 1"):
         create_model("cvt_tiny", num_heads=[0, 0, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/native.py save_checkpoint lets mkdir's FileExistsError "
-                   "('[Errno 17] File exists: <parent>') through when a parent is a file")  # fmt: skip
 def test_saving_under_a_file_names_the_target(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(CheckpointError, match=r"a_file/m\.safetensors"):
@@ -530,8 +520,6 @@ def test_sigint_saves_and_exits_130_then_resume_gives_the_same_weights(
 
 
 @pytest.mark.slow  # a micro training run
-@pytest.mark.xfail(strict=True, reason="engine/trainer.py lets torch's RuntimeError about a dead "
-                   "worker through; the CLI calls it an internal error, not the worker's death")  # fmt: skip
 def test_a_data_loader_worker_killed_by_the_os_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
