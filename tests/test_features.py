@@ -47,10 +47,15 @@ def test_imagenet_variants_have_strides_4_8_16_through_timm() -> None:
     assert full.feature_info.reduction() == [4, 8, 16]
 
 
+def test_feature_extractor_drops_the_head() -> None:
+    net = cvt.create_model("cvt_tiny", features_only=True, out_indices=(1,))
+    assert isinstance(net.model.head, torch.nn.Identity)
+    assert net.feature_info.channels() == [64]
+
+
 def test_out_indices_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(cvt.UsageError, match=r"stage indices \(0, 3\) out of range for a 3-stage model"):
-        net = cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))
-        net(torch.zeros(1, 3, 32, 32))  # (raised here until the model validates at construction)
+        cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))  # refused when built
 
 
 @pytest.mark.slow

@@ -318,6 +318,21 @@ class CvT(nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Validate ``indices`` for a feature extractor and drop what it never uses (timm's interface).
+
+        Stages past the last index are skipped by ``forward_intermediates(..., intermediates_only=True)``
+        already; the head (and, with ``prune_norm``, the final norm) are replaced by identities.
+        """
+        take = self._stage_indices(indices)
+        if prune_head:
+            self.reset_classifier(0)
+        if prune_norm:
+            self.norm = nn.Identity()
+        return take
+
     def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
         n = self.num_stages
         if indices is None:
