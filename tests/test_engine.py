@@ -253,7 +253,7 @@ def test_atomic_save_keeps_the_previous_file_when_the_disk_is_full(tmp_path, mon
 def test_resume_of_a_broken_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*last\.pt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*last\.pt is not a readable PyTorch"):
         resolve_run(None, {"resume": str(bad)})
     torch.save({"model": {}}, bad)
     with pytest.raises(CheckpointError, match=r"not a cvt train checkpoint \(missing optimizer, epoch, step"):

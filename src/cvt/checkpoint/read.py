@@ -138,7 +138,11 @@ def safe_torch_load(path: Path, mmap: bool = False) -> Any:
                 f"re-save the checkpoint with torch.save(model.state_dict()) if you trust it"
             ) from err
         # anything else: a truncated zip archive, random bytes, an unreadable file
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        # torch's weights-only errors open with paragraphs of advice: keep the line that says what failed
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in str(err).splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith(advice)]
+        detail = lines[0] if lines else "no detail"
         raise CheckpointError(
             f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated or not a "
             f"checkpoint?): {type(err).__name__}: {detail}"

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from cvt.engine.state import atomic_write_bytes, atomic_write_text
-from cvt.errors import UsageError
+from cvt.errors import CvtError, UsageError
 
 # the files and folders a run writes; --overwrite removes these and nothing else
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json")
@@ -49,14 +49,15 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if overwrite:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / TB_DIR, ignore_errors=True)
     try:
+        if overwrite and (run_dir / TB_DIR).exists():
+            shutil.rmtree(run_dir / TB_DIR)  # old events must not mix with the new run's
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise UsageError(f"cannot write to the run folder {run_dir}: {err.strerror}") from None
+        raise CvtError(f"cannot write to the run folder {run_dir}: {err.strerror or err}") from None
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:

@@ -99,9 +99,9 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
             _build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(flatten_sequential=False), **{**arch, **kwargs},
         )  # fmt: skip
-    except CvtError:
+    except (CvtError, TypeError):  # our own message, or a bad keyword: not a download problem
         raise
-    except Exception as err:
+    except Exception as err:  # hub, network, or file errors while fetching the weights
         if not pretrained:
             raise
         raise CheckpointError(
