@@ -68,9 +68,7 @@ def export_torchscript(model: CvT, path: Path, img_size: tuple[int, int] | None 
     """Write a traced TorchScript module at ``img_size`` (``torch.jit.load`` reads it without cvt)."""
     x = _example_input(model, img_size, batch=2)
     with torch.no_grad():
-        # no check_trace: its re-trace meets the model's cached eval-mode weights (folded BatchNorm)
-        # as constants and reports a false difference; verify_export compares outputs instead
-        traced = torch.jit.trace(model, (x,), check_trace=False)
+        traced = torch.jit.trace(model, (x,))  # check_trace re-runs it against eager
     torch.jit.save(traced, str(path))
 
 

@@ -55,7 +55,8 @@ class DerivedWeights:
     optimizer step, ``load_state_dict`` or ``.to()`` invalidates it) and on the autocast state: under
     autocast the cached copies are already in the autocast dtype, saving a cast per call. With grad
     enabled or under ``torch.compile`` the tensors are recomputed on every call (autograd must see
-    them). Not pickled and not deep-copied: a copy starts empty.
+    them); under ``torch.jit.trace`` too, so the trace records the derivation, not a frozen copy.
+    Not pickled and not deep-copied: a copy starts empty.
     """
 
     def __init__(self) -> None:
@@ -67,7 +68,7 @@ class DerivedWeights:
         self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
     ) -> tuple[torch.Tensor, ...]:
         """``compute()``, or its cached result when the sources and autocast state are unchanged."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return compute()
         device = sources[0].device.type
         autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
