@@ -43,13 +43,8 @@ def as_argv(flags: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg, _ = resolve_run(None, {**MICRO, "batch_size": 16, "output": str(tmp_path / "single")})
-        single = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    cfg, _ = resolve_run(None, {**MICRO, "batch_size": 16, "output": str(tmp_path / "single")})
+    single = train(cfg)  # one thread (conftest), as each DDP process below
 
     flags = {**MICRO, "batch_size": 8, "output": str(tmp_path / "ddp")}
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

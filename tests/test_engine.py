@@ -26,13 +26,6 @@ MICRO = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and `pytest -n 2` already fills both cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro(tmp_path, name="run", **extra):

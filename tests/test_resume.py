@@ -27,12 +27,6 @@ MICRO = dict(
 TOTAL_STEPS = 12  # 3 epochs x 64 images / 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def as_argv(flags: dict) -> list[str]:
