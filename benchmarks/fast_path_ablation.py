@@ -9,7 +9,6 @@ hits them alike (the machine this was written on was shared; rerun on a quiet on
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -17,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from cvt.benchmark import BenchConfig, make_batch, make_step
+from cvt.benchmark import BenchConfig, make_batch, make_step, step_parser
 from cvt.models import create_model
 from cvt.models.layers import FAST_PATH_FLAGS, set_fast_paths
 
@@ -32,13 +31,7 @@ def variants() -> dict[str, dict[str, bool]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="cvt_13")
-    parser.add_argument("--mode", choices=["infer", "train"], default="infer")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser = step_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()

@@ -9,14 +9,13 @@ profiling code); backward ops run outside those labels and are reported by op on
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from cvt.benchmark import BenchConfig, make_batch, make_step
+from cvt.benchmark import BenchConfig, make_batch, make_step, step_parser
 from cvt.models import create_model
 
 
@@ -37,13 +36,7 @@ def label_stages(model: torch.nn.Module) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="cvt_13")
-    parser.add_argument("--mode", choices=["infer", "train"], default="infer")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser = step_parser(__doc__)
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     cfg = BenchConfig(model=args.model, batch_size=args.batch_size, mode=args.mode, dtype=args.dtype)

@@ -21,6 +21,7 @@ machine hits all of them alike.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -207,6 +208,18 @@ def matmul_ceiling(dtype: str, device: str, size: int = 2048, runs: int = 5) -> 
         if i:  # the first run warms up
             times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def step_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with the options of one benchmarked step (model, mode, batch size, dtype), for scripts."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="cvt_13")
+    parser.add_argument("--mode", choices=["infer", "train"], default="infer")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    return parser
 
 
 def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
