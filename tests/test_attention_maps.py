@@ -67,3 +67,19 @@ def test_png_grid_and_cli(tiny, tmp_path, capsys) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 2  # refuses to overwrite
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_cli_reads_a_checkpoint_that_describes_itself(tmp_path, capsys) -> None:
+    """A cvt safetensors file of a 3-class cvt_tiny: no --model or class count needed, and
+    --img-size sets the preprocessing size (48x48 -> 24/12/6 tokens, kv stride 2 -> 3x3 keys)."""
+    from cvt import create_model, save_checkpoint
+
+    path = save_checkpoint(create_model("cvt_tiny", num_classes=3), tmp_path / "tiny3.safetensors")
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / "gray.png")
+    out = tmp_path / "maps.png"
+    argv = ["attention", str(tmp_path / "gray.png"), "--checkpoint", str(path), "--img-size", "48",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "attention of the cls token over a 3x3 key grid" in capsys.readouterr().out
+    assert main(["attention", str(tmp_path / "gray.png"), "--output", str(tmp_path / "x.png")]) == 2
+    assert "or --model NAME alone for random weights" in capsys.readouterr().err

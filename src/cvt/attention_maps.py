@@ -112,12 +112,19 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
 
 
 def attention_for_file(
-    model: CvT, image_path: str | Path, output: str | Path, title: str = ""
+    model: CvT,
+    image_path: str | Path,
+    output: str | Path,
+    title: str = "",
+    img_size: tuple[int, int] | None = None,
 ) -> tuple[AttentionMaps, Path]:
-    """Read an image with the model's eval preprocessing, compute its maps and save the PNG grid."""
+    """Read an image with the model's eval preprocessing (at ``img_size`` if given, else the
+    model's), compute its maps and save the PNG grid."""
     from cvt.data.transforms import load_input, resolve_data_config
 
     data_cfg = resolve_data_config(model)
+    if img_size:
+        data_cfg["input_size"] = (data_cfg["input_size"][0], *img_size)
     image = load_input(image_path, data_cfg)  # (1, 3, H, W), normalized
     maps = last_stage_attention(model, image)
     mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cvt.cli.common import parse_img_size
+from cvt.cli.model_source import add_model_source_arguments, load_model_source
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,11 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "attention over the key/value grid, upsampled over the (preprocessed) image.",
     )
     p.add_argument("image", help="image file")
-    p.add_argument("--model", default="cvt_13", help="variant name or arch.tag (default: cvt_13)")
-    p.add_argument("--pretrained", action="store_true", help="use the published weights of --model")
-    p.add_argument("--checkpoint", help="weights to load (official .pth, HF, or this project's safetensors)")
-    p.add_argument("--num-classes", type=int, help="classifier outputs of the checkpoint")
-    p.add_argument("--img-size", type=parse_img_size, help="input size N or H,W (default: the model's)")
+    add_model_source_arguments(p)
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_attention)
@@ -30,17 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_attention(args: argparse.Namespace) -> int:
     from cvt.attention_maps import attention_for_file
     from cvt.errors import UsageError
-    from cvt.models import create_model
 
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UsageError(f"refusing to overwrite {output}: choose another --output or pass --force")
-    size = {} if args.img_size is None else {"img_size": args.img_size}
-    model = create_model(
-        args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-        checkpoint_path=args.checkpoint, **size,
-    ).eval()  # fmt: skip
-    maps, path = attention_for_file(model, args.image, output, title=f"{args.model}: {Path(args.image).name}")
+    source = load_model_source(args, random_weights=True)
+    title = f"{source.description}: {Path(args.image).name}"
+    maps, path = attention_for_file(source.model, args.image, output, title=title, img_size=args.img_size)
     heads, (h, w) = maps.probs.shape[0], maps.grid
     print(f"wrote {path}: {heads} head(s), attention of the {maps.query} over a {h}x{w} key grid")
     return 0

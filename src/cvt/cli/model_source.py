@@ -1,4 +1,4 @@
-"""Where ``cvt eval`` and ``cvt predict`` get their model: a checkpoint, or a pretrained name.
+"""Where ``cvt eval``, ``cvt predict`` and ``cvt attention`` get their model: a checkpoint or a name.
 
 Accepted checkpoints: a training checkpoint of ``cvt train`` (``last.pt`` / ``best.pt``: the model
 name, class count, input size and class names come from its ``config``), this project's
@@ -79,17 +79,25 @@ def _from_training_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -
                        list(classes) if classes else None, config)  # fmt: skip
 
 
-def load_model_source(args: argparse.Namespace) -> ModelSource:
-    """Build the model that ``--checkpoint`` / ``--model`` / ``--pretrained`` describe."""
+def load_model_source(args: argparse.Namespace, random_weights: bool = False) -> ModelSource:
+    """Build the model that ``--checkpoint`` / ``--model`` / ``--pretrained`` describe.
+
+    ``random_weights``: ``--model NAME`` alone gives a randomly initialised model (for tools that
+    only look at the network, such as ``cvt attention``); otherwise weights are required.
+    """
     from cvt.checkpoint import load_model
     from cvt.models import create_model
 
     if args.checkpoint is None:
-        if not (args.model and args.pretrained):
-            raise UsageError("give --checkpoint PATH, or --model NAME --pretrained for the published weights")
-        model = create_model(args.model, pretrained=True)
+        if not (args.model and (args.pretrained or random_weights)):
+            hint = ", or --model NAME alone for random weights" if random_weights else ""
+            raise UsageError(
+                f"give --checkpoint PATH, or --model NAME --pretrained for the published weights{hint}"
+            )
+        model = create_model(args.model, pretrained=args.pretrained)
         names = model.pretrained_cfg.get("label_names")
-        return ModelSource(model.eval(), f"{args.model} (pretrained)", names)
+        weights = "pretrained" if args.pretrained else "random weights"
+        return ModelSource(model.eval(), f"{args.model} ({weights})", names)
     if args.pretrained:
         raise UsageError("--pretrained and --checkpoint exclude each other: the weights come from one")
     path = Path(args.checkpoint)
