@@ -330,3 +330,24 @@ def test_cli_convert(tmp_path: Path, tiny: CvT, images: torch.Tensor, capsys: py
     assert main(["convert", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "drop-path rates by stage" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_save_checkpoint_keeps_the_previous_file_when_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:
+    """The native save goes through the fsync'd atomic write: a failure leaves the old file whole."""
+    import os
+
+    from cvt.checkpoint import load_model, save_checkpoint
+    from cvt.models import create_model
+
+    path = save_checkpoint(create_model("cvt_tiny", num_classes=3), tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(create_model("cvt_tiny", num_classes=3), path, overwrite=True)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    monkeypatch.undo()
+    assert load_model(path).num_classes == 3

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
 import yaml
 
 from cvt.engine import NonFiniteLossError, resolve_config, resolve_run, train
-from cvt.engine import state as engine_state
 from cvt.engine.optim import build_scheduler, effective_lr, param_groups
 from cvt.engine.rundir import METRIC_COLUMNS
 from cvt.engine.sampler import ResumableSampler
@@ -236,7 +236,7 @@ def test_atomic_save_keeps_the_previous_file_when_the_disk_is_full(tmp_path, mon
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine_state.os, "fsync", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         atomic_torch_save({"model": {"w": torch.zeros(2)}}, target)
     assert torch.equal(torch.load(target, weights_only=True)["model"]["w"], torch.ones(2))

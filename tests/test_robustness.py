@@ -409,7 +409,7 @@ def test_full_disk_at_an_epoch_end_save_keeps_the_last_checkpoint(
     intact, no temporary file left; --resume auto then ends on the uninterrupted weights."""
     from cvt.engine import state
 
-    real_write, real_fsync = state.atomic_write_bytes, state.os.fsync
+    real_write, real_fsync = state.atomic_write_bytes, os.fsync
     last_saves = []
 
     def disk_full_on_second_last(path: Path, data: bytes) -> None:
@@ -419,11 +419,11 @@ def test_full_disk_at_an_epoch_end_save_keeps_the_last_checkpoint(
                 def no_space(fd: int) -> None:
                     raise OSError(errno.ENOSPC, "No space left on device")
 
-                monkeypatch.setattr(state.os, "fsync", no_space)
+                monkeypatch.setattr(os, "fsync", no_space)
         try:
             real_write(path, data)
         finally:
-            monkeypatch.setattr(state.os, "fsync", real_fsync)
+            monkeypatch.setattr(os, "fsync", real_fsync)
 
     monkeypatch.setattr(state, "atomic_write_bytes", disk_full_on_second_last)
     out = tmp_path / "run"
@@ -446,7 +446,7 @@ import os, sys, time
 from pathlib import Path
 import cvt.engine.state as state
 ready, mode, rest = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-real_write, real_replace = state.atomic_write_bytes, state.os.replace
+real_write, real_replace = state.atomic_write_bytes, os.replace
 count = [0]
 
 def write(path, data):
@@ -461,9 +461,9 @@ def write(path, data):
             def hang(*args):
                 ready.touch()
                 time.sleep(600)
-            state.os.replace = hang
+            os.replace = hang
     real_write(path, data)
-    state.os.replace = real_replace
+    os.replace = real_replace
 
 state.atomic_write_bytes = write
 from cvt.cli.main import main

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMAT_VERSION
 from cvt.errors import CheckpointError
+from cvt.fileio import atomic_write_bytes
 from cvt.models.cvt import CvT, StageSpec
 
 # pretrained_cfg entries stored as tuples by timm; JSON turns them into lists
@@ -90,7 +90,7 @@ def save_checkpoint(
     the full per-stage spec is stored either way. An existing file is replaced only with
     ``overwrite=True``, and atomically (written beside it, then renamed).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from timm.utils import unwrap_model
 
     model = unwrap_model(model)  # DistributedDataParallel, torch.compile, ModelEmaV3: the CvT inside
@@ -110,10 +110,5 @@ def save_checkpoint(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a parent is a file, or the folder is not writable
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path

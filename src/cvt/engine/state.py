@@ -9,9 +9,7 @@ file intact.
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +18,7 @@ import torch
 
 from cvt.checkpoint.read import safe_torch_load
 from cvt.errors import CheckpointError
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file + fsync + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's files are as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from cvt.fileio import atomic_write_bytes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
