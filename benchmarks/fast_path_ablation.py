@@ -5,6 +5,7 @@ hits them alike (the machine this was written on was shared; rerun on a quiet on
 
     .venv/bin/python benchmarks/fast_path_ablation.py                 # inference fp32, batch 8
     .venv/bin/python benchmarks/fast_path_ablation.py --mode train --batch-size 16
+    .venv/bin/python benchmarks/fast_path_ablation.py --flags onednn,dw_fp32 --dtype bf16
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from cvt.models import create_model
 from cvt.models.layers import FAST_PATH_FLAGS, set_fast_paths
 
 
-def variants() -> dict[str, dict[str, bool]]:
-    """Name → flags for :func:`set_fast_paths`: all on, each off in turn, all off."""
+def variants(toggled: list[str]) -> dict[str, dict[str, bool]]:
+    """Name → flags for :func:`set_fast_paths`: all on, each of ``toggled`` off in turn, all off."""
     table = {"all fast paths": {f: True for f in FAST_PATH_FLAGS}}
-    for flag in FAST_PATH_FLAGS:
+    for flag in toggled:
         table[f"without {flag}"] = {f: f != flag for f in FAST_PATH_FLAGS}
     table["reference (all off)"] = {f: False for f in FAST_PATH_FLAGS}
     return table
@@ -34,7 +35,12 @@ def main() -> int:
     parser = step_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--flags", default=",".join(FAST_PATH_FLAGS), help="fast paths to switch off in turn")
     args = parser.parse_args()
+    toggled = args.flags.split(",")
+    unknown = sorted(set(toggled) - set(FAST_PATH_FLAGS))
+    if unknown:
+        parser.error(f"unknown fast path(s) {unknown}; known: {', '.join(FAST_PATH_FLAGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = BenchConfig(model=args.model, batch_size=args.batch_size, mode=args.mode, dtype=args.dtype)
@@ -43,8 +49,9 @@ def main() -> int:
     step = make_step(model, cfg)
     x, target = make_batch(cfg, model.num_classes)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    runs = {name: (flags, x) for name, flags in variants().items()}
-    runs["all fast paths + channels-last input"] = (variants()["all fast paths"], x_cl)
+    table = variants(toggled)
+    runs = {name: (flags, x) for name, flags in table.items()}
+    runs["all fast paths + channels-last input"] = (table["all fast paths"], x_cl)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(args.runs + 1):  # the first round warms up
         for name, (flags, inp) in runs.items():

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py                      # inference, fp32, batch 8
     .venv/bin/python benchmarks/profile_step.py --mode train --batch-size 16
+    .venv/bin/python benchmarks/profile_step.py --subject official --dtype bf16   # a peer, same table
 
 Stages are labelled with ``record_function`` through forward hooks (the model itself carries no
 profiling code); backward ops run outside those labels and are reported by op only.
@@ -15,8 +16,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from cvt.benchmark import BenchConfig, make_batch, make_step, step_parser
-from cvt.models import create_model
+from cvt.benchmark import SUBJECTS, BenchConfig, build_subjects, make_batch, make_step, step_parser
 
 
 def label_stages(model: torch.nn.Module) -> None:
@@ -38,27 +38,37 @@ def label_stages(model: torch.nn.Module) -> None:
 def main() -> int:
     parser = step_parser(__doc__)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--subject", choices=SUBJECTS, default="cvt", help="this package or a peer")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--by-shape", action="store_true", help="one row per op and input shapes")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = BenchConfig(model=args.model, batch_size=args.batch_size, mode=args.mode, dtype=args.dtype)
-    torch.manual_seed(0)
-    model = create_model(args.model)
+    subjects, num_classes = build_subjects(cfg, [args.subject])
+    model = subjects[args.subject]
     step = make_step(model, cfg)
-    batch = make_batch(cfg, model.num_classes)
+    batch = make_batch(cfg, num_classes)
     step(*batch)  # warm-up: oneDNN primitive creation, allocator
-    label_stages(model)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    if args.subject == "cvt":
+        label_stages(model)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         step(*batch)
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=args.by_shape)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"{args.model} {args.mode} {args.dtype} batch {args.batch_size}: {total / 1e3:.0f} ms profiled\n")
-    print("| stage (forward) | ms | share |\n|---|---|---|")
-    for e in sorted((e for e in events if e.key.startswith("stage")), key=lambda e: e.key):
-        print(f"| {e.key} | {e.cpu_time_total / 1e3:.0f} | {100 * e.cpu_time_total / total:.0f}% |")
-    print("\n| op | self ms | share | calls |\n|---|---|---|---|")
+    print(f"{args.subject} {args.model} {args.mode} {args.dtype} batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads: {total / 1e3:.0f} ms profiled\n")  # fmt: skip
+    if args.subject == "cvt":
+        print("| stage (forward) | ms | share |\n|---|---|---|")
+        for e in sorted((e for e in events if e.key.startswith("stage")), key=lambda e: e.key):
+            print(f"| {e.key} | {e.cpu_time_total / 1e3:.0f} | {100 * e.cpu_time_total / total:.0f}% |")
+    header = "op (input shapes)" if args.by_shape else "op"
+    print(f"\n| {header} | self ms | share | calls |\n|---|---|---|---|")
     ops = sorted((e for e in events if not e.key.startswith("stage")), key=lambda e: -e.self_cpu_time_total)
     for e in ops[: args.rows]:
         share = 100 * e.self_cpu_time_total / total
-        print(f"| {e.key} | {e.self_cpu_time_total / 1e3:.0f} | {share:.1f}% | {e.count} |")
+        shapes = f" {e.input_shapes}" if args.by_shape else ""
+        print(f"| {e.key}{shapes} | {e.self_cpu_time_total / 1e3:.0f} | {share:.1f}% | {e.count} |")
     return 0
 
 

@@ -68,12 +68,19 @@ def bf16_logit_error(device: str, img_size: int = 224, batch: int = 8) -> float:
     return ((bf16 - fp32).norm() / fp32.norm()).item()
 
 
-def measure(args: argparse.Namespace) -> list[Row]:
-    """Every target of the issue that this machine can measure."""
-    device = args.device
-    base = BenchConfig(model="cvt_13", img_size=(224, 224), warmup=args.warmup, runs=args.runs,
-                       device=device, measure_memory=False)  # fmt: skip
-    bf16 = args.force_bf16 or has_native_bf16(device)
+SECTIONS = ("speed", "memory", "gpu")
+
+
+def base_config(args: argparse.Namespace) -> BenchConfig:
+    """CvT-13 at 224 on the chosen device; each row changes batch, mode, dtype or compilation."""
+    return BenchConfig(model="cvt_13", img_size=(224, 224), warmup=args.warmup, runs=args.runs,
+                       device=args.device, measure_memory=False)  # fmt: skip
+
+
+def speed_rows(args: argparse.Namespace) -> list[Row]:
+    """cvt against both peers under the same dtype and mode (fp32; bf16 where it is native)."""
+    base = base_config(args)
+    bf16 = args.force_bf16 or has_native_bf16(args.device)
     rows = []
 
     def bench(**changes: object) -> list[BenchResult]:
@@ -83,7 +90,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
 
     rows.append(speed_row("inference fp32, batch 8", bench(batch_size=8), 1.25))
     if bf16:
-        err = bf16_logit_error(device)
+        err = bf16_logit_error(args.device)
         rows.append(
             speed_row("inference bf16 autocast, batch 8", bench(batch_size=8, dtype="bf16"), 1.4,
                       note=f"logits rel. error vs fp32 {100 * err:.2f}% (target <= 2%)")
@@ -92,9 +99,13 @@ def measure(args: argparse.Namespace) -> list[Row]:
     if bf16:
         rows.append(speed_row("train step bf16 autocast, batch 16",
                               bench(batch_size=16, mode="train", dtype="bf16"), 1.3))  # fmt: skip
+    return rows
 
-    train16 = dataclasses.replace(base, batch_size=16, mode="train")
-    if device.startswith("cuda"):  # max allocated over one step each
+
+def memory_rows(args: argparse.Namespace) -> list[Row]:
+    """Peak memory of a training step at batch 16 against the official algorithm."""
+    train16 = dataclasses.replace(base_config(args), batch_size=16, mode="train")
+    if args.device.startswith("cuda"):  # max allocated over one step each
         mem_cfg = dataclasses.replace(train16, measure_memory=True, runs=1)
         peaks = {r.subject: r.peak_memory_mb for r in run_benchmark(mem_cfg, ["official"])}
         official_mb, ours_mb = peaks["official"], peaks["cvt"]
@@ -105,23 +116,47 @@ def measure(args: argparse.Namespace) -> list[Row]:
         official_mb = peak_step_memory_mb(train16, "official")
         ours_mb = peak_step_memory_mb(train16, "cvt")
         ours_gc_mb = peak_step_memory_mb(dataclasses.replace(train16, grad_checkpointing=True), "cvt")
+    rows = []
     for name, mb, limit in (("peak train memory, batch 16 (MB)", ours_mb, 0.75),
                             ("... with gradient checkpointing (MB)", ours_gc_mb, 0.5)):  # fmt: skip
         ratio = mb / official_mb
         rows.append(Row(name, {"cvt": mb, "official": official_mb}, ratio, "official", f"<= {limit}x",
                         ratio <= limit))  # fmt: skip
+    return rows
 
-    if device.startswith("cuda"):
-        hf_fp32 = {mode: run_benchmark(dataclasses.replace(base, batch_size=b, mode=mode), ["hf"])[1]
-                   for mode, b in (("train", 16), ("infer", 8))}  # fmt: skip
-        for mode, b, minimum in (("train", 16, 2.0), ("infer", 8, 3.0)):
-            fast = run_benchmark(
-                dataclasses.replace(base, batch_size=b, mode=mode, dtype="bf16", compile=True)
-            )
-            values = {"cvt": fast[0].img_per_s, "hf": hf_fp32[mode].img_per_s}
+
+def gpu_rows(args: argparse.Namespace) -> list[Row]:
+    """cvt bf16 + compile against transformers fp32 eager, at the issue's batch sizes (launch-bound
+    on a GPU) and at large ones."""
+    base = base_config(args)
+    rows = []
+    for mode, minimum, batches in (
+        ("train", 2.0, args.gpu_train_batches),
+        ("infer", 3.0, args.gpu_infer_batches),
+    ):
+        for b in batches:
+            cfg = dataclasses.replace(base, batch_size=b, mode=mode)
+            what = f"hf fp32 eager, cvt bf16 + compile ({args.compile_mode})"
+            print(f"measuring GPU {mode} batch {b}: {what}", file=sys.stderr, flush=True)
+            hf = run_benchmark(cfg, ["hf"])[1]
+            fast = run_benchmark(dataclasses.replace(cfg, dtype="bf16", compile=True,
+                                                     compile_mode=args.compile_mode))[0]  # fmt: skip
+            values = {"cvt": fast.img_per_s, "hf": hf.img_per_s}
             ratio = values["cvt"] / values["hf"]
-            rows.append(Row(f"GPU {mode} bf16+compile vs hf fp32 eager, batch {b}", values, ratio, "hf",
-                            f">= {minimum}x", ratio >= minimum))  # fmt: skip
+            rows.append(Row(f"GPU {mode} bf16+compile ({args.compile_mode}) vs hf fp32 eager, batch {b}",
+                            values, ratio, "hf", f">= {minimum}x", ratio >= minimum))  # fmt: skip
+    return rows
+
+
+def measure(args: argparse.Namespace) -> list[Row]:
+    """Every selected target of the issue that this machine can measure."""
+    rows = []
+    if "speed" in args.only:
+        rows += speed_rows(args)
+    if "memory" in args.only:
+        rows += memory_rows(args)
+    if "gpu" in args.only and args.device.startswith("cuda"):
+        rows += gpu_rows(args)
     return rows
 
 
@@ -137,6 +172,18 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _sections(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    return names
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +194,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even where it is emulated")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        default=list(SECTIONS),
+        help=f"comma-separated sections to measure, of {','.join(SECTIONS)} (default all)",
+    )
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the GPU rows")
+    parser.add_argument("--gpu-train-batches", type=_ints, default=[16, 128], help="GPU rows, e.g. 16,128")
+    parser.add_argument("--gpu-infer-batches", type=_ints, default=[8, 256], help="GPU rows, e.g. 8,256")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

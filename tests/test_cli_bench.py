@@ -66,6 +66,7 @@ def test_train_step_peak_memory_is_measured_in_a_fresh_process() -> None:
         (["--dtype", "int8"], "dtype must be one of"),
         (["--model", "cvt_99"], "unknown model 'cvt_99'"),
         (["--batch-size", "0"], "must be >= 1"),
+        (["--compile", "--compile-mode", "fastest"], "compile mode must be one of"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(

@@ -183,6 +183,26 @@ def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32() -> None:
     assert rel < 0.02, f"bf16 logits differ from fp32 by {rel:.3%}"
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_depthwise_projection_stays_fp32_under_cpu_autocast(training: bool) -> None:
+    """``dw_fp32``: under CPU bf16 autocast the dw_bn conv (+ BN) computes exactly its fp32 result, and
+    its gradients too; with the flag off autocast runs it in bf16."""
+    proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).train(training)
+    proj.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    expected = proj(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, proj.conv.weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proj(x)
+        proj.dw_fp32 = False
+        assert proj(x).dtype == torch.bfloat16
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.square().sum(), (x, proj.conv.weight))
+    for grad, grad_expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, grad_expected, rtol=0, atol=0)
+
+
 def test_set_fast_paths_rejects_unknown_flags() -> None:
     with pytest.raises(ValueError, match="fold_nothing"):
         set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)

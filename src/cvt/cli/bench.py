@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile every measured model")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) or "
+                   "max-autotune")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (cvt)")
     p.add_argument("--compare", choices=sorted(COMPARE_CHOICES), help="also measure peer(s) in this process")
@@ -52,8 +55,9 @@ def run_bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = BenchConfig(
         model=args.model, img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,
-        dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
-        grad_checkpointing=args.grad_checkpointing, warmup=args.warmup, runs=args.runs, device=device,
+        dtype=args.dtype, compile=args.compile, compile_mode=args.compile_mode,
+        channels_last=args.channels_last, grad_checkpointing=args.grad_checkpointing,
+        warmup=args.warmup, runs=args.runs, device=device,
         measure_memory=not args.no_memory,
     )  # fmt: skip
     results = run_benchmark(cfg, COMPARE_CHOICES[args.compare] if args.compare else None)

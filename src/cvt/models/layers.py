@@ -17,6 +17,8 @@ compare every one against the plain reference computation):
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
+- ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32:
+  oneDNN has no faster bf16 depthwise kernel, and its bf16 backward is several times slower.
 
 Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
 graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor).
@@ -143,6 +145,7 @@ class ConvProjection(nn.Module):
         super().__init__()
         self.method = method
         self.fold_bn = True
+        self.dw_fp32 = True  # under CPU autocast the depthwise conv and BatchNorm run in fp32
         if method == "dw_bn":
             self.conv = nn.Conv2d(
                 dim, dim, kernel_size, stride=stride, padding=padding, bias=False, groups=dim
@@ -163,6 +166,23 @@ class ConvProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "avg":
             return map_to_tokens(self.avg(x))
+        if self.computes_in_fp32(x):
+            with torch.autocast("cpu", enabled=False):
+                return self._depthwise(x.float())  # no copy when the caller already cast the shared map
+        return self._depthwise(x)
+
+    def computes_in_fp32(self, x: torch.Tensor) -> bool:
+        """Whether this ``dw_bn`` projection leaves CPU autocast for fp32 (``dw_fp32``): oneDNN's bf16
+        depthwise conv is no faster than fp32 on CPU and its backward ~9x slower (docs/performance.md)."""
+        return (
+            self.method == "dw_bn"
+            and self.dw_fp32
+            and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+        )
+
+    def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
         if self.fold_bn and not self.training and self.bn.running_mean is not None:
             bn = self.bn
             weight, bias = self._folded.get(
@@ -257,10 +277,14 @@ class ConvAttention(nn.Module):
             cls_tok, x = x[:, :1], x[:, 1:]  # cls is never convolved
         # (B, H*W, C) -> (B, C, H, W): a channels-last view, which the depthwise conv reads without a copy
         x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        conv_in_fp32 = self.conv_proj_k is not None and self.conv_proj_k.computes_in_fp32(x_map)
+        dtype = torch.float32 if conv_in_fp32 else x_map.dtype  # one cast for the three convs
         if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
             # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
             # its slower NCHW kernel; one channels-last copy here serves all three projections
-            x_map = x_map.contiguous(memory_format=torch.channels_last)
+            x_map = x_map.to(dtype, memory_format=torch.channels_last)
+        else:
+            x_map = x_map.to(dtype)
 
         def project(proj: ConvProjection | None) -> torch.Tensor:
             t = x if proj is None else proj(x_map)
@@ -408,14 +432,15 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-FAST_PATH_FLAGS: tuple[str, ...] = ("fused_attn", "fuse_proj", "fold_bn", "fold_act")
+FAST_PATH_FLAGS: tuple[str, ...] = ("fused_attn", "fuse_proj", "fold_bn", "fold_act", "dw_fp32")
 
 
 def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.Module:
     """Switch the fast paths of every submodule: all to ``enabled``, then any named flag to its value.
 
     ``set_fast_paths(model, False)`` gives the plain reference computation; ``set_fast_paths(model,
-    fold_bn=False)`` turns one path off. Flags: ``fused_attn``, ``fuse_proj``, ``fold_bn``, ``fold_act``.
+    fold_bn=False)`` turns one path off. Flags: ``fused_attn``, ``fuse_proj``, ``fold_bn``, ``fold_act``,
+    ``dw_fp32``.
     """
     unknown = sorted(set(flags) - set(FAST_PATH_FLAGS))
     if unknown:
