@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Subprocesses of the tests (cvt train children that are killed and resumed) must run with the same
+# single thread as the tests themselves: bit-exact comparisons depend on the reduction order.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

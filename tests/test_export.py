@@ -107,3 +107,27 @@ def test_cli_export(tmp_path, capsys) -> None:
     # a second export to the same path is refused with exit code 2 and one line on stderr
     assert main(args) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_export_of_a_training_checkpoint_needs_no_model_or_class_count(tmp_path, capsys) -> None:
+    """`cvt export --checkpoint best.pt` rebuilds the model from the checkpoint's config (4 classes)."""
+    from cvt.checkpoint import load_model
+
+    trained = _with_batchnorm_statistics(cvt.create_model("cvt_tiny", num_classes=4, img_size=32))
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": trained.state_dict(),
+                "config": {"model": "cvt_tiny", "num_classes": 4, "img_size": 32}}, ckpt)  # fmt: skip
+    out = tmp_path / "exported.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--output", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    back = load_model(out).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), trained(x), rtol=0, atol=0)
+    # a class count or a second, different model name next to a checkpoint is refused
+    assert main(["export", "--checkpoint", str(ckpt), "--num-classes", "7", "--format", "safetensors",
+                 "--output", str(tmp_path / "x.safetensors")]) == 2  # fmt: skip
+    assert "--num-classes applies to a model built by name" in capsys.readouterr().err
+    assert main(["export", "cvt_13", "--model", "cvt_tiny", "--format", "safetensors",
+                 "--output", str(tmp_path / "y.safetensors")]) == 2  # fmt: skip
+    assert "differ; give one" in capsys.readouterr().err

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.cli.common import parse_img_size
+from cvt.cli.model_source import add_model_source_arguments, load_model_source
+from cvt.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,18 +15,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a model to ONNX, TorchScript, safetensors or a Hugging Face folder",
-        description="Export MODEL (random weights unless --checkpoint or --pretrained) and check the "
-        "exported file against the eager model in its own runtime.",
+        description="Export a model (a checkpoint, published weights, or random weights of a variant) "
+        "and check the exported file against the eager model in its own runtime. --img-size is the "
+        "traced input size.",
     )
-    p.add_argument("model", help="variant name, e.g. cvt_13 or cvt_13.msft_in1k")
-    p.add_argument("--checkpoint", help="weights to load (official .pth, HF, or this project's safetensors)")
-    p.add_argument("--pretrained", action="store_true", help="start from the published weights of MODEL")
+    p.add_argument("model_name", nargs="?", metavar="MODEL", help="variant name (same as --model)")
+    add_model_source_arguments(p)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt", help="export format")
     p.add_argument("--output", required=True, help="file to write (a folder for --format hf)")
-    p.add_argument(
-        "--img-size", type=parse_img_size, help="traced input size N or H,W (default: the model's)"
-    )
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the variant's)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs of a model built by name")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the eager model")
     p.set_defaults(func=run_export)
@@ -33,15 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from cvt.export import export_model, require_packages, verify_export
-    from cvt.models import create_model
 
+    if args.model_name and args.model and args.model_name != args.model:
+        raise UsageError(f"MODEL {args.model_name!r} and --model {args.model!r} differ; give one")
+    args.model = args.model or args.model_name
     require_packages(args.fmt, verify=not args.no_verify)  # before building a large model
-    model = create_model(
-        args.model, pretrained=args.pretrained, num_classes=args.num_classes, checkpoint_path=args.checkpoint
-    ).eval()
-    path = export_model(
-        model, args.fmt, args.output, args.img_size, variant=args.model.split(".")[0], overwrite=args.force
-    )
+    model = load_model_source(args, random_weights=True, num_classes=args.num_classes).model
+    path = export_model(model, args.fmt, args.output, args.img_size, overwrite=args.force)
     print(f"wrote {path}")
     if not args.no_verify:
         diff = verify_export(model, args.fmt, path, args.img_size)

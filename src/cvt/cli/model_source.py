@@ -79,11 +79,14 @@ def _from_training_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -
                        list(classes) if classes else None, config)  # fmt: skip
 
 
-def load_model_source(args: argparse.Namespace, random_weights: bool = False) -> ModelSource:
+def load_model_source(
+    args: argparse.Namespace, random_weights: bool = False, num_classes: int | None = None
+) -> ModelSource:
     """Build the model that ``--checkpoint`` / ``--model`` / ``--pretrained`` describe.
 
     ``random_weights``: ``--model NAME`` alone gives a randomly initialised model (for tools that
     only look at the network, such as ``cvt attention``); otherwise weights are required.
+    ``num_classes``: classifier outputs of a model built by name (a checkpoint brings its own).
     """
     from cvt.checkpoint import load_model
     from cvt.models import create_model
@@ -94,12 +97,16 @@ def load_model_source(args: argparse.Namespace, random_weights: bool = False) ->
             raise UsageError(
                 f"give --checkpoint PATH, or --model NAME --pretrained for the published weights{hint}"
             )
-        model = create_model(args.model, pretrained=args.pretrained)
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes)
         names = model.pretrained_cfg.get("label_names")
         weights = "pretrained" if args.pretrained else "random weights"
         return ModelSource(model.eval(), f"{args.model} ({weights})", names)
     if args.pretrained:
         raise UsageError("--pretrained and --checkpoint exclude each other: the weights come from one")
+    if num_classes is not None:
+        raise UsageError(
+            "--num-classes applies to a model built by name; a checkpoint brings its own classifier"
+        )
     path = Path(args.checkpoint)
     ckpt = _training_checkpoint(path)
     if ckpt is not None:
