@@ -203,6 +203,23 @@ def test_depthwise_projection_stays_fp32_under_cpu_autocast(training: bool) -> N
         torch.testing.assert_close(grad, grad_expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_depthwise_convs_of_a_cls_stage_read_one_shared_channels_last_map(autocast: bool) -> None:
+    """After the cls split the q/k/v convs get a dense channels-last map (made once per block, in fp32
+    under CPU autocast): a strided view would make each conv copy it to NCHW."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    seen: list[torch.Tensor] = []
+    for block in model.stage1.blocks:
+        for proj in (block.attn.conv_proj_q, block.attn.conv_proj_k, block.attn.conv_proj_v):
+            proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(images())
+    assert len(seen) == 6
+    for x in seen:
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+    assert len({x.data_ptr() for x in seen}) == 2  # one map per block, shared by its three convs
+
+
 def test_set_fast_paths_rejects_unknown_flags() -> None:
     with pytest.raises(ValueError, match="fold_nothing"):
         set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)

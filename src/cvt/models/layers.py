@@ -282,7 +282,8 @@ class ConvAttention(nn.Module):
         if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
             # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
             # its slower NCHW kernel; one channels-last copy here serves all three projections
-            x_map = x_map.to(dtype, memory_format=torch.channels_last)
+            # (copy=True: `to` would return the strided view itself, its stride order being channels-last)
+            x_map = x_map.to(dtype, memory_format=torch.channels_last, copy=True)
         else:
             x_map = x_map.to(dtype)
 
