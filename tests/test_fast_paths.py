@@ -96,6 +96,21 @@ def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str) -
         torch.testing.assert_close(b, ref_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_gradient_checkpointing_keeps_gradients_and_updates_batchnorm_statistics_once() -> None:
+    plain = tiny_model("dw_bn", cls=True).train()
+    recomputing = copy.deepcopy(plain)
+    recomputing.set_grad_checkpointing(True)
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    for model in (plain, recomputing):
+        nn.functional.cross_entropy(model(x), target).backward()
+    plain_params = dict(plain.named_parameters())
+    for name, p in recomputing.named_parameters():
+        torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=0, atol=1e-6, msg=name)
+    plain_buffers = dict(plain.named_buffers())
+    for name, b in recomputing.named_buffers():  # running stats moved once, num_batches_tracked == 1
+        torch.testing.assert_close(b, plain_buffers[name], rtol=0, atol=1e-7, msg=name)
+
+
 def test_train_and_eval_agree_when_batchnorm_uses_its_running_statistics() -> None:
     """Training mode with BN set to eval equals the eval model: dropout is off, only BN differs."""
     model = tiny_model("dw_bn", cls=True)

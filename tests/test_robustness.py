@@ -553,3 +553,27 @@ def test_every_test_named_in_docs_robustness_exists() -> None:
     missing = [f"{f}::{name}" for f, name in sorted(cited)
                if not (root / f).is_file() or f"def {name}(" not in (root / f).read_text()]  # fmt: skip
     assert not missing, missing
+
+
+def test_training_with_gradient_checkpointing_gives_the_same_weights(
+    tmp_path: Path, uninterrupted: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cvt train --grad-checkpointing` recomputes every block in backward (counted) and, being the
+    same computation, ends at the weights of the plain run."""
+    import cvt.models.cvt as cvt_module
+
+    recomputed = []
+    real_checkpoint = cvt_module.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        recomputed.append(args[0])
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(cvt_module, "checkpoint", counting_checkpoint)
+    out = tmp_path / "run"
+    assert main(["train", *MICRO_FLAGS, "--grad-checkpointing", "--output", str(out)]) == 0
+    assert len(recomputed) == 3 * 8  # 3 blocks x 8 steps (64 images, batch 16, 2 epochs)
+    weights = _weights(out / "last.pt")
+    assert weights.keys() == uninterrupted.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)

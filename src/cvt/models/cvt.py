@@ -9,7 +9,8 @@ The model API follows timm: ``forward_features`` → ``forward_head`` → ``forw
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -131,10 +132,43 @@ class CvTStage(nn.Module):
         x = self.pos_drop(x)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, grid, use_reentrant=False)
+                x = _checkpointed(blk, x, grid)
             else:
                 x = blk(x, grid)
         return x, grid
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``block(x, grid)`` whose activations are recomputed in backward instead of kept.
+
+    Eager recomputation would update BatchNorm running statistics a second time, so it runs with them
+    frozen; under ``torch.compile`` the graph's buffer updates run once (and a ``context_fn`` is refused).
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, grid, use_reentrant=False)
+    # context_fn gives the contexts of the forward and of its recomputation in backward
+    return checkpoint(
+        block,
+        x,
+        grid,
+        use_reentrant=False,
+        context_fn=lambda: (nullcontext(), _batchnorm_statistics_frozen(block)),
+    )
+
+
+@contextmanager
+def _batchnorm_statistics_frozen(module: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers of ``module`` run as in training (batch statistics, same saved tensors);
+    on exit their running statistics and batch counters are put back to what they were."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]  # fmt: skip
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, saved, strict=True):
+                b.copy_(value)
 
 
 def tokens_to_map(x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> torch.Tensor:
