@@ -113,6 +113,31 @@ def test_hf_directory_and_file_load(tmp_path: Path, weights: str) -> None:
     assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0 and cfg["std"] == (0.25,) * 3
 
 
+def test_sharded_hf_checkpoint_loads_and_bad_indexes_are_named(tmp_path: Path) -> None:
+    """``save_pretrained`` above ``max_shard_size`` writes shards and ``model.safetensors.index.json``."""
+    hf = _hf_model(seed=4)
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert index.is_file() and len(shards) > 2 and not (folder / "model.safetensors").exists()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+        for source in (folder, index):
+            assert (load_model(source, act="gelu")(x) - expected).abs().max().item() < 1e-5
+    content = json.loads(index.read_text())
+    content["weight_map"] = {k: "../elsewhere.safetensors" for k in content["weight_map"]}
+    index.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match="not a file name beside it"):
+        read_state_dict(folder)
+    shards[0].unlink()
+    hf.save_pretrained(folder, max_shard_size="100KB")  # a whole index again
+    shards[0].unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shards[0].name} listed in .* does not exist"):
+        read_state_dict(folder)
+
+
 def test_hf_weights_without_num_batches_tracked_load() -> None:
     hf = _hf_model()
     state_dict = {k: v for k, v in hf.state_dict().items() if not k.endswith("num_batches_tracked")}

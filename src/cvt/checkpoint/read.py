@@ -7,7 +7,8 @@ Supported inputs (the format is detected from the file type and the keys, never 
   pickle or a safetensors file without our metadata, plain or nested under ``state_dict`` /
   ``model`` (training checkpoints of this project and timm's), with or without ``module.`` prefixes;
 - ``hf``: a Hugging Face transformers CvT checkpoint (``cvt.encoder.stages.*`` keys), given as
-  its directory or as the weight file inside it (``config.json`` beside it is read too).
+  its directory or as the weight file inside it (``config.json`` beside it is read too), in one
+  file or sharded (``model.safetensors.index.json`` and the shards it names).
 
 Pickles are read with ``torch.load(weights_only=True)`` only: a pickle that would run code is refused.
 """
@@ -37,6 +38,9 @@ NATIVE_ARCH_KEY = "cvt_arch"
 HF_CONFIG_FILE = "config.json"
 HF_PREPROCESSOR_FILE = "preprocessor_config.json"  # input size, mean/std, crop (optional)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preference order, as transformers
+# sharded checkpoints (save_pretrained above max_shard_size): an index maps every key to its shard file
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SHARD_INDEX_SUFFIX = ".index.json"
 # containers of the model weights in training checkpoints (ours, timm's, the official trainer's)
 STATE_DICT_KEYS = ("state_dict", "model")
 EMA_STATE_DICT_KEYS = ("ema", "model_ema", "state_dict_ema")  # cvt train; DeiT-style; timm
@@ -86,12 +90,12 @@ def _locate(path: Path) -> tuple[Path, Path]:
             f"directory {path} is not a Hugging Face checkpoint: expected {HF_CONFIG_FILE} with "
             f"{' or '.join(HF_WEIGHT_FILES)}, found no {HF_CONFIG_FILE}"
         )
-    for name in HF_WEIGHT_FILES:
+    for name in HF_WEIGHT_FILES + HF_INDEX_FILES:
         if (path / name).is_file():
             return path / name, config
     raise CheckpointError(
         f"Hugging Face directory {path} has {HF_CONFIG_FILE} but no weights: expected "
-        f"{' or '.join(HF_WEIGHT_FILES)}"
+        f"{' or '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)}"
     )
 
 
@@ -104,6 +108,8 @@ def _is_safetensors(path: Path) -> bool:
 
 def _load_file(path: Path) -> tuple[Any, dict[str, str]]:
     """The deserialized object (a tensor dict, or a container of one) and safetensors metadata."""
+    if path.name.endswith(SHARD_INDEX_SUFFIX):
+        return _load_shards(path), {}
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if _is_safetensors(path):
@@ -117,6 +123,34 @@ def _load_file(path: Path) -> tuple[Any, dict[str, str]]:
                 f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from err
     return safe_torch_load(path), {}
+
+
+def _load_shards(index_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint: every shard named by the index's ``weight_map``, which must
+    be plain file names beside the index and hold exactly the keys the index gives them."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"shard index {index_path} has no 'weight_map' of tensor names to files")
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(f"shard index {index_path} names {shard!r}: not a file name beside it")
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"shard {shard} listed in {index_path} does not exist")
+        tensors, _ = _load_file(shard_path)
+        if not isinstance(tensors, Mapping):
+            raise CheckpointError(f"shard {shard_path} does not hold a flat dict of tensors")
+        expected = {k for k, v in weight_map.items() if v == shard}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise CheckpointError(
+                f"shard {shard_path} does not match {index_path.name}: missing {missing[:5]}, "
+                f"unlisted {extra[:5]}"
+            )
+        state_dict.update(tensors)
+    return state_dict
 
 
 def safe_torch_load(path: Path, mmap: bool = False) -> Any:
