@@ -4,12 +4,17 @@ CvT-13 at 224 against transformers' ``CvtForImageClassification`` (same configur
 and the official algorithm re-implemented (``official_reference.py``), in the same process with
 interleaved timed runs (see ``cvt.benchmark``):
 
-    .venv/bin/python benchmarks/run_targets.py            # ~5 min on a quiet 2-core CPU
+    .venv/bin/python benchmarks/run_targets.py            # ~3 min on a quiet 2-core CPU
     .venv/bin/python benchmarks/run_targets.py --runs 5 --json targets.json
+    taskset -c 0,1 python benchmarks/run_targets.py --device cpu --threads 2   # 2 cores of a bigger CPU
+    python benchmarks/run_targets.py --device cuda --only gpu --compile-mode reduce-overhead \
+        --gpu-train-batches 16 --gpu-infer-batches 8
 
 bf16 rows need a CPU with native bf16 (AVX-512 BF16 / AMX) or a GPU; elsewhere bf16 is emulated,
 takes many minutes and says nothing about the implementations, so it is skipped unless
-``--force-bf16``. On CUDA the GPU targets (bf16 + compile vs transformers fp32 eager) run too.
+``--force-bf16``. On CUDA the GPU targets (bf16 + compile vs transformers fp32 eager, at the issue's
+batch sizes and at large ones) run too. ``--only speed,memory,gpu`` picks sections.
+Results measured with it: ``benchmarks/results/``.
 """
 
 from __future__ import annotations
