@@ -18,7 +18,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks train.py
+	$(BIN)/ruff check src tests benchmarks train.py examples
+	$(BIN)/ruff format --check src tests benchmarks train.py examples
 
 # one torch thread per test worker: two workers x two threads on two cores spin-wait and run ~10x slower
 test: install lint

@@ -50,6 +50,7 @@ def test_digits_split_is_fixed_stratified_and_complete():
     # stratified: every class keeps 20% (±1) of its images in val
     full = np.bincount(digits.target, minlength=10)
     assert np.all(np.abs(np.bincount(val.targets, minlength=10) - 0.2 * full) <= 1)
+
     # the two splits together are exactly the 1,797 images (as a multiset of pixel arrays)
     def digests(ds):
         return sorted(hashlib.sha1(ds.images[i, :, :, 0].tobytes()).hexdigest() + str(ds.targets[i])

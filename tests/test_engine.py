@@ -26,8 +26,6 @@ MICRO = dict(
 )  # fmt: skip
 
 
-
-
 def micro(tmp_path, name="run", **extra):
     """Flags of a micro run writing into ``tmp_path/name``."""
     return {**MICRO, "output": str(tmp_path / name), **extra}

@@ -59,9 +59,9 @@ def test_evaluate_metrics_are_exact():
     assert result.num_samples == 10 and result.topk == 5
     assert result.top1 == pytest.approx(40.0)
     assert result.top5 == pytest.approx(80.0)
-    expected_loss = sum(
-        float(torch.logsumexp(table[i], 0) - table[i, t]) for i, t in enumerate(targets.tolist())
-    ) / 10
+    expected_loss = (
+        sum(float(torch.logsumexp(table[i], 0) - table[i, t]) for i, t in enumerate(targets.tolist())) / 10
+    )
     assert result.loss == pytest.approx(expected_loss, rel=1e-6)
     # predicted class: the target when rank 0, else the first other class (0, or 1 when target is 0)
     preds = [0, 1, 2, 0, 0, 0, 0, 1, 1, 0]

@@ -27,8 +27,6 @@ MICRO = dict(
 TOTAL_STEPS = 12  # 3 epochs x 64 images / 16
 
 
-
-
 def as_argv(flags: dict) -> list[str]:
     argv = []
     for key, value in flags.items():

@@ -416,6 +416,7 @@ def test_full_disk_at_an_epoch_end_save_keeps_the_last_checkpoint(
         if path.name == "last.pt":
             last_saves.append(path)
             if len(last_saves) == 2:
+
                 def no_space(fd: int) -> None:
                     raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -283,4 +283,3 @@ def build_dataset(
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; expected {root}/{split}/<class>/<image>")
     return ImageFolderDataset(folder, transform, skip_bad_images, classes)
-
