@@ -131,6 +131,10 @@ def test_sharded_hf_checkpoint_loads_and_bad_indexes_are_named(tmp_path: Path) -
     index.write_text(json.dumps(content))
     with pytest.raises(CheckpointError, match="not a file name beside it"):
         read_state_dict(folder)
+    content["weight_map"] = {k: index.name for k in content["weight_map"]}  # an index naming itself
+    index.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch or safetensors file"):
+        read_state_dict(folder)
     shards[0].unlink()
     hf.save_pretrained(folder, max_shard_size="100KB")  # a whole index again
     shards[0].unlink()

@@ -107,9 +107,15 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _load_file(path: Path) -> tuple[Any, dict[str, str]]:
-    """The deserialized object (a tensor dict, or a container of one) and safetensors metadata."""
+    """The deserialized object (a tensor dict, or a container of one) and safetensors metadata; a
+    shard index gives the tensors of all its shards."""
     if path.name.endswith(SHARD_INDEX_SUFFIX):
         return _load_shards(path), {}
+    return _load_weight_file(path)
+
+
+def _load_weight_file(path: Path) -> tuple[Any, dict[str, str]]:
+    """One safetensors file or pickle: its deserialized object and safetensors metadata."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if _is_safetensors(path):
@@ -139,7 +145,7 @@ def _load_shards(index_path: Path) -> dict[str, torch.Tensor]:
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise CheckpointError(f"shard {shard} listed in {index_path} does not exist")
-        tensors, _ = _load_file(shard_path)
+        tensors, _ = _load_weight_file(shard_path)  # a shard is one file, never another index
         if not isinstance(tensors, Mapping):
             raise CheckpointError(f"shard {shard_path} does not hold a flat dict of tensors")
         expected = {k for k, v in weight_map.items() if v == shard}
