@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from cvt.errors import UsageError
 from cvt.models import CvT, expand_stages
 from cvt.models.layers import FAST_PATH_FLAGS, ConvProjection, QuickGeluMlp, SiluLinear, set_fast_paths
 
@@ -94,6 +95,59 @@ def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str) -
     ref_buffers = dict(ref.named_buffers())
     for name, b in fast.named_buffers():  # BatchNorm running statistics updated the same way
         torch.testing.assert_close(b, ref_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cls_only_last_block_equals_the_full_block_in_a_training_step(method: str) -> None:
+    """Logits, every gradient (exact zeros for the last block's unused q conv, not None: DDP needs them),
+    BatchNorm statistics and the stochastic-depth draws equal the full computation's."""
+    torch.manual_seed(3)
+    stages = expand_stages(
+        2, embed_dim=(16, 32), depth=(1, 2), num_heads=(1, 2), patch_size=(7, 3), patch_stride=(4, 2),
+        patch_padding=(2, 1), cls_token=(False, True), method=method, stride_kv=2, drop_path_rate=0.5,
+    )  # fmt: skip
+    fast = CvT(stages, num_classes=7, img_size=INPUT_HW).train()
+    full = copy.deepcopy(fast)
+    set_fast_paths(full, cls_only_last_block=False)
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    logits = {}
+    for name, model in (("fast", fast), ("full", full)):
+        torch.manual_seed(11)  # same DropPath draws: they are per sample, not per token
+        logits[name] = model(x)
+        nn.functional.cross_entropy(logits[name], target).backward()
+    torch.testing.assert_close(logits["fast"], logits["full"], rtol=0, atol=1e-5)
+    full_params = dict(full.named_parameters())
+    for name, p in fast.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, full_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    if method == "dw_bn":
+        unused_q = fast.stage1.blocks[-1].attn.conv_proj_q
+        assert unused_q.conv.weight.grad.abs().max() == 0 and unused_q.bn.weight.grad.abs().max() == 0
+    full_buffers = dict(full.named_buffers())
+    for name, b in fast.named_buffers():
+        torch.testing.assert_close(b, full_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cls_only_features_are_the_cls_row_of_all_features() -> None:
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        every = model.forward_features(x)  # (B, 1 + T, C)
+        cls = model.forward_features(x, cls_only=True)  # (B, 1, C)
+    assert every.shape[1] > 1 and cls.shape == (x.shape[0], 1, every.shape[2])
+    torch.testing.assert_close(cls, every[:, :1], rtol=0, atol=1e-5)
+    with pytest.raises(UsageError, match="cls token"):
+        tiny_model("dw_bn", cls=False).forward_features(x, cls_only=True)
+
+
+def test_avg_pooled_head_runs_every_token_of_the_last_block() -> None:
+    """``reset_classifier(global_pool='avg')``: every token reaches the head, so nothing is skipped."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    model.reset_classifier(7, global_pool="avg")
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
 
 
 def test_gradient_checkpointing_keeps_gradients_and_updates_batchnorm_statistics_once() -> None:
@@ -228,7 +282,7 @@ def test_depthwise_convs_of_a_cls_stage_read_one_shared_channels_last_map(autoca
         for proj in (block.attn.conv_proj_q, block.attn.conv_proj_k, block.attn.conv_proj_v):
             proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        model(images())
+        model.forward_features(images())  # every token: the last block's q conv runs too
     assert len(seen) == 6
     for x in seen:
         assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32

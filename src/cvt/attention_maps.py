@@ -56,7 +56,7 @@ def last_stage_attention(model: CvT, image: torch.Tensor) -> AttentionMaps:
     captured: dict[str, tuple] = {}
 
     def keep_input(module: torch.nn.Module, args: tuple) -> None:
-        captured["args"] = args  # (normed tokens (1, [1+]T, C), token grid (H, W))
+        captured["args"] = args[:2]  # normed tokens (1, [1+]T, C), token grid (H, W) [, cls_only]
 
     handle = attn.register_forward_pre_hook(keep_input)
     was_training = model.training

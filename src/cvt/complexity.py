@@ -49,7 +49,8 @@ def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) 
     x = torch.zeros(1, in_chans, *img_size, device=device)
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-            model(x)
+            # the whole network, as the paper counts it (CvT.forward skips the last block's unused tokens)
+            model.forward_head(model.forward_features(x)) if isinstance(model, CvT) else model(x)
     finally:
         model.train(was_training)
     return counter.get_total_flops() / 2e9

@@ -123,34 +123,38 @@ class CvTStage(nn.Module):
         pe = F.interpolate(pe, size=grid, mode="bicubic", align_corners=False)
         return pe.flatten(2).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        """With ``cls_only`` the last block returns the cls token alone, ``(B, 1, C)``."""
         x, grid = self.patch_embed(x)  # (B, H*W, C)
         if self.spec.pos_embed:
             x = x + self.position_embedding(grid)
         if self.spec.cls_token:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = self.pos_drop(x)
-        for blk in self.blocks:
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            block_cls_only = cls_only and i == last
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = _checkpointed(blk, x, grid)
+                x = _checkpointed(blk, x, grid, block_cls_only)
             else:
-                x = blk(x, grid)
+                x = blk(x, grid, block_cls_only)
         return x, grid
 
 
-def _checkpointed(block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``block(x, grid)`` whose activations are recomputed in backward instead of kept.
+def _checkpointed(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], cls_only: bool) -> torch.Tensor:
+    """``block(x, grid, cls_only)`` whose activations are recomputed in backward instead of kept.
 
     Eager recomputation would update BatchNorm running statistics a second time, so it runs with them
     frozen; under ``torch.compile`` the graph's buffer updates run once (and a ``context_fn`` is refused).
     """
     if torch.compiler.is_compiling():
-        return checkpoint(block, x, grid, use_reentrant=False)
+        return checkpoint(block, x, grid, cls_only, use_reentrant=False)
     # context_fn gives the contexts of the forward and of its recomputation in backward
     return checkpoint(
         block,
         x,
         grid,
+        cls_only,
         use_reentrant=False,
         context_fn=lambda: (nullcontext(), _batchnorm_statistics_frozen(block)),
     )
@@ -219,6 +223,8 @@ class CvT(nn.Module):
         self.has_cls_token = stages[-1].cls_token
         self.global_pool = "token" if self.has_cls_token else "avg"
         self.num_features = self.head_hidden_size = stages[-1].embed_dim
+        # fast path: forward() runs the last block for the cls token alone, the only token the head reads
+        self.cls_only_last_block = True
 
         min_h, min_w = min_input_size(self.stage_specs)
         if self.img_size[0] < min_h or self.img_size[1] < min_w:
@@ -300,13 +306,19 @@ class CvT(nn.Module):
             )
 
     # ------------------------------------------------------------------------------ forward
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` → last-stage tokens ``(B, [1+]T, C)`` after the final LayerNorm."""
+    def forward_features(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """``(B, C, H, W)`` → last-stage tokens ``(B, [1+]T, C)`` after the final LayerNorm.
+
+        ``cls_only``: the cls token alone ``(B, 1, C)``; the last block then computes its query,
+        attention row and MLP for that token only (its keys and values still come from every token).
+        """
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self.check_input(x)
+        if cls_only and not self.has_cls_token:
+            raise UsageError("cls_only needs a last stage with a cls token")
         last = self.num_stages - 1
         for i, stage in enumerate(self.stages):
-            x, grid = stage(x)
+            x, grid = stage(x, cls_only=cls_only and i == last)
             if i < last:
                 x = tokens_to_map(x, grid, stage.spec.cls_token)  # earlier cls tokens are discarded
         return self.norm(x)
@@ -317,8 +329,14 @@ class CvT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` images → ``(B, num_classes)`` logits."""
-        return self.forward_head(self.forward_features(x))
+        """``(B, C, H, W)`` images → ``(B, num_classes)`` logits.
+
+        With cls-token pooling the last block computes the cls token alone (``cls_only_last_block``,
+        exact: the other tokens' outputs never reach the head); hooks that need every token of the
+        last block can call :meth:`forward_features` or switch the path off with ``set_fast_paths``.
+        """
+        cls_only = self.cls_only_last_block and self.global_pool == "token"
+        return self.forward_head(self.forward_features(x, cls_only=cls_only))
 
     def forward_intermediates(
         self,

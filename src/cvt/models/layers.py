@@ -19,6 +19,8 @@ compare every one against the plain reference computation):
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
 - ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32:
   oneDNN has no faster bf16 depthwise kernel, and its bf16 backward is several times slower.
+- ``cls_only_last_block`` (on the model): when only the logits are needed, the last block computes
+  the cls token's query, attention row and MLP alone (``Block.forward(..., cls_only=True)``).
 
 Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
 graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor).
@@ -268,54 +270,72 @@ class ConvAttention(nn.Module):
         return F.linear(x, weight, bias[0] if bias else None)
 
     def _project_inputs(
-        self, x: torch.Tensor, grid: tuple[int, int]
+        self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens ``(B, [1+]H*W, C)`` to the q, k, v inputs of the linear projections."""
-        h, w = grid
-        cls_tok = None
-        if self.with_cls_token:
-            cls_tok, x = x[:, :1], x[:, 1:]  # cls is never convolved
-        # (B, H*W, C) -> (B, C, H, W): a channels-last view, which the depthwise conv reads without a copy
-        x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
-        conv_in_fp32 = self.conv_proj_k is not None and self.conv_proj_k.computes_in_fp32(x_map)
-        dtype = torch.float32 if conv_in_fp32 else x_map.dtype  # one cast for the three convs
-        if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
-            # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
-            # its slower NCHW kernel; one channels-last copy here serves all three projections
-            # (copy=True: `to` would return the strided view itself, its stride order being channels-last)
-            x_map = x_map.to(dtype, memory_format=torch.channels_last, copy=True)
-        else:
-            x_map = x_map.to(dtype)
+        """Tokens ``(B, [1+]H*W, C)`` to the q, k, v inputs of the linear projections.
 
-        def project(proj: ConvProjection | None) -> torch.Tensor:
-            t = x if proj is None else proj(x_map)
+        With ``cls_only`` the q input is the cls token alone ``(B, 1, C)`` (it is never convolved).
+        """
+        cls_tok = x[:, :1] if self.with_cls_token else None  # cls is never convolved
+        if self.method == "linear":
+            return (cls_tok if cls_only else x), x, x
+        x_map = self._conv_input(x[:, 1:] if self.with_cls_token else x, grid)
+
+        def project(proj: ConvProjection) -> torch.Tensor:
+            t = proj(x_map)  # (B, H'*W', C)
             return t if cls_tok is None else torch.cat((cls_tok, t), dim=1)
 
-        q_in = project(self.conv_proj_q)
+        if not cls_only:
+            q_in = x if self.conv_proj_q is None else project(self.conv_proj_q)
+        elif self.conv_proj_q is not None and self.training:
+            # the q conv still runs in training: its BatchNorm statistics move and its parameters get
+            # their (zero) gradients as in the full block (DDP expects a gradient for every parameter)
+            q_in = project(self.conv_proj_q)[:, :1]
+        else:
+            q_in = cls_tok
         if self.method == "avg" and self.fuse_proj:
             k_in = v_in = project(self.conv_proj_k)  # k and v pool the same map: pool once
         else:
             k_in, v_in = project(self.conv_proj_k), project(self.conv_proj_v)
         return q_in, k_in, v_in
 
+    def _conv_input(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens ``(B, H*W, C)`` → the channels-last ``(B, C, H, W)`` map the conv projections read."""
+        # a channels-last view of the tokens, which the depthwise conv reads without a copy
+        x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+        conv_in_fp32 = self.conv_proj_k is not None and self.conv_proj_k.computes_in_fp32(x_map)
+        dtype = torch.float32 if conv_in_fp32 else x_map.dtype  # one cast for the three convs
+        if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
+            # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
+            # its slower NCHW kernel; one channels-last copy here serves all three projections
+            # (copy=True: `to` would return the strided view itself, its stride order being channels-last)
+            return x_map.to(dtype, memory_format=torch.channels_last, copy=True)
+        return x_map.to(dtype)
+
     def project_qkv(
-        self, x: torch.Tensor, grid: tuple[int, int]
+        self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``(B, heads, Tq, d)``, k and v ``(B, heads, Tkv, d)`` from the block's normed tokens."""
-        if self.fuse_proj and self.method == "linear":
+        """q ``(B, heads, Tq, d)``, k and v ``(B, heads, Tkv, d)`` from the block's normed tokens.
+
+        ``cls_only``: the query of the cls token alone (``Tq == 1``); keys and values of all tokens.
+        """
+        if cls_only and not self.with_cls_token:
+            raise ValueError("cls_only needs a block with a cls token")
+        if self.fuse_proj and self.method == "linear" and not cls_only:
             q, k, v = self._split_heads(self._stacked_linear(x, (self.proj_q, self.proj_k, self.proj_v)), 3)
             return q, k, v
-        q_in, k_in, v_in = self._project_inputs(x, grid)
+        q_in, k_in, v_in = self._project_inputs(x, grid, cls_only)
         q = self._split_heads(self.proj_q(q_in))[0]
-        if self.fuse_proj and self.method == "avg":
+        if self.fuse_proj and self.method != "dw_bn":  # avg and linear: k and v read the same tokens
             k, v = self._split_heads(self._stacked_linear(k_in, (self.proj_k, self.proj_v)), 2)
         else:
             # stride-2 kv: 4x fewer keys (the paper's Table 7)
             k, v = self._split_heads(self.proj_k(k_in))[0], self._split_heads(self.proj_v(v_in))[0]
         return q, k, v
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, grid)
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
+        """Normed tokens ``(B, T, C)`` → ``(B, T, dim_out)``, or ``(B, 1, dim_out)`` with ``cls_only``."""
+        q, k, v = self.project_qkv(x, grid, cls_only)
         if self.fused_attn:
             drop = self.attn_drop_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
@@ -428,12 +448,17 @@ class Block(nn.Module):
         else:
             self.mlp = Mlp(dim, hidden, act_layer=ACTIVATIONS[act], drop=drop)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), grid))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
+        """Tokens ``(B, T, C)`` → ``(B, T, C)``; with ``cls_only`` the cls token's output ``(B, 1, C)``
+        alone (keys and values still come from every token): what the classifier of a last block reads."""
+        out = x[:, :1] if cls_only else x
+        out = out + self.drop_path(self.attn(self.norm1(x), grid, cls_only))
+        return out + self.drop_path(self.mlp(self.norm2(out)))
 
 
-FAST_PATH_FLAGS: tuple[str, ...] = ("fused_attn", "fuse_proj", "fold_bn", "fold_act", "dw_fp32")
+FAST_PATH_FLAGS: tuple[str, ...] = (
+    "fused_attn", "fuse_proj", "fold_bn", "fold_act", "dw_fp32", "cls_only_last_block",
+)  # fmt: skip
 
 
 def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.Module:
@@ -441,7 +466,7 @@ def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.
 
     ``set_fast_paths(model, False)`` gives the plain reference computation; ``set_fast_paths(model,
     fold_bn=False)`` turns one path off. Flags: ``fused_attn``, ``fuse_proj``, ``fold_bn``, ``fold_act``,
-    ``dw_fp32``.
+    ``dw_fp32``, ``cls_only_last_block`` (set on the :class:`~cvt.models.CvT` itself).
     """
     unknown = sorted(set(flags) - set(FAST_PATH_FLAGS))
     if unknown:
