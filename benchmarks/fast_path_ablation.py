@@ -5,7 +5,7 @@ hits them alike (the machine this was written on was shared; rerun on a quiet on
 
     .venv/bin/python benchmarks/fast_path_ablation.py                 # inference fp32, batch 8
     .venv/bin/python benchmarks/fast_path_ablation.py --mode train --batch-size 16
-    .venv/bin/python benchmarks/fast_path_ablation.py --flags onednn,dw_fp32 --dtype bf16
+    .venv/bin/python benchmarks/fast_path_ablation.py --flags fused_attn,dw_fp32 --dtype bf16
 """
 
 from __future__ import annotations
