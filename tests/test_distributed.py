@@ -4,7 +4,10 @@ BatchNorm would make the two runs differ by design: in ``dw_bn`` projections eac
 normalises with the statistics of its own half batch, and ``--sync-bn`` (torch's SyncBatchNorm) is
 GPU-only. The test therefore uses ``method=avg`` projections (no BatchNorm; LayerNorm is per token)
 and no stochastic depth, so both runs compute the same function of the same samples: gradients
-all-reduced over 2 x 8 images equal the gradient of the 16-image batch, up to float rounding.
+all-reduced over 2 x 8 images equal the gradient of the 16-image batch, up to float rounding. Random
+crops stay on: they are seeded per image (``cvt.data.seeding``), so every rank draws what one process
+would. A second test runs ``dw_bn`` under DDP, whose last block leaves its q convolution unused
+(``cls_only_last_block``): DDP needs a gradient for it at every step.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from cvt.engine import resolve_run, train
 # every logit of a row), and Adam would scale that rounding noise up to full-size updates.
 MICRO = dict(
     img_size=16, train_subset=64, epochs=2, warmup_epochs=0.5, optimizer="sgd", lr=0.05, seed=2,
-    random_crop=False,  # each rank draws its own augmentation: no random transforms here
+    random_crop=True,  # seeded per image: the same crops in one process and in two
     model_args={"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2], "method": "avg",
                 "drop_path_rate": 0.0},
 )  # fmt: skip
@@ -62,3 +65,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-5, msg=key)
     ddp_summary = (tmp_path / "ddp" / "summary.json").read_text()
     assert f'"final_top1": {single["final_top1"]}' in ddp_summary
+
+
+@pytest.mark.slow
+def test_ddp_trains_dw_bn_whose_last_q_convolution_gets_zero_gradients(tmp_path):
+    flags = {**MICRO, "batch_size": 8, "output": str(tmp_path / "ddp"), "epochs": 1,
+             "model_args": {**MICRO["model_args"], "method": "dw_bn"}}  # fmt: skip
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "cvt", "train", *as_argv(flags)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # DDP refuses a parameter without a gradient
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 4

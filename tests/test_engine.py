@@ -114,8 +114,10 @@ def test_existing_run_folder_is_refused_untouched_then_overwritten(tmp_path):
     assert run(micro(tmp_path, epochs=2, resume="auto"))["steps"] == 8  # --overwrite is not inherited
 
 
-def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
-    """Resume from a checkpoint saved after step 3 of 8 (mid-epoch 1) equals the uninterrupted run."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch, workers):
+    """Resume from a checkpoint saved after step 3 of 8 (mid-epoch 1) equals the uninterrupted run,
+    with augmentations drawn in the training process or in worker processes."""
     snapshots = {}
 
     def save_and_keep(obj, path):
@@ -124,7 +126,9 @@ def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
             snapshots[obj["step"]] = path.read_bytes()
 
     monkeypatch.setattr("cvt.engine.trainer.atomic_torch_save", save_and_keep)
-    flags = micro(tmp_path, deterministic=True, save_every_steps=3, mixup=0.8, random_crop=True)
+    flags = micro(
+        tmp_path, deterministic=True, save_every_steps=3, mixup=0.8, random_crop=True, workers=workers
+    )
     flags["model_args"] = {**flags["model_args"], "drop_path_rate": 0.2}  # random: RNG must be restored
     run(flags)
     assert sorted(snapshots) == [3, 4, 6, 8]  # mid-epoch saves at 3 and 6, epoch ends at 4 and 8

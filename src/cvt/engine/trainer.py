@@ -9,7 +9,8 @@ Exact resume: a checkpoint stores the model, optimizer, scheduler, grad scaler, 
 in the epoch and every RNG state. The data order of an epoch depends only on ``(seed, epoch)``
 (:class:`~cvt.engine.sampler.ResumableSampler`), so a run restarted from ``last.pt`` — even one
 written mid-epoch by ``--save-every-steps`` — continues with the very batches, augmentations and
-dropout masks of the uninterrupted run (bit-exact on CPU with ``--deterministic`` and ``workers 0``).
+dropout masks of the uninterrupted run (bit-exact on CPU with ``--deterministic``, with any number of
+workers: augmentations are seeded per sample, :mod:`cvt.data.seeding`).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         build_transform,
         resolve_data_config,
     )
+    from cvt.data.seeding import PerSampleSeeds
     from cvt.engine.evaluate import evaluate
 
     env = init_distributed(cfg.device)
@@ -262,6 +264,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     if cfg.train_subset is not None and cfg.train_subset < len(train_set):
         keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
         train_set = Subset(train_set, keep[: cfg.train_subset].tolist())
+    train_set = PerSampleSeeds(train_set, cfg.seed)  # augmentations independent of workers and resumes
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -348,10 +351,11 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_start = time.perf_counter()
             sampler.set_position(epoch, progress["batches_done"])
+            train_set.set_epoch(epoch)
             loader = DataLoader(
                 train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                 drop_last=True, pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # worker seeds
+                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # worker base seeds
             )  # fmt: skip
             train_model.train()
             bar = _progress_bar(len(loader), epoch, cfg.epochs, env)
