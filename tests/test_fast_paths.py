@@ -15,7 +15,14 @@ from torch import nn
 
 from cvt.errors import UsageError
 from cvt.models import CvT, expand_stages
-from cvt.models.layers import FAST_PATH_FLAGS, ConvProjection, QuickGeluMlp, SiluLinear, set_fast_paths
+from cvt.models.layers import (
+    FAST_PATH_FLAGS,
+    ConvProjection,
+    DenseGradient,
+    QuickGeluMlp,
+    SiluLinear,
+    set_fast_paths,
+)
 
 METHODS = ("dw_bn", "avg", "linear")
 INPUT_HW = (40, 56)  # non-square: grids 10x14 then 5x7, stride-2 kv 3x4
@@ -287,6 +294,29 @@ def test_depthwise_convs_of_a_cls_stage_read_one_shared_channels_last_map(autoca
     for x in seen:
         assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
     assert len({x.data_ptr() for x in seen}) == 2  # one map per block, shared by its three convs
+
+
+def test_batchnorm_of_a_cls_stage_gets_a_dense_channels_last_gradient() -> None:
+    """The backward of the cls-token cat hands the projection a strided slice; BatchNorm's CPU backward
+    is ~3x slower on it, so DenseGradient makes it dense (same values)."""
+    model = tiny_model("dw_bn", cls=True).train()
+    layouts: list[bool] = []
+
+    def keep_layout(_module: nn.Module, _grad_in: tuple, grad_out: tuple) -> None:
+        layouts.append(grad_out[0].is_contiguous(memory_format=torch.channels_last))
+
+    for block in model.stage1.blocks:
+        for proj in (block.attn.conv_proj_q, block.attn.conv_proj_k, block.attn.conv_proj_v):
+            proj.bn.register_full_backward_hook(keep_layout)
+    model(images()).square().sum().backward()
+    assert layouts == [True] * 6
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    strided = torch.randn(2, 21, 3)[:, 1:].transpose(1, 2).reshape(2, 3, 4, 5)  # as the cat's backward gives
+    assert not strided.is_contiguous(memory_format=torch.channels_last)
+    DenseGradient.apply(x).backward(strided)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x.grad, strided, rtol=0, atol=0)
 
 
 def test_set_fast_paths_rejects_unknown_flags() -> None:
