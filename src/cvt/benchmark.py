@@ -12,7 +12,8 @@ machine hits all of them alike.
 - ``bf16``/``fp16``: the fp32 model under ``torch.autocast`` (the usual mixed-precision recipe).
 - GFLOP/s: 2 x the multiply-accumulates of ``cvt.complexity`` per image (x3 for a training step:
   backward costs two forwards), divided by the median time; the ceiling is a square matrix product
-  in the same dtype on the same device and threads.
+  in the same dtype on the same device and threads. The MACs are the whole network's for every subject
+  (cvt's own forward skips the last block's unused tokens, 6.5 % of CvT-13), so it is an effective rate.
 - peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one extra step per subject; on CPU a fresh
   subprocess per subject runs two steps and reports its peak RSS (``VmHWM``) minus its RSS just
   before the first step (so the Python and torch baseline and the weights are excluded; in-process
