@@ -28,12 +28,15 @@ METHODS = ("dw_bn", "avg", "linear")
 INPUT_HW = (40, 56)  # non-square: grids 10x14 then 5x7, stride-2 kv 3x4
 
 
-def tiny_model(method: str, cls: bool, act: str = "quick_gelu", seed: int = 0) -> CvT:
+def tiny_model(
+    method: str, cls: bool, act: str = "quick_gelu", seed: int = 0, drop_path_rate: float = 0.0
+) -> CvT:
     """A 2-stage CvT with unit-scale random weights and random BatchNorm statistics."""
     torch.manual_seed(seed)
     stages = expand_stages(
         2, embed_dim=(16, 32), depth=(1, 2), num_heads=(1, 2), patch_size=(7, 3), patch_stride=(4, 2),
         patch_padding=(2, 1), cls_token=(False, cls), method=method, stride_kv=2,
+        drop_path_rate=drop_path_rate,
     )  # fmt: skip
     model = CvT(stages, num_classes=7, img_size=INPUT_HW, act=act)
     for m in model.modules():
@@ -56,6 +59,24 @@ def reference_logits(model: CvT, x: torch.Tensor) -> torch.Tensor:
     ref = set_fast_paths(copy.deepcopy(model), False)
     with torch.no_grad():
         return ref(x)
+
+
+def assert_same_step(
+    model: nn.Module, expected: nn.Module, grad_tol: tuple[float, float], buffer_tol: tuple[float, float]
+) -> None:
+    """After a backward each: every parameter has a gradient equal to ``expected``'s (``(rtol, atol)``),
+    and every buffer (the BatchNorm running statistics) equals its counterpart."""
+    expected_params = dict(expected.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(
+            p.grad, expected_params[name].grad, rtol=grad_tol[0], atol=grad_tol[1], msg=name
+        )
+    expected_buffers = dict(expected.named_buffers())
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(
+            b, expected_buffers[name], rtol=buffer_tol[0], atol=buffer_tol[1], msg=name
+        )
 
 
 @pytest.mark.parametrize("cls", [False, True])
@@ -96,24 +117,14 @@ def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str) -
     x, target = images(4), torch.tensor([0, 3, 6, 2])
     for model in (fast, ref):
         nn.functional.cross_entropy(model(x), target).backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-    ref_buffers = dict(ref.named_buffers())
-    for name, b in fast.named_buffers():  # BatchNorm running statistics updated the same way
-        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_step(fast, ref, grad_tol=(1e-4, 1e-6), buffer_tol=(1e-5, 1e-6))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_cls_only_last_block_equals_the_full_block_in_a_training_step(method: str) -> None:
     """Logits, every gradient (exact zeros for the last block's unused q conv, not None: DDP needs them),
     BatchNorm statistics and the stochastic-depth draws equal the full computation's."""
-    torch.manual_seed(3)
-    stages = expand_stages(
-        2, embed_dim=(16, 32), depth=(1, 2), num_heads=(1, 2), patch_size=(7, 3), patch_stride=(4, 2),
-        patch_padding=(2, 1), cls_token=(False, True), method=method, stride_kv=2, drop_path_rate=0.5,
-    )  # fmt: skip
-    fast = CvT(stages, num_classes=7, img_size=INPUT_HW).train()
+    fast = tiny_model(method, cls=True, seed=3, drop_path_rate=0.5).train()
     full = copy.deepcopy(fast)
     set_fast_paths(full, cls_only_last_block=False)
     x, target = images(4), torch.tensor([0, 3, 6, 2])
@@ -123,16 +134,10 @@ def test_cls_only_last_block_equals_the_full_block_in_a_training_step(method: st
         logits[name] = model(x)
         nn.functional.cross_entropy(logits[name], target).backward()
     torch.testing.assert_close(logits["fast"], logits["full"], rtol=0, atol=1e-5)
-    full_params = dict(full.named_parameters())
-    for name, p in fast.named_parameters():
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, full_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_step(fast, full, grad_tol=(1e-4, 1e-6), buffer_tol=(1e-5, 1e-6))
     if method == "dw_bn":
         unused_q = fast.stage1.blocks[-1].attn.conv_proj_q
         assert unused_q.conv.weight.grad.abs().max() == 0 and unused_q.bn.weight.grad.abs().max() == 0
-    full_buffers = dict(full.named_buffers())
-    for name, b in fast.named_buffers():
-        torch.testing.assert_close(b, full_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_cls_only_features_are_the_cls_row_of_all_features() -> None:
@@ -164,12 +169,8 @@ def test_gradient_checkpointing_keeps_gradients_and_updates_batchnorm_statistics
     x, target = images(4), torch.tensor([0, 3, 6, 2])
     for model in (plain, recomputing):
         nn.functional.cross_entropy(model(x), target).backward()
-    plain_params = dict(plain.named_parameters())
-    for name, p in recomputing.named_parameters():
-        torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=0, atol=1e-6, msg=name)
-    plain_buffers = dict(plain.named_buffers())
-    for name, b in recomputing.named_buffers():  # running stats moved once, num_batches_tracked == 1
-        torch.testing.assert_close(b, plain_buffers[name], rtol=0, atol=1e-7, msg=name)
+    # running stats moved once, num_batches_tracked == 1
+    assert_same_step(recomputing, plain, grad_tol=(0, 1e-6), buffer_tol=(0, 1e-7))
 
 
 def test_train_and_eval_agree_when_batchnorm_uses_its_running_statistics() -> None:

@@ -147,17 +147,13 @@ def _checkpointed(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], cls_
     Eager recomputation would update BatchNorm running statistics a second time, so it runs with them
     frozen; under ``torch.compile`` the graph's buffer updates run once (and a ``context_fn`` is refused).
     """
-    if torch.compiler.is_compiling():
-        return checkpoint(block, x, grid, cls_only, use_reentrant=False)
     # context_fn gives the contexts of the forward and of its recomputation in backward
-    return checkpoint(
-        block,
-        x,
-        grid,
-        cls_only,
-        use_reentrant=False,
-        context_fn=lambda: (nullcontext(), _batchnorm_statistics_frozen(block)),
+    contexts = (
+        {}
+        if torch.compiler.is_compiling()
+        else {"context_fn": lambda: (nullcontext(), _batchnorm_statistics_frozen(block))}
     )
+    return checkpoint(block, x, grid, cls_only, use_reentrant=False, **contexts)
 
 
 @contextmanager
