@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from cvt.errors import UsageError
-from cvt.models import CvT, expand_stages
+from cvt.models import CvT, expand_stages, layers
 from cvt.models.layers import (
     FAST_PATH_FLAGS,
+    CastCachedLinear,
     ConvProjection,
     DenseGradient,
     QuickGeluMlp,
@@ -98,6 +99,34 @@ def test_each_fast_path_equals_reference_in_eval(method: str, cls: bool) -> None
             torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5, msg=f"only {flag}")
 
 
+@pytest.mark.parametrize(("few_keys", "expected_sdpa_calls"), [(64, 0), (20, 1), (0, 3)])
+def test_cpu_attention_over_few_keys_is_explicit(
+    monkeypatch: pytest.MonkeyPatch, few_keys: int, expected_sdpa_calls: int
+) -> None:
+    """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys skips SDPA (stage 0 of the tiny
+    model has 5x7 = 35 keys, stage 1 3x4 + cls = 13), with logits and gradients equal to SDPA's."""
+    monkeypatch.setattr(layers, "FEW_KEYS", few_keys)
+    sdpa_calls = []
+    sdpa = nn.functional.scaled_dot_product_attention
+
+    def counted_sdpa(*args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        sdpa_calls.append(args[1].shape[-2])  # the number of keys
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    model = tiny_model("dw_bn", cls=True).train()
+    with_sdpa = set_fast_paths(copy.deepcopy(model), explicit_few_keys=False)
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    logits = model(x)
+    assert len(sdpa_calls) == expected_sdpa_calls
+    nn.functional.cross_entropy(logits, target).backward()
+    expected = with_sdpa(x)
+    assert len(sdpa_calls) == expected_sdpa_calls + 3  # one per block without the flag
+    nn.functional.cross_entropy(expected, target).backward()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert_same_step(model, with_sdpa, grad_tol=(1e-4, 1e-6), buffer_tol=(1e-5, 1e-6))
+
+
 def test_folded_batchnorm_equals_conv_then_bn() -> None:
     proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).eval()
     proj.bn.running_mean.normal_()
@@ -110,9 +139,10 @@ def test_folded_batchnorm_equals_conv_then_bn() -> None:
     torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("few_keys", [True, False])  # the tiny model's attention: explicit, or SDPA
 @pytest.mark.parametrize("method", METHODS)
-def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str) -> None:
-    fast = tiny_model(method, cls=True).train()
+def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str, few_keys: bool) -> None:
+    fast = set_fast_paths(tiny_model(method, cls=True).train(), explicit_few_keys=few_keys)
     ref = set_fast_paths(copy.deepcopy(fast), False)
     x, target = images(4), torch.tensor([0, 3, 6, 2])
     for model in (fast, ref):
@@ -236,6 +266,33 @@ def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
         dw_model.stage0.blocks[0].attn.conv_proj_k.bn.running_mean.add_(0.7)
         torch.testing.assert_close(dw_model(x), reference_logits(dw_model, x), rtol=0, atol=1e-5)
 
+    # .double() keeps each Parameter object and its version counter but gives it new storage
+    with torch.no_grad():
+        expected = model(x).double()
+        model.double()
+        torch.testing.assert_close(model(x.double()), expected, rtol=0, atol=1e-5)
+
+
+def test_attention_linears_keep_their_autocast_copies_between_calls() -> None:
+    """CastCachedLinear: under autocast without a graph the bf16 weight is cast once, not per call,
+    and the output equals nn.Linear's under autocast; with a graph the parameters are used directly."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    proj = model.stage1.blocks[0].attn.proj
+    assert isinstance(proj, CastCachedLinear) and "stage1.blocks.0.attn.proj.weight" in model.state_dict()
+    x = torch.randn(2, 5, proj.in_features)
+    plain = nn.Linear(proj.in_features, proj.out_features)
+    plain.load_state_dict(proj.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            out = proj(x)
+            cached = proj._cast._value
+            assert cached[0].dtype == torch.bfloat16
+            proj(x)
+            assert proj._cast._value is cached
+            torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+        proj(x).sum().backward()  # a graph: autograd reaches the fp32 parameters
+    assert proj.weight.grad is not None and proj.weight.grad.dtype == torch.float32
+
 
 def test_models_with_warm_caches_copy_and_pickle() -> None:
     model = tiny_model("linear", cls=True).eval()
@@ -246,7 +303,11 @@ def test_models_with_warm_caches_copy_and_pickle() -> None:
             torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
 
 
-def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32() -> None:
+@pytest.mark.parametrize("bf16_kernels", [False, True])  # the depthwise convs in fp32, or in bf16
+def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32(
+    monkeypatch: pytest.MonkeyPatch, bf16_kernels: bool
+) -> None:
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     model = tiny_model("dw_bn", cls=True).eval()
     x = images()
     with torch.no_grad():
@@ -260,10 +321,14 @@ def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32() -> None:
     assert rel < 0.02, f"bf16 logits differ from fp32 by {rel:.3%}"
 
 
+@pytest.mark.parametrize("bf16_kernels", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_depthwise_projection_stays_fp32_under_cpu_autocast(training: bool) -> None:
-    """``dw_fp32``: under CPU bf16 autocast the dw_bn conv (+ BN) computes exactly its fp32 result, and
-    its gradients too; with the flag off autocast runs it in bf16."""
+def test_depthwise_projection_stays_fp32_under_cpu_autocast(
+    monkeypatch: pytest.MonkeyPatch, training: bool, bf16_kernels: bool
+) -> None:
+    """``dw_fp32``: under CPU bf16 autocast with a graph the dw_bn conv (+ BN) computes exactly its
+    fp32 result, and its gradients too, whatever the CPU; with the flag off autocast runs it in bf16."""
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).train(training)
     proj.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 8, 9, 7, requires_grad=True)
@@ -280,10 +345,38 @@ def test_depthwise_projection_stays_fp32_under_cpu_autocast(training: bool) -> N
         torch.testing.assert_close(grad, grad_expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bf16_kernels", [False, True])
+def test_depthwise_inference_runs_in_bf16_only_on_a_cpu_with_bf16_kernels(
+    monkeypatch: pytest.MonkeyPatch, bf16_kernels: bool
+) -> None:
+    """Without a graph, ``dw_fp32`` keeps the conv in fp32 only where oneDNN has no bf16 kernels (AVX2);
+    on an AVX-512 CPU the bf16 forward is faster, and equals the bf16 conv of the folded weights."""
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).eval()
+    proj.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proj(x)
+        weight, bias = (t.bfloat16() for t in proj.folded_conv())
+        bf16 = nn.functional.conv2d(x.bfloat16(), weight, bias, 2, 1, 1, 8).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        fp32 = proj(x)
+    if bf16_kernels:
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, bf16, rtol=0, atol=0)
+    else:
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, fp32, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
-def test_depthwise_convs_of_a_cls_stage_read_one_shared_channels_last_map(autocast: bool) -> None:
+def test_depthwise_convs_of_a_cls_stage_read_one_shared_channels_last_map(
+    monkeypatch: pytest.MonkeyPatch, autocast: bool
+) -> None:
     """After the cls split the q/k/v convs get a dense channels-last map (made once per block, in fp32
-    under CPU autocast): a strided view would make each conv copy it to NCHW."""
+    under CPU autocast where oneDNN has no bf16 kernels): a strided view would make each conv copy it
+    to NCHW."""
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", False)
     model = tiny_model("dw_bn", cls=True).eval()
     seen: list[torch.Tensor] = []
     for block in model.stage1.blocks:

@@ -9,6 +9,9 @@ Fast paths (all on by default, each behind a flag that :func:`set_fast_paths` sw
 compare every one against the plain reference computation):
 
 - ``fused_attn``: ``F.scaled_dot_product_attention`` with the official scale, no materialised softmax;
+- ``explicit_few_keys``: on CPU, attention over at most ``FEW_KEYS`` keys (stage 3 of CvT-13: 50) is
+  computed as two matrix products around an fp32 softmax instead: CPU SDPA's blocked kernel costs more
+  than the tiny score matrix there (4x in a bf16 training step, docs/performance.md);
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
   outputs per channel runs ~20x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
@@ -17,8 +20,9 @@ compare every one against the plain reference computation):
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
-- ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32:
-  oneDNN has no faster bf16 depthwise kernel, and its bf16 backward is several times slower.
+- ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32 when
+  a graph is built (oneDNN's bf16 depthwise backward is ~9x slower) or oneDNN has no bf16 kernels
+  for the CPU (AVX2: reference code, ~50x slower); inference on an AVX-512 CPU runs it in bf16.
 - ``cls_only_last_block`` (on the model): when only the logits are needed, the last block computes
   the cls token's query, attention row and MLP alone (``Block.forward(..., cls_only=True)``).
 
@@ -40,6 +44,24 @@ from torch import nn
 ProjectionMethod = Literal["dw_bn", "avg", "linear"]
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
+# keys up to which CPU attention is explicit (``explicit_few_keys``): measured faster at 50 keys, slower
+# at 196 (fp32 and bf16, training and inference; docs/performance.md)
+FEW_KEYS = 64
+
+
+def _cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has compiled bf16 kernels here (AVX-512 core, AVX512-BF16 or AMX); on other CPUs
+    (AVX2) its bf16 convolutions fall back to reference code, ~50x slower than fp32."""
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None),  # AVX-512 core (BW, VL, DQ)
+    )
+    return any(probe() for probe in probes if probe is not None)
+
+
+# read once at import: a plain bool that torch.compile can guard on
+CPU_HAS_BF16_KERNELS = _cpu_has_bf16_kernels()
 
 
 class QuickGELU(nn.Module):
@@ -55,16 +77,18 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.G
 class DerivedWeights:
     """Tensors computed from parameters or buffers, reused while no autograd graph is being built.
 
-    The cache is keyed on the identity and in-place version counter of every source tensor (so an
-    optimizer step, ``load_state_dict`` or ``.to()`` invalidates it) and on the autocast state: under
-    autocast the cached copies are already in the autocast dtype, saving a cast per call. With grad
-    enabled or under ``torch.compile`` the tensors are recomputed on every call (autograd must see
-    them); under ``torch.jit.trace`` too, so the trace records the derivation, not a frozen copy.
+    The cache is keyed on the identity, in-place version counter, storage, dtype and device of every
+    source tensor (an optimizer step or ``load_state_dict`` bumps the version; ``.to()`` and
+    ``.double()`` keep the Parameter object and its version but give it new storage), and on the
+    autocast state: under autocast the cached copies are already in the autocast dtype, saving a cast
+    per call. With grad enabled or under ``torch.compile`` the tensors are recomputed on every call
+    (autograd must see them); under ``torch.jit.trace`` too, so the trace records the derivation,
+    not a frozen copy.
     Not pickled and not deep-copied: a copy starts empty.
     """
 
     def __init__(self) -> None:
-        self._sources: list[tuple[weakref.ref[torch.Tensor], int]] = []
+        self._sources: list[tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = []
         self._state: tuple[Any, ...] = ()
         self._value: tuple[torch.Tensor, ...] = ()
 
@@ -80,23 +104,40 @@ class DerivedWeights:
         state = (autocast_dtype,)
         fresh = state == self._state and len(sources) == len(self._sources)
         fresh = fresh and all(
-            ref() is t and version == t._version
-            for (ref, version), t in zip(self._sources, sources, strict=True)
+            ref() is t and key == self._key(t) for (ref, key), t in zip(self._sources, sources, strict=True)
         )
         if not fresh:
             value = compute()
             if autocast_dtype is not None:
                 value = tuple(v.to(autocast_dtype) if v.is_floating_point() else v for v in value)
             self._value = value
-            self._sources = [(weakref.ref(t), t._version) for t in sources]
+            self._sources = [(weakref.ref(t), self._key(t)) for t in sources]
             self._state = state
         return self._value
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple[Any, ...]:
+        return t._version, t.data_ptr(), t.dtype, t.device
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
+
+
+class CastCachedLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
+    kept between calls while no graph is built, instead of autocast casting them on every call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self._cast = DerivedWeights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        weight, *bias = self._cast.get(params, lambda: params)
+        return F.linear(x, weight, bias[0] if bias else None)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
@@ -193,14 +234,16 @@ class ConvProjection(nn.Module):
         return self._depthwise(x)
 
     def computes_in_fp32(self, x: torch.Tensor) -> bool:
-        """Whether this ``dw_bn`` projection leaves CPU autocast for fp32 (``dw_fp32``): oneDNN's bf16
-        depthwise conv is no faster than fp32 on CPU and its backward ~9x slower (docs/performance.md)."""
-        return (
-            self.method == "dw_bn"
-            and self.dw_fp32
-            and x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-        )
+        """Whether this ``dw_bn`` projection leaves CPU autocast for fp32 (``dw_fp32``): when a graph is
+        built (oneDNN's bf16 depthwise backward is ~9x slower than fp32) or when oneDNN has no bf16
+        kernels for the CPU (then even the forward is far slower); on an AVX512-BF16 Xeon the bf16
+        forward is ~2x faster (docs/performance.md)."""
+        if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu"):
+            return False
+        if not torch.is_autocast_enabled("cpu"):
+            return False
+        bf16_kernels = CPU_HAS_BF16_KERNELS and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.is_grad_enabled() or not bf16_kernels
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
@@ -254,6 +297,7 @@ class ConvAttention(nn.Module):
         self.with_cls_token = with_cls_token
         self.attn_drop_rate = attn_drop
         self.fused_attn = True  # F.scaled_dot_product_attention; False: explicit softmax (reference path)
+        self.explicit_few_keys = True  # on CPU, explicit softmax over <= FEW_KEYS keys (faster there)
         self.fuse_proj = True  # one matrix product for projections that share their input
         self._fused_weights = DerivedWeights()
 
@@ -262,11 +306,11 @@ class ConvAttention(nn.Module):
         self.conv_proj_k = self._projection(method, dim_in, kernel_size, stride_kv, padding_kv)
         self.conv_proj_v = self._projection(method, dim_in, kernel_size, stride_kv, padding_kv)
 
-        self.proj_q = nn.Linear(dim_in, dim_out, bias=qkv_bias)
-        self.proj_k = nn.Linear(dim_in, dim_out, bias=qkv_bias)
-        self.proj_v = nn.Linear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_q = CastCachedLinear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_k = CastCachedLinear(dim_in, dim_out, bias=qkv_bias)
+        self.proj_v = CastCachedLinear(dim_in, dim_out, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim_out, dim_out)
+        self.proj = CastCachedLinear(dim_out, dim_out)
         self.proj_drop = nn.Dropout(proj_drop)
 
     @staticmethod
@@ -357,7 +401,8 @@ class ConvAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
         """Normed tokens ``(B, T, C)`` → ``(B, T, dim_out)``, or ``(B, 1, dim_out)`` with ``cls_only``."""
         q, k, v = self.project_qkv(x, grid, cls_only)
-        if self.fused_attn:
+        few_keys = self.explicit_few_keys and k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS
+        if self.fused_attn and not few_keys:
             drop = self.attn_drop_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         else:
@@ -370,7 +415,8 @@ class ConvAttention(nn.Module):
 
         The reference path, also used for attention maps.
         """
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
+        # scale after the product, as the official code: no scaled copy of q is kept for backward
+        return (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1, dtype=torch.float32)
 
 
 class SiluLinear(torch.autograd.Function):
@@ -478,7 +524,8 @@ class Block(nn.Module):
 
 
 FAST_PATH_FLAGS: tuple[str, ...] = (
-    "fused_attn", "fuse_proj", "fold_bn", "fold_act", "dw_fp32", "cls_only_last_block",
+    "fused_attn", "explicit_few_keys", "fuse_proj", "fold_bn", "fold_act", "dw_fp32",
+    "cls_only_last_block",
 )  # fmt: skip
 
 
@@ -486,8 +533,9 @@ def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.
     """Switch the fast paths of every submodule: all to ``enabled``, then any named flag to its value.
 
     ``set_fast_paths(model, False)`` gives the plain reference computation; ``set_fast_paths(model,
-    fold_bn=False)`` turns one path off. Flags: ``fused_attn``, ``fuse_proj``, ``fold_bn``, ``fold_act``,
-    ``dw_fp32``, ``cls_only_last_block`` (set on the :class:`~cvt.models.CvT` itself).
+    fold_bn=False)`` turns one path off. Flags: ``fused_attn``, ``explicit_few_keys``,
+    ``fuse_proj``, ``fold_bn``, ``fold_act``, ``dw_fp32``, ``cls_only_last_block`` (set on the
+    :class:`~cvt.models.CvT` itself).
     """
     unknown = sorted(set(flags) - set(FAST_PATH_FLAGS))
     if unknown:

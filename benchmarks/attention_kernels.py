@@ -1,0 +1,133 @@
+"""Two CPU kernel choices of CvT-13 on their own: SDPA vs explicit attention, bf16 vs fp32 depthwise conv.
+
+They decide the ``explicit_few_keys`` and ``dw_fp32`` fast paths (``cvt.models.layers``):
+
+- attention of each stage (1 head x 3136 queries x 784 keys; 3 x 784 x 196; 6 x 197 x 50), as
+  ``F.scaled_dot_product_attention`` and as the model's explicit path (``ConvAttention.attention_probs``
+  then a product with v), forward at batch 8 and forward + backward at batch 16;
+- the ``dw_bn`` depthwise 3x3 conv of each stage (stride 1 for q, 2 for k/v) on a channels-last bf16
+  map, in bf16 and in fp32 with the casts in and out (inference, batch 8).
+
+    .venv/bin/python benchmarks/attention_kernels.py --threads 2
+    taskset -c 0,1 python benchmarks/attention_kernels.py --threads 2 --dtypes bf16,fp32   # a bigger CPU
+
+Times are medians of interleaved runs, in ms. bf16 on a CPU without AVX-512 is emulated: slow, and
+shown only to say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cvt.models.layers import ConvAttention
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# CvT-13 at 224: (heads, queries, keys) of each stage's attention, (channels, map size) of its convs
+ATTENTION_SHAPES = {"stage 1": (1, 3136, 784), "stage 2": (3, 784, 196), "stage 3": (6, 197, 50)}
+CONV_SHAPES = {"stage 1": (64, 56), "stage 2": (192, 28), "stage 3": (384, 14)}
+HEAD_DIM = 64
+
+
+def median_ms(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of each function in ms, their runs interleaved."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def attention_row(dtype: torch.dtype, train: bool, stage: str, runs: int) -> str:
+    heads, queries, keys = ATTENTION_SHAPES[stage]
+    batch = 16 if train else 8
+    attn = ConvAttention(heads * HEAD_DIM, heads * HEAD_DIM, heads, method="linear")
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(tokens: int) -> torch.Tensor:
+        x = torch.randn(batch, heads, tokens, HEAD_DIM, generator=gen, dtype=dtype)
+        return x.requires_grad_(train)
+
+    q, k, v = tensor(queries), tensor(keys), tensor(keys)
+    grad = torch.randn(batch, heads, queries, HEAD_DIM, generator=gen, dtype=dtype)
+    kernels = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=attn.scale),
+        "explicit": lambda: attn.attention_probs(q, k).to(v.dtype) @ v,
+    }
+
+    def timed(kernel: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            if train:
+                torch.autograd.backward(kernel(), grad)
+                q.grad = k.grad = v.grad = None
+            else:
+                with torch.inference_mode():
+                    kernel()
+
+        return run
+
+    ms = median_ms({name: timed(kernel) for name, kernel in kernels.items()}, runs)
+    mode = "fwd+bwd, batch 16" if train else "forward, batch 8"
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return (
+        f"| {name} | {mode} | {stage}: {heads} x {queries} x {keys} | {ms['sdpa']:.2f} | "
+        f"{ms['explicit']:.2f} | {ms['sdpa'] / ms['explicit']:.2f}x |"
+    )
+
+
+def conv_row(stage: str, stride: int, runs: int) -> str:
+    channels, size = CONV_SHAPES[stage]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, channels, size, size, generator=gen)
+    x = x.to(torch.bfloat16, memory_format=torch.channels_last)
+    weight, bias = torch.randn(channels, 1, 3, 3, generator=gen), torch.randn(channels, generator=gen)
+    weight16, bias16 = weight.bfloat16(), bias.bfloat16()
+    with torch.inference_mode():
+        ms = median_ms(
+            {
+                "bf16": lambda: F.conv2d(x, weight16, bias16, stride, 1, 1, channels),
+                "fp32": lambda: F.conv2d(x.float(), weight, bias, stride, 1, 1, channels).bfloat16(),
+            },
+            runs,
+        )
+    return f"| {stage}: {channels} x {size} x {size}, stride {stride} | {ms['bf16']:.2f} | {ms['fp32']:.2f} |"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="attention dtypes, of bf16,fp32")
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {capability}")
+    print("\n| dtype | pass | attention (heads x queries x keys) | SDPA ms | explicit ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for dtype_name in args.dtypes.split(","):
+        for train in (False, True):
+            for stage in ATTENTION_SHAPES:
+                print(attention_row(DTYPES[dtype_name], train, stage, args.runs), flush=True)
+    print("\n| depthwise conv, batch 8, channels-last bf16 input | bf16 ms | fp32 ms (with casts) |")
+    print("|---|---|---|")
+    for stage in CONV_SHAPES:
+        for stride in (1, 2):
+            print(conv_row(stage, stride, args.runs), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
