@@ -29,6 +29,7 @@ import torch
 
 from cvt.benchmark import BenchConfig, BenchResult, peak_step_memory_mb, run_benchmark
 from cvt.models import create_model
+from cvt.models.layers import CPU_HAS_BF16_KERNELS
 
 PEERS = ["hf", "official"]
 
@@ -47,10 +48,10 @@ class Row:
 
 
 def has_native_bf16(device: str) -> bool:
-    """Whether bf16 matrix products run natively (not emulated) on ``device``."""
+    """Whether bf16 runs on compiled kernels (not emulated in reference code) on ``device``."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return CPU_HAS_BF16_KERNELS
 
 
 def speed_row(name: str, results: list[BenchResult], minimum: float, note: str = "") -> Row:
