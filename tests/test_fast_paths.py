@@ -99,21 +99,27 @@ def test_each_fast_path_equals_reference_in_eval(method: str, cls: bool) -> None
             torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5, msg=f"only {flag}")
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The key count of every ``F.scaled_dot_product_attention`` call made during the test."""
+    calls: list[int] = []
+    sdpa = nn.functional.scaled_dot_product_attention
+
+    def counted_sdpa(*args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(args[1].shape[-2])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    return calls
+
+
 @pytest.mark.parametrize(("few_keys", "expected_sdpa_calls"), [(64, 0), (20, 1), (0, 3)])
 def test_cpu_attention_over_few_keys_is_explicit(
-    monkeypatch: pytest.MonkeyPatch, few_keys: int, expected_sdpa_calls: int
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], few_keys: int, expected_sdpa_calls: int
 ) -> None:
     """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys skips SDPA (stage 0 of the tiny
     model has 5x7 = 35 keys, stage 1 3x4 + cls = 13), with logits and gradients equal to SDPA's."""
     monkeypatch.setattr(layers, "FEW_KEYS", few_keys)
-    sdpa_calls = []
-    sdpa = nn.functional.scaled_dot_product_attention
-
-    def counted_sdpa(*args: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        sdpa_calls.append(args[1].shape[-2])  # the number of keys
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", counted_sdpa)
     model = tiny_model("dw_bn", cls=True).train()
     with_sdpa = set_fast_paths(copy.deepcopy(model), explicit_few_keys=False)
     x, target = images(4), torch.tensor([0, 3, 6, 2])
@@ -125,6 +131,20 @@ def test_cpu_attention_over_few_keys_is_explicit(
     nn.functional.cross_entropy(expected, target).backward()
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     assert_same_step(model, with_sdpa, grad_tol=(1e-4, 1e-6), buffer_tol=(1e-5, 1e-6))
+
+
+@pytest.mark.parametrize("bf16_kernels", [False, True])
+def test_bf16_attention_over_few_keys_is_explicit_only_with_bf16_kernels(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], bf16_kernels: bool
+) -> None:
+    """Under bf16 autocast the explicit path's bf16 matmuls are ~10x slower than SDPA where oneDNN has
+    no bf16 kernels (AVX2), so there SDPA stays; with the kernels the explicit path runs."""
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    model = tiny_model("dw_bn", cls=True).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images())
+    assert len(sdpa_calls) == (0 if bf16_kernels else 3)
+    torch.testing.assert_close(logits.float(), reference_logits(model, images()), rtol=0, atol=0.1)
 
 
 def test_folded_batchnorm_equals_conv_then_bn() -> None:

@@ -11,7 +11,8 @@ compare every one against the plain reference computation):
 - ``fused_attn``: ``F.scaled_dot_product_attention`` with the official scale, no materialised softmax;
 - ``explicit_few_keys``: on CPU, attention over at most ``FEW_KEYS`` keys (stage 3 of CvT-13: 50) is
   computed as two matrix products around an fp32 softmax instead: CPU SDPA's blocked kernel costs more
-  than the tiny score matrix there (4x in a bf16 training step, docs/performance.md);
+  than the tiny score matrix there (4x in a bf16 training step, docs/performance.md); in fp32, and
+  in bf16 only where oneDNN has bf16 kernels;
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
   outputs per channel runs ~20x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
@@ -401,14 +402,21 @@ class ConvAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
         """Normed tokens ``(B, T, C)`` → ``(B, T, dim_out)``, or ``(B, 1, dim_out)`` with ``cls_only``."""
         q, k, v = self.project_qkv(x, grid, cls_only)
-        few_keys = self.explicit_few_keys and k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS
-        if self.fused_attn and not few_keys:
+        if self.fused_attn and not self._explicit_is_faster(k):
             drop = self.attn_drop_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         else:
             out = self.attn_drop(self.attention_probs(q, k)).to(v.dtype) @ v
         out = out.transpose(1, 2).flatten(2)  # (B, Tq, dim_out)
         return self.proj_drop(self.proj(out))
+
+    def _explicit_is_faster(self, k: torch.Tensor) -> bool:
+        """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys, in fp32, or in bf16 where
+        oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code, ~10x slower than SDPA)."""
+        compiled_dtype = k.dtype == torch.float32 or (k.dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
+        return (
+            self.explicit_few_keys and k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS and compiled_dtype
+        )
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast.
