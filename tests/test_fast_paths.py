@@ -147,6 +147,17 @@ def test_bf16_attention_over_few_keys_is_explicit_only_with_bf16_kernels(
     torch.testing.assert_close(logits.float(), reference_logits(model, images()), rtol=0, atol=0.1)
 
 
+def test_a_trace_keeps_sdpa_whatever_the_example_key_count() -> None:
+    """A trace (ONNX, TorchScript) would freeze the explicit path chosen for the example's few keys;
+    exported graphs keep SDPA, and their outputs equal eager's."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    traced = torch.jit.trace(model, x, check_trace=False)
+    assert str(traced.inlined_graph).count("scaled_dot_product_attention") == 3
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+
+
 def test_folded_batchnorm_equals_conv_then_bn() -> None:
     proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).eval()
     proj.bn.running_mean.normal_()

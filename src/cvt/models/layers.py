@@ -412,7 +412,11 @@ class ConvAttention(nn.Module):
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys, in fp32, or in bf16 where
-        oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code, ~10x slower than SDPA)."""
+        oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code, ~10x slower than SDPA).
+        Never while tracing (ONNX, TorchScript): the trace would freeze the choice made for the example
+        input's key count, and exported graphs run on other runtimes anyway."""
+        if torch.jit.is_tracing():
+            return False
         compiled_dtype = k.dtype == torch.float32 or (k.dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
         return (
             self.explicit_few_keys and k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS and compiled_dtype
