@@ -214,7 +214,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     rows = measure(args)
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+               f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+               f"oneDNN bf16 kernels {'yes' if CPU_HAS_BF16_KERNELS else 'no'}"
                + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))  # fmt: skip
     print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median\n")
     print(markdown(rows))
