@@ -23,7 +23,7 @@ compare every one against the plain reference computation):
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
 - ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32 when
   a graph is built (oneDNN's bf16 depthwise backward is ~9x slower) or oneDNN has no bf16 kernels
-  for the CPU (AVX2: reference code, ~50x slower); inference on an AVX-512 CPU runs it in bf16.
+  for the CPU (AVX2: reference code, 20-40x slower); inference on an AVX-512 CPU runs it in bf16.
 - ``cls_only_last_block`` (on the model): when only the logits are needed, the last block computes
   the cls token's query, attention row and MLP alone (``Block.forward(..., cls_only=True)``).
 
@@ -52,7 +52,8 @@ FEW_KEYS = 64
 
 def _cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has compiled bf16 kernels here (AVX-512 core, AVX512-BF16 or AMX); on other CPUs
-    (AVX2) its bf16 convolutions fall back to reference code, ~50x slower than fp32."""
+    (AVX2) its bf16 convolutions and matrix products fall back to reference code (depthwise convs
+    20-40x slower than fp32, benchmarks/results/avx2-vm_attention_kernels.md)."""
     probes = (
         getattr(torch.cpu, "_is_avx512_bf16_supported", None),
         getattr(torch.cpu, "_is_amx_tile_supported", None),
@@ -63,6 +64,12 @@ def _cpu_has_bf16_kernels() -> bool:
 
 # read once at import: a plain bool that torch.compile can guard on
 CPU_HAS_BF16_KERNELS = _cpu_has_bf16_kernels()
+
+
+def _cpu_has_kernels_for(dtype: torch.dtype) -> bool:
+    """Whether CPU convolutions and matrix products in ``dtype`` run on compiled kernels: fp32 always,
+    bf16 where oneDNN has bf16 kernels, nothing else (fp16 is emulated on these CPUs)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
 
 
 class QuickGELU(nn.Module):
@@ -243,8 +250,7 @@ class ConvProjection(nn.Module):
             return False
         if not torch.is_autocast_enabled("cpu"):
             return False
-        bf16_kernels = CPU_HAS_BF16_KERNELS and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        return torch.is_grad_enabled() or not bf16_kernels
+        return torch.is_grad_enabled() or not _cpu_has_kernels_for(torch.get_autocast_dtype("cpu"))
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
@@ -412,15 +418,13 @@ class ConvAttention(nn.Module):
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys, in fp32, or in bf16 where
-        oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code, ~10x slower than SDPA).
+        oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code: 3-9x slower than SDPA).
         Never while tracing (ONNX, TorchScript): the trace would freeze the choice made for the example
         input's key count, and exported graphs run on other runtimes anyway."""
         if torch.jit.is_tracing():
             return False
-        compiled_dtype = k.dtype == torch.float32 or (k.dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
-        return (
-            self.explicit_few_keys and k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS and compiled_dtype
-        )
+        few_keys = k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS
+        return self.explicit_few_keys and few_keys and _cpu_has_kernels_for(k.dtype)
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast.
