@@ -44,17 +44,23 @@ def as_argv(flags: dict) -> list[str]:
     return argv
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    cfg, _ = resolve_run(None, {**MICRO, "batch_size": 16, "output": str(tmp_path / "single")})
-    single = train(cfg)  # one thread (conftest), as each DDP process below
-
-    flags = {**MICRO, "batch_size": 8, "output": str(tmp_path / "ddp")}
+def train_in_two_processes(flags: dict) -> subprocess.CompletedProcess:
+    """``cvt train`` under ``torch.distributed.run`` with 2 gloo processes of one thread each; asserts
+    that it succeeded (DDP also fails a run whose parameters miss a gradient)."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "cvt", "train", *as_argv(flags)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    cfg, _ = resolve_run(None, {**MICRO, "batch_size": 16, "output": str(tmp_path / "single")})
+    single = train(cfg)  # one thread (conftest), as each DDP process below
+
+    done = train_in_two_processes({**MICRO, "batch_size": 8, "output": str(tmp_path / "ddp")})
     assert "global batch 16" in done.stdout and "2 process(es)" in done.stdout
     assert done.stdout.count("epoch 2/2") == 1  # only rank 0 prints and writes
 
@@ -71,9 +77,5 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 def test_ddp_trains_dw_bn_whose_last_q_convolution_gets_zero_gradients(tmp_path):
     flags = {**MICRO, "batch_size": 8, "output": str(tmp_path / "ddp"), "epochs": 1,
              "model_args": {**MICRO["model_args"], "method": "dw_bn"}}  # fmt: skip
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "cvt", "train", *as_argv(flags)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]  # DDP refuses a parameter without a gradient
+    train_in_two_processes(flags)  # DDP refuses a parameter without a gradient
     assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 4

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cvt.data.seeding import PerSampleSeeds
+from cvt.data.seeding import PerSampleSeeds, seed_generators
 
 
 class RandomDraws(Dataset):
@@ -27,17 +27,13 @@ def items(dataset: Dataset, order: list[int]) -> dict[int, torch.Tensor]:
 
 def test_an_item_draws_the_same_whatever_came_before_and_the_callers_streams_do_not_move() -> None:
     data = PerSampleSeeds(RandomDraws(), seed=7)
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    seed_generators(0)
     forward = items(data, list(range(12)))
     after = (torch.rand(()).item(), random.random(), np.random.rand())
     backward = items(data, list(range(11, -1, -1)))
     for i in range(12):
         torch.testing.assert_close(forward[i], backward[i], rtol=0, atol=0)
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    seed_generators(0)
     assert (torch.rand(()).item(), random.random(), np.random.rand()) == after  # untouched by the items
     assert len({tuple(v.tolist()) for v in forward.values()}) == 12  # distinct per index
 
