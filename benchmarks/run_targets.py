@@ -10,10 +10,10 @@ interleaved timed runs (see ``cvt.benchmark``):
     python benchmarks/run_targets.py --device cuda --only gpu --compile-mode reduce-overhead \
         --gpu-train-batches 16 --gpu-infer-batches 8
 
-bf16 rows need a CPU with native bf16 (AVX-512 BF16 / AMX) or a GPU; elsewhere bf16 is emulated,
-takes many minutes and says nothing about the implementations, so it is skipped unless
-``--force-bf16``. On CUDA the GPU targets (bf16 + compile vs transformers fp32 eager, at the issue's
-batch sizes and at large ones) run too. ``--only speed,memory,gpu`` picks sections.
+bf16 rows need a CPU where oneDNN has bf16 kernels (AVX-512; natively AVX512-BF16 / AMX) or a GPU;
+elsewhere bf16 is emulated, takes many minutes and says nothing about the implementations, so it is
+skipped unless ``--force-bf16``. On CUDA the GPU targets (bf16 + compile vs transformers fp32 eager,
+at the issue's batch sizes and at large ones) run too. ``--only speed,memory,gpu`` picks sections.
 Results measured with it: ``benchmarks/results/``.
 """
 
@@ -221,7 +221,7 @@ def main() -> int:
     print(markdown(rows))
     if not (args.force_bf16 or has_native_bf16(args.device)):
         print(
-            "\nbf16 rows skipped: no native bf16 on this device (rerun with --force-bf16 to measure anyway)"
+            "\nbf16 rows skipped: no bf16 kernels on this device (rerun with --force-bf16 to measure anyway)"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -400,25 +400,33 @@ def test_depthwise_inference_runs_in_bf16_only_on_a_cpu_with_bf16_kernels(
         torch.testing.assert_close(out, fp32, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bf16_kernels", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_depthwise_convs_of_a_cls_stage_read_one_shared_channels_last_map(
-    monkeypatch: pytest.MonkeyPatch, autocast: bool
+def test_projections_of_a_cls_stage_read_one_shared_map_and_no_promoted_tokens(
+    monkeypatch: pytest.MonkeyPatch, autocast: bool, bf16_kernels: bool
 ) -> None:
-    """After the cls split the q/k/v convs get a dense channels-last map (made once per block, in fp32
-    under CPU autocast where oneDNN has no bf16 kernels): a strided view would make each conv copy it
-    to NCHW."""
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", False)
+    """After the cls split the q/k/v convs get a dense channels-last map, made once per block and
+    already in the dtype they compute in (fp32 under ``dw_fp32``, else bf16 under autocast): a strided
+    view would make each conv copy it to NCHW, an fp32 map each cast it. The fp32 cls token does not
+    promote the projected tokens to fp32 before the bf16 Linear layers."""
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     model = tiny_model("dw_bn", cls=True).eval()
-    seen: list[torch.Tensor] = []
+    conv_inputs: list[torch.Tensor] = []
+    linear_dtypes: list[torch.dtype] = []
     for block in model.stage1.blocks:
-        for proj in (block.attn.conv_proj_q, block.attn.conv_proj_k, block.attn.conv_proj_v):
-            proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        attn = block.attn
+        for proj in (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v):
+            proj.register_forward_pre_hook(lambda _m, args: conv_inputs.append(args[0]))
+        for linear in (attn.proj_q, attn.proj_k, attn.proj_v):
+            linear.register_forward_pre_hook(lambda _m, args: linear_dtypes.append(args[0].dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         model.forward_features(images())  # every token: the last block's q conv runs too
-    assert len(seen) == 6
-    for x in seen:
-        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
-    assert len({x.data_ptr() for x in seen}) == 2  # one map per block, shared by its three convs
+    map_dtype = torch.bfloat16 if autocast and bf16_kernels else torch.float32
+    assert len(conv_inputs) == 6
+    for x in conv_inputs:
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == map_dtype
+    assert len({x.data_ptr() for x in conv_inputs}) == 2  # one map per block, shared by its three convs
+    assert linear_dtypes == [map_dtype] * 6  # the projected tokens with the cls token, unpromoted
 
 
 def test_batchnorm_of_a_cls_stage_gets_a_dense_channels_last_gradient() -> None:
@@ -457,6 +465,30 @@ def test_silu_linear_recomputing_backward_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(SiluLinear.apply, (h, weight, bias))
     out = SiluLinear.apply(h, weight, bias)
     torch.testing.assert_close(out, nn.functional.linear(nn.functional.silu(h), weight, bias))
+
+
+@pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("transposed_h", [False, True])
+def test_silu_linear_backward_equals_autograd_for_any_subset_of_inputs(
+    needs_grad: tuple[bool, bool, bool], transposed_h: bool
+) -> None:
+    # the backward reuses one buffer for silu(h), grad_out @ weight and grad_h: whichever gradients are
+    # asked for, and for a non-contiguous h, they must equal plain autograd's
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 5, 8, generator=gen)
+    h = h.transpose(0, 1).contiguous().transpose(0, 1) if transposed_h else h
+    weight, bias = torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen)
+    grad_out = torch.randn(3, 5, 4, generator=gen)
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((h, weight, bias), needs_grad, strict=True)]
+    refs = [t.clone().requires_grad_(need) for t, need in zip((h, weight, bias), needs_grad, strict=True)]
+    SiluLinear.apply(*leaves).backward(grad_out)
+    nn.functional.linear(nn.functional.silu(refs[0]), refs[1], refs[2]).backward(grad_out)
+    for leaf, ref in zip(leaves, refs, strict=True):
+        if ref.grad is None:
+            assert leaf.grad is None
+        else:
+            torch.testing.assert_close(leaf.grad, ref.grad)
+    torch.testing.assert_close(leaves[0].detach(), h, rtol=0, atol=0)  # the saved h is left as it was
 
 
 def test_bf16_autocast_training_step_gives_fp32_gradients_close_to_fp32() -> None:

@@ -17,7 +17,8 @@ compare every one against the plain reference computation):
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
   outputs per channel runs ~20x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
 - ``fold_bn``: in eval mode the ``dw_bn`` BatchNorm is folded into the depthwise conv's weight and bias;
-  After a cls split the map is made channels-last once, so the depthwise convs do not each copy it;
+  after a cls split the map is made channels-last once (and in the dtype the convs compute in, so
+  autocast does not cast it per conv), and the cls token joins the projected tokens in their dtype;
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
@@ -72,6 +73,13 @@ def _cpu_has_kernels_for(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` ("cpu", "cuda"), or None when it is off there."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation the official CvT checkpoints were trained with."""
 
@@ -106,18 +114,16 @@ class DerivedWeights:
         """``compute()``, or its cached result when the sources and autocast state are unchanged."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return compute()
-        device = sources[0].device.type
-        autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        autocast_dtype = torch.get_autocast_dtype(device) if autocast_on else None
-        state = (autocast_dtype,)
+        cast_to = autocast_dtype(sources[0].device.type)
+        state = (cast_to,)
         fresh = state == self._state and len(sources) == len(self._sources)
         fresh = fresh and all(
             ref() is t and key == self._key(t) for (ref, key), t in zip(self._sources, sources, strict=True)
         )
         if not fresh:
             value = compute()
-            if autocast_dtype is not None:
-                value = tuple(v.to(autocast_dtype) if v.is_floating_point() else v for v in value)
+            if cast_to is not None:
+                value = tuple(v.to(cast_to) if v.is_floating_point() else v for v in value)
             self._value = value
             self._sources = [(weakref.ref(t), self._key(t)) for t in sources]
             self._state = state
@@ -241,16 +247,24 @@ class ConvProjection(nn.Module):
                 return self._depthwise(x.float())  # no copy when the caller already cast the shared map
         return self._depthwise(x)
 
+    def input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype this projection computes ``x`` in: fp32 under ``dw_fp32``, the autocast dtype for
+        a ``dw_bn`` conv under autocast (autocast would cast ``x`` to it), else ``x.dtype`` (pooling
+        runs in its input dtype)."""
+        if self.computes_in_fp32(x):
+            return torch.float32
+        cast_to = autocast_dtype(x.device.type) if self.method == "dw_bn" else None
+        return x.dtype if cast_to is None else cast_to
+
     def computes_in_fp32(self, x: torch.Tensor) -> bool:
         """Whether this ``dw_bn`` projection leaves CPU autocast for fp32 (``dw_fp32``): when a graph is
         built (oneDNN's bf16 depthwise backward is ~9x slower than fp32) or when oneDNN has no bf16
         kernels for the CPU (then even the forward is far slower); on an AVX512-BF16 Xeon the bf16
         forward is ~2x faster (docs/performance.md)."""
-        if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu"):
+        cast_to = autocast_dtype("cpu")
+        if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu" and cast_to is not None):
             return False
-        if not torch.is_autocast_enabled("cpu"):
-            return False
-        return torch.is_grad_enabled() or not _cpu_has_kernels_for(torch.get_autocast_dtype("cpu"))
+        return torch.is_grad_enabled() or not _cpu_has_kernels_for(cast_to)
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
@@ -355,7 +369,9 @@ class ConvAttention(nn.Module):
 
         def project(proj: ConvProjection) -> torch.Tensor:
             t = proj(x_map)  # (B, H'*W', C)
-            return t if cls_tok is None else torch.cat((cls_tok, t), dim=1)
+            # cls in t's dtype: under autocast an fp32 cls would promote the cat to fp32, which the
+            # Linear then casts back (the same values, two more passes)
+            return t if cls_tok is None else torch.cat((cls_tok.to(t.dtype), t), dim=1)
 
         if not cls_only:
             q_in = x if self.conv_proj_q is None else project(self.conv_proj_q)
@@ -375,8 +391,8 @@ class ConvAttention(nn.Module):
         """Patch tokens ``(B, H*W, C)`` → the channels-last ``(B, C, H, W)`` map the conv projections read."""
         # a channels-last view of the tokens, which the depthwise conv reads without a copy
         x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-        conv_in_fp32 = self.conv_proj_k is not None and self.conv_proj_k.computes_in_fp32(x_map)
-        dtype = torch.float32 if conv_in_fp32 else x_map.dtype  # one cast for the three convs
+        # one cast for the three projections, instead of one by autocast (or dw_fp32) in each
+        dtype = x_map.dtype if self.conv_proj_k is None else self.conv_proj_k.input_dtype(x_map)
         if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
             # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
             # its slower NCHW kernel; one channels-last copy here serves all three projections
@@ -452,13 +468,22 @@ class SiluLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight = ctx.saved_tensors
+        grad_out_2d = grad_out.flatten(0, -2)  # (N, out)
         grad_h = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.ops.aten.silu_backward(grad_out @ weight, h)  # (..., hidden)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_out.flatten(0, -2).T @ F.silu(h).flatten(0, -2)  # (out, hidden)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.flatten(0, -2).sum(0)
+            grad_b = grad_out_2d.sum(0)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return grad_h, grad_w, grad_b
+        # one hidden-size buffer serves silu(h), then grad_out @ weight, then grad_h (in place): on CPU
+        # every fresh tensor of this size is page-faulted anew (docs/performance.md)
+        if ctx.needs_input_grad[1]:
+            buffer = F.silu(h).contiguous()  # (..., hidden)
+            grad_w = grad_out_2d.T @ buffer.flatten(0, -2)  # (out, hidden)
+        else:
+            buffer = torch.empty_like(h, memory_format=torch.contiguous_format)
+        if ctx.needs_input_grad[0]:
+            torch.mm(grad_out_2d, weight, out=buffer.view(-1, buffer.shape[-1]))
+            grad_h = torch.ops.aten.silu_backward.grad_input(buffer, h, grad_input=buffer)
         return grad_h, grad_w, grad_b
 
 

@@ -1,0 +1,91 @@
+"""Which aten ops one CvT forward runs: count, input shapes and dtypes, and the line of this package
+that called each. No timing: it finds needless casts and copies on any machine.
+
+    .venv/bin/python benchmarks/op_census.py --dtype bf16 --bf16-kernels yes   # bf16 inference as on AVX-512
+    .venv/bin/python benchmarks/op_census.py --ops _to_copy,copy_,cat,clone     # the default filter
+    .venv/bin/python benchmarks/op_census.py --mode train --ops all
+
+``--bf16-kernels`` overrides what the model detected (``cvt.models.layers.CPU_HAS_BF16_KERNELS``), so
+the code path of an AVX-512 CPU can be listed on an AVX2 one (its bf16 kernels are emulated there:
+slow, but the same ops). Ops that aten runs inside another op (an emulated conv's own copies) are
+listed under the caller's line too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import traceback
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cvt.models import create_model, layers
+
+PACKAGE_DIR = "/cvt/"
+
+
+class OpCensus(TorchDispatchMode):
+    """Counts ``(calling file, line, op, input shapes, input dtypes)`` of the ``ops`` (all if empty)."""
+
+    def __init__(self, ops: set[str]) -> None:
+        super().__init__()
+        self.ops = ops
+        self.counts: collections.Counter[tuple[str, int, str, str, str]] = collections.Counter()
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        name = func.__name__.split(".")[0]
+        if not self.ops or name in self.ops:
+            flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))]  # cat's list
+            tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+            shapes = " ".join(str(tuple(t.shape)) for t in tensors[:3])
+            dtypes = " ".join(str(t.dtype).removeprefix("torch.") for t in tensors[:3])
+            ours = [f for f in traceback.extract_stack() if PACKAGE_DIR in f.filename]
+            file, line = (ours[-1].filename.rsplit("/", 1)[-1], ours[-1].lineno or 0) if ours else ("-", 0)
+            self.counts[(file, line, name, shapes, dtypes)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="cvt_13")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16: CPU autocast")
+    parser.add_argument("--bf16-kernels", choices=("yes", "no", "detected"), default="detected")
+    parser.add_argument(
+        "--ops", default="_to_copy,copy_,cat,clone", help="aten op names (comma-separated) or all"
+    )
+    args = parser.parse_args()
+    if args.bf16_kernels != "detected":
+        layers.CPU_HAS_BF16_KERNELS = args.bf16_kernels == "yes"
+    torch.manual_seed(0)
+    model = create_model(args.model).train(args.mode == "train")
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    census = OpCensus(set() if args.ops == "all" else set(args.ops.split(",")))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    with torch.set_grad_enabled(args.mode == "train"), autocast:
+        model(x)  # warm the caches of derived weights: the census is of a steady-state call
+        with census:
+            out = model(x)
+    if args.mode == "train":
+        with census:
+            out.float().sum().backward()
+    print(f"{args.model} {args.mode} {args.dtype} batch {args.batch_size}, "
+          f"bf16 kernels {'yes' if layers.CPU_HAS_BF16_KERNELS else 'no'}\n")  # fmt: skip
+    print("| calls | op | input shapes | dtypes | called from |\n|---|---|---|---|---|")
+    for (file, line, name, shapes, dtypes), n in sorted(census.counts.items()):
+        print(f"| {n} | {name} | {shapes} | {dtypes} | {file}:{line} |")
+    print(f"\n{sum(census.counts.values())} ops in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
