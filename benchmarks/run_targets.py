@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
 import sys
 
 import torch
@@ -45,6 +46,9 @@ class Row:
     target: str  # e.g. ">= 1.25x"
     met: bool
     note: str = ""
+    # speed rows: cvt's img/s over the faster peer's in each round of interleaved runs (a drift of the
+    # machine's speed moves both sides of one round alike, so these spread less than whole calls do)
+    paired_ratios: list[float] = dataclasses.field(default_factory=list)
 
 
 def has_native_bf16(device: str) -> bool:
@@ -59,7 +63,9 @@ def speed_row(name: str, results: list[BenchResult], minimum: float, note: str =
     values = {r.subject: r.img_per_s for r in results}
     faster = max(PEERS, key=lambda p: values[p])
     ratio = values["cvt"] / values[faster]
-    return Row(name, values, ratio, faster, f">= {minimum}x", ratio >= minimum, note)
+    runs = {r.subject: r.img_per_s_runs for r in results}
+    paired = [ours / peer for ours, peer in zip(runs["cvt"], runs[faster], strict=True)]
+    return Row(name, values, ratio, faster, f">= {minimum}x", ratio >= minimum, note, paired)
 
 
 def bf16_logit_error(device: str, img_size: int = 224, batch: int = 8) -> float:
@@ -168,12 +174,14 @@ def measure(args: argparse.Namespace) -> list[Row]:
 
 def markdown(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| measurement | cvt | transformers | official (re-impl.) | cvt vs | target | met |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| measurement | cvt | transformers | official (re-impl.) | cvt vs | per round | target | met |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         cells = [f"{r.values[s]:.1f}" if s in r.values else "-" for s in ("cvt", "hf", "official")]
-        lines.append(f"| {r.name} | {' | '.join(cells)} | {r.ratio:.2f}x {r.versus} | {r.target} | "
-                     f"{'yes' if r.met else 'NO'} |")  # fmt: skip
+        p = sorted(r.paired_ratios)
+        rounds = f"{p[0]:.2f}-{statistics.median(p):.2f}-{p[-1]:.2f}" if p else "-"
+        lines.append(f"| {r.name} | {' | '.join(cells)} | {r.ratio:.2f}x {r.versus} | {rounds} | "
+                     f"{r.target} | {'yes' if r.met else 'NO'} |")  # fmt: skip
     lines += [f"| {r.name}: {r.note} |" for r in rows if r.note]
     return "\n".join(lines)
 
@@ -217,7 +225,8 @@ def main() -> int:
                f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
                f"oneDNN bf16 kernels {'yes' if CPU_HAS_BF16_KERNELS else 'no'}"
                + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))  # fmt: skip
-    print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median\n")
+    print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median; "
+          "per round: cvt over the faster peer in each round of runs, min-median-max\n")  # fmt: skip
     print(markdown(rows))
     if not (args.force_bf16 or has_native_bf16(args.device)):
         print(

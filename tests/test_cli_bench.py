@@ -22,7 +22,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 def test_bench_json_on_tiny_model_against_official(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(
-        capsys, "--model", "cvt_tiny", "--img-size", "32", "--batch-size", "2", "--runs", "1",
+        capsys, "--model", "cvt_tiny", "--img-size", "32", "--batch-size", "2", "--runs", "3",
         "--warmup", "0", "--compare", "official", "--no-memory", "--json",
     )  # fmt: skip
     assert code == 0
@@ -33,6 +33,9 @@ def test_bench_json_on_tiny_model_against_official(capsys: pytest.CaptureFixture
     assert (ours["subject"], official["subject"]) == ("cvt", "official")
     for r in (ours, official):
         assert r["img_per_s"] > 0 and r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"]
+        runs = r["img_per_s_runs"]
+        assert len(runs) == 3 and sorted(runs)[1] == r["img_per_s"]  # the median of the runs
+        assert (min(runs), max(runs)) == (r["img_per_s_min"], r["img_per_s_max"])
         assert r["ceiling_gflops_per_s"] > 0
         # GFLOP/s = FLOPs per image x img/s (FLOPs = 2 x multiply-accumulates)
         assert r["gflops_per_s"] == pytest.approx(2 * gmacs * r["img_per_s"], rel=1e-6)

@@ -98,6 +98,7 @@ class BenchResult:
     img_per_s: float  # median
     img_per_s_min: float
     img_per_s_max: float
+    img_per_s_runs: list[float]  # every timed run in order; run i of each subject shares one round
     spread_pct: float  # (max - min) / median, in percent
     step_ms: float  # median time of one batch
     peak_memory_mb: float | None
@@ -416,6 +417,7 @@ def run_benchmark(cfg: BenchConfig, compare: list[str] | None = None) -> list[Be
                 img_per_s=median,
                 img_per_s_min=min(rates),
                 img_per_s_max=max(rates),
+                img_per_s_runs=rates,
                 spread_pct=100 * (max(rates) - min(rates)) / median,
                 step_ms=1e3 * statistics.median(times[name]),
                 peak_memory_mb=memory,
