@@ -35,6 +35,20 @@ def test_block_traces_as_one_graph_in_eval_and_train(method: str) -> None:
         assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("method", ["dw_bn", "avg"])
+def test_block_traces_as_one_graph_under_bf16_autocast(method: str) -> None:
+    """``cvt bench --dtype bf16 --compile`` (the GPU targets) compiles under autocast: the dtype checks
+    of the projections (``dw_fp32``, the one cast of the conv input) must trace, not break the graph."""
+    block = tiny_model(method).stage1.blocks[0]
+    x = torch.randn(2, 1 + 4 * 6, 32)
+    for train in (False, True):
+        block.train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explanation = torch._dynamo.explain(block)(x, (4, 6))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
 @pytest.mark.slow
 def test_batch_size_changes_do_not_recompile_each_time() -> None:
     model = tiny_model()
