@@ -457,12 +457,14 @@ def test_set_fast_paths_rejects_unknown_flags() -> None:
         set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)
 
 
-def test_silu_linear_recomputing_backward_passes_gradcheck() -> None:
+def test_silu_linear_recomputing_backward_passes_gradcheck_and_gradgradcheck() -> None:
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(SiluLinear.apply, (h, weight, bias))
+    # create_graph=True (gradient penalties): the backward takes its differentiable branch
+    assert torch.autograd.gradgradcheck(SiluLinear.apply, (h, weight, bias))
     out = SiluLinear.apply(h, weight, bias)
     torch.testing.assert_close(out, nn.functional.linear(nn.functional.silu(h), weight, bias))
 

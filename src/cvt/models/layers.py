@@ -472,18 +472,20 @@ class SiluLinear(torch.autograd.Function):
         grad_h = grad_w = grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out_2d.sum(0)
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        silu_h = F.silu(h) if ctx.needs_input_grad[1] else None  # (..., hidden)
+        if silu_h is not None:
+            grad_w = grad_out_2d.T @ silu_h.flatten(0, -2)  # (out, hidden)
+        if not ctx.needs_input_grad[0]:
             return grad_h, grad_w, grad_b
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops only (as autograd's own SiLU)
+            sig = torch.sigmoid(h)
+            return (grad_out @ weight) * sig * (1 + h * (1 - sig)), grad_w, grad_b
         # one hidden-size buffer serves silu(h), then grad_out @ weight, then grad_h (in place): on CPU
         # every fresh tensor of this size is page-faulted anew (docs/performance.md)
-        if ctx.needs_input_grad[1]:
-            buffer = F.silu(h).contiguous()  # (..., hidden)
-            grad_w = grad_out_2d.T @ buffer.flatten(0, -2)  # (out, hidden)
-        else:
-            buffer = torch.empty_like(h, memory_format=torch.contiguous_format)
-        if ctx.needs_input_grad[0]:
-            torch.mm(grad_out_2d, weight, out=buffer.view(-1, buffer.shape[-1]))
-            grad_h = torch.ops.aten.silu_backward.grad_input(buffer, h, grad_input=buffer)
+        buffer = torch.empty_like(h, memory_format=torch.contiguous_format) if silu_h is None else silu_h
+        buffer = buffer.contiguous()
+        torch.mm(grad_out_2d, weight, out=buffer.view(-1, buffer.shape[-1]))
+        grad_h = torch.ops.aten.silu_backward.grad_input(buffer, h, grad_input=buffer)
         return grad_h, grad_w, grad_b
 
 
