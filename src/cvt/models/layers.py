@@ -481,7 +481,7 @@ class SiluLinear(torch.autograd.Function):
             sig = torch.sigmoid(h)
             return (grad_out @ weight) * sig * (1 + h * (1 - sig)), grad_w, grad_b
         # one hidden-size buffer serves silu(h), then grad_out @ weight, then grad_h (in place): on CPU
-        # every fresh tensor of this size is page-faulted anew (docs/performance.md)
+        # a fresh tensor of this size is often page-faulted anew (docs/performance.md)
         buffer = torch.empty_like(h, memory_format=torch.contiguous_format) if silu_h is None else silu_h
         buffer = buffer.contiguous()
         torch.mm(grad_out_2d, weight, out=buffer.view(-1, buffer.shape[-1]))
