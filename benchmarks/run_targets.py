@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from cvt.benchmark import BenchConfig, BenchResult, peak_step_memory_mb, run_benchmark
+from cvt.benchmark import BenchConfig, BenchResult, peak_step_memory_mb, per_round_speedups, run_benchmark
 from cvt.models import create_model
 from cvt.models.layers import CPU_HAS_BF16_KERNELS
 
@@ -46,8 +46,7 @@ class Row:
     target: str  # e.g. ">= 1.25x"
     met: bool
     note: str = ""
-    # speed rows: cvt's img/s over the faster peer's in each round of interleaved runs (a drift of the
-    # machine's speed moves both sides of one round alike, so these spread less than whole calls do)
+    # speed rows: cvt over the faster peer in each round of interleaved runs (per_round_speedups)
     paired_ratios: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -63,8 +62,8 @@ def speed_row(name: str, results: list[BenchResult], minimum: float, note: str =
     values = {r.subject: r.img_per_s for r in results}
     faster = max(PEERS, key=lambda p: values[p])
     ratio = values["cvt"] / values[faster]
-    runs = {r.subject: r.img_per_s_runs for r in results}
-    paired = [ours / peer for ours, peer in zip(runs["cvt"], runs[faster], strict=True)]
+    by_subject = {r.subject: r for r in results}
+    paired = per_round_speedups(by_subject["cvt"], by_subject[faster])
     return Row(name, values, ratio, faster, f">= {minimum}x", ratio >= minimum, note, paired)
 
 

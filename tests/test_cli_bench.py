@@ -41,6 +41,9 @@ def test_bench_json_on_tiny_model_against_official(capsys: pytest.CaptureFixture
         assert r["gflops_per_s"] == pytest.approx(2 * gmacs * r["img_per_s"], rel=1e-6)
         assert r["peak_memory_mb"] is None
     assert report["speedup"]["official"] == pytest.approx(ours["img_per_s"] / official["img_per_s"])
+    # the same round of interleaved runs, run by run
+    expected = [a / b for a, b in zip(ours["img_per_s_runs"], official["img_per_s_runs"], strict=True)]
+    assert report["speedup_per_round"]["official"] == pytest.approx(expected)
 
 
 def test_official_peer_has_the_same_logits_as_cvt() -> None:

@@ -390,6 +390,12 @@ def _memory_worker(request: str) -> None:
     print(_peak_rss_mb() - before)
 
 
+def per_round_speedups(ours: BenchResult, peer: BenchResult) -> list[float]:
+    """``ours`` over ``peer`` in each round of interleaved runs: a drift of the machine's speed slows
+    both sides of one round alike, so these spread less than ratios of separate measurements."""
+    return [a / b for a, b in zip(ours.img_per_s_runs, peer.img_per_s_runs, strict=True)]
+
+
 def run_benchmark(cfg: BenchConfig, compare: list[str] | None = None) -> list[BenchResult]:
     """Measure this package's model and, optionally, peers (``hf``, ``official``) under ``cfg``."""
     from cvt.complexity import count_gmacs
