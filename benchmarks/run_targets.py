@@ -50,7 +50,7 @@ class Row:
     paired_ratios: list[float] = dataclasses.field(default_factory=list)
 
 
-def has_native_bf16(device: str) -> bool:
+def has_bf16_kernels(device: str) -> bool:
     """Whether bf16 runs on compiled kernels (not emulated in reference code) on ``device``."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
@@ -89,9 +89,9 @@ def base_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def speed_rows(args: argparse.Namespace) -> list[Row]:
-    """cvt against both peers under the same dtype and mode (fp32; bf16 where it is native)."""
+    """cvt against both peers under the same dtype and mode (fp32; bf16 where it runs on bf16 kernels)."""
     base = base_config(args)
-    bf16 = args.force_bf16 or has_native_bf16(args.device)
+    bf16 = args.force_bf16 or has_bf16_kernels(args.device)
     rows = []
 
     def bench(**changes: object) -> list[BenchResult]:
@@ -227,7 +227,7 @@ def main() -> int:
     print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median; "
           "per round: cvt over the faster peer in each round of runs, min-median-max\n")  # fmt: skip
     print(markdown(rows))
-    if not (args.force_bf16 or has_native_bf16(args.device)):
+    if not (args.force_bf16 or has_bf16_kernels(args.device)):
         print(
             "\nbf16 rows skipped: no bf16 kernels on this device (rerun with --force-bf16 to measure anyway)"
         )

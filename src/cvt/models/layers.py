@@ -261,10 +261,10 @@ class ConvProjection(nn.Module):
         built (oneDNN's bf16 depthwise backward is ~9x slower than fp32) or when oneDNN has no bf16
         kernels for the CPU (then even the forward is far slower); on an AVX512-BF16 Xeon the bf16
         forward is ~2x faster (docs/performance.md)."""
-        cast_to = autocast_dtype("cpu")
-        if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu" and cast_to is not None):
+        if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu"):
             return False
-        return torch.is_grad_enabled() or not _cpu_has_kernels_for(cast_to)
+        cast_to = autocast_dtype("cpu")
+        return cast_to is not None and (torch.is_grad_enabled() or not _cpu_has_kernels_for(cast_to))
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
