@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch 2.14.1 / torchvision 0.29.1 are the releases this project is tested with; any torch>=2.4 works.
+# torch 2.14.1 / torchvision 0.29.1 are the releases this project is tested with; any torch>=2.5 works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test demo install lint clean

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from cvt.checkpoint import (
     load_model,
     matching_variants,
     read_state_dict,
+    rebuild_model,
     save_checkpoint,
 )
 from cvt.models import count_params, create_model
@@ -79,6 +81,131 @@ def test_training_checkpoint_prefers_model_or_ema(tmp_path: Path, tiny: CvT) -> 
     with pytest.raises(CheckpointError, match="no EMA weights"):
         torch.save({"model": tiny.state_dict(), "ema": {}}, tmp_path / "no_ema.pt")  # trained without EMA
         read_state_dict(tmp_path / "no_ema.pt", use_ema=True)
+
+
+def test_ema_of_a_bare_state_dict_is_refused(tmp_path: Path, tiny: CvT) -> None:
+    torch.save(tiny.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match=r"bare\.pth has no EMA weights: it is a bare state dict"):
+        read_state_dict(tmp_path / "bare.pth", use_ema=True)
+    with pytest.raises(CheckpointError, match="has no EMA weights: it is a bare state dict"):
+        load_checkpoint(_fresh(), tiny.state_dict(), use_ema=True)
+    # `cvt train` without --ema saves an empty "ema": the message says that none holds weights
+    torch.save({"model": tiny.state_dict(), "ema": {}, "epoch": 1}, tmp_path / "no_ema.pt")
+    with pytest.raises(CheckpointError, match=r"none of \['ema', .*\] holds a state dict.*cvt train --ema"):
+        load_model(tmp_path / "no_ema.pt", use_ema=True)
+
+
+def test_timm_checkpoint_saver_output_loads(tmp_path: Path, tiny: CvT) -> None:
+    """timm's CheckpointSaver pickles its `args` (an argparse.Namespace) beside the weights."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    ema = ModelEmaV3(_fresh())  # other weights than the model's
+    optimizer = torch.optim.SGD(tiny.parameters(), lr=0.1)
+    args = argparse.Namespace(model="cvt_tiny", lr=0.1)
+    saver = CheckpointSaver(tiny, optimizer, args=args, model_ema=ema, checkpoint_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = tmp_path / "last.pth.tar"
+    sd, fmt, info = read_state_dict(path)
+    assert fmt == "official" and info["nested_key"] == "state_dict" and "train_config" not in info
+    assert torch.equal(sd["head.weight"], tiny.head.weight)
+    model = load_model(path)  # the one variant with these shapes
+    assert _same_weights(model, tiny)
+    assert _same_weights(load_model(path, use_ema=True), ema.module)
+
+
+# ------------------------------------------------------------------------------ cvt train checkpoints
+# a small CvT-13 (its configuration: 0.875 center crop) as `cvt train --model cvt_13 --model-args` builds it
+SMALL_13 = {"embed_dim": [16, 32, 32], "num_heads": [1, 1, 2], "depth": [1, 1, 1], "act": "gelu"}
+
+
+def _train_checkpoint(path: Path, dataset: str, ema: bool = True) -> tuple[Path, CvT, CvT]:
+    """A `cvt train`-style checkpoint of a 4-class CvT-13 at 64x64: weights, EMA, config, classes."""
+    torch.manual_seed(5)
+    model = create_model("cvt_13", num_classes=4, img_size=64, **SMALL_13).eval()
+    averaged = create_model("cvt_13", num_classes=4, img_size=64, **SMALL_13).eval()
+    config = {"model": "cvt_13", "num_classes": 4, "img_size": 64, "dataset": dataset,
+              "data_dir": "data", "model_args": SMALL_13, "epochs": 3}  # fmt: skip
+    torch.save({"model": model.state_dict(), "ema": averaged.state_dict() if ema else {},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3, "config": config,
+                "classes": ["ant", "bee", "cat", "dog"]}, path)  # fmt: skip
+    return path, model, averaged
+
+
+@pytest.mark.parametrize(("dataset", "crop_pct"), [("cifar10", 1.0), ("imagefolder", 0.875)])
+def test_load_model_of_a_training_checkpoint_keeps_its_config(
+    tmp_path: Path, dataset: str, crop_pct: float
+) -> None:
+    path, trained, averaged = _train_checkpoint(tmp_path / "last.pt", dataset)
+    model, info = rebuild_model(path)
+    assert info["train_config"]["dataset"] == dataset and info["classes"] == ["ant", "bee", "cat", "dog"]
+    # model_args (act, widths) and the trained input size, not a variant guessed from shapes
+    assert model.act == "gelu" and model.img_size == (64, 64) and model.num_classes == 4
+    assert model.stage_specs == trained.stage_specs and not model.training
+    assert model.pretrained_cfg["label_names"] == ["ant", "bee", "cat", "dog"]
+    assert model.pretrained_cfg["crop_pct"] == crop_pct  # small-image data sets: no center crop
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+        assert torch.equal(load_model(path, use_ema=True)(x), averaged(x))
+    with pytest.raises(UsageError, match="records its architecture"):
+        load_model(path, model_name="cvt_13")
+    with pytest.raises(UsageError, match="records its activation"):
+        load_model(path, act="quick_gelu")
+    torch.save({"model": trained.state_dict(), "config": {"dataset": "cifar10"}}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="odd.pt has no model, num_classes in its config"):
+        load_model(tmp_path / "odd.pt")
+
+
+def test_cli_convert_keeps_a_training_checkpoints_config(tmp_path: Path, capsys) -> None:
+    from cvt.cli.main import main
+
+    path, trained, averaged = _train_checkpoint(tmp_path / "best.pt", "cifar10")
+    out = tmp_path / "model.safetensors"
+    assert main(["convert", str(path), "--output", str(out)]) == 0
+    assert "4 classes, gelu" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.act == "gelu" and model.img_size == (64, 64) and model.stage_specs == trained.stage_specs
+    assert model.pretrained_cfg["label_names"][3] == "dog" and model.pretrained_cfg["crop_pct"] == 1.0
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    assert main(["convert", str(path), "--output", str(tmp_path / "ema.safetensors"), "--ema"]) == 0
+    with torch.no_grad():  # (kernels may round differently with the tensors' memory alignment)
+        torch.testing.assert_close(model(x), trained(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            load_model(tmp_path / "ema.safetensors")(x), averaged(x), rtol=0, atol=1e-6
+        )
+    no_ema, _, _ = _train_checkpoint(tmp_path / "no_ema.pt", "cifar10", ema=False)
+    capsys.readouterr()
+    assert main(["convert", str(no_ema), "--output", str(tmp_path / "x.safetensors"), "--ema"]) == 1
+    err = capsys.readouterr().err
+    assert "no_ema.pt has no EMA weights" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------ half precision
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_as_float32(tmp_path: Path, tiny: CvT, images: torch.Tensor, dtype) -> None:
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny.state_dict().items()}
+    torch.save(half, tmp_path / "half.pth")
+    model = load_model(tmp_path / "half.pth")
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    assert dtypes == {k: v.dtype for k, v in tiny.state_dict().items()}  # float32, int64 counters
+    assert dtypes["stage0.patch_embed.proj.weight"] == torch.float32
+    assert torch.equal(model.head.weight, half["head.weight"].float())
+    with torch.no_grad():
+        assert (model(images) - tiny(images)).abs().max().item() < 0.05  # half-precision rounding only
+    half_model = _fresh().to(dtype)
+    save_checkpoint(half_model, tmp_path / "half.safetensors")
+    assert load_model(tmp_path / "half.safetensors").head.weight.dtype == torch.float32
+
+
+def test_model_from_architecture_builds_on_the_callers_device(tmp_path: Path, tiny: CvT) -> None:
+    from cvt.checkpoint.native import model_from_architecture
+
+    arch = read_state_dict(save_checkpoint(tiny, tmp_path / "tiny.safetensors"))[2]["arch"]
+    with torch.device("meta"):  # what load_model does: no random init of tensors the file replaces
+        assert model_from_architecture(arch).head.weight.is_meta
+    assert model_from_architecture(arch).head.weight.device.type == "cpu"
+    with torch.device("meta"):
+        assert model_from_architecture(arch, device="cpu").head.weight.device.type == "cpu"
 
 
 # ------------------------------------------------------------------------------ bad files

@@ -197,6 +197,10 @@ def test_imagefolder_classes_targets_and_non_images_ignored(tmp_path):
         (lambda root: None, r"does not exist; expected .*/train/<class>/<image>"),
         (lambda root: (root / "train").mkdir(), "no class sub-folders"),
         (lambda root: (root / "train" / "cat").mkdir(parents=True), "no image files"),
+        (
+            lambda root: (root / "train").write_text("x"),
+            "is a file, expected a folder",
+        ),  # was NotADirectoryError
     ],
 )
 def test_imagefolder_missing_or_empty(tmp_path, make, message):
@@ -406,3 +410,13 @@ def test_imagefolder_with_given_classes_keeps_training_indices(tmp_path):
     _save(tmp_path / "val" / "dog" / "0.png", Image.new("RGB", (4, 4)))
     with pytest.raises(DataError, match="class folder.*dog.*not among the 3 given classes"):
         build_dataset("imagefolder", tmp_path, "val", classes=train.classes)
+    with pytest.raises(DataError, match="class names must be unique, cat given more than once"):
+        build_dataset("imagefolder", tmp_path, "val", classes=["cat", "cat", "dog"])
+
+
+def test_imagefolder_with_only_unreadable_files_says_so(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "train" / name / "0.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipping 2"), pytest.raises(DataError, match="none of its 2 image"):
+        build_dataset("imagefolder", tmp_path, "train", skip_bad_images=True)

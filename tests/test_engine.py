@@ -7,16 +7,17 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from cvt.engine import NonFiniteLossError, resolve_config, resolve_run, train
-from cvt.engine.optim import build_scheduler, effective_lr, param_groups
+from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr, param_groups
 from cvt.engine.rundir import METRIC_COLUMNS
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save
-from cvt.errors import CheckpointError, UsageError
+from cvt.errors import CheckpointError, DataError, UsageError
 from cvt.models import create_model
 
 # A 3-stage CvT of a few thousand parameters at 16x16: 4 steps per epoch on 64 digits in ~1 s
@@ -31,8 +32,8 @@ def micro(tmp_path, name="run", **extra):
     return {**MICRO, "output": str(tmp_path / name), **extra}
 
 
-def run(flags):
-    cfg, ckpt = resolve_run(None, flags)
+def run(flags, config=None):
+    cfg, ckpt = resolve_run(str(config) if config else None, flags)
     return train(cfg, ckpt)
 
 
@@ -44,6 +45,24 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def contents(folder):
+    """Every file under ``folder`` with its bytes (to show that a refused run touched nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fake_run(folder):
+    """A folder holding the files of some earlier run."""
+    (folder / "tb").mkdir(parents=True)
+    for name in ("last.pt", "best.pt", "metrics.csv", "config.yaml", "tb/events.out.tfevents.1"):
+        (folder / name).write_text(f"earlier {name}")
+
+
+@pytest.fixture
+def no_curves(monkeypatch):
+    """Skip drawing curves.png (half the time of a micro epoch) in tests about other files."""
+    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history: None)
 
 
 def test_run_folder_has_every_file_with_sane_contents(tmp_path):
@@ -73,6 +92,7 @@ def test_run_folder_has_every_file_with_sane_contents(tmp_path):
     # config.yaml holds every resolved option and reruns as a --config recipe
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["num_classes"] == 10 and config["img_size"] == 16 and config["batch_size"] == 16
+    assert "overwrite" not in config and "resume" not in config  # how it was started is no option of the run
     assert resolve_config(str(out / "config.yaml"), {}).model_args == MICRO["model_args"]
 
     # checkpoints load without unpickling code and rebuild the model
@@ -80,7 +100,6 @@ def test_run_folder_has_every_file_with_sane_contents(tmp_path):
     expected = {
         "model",
         "optimizer",
-        "scheduler",
         "scaler",
         "ema",
         "epoch",
@@ -154,6 +173,176 @@ def test_resume_auto_continues_and_extends_a_finished_run(tmp_path):
     assert summary["steps"] == 8
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_resume_follows_the_schedule_options_given_on_resume(tmp_path, monkeypatch, no_curves):
+    """A 2-epoch run resumed to 4 epochs with another lr and floor steps, at every resumed step, with
+    the lr of a fresh 4-epoch run with those options (not the finished 2-epoch schedule's floor)."""
+    lrs = {}  # run folder name -> the lr of each optimizer step, in order
+
+    def recording_optimizer(model, cfg, lr):
+        optimizer = build_optimizer(model, cfg, lr)
+        log = lrs.setdefault(cfg.run_dir.name, [])
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: log.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr("cvt.engine.trainer.build_optimizer", recording_optimizer)
+    longer = dict(epochs=4, lr=2e-3, min_lr=1e-4)
+    run(micro(tmp_path, "resumed", epochs=2, train_subset=32))  # 2 steps per epoch
+    run({**longer, "output": str(tmp_path / "resumed"), "resume": "auto"})
+    run(micro(tmp_path, "fresh", train_subset=32, **longer))
+    assert len(lrs["resumed"]) == len(lrs["fresh"]) == 8
+    assert lrs["resumed"][4:] == lrs["fresh"][4:]
+    assert lrs["fresh"][4] > 1e-3 and lrs["fresh"][7] > 1e-4  # still on the cosine, above the floor
+    config = yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())
+    assert (config["epochs"], config["lr"], config["min_lr"]) == (4, 2e-3, 1e-4)
+
+
+def test_resume_takes_the_optimizer_settings_given_on_resume(tmp_path, monkeypatch, no_curves):
+    """The checkpoint brings the optimizer's moments; its settings (here weight decay) follow the
+    resumed command, as config.yaml says (load_state_dict alone would bring back the old ones)."""
+    decays = []
+    original = build_optimizer
+
+    def recording_optimizer(model, cfg, lr):
+        optimizer = original(model, cfg, lr)
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: decays.append(opt.param_groups[0]["weight_decay"])
+        )
+        return optimizer
+
+    monkeypatch.setattr("cvt.engine.trainer.build_optimizer", recording_optimizer)
+    run(micro(tmp_path, epochs=1, weight_decay=0.05, train_subset=32))
+    run({"epochs": 2, "weight_decay": 0.5, "output": str(tmp_path / "run"), "resume": "auto"})
+    assert decays == [0.05, 0.05, 0.5, 0.5]
+    optimizer_state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]
+    assert optimizer_state["state"]  # the moments were carried over, not reset
+
+
+def test_an_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path, no_curves):
+    """decay 1 freezes the EMA where it started: at the epoch-1 weights, not at a fresh initialisation."""
+    run(micro(tmp_path, epochs=1))
+    trained = weights(tmp_path / "run" / "last.pt")
+    run({"epochs": 2, "ema": True, "ema_decay": 1.0, "output": str(tmp_path / "run"), "resume": "auto"})
+    ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
+    assert ema.keys() == trained.keys()
+    for key, value in trained.items():
+        if value.is_floating_point():
+            assert torch.equal(ema[key], value), key
+
+
+def test_tensorboard_keeps_one_point_per_epoch_across_resumes(tmp_path, no_curves):
+    """A resume keeps the checkpoint's own epoch-end scalars and drops only what the stopped run
+    logged after it: here epoch 2 is logged, its last.pt lost, and the run resumed from epoch 1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run(micro(tmp_path, epochs=1))
+    epoch_one = (out / "last.pt").read_bytes()
+    run({"epochs": 2, "output": str(out), "resume": "auto"})
+    (out / "last.pt").write_bytes(epoch_one)
+    run({"epochs": 3, "output": str(out), "resume": "auto"})
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/top1")] == [4, 8, 12]  # as an uninterrupted run
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([float(r["top1"]) for r in rows])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"model": "cvt_99"}, "unknown model"),
+        ({"num_classes": 5}, "smaller than the data set's 10 classes"),
+        ({"batch_size": 128}, "larger than the training set"),
+        ({"batch_size": 15, "mixup": 0.8}, "even batch size"),
+    ],
+)
+def test_overwrite_keeps_the_old_run_when_the_options_are_refused(tmp_path, bad, message):
+    out = tmp_path / "run"
+    fake_run(out)
+    before = contents(out)
+    with pytest.raises(UsageError, match=message):
+        run(micro(tmp_path, overwrite=True, **bad))
+    assert contents(out) == before
+
+
+def test_resume_never_writes_over_another_run(tmp_path, no_curves):
+    run(micro(tmp_path, "a", epochs=1))
+    other = tmp_path / "b"
+    fake_run(other)
+    before = contents(other)
+    with pytest.raises(
+        UsageError, match=r"content .* of another run than .*a/last\.pt.* empty or new --output"
+    ):
+        run({"resume": str(tmp_path / "a" / "last.pt"), "output": str(other), "epochs": 2})
+    assert contents(other) == before
+
+    (other / "last.pt").unlink()  # files of a run, but nothing for --resume auto to continue
+    before = contents(other)
+    with pytest.raises(UsageError, match="has no last.pt to resume; pass --overwrite"):
+        run(micro(tmp_path, "b", resume="auto"))
+    assert contents(other) == before
+
+    # into a new folder, another run's checkpoint does continue
+    summary = run({"resume": str(tmp_path / "a" / "last.pt"), "output": str(tmp_path / "c"), "epochs": 2})
+    assert summary["steps"] == 8
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 1  # a itself is untouched
+
+
+def test_a_reused_config_yaml_never_replaces_or_mixes_runs(tmp_path, no_curves):
+    """config.yaml records the run's options, not how it was started (--overwrite, --resume)."""
+    out = tmp_path / "run"
+    fake_run(out)
+    run(micro(tmp_path, epochs=1, overwrite=True))
+    before = contents(out)
+    with pytest.raises(UsageError, match="already has content"):
+        run({}, config=out / "config.yaml")  # not a second --overwrite
+    assert contents(out) == before
+
+    run({"epochs": 2, "output": str(out), "resume": "auto"})
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]
+    for recorded in (yaml.safe_load((out / "config.yaml").read_text()), saved):
+        assert not {"overwrite", "resume"} & set(recorded)
+    summary = run({"overwrite": True}, config=out / "config.yaml")  # no clash with the resume
+    assert summary["steps"] == 8 and len(list((out / "tb").iterdir())) == 1  # a new run, old events gone
+
+
+def write_image_folder(root, train_classes, val_classes):
+    """``root/train/<class>/`` with 8 and ``root/val/<class>/`` with 2 random 20x20 images each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes, count in (("train", train_classes, 8), ("val", val_classes, 2)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_imagefolder_validation_uses_the_training_class_indices(tmp_path, monkeypatch, no_curves):
+    """val/ without the first training class keeps the training labels (the model is validated on
+    what it learned); a val/ class unknown to training is refused before anything is written."""
+    from cvt.engine import evaluate as evaluate_module
+
+    seen = []
+
+    def recording_evaluate(model, loader, *args, **kwargs):
+        seen.append((list(loader.dataset.classes), list(loader.dataset.targets)))
+        return real_evaluate(model, loader, *args, **kwargs)
+
+    real_evaluate = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", recording_evaluate)
+    data = dict(dataset="imagefolder", train_subset=None, batch_size=8, epochs=1)
+    write_image_folder(tmp_path / "missing", ["ant", "bee", "cat"], ["bee", "cat"])
+    run(micro(tmp_path, data_dir=str(tmp_path / "missing"), **data))
+    assert seen == [(["ant", "bee", "cat"], [1, 1, 2, 2])]  # bee and cat keep their training indices
+
+    write_image_folder(tmp_path / "extra", ["ant", "bee", "cat"], ["ant", "dog"])
+    with pytest.raises(DataError, match=r"extra/val has class folder\(s\) dog"):
+        run(micro(tmp_path, "refused", data_dir=str(tmp_path / "extra"), **data))
+    assert not (tmp_path / "refused").exists()  # refused before training, nothing written
 
 
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch):

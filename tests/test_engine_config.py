@@ -80,6 +80,18 @@ def test_bad_values_raise_usage_errors(overrides, message):
         resolve_config(None, overrides)
 
 
+def test_run_control_options_come_from_the_command_line_only(tmp_path):
+    """A config.yaml written before overwrite/resume were left out of it neither replaces a run nor
+    clashes with an --overwrite given now."""
+    old = tmp_path / "config.yaml"
+    old.write_text("epochs: 3\noverwrite: true\nresume: auto\n")
+    cfg = resolve_config(str(old), {})
+    assert (cfg.epochs, cfg.overwrite, cfg.resume) == (3, False, "")
+    assert resolve_config(str(old), {"overwrite": True}).overwrite is True
+    assert resolve_config(str(old), {"resume": "auto"}).resume == "auto"
+    assert not {"overwrite", "resume"} & set(resolve_config(None, {"overwrite": True}).recorded())
+
+
 def test_yaml_that_is_not_a_mapping_or_not_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- 1\n- 2\n")

@@ -184,6 +184,24 @@ def test_cli_eval_class_count_mismatch(tmp_path, capsys):
     assert err.count("\n") == 1  # one line
 
 
+def test_cli_eval_and_predict_with_a_head_wider_than_the_classes(tmp_path, capsys):
+    """cvt train accepts --num-classes above the data set's class count; eval on that data set works
+    (the extra outputs are named by their index) and predict keeps the class names."""
+    ckpt = _training_checkpoint(tmp_path, num_classes=12)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = [f"digit{i}" for i in range(10)]  # what training on digits stores
+    torch.save(saved, ckpt)
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "digits", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] == pytest.approx(100 * 37 / 360)  # always answers class 3
+    assert list(report["per_class_acc"])[-3:] == ["9", "10", "11"]  # digits names its classes 0..9
+    assert len(report["confusion"]) == 12
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(ckpt), "--top-k", "1"]) == 0
+    assert "digit3" in capsys.readouterr().out
+
+
 def test_cli_eval_needs_a_model_source(tmp_path, capsys):
     assert main(["eval", "--dataset", "digits"]) == 2
     assert "give --checkpoint PATH, or --model NAME --pretrained" in capsys.readouterr().err

@@ -131,3 +131,23 @@ def test_cli_export_of_a_training_checkpoint_needs_no_model_or_class_count(tmp_p
     assert main(["export", "cvt_13", "--model", "cvt_tiny", "--format", "safetensors",
                  "--output", str(tmp_path / "y.safetensors")]) == 2  # fmt: skip
     assert "differ; give one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("safetensors", "m.safetensors"), ("hf", "hf")])
+def test_cli_export_of_a_training_checkpoint_keeps_classes_and_preprocessing(tmp_path, capsys, fmt, name):
+    """Class names and the run's preprocessing (digits: no center crop) travel into the export."""
+    from cvt.checkpoint import load_model
+
+    # a small CvT-13 (0.875 center crop by default) that transformers' layout can hold
+    model_args = {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 3], "depth": [1, 2, 3], "act": "gelu"}
+    trained = _with_batchnorm_statistics(cvt.create_model("cvt_13", num_classes=4, img_size=64, **model_args))
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": trained.state_dict(), "classes": ["ant", "bee", "cat", "dog"],
+                "config": {"model": "cvt_13", "num_classes": 4, "img_size": 64, "dataset": "digits",
+                           "model_args": model_args}}, ckpt)  # fmt: skip
+    out = tmp_path / name
+    assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    back = load_model(out)
+    assert back.pretrained_cfg["label_names"] == ["ant", "bee", "cat", "dog"]
+    assert back.pretrained_cfg["crop_pct"] == 1.0 and back.img_size == (64, 64) and back.act == "gelu"

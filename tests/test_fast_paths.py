@@ -304,6 +304,109 @@ def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
         torch.testing.assert_close(model(x.double()), expected, rtol=0, atol=1e-5)
 
 
+def test_batchnorm_statistics_moved_by_a_train_mode_forward_refold_the_projection() -> None:
+    """BatchNorm moves its running statistics in place without moving their version counters. Here
+    only the BatchNorm layers switch modes (a frozen backbone whose BatchNorms keep adapting), so no
+    ``eval()`` of the projection clears its cache: the next eval pass must still fold the new statistics."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = images()
+    with torch.no_grad():
+        model(x)  # folds and caches every projection
+        for bn in batchnorms:
+            bn.train()
+        adapted = model(3 * x + 1)  # batch statistics, far from the running ones
+        for bn in batchnorms:
+            bn.eval()
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    for bn in batchnorms:
+        bn.train()
+    torch.testing.assert_close(adapted, reference_logits(model, 3 * x + 1), rtol=0, atol=1e-5)
+
+
+def test_mode_switch_drops_weights_derived_before_an_edit_through_data() -> None:
+    """``p.data.copy_()`` has a version counter of its own: no cache key can see it; the next
+    ``eval()`` (or ``train()``) clears every cache, so code that edits weights that way and then
+    evaluates gets the edited model."""
+    model = tiny_model("linear", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        model(x)
+        for p in model.parameters():
+            p.data.mul_(1.1)
+        model.eval()
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hooks_on_bypassed_submodules_fire_and_see_the_reference_values(method: str) -> None:
+    """The fast paths read fc1/fc2, the q/k/v linears and the conv + BatchNorm instead of calling them;
+    with a hook on one of them those modules run as themselves (a hook must see its module run)."""
+    model = tiny_model(method, cls=True).eval()
+    x = images()
+    expected = reference_logits(model, x)
+    block = model.stage1.blocks[0]
+    attn = block.attn
+    hooked = [block.mlp.fc1, block.mlp.act, attn.proj_k]
+    if method == "dw_bn":
+        hooked.append(attn.conv_proj_v.bn)
+    if method == "avg":
+        hooked.append(attn.conv_proj_v)
+    seen: list[nn.Module] = []
+    for module in hooked:
+        module.register_forward_hook(lambda m, args, out: seen.append(m))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    assert all(any(m is module for m in seen) for module in hooked)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao quantization
+def test_pruned_parametrized_and_quantized_layers_run_as_themselves() -> None:
+    """Pruning computes the weight in a pre-hook, a parametrization on access, dynamic quantization
+    swaps the Linear class: the fast paths step aside (before, a pruned fc1 broke the second training
+    step and a quantized model failed to run)."""
+    from torch.ao.quantization import quantize_dynamic
+    from torch.nn.utils import prune
+
+    model = tiny_model("dw_bn", cls=True)
+    x = images()
+    fc1 = model.stage1.blocks[0].mlp.fc1
+    prune.l1_unstructured(fc1, "weight", amount=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)  # the pre-hook recomputes the pruned weight without a graph: deep-copyable
+    assert (fc1.weight == 0).float().mean() >= 0.5
+    torch.testing.assert_close(logits, reference_logits(model, x), rtol=0, atol=1e-5)
+
+    model = tiny_model("dw_bn", cls=True).eval()
+    normed = copy.deepcopy(model)
+    torch.nn.utils.parametrizations.weight_norm(normed.stage1.blocks[0].mlp.fc2)  # weight from g and v
+    with torch.no_grad():
+        normed.stage1.blocks[0].mlp.fc2.parametrizations.weight.original0.mul_(2.0)  # doubles fc2's rows
+        torch.testing.assert_close(normed(x), reference_logits(normed, x), rtol=0, atol=1e-5)
+        assert not torch.allclose(normed(x), model(x), atol=1e-3)
+    quantized = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        error = (quantized(x) - reference_logits(model, x)).abs().max()
+    assert 0 < error < 0.1  # int8 weights: close, not equal
+
+
+def test_float64_reference_attention_keeps_float64() -> None:
+    """The reference softmax runs in fp32 under autocast but must not round an fp64 model to fp32."""
+    model = tiny_model("dw_bn", cls=True).double().eval()
+    x = images().double()
+    attn = model.stage1.blocks[0].attn
+    q = k = torch.randn(2, attn.num_heads, 5, 16, dtype=torch.float64)
+    assert attn.attention_probs(q, k).dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-12)
+
+
 def test_attention_linears_keep_their_autocast_copies_between_calls() -> None:
     """CastCachedLinear: under autocast without a graph the bf16 weight is cast once, not per call,
     and the output equals nn.Linear's under autocast; with a graph the parameters are used directly."""

@@ -56,6 +56,16 @@ def test_feature_extractor_drops_the_head() -> None:
 def test_out_indices_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(cvt.UsageError, match=r"stage indices \(0, 3\) out of range for a 3-stage model"):
         cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))  # refused when built
+    with pytest.raises(cvt.UsageError, match="out of range"):
+        cvt.create_model("cvt_tiny", features_only=True, out_indices=(-4,))  # used to wrap to stage 2
+
+
+@pytest.mark.parametrize("feature_cls", ["hook", "dict", "fx"])
+def test_feature_extractors_other_than_the_getter_are_refused(feature_cls: str) -> None:
+    """timm's hook/dict/fx extractors read module outputs, which are tokens here (the last one the cls
+    token alone): they gave token tensors or failed deep inside; the getter gives the stage maps."""
+    with pytest.raises(cvt.UsageError, match="feature_cls must be 'getter'"):
+        cvt.create_model("cvt_tiny", features_only=True, feature_cls=feature_cls)
 
 
 @pytest.mark.slow

@@ -160,7 +160,9 @@ def test_export_round_trip(tmp_path: Path) -> None:
     _randomize(ours, seed=5)
     ours.eval().pretrained_cfg = {"label_names": [f"class{i}" for i in range(7)]}
     out = export_hf(ours, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip
     hf = CvtForImageClassification.from_pretrained(out).eval()
     assert hf.config.id2label[3] == "class3"
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
@@ -172,6 +174,61 @@ def test_export_round_trip(tmp_path: Path) -> None:
         assert torch.equal(back(x), expected)
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
         export_hf(ours, out)
+
+
+def test_export_writes_the_preprocessing(tmp_path: Path) -> None:
+    """preprocessor_config.json carries mean/std, crop and input size: a round trip predicts the same."""
+    from cvt.data import resolve_data_config
+
+    model = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), img_size=48).eval()  # mean/std 0.5, no crop
+    out = export_hf(model, tmp_path / "export")
+    back = load_model(out)
+    expected, got = resolve_data_config(model), resolve_data_config(back)
+    assert expected["mean"] == (0.5, 0.5, 0.5) and expected["crop_pct"] == 1.0
+    for key in ("input_size", "mean", "std", "crop_pct", "interpolation"):
+        assert got[key] == expected[key], key
+    written = json.loads((out / "preprocessor_config.json").read_text())
+    assert written["size"] == {"shortest_edge": 48} and written["resample"] == 3  # bicubic
+    # transformers reads it as the hub's CvT repositories' ConvNeXt processor
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    assert type(processor).__name__.startswith("ConvNextImageProcessor")
+    assert processor.size["shortest_edge"] == 48 and processor.crop_pct == 1.0
+    assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.5] * 3
+    # the preprocessing file is part of the export: not replaced without overwrite
+    (out / "config.json").unlink()
+    (out / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"refusing to overwrite .*preprocessor_config\.json"):
+        export_hf(model, out)
+    export_hf(model, out, overwrite=True)
+
+
+def test_half_precision_hf_folder_loads_as_float32(tmp_path: Path) -> None:
+    hf = _hf_model(seed=9)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+    folder = _write_hf_dir(hf.half(), tmp_path / "hf", "model.safetensors")
+    model = load_model(folder, act="gelu")
+    assert {v.dtype for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")} == {
+        torch.float32
+    }
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max().item() < 0.05  # half-precision rounding only
+
+
+def test_hf_folder_prefers_sharded_safetensors_to_an_old_pickle(tmp_path: Path) -> None:
+    """transformers' order: model.safetensors, its shard index, pytorch_model.bin, its shard index."""
+    new, old = _hf_model(seed=10), _hf_model(seed=11)
+    folder = tmp_path / "hf"
+    new.save_pretrained(folder, max_shard_size="100KB")
+    torch.save(old.state_dict(), folder / "pytorch_model.bin")  # left over from an older save
+    _, _, info = read_state_dict(folder)
+    assert Path(info["path"]).name == "model.safetensors.index.json"
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (load_model(folder, act="gelu")(x) - new(pixel_values=x).logits).abs().max().item() < 1e-5
+    reference = CvtForImageClassification.from_pretrained(folder).eval()
+    assert torch.equal(reference.classifier.weight, new.classifier.weight)  # transformers agrees
 
 
 def test_export_without_head_round_trips(tmp_path: Path) -> None:
@@ -251,6 +308,33 @@ def test_pretrained_weights_that_do_not_fit_name_the_keys(
     monkeypatch.setattr(timm_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(tmp_path / filename))
     with pytest.raises(CheckpointError, match=r"pretrained weights does not fit.*it matches cvt_tiny"):
         create_model("cvt_13", pretrained=True)
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_pretrained_weights_adapt_to_other_input_channels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_chans: int
+) -> None:
+    """timm adapts the 3-channel stem to ``in_chans`` (adapt_input_conv) after our filter passed it."""
+    import timm.models._hub as timm_hub
+
+    small = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 1, 2))  # a CvT-13 made small
+    torch.manual_seed(0)
+    published = create_model("cvt_13", **small)
+    save_file({k: v.contiguous() for k, v in native_to_hf(published.state_dict()).items()},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    monkeypatch.setattr(timm_hub, "hf_hub_download", lambda repo_id, filename, **kw: str(tmp_path / filename))
+    model = create_model("cvt_13.msft_in1k", pretrained=True, in_chans=in_chans, **small)
+    stem, rgb = model.stage0.patch_embed.proj.weight, published.stage0.patch_embed.proj.weight
+    assert stem.shape == (16, in_chans, 7, 7)
+    if in_chans == 1:  # timm sums the RGB filters for one channel
+        torch.testing.assert_close(stem, rgb.sum(dim=1, keepdim=True))
+    else:  # and repeats them, scaled by 3 / in_chans, for more
+        torch.testing.assert_close(stem[:, :3], rgb * 3 / in_chans)
+    assert torch.equal(
+        model.stage2.blocks[1].attn.proj_q.weight, published.stage2.blocks[1].attn.proj_q.weight
+    )
+    with pytest.raises(CheckpointError, match=r"does not fit.*stage0\.patch_embed\.proj\.weight"):
+        create_model("cvt_13.msft_in1k", pretrained=True, in_chans=1, patch_size=(5, 3, 3), **small)
 
 
 def test_pretrained_offline_fails_fast_with_checkpoint_path_hint(

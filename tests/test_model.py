@@ -212,9 +212,29 @@ def test_avg_projection_keeps_query_linear() -> None:
     assert isinstance(attn.conv_proj_k.avg, nn.AvgPool2d) and attn.conv_proj_k.avg.ceil_mode
 
 
-def test_stride_q_must_be_one() -> None:
-    with pytest.raises(cvt.UsageError, match="stride_q must be 1"):
-        StageSpec(embed_dim=16, depth=1, num_heads=1, stride_q=2)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(stride_q=2), "q projection must keep the token grid"),
+        (dict(kernel_qkv=5), "q projection must keep the token grid"),  # padding_q 1 shrinks the grid
+        (dict(kernel_qkv=2), "q projection must keep the token grid"),
+        (dict(padding_q=0), "q projection must keep the token grid"),
+        (dict(method="avg", padding_kv=2), "more than half of kernel_qkv"),
+        (dict(stride_kv=0), "stride_kv must be >= 1"),
+        (dict(padding_kv=-1), "padding_kv must be >= 0"),
+        (dict(drop_path_rate="high"), "drop_path_rate must be float, got 'high'"),  # was a TypeError
+        (dict(patch_size=2.5), "patch_size must be int"),
+        (dict(cls_token=1), "cls_token must be bool"),
+    ],
+)
+def test_stage_options_that_cannot_run_are_refused_when_built(options: dict, message: str) -> None:
+    """Each of these used to fail only at the first forward (a size mismatch in the residual, a pooling
+    error) or with a ZeroDivisionError; a kernel-5 projection with its 'same' padding is fine."""
+    with pytest.raises(cvt.UsageError, match=message):
+        StageSpec(embed_dim=16, depth=1, num_heads=1, **options)
+    model = tiny(kernel_qkv=5, padding_q=2, padding_kv=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
 
 
 def test_drop_path_rates_are_per_block_within_each_stage() -> None:
@@ -295,8 +315,24 @@ def test_forward_intermediates_are_stage_maps() -> None:
     torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), features[:, 1:])
     only_last = model.forward_intermediates(x, indices=1, intermediates_only=True)
     torch.testing.assert_close(only_last[0], model.forward_intermediates(x, intermediates_only=True)[-1])
-    with pytest.raises(cvt.UsageError, match="out of range"):
-        model.forward_intermediates(x, indices=[3])
+    for bad in ([3], [-4]):  # -4 used to wrap around to stage 2
+        with pytest.raises(cvt.UsageError, match="out of range"):
+            model.forward_intermediates(x, indices=bad)
+    torch.testing.assert_close(
+        model.forward_intermediates(x, indices=[-3], intermediates_only=True)[0], maps[0]
+    )
+
+
+def test_forward_intermediates_stopping_early_returns_the_last_map_run() -> None:
+    """timm's stop_early: no stage past the last index runs; the final norm (of the last stage's width)
+    is not applied to an earlier stage's map (it used to raise a shape error)."""
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        last, taken = model.forward_intermediates(x, indices=[0], stop_early=True)
+    torch.testing.assert_close(taken[0], maps[0])
+    torch.testing.assert_close(last, maps[0])
 
 
 def test_reset_classifier() -> None:
@@ -310,6 +346,25 @@ def test_reset_classifier() -> None:
     assert model.global_pool == "avg"
     with pytest.raises(cvt.UsageError, match="needs a cls token"):
         tiny(cls_token=False).reset_classifier(4, global_pool="token")
+    with pytest.raises(cvt.UsageError, match="global_pool must be"):
+        model.reset_classifier(4, global_pool="max")
+
+
+def test_global_pool_options_as_timm() -> None:
+    """``global_pool`` at construction (also through timm.create_model), '' for every token's
+    outputs, and avg pooling of features that hold the cls token alone refused (it gave NaN)."""
+    x = torch.randn(2, 3, 64, 64)
+    model = tiny().eval()
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (2, 1 + 16, 48)
+        model.reset_classifier(0, "")
+        torch.testing.assert_close(model(x), tokens)
+        avg = cvt.create_model("cvt_tiny", global_pool="avg").eval()
+        assert avg.global_pool == "avg" and timm.create_model("cvt_tiny", global_pool="").global_pool == ""
+        avg_tokens = avg.forward_features(torch.randn(2, 3, 32, 32))
+        torch.testing.assert_close(avg.forward_head(avg_tokens, pre_logits=True), avg_tokens[:, 1:].mean(1))
+        with pytest.raises(cvt.UsageError, match="these features have none"):
+            avg.forward_head(avg.forward_features(torch.randn(2, 3, 32, 32), cls_only=True))
 
 
 def test_grad_checkpointing_gives_the_same_gradients() -> None:

@@ -190,5 +190,31 @@ def test_model_source_conflicting_options(tmp_path, checkpoint, capsys):
     assert main(["predict", image, "--model", "cvt_tiny"]) == 2
     assert "give --checkpoint PATH, or --model NAME --pretrained" in capsys.readouterr().err
     torch.save(torch.load(checkpoint, weights_only=True)["model"], tmp_path / "bare.pth")
-    assert main(["predict", image, "--checkpoint", str(tmp_path / "bare.pth"), "--ema"]) == 2
-    assert "--ema needs a training checkpoint" in capsys.readouterr().err
+    assert main(["predict", image, "--checkpoint", str(tmp_path / "bare.pth"), "--ema"]) == 1
+    err = capsys.readouterr().err
+    assert "bare.pth has no EMA weights: it is a bare state dict, not a training checkpoint" in err
+    assert err.count("\n") == 1
+    # a training checkpoint names its model: --model is for official state dicts
+    assert main(["predict", image, "--checkpoint", str(checkpoint), "--model", "cvt_13"]) == 2
+    assert "records its architecture; model_name= (CLI: --model)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["legacy_pickle", "safetensors_named_pt"])
+def test_predict_reads_any_checkpoint_file_whatever_its_name(tmp_path, checkpoint, capsys, kind):
+    """The format comes from the bytes: an old (non-zip) torch.save pickle, a safetensors file named .pt."""
+    from cvt import create_model
+    from cvt.checkpoint import save_checkpoint
+
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "x.png")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    path = tmp_path / "weights.pt"
+    if kind == "legacy_pickle":  # the whole training checkpoint: classes and config come along
+        torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+    else:
+        model = create_model("cvt_tiny", num_classes=10)
+        model.load_state_dict(ckpt["model"])
+        model.pretrained_cfg["label_names"] = CLASSES
+        save_checkpoint(model, path)
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(path), "--json", "--top-k=1"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["predictions"][0]
+    assert top["index"] == 3 and top["label"] == "three"

@@ -1,7 +1,8 @@
 """Checkpoint formats: official Microsoft ``.pth``, Hugging Face transformers, and the project's own.
 
 ``load_checkpoint(model, path)`` detects the format and loads strictly; ``load_model(path)``
-rebuilds a model from a file that describes it; ``save_checkpoint`` and ``export_hf`` write.
+rebuilds a model from a file that describes it (``rebuild_model`` also returns what the file says
+beside the weights); ``save_checkpoint`` and ``export_hf`` write.
 """
 
 from cvt.checkpoint.hf import export_hf
@@ -13,6 +14,7 @@ from cvt.checkpoint.load import (
     load_checkpoint,
     load_model,
     matching_variants,
+    rebuild_model,
 )
 from cvt.checkpoint.native import save_checkpoint
 from cvt.checkpoint.official import create_model_from_official_yaml
@@ -29,5 +31,6 @@ __all__ = [
     "load_model",
     "matching_variants",
     "read_state_dict",
+    "rebuild_model",
     "save_checkpoint",
 ]

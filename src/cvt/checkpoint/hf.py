@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cvt.checkpoint.read import HF_CONFIG_FILE, HF_PREPROCESSOR_FILE, HF_WEIGHT_FILES
 from cvt.errors import CheckpointError
 from cvt.models.cvt import CvT, StageSpec
 
@@ -130,6 +131,31 @@ def hf_input_settings(preprocessor: dict[str, Any] | None) -> dict[str, Any]:
     return settings
 
 
+# transformers' image processor resample codes (PIL's): what timm's interpolation names mean
+_HF_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
+def hf_preprocessor_from_model(model: CvT) -> dict[str, Any]:
+    """A ``preprocessor_config.json`` dict (transformers' ConvNeXt image processor, as the hub's CvT
+    repositories use) for the preprocessing ``cvt predict`` applies to ``model``; :func:`hf_input_settings`
+    reads it back. transformers cannot express a non-square input: ``size`` is the shorter side."""
+    from cvt.data.transforms import resolve_data_config
+
+    data_cfg = resolve_data_config(model)
+    return {
+        "image_processor_type": "ConvNextImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": min(data_cfg["input_size"][-2:])},
+        "crop_pct": data_cfg["crop_pct"],
+        "resample": _HF_RESAMPLE.get(data_cfg["interpolation"], _HF_RESAMPLE["bicubic"]),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(data_cfg["mean"]),
+        "image_std": list(data_cfg["std"]),
+    }
+
+
 def model_kwargs_from_hf_config(
     config: dict[str, Any], act: str | None = None, img_size: int = 224
 ) -> dict[str, Any]:
@@ -229,7 +255,8 @@ def hf_config_from_model(model: CvT) -> dict[str, Any]:
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
-    loads; returns the directory. Refuses to replace existing files unless ``overwrite``."""
+    loads, and ``preprocessor_config.json`` (input size, crop, mean/std) for ``AutoImageProcessor``;
+    returns the directory. Refuses to replace existing files unless ``overwrite``."""
     from safetensors.torch import save_file
     from timm.utils import unwrap_model
 
@@ -238,14 +265,18 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = Fal
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export target {out} exists and is not a directory")
-    targets = [out / "config.json", out / "model.safetensors"]
-    existing = [str(p) for p in targets if p.exists()]
+    config_file = out / HF_CONFIG_FILE
+    weight_file = out / HF_WEIGHT_FILES[0]
+    preprocessor_file = out / HF_PREPROCESSOR_FILE
+    existing = [str(p) for p in (config_file, weight_file, preprocessor_file) if p.exists()]
     if existing and not overwrite:
         raise CheckpointError(
             f"refusing to overwrite {', '.join(existing)}: pass overwrite=True (CLI: --force)"
         )
     tensors = {k: v.detach().cpu().contiguous() for k, v in native_to_hf(model.state_dict()).items()}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(targets[1]), metadata={"format": "pt"})
-    targets[0].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(tensors, str(weight_file), metadata={"format": "pt"})
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    preprocessor = hf_preprocessor_from_model(model)
+    preprocessor_file.write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
     return out

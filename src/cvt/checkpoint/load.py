@@ -159,10 +159,19 @@ def mismatch_message(
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
     """timm's ``pretrained_filter_fn``: :func:`convert_state_dict`, then a check of everything but the
     head (timm itself replaces a head of another class count), so that published weights that do
-    not fit fail with a CheckpointError naming the keys rather than a RuntimeError inside timm."""
+    not fit fail with a CheckpointError naming the keys rather than a RuntimeError inside timm.
+
+    A stem conv (``first_conv`` of the pretrained cfg) that differs only in its input channels
+    passes: timm adapts it to ``in_chans`` after this filter (``adapt_input_conv``).
+    """
     sd = convert_state_dict(state_dict, model)
     report = check_fit({k: v for k, v in sd.items() if k not in HEAD_KEYS}, model)
     report.missing = [k for k in report.missing if k not in HEAD_KEYS]
+    stem = f"{(model.pretrained_cfg or {}).get('first_conv')}.weight"
+    if stem in report.mismatched:
+        ours, theirs = report.mismatched[stem]
+        if len(ours) == len(theirs) == 4 and ours[:1] + ours[2:] == theirs[:1] + theirs[2:]:
+            del report.mismatched[stem]
     if not report.ok:
         raise CheckpointError(mismatch_message(report, sd, model, "pretrained weights"))
     return sd
@@ -211,7 +220,14 @@ def load_checkpoint(
     for k in [*report.unexpected, *report.mismatched]:
         skipped.append(k)
         del sd[k]
-    assign = any(t.is_meta for t in model.state_dict().values())  # built on "meta": take the tensors
+    own = model.state_dict()
+    assign = any(t.is_meta for t in own.values())  # built on "meta": take the tensors
+    if assign:
+        # assign keeps the file's dtype, a copy the model's: an fp16 file still gives an fp32 model
+        sd = {
+            k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+            for k, v in sd.items()
+        }
     model.load_state_dict(sd, strict=False, assign=assign)
     return LoadResult(fmt, path, tuple(skipped), tuple(report.missing))
 
@@ -221,32 +237,51 @@ def load_model(
 ) -> CvT:
     """Rebuild a model with its weights from a checkpoint alone, in eval mode.
 
-    This project's safetensors files and Hugging Face directories (or their weight file beside
-    ``config.json``) describe their architecture. Official state dicts do not: ``model_name``
-    names the variant to build (a tag such as ``cvt_13.msft_in1k_384`` sets the input size), by
-    default the one registered variant whose keys and shapes match; the class count comes from the
-    head. ``act`` sets the activation where the file does not record it (Hugging Face default:
-    ``hidden_act`` if exported by this package, else QuickGELU, as the published weights need).
+    This project's safetensors files, ``cvt train`` checkpoints (``last.pt`` / ``best.pt``: variant,
+    model arguments, class count, input size and class names from their ``config``) and Hugging
+    Face directories (or their weight file beside ``config.json``) describe their architecture.
+    Official state dicts do not: ``model_name`` names the variant to build (a tag such as
+    ``cvt_13.msft_in1k_384`` sets the input size), by default the one registered variant whose keys
+    and shapes match; the class count comes from the head. ``act`` sets the activation where the
+    file does not record it (Hugging Face default: ``hidden_act`` if exported by this package, else
+    QuickGELU, as the published weights need). ``use_ema``: the EMA weights of a training checkpoint.
+    Weights stored in half precision are loaded into the model's float32 parameters.
     """
+    return rebuild_model(path, model_name, act, use_ema)[0]
+
+
+def rebuild_model(
+    path: str | Path, model_name: str | None = None, act: str | None = None, use_ema: bool = False
+) -> tuple[CvT, dict[str, Any]]:
+    """:func:`load_model`, and what :func:`~cvt.checkpoint.read.read_state_dict` found in the file
+    (``train_config`` and ``classes`` of a ``cvt train`` checkpoint among them)."""
     from cvt.errors import UsageError
     from cvt.models.variants import create_model
 
     sd, fmt, info = read_state_dict(path, use_ema=use_ema)
     source = info["path"]
-    describes_itself = fmt == FORMAT_NATIVE or (fmt == FORMAT_HF and "hf_config" in info)
+    train_config = info.get("train_config")
+    hf_config = info.get("hf_config") if fmt == FORMAT_HF else None
+    describes_itself = train_config is not None or fmt == FORMAT_NATIVE or hf_config is not None
     if model_name and describes_itself:
-        raise UsageError(f"{source} records its architecture; model_name= is for official state dicts")
-    if fmt == FORMAT_NATIVE:
-        if act:
-            raise UsageError(f"{source} records its activation; act= is for files that do not")
-        with torch.device("meta"):  # no random init: every tensor comes from the file
+        raise UsageError(
+            f"{source} records its architecture; model_name= (CLI: --model) is for official state dicts"
+        )
+    if act and (train_config is not None or fmt == FORMAT_NATIVE):
+        raise UsageError(f"{source} records its activation; act= (CLI: --act) is for files that do not")
+    # on "meta": no random init, every tensor comes from the file
+    if train_config is not None:
+        with torch.device("meta"):
+            model = _model_from_train_config(train_config, info["classes"], source)
+    elif fmt == FORMAT_NATIVE:
+        with torch.device("meta"):
             model = model_from_architecture(info["arch"])
-    elif describes_itself:
+    elif hf_config is not None:
         inputs = hf_input_settings(info.get("hf_preprocessor"))
-        kwargs = model_kwargs_from_hf_config(info["hf_config"], act, inputs.pop("img_size", 224))
+        kwargs = model_kwargs_from_hf_config(hf_config, act, inputs.pop("img_size", 224))
         with torch.device("meta"):
             model = CvT(**kwargs)
-        model.pretrained_cfg = _hf_pretrained_cfg(kwargs, info["hf_config"], inputs)
+        model.pretrained_cfg = _hf_pretrained_cfg(kwargs, hf_config, inputs)
     else:
         native = hf_to_native(sd) if fmt == FORMAT_HF else sd
         if model_name is None:
@@ -263,7 +298,29 @@ def load_model(
                 model_name, num_classes=infer_num_classes(native), **({"act": act} if act else {})
             )
     load_checkpoint(model, sd, strict=True)
-    return model.eval()
+    return model.eval(), info
+
+
+def _model_from_train_config(config: dict[str, Any], classes: list[str] | None, source: str) -> CvT:
+    """The model a ``cvt train`` run built (variant, ``model_args``, class count, input size), with the
+    inference settings of that run: its class names, and no center crop on small-image data sets."""
+    from cvt.data.transforms import SMALL_IMAGE_DATASETS
+    from cvt.models.variants import create_model
+
+    missing = [k for k in ("model", "num_classes") if k not in config]
+    if missing:
+        raise CheckpointError(f"training checkpoint {source} has no {', '.join(missing)} in its config")
+    kwargs = dict(config.get("model_args") or {})
+    if config.get("img_size"):
+        kwargs["img_size"] = config["img_size"]
+    model = create_model(config["model"], num_classes=int(config["num_classes"]), **kwargs)
+    cfg = dict(model.pretrained_cfg or {})
+    if classes:
+        cfg["label_names"] = list(classes)
+    if config.get("dataset") in SMALL_IMAGE_DATASETS:
+        cfg["crop_pct"] = 1.0  # as training evaluated it and `cvt predict` reads it (resolve_data_config)
+    model.pretrained_cfg = cfg
+    return model
 
 
 def _hf_pretrained_cfg(

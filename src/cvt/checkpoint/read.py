@@ -6,6 +6,8 @@ Supported inputs (the format is detected from the file type and the keys, never 
 - ``official``: the Microsoft key layout (``stage0.patch_embed.proj.weight`` …) in a ``.pth``
   pickle or a safetensors file without our metadata, plain or nested under ``state_dict`` /
   ``model`` (training checkpoints of this project and timm's), with or without ``module.`` prefixes;
+  a ``cvt train`` checkpoint also brings its ``config`` (model, class count, input size, data set)
+  and class names;
 - ``hf``: a Hugging Face transformers CvT checkpoint (``cvt.encoder.stages.*`` keys), given as
   its directory or as the weight file inside it (``config.json`` beside it is read too), in one
   file or sharded (``model.safetensors.index.json`` and the shards it names).
@@ -15,6 +17,7 @@ Pickles are read with ``torch.load(weights_only=True)`` only: a pickle that woul
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import re
@@ -37,10 +40,17 @@ NATIVE_ARCH_KEY = "cvt_arch"
 
 HF_CONFIG_FILE = "config.json"
 HF_PREPROCESSOR_FILE = "preprocessor_config.json"  # input size, mean/std, crop (optional)
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preference order, as transformers
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # sharded checkpoints (save_pretrained above max_shard_size): an index maps every key to its shard file
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# the order of transformers' from_pretrained: safetensors before pickles, each whole before sharded
+HF_LOOKUP_ORDER = (HF_WEIGHT_FILES[0], HF_INDEX_FILES[0], HF_WEIGHT_FILES[1], HF_INDEX_FILES[1])
 SHARD_INDEX_SUFFIX = ".index.json"
+# a `cvt train` checkpoint: its run configuration and class names beside the weights
+TRAIN_CONFIG_KEY = "config"
+CLASSES_KEY = "classes"
+# non-tensor objects that trusted training checkpoints pickle: timm's CheckpointSaver stores `args`
+SAFE_PICKLE_GLOBALS = [argparse.Namespace]
 # containers of the model weights in training checkpoints (ours, timm's, the official trainer's)
 STATE_DICT_KEYS = ("state_dict", "model")
 EMA_STATE_DICT_KEYS = ("ema", "model_ema", "state_dict_ema")  # cvt train; DeiT-style; timm
@@ -59,15 +69,21 @@ def read_state_dict(
     Returns ``(state_dict, format_name, extra_info)``: the tensors in the file's own key layout
     (unwrapped and de-prefixed, not yet renamed), one of ``"cvt"``, ``"official"``, ``"hf"``, and
     a dict with ``path`` (the weight file read), ``nested_key`` (the container the weights came
-    from, or None), ``arch`` (``cvt`` files: the architecture) and, for ``hf``, ``hf_config`` and
-    ``hf_preprocessor`` (the parsed ``config.json`` and ``preprocessor_config.json`` when present).
-    ``use_ema`` prefers the EMA weights of a training checkpoint.
+    from, or None), ``arch`` (``cvt`` files: the architecture), for ``hf`` ``hf_config`` and
+    ``hf_preprocessor`` (the parsed ``config.json`` and ``preprocessor_config.json`` when present),
+    and for a ``cvt train`` checkpoint ``train_config`` (its ``config`` dict) and ``classes`` (its
+    class names, or None). ``use_ema`` takes the EMA weights of a training checkpoint.
     """
     weight_file, hf_config_file = _locate(Path(path))
     obj, metadata = _load_file(weight_file)
     state_dict, nested_key = unwrap_state_dict(obj, weight_file, use_ema)
     fmt = detect_format(state_dict, metadata, weight_file)
     extra: dict[str, Any] = {"path": str(weight_file), "nested_key": nested_key}
+    if isinstance(obj, Mapping) and isinstance(obj.get(TRAIN_CONFIG_KEY), dict):
+        config = obj[TRAIN_CONFIG_KEY]
+        classes = obj.get(CLASSES_KEY) or config.get(CLASSES_KEY)
+        extra["train_config"] = config
+        extra["classes"] = list(classes) if classes else None
     if fmt == FORMAT_NATIVE:
         extra["arch"] = _native_arch(metadata, weight_file)
     if fmt == FORMAT_HF and hf_config_file.is_file():
@@ -90,7 +106,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
             f"directory {path} is not a Hugging Face checkpoint: expected {HF_CONFIG_FILE} with "
             f"{' or '.join(HF_WEIGHT_FILES)}, found no {HF_CONFIG_FILE}"
         )
-    for name in HF_WEIGHT_FILES + HF_INDEX_FILES:
+    for name in HF_LOOKUP_ORDER:
         if (path / name).is_file():
             return path / name, config
     raise CheckpointError(
@@ -159,14 +175,16 @@ def _load_shards(index_path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def safe_torch_load(path: Path, mmap: bool = False) -> Any:
+def safe_torch_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)``, with one-line errors: unsafe pickle, or unreadable file.
 
     A pickle that names a Python object (``os.system``, a class …) would run code when loaded
-    normally: torch's weights-only unpickler refuses it, and so do we, naming the object.
+    normally: torch's weights-only unpickler refuses it, and so do we, naming the object. Only
+    :data:`SAFE_PICKLE_GLOBALS` (``argparse.Namespace``, a plain attribute bag) are allowed.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         # torch's weights-only unpickler words a refusal "Unsupported global: GLOBAL os.system" or
         # "unsupported GLOBAL posix.system whose module posix is blocked", depending on the object
@@ -200,9 +218,15 @@ def unwrap_state_dict(
 
     Training checkpoints hold the weights under ``state_dict`` or ``model`` next to optimizer state;
     EMA weights (``ema``, ``model_ema``, ``state_dict_ema``) are taken when ``use_ema`` or when nothing else
-    is there. Prefixes that wrappers add to every key (``module.``, ``_orig_mod.``) are removed.
+    is there; ``use_ema`` without them (a bare state dict included) is a CheckpointError. Prefixes
+    that wrappers add to every key (``module.``, ``_orig_mod.``) are removed.
     """
     nested_key = None
+    if use_ema and _is_tensor_dict(obj):
+        raise CheckpointError(
+            f"{source} has no EMA weights: it is a bare state dict, not a training checkpoint with "
+            f"one of {list(EMA_STATE_DICT_KEYS)}"
+        )
     if not _is_tensor_dict(obj):
         if not isinstance(obj, Mapping):
             raise CheckpointError(
@@ -219,8 +243,11 @@ def unwrap_state_dict(
                 f"or under one of {list(order)}; top-level keys: {shown}"
             )
         if use_ema and nested_key not in EMA_STATE_DICT_KEYS:
+            # `cvt train` without --ema saves an empty "ema": say that none holds weights
+            shown = ", ".join(repr(k) for k in list(obj)[:8])
             raise CheckpointError(
-                f"{source} has no EMA weights: expected one of {list(EMA_STATE_DICT_KEYS)}, found {list(obj)}"
+                f"{source} has no EMA weights: none of {list(EMA_STATE_DICT_KEYS)} holds a state dict "
+                f"(top-level keys: {shown}); was it trained with EMA (cvt train --ema)?"
             )
         obj = obj[nested_key]
     state_dict = dict(obj)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cvt.cli.common import format_table, print_json
-from cvt.cli.model_source import add_model_source_arguments, load_model_source
+from cvt.cli.model_source import add_model_source_arguments, load_model_source, with_index_names
 
 # files `cvt eval --output DIR` writes
 CONFUSION_PNG = "confusion.png"
@@ -64,7 +64,7 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = build_dataset(dataset_name, data_dir, args.split, download=args.download,
                             skip_bad_images=args.skip_bad_images, classes=known)  # fmt: skip
     model = source.model
-    if len(dataset.classes) != model.num_classes:
+    if len(dataset.classes) > model.num_classes:  # a wider head (cvt train --num-classes) is fine
         raise CheckpointError(
             f"{source.description} has {model.num_classes} classes but {dataset_name} has "
             f"{len(dataset.classes)}: evaluate on the data set it was trained on, or fine-tune it first "
@@ -85,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, num_classes=model.num_classes,
                       progress=sys.stderr.isatty())  # fmt: skip
 
-    classes = list(dataset.classes)
+    classes = with_index_names(dataset.classes, model.num_classes)
     report = {
         "model": source.description, "dataset": dataset_name, "split": args.split,
         "input_size": list(data_cfg["input_size"]), **result.as_dict(classes),

@@ -9,12 +9,13 @@ safetensors file or a Hugging Face directory (they describe their architecture),
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cvt.cli.common import parse_img_size
-from cvt.errors import CheckpointError, UsageError
+from cvt.errors import UsageError
 
 
 @dataclass
@@ -40,45 +41,6 @@ def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
                        help="input size (default: the model's)")  # fmt: skip
 
 
-def _training_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The dict of a ``cvt train`` checkpoint (``model`` weights and a ``config``), else None.
-
-    Read with ``weights_only=True``; a file that fails here is left for the checkpoint reader,
-    which reports the problem precisely.
-    """
-    from cvt.checkpoint.read import safe_torch_load
-
-    if not path.is_file() or path.suffix in (".safetensors", ".json"):
-        return None
-    obj = safe_torch_load(path, mmap=True)  # an unsafe or broken file stops here, named
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and isinstance(obj.get("model"), dict):
-        return obj
-    return None
-
-
-def _from_training_checkpoint(path: Path, ckpt: dict[str, Any], use_ema: bool) -> ModelSource:
-    from cvt.checkpoint import load_checkpoint
-    from cvt.models import create_model
-
-    config = ckpt["config"]
-    missing = [k for k in ("model", "num_classes") if k not in config]
-    if missing:
-        raise CheckpointError(f"training checkpoint {path} has no {', '.join(missing)} in its config")
-    kwargs = dict(config.get("model_args") or {})
-    if config.get("img_size"):
-        kwargs["img_size"] = config["img_size"]
-    model = create_model(config["model"], num_classes=int(config["num_classes"]), **kwargs)
-    weights = ckpt["model"]
-    if use_ema:
-        weights = ckpt.get("ema") or ckpt.get("model_ema")
-        if not weights:
-            raise CheckpointError(f"training checkpoint {path} has no EMA weights (train with --ema)")
-    load_checkpoint(model, weights, strict=True)
-    classes = ckpt.get("classes") or config.get("classes")
-    return ModelSource(model.eval(), f"{config['model']} from {path}",
-                       list(classes) if classes else None, config)  # fmt: skip
-
-
 def load_model_source(
     args: argparse.Namespace, random_weights: bool = False, num_classes: int | None = None
 ) -> ModelSource:
@@ -88,7 +50,7 @@ def load_model_source(
     only look at the network, such as ``cvt attention``); otherwise weights are required.
     ``num_classes``: classifier outputs of a model built by name (a checkpoint brings its own).
     """
-    from cvt.checkpoint import load_model
+    from cvt.checkpoint import rebuild_model
     from cvt.models import create_model
 
     if args.checkpoint is None:
@@ -108,25 +70,28 @@ def load_model_source(
             "--num-classes applies to a model built by name; a checkpoint brings its own classifier"
         )
     path = Path(args.checkpoint)
-    ckpt = _training_checkpoint(path)
-    if ckpt is not None:
-        return _from_training_checkpoint(path, ckpt, args.ema)
-    if args.ema:
-        raise UsageError(f"--ema needs a training checkpoint of cvt train; {path} is not one")
-    # official state dicts take --model (default: the one variant whose shapes match)
-    model = load_model(path, model_name=args.model)
-    name = args.model or (model.pretrained_cfg or {}).get("architecture") or "model"
-    return ModelSource(model, f"{name} from {path}", model.pretrained_cfg.get("label_names"))
+    # official state dicts take --model (default: the one variant whose shapes match); the others
+    # describe their model, a training checkpoint its run's config too
+    model, info = rebuild_model(path, model_name=args.model, use_ema=args.ema)
+    train_config = info.get("train_config") or {}
+    name = train_config.get("model") or args.model or model.pretrained_cfg.get("architecture") or "model"
+    return ModelSource(model, f"{name} from {path}", model.pretrained_cfg.get("label_names"), train_config)
 
 
 def label_names(source: ModelSource) -> list[str]:
     """Names of the model's outputs: the checkpoint's classes, ImageNet's for 1000 outputs, else indices."""
     num_classes = source.model.num_classes
-    if source.classes and len(source.classes) == num_classes:
-        return list(source.classes)
+    if source.classes and len(source.classes) <= num_classes:
+        return with_index_names(source.classes, num_classes)
     if num_classes == 1000:
         from timm.data import ImageNetInfo
 
         info = ImageNetInfo()  # shipped with timm: no download
         return [info.index_to_description(i) for i in range(num_classes)]
     return [str(i) for i in range(num_classes)]
+
+
+def with_index_names(names: Sequence[str], num_classes: int) -> list[str]:
+    """``names`` for the first outputs, then each output's index: a head trained wider than the data
+    set's classes (``cvt train --num-classes``) has outputs no class name belongs to."""
+    return [*names, *(str(i) for i in range(len(names), num_classes))]

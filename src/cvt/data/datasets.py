@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -192,11 +193,16 @@ class ImageFolderDataset(Dataset):
         self.root = root
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        if root.exists() and not root.is_dir():
+            raise DataError(f"image folder {root} is a file, expected a folder of class sub-folders")
         try:
             found, _ = find_classes(str(root))
         except FileNotFoundError as err:
             raise DataError(f"image folder {root} has no class sub-folders ({err})") from err
         if classes is not None:
+            repeated = sorted(name for name, n in Counter(classes).items() if n > 1)
+            if repeated:
+                raise DataError(f"class names must be unique, {', '.join(repeated[:5])} given more than once")
             unknown = sorted(set(found) - set(classes))
             if unknown:
                 raise DataError(
@@ -207,6 +213,7 @@ class ImageFolderDataset(Dataset):
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
         # classes without a folder, or with an empty one, simply have no samples
         samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        bad: list[str] = []
         if skip_bad_images:
             bad = [path for path, _ in samples if not _has_image_header(path)]
             if bad:
@@ -217,6 +224,8 @@ class ImageFolderDataset(Dataset):
                 )
                 bad_set = set(bad)
                 samples = [s for s in samples if s[0] not in bad_set]
+        if not samples and bad:
+            raise DataError(f"image folder {root}: none of its {len(bad)} image file(s) is readable")
         if not samples:
             raise DataError(
                 f"image folder {root} has {len(self.classes)} class folder(s) but no image files "
@@ -280,6 +289,6 @@ def build_dataset(
     if root is None:
         raise UsageError("dataset imagefolder needs a data folder (--data-dir) holding train/ and val/")
     folder = Path(root) / split
-    if not folder.is_dir():
+    if not folder.exists():  # a file there: ImageFolderDataset says so
         raise DataError(f"image folder {folder} does not exist; expected {root}/{split}/<class>/<image>")
     return ImageFolderDataset(folder, transform, skip_bad_images, classes)

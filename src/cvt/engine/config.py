@@ -24,6 +24,10 @@ from cvt.errors import UsageError
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+# how one command treats the run folder's existing files, not how the run trains: config.yaml and
+# checkpoints do not record them and YAML files cannot set them, so a reused config.yaml never
+# replaces (overwrite) or mixes (resume) runs by itself
+RUN_CONTROL = ("overwrite", "resume")
 
 
 def _opt(default: Any, why: str) -> Any:
@@ -96,8 +100,10 @@ class TrainConfig:
     # ---- run bookkeeping
     name: str = _opt("", "run name; default: <model>-<dataset>")
     output: str = _opt("", "run folder; default: runs/<name>")
-    overwrite: bool = _opt(False, "replace the run files of an existing run folder")
-    resume: str = _opt("", "continue from a last.pt, or 'auto' for <output>/last.pt when it exists")
+    overwrite: bool = _opt(False, "replace the run files of an existing run folder (command line only)")
+    resume: str = _opt(
+        "", "continue from a last.pt, or 'auto' for <output>/last.pt when it exists (command line only)"
+    )
     save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (exact mid-epoch resume)")
     seed: int = _opt(0, "seeds the weights, data order, augmentation and dropout")
     deterministic: bool = _opt(False, "deterministic algorithms only (bit-exact reruns and resumes on CPU)")
@@ -116,6 +122,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data copy (YAML- and ``torch.load(weights_only=True)``-safe)."""
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`RUN_CONTROL`: what ``config.yaml`` and checkpoints keep."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -231,8 +241,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def resolve_config(
     yaml_source: str | None, flags: dict[str, Any], base: TrainConfig | None = None
 ) -> TrainConfig:
-    """Defaults (or ``base``) ← the YAML file ``yaml_source`` ← ``flags``, validated."""
+    """Defaults (or ``base``) ← the YAML file ``yaml_source`` ← ``flags``, validated.
+
+    :data:`RUN_CONTROL` keys of the YAML file are ignored (a ``config.yaml`` written before they were
+    left out holds them): only flags set them.
+    """
     cfg = base or TrainConfig()
     if yaml_source:
-        cfg = apply_overrides(cfg, read_yaml(yaml_source), f"config {yaml_source!r}")
+        options = {k: v for k, v in read_yaml(yaml_source).items() if k not in RUN_CONTROL}
+        cfg = apply_overrides(cfg, options, f"config {yaml_source!r}")
     return validate(apply_overrides(cfg, flags, "the command line"))

@@ -25,17 +25,30 @@ TB_DIR = "tb"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time", "ema_top1")
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse (touching nothing) a run folder with content unless ``overwrite`` or ``resuming``."""
+def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = None) -> None:
+    """Refuse (touching nothing) a run folder with content unless ``overwrite``, or unless
+    ``resume_from`` (the checkpoint being continued) lies in it: another run's checkpoint may only
+    continue into an empty or new folder, so two runs never mix."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"output {run_dir} exists and is not a folder")
     content = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    if content and not (overwrite or resuming):
-        shown = ", ".join(content[:4]) + (" …" if len(content) > 4 else "")
+    if not content or overwrite:
+        return
+    if resume_from is not None and resume_from.resolve().parent == run_dir.resolve():
+        return
+    shown = ", ".join(content[:4]) + (" …" if len(content) > 4 else "")
+    if resume_from is not None:
         raise UsageError(
-            f"run folder {run_dir} already has content ({shown}); pass --resume auto to continue it, "
-            f"--overwrite to replace its run files, or --output/--name for a new folder"
+            f"run folder {run_dir} already has content ({shown}) of another run than {resume_from}; "
+            f"continue it in its own folder (leave out --output) or in an empty or new --output"
         )
+    if (run_dir / "last.pt").is_file():
+        hint = "pass --resume auto to continue it, --overwrite to replace its run files"
+    else:  # --resume auto finds nothing to continue here: starting afresh would replace the files
+        hint = "it has no last.pt to resume; pass --overwrite to replace its run files"
+    raise UsageError(
+        f"run folder {run_dir} already has content ({shown}); {hint}, or --output/--name for a new folder"
+    )
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

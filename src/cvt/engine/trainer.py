@@ -5,12 +5,14 @@ config when resuming); :func:`train` then builds data, model, optimizer and sche
 explicit loop: autocast → loss → finite check → backward (accumulated) → unscale → clip → step →
 lr per step → EMA, with validation, checkpoints and logs at the end of every epoch.
 
-Exact resume: a checkpoint stores the model, optimizer, scheduler, grad scaler, EMA, the position
-in the epoch and every RNG state. The data order of an epoch depends only on ``(seed, epoch)``
-(:class:`~cvt.engine.sampler.ResumableSampler`), so a run restarted from ``last.pt`` — even one
-written mid-epoch by ``--save-every-steps`` — continues with the very batches, augmentations and
-dropout masks of the uninterrupted run (bit-exact on CPU with ``--deterministic``, with any number of
-workers: augmentations are seeded per sample, :mod:`cvt.data.seeding`).
+Exact resume: a checkpoint stores the model, optimizer, grad scaler, EMA, the position in the epoch
+and every RNG state; the lr is a function of the step, set from the resumed run's options (so
+``--epochs``, ``--lr``, ``--sched`` … given on resume take effect). The data order of an epoch
+depends only on ``(seed, epoch)`` (:class:`~cvt.engine.sampler.ResumableSampler`), so a run
+restarted from ``last.pt`` — even one written mid-epoch by ``--save-every-steps`` — continues with
+the very batches, augmentations and dropout masks of the uninterrupted run (bit-exact on CPU with
+``--deterministic``, with any number of workers: augmentations are seeded per sample,
+:mod:`cvt.data.seeding`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cvt.engine.config import TrainConfig, resolve_config
+from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config
 from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, shutdown_distributed
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
 from cvt.engine.rundir import (
@@ -65,19 +67,26 @@ def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainCo
     cfg = resolve_config(yaml_source, flags)
     if not cfg.resume:
         return cfg, None
-    path = cfg.run_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    path = _resume_path(cfg)
     if cfg.resume == "auto" and not path.is_file():
         return cfg, None  # nothing to resume yet: a fresh run in the same folder
     ckpt = load_train_checkpoint(path)
-    # how the interrupted run was started (--overwrite, its own --resume) does not carry over
-    run_once = ("overwrite", "resume")
+    # how the interrupted run was started (--overwrite, its own --resume) does not carry over; older
+    # checkpoints still record it
     saved = {
-        k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__ and k not in run_once
+        k: v
+        for k, v in ckpt["config"].items()
+        if k in TrainConfig.__dataclass_fields__ and k not in RUN_CONTROL
     }
     base = resolve_config(None, saved)
     # the run continues in the checkpoint's folder unless --output says otherwise
     run_flags = {"output": flags.get("output") or str(path.parent), **flags, "resume": cfg.resume}
     return resolve_config(yaml_source, run_flags, base=base), ckpt
+
+
+def _resume_path(cfg: TrainConfig) -> Path:
+    """The checkpoint ``cfg.resume`` names: a path, or ``<run>/last.pt`` for ``auto``."""
+    return cfg.run_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
 
 
 def _seed_everything(seed: int) -> None:
@@ -136,23 +145,29 @@ def _load_finetune(model: nn.Module, path: str) -> None:
 
 
 def _checkpoint(
-    model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, ema: Any, cfg: TrainConfig,
-    progress: dict[str, Any], classes: list[str],
+    model: nn.Module, optimizer: Any, scaler: Any, ema: Any, cfg: TrainConfig, progress: dict[str, Any],
+    classes: list[str],
 ) -> dict[str, Any]:  # fmt: skip
-    """Everything a resumed run needs, as tensors and plain containers (``weights_only``-loadable)."""
-    config = cfg.to_dict()
-    config.update(num_classes=model.num_classes, img_size=model.img_size[0])  # resolved values
+    """Everything a resumed run needs, as tensors and plain containers (``weights_only``-loadable).
+
+    No scheduler state: the lr is a function of the step, and a resumed run follows its own options.
+    """
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "ema": ema.module.state_dict() if ema is not None else {},
         "rng": capture_rng(),
-        "config": config,
+        "config": _recorded_config(cfg, model),
         "classes": list(classes),
         **progress,  # epoch, batches_done, step, history, best_top1, epoch sums, train_seconds
     }
+
+
+def _recorded_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    """The run's options as ``config.yaml`` and checkpoints record them, with the resolved class
+    count and resolution."""
+    return {**cfg.recorded(), "num_classes": model.num_classes, "img_size": model.img_size[0]}
 
 
 class _InterruptFlag:
@@ -230,7 +245,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("sync_bn needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); drop --sync-bn on CPU")
     run_dir = cfg.run_dir
-    check_run_dir(run_dir, cfg.overwrite, resuming=bool(cfg.resume))  # every rank, before anyone writes
+    # a loaded checkpoint may continue in its own folder (or an empty one), never over another run
+    resume_from = _resume_path(cfg) if resume is not None and cfg.resume else None
+    check_run_dir(run_dir, cfg.overwrite, resume_from)  # every rank, before anyone writes
     if env.distributed:
         torch.distributed.barrier()
     _set_deterministic(cfg.deterministic)
@@ -245,17 +262,18 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         torch.distributed.barrier()  # rank 0 reads (and with --download fetches) the data first
     train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", download=cfg.download and env.is_main,
                               skip_bad_images=cfg.skip_bad_images)  # fmt: skip
-    val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", skip_bad_images=cfg.skip_bad_images)
+    # the training classes index the validation labels too (imagefolder: val/ may lack a class, and a
+    # class folder unknown to training is refused here, naming it)
+    val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", skip_bad_images=cfg.skip_bad_images,
+                            classes=train_set.classes)  # fmt: skip
     if env.distributed and env.is_main:
         torch.distributed.barrier()
-    if env.is_main:  # only now: a missing data set leaves no run folder behind
-        prepare_run_dir(run_dir, cfg.overwrite)
     classes = list(train_set.classes)
     num_classes = cfg.num_classes or len(classes)
     if num_classes < len(classes):
         raise UsageError(f"num_classes {num_classes} is smaller than the data set's {len(classes)} classes")
 
-    # ---- model, EMA, wrappers (the raw `model` is what checkpoints and evaluation see)
+    # ---- model (the raw `model` is what checkpoints and evaluation see)
     _seed_everything(cfg.seed)  # same initial weights on every rank
     model = _build_model(cfg, num_classes)
     data_cfg = resolve_data_config(model, cfg.dataset)
@@ -268,14 +286,6 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-    train_model: nn.Module = model
-    if env.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    ddp = train_model  # for no_sync(), which a compiled wrapper does not expose
-    if cfg.compile:
-        train_model = torch.compile(train_model)
 
     # ---- sampler, optimizer, schedule, loss
     sampler = ResumableSampler(
@@ -310,6 +320,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     )  # fmt: skip
     pending_rng: dict[str, Any] | None = None
     if resume is not None:
+        # the optimizer's state (moments, momentum buffers) comes from the checkpoint, its settings
+        # (weight decay, momentum, betas …) from this command, as the lr does
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         try:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
@@ -318,12 +331,12 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                 f"the checkpoint to resume does not fit {cfg.model} with {num_classes} classes and "
                 f"optimizer {cfg.optimizer} (resume with the options it was trained with): {err}"
             ) from err
-        scheduler.load_state_dict(resume["scheduler"])
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
-        if ema is not None and resume["ema"]:
-            ema.module.load_state_dict(resume["ema"])
         progress.update({k: resume[k] for k in progress if k in resume})
+        # the lr of the resumed step from this run's options, which may change --epochs, --lr, --sched …
         scheduler.step_update(progress["step"])
         if env.is_main:
             pending_rng = resume["rng"]
@@ -331,9 +344,25 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
             _seed_everything(cfg.seed + env.rank + 7919 * progress["step"])
     else:
         _seed_everything(cfg.seed + env.rank)  # per-rank augmentation and dropout streams
+
+    # ---- EMA and wrappers, after the resumed weights: an EMA first asked for on resume starts from them
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    if ema is not None and resume is not None and resume["ema"]:
+        ema.module.load_state_dict(resume["ema"])
+    train_model: nn.Module = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = train_model  # for no_sync(), which a compiled wrapper does not expose
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
     if env.is_main:
-        write_config(run_dir, {**cfg.to_dict(), "num_classes": num_classes, "img_size": model.img_size[0]})
-        tb = TensorBoardLog(run_dir, purge_step=progress["step"] if resume else None)
+        # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
+        prepare_run_dir(run_dir, cfg.overwrite)
+        write_config(run_dir, _recorded_config(cfg, model))
+        # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
+        tb = TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resume else None)
         print(
             f"training {cfg.model} on {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
             f"{num_classes} classes) for {cfg.epochs} epochs: global batch {global_batch}, lr {lr:g}, "
@@ -342,7 +371,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         )
 
     def save(name: str) -> None:
-        atomic_torch_save(_checkpoint(model, optimizer, scheduler, scaler, ema, cfg, progress, classes),
+        atomic_torch_save(_checkpoint(model, optimizer, scaler, ema, cfg, progress, classes),
                           run_dir / name)  # fmt: skip
 
     session_start = time.perf_counter()

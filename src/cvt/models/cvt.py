@@ -9,6 +9,7 @@ The model API follows timm: ``forward_features`` → ``forward_head`` → ``forw
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 
 from cvt.errors import InputShapeError, UsageError
 from cvt.models.layers import ACTIVATIONS, PROJECTION_METHODS, Block, ConvEmbed, conv_out_size
+
+# StageSpec's field annotations (strings, under ``from __future__ import annotations``): the values they admit
+_FIELD_TYPES: dict[str, type] = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class StageSpec:
     padding_kv: int = 1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), _FIELD_TYPES[f.type]
+            if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                raise UsageError(f"stage {f.name} must be {f.type}, got {value!r}")
         for name in ("depth", "embed_dim", "num_heads", "patch_size", "patch_stride", "kernel_qkv"):
             if getattr(self, name) < 1:
                 raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
@@ -57,9 +65,25 @@ class StageSpec:
             raise UsageError(f"projection method must be one of {PROJECTION_METHODS}, got {self.method!r}")
         if self.embed_dim % self.num_heads:
             raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.method == "dw_bn" and self.stride_q != 1:
-            # the residual x + attn(x) needs one output token per input token
-            raise UsageError(f"stride_q must be 1 (got {self.stride_q}): the block's residual needs it")
+        for name in ("stride_q", "stride_kv"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patch_padding", "padding_q", "padding_kv"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"stage {name} must be >= 0, got {getattr(self, name)}")
+        if self.method == "dw_bn" and (self.stride_q != 1 or 2 * self.padding_q != self.kernel_qkv - 1):
+            # the residual x + attn(x) needs one query per input token: a stride-1 conv whose padding
+            # keeps the grid ("same" padding, so an odd kernel)
+            raise UsageError(
+                f"the q projection must keep the token grid for the block's residual: stride_q 1 and "
+                f"padding_q (kernel_qkv - 1) / 2, got stride_q {self.stride_q}, kernel_qkv "
+                f"{self.kernel_qkv}, padding_q {self.padding_q}"
+            )
+        if self.method == "avg" and 2 * self.padding_kv > self.kernel_qkv:
+            raise UsageError(  # PyTorch's pooling rule
+                f"avg projection: padding_kv {self.padding_kv} is more than half of kernel_qkv "
+                f"{self.kernel_qkv}"
+            )
 
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StageSpec))
@@ -190,6 +214,8 @@ class CvT(nn.Module):
         act: MLP activation, ``quick_gelu`` (official checkpoints) or ``gelu`` (transformers' port).
         norm_eps: LayerNorm epsilon (1e-5 in the official code).
         init: ``trunc_norm`` (std 0.02) or ``xavier``, as the official ``MODEL.INIT``.
+        global_pool: ``token`` (the cls token; default when the last stage has one), ``avg`` (the mean
+            of the patch tokens; the default otherwise) or ``''`` (no pooling: the head sees every token).
     """
 
     def __init__(
@@ -201,6 +227,7 @@ class CvT(nn.Module):
         act: str = "quick_gelu",
         norm_eps: float = 1e-5,
         init: str = "trunc_norm",
+        global_pool: str | None = None,
     ) -> None:
         super().__init__()
         if act not in ACTIVATIONS:
@@ -217,7 +244,7 @@ class CvT(nn.Module):
         self.act = act
         self.norm_eps = norm_eps
         self.has_cls_token = stages[-1].cls_token
-        self.global_pool = "token" if self.has_cls_token else "avg"
+        self.global_pool = self._checked_pool("token" if self.has_cls_token else "avg", global_pool)
         self.num_features = self.head_hidden_size = stages[-1].embed_dim
         # fast path: forward() runs the last block for the cls token alone, the only token the head reads
         self.cls_only_last_block = True
@@ -320,8 +347,15 @@ class CvT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens (cls token, or the mean when the last stage has none) and classify."""
-        x = x[:, 0] if self.global_pool == "token" else x[:, int(self.has_cls_token) :].mean(dim=1)
+        """Pool the tokens ``(B, T, C)`` as ``global_pool`` says and classify (``''``: every token)."""
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            patches = x[:, int(self.has_cls_token) :]  # (B, H*W, C)
+            if patches.shape[1] == 0:
+                raise UsageError("global_pool='avg' averages patch tokens, and these features have none "
+                                 "(forward_features(x, cls_only=True) keeps only the cls token)")  # fmt: skip
+            x = patches.mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +380,9 @@ class CvT(nn.Module):
         """Per-stage ``(B, C_i, H_i, W_i)`` maps (cls tokens split off), timm's backbone interface.
 
         ``indices``: stage indices, or an int n for the last n stages (default all). ``norm``
-        applies the final LayerNorm to the last stage's map (the only one of its width).
+        applies the final LayerNorm to the last stage's map (the only one of its width). Unless
+        ``intermediates_only``, also returns the final normed tokens, or with ``stop_early`` before
+        the last stage, the map of the last stage run.
         """
         if output_fmt != "NCHW":
             raise UsageError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
@@ -364,7 +400,8 @@ class CvT(nn.Module):
                 x = tokens_to_map(x, grid, stage.spec.cls_token)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # stopped early: x is the map of an earlier, narrower stage, which the final norm does not fit
+        return (self.norm(x) if last == self.num_stages - 1 else x), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -388,7 +425,7 @@ class CvT(nn.Module):
         if isinstance(indices, int):
             take = list(range(n - indices, n))
         else:
-            take = [i % n if i < 0 else i for i in indices]
+            take = [n + i if i < 0 else i for i in indices]  # -1 is the last stage; -n-1 is out of range
         bad = [i for i in take if not 0 <= i < n]
         if bad or (isinstance(indices, int) and not 0 < indices <= n):
             raise UsageError(f"stage indices {indices!r} out of range for a {n}-stage model")
@@ -400,18 +437,24 @@ class CvT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head by a fresh one with ``num_classes`` outputs (0: identity)."""
-        if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise UsageError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-            if global_pool == "token" and not self.has_cls_token:
-                raise UsageError("global_pool='token' needs a cls token in the last stage")
-            self.global_pool = global_pool
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: identity); ``global_pool``
+        as in the constructor (None: keep the current one)."""
+        self.global_pool = self._checked_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def _checked_pool(self, current: str, requested: str | None) -> str:
+        """``requested`` if it is a pooling this model can do, ``current`` when it is None."""
+        if requested is None:
+            return current
+        if requested not in ("token", "avg", ""):
+            raise UsageError(f"global_pool must be 'token', 'avg' or '' (no pooling), got {requested!r}")
+        if requested == "token" and not self.has_cls_token:
+            raise UsageError("global_pool='token' needs a cls token in the last stage")
+        return requested
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -29,7 +29,11 @@ compare every one against the plain reference computation):
   the cls token's query, attention row and MLP alone (``Block.forward(..., cls_only=True)``).
 
 Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
-graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor).
+graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor,
+BatchNorm statistics moved by a train-mode forward); ``train()`` and ``eval()`` drop them too, for
+edits through ``param.data`` that no version counter sees. A fast path that reads a submodule's
+parameters instead of calling it steps aside when that submodule has hooks or is not the plain layer
+it expects (pruned, parametrized, quantized, wrapped): the module then runs as itself.
 """
 
 from __future__ import annotations
@@ -133,6 +137,10 @@ class DerivedWeights:
     def _key(t: torch.Tensor) -> tuple[Any, ...]:
         return t._version, t.data_ptr(), t.dtype, t.device
 
+    def clear(self) -> None:
+        """Forget the cached tensors: the next :meth:`get` computes them anew."""
+        self.__init__()
+
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
@@ -140,7 +148,22 @@ class DerivedWeights:
         self.__init__()
 
 
-class CastCachedLinear(nn.Linear):
+class CachesDerivedWeights(nn.Module):
+    """Base of the modules that keep :class:`DerivedWeights`: ``train()`` and ``eval()`` clear them.
+
+    Version counters miss one kind of edit: through ``param.data`` (``p.data.copy_(...)`` in weight
+    averaging or surgery code), whose alias has a counter of its own. Code that edits weights that way
+    and then hands the model back with ``model.eval()`` or ``model.train()`` gets fresh derived weights.
+    """
+
+    def train(self, mode: bool = True) -> CachesDerivedWeights:
+        for value in vars(self).values():
+            if isinstance(value, DerivedWeights):
+                value.clear()
+        return super().train(mode)
+
+
+class CastCachedLinear(CachesDerivedWeights, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
     kept between calls while no graph is built, instead of autocast casting them on every call."""
 
@@ -152,6 +175,27 @@ class CastCachedLinear(nn.Linear):
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         weight, *bias = self._cast.get(params, lambda: params)
         return F.linear(x, weight, bias[0] if bias else None)
+
+
+# submodules whose forward a fast path may replace by reading their parameters
+_READABLE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, CastCachedLinear, nn.Conv2d, nn.BatchNorm2d, nn.Identity, QuickGELU, nn.GELU,
+)  # fmt: skip
+
+
+def reads_directly(*modules: nn.Module) -> bool:
+    """Whether a fast path may read these submodules' parameters instead of calling them.
+
+    Only for the plain layers it was written for, without forward hooks or pre-hooks: a pruned layer
+    computes its weight in a pre-hook, a parametrized, quantized or adapter-wrapped (LoRA) layer is
+    another class, and a hook must see its module run. Otherwise the caller runs the modules.
+    """
+    return all(type(m) in _READABLE_MODULES and not has_hooks(m) for m in modules)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or pre-hooks of its own (global hooks are not counted)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
@@ -209,7 +253,7 @@ class ConvEmbed(nn.Module):
         return self.norm(map_to_tokens(x)), grid  # (B, H*W, C)
 
 
-class ConvProjection(nn.Module):
+class ConvProjection(CachesDerivedWeights):
     """One convolutional projection of the paper's Fig. 3: a ``(B, C, H, W)`` map to ``(B, T, C)`` tokens.
 
     ``dw_bn``: depthwise conv (no bias) + BatchNorm (submodules ``conv``, ``bn`` as in the official
@@ -268,11 +312,15 @@ class ConvProjection(nn.Module):
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
-        if self.fold_bn and not self.training and self.bn.running_mean is not None:
-            bn = self.bn
-            weight, bias = self._folded.get(
-                (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), self.folded_conv
-            )
+        bn = self.bn
+        folds = self.fold_bn and not bn.training and bn.running_mean is not None  # BatchNorm's own mode
+        if folds and reads_directly(self.conv, bn):
+            # BatchNorm updates its running statistics in place without moving their version counters;
+            # the batch counter it increments beside them does move
+            sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            if bn.num_batches_tracked is not None:
+                sources += (bn.num_batches_tracked,)
+            weight, bias = self._folded.get(sources, self.folded_conv)
             c = self.conv
             x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
         else:
@@ -282,7 +330,7 @@ class ConvProjection(nn.Module):
         return map_to_tokens(x)  # (B, H'*W', C): a view, the conv keeps the channels-last layout
 
 
-class ConvAttention(nn.Module):
+class ConvAttention(CachesDerivedWeights):
     """Multi-head self-attention whose q/k/v are computed by convolutional projections.
 
     The scale is ``dim_out ** -0.5`` as in the official code (not per head). With ``method='avg'``
@@ -343,6 +391,10 @@ class ConvAttention(nn.Module):
         b, t, _ = x.shape
         return x.reshape(b, t, parts, self.num_heads, -1).permute(2, 0, 3, 1, 4)
 
+    def _fuses_linears(self, parts: int) -> bool:
+        """Whether the last ``parts`` of ``proj_q, proj_k, proj_v`` can run as one matrix product."""
+        return reads_directly(*(self.proj_q, self.proj_k, self.proj_v)[-parts:])
+
     def _stacked_linear(self, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
         """``x`` through several Linear layers at once: one matmul with their weights concatenated."""
         sources = tuple(t for lin in linears for t in (lin.weight, lin.bias) if t is not None)
@@ -381,7 +433,7 @@ class ConvAttention(nn.Module):
             q_in = project(self.conv_proj_q)[:, :1]
         else:
             q_in = cls_tok
-        if self.method == "avg" and self.fuse_proj:
+        if self.method == "avg" and self.fuse_proj and not has_hooks(self.conv_proj_v):
             k_in = v_in = project(self.conv_proj_k)  # k and v pool the same map: pool once
         else:
             k_in, v_in = project(self.conv_proj_k), project(self.conv_proj_v)
@@ -409,12 +461,12 @@ class ConvAttention(nn.Module):
         """
         if cls_only and not self.with_cls_token:
             raise ValueError("cls_only needs a block with a cls token")
-        if self.fuse_proj and self.method == "linear" and not cls_only:
+        if self.fuse_proj and self.method == "linear" and not cls_only and self._fuses_linears(3):
             q, k, v = self._split_heads(self._stacked_linear(x, (self.proj_q, self.proj_k, self.proj_v)), 3)
             return q, k, v
         q_in, k_in, v_in = self._project_inputs(x, grid, cls_only)
         q = self._split_heads(self.proj_q(q_in))[0]
-        if self.fuse_proj and self.method != "dw_bn":  # avg and linear: k and v read the same tokens
+        if self.fuse_proj and self.method != "dw_bn" and self._fuses_linears(2):  # k, v read the same tokens
             k, v = self._split_heads(self._stacked_linear(k_in, (self.proj_k, self.proj_v)), 2)
         else:
             # stride-2 kv: 4x fewer keys (the paper's Table 7)
@@ -443,12 +495,13 @@ class ConvAttention(nn.Module):
         return self.explicit_few_keys and few_keys and _cpu_has_kernels_for(k.dtype)
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast.
+        """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast (fp64 stays fp64).
 
         The reference path, also used for attention maps.
         """
         # scale after the product, as the official code: no scaled copy of q is kept for backward
-        return (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1, dtype=torch.float32)
+        scores = (q @ k.transpose(-2, -1)).mul_(self.scale)
+        return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 
 
 class SiluLinear(torch.autograd.Function):
@@ -489,7 +542,7 @@ class SiluLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
 
-class QuickGeluMlp(Mlp):
+class QuickGeluMlp(CachesDerivedWeights, Mlp):
     """timm's ``Mlp`` (fc1 → act → fc2, same keys) whose QuickGELU is folded into the weights (``fold_act``).
 
     ``h * sigmoid(1.702 h) = silu(1.702 h) / 1.702``: fc1 is scaled by 1.702 and fc2 by 1 / 1.702, so
@@ -508,7 +561,7 @@ class QuickGeluMlp(Mlp):
         return self.fc1.weight * s, self.fc1.bias * s, self.fc2.weight * (1.0 / s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fold_act:
+        if not (self.fold_act and reads_directly(self.fc1, self.act, self.norm, self.fc2)):
             return super().forward(x)
         sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
         w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)

@@ -86,7 +86,13 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
 
     if kwargs.pop("features_only", False):
         kwargs["features_only"] = True
-        kwargs.setdefault("feature_cls", "getter")
+        feature_cls = kwargs.setdefault("feature_cls", "getter")
+        if feature_cls != "getter":
+            # timm's hook/dict/fx extractors read module outputs, which are tokens here, not NCHW maps
+            raise UsageError(
+                f"feature_cls must be 'getter' (the stage maps come from forward_intermediates), "
+                f"got {feature_cls!r}"
+            )
         kwargs.setdefault("out_indices", tuple(range(len(arch["embed_dim"]))))
     tag = kwargs.get("pretrained_cfg")
     full_name = f"{variant}.{tag}" if isinstance(tag, str) and tag else variant
@@ -192,7 +198,8 @@ def create_model(
 ) -> CvT:
     """Build a CvT variant by name (``cvt_13`` or ``cvt_13.msft_in1k``), optionally with weights.
 
-    ``overrides`` are model arguments (``act``, ``img_size``, ``in_chans``, ``norm_eps``, ``init``)
+    ``overrides`` are model arguments (``act``, ``img_size``, ``in_chans``, ``norm_eps``, ``init``,
+    ``global_pool``)
     or per-stage fields of :class:`~cvt.models.cvt.StageSpec` as a scalar (every stage) or one
     value per stage, e.g. ``drop_path_rate=(0, 0, 0.2)``. ``checkpoint_path`` loads any supported
     checkpoint format strictly.
@@ -204,8 +211,8 @@ def create_model(
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
         raise UsageError(f"unknown model {name!r}{hint}")
     allowed = set(STAGE_FIELDS) | {
-        "act", "img_size", "in_chans", "norm_eps", "init", "features_only", "out_indices", "feature_cls",
-        "pretrained_cfg_overlay", "cache_dir",
+        "act", "img_size", "in_chans", "norm_eps", "init", "global_pool", "features_only", "out_indices",
+        "feature_cls", "pretrained_cfg_overlay", "cache_dir",
     }  # fmt: skip
     unknown = sorted(set(overrides) - allowed)
     if unknown:
