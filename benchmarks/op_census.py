@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cvt
 from cvt.models import create_model, layers
 
-PACKAGE_DIR = "/cvt/"
+# the package's own folder: matching a bare "/cvt/" would also take in a checkout folder named cvt
+# (this script, the virtual environment's torch)
+PACKAGE_PREFIX = str(Path(cvt.__file__).parent) + os.sep
+
+
+def in_package(filename: str) -> bool:
+    """Whether a stack frame's file is one of this package's modules."""
+    return filename.startswith(PACKAGE_PREFIX)
 
 
 class OpCensus(TorchDispatchMode):
@@ -44,7 +54,7 @@ class OpCensus(TorchDispatchMode):
             tensors = [t for t in flat if isinstance(t, torch.Tensor)]
             shapes = " ".join(str(tuple(t.shape)) for t in tensors[:3])
             dtypes = " ".join(str(t.dtype).removeprefix("torch.") for t in tensors[:3])
-            ours = [f for f in traceback.extract_stack() if PACKAGE_DIR in f.filename]
+            ours = [f for f in traceback.extract_stack() if in_package(f.filename)]
             file, line = (ours[-1].filename.rsplit("/", 1)[-1], ours[-1].lineno or 0) if ours else ("-", 0)
             self.counts[(file, line, name, shapes, dtypes)] += 1
         return func(*args, **(kwargs or {}))

@@ -177,3 +177,76 @@ def test_cli_trains_each_variant_and_writes_the_report(tmp_path, capsys) -> None
         assert summary["final_top1"] == pytest.approx(float(row["top1"]))
     assert (out / "ablation.png").stat().st_size > 0
     assert "| kv_stride | stride 1 |" in capsys.readouterr().out
+
+
+def test_model_args_are_part_of_every_variant_measured_and_deduplicated() -> None:
+    """``--model-args method=avg``: rows measure the avg models, and only variants that are equal
+    with it share a training (kv stride 2 is the avg baseline, no longer the dw_bn one)."""
+    avg = {"method": "avg"}
+    by_name = {
+        (r.family, r.variant): r for r in dry_run("cvt_tiny", ["kv_stride", "proj_method"], model_args=avg)
+    }
+    dw_bn_weights = sum(blocks * 3 * (9 * c + 2 * c) for c, blocks in ((32, 1), (64, 1), (128, 2)))
+    assert (
+        by_name["kv_stride", "stride 2"].params
+        == by_name["proj_method", "avg"].params
+        == 566_218 - dw_bn_weights
+    )
+    assert by_name["proj_method", "dw_bn"].params == 566_218  # a variant's override wins over model_args
+    assert by_name["kv_stride", "stride 2"].gmacs == by_name["proj_method", "avg"].gmacs
+
+    calls: list[dict] = []
+
+    def fake_train(variant: Variant) -> dict[str, float]:
+        calls.append(variant.overrides)
+        return {"top1": 50.0 + len(calls), "train_seconds": 1.0}
+
+    rows = run_ablation("cvt_tiny", ["kv_stride", "proj_method"], fake_train, 10, model_args=avg)
+    assert calls == [{"stride_kv": 1}, {"stride_kv": 2}, {"method": "dw_bn"}, {"method": "linear"}]
+    top1 = {(r.family, r.variant): r.top1 for r in rows}
+    assert top1["proj_method", "avg"] == top1["kv_stride", "stride 2"] == 52.0
+    assert top1["proj_method", "dw_bn"] == 53.0
+
+
+def test_cli_dry_run_counts_the_model_args(capsys) -> None:
+    assert main(["ablate", "--dry-run", "--family", "kv_stride", "--model-args", "method=avg", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["params"] for r in rows] == [554_602, 554_602]  # 566_218 less the dw_bn weights
+
+
+def test_every_variant_folder_is_checked_before_the_first_trains(tmp_path, monkeypatch) -> None:
+    trained: list[str] = []
+    monkeypatch.setattr(
+        "cvt.ablation.training.train_variant",
+        lambda cfg: trained.append(cfg.output) or {"top1": 90.0, "train_seconds": 1.0},
+    )
+    out = tmp_path / "ablation"
+    (out / "kv_stride-stride_2").mkdir(parents=True)
+    (out / "kv_stride-stride_2" / "metrics.csv").write_text("an earlier run")
+    budget = replace(ABLATION_DEFAULTS, output=str(out))
+    with pytest.raises(cvt.UsageError, match="kv_stride-stride_2 already have content: pass --overwrite"):
+        train_ablation(budget, ["kv_stride"], verbose=False)
+    assert trained == [] and sorted(p.name for p in out.iterdir()) == ["kv_stride-stride_2"]
+    rows, _ = train_ablation(replace(budget, overwrite=True), ["kv_stride"], verbose=False)
+    assert trained == [str(out / "kv_stride-stride_1"), str(out / "kv_stride-stride_2")] and len(rows) == 2
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "kv_stride-stride_1").write_text("a file")
+    with pytest.raises(cvt.UsageError, match="kv_stride-stride_1: not a folder"):
+        train_ablation(replace(budget, output=str(tmp_path / "b"), overwrite=True), ["kv_stride"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--resume", "auto"], "--resume does not apply to cvt ablate: an ablation is not resumed"),
+        (["--name", "mine"], "--name does not apply to cvt ablate: each variant's run folder is named"),
+        (["--json"], "--json needs --dry-run"),
+    ],
+)
+def test_cli_refuses_options_it_would_ignore(argv, fragment, tmp_path, capsys) -> None:
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--family", "kv_stride", "--output", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvt ablate: error: ") and fragment in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,32 @@ def test_cli_reads_a_checkpoint_that_describes_itself(tmp_path, capsys) -> None:
     assert "attention of the cls token over a 3x3 key grid" in capsys.readouterr().out
     assert main(["attention", str(tmp_path / "gray.png"), "--output", str(tmp_path / "x.png")]) == 2
     assert "or --model NAME alone for random weights" in capsys.readouterr().err
+
+
+def test_output_path_is_the_file_written(tmp_path, capsys) -> None:
+    """``--output NAME`` writes NAME.png, so NAME.png is the file protected from overwrites; other
+    extensions set the format, and one matplotlib cannot write is a usage error before any work."""
+    from cvt.attention_maps import image_output_path
+
+    assert image_output_path(tmp_path / "maps") == tmp_path / "maps.png"
+    assert image_output_path("maps.JPG") == Path("maps.JPG")
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "gray.png")
+    argv = ["attention", str(tmp_path / "gray.png"), "--model", "cvt_tiny", "--output"]
+
+    assert main([*argv, str(tmp_path / "maps")]) == 0
+    assert f"wrote {tmp_path / 'maps.png'}:" in capsys.readouterr().out
+    assert (tmp_path / "maps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (
+        tmp_path / "maps"
+    ).exists()
+    (tmp_path / "maps.png").write_bytes(b"precious")
+    assert main([*argv, str(tmp_path / "maps")]) == 2
+    assert f"refusing to overwrite {tmp_path / 'maps.png'}" in capsys.readouterr().err
+    assert (tmp_path / "maps.png").read_bytes() == b"precious"
+
+    assert main([*argv, str(tmp_path / "maps.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvt attention: error: cannot write a '.txt' image") and len(err.splitlines()) == 1
+    assert not (tmp_path / "maps.txt").exists()
+
+    assert main([*argv, str(tmp_path / "maps.jpg")]) == 0
+    assert (tmp_path / "maps.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG, as its name says

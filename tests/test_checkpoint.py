@@ -147,13 +147,23 @@ def test_load_model_of_a_training_checkpoint_keeps_its_config(
     with torch.no_grad():
         assert torch.equal(model(x), trained(x))
         assert torch.equal(load_model(path, use_ema=True)(x), averaged(x))
-    with pytest.raises(UsageError, match="records its architecture"):
-        load_model(path, model_name="cvt_13")
+    with pytest.raises(UsageError, match="is a cvt_13 training checkpoint; .* 'cvt_tiny' names another"):
+        load_model(path, model_name="cvt_tiny")
+    assert load_model(path, model_name="cvt_13.msft_in1k").act == "gelu"  # the recorded variant is fine
     with pytest.raises(UsageError, match="records its activation"):
         load_model(path, act="quick_gelu")
-    torch.save({"model": trained.state_dict(), "config": {"dataset": "cifar10"}}, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError, match="odd.pt has no model, num_classes in its config"):
-        load_model(tmp_path / "odd.pt")
+
+
+def test_another_projects_model_and_config_dict_loads_as_a_state_dict(tmp_path: Path) -> None:
+    """``{"model": ..., "config": vars(args)}`` is a common layout elsewhere: without the model name and
+    class count of a cvt train config it is a plain state dict (variant matched by shapes, or named)."""
+    foreign = create_model("cvt_tiny", num_classes=7).eval()
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": foreign.state_dict(), "config": {"arch": "cls_cvt", "lr": 0.1}}, path)
+    for model in (load_model(path), load_model(path, model_name="cvt_tiny")):
+        assert model.num_classes == 7
+        for key, value in foreign.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_cli_convert_keeps_a_training_checkpoints_config(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,5 @@
-"""``cvt bench``: JSON report on a tiny model, the official peer check, and one-line errors (issue 4)."""
+"""``cvt bench``: JSON report on a tiny model, the official peer check, accepted model names, the
+ceiling skip, and one-line errors (issue 4); ``cvt info``'s class-count check."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from cvt import benchmark
 from cvt.benchmark import BenchConfig, build_subjects
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
-from cvt.models import create_model
+from cvt.models import create_model, layers
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -22,11 +23,12 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 def test_bench_json_on_tiny_model_against_official(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(
-        capsys, "--model", "cvt_tiny", "--img-size", "32", "--batch-size", "2", "--runs", "3",
+        capsys, "--model", "cvt_tiny", "--batch-size", "2", "--runs", "3",
         "--warmup", "0", "--compare", "official", "--no-memory", "--json",
     )  # fmt: skip
     assert code == 0
     report = json.loads(out)
+    # no --img-size: the model's own input size (32 for cvt_tiny), not 224
     assert report["config"]["batch_size"] == 2 and report["config"]["img_size"] == [32, 32]
     ours, official = report["results"]
     gmacs = count_gmacs(create_model("cvt_tiny"), (32, 32))
@@ -73,6 +75,7 @@ def test_train_step_peak_memory_is_measured_in_a_fresh_process() -> None:
         (["--model", "cvt_99"], "unknown model 'cvt_99'"),
         (["--batch-size", "0"], "must be >= 1"),
         (["--compile", "--compile-mode", "fastest"], "compile mode must be one of"),
+        (["--device", "gpu"], "device must be cpu, cuda or cuda:N, got 'gpu'"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(
@@ -106,3 +109,86 @@ def test_out_of_memory_gives_one_line_and_exit_1(
     assert code == 1
     assert "batch size 4096" in err and "does not fit in memory" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                     "tried to allocate 30105600000 bytes. Error code 12 (Cannot allocate memory)"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.04 GiB"),
+    ],
+)  # fmt: skip
+def test_batch_too_large_to_create_gives_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def allocate(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise error  # what creating 50000 images of 224x224 does on a machine with less than 30 GB
+
+    monkeypatch.setattr(benchmark, "make_batch", allocate)
+    code, _, err = run_cli(
+        capsys, "--model", "cvt_tiny", "--img-size", "224", "--batch-size", "50000", "--runs", "1",
+        "--warmup", "0",
+    )  # fmt: skip
+    assert code == 1
+    assert "batch size 50000 at 224x224" in err and "does not fit in memory" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_bf16_ceiling_is_not_measured_where_bf16_is_emulated(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, json_output: bool
+) -> None:
+    def too_slow(dtype: str, device: str) -> float:
+        raise AssertionError("six emulated 2048^3 bf16 products take minutes")
+
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", False)
+    monkeypatch.setattr(benchmark, "matmul_ceiling", too_slow)
+    args = ["--model", "cvt_tiny", "--img-size", "32", "--batch-size", "1", "--dtype", "bf16",
+            "--device", "cpu", "--runs", "1", "--warmup", "0", "--no-memory"]  # fmt: skip
+    code, out, _ = run_cli(capsys, *args, *(["--json"] if json_output else []))
+    assert code == 0
+    if json_output:
+        (result,) = json.loads(out)["results"]
+        assert result["ceiling_gflops_per_s"] is None and result["ceiling_fraction"] is None
+        assert "emulated" in result["ceiling_not_measured"]
+    else:
+        header, *table = out.splitlines()
+        assert "matmul ceiling not measured: bf16 matrix products are emulated" in header
+        assert table[-1].split("|")[6].strip() == "-"  # the "of ceiling" column
+
+
+def test_compare_hf_with_a_model_transformers_cannot_express(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--compare", "hf", "--runs", "1", "--no-memory")
+    assert code == 2
+    assert "--compare hf: transformers' CvT cannot express this model: stage 1 has 1 block(s)" in err
+    assert "export" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_pretrained_tag_names_are_benchmarked_with_random_weights(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchmark, "matmul_ceiling", lambda dtype, device: 100.0)
+    code, out, _ = run_cli(
+        capsys, "--model", "cvt_13.msft_in1k", "--img-size", "32", "--batch-size", "1", "--runs", "1",
+        "--warmup", "0", "--no-memory", "--json",
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out)
+    assert report["config"]["model"] == "cvt_13.msft_in1k"
+    (ours,) = report["results"]
+    assert ours["gflops_per_s"] == pytest.approx(
+        2 * count_gmacs(create_model("cvt_13"), (32, 32)) * ours["img_per_s"]
+    )
+
+
+def test_unknown_pretrained_tag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "--model", "cvt_13.bogus")
+    assert code == 2 and "unknown model 'cvt_13.bogus'" in err and "cvt list --pretrained" in err
+
+
+def test_info_refuses_a_negative_class_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "cvt_13", "--num-classes", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-classes must be >= 0" in err and len(err.strip().splitlines()) == 1

@@ -290,6 +290,20 @@ def test_resume_never_writes_over_another_run(tmp_path, no_curves):
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 1  # a itself is untouched
 
 
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, no_curves):
+    """A job that always runs `--resume auto`: killed in epoch 1 it left config.yaml and tb/ only, and
+    the same command must start it again (its start-up files replaced), not refuse for want of last.pt."""
+    run(micro(tmp_path, "killed", epochs=1))
+    killed = tmp_path / "killed"
+    for name in ("last.pt", "best.pt", "metrics.csv", "summary.json"):
+        (killed / name).unlink()  # what a SIGKILL before the first save leaves: config.yaml and tb/
+    assert sorted(p.name for p in killed.iterdir()) == ["config.yaml", "tb"]
+    summary = run(micro(tmp_path, "killed", epochs=1, resume="auto"))
+    assert summary["epochs"] == 1 and (killed / "last.pt").is_file()
+    events = list((killed / "tb").rglob("events.out.tfevents*"))
+    assert len(events) == 1  # the killed attempt's events were replaced, not mixed in
+
+
 def test_a_reused_config_yaml_never_replaces_or_mixes_runs(tmp_path, no_curves):
     """config.yaml records the run's options, not how it was started (--overwrite, --resume)."""
     out = tmp_path / "run"

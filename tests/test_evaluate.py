@@ -182,6 +182,18 @@ def test_cli_eval_class_count_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has 4 classes but digits has 10" in err and "--finetune" in err
     assert err.count("\n") == 1  # one line
+    # a head wider than this data set, trained on another: refused (wider is fine on its own data only)
+    ckpt = _training_checkpoint(tmp_path, num_classes=12)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = [str(i) for i in range(10)]  # trained on digits with --num-classes 12
+    torch.save(saved, ckpt)
+    for c in range(10):
+        path = tmp_path / "folder" / "val" / str(c) / "0.png"
+        path.parent.mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(path)
+    data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder")]
+    assert main(["eval", "--checkpoint", str(ckpt), *data]) == 1
+    assert "has 12 classes but imagefolder has 10" in capsys.readouterr().err
 
 
 def test_cli_eval_and_predict_with_a_head_wider_than_the_classes(tmp_path, capsys):

@@ -360,6 +360,23 @@ def test_hooks_on_bypassed_submodules_fire_and_see_the_reference_values(method: 
     assert all(any(m is module for m in seen) for module in hooked)
 
 
+def test_a_hook_that_changes_the_k_pooling_does_not_leak_into_v_and_backward_hooks_fire() -> None:
+    """With ``avg`` the k pooling stands in for the v pooling only while both are plain and unhooked;
+    backward hooks are set up when a module is called, so they also make the fast path step aside."""
+    model = tiny_model("avg", cls=True).eval()
+    x = images()
+    attn = model.stage1.blocks[0].attn
+    attn.conv_proj_k.register_forward_hook(lambda m, args, out: 2 * out)  # changes k only
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    fired: list[str] = []
+    fc2 = model.stage1.blocks[0].mlp.fc2
+    fc2.register_full_backward_hook(lambda m, grad_in, grad_out: fired.append("fc2"))
+    model.train()
+    model(x).sum().backward()
+    assert fired == ["fc2"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao quantization
 def test_pruned_parametrized_and_quantized_layers_run_as_themselves() -> None:
     """Pruning computes the weight in a pre-hook, a parametrization on access, dynamic quantization

@@ -200,6 +200,11 @@ def test_export_writes_the_preprocessing(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"refusing to overwrite .*preprocessor_config\.json"):
         export_hf(model, out)
     export_hf(model, out, overwrite=True)
+    # from 384 pixels up transformers' processor never crops: a cropping model is warned about
+    cropped = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), img_size=384).eval()
+    cropped.pretrained_cfg = {**cropped.pretrained_cfg, "crop_pct": 0.875}
+    with pytest.warns(UserWarning, match="never crops from 384 pixels up"):
+        export_hf(cropped, tmp_path / "export384")
 
 
 def test_half_precision_hf_folder_loads_as_float32(tmp_path: Path) -> None:
@@ -349,6 +354,7 @@ def test_pretrained_offline_fails_fast_with_checkpoint_path_hint(
         create_model("cvt_13", pretrained=True, cache_dir=tmp_path)  # empty cache
     message = str(err.value)
     assert "microsoft/cvt-13" in message and "model.safetensors" in message and "checkpoint_path=" in message
+    assert "HF_HUB_OFFLINE=1 makes this fail at once" in message
 
 
 def test_cli_convert_hf_to_cvt_and_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -112,6 +112,8 @@ def test_cifar_variants_keep_grids_at_32() -> None:
 def test_unknown_model_suggests_close_names() -> None:
     with pytest.raises(cvt.UsageError, match=r"unknown model 'cvt_12'.*cvt_13"):
         cvt.create_model("cvt_12")
+    with pytest.raises(cvt.UsageError, match=r"unknown pretrained tag in 'cvt_13.bogus'.*cvt_13.msft_in1k"):
+        cvt.create_model("cvt_13.bogus")  # was timm's RuntimeError
 
 
 def test_unknown_override_is_named() -> None:

@@ -69,3 +69,46 @@ def test_seed_command_maps_onto_the_seed_defaults(tmp_path, monkeypatch):
                     weight_decay=5e-4, lr=0.01, download=False, auto_augment=None, mixup=0.0)  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert set(recipe) <= set(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+
+
+def _seed_script() -> dict:
+    """train.py's functions, without running it."""
+    return runpy.run_path(str(REPO / "train.py"), run_name="seed_script")
+
+
+def _run_seed_script(monkeypatch, argv: list[str]) -> tuple:
+    """``python train.py ARGV`` up to the training itself: the config and checkpoint it would train."""
+    started = []
+    monkeypatch.setattr("cvt.engine.trainer.train", lambda cfg, ckpt=None: started.append((cfg, ckpt)) or {})
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    assert exit_info.value.code == 0 and len(started) == 1
+    return started[0]
+
+
+def test_seed_script_resumes_under_the_checkpoints_config(tmp_path, monkeypatch):
+    """``python train.py --name t --resume auto`` continues runs/t with the config it was trained with
+    (its model, data, lr, weight decay), not the seed recipe's; flags still apply."""
+    monkeypatch.chdir(tmp_path)
+    micro = ["--img-size", "16", "--train-subset", "32", "--batch-size", "16", "--epochs", "1",
+             "--model-args", "embed_dim=[8,16,32]", "depth=[1,1,1]", "num_heads=[1,1,2]"]  # fmt: skip
+    assert main(["train", *micro, "--name", "t", "--lr", "0.005", "--weight-decay", "0.01"]) == 0
+    for resume in ("auto", "runs/t/last.pt"):
+        cfg, ckpt = _run_seed_script(monkeypatch, ["--name", "t", "--resume", resume, "--epochs", "2"])
+        assert ckpt is not None and ckpt["epoch"] == 1 and str(cfg.run_dir) == "runs/t"
+        got = {k: getattr(cfg, k) for k in ("model", "dataset", "lr", "weight_decay", "optimizer", "epochs")}
+        assert got == dict(model="cvt_tiny", dataset="digits", lr=0.005, weight_decay=0.01, optimizer="adamw",
+                           epochs=2)  # fmt: skip
+
+
+def test_seed_script_keeps_the_recipe_without_a_checkpoint(tmp_path, monkeypatch):
+    """``--resume auto`` with nothing to resume starts the seed run; ``--config`` replaces the recipe."""
+    monkeypatch.chdir(tmp_path)
+    cfg, ckpt = _run_seed_script(monkeypatch, [*SEED_COMMAND, "--resume", "auto"])
+    assert ckpt is None and (cfg.model, cfg.dataset, cfg.optimizer, str(cfg.run_dir)) == (
+        "cvt", "cifar10", "sgd", "runs/cvt",
+    )  # fmt: skip
+    train_argv = _seed_script()["train_argv"]
+    assert train_argv(["--epochs", "3"]) == ["train", "--config", "seed_cifar10", "--epochs", "3"]
+    assert train_argv(["--config", "digits"]) == ["train", "--config", "digits"]

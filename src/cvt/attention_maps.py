@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cvt.errors import InputShapeError
+from cvt.errors import InputShapeError, UsageError
 from cvt.models import CvT
 from cvt.models.layers import conv_out_size
 
@@ -77,8 +77,29 @@ def last_stage_attention(model: CvT, image: torch.Tensor) -> AttentionMaps:
     return AttentionMaps(row.float().cpu(), key_grid, "cls token" if has_cls else "mean of all queries")
 
 
+def image_output_path(path: str | Path) -> Path:
+    """The file a grid is written to: ``path``, with ``.png`` added when it has no extension.
+
+    Its extension is the format (``.jpg``, ``.pdf``, ``.svg`` … as matplotlib writes them); one
+    matplotlib cannot write raises :class:`UsageError` before anything is computed.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    # pgf is LaTeX source that needs a TeX installation to write
+    formats = [f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf"]
+    if path.suffix[1:].lower() not in formats:
+        raise UsageError(
+            f"cannot write a {path.suffix!r} image ({path}): use .png, or one of {', '.join(formats)}"
+        )
+    return path
+
+
 def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """A PNG: the image, then one panel per head with its upsampled attention over the image.
+    """The image, then one panel per head with its upsampled attention over the image, saved to
+    :func:`image_output_path` ``(path)`` (a PNG unless its extension names another format); that path.
 
     ``image``: ``(3, H, W)`` with values in [0, 1] (what the model saw, before normalization).
     """
@@ -87,7 +108,7 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
+    path = image_output_path(path)
     pixels = image.permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, 3)
     heat = maps.upsampled(tuple(image.shape[-2:])).numpy()  # (heads, H, W)
     heads = heat.shape[0]
@@ -106,7 +127,7 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
     fig.suptitle(title or f"last-stage attention of the {maps.query}, key grid {maps.grid[0]}x{maps.grid[1]}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, format=path.suffix[1:].lower(), dpi=100)  # never a format guessed otherwise
     plt.close(fig)
     return path
 
@@ -119,7 +140,7 @@ def attention_for_file(
     img_size: tuple[int, int] | None = None,
 ) -> tuple[AttentionMaps, Path]:
     """Read an image with the model's eval preprocessing (at ``img_size`` if given, else the
-    model's), compute its maps and save the PNG grid."""
+    model's), compute its maps and save the grid (:func:`save_attention_grid`); the maps and the file."""
     from cvt.data.transforms import load_input, resolve_data_config
 
     data_cfg = resolve_data_config(model)

@@ -12,18 +12,27 @@ machine hits all of them alike.
 - ``bf16``/``fp16``: the fp32 model under ``torch.autocast`` (the usual mixed-precision recipe).
 - GFLOP/s: 2 x the multiply-accumulates of ``cvt.complexity`` per image (x3 for a training step:
   backward costs two forwards), divided by the median time; the ceiling is a square matrix product
-  in the same dtype on the same device and threads. The MACs are the whole network's for every subject
+  in the same dtype on the same device and threads (not measured for bf16 on a CPU without bf16
+  kernels, where one product takes a minute). The MACs are the whole network's for every subject
   (cvt's own forward skips the last block's unused tokens, 6.5 % of CvT-13), so it is an effective rate.
-- peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one extra step per subject; on CPU a fresh
-  subprocess per subject runs two steps and reports its peak RSS (``VmHWM``) minus its RSS just
-  before the first step (so the Python and torch baseline and the weights are excluded; in-process
-  deltas would be hidden by whichever subject ran first).
+- peak memory: what one subject's step allocates at its peak above what was allocated just before it:
+  activations, gradients, the optimizer's momentum buffers (a fresh optimizer: they are created in the
+  step) and temporaries, but not the weights, the inputs or anything else in the process. On CUDA it
+  is ``max_memory_allocated - memory_allocated`` over one extra step per subject, taken after the
+  timed runs (with CUDA graphs, ``reduce-overhead``, memory the graphs hold from their recording is
+  in that baseline); on CPU a fresh subprocess per subject runs two steps and reports its peak RSS
+  (``VmHWM``) minus its RSS just before the first step (in-process deltas would be hidden by whichever
+  subject ran first). With ``compile`` the compiling step runs before that baseline, so the figure
+  is the compiled step's, not the compiler's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -42,13 +51,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvt.errors import CvtError, UsageError
+from cvt.errors import CheckpointError, CvtError, UsageError
 
 SUBJECTS: tuple[str, ...] = ("cvt", "hf", "official")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
-# On CUDA one step of a small batch takes milliseconds: a timed run repeats the step until it lasts
-# about this long, so timer resolution and launch jitter do not decide the result.
+# On CUDA one step of a small batch takes milliseconds (a matrix product of the ceiling, microseconds):
+# a timed run repeats it until it lasts about this long, so timer resolution and launch jitter do not
+# decide the result.
 MIN_CUDA_RUN_S = 0.25
 OFFICIAL_REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "official_reference.py"
 
@@ -73,6 +83,12 @@ class BenchConfig:
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a configuration that cannot run here."""
+        try:
+            device_type = torch.device(self.device).type
+        except RuntimeError:  # not a device string at all ("gpu")
+            device_type = None
+        if device_type not in ("cpu", "cuda"):
+            raise UsageError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.mode not in ("infer", "train"):
             raise UsageError(f"mode must be 'infer' or 'train', got {self.mode!r}")
         if self.dtype not in DTYPES:
@@ -103,8 +119,9 @@ class BenchResult:
     step_ms: float  # median time of one batch
     peak_memory_mb: float | None
     gflops_per_s: float
-    ceiling_gflops_per_s: float
-    ceiling_fraction: float
+    ceiling_gflops_per_s: float | None  # None: not measured, see ceiling_not_measured
+    ceiling_fraction: float | None
+    ceiling_not_measured: str | None = None  # why the ceiling was skipped
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -122,6 +139,15 @@ def synchronize(device: str) -> None:
     """Wait for queued GPU work, so wall-clock times cover it."""
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def has_bf16_kernels(device: str) -> bool:
+    """Whether bf16 runs on compiled kernels (not emulated in reference code) on ``device``."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    from cvt.models import layers
+
+    return layers.CPU_HAS_BF16_KERNELS  # read at call time: op_census and tests override it
 
 
 def load_official_reference() -> Any:
@@ -152,7 +178,11 @@ def build_hf_peer(model: nn.Module) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the GELU-vs-QuickGELU warning: known, stated above
-        config = hf_config_from_model(model)
+        try:
+            config = hf_config_from_model(model)
+        except CheckpointError as err:  # worded for export; here no file is written
+            reason = str(err).removeprefix("cannot export to the Hugging Face layout: ")
+            raise UsageError(f"--compare hf: transformers' CvT cannot express this model: {reason}") from None
     peer = CvtForImageClassification(CvtConfig(**config))
     peer.load_state_dict(native_to_hf(model.state_dict()))
     return peer
@@ -209,18 +239,25 @@ def check_same_logits(ours: nn.Module, peer: nn.Module, cfg: BenchConfig, atol: 
         raise AssertionError(f"official re-implementation differs from cvt by {diff:.2e} (> {atol})")
 
 
+def ceiling_skip_reason(dtype: str, device: str) -> str | None:
+    """Why :func:`matmul_ceiling` is not worth measuring for ``dtype`` on ``device``, or None."""
+    if dtype == "bf16" and not has_bf16_kernels(device):
+        return f"bf16 matrix products are emulated on {device} (no bf16 kernels): they would take minutes"
+    return None
+
+
 def matmul_ceiling(dtype: str, device: str, size: int = 2048, runs: int = 5) -> float:
-    """GFLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` (median of ``runs``)."""
+    """GFLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` (median of ``runs`` timed runs,
+    each of as many products as :func:`repeats_per_run` asks, after one untimed product)."""
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
-    times = []
-    for i in range(runs + 1):
-        synchronize(device)
-        start = time.perf_counter()
+
+    def product() -> None:
         a @ b
-        synchronize(device)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - start)
+
+    product()  # warm-up: library initialisation and kernel selection
+    repeats = repeats_per_run(product, device)
+    times = [timed_run(product, repeats, device) for _ in range(runs)]
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
@@ -289,37 +326,32 @@ def time_subjects(
     cfg: BenchConfig, subjects: dict[str, nn.Module], num_classes: int
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per step of each subject (warm-up, then ``cfg.runs`` interleaved timed runs) and, on
-    CUDA, each subject's peak allocated MB over one more step.
+    CUDA, each subject's peak MB over one more step (see the module docstring).
 
     On CPU a timed run is one step; on CUDA it is as many steps as fill :data:`MIN_CUDA_RUN_S`
-    (counted per subject after the warm-up), and the time per step is the run's mean."""
-    steps, batches = {}, {}
-    for name, model in subjects.items():
-        if cfg.compile:
-            model = torch.compile(model, mode=cfg.compile_mode)
-        steps[name] = make_step(model, cfg)
-        batches[name] = make_batch(cfg, num_classes)
+    (counted per subject after the warm-up), and the time per step is the run's mean. All subjects
+    share one input batch."""
+    models = {
+        name: torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+        for name, model in subjects.items()
+    }
+    steps = {name: make_step(model, cfg) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in subjects}
     cuda_peaks: dict[str, float] = {}
     try:
+        batch = make_batch(cfg, num_classes)  # a batch too large to create is reported as one
         repeats = {}
         for name, step in steps.items():
             for _ in range(cfg.warmup):
-                step(*batches[name])
-            repeats[name] = _steps_per_run(step, batches[name], cfg.device)
+                step(*batch)
+            repeats[name] = repeats_per_run(lambda step=step: step(*batch), cfg.device)
         for _ in range(cfg.runs):
             for name, step in steps.items():
-                synchronize(cfg.device)
-                start = time.perf_counter()
-                for _ in range(repeats[name]):
-                    step(*batches[name])
-                synchronize(cfg.device)
-                times[name].append((time.perf_counter() - start) / repeats[name])
+                times[name].append(timed_run(lambda step=step: step(*batch), repeats[name], cfg.device))
         if cfg.device.startswith("cuda") and cfg.measure_memory:
-            for name, step in steps.items():  # one untimed step each: the runs above are interleaved
-                torch.cuda.reset_peak_memory_stats(cfg.device)
-                step(*batches[name])
-                cuda_peaks[name] = torch.cuda.max_memory_allocated(cfg.device) / 2**20
+            for name, model in models.items():  # one untimed step each: the runs above are interleaved
+                # a fresh optimizer, so its momentum buffers count, as in the CPU figure
+                cuda_peaks[name] = _cuda_step_peak_mb(make_step(model, cfg), batch, cfg.device)
     except (RuntimeError, MemoryError) as err:
         if is_out_of_memory(err):
             raise _oom_error(cfg, err) from err
@@ -327,15 +359,34 @@ def time_subjects(
     return times, cuda_peaks
 
 
-def _steps_per_run(step: Callable[..., None], batch: tuple[torch.Tensor, torch.Tensor], device: str) -> int:
-    """How many steps one timed run holds: 1 on CPU, enough for :data:`MIN_CUDA_RUN_S` on CUDA."""
-    if not device.startswith("cuda"):
-        return 1
+def _cuda_step_peak_mb(
+    step: Callable[[torch.Tensor, torch.Tensor], None], batch: tuple[torch.Tensor, torch.Tensor], device: str
+) -> float:
+    """Peak MB allocated by one step above what was allocated just before it (the other subjects'
+    weights, optimizer state and the input are all in that baseline)."""
     synchronize(device)
-    start = time.perf_counter()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     step(*batch)
     synchronize(device)
-    return max(1, math.ceil(MIN_CUDA_RUN_S / (time.perf_counter() - start)))
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def repeats_per_run(fn: Callable[[], None], device: str) -> int:
+    """How many calls of ``fn`` one timed run holds: 1 on CPU, enough for :data:`MIN_CUDA_RUN_S` on CUDA."""
+    if not device.startswith("cuda"):
+        return 1
+    return max(1, math.ceil(MIN_CUDA_RUN_S / timed_run(fn, 1, device)))
+
+
+def timed_run(fn: Callable[[], None], repeats: int, device: str) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls in a row, queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def _rss_mb() -> float:
@@ -356,11 +407,36 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: best effort
 
 
+def _settled_rss_mb() -> float:
+    """This process's RSS in MB once the memory freed so far is returned to the OS, with the peak RSS
+    reset to it: the baseline of a step's peak.
+
+    Under glibc, memory freed by building the subjects (the official peer's logit check, the cvt model
+    it was copied from) stays resident, enters the baseline and is reused by the step, which would
+    under-report that step's peak; a compilation's own peak would count as the step's.
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
+    except OSError:
+        libc = None
+    trim = getattr(libc, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
+    # Linux >= 4.0: VmHWM restarts from the current RSS; elsewhere the peak also covers the building
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return _rss_mb()
+
+
 def peak_step_memory_mb(cfg: BenchConfig, subject: str) -> float:
-    """Peak memory of ``cfg``'s step for one subject, in MB (see the module docstring for how)."""
+    """Peak memory of ``cfg``'s step for one subject, in MB (see the module docstring for what it
+    holds), measured in a subprocess with this process's torch thread count."""
     if cfg.device.startswith("cuda"):
         raise ValueError("on CUDA the peak comes from the timed runs")
-    request = json.dumps({"cfg": dataclasses.asdict(cfg), "subject": subject})
+    request = json.dumps(
+        {"cfg": dataclasses.asdict(cfg), "subject": subject, "threads": torch.get_num_threads()}
+    )
     proc = subprocess.run(
         [sys.executable, "-c", "import sys, cvt.benchmark as b; b._memory_worker(sys.argv[1])", request],
         capture_output=True,
@@ -377,14 +453,20 @@ def peak_step_memory_mb(cfg: BenchConfig, subject: str) -> float:
 def _memory_worker(request: str) -> None:
     """Subprocess entry: build one subject, run two steps, print peak RSS minus pre-step RSS (MB)."""
     data = json.loads(request)
+    torch.set_num_threads(data["threads"])
     fields = data["cfg"]
     fields["img_size"] = tuple(fields["img_size"])
     cfg = dataclasses.replace(BenchConfig(), **fields)
     subjects, num_classes = build_subjects(cfg, [data["subject"]])
     model = subjects[data["subject"]]
-    step = make_step(torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model, cfg)
     batch = make_batch(cfg, num_classes)
-    before = _rss_mb()
+    if cfg.compile:
+        model = torch.compile(model, mode=cfg.compile_mode)
+        # compile before the baseline; that step's optimizer is dropped, so the measured steps
+        # create their momentum buffers as eager ones do
+        make_step(model, cfg)(*batch)
+    step = make_step(model, cfg)
+    before = _settled_rss_mb()
     for _ in range(2):
         step(*batch)
     print(_peak_rss_mb() - before)
@@ -396,16 +478,23 @@ def per_round_speedups(ours: BenchResult, peer: BenchResult) -> list[float]:
     return [a / b for a, b in zip(ours.img_per_s_runs, peer.img_per_s_runs, strict=True)]
 
 
-def run_benchmark(cfg: BenchConfig, compare: list[str] | None = None) -> list[BenchResult]:
-    """Measure this package's model and, optionally, peers (``hf``, ``official``) under ``cfg``."""
+def run_benchmark(
+    cfg: BenchConfig, compare: list[str] | None = None, include_cvt: bool = True
+) -> list[BenchResult]:
+    """Measure this package's model and, optionally, peers (``hf``, ``official``) under ``cfg``;
+    ``include_cvt=False`` measures the peers alone."""
     from cvt.complexity import count_gmacs
+    from cvt.models import create_model
 
     cfg.check()
-    names = ["cvt", *(compare or [])]
+    names = [*(["cvt"] if include_cvt else []), *(compare or [])]
     subjects, num_classes = build_subjects(cfg, names)
-    flops_per_image = 2e9 * count_gmacs(subjects["cvt"], cfg.img_size) * (3 if cfg.mode == "train" else 1)
+    with torch.device("meta"):  # shapes only: counting needs no weights
+        network = create_model(cfg.model)
+    flops_per_image = 2e9 * count_gmacs(network, cfg.img_size) * (3 if cfg.mode == "train" else 1)
     times, cuda_peaks = time_subjects(cfg, subjects, num_classes)
-    ceiling = matmul_ceiling(cfg.dtype, cfg.device)
+    skip_reason = ceiling_skip_reason(cfg.dtype, cfg.device)
+    ceiling = None if skip_reason else matmul_ceiling(cfg.dtype, cfg.device)
     results = []
     for name in names:
         rates = [cfg.batch_size / t for t in times[name]]
@@ -429,7 +518,8 @@ def run_benchmark(cfg: BenchConfig, compare: list[str] | None = None) -> list[Be
                 peak_memory_mb=memory,
                 gflops_per_s=achieved,
                 ceiling_gflops_per_s=ceiling,
-                ceiling_fraction=achieved / ceiling,
+                ceiling_fraction=None if ceiling is None else achieved / ceiling,
+                ceiling_not_measured=skip_reason,
             )
         )
     return results

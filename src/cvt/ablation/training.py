@@ -53,6 +53,25 @@ def check_data(budget: TrainConfig) -> int:
     return len(train_set.classes)
 
 
+def check_variant_dirs(run_dirs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse (touching nothing) variant run folders that already hold something, unless ``overwrite``.
+
+    Checked for every variant before the first trains, so an ablation never stops midway at a
+    folder after retraining the variants before it.
+    """
+    not_dirs = [str(d) for d in run_dirs if d.exists() and not d.is_dir()]
+    if not_dirs:
+        raise UsageError(
+            f"{', '.join(not_dirs)}: not a folder, needed for a variant's run; choose another --output"
+        )
+    used = [str(d) for d in run_dirs if d.is_dir() and any(d.iterdir())]
+    if used and not overwrite:
+        raise UsageError(
+            f"variant run folder(s) {', '.join(used)} already have content: pass --overwrite to retrain "
+            f"every variant over them, or choose another --output"
+        )
+
+
 def train_variant(config: TrainConfig) -> dict[str, float]:
     """Train one variant with the engine; its final validation top-1 (%) and training seconds."""
     from cvt.engine import train
@@ -75,8 +94,8 @@ def train_ablation(
     """Train every variant of ``families`` with ``budget``; the rows and the report files written.
 
     Variant runs go to ``<ablation dir>/<family>-<variant>/``. Refuses to replace an existing
-    report unless ``budget.overwrite``; checks the data can fill a batch and the family names
-    (in :func:`run_ablation`'s dry run) before training anything.
+    report or variant run folder unless ``budget.overwrite``; checks the data can fill a batch, the
+    family names (in :func:`run_ablation`'s dry run) and every variant's folder before training anything.
     """
     out_dir = ablation_dir(budget)
     existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
@@ -95,8 +114,18 @@ def train_ablation(
                 f"ablation {row.family} / {row.variant}: top-1 {row.top1:.2f}% in {row.train_seconds:.0f} s"
             )
 
+    def check_dirs(variants: list[Variant]) -> None:
+        check_variant_dirs([out_dir / variant_slug(v) for v in variants], budget.overwrite)
+
     rows = run_ablation(
-        budget.model, families, train_fn, budget.num_classes or num_classes, budget.img_size, on_row=announce
+        budget.model,
+        families,
+        train_fn,
+        budget.num_classes or num_classes,
+        budget.img_size,
+        on_row=announce,
+        model_args=budget.model_args,
+        before_training=check_dirs,
     )
     title = (
         f"{budget.model} on {budget.dataset}: {budget.epochs} epoch(s) per variant, "

@@ -110,6 +110,10 @@ HF_IMAGE_SIZE_KEY = "image_size"
 HF_DEFAULT_ACT = "quick_gelu"
 
 
+# transformers' ConvNeXt image processor (the hub's CvT one) resizes without a crop from this size up
+_HF_NO_CROP_SIZE = 384
+
+
 def hf_input_settings(preprocessor: dict[str, Any] | None) -> dict[str, Any]:
     """``img_size``, ``mean``, ``std``, ``crop_pct`` found in a ``preprocessor_config.json`` dict.
 
@@ -124,7 +128,7 @@ def hf_input_settings(preprocessor: dict[str, Any] | None) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if isinstance(size, int):
         settings["img_size"] = size
-        settings["crop_pct"] = preprocessor.get("crop_pct") if size < 384 else 1.0
+        settings["crop_pct"] = preprocessor.get("crop_pct") if size < _HF_NO_CROP_SIZE else 1.0
     for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
         if isinstance(preprocessor.get(theirs), list):
             settings[ours] = tuple(preprocessor[theirs])
@@ -142,10 +146,19 @@ def hf_preprocessor_from_model(model: CvT) -> dict[str, Any]:
     from cvt.data.transforms import resolve_data_config
 
     data_cfg = resolve_data_config(model)
+    size = min(data_cfg["input_size"][-2:])
+    if data_cfg["crop_pct"] < 1 and size >= _HF_NO_CROP_SIZE:
+        warnings.warn(
+            f"the model's preprocessing center-crops ({data_cfg['crop_pct']:g}) at {size} pixels; "
+            f"transformers' image processor never crops from {_HF_NO_CROP_SIZE} pixels up, so the "
+            f"export's preprocessor_config.json resizes the whole image instead",
+            UserWarning,
+            stacklevel=3,
+        )
     return {
         "image_processor_type": "ConvNextImageProcessor",
         "do_resize": True,
-        "size": {"shortest_edge": min(data_cfg["input_size"][-2:])},
+        "size": {"shortest_edge": size},
         "crop_pct": data_cfg["crop_pct"],
         "resample": _HF_RESAMPLE.get(data_cfg["interpolation"], _HF_RESAMPLE["bicubic"]),
         "do_rescale": True,

@@ -263,16 +263,19 @@ def rebuild_model(
     train_config = info.get("train_config")
     hf_config = info.get("hf_config") if fmt == FORMAT_HF else None
     describes_itself = train_config is not None or fmt == FORMAT_NATIVE or hf_config is not None
-    if model_name and describes_itself:
+    recorded = str(train_config["model"]) if train_config is not None else None
+    if model_name and describes_itself and not _same_architecture(model_name, recorded):
+        what = f"a {recorded} training checkpoint" if recorded else "a file that records its architecture"
         raise UsageError(
-            f"{source} records its architecture; model_name= (CLI: --model) is for official state dicts"
+            f"{source} is {what}; model_name= (CLI: --model) {model_name!r} names another (it is for "
+            f"official state dicts)"
         )
     if act and (train_config is not None or fmt == FORMAT_NATIVE):
         raise UsageError(f"{source} records its activation; act= (CLI: --act) is for files that do not")
     # on "meta": no random init, every tensor comes from the file
     if train_config is not None:
         with torch.device("meta"):
-            model = _model_from_train_config(train_config, info["classes"], source)
+            model = _model_from_train_config(train_config, info["classes"])
     elif fmt == FORMAT_NATIVE:
         with torch.device("meta"):
             model = model_from_architecture(info["arch"])
@@ -301,15 +304,12 @@ def rebuild_model(
     return model.eval(), info
 
 
-def _model_from_train_config(config: dict[str, Any], classes: list[str] | None, source: str) -> CvT:
+def _model_from_train_config(config: dict[str, Any], classes: list[str] | None) -> CvT:
     """The model a ``cvt train`` run built (variant, ``model_args``, class count, input size), with the
     inference settings of that run: its class names, and no center crop on small-image data sets."""
     from cvt.data.transforms import SMALL_IMAGE_DATASETS
     from cvt.models.variants import create_model
 
-    missing = [k for k in ("model", "num_classes") if k not in config]
-    if missing:
-        raise CheckpointError(f"training checkpoint {source} has no {', '.join(missing)} in its config")
     kwargs = dict(config.get("model_args") or {})
     if config.get("img_size"):
         kwargs["img_size"] = config["img_size"]
@@ -321,6 +321,11 @@ def _model_from_train_config(config: dict[str, Any], classes: list[str] | None, 
         cfg["crop_pct"] = 1.0  # as training evaluated it and `cvt predict` reads it (resolve_data_config)
     model.pretrained_cfg = cfg
     return model
+
+
+def _same_architecture(name: str, recorded: str | None) -> bool:
+    """Whether a variant name (``cvt_13`` or ``cvt_13.msft_in1k``) is the ``recorded`` one, tags aside."""
+    return recorded is not None and name.split(".", 1)[0] == recorded.split(".", 1)[0]
 
 
 def _hf_pretrained_cfg(

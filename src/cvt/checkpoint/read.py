@@ -48,6 +48,7 @@ HF_LOOKUP_ORDER = (HF_WEIGHT_FILES[0], HF_INDEX_FILES[0], HF_WEIGHT_FILES[1], HF
 SHARD_INDEX_SUFFIX = ".index.json"
 # a `cvt train` checkpoint: its run configuration and class names beside the weights
 TRAIN_CONFIG_KEY = "config"
+TRAIN_CONFIG_REQUIRED = {"model", "num_classes"}  # what rebuilds its model
 CLASSES_KEY = "classes"
 # non-tensor objects that trusted training checkpoints pickle: timm's CheckpointSaver stores `args`
 SAFE_PICKLE_GLOBALS = [argparse.Namespace]
@@ -79,7 +80,7 @@ def read_state_dict(
     state_dict, nested_key = unwrap_state_dict(obj, weight_file, use_ema)
     fmt = detect_format(state_dict, metadata, weight_file)
     extra: dict[str, Any] = {"path": str(weight_file), "nested_key": nested_key}
-    if isinstance(obj, Mapping) and isinstance(obj.get(TRAIN_CONFIG_KEY), dict):
+    if _is_train_checkpoint(obj):
         config = obj[TRAIN_CONFIG_KEY]
         classes = obj.get(CLASSES_KEY) or config.get(CLASSES_KEY)
         extra["train_config"] = config
@@ -92,6 +93,13 @@ def read_state_dict(
         if preprocessor.is_file():
             extra["hf_preprocessor"] = _read_json(preprocessor)
     return state_dict, fmt, extra
+
+
+def _is_train_checkpoint(obj: Any) -> bool:
+    """A ``cvt train`` checkpoint: a ``config`` naming the model and its class count. Other projects
+    also save ``{"model": ..., "config": vars(args)}``; those load as plain state dicts."""
+    config = obj.get(TRAIN_CONFIG_KEY) if isinstance(obj, Mapping) else None
+    return isinstance(config, dict) and config.keys() >= TRAIN_CONFIG_REQUIRED
 
 
 def _locate(path: Path) -> tuple[Path, Path]:

@@ -30,19 +30,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_ablate)
 
 
+# cvt train options an ablation cannot honour: every variant has its own run folder under --output,
+# named after the variant, and a whole ablation is not resumed
+NOT_FOR_ABLATE = {
+    "name": "each variant's run folder is named after the variant; choose the ablation's with --output",
+    "resume": "an ablation is not resumed; --overwrite retrains over an earlier one, or use another --output",
+}
+
+
+def check_ablate_options(args: argparse.Namespace) -> None:
+    """Refuse options ``cvt ablate`` would otherwise accept and ignore (:class:`UsageError`)."""
+    from cvt.errors import UsageError
+
+    for name, why in NOT_FOR_ABLATE.items():
+        if name in vars(args):  # train options given on the command line only
+            raise UsageError(f"--{name} does not apply to cvt ablate: {why}")
+    if args.json and not args.dry_run:
+        raise UsageError("--json needs --dry-run (a training run writes ablation.csv and ablation.md)")
+
+
 def run_ablate(args: argparse.Namespace) -> int:
     from cvt.ablation import dry_run
     from cvt.ablation.report import markdown_table
     from cvt.ablation.training import ABLATION_DEFAULTS, train_ablation
     from cvt.engine.config import resolve_config
 
+    check_ablate_options(args)
     budget = resolve_config(args.config, flags_from_args(args), base=ABLATION_DEFAULTS)
     if not args.dry_run:
         rows, paths = train_ablation(budget, args.family)
         print(markdown_table(rows))
         print("wrote " + ", ".join(str(p) for p in paths))
         return 0
-    rows = dry_run(budget.model, args.family, budget.img_size, budget.num_classes)
+    rows = dry_run(budget.model, args.family, budget.img_size, budget.num_classes, budget.model_args)
     if args.json:
         print_json([row.as_dict() for row in rows])
     else:

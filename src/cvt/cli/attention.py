@@ -1,4 +1,4 @@
-"""``cvt attention``: save the last stage's per-head cls-token attention over one image as a PNG grid."""
+"""``cvt attention``: save the last stage's per-head cls-token attention over one image as an image grid."""
 
 from __future__ import annotations
 
@@ -18,16 +18,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="image file")
     add_model_source_arguments(p)
-    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="image file to write: PNG (.png added without an extension), or .jpg, .pdf, .svg …",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_attention)
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from cvt.attention_maps import attention_for_file
+    from cvt.attention_maps import attention_for_file, image_output_path
     from cvt.errors import UsageError
 
-    output = Path(args.output)
+    output = image_output_path(args.output)  # the file matplotlib will write: the one to protect
     if output.exists() and not args.force:
         raise UsageError(f"refusing to overwrite {output}: choose another --output or pass --force")
     source = load_model_source(args, random_weights=True)

@@ -19,11 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure img/s, peak memory and GFLOP/s (optionally against transformers / official)",
         description="Warm-up, then interleaved timed runs of each model; prints the median img/s and its "
-        "spread, peak memory (CUDA max allocated, or peak RSS of a fresh process on CPU), achieved "
-        "GFLOP/s and its fraction of a measured matrix-product ceiling.",
+        "spread, peak memory of one step above what was allocated before it (CUDA allocator, or peak "
+        "RSS of a fresh process on CPU), achieved GFLOP/s and its fraction of a measured "
+        "matrix-product ceiling.",
     )
-    p.add_argument("--model", default="cvt_13", help="variant name (default: cvt_13)")
-    p.add_argument("--img-size", type=parse_img_size, default=(224, 224), help="input size N or H,W")
+    p.add_argument("--model", default="cvt_13",
+                   help="variant or arch.tag name, built with random weights (default: cvt_13)")  # fmt: skip
+    p.add_argument("--img-size", type=parse_img_size,
+                   help="input size N or H,W (default: the model's, e.g. 32 for cvt_tiny)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mode", choices=["infer", "train"], default="infer")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)")
@@ -50,13 +53,21 @@ def run_bench(args: argparse.Namespace) -> int:
     from cvt.errors import UsageError
     from cvt.models import list_models
 
-    if args.model not in list_models():
-        raise UsageError(f"unknown model {args.model!r}; `cvt list` shows the variants")
+    if args.model not in list_models() and args.model not in list_models(pretrained=True):
+        raise UsageError(
+            f"unknown model {args.model!r}; `cvt list` shows the variants, `cvt list --pretrained` the "
+            "arch.tag names"
+        )
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.img_size is None:
+        from cvt.models import create_model
+
+        with torch.device("meta"):  # the size the variant (or its pretrained tag) was made for
+            args.img_size = create_model(args.model).img_size
     cfg = BenchConfig(
         model=args.model, img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,
         dtype=args.dtype, compile=args.compile, compile_mode=args.compile_mode,
@@ -78,14 +89,17 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = [
         [r.subject, f"{r.img_per_s:.2f}", f"{r.img_per_s_min:.2f}-{r.img_per_s_max:.2f}",
          "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}",
-         f"{r.gflops_per_s:.1f}", f"{100 * r.ceiling_fraction:.0f}%",
+         f"{r.gflops_per_s:.1f}", "-" if r.ceiling_fraction is None else f"{100 * r.ceiling_fraction:.0f}%",
          "1.00x" if r is ours else _speedup_cell(ours, r)]
         for r in results
     ]  # fmt: skip
+    if ours.ceiling_gflops_per_s is None:
+        ceiling = f"matmul ceiling not measured: {ours.ceiling_not_measured}"
+    else:
+        ceiling = f"matmul ceiling {ours.ceiling_gflops_per_s:.0f} GFLOP/s"
     print(
         f"{cfg.model} {cfg.img_size[0]}x{cfg.img_size[1]} batch {cfg.batch_size} {cfg.mode} {cfg.dtype} "
-        f"on {device} ({torch.get_num_threads()} threads), {cfg.runs} runs; "
-        f"matmul ceiling {ours.ceiling_gflops_per_s:.0f} GFLOP/s"
+        f"on {device} ({torch.get_num_threads()} threads), {cfg.runs} runs; {ceiling}"
     )
     headers = ["model", "img/s", "min-max", "peak MB", "GFLOP/s", "of ceiling", "cvt speed-up (per round)"]
     print(format_table(headers, rows))

@@ -64,7 +64,11 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = build_dataset(dataset_name, data_dir, args.split, download=args.download,
                             skip_bad_images=args.skip_bad_images, classes=known)  # fmt: skip
     model = source.model
-    if len(dataset.classes) > model.num_classes:  # a wider head (cvt train --num-classes) is fine
+    # a head trained wider than its data set's classes (cvt train --num-classes) evaluates on that data set
+    trained_wider = (
+        dataset_name == source.train_config.get("dataset") and len(dataset.classes) < model.num_classes
+    )
+    if len(dataset.classes) != model.num_classes and not trained_wider:
         raise CheckpointError(
             f"{source.description} has {model.num_classes} classes but {dataset_name} has "
             f"{len(dataset.classes)}: evaluate on the data set it was trained on, or fine-tune it first "

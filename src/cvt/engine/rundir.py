@@ -22,7 +22,15 @@ from cvt.errors import CvtError, UsageError
 # the files and folders a run writes; --overwrite removes these and nothing else
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json")
 TB_DIR = "tb"
+STARTUP_FILES = ("config.yaml", TB_DIR)  # written when a run starts, before its first checkpoint
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time", "ema_top1")
+
+
+def never_saved(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run writes before its first checkpoint (``config.yaml``,
+    ``tb/``, a killed save's temporary files): a run killed that early, which ``--resume auto`` restarts."""
+    names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    return bool(names) and all(n in STARTUP_FILES or n.endswith(".tmp") for n in names)
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = None) -> None:
@@ -45,7 +53,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
     if (run_dir / "last.pt").is_file():
         hint = "pass --resume auto to continue it, --overwrite to replace its run files"
     else:  # --resume auto finds nothing to continue here: starting afresh would replace the files
-        hint = "it has no last.pt to resume; pass --overwrite to replace its run files"
+        hint = "it has no last.pt to resume; pass --overwrite (not --resume) to replace its run files"
     raise UsageError(
         f"run folder {run_dir} already has content ({shown}); {hint}, or --output/--name for a new folder"
     )

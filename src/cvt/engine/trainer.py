@@ -39,6 +39,7 @@ from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
 from cvt.engine.rundir import (
     TensorBoardLog,
     check_run_dir,
+    never_saved,
     plot_curves,
     prepare_run_dir,
     write_config,
@@ -247,7 +248,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     run_dir = cfg.run_dir
     # a loaded checkpoint may continue in its own folder (or an empty one), never over another run
     resume_from = _resume_path(cfg) if resume is not None and cfg.resume else None
-    check_run_dir(run_dir, cfg.overwrite, resume_from)  # every rank, before anyone writes
+    # --resume auto on a run killed before its first checkpoint starts it again, replacing its start-up files
+    replace = cfg.overwrite or (cfg.resume == "auto" and resume is None and never_saved(run_dir))
+    check_run_dir(run_dir, replace, resume_from)  # every rank, before anyone writes
     if env.distributed:
         torch.distributed.barrier()
     _set_deterministic(cfg.deterministic)
@@ -359,7 +362,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
 
     if env.is_main:
         # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
-        prepare_run_dir(run_dir, cfg.overwrite)
+        prepare_run_dir(run_dir, replace)
         write_config(run_dir, _recorded_config(cfg, model))
         # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
         tb = TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resume else None)

@@ -194,8 +194,10 @@ def reads_directly(*modules: nn.Module) -> bool:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks or pre-hooks of its own (global hooks are not counted)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether ``module`` has forward or backward hooks of its own (global hooks are not counted);
+    backward hooks count too: they are set up when the module is called."""
+    forward = module._forward_hooks or module._forward_pre_hooks
+    return bool(forward or module._backward_hooks or module._backward_pre_hooks)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
@@ -391,6 +393,11 @@ class ConvAttention(CachesDerivedWeights):
         b, t, _ = x.shape
         return x.reshape(b, t, parts, self.num_heads, -1).permute(2, 0, 3, 1, 4)
 
+    def _pools_once(self) -> bool:
+        """Whether the k pooling may stand in for the v pooling: both plain, neither hooked."""
+        projections = (self.conv_proj_k, self.conv_proj_v)
+        return all(type(p) is ConvProjection and not (has_hooks(p) or has_hooks(p.avg)) for p in projections)
+
     def _fuses_linears(self, parts: int) -> bool:
         """Whether the last ``parts`` of ``proj_q, proj_k, proj_v`` can run as one matrix product."""
         return reads_directly(*(self.proj_q, self.proj_k, self.proj_v)[-parts:])
@@ -433,7 +440,7 @@ class ConvAttention(CachesDerivedWeights):
             q_in = project(self.conv_proj_q)[:, :1]
         else:
             q_in = cls_tok
-        if self.method == "avg" and self.fuse_proj and not has_hooks(self.conv_proj_v):
+        if self.method == "avg" and self.fuse_proj and self._pools_once():
             k_in = v_in = project(self.conv_proj_k)  # k and v pool the same map: pool once
         else:
             k_in, v_in = project(self.conv_proj_k), project(self.conv_proj_v)
@@ -466,7 +473,7 @@ class ConvAttention(CachesDerivedWeights):
             return q, k, v
         q_in, k_in, v_in = self._project_inputs(x, grid, cls_only)
         q = self._split_heads(self.proj_q(q_in))[0]
-        if self.fuse_proj and self.method != "dw_bn" and self._fuses_linears(2):  # k, v read the same tokens
+        if self.fuse_proj and k_in is v_in and self._fuses_linears(2):  # k and v read the same tokens
             k, v = self._split_heads(self._stacked_linear(k_in, (self.proj_k, self.proj_v)), 2)
         else:
             # stride-2 kv: 4x fewer keys (the paper's Table 7)

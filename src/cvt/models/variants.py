@@ -114,7 +114,8 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
             f"could not fetch the pretrained weights of {full_name} from the Hugging Face hub "
             f"({hub_id}: model.safetensors or pytorch_model.bin): {type(err).__name__}: {err}. "
             f"Without network, download the file elsewhere and pass checkpoint_path=<file> "
-            f"(CLI: --checkpoint <file>)"
+            f"(CLI: --checkpoint <file>); HF_HUB_OFFLINE=1 makes this fail at once instead of after "
+            f"huggingface_hub's retries"
         ) from err
 
 
@@ -210,6 +211,9 @@ def create_model(
         close = difflib.get_close_matches(arch, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
         raise UsageError(f"unknown model {name!r}{hint}")
+    if "." in name and name not in list_models(arch, pretrained=True):
+        tags = ", ".join(list_models(arch, pretrained=True)) or "none"
+        raise UsageError(f"unknown pretrained tag in {name!r}; {arch} has: {tags}")
     allowed = set(STAGE_FIELDS) | {
         "act", "img_size", "in_chans", "norm_eps", "init", "global_pool", "features_only", "out_indices",
         "feature_cls", "pretrained_cfg_overlay", "cache_dir",

@@ -1,0 +1,231 @@
+"""``cvt.benchmark`` measurements without a GPU: CUDA memory accounting and timing loops on fake CUDA
+calls, the CPU memory worker's order of events, the bf16 ceiling skip, and op_census' attribution."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+import cvt
+from cvt import benchmark
+from cvt.benchmark import BenchConfig
+from cvt.complexity import count_gmacs
+from cvt.models import create_model, layers
+
+MB = 2**20
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeCudaMemory:
+    """The caching allocator's counters as ``torch.cuda`` reports them: bytes allocated now and the
+    peak since the last reset."""
+
+    def __init__(self, allocated: int) -> None:
+        self.allocated = allocated
+        self.peak = allocated
+
+    def reset_peak(self, device: str) -> None:
+        self.peak = self.allocated
+
+    def step(self, extra: int) -> None:
+        """A step that allocates ``extra`` bytes at its peak and frees them before it returns."""
+        self.peak = max(self.peak, self.allocated + extra)
+
+
+def test_cuda_peak_is_each_step_above_what_was_allocated_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # other subjects' weights and optimizer state, the input batch: all allocated before any step
+    memory = FakeCudaMemory(allocated=900 * MB)
+    extra = {"cvt": 40 * MB, "official": 70 * MB}
+    subjects = {name: nn.Identity() for name in extra}
+    made: dict[str, int] = {name: 0 for name in extra}
+
+    def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        name = next(n for n, m in subjects.items() if m is model)
+        made[name] += 1
+        return lambda x, target: memory.step(extra[name])
+
+    monkeypatch.setattr(benchmark, "make_step", make_step)
+    monkeypatch.setattr(benchmark, "make_batch", lambda cfg, num_classes: (torch.zeros(1), torch.zeros(1)))
+    monkeypatch.setattr(benchmark, "synchronize", lambda device: None)
+    monkeypatch.setattr(benchmark, "MIN_CUDA_RUN_S", 1e-9)  # one step per timed run
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", memory.reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: memory.allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: memory.peak)
+    cfg = BenchConfig(model="cvt_tiny", device="cuda", mode="train", runs=2, warmup=1)
+    times, peaks = benchmark.time_subjects(cfg, subjects, num_classes=10)
+    assert peaks == {"cvt": 40, "official": 70}
+    assert {name: len(t) for name, t in times.items()} == {"cvt": 2, "official": 2}
+    # the measured step has an optimizer of its own: its momentum buffers count, as on CPU
+    assert made == {"cvt": 2, "official": 2}
+
+
+def test_cuda_matmul_ceiling_repeats_the_product_for_each_timed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    product_s = 30e-6  # one 2048^3 product on a big GPU: launch and sync would dominate it
+    clock = {"now": 0.0, "products": 0}
+
+    class FakeMatrix:
+        def __matmul__(self, other: FakeMatrix) -> None:
+            clock["now"] += product_s
+            clock["products"] += 1
+
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: FakeMatrix())
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(benchmark, "synchronize", lambda device: None)
+    runs = 5
+    gflops = benchmark.matmul_ceiling("fp32", "cuda", size=2048, runs=runs)
+    assert gflops == pytest.approx(2 * 2048**3 / product_s / 1e9)
+    # every timed run lasts at least MIN_CUDA_RUN_S (plus the warm-up and the probe products)
+    assert clock["products"] >= runs * math.ceil(benchmark.MIN_CUDA_RUN_S / product_s)
+
+
+def test_cpu_matmul_ceiling_times_single_products() -> None:
+    assert benchmark.repeats_per_run(lambda: None, "cpu") == 1
+    assert benchmark.matmul_ceiling("fp32", "cpu", size=64, runs=2) > 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kernels", "skipped"),
+    [("bf16", False, True), ("bf16", True, False), ("fp32", False, False)],
+)
+def test_ceiling_is_skipped_for_emulated_bf16_only(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, kernels: bool, skipped: bool
+) -> None:
+    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", kernels)
+    reason = benchmark.ceiling_skip_reason(dtype, "cpu")
+    assert (reason is not None) == skipped
+    if skipped:
+        assert "emulated" in reason
+
+
+class WorkerLog:
+    """Records what the CPU memory worker does, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[str] = []
+        self.threads: list[int] = []
+        real_make_step = benchmark.make_step
+
+        def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
+            step = real_make_step(model, cfg)
+            name = f"step{len([e for e in self.events if e.startswith('make')])}"
+            self.events.append(f"make {name}")
+
+            def logged(x: torch.Tensor, target: torch.Tensor) -> None:
+                self.events.append(name)
+                step(x, target)
+
+            return logged
+
+        def compile_(model: nn.Module, mode: str) -> nn.Module:
+            self.events.append("compile")
+            return model  # compiling for real takes half a minute; the order of events is the point
+
+        def baseline() -> float:
+            self.events.append("baseline")
+            return 100.0
+
+        monkeypatch.setattr(benchmark, "make_step", make_step)
+        monkeypatch.setattr(torch, "compile", compile_)
+        monkeypatch.setattr(benchmark, "_settled_rss_mb", baseline)
+        monkeypatch.setattr(benchmark, "_peak_rss_mb", lambda: 112.5)
+        monkeypatch.setattr(torch, "set_num_threads", self.threads.append)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_memory_worker_takes_its_baseline_after_compiling_and_settling(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], compile_: bool
+) -> None:
+    log = WorkerLog(monkeypatch)
+    cfg = BenchConfig(model="cvt_tiny", img_size=(32, 32), batch_size=2, mode="train", compile=compile_)
+    benchmark._memory_worker(json.dumps({"cfg": dataclasses.asdict(cfg), "subject": "cvt", "threads": 3}))
+    assert float(capsys.readouterr().out) == pytest.approx(12.5)  # peak RSS minus the baseline
+    assert log.threads == [3]
+    if compile_:  # the compiling step runs with an optimizer of its own, before the baseline
+        expected = ["compile", "make step0", "step0", "make step1", "baseline", "step1", "step1"]
+    else:
+        expected = ["make step0", "baseline", "step0", "step0"]
+    assert log.events == expected
+
+
+def test_peak_memory_subprocess_gets_this_process_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout="42.0\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    cfg = BenchConfig(model="cvt_tiny", img_size=(32, 32))
+    assert benchmark.peak_step_memory_mb(cfg, "official") == 42.0
+    request = json.loads(calls[0][-1])
+    assert request["subject"] == "official" and request["threads"] == torch.get_num_threads()
+
+
+def test_settled_baseline_collects_and_trims_where_libc_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    collects: list[bool] = []
+
+    class Glibc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(gc, "collect", lambda: collects.append(True) or 0)
+    monkeypatch.setattr(benchmark.ctypes, "CDLL", lambda name: Glibc())
+    assert benchmark._settled_rss_mb() > 0
+    assert collects and trims == [0]
+    monkeypatch.setattr(benchmark.ctypes, "CDLL", lambda name: object())  # a libc without malloc_trim
+    assert benchmark._settled_rss_mb() > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_settled_baseline_restarts_the_peak_rss() -> None:
+    big = torch.ones(64 * MB // 4)  # touched: 64 MB resident, so the peak RSS is at least that high
+    del big
+    baseline = benchmark._settled_rss_mb()
+    assert benchmark._peak_rss_mb() - baseline < 32
+
+
+def test_peers_alone_are_measured_with_the_whole_network_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark, "matmul_ceiling", lambda dtype, device: 100.0)
+    cfg = BenchConfig(
+        model="cvt_tiny", img_size=(32, 32), batch_size=2, runs=1, warmup=0, measure_memory=False
+    )
+    (official,) = benchmark.run_benchmark(cfg, ["official"], include_cvt=False)
+    assert official.subject == "official"
+    gmacs = count_gmacs(create_model("cvt_tiny"), (32, 32))
+    assert official.gflops_per_s == pytest.approx(2 * gmacs * official.img_per_s, rel=1e-6)
+
+
+def load_op_census() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("op_census", REPO / "benchmarks" / "op_census.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_op_census_attributes_ops_to_the_package_only() -> None:
+    census = load_op_census()
+    package = Path(cvt.__file__).parent
+    assert census.in_package(str(package / "models" / "layers.py"))
+    # a checkout folder named cvt holds the script and the virtual environment: neither is the package
+    assert not census.in_package("/home/u/cvt/benchmarks/op_census.py")
+    assert not census.in_package("/home/u/cvt/.venv/lib/python3.11/site-packages/torch/nn/functional.py")
+    counter = census.OpCensus(set())
+    model = create_model("cvt_tiny").eval()
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 32, 32))
+    files = {file for file, *_ in counter.counts}
+    assert files - {"-"} and files - {"-"} <= {p.name for p in package.rglob("*.py")}
