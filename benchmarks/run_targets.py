@@ -1,4 +1,4 @@
-"""Measure the speed and memory targets of issue 4 and print them as a Markdown table.
+r"""Measure the speed and memory targets of issue 4 and print them as a Markdown table.
 
 CvT-13 at 224 against transformers' ``CvtForImageClassification`` (same configuration and weights)
 and the official algorithm re-implemented (``official_reference.py``), in the same process with

@@ -114,3 +114,8 @@ def test_output_path_is_the_file_written(tmp_path, capsys) -> None:
 
     assert main([*argv, str(tmp_path / "maps.jpg")]) == 0
     assert (tmp_path / "maps.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG, as its name says
+
+    (tmp_path / "out").mkdir()  # a folder is not a file name: it used to become out.png beside it
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    assert "is a folder: give the image file to write" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()

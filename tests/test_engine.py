@@ -304,6 +304,23 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path,
     assert len(events) == 1  # the killed attempt's events were replaced, not mixed in
 
 
+@pytest.mark.parametrize("made", ["events", "recipe"])
+def test_resume_auto_never_restarts_over_what_a_user_made(tmp_path, no_curves, made):
+    """Only a config.yaml recorded by a run (with its tb/) counts as a run killed before its first
+    checkpoint: a user's own TensorBoard events or hand-written recipe in the folder are refused."""
+    out = tmp_path / "run"
+    if made == "events":
+        (out / "tb").mkdir(parents=True)
+        (out / "tb" / "events.out.tfevents.1.mine").write_text("precious")
+    else:
+        out.mkdir()
+        (out / "config.yaml").write_text("# my recipe\nlr: 0.1\n")
+    before = contents(out)
+    with pytest.raises(UsageError, match="already has content"):
+        run(micro(tmp_path, "run", resume="auto"))
+    assert contents(out) == before
+
+
 def test_a_reused_config_yaml_never_replaces_or_mixes_runs(tmp_path, no_curves):
     """config.yaml records the run's options, not how it was started (--overwrite, --resume)."""
     out = tmp_path / "run"

@@ -119,3 +119,11 @@ def test_every_shipped_recipe_is_valid():
     paper = resolve_config("cvt13_in1k", {})
     assert (paper.lr, paper.lr_base_batch, paper.epochs) == (2.5e-4, 256, 300)
     assert (paper.mixup, paper.cutmix, paper.label_smoothing, paper.weight_decay) == (0.8, 1.0, 0.1, 0.05)
+
+
+@pytest.mark.parametrize("key", ["num_classes", "img_size", "features_only", "pretrained"])
+def test_model_args_the_run_sets_itself_are_refused(key):
+    """They clashed with the run's own options inside create_model (an internal TypeError) or built
+    something that is not a classifier."""
+    with pytest.raises(UsageError, match=f"model_args {key}: set by the run itself"):
+        resolve_config(None, {"model_args": {key: 5}})

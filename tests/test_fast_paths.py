@@ -369,6 +369,10 @@ def test_a_hook_that_changes_the_k_pooling_does_not_leak_into_v_and_backward_hoo
     attn.conv_proj_k.register_forward_hook(lambda m, args, out: 2 * out)  # changes k only
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    replaced = tiny_model("avg", cls=True).eval()
+    replaced.stage1.blocks[0].attn.conv_proj_v.avg = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    with torch.no_grad():  # another pooling class for v: the k pooling must not stand in for it
+        torch.testing.assert_close(replaced(x), reference_logits(replaced, x), rtol=0, atol=1e-5)
     fired: list[str] = []
     fc2 = model.stage1.blocks[0].mlp.fc2
     fc2.register_full_backward_hook(lambda m, grad_in, grad_out: fired.append("fc2"))

@@ -8,6 +8,7 @@ CvT-13 at 224); the maps are upsampled over the image for display.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def image_output_path(path: str | Path) -> Path:
     """
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if Path(path).is_dir() or str(path).endswith(("/", os.sep)):
+        raise UsageError(f"{path} is a folder: give the image file to write, e.g. {Path(path) / 'maps.png'}")
     path = Path(path)
     if not path.suffix:
         return path.with_name(path.name + ".png")

@@ -21,9 +21,9 @@ machine hits all of them alike.
   is ``max_memory_allocated - memory_allocated`` over one extra step per subject, taken after the
   timed runs (with CUDA graphs, ``reduce-overhead``, memory the graphs hold from their recording is
   in that baseline); on CPU a fresh subprocess per subject runs two steps and reports its peak RSS
-  (``VmHWM``) minus its RSS just before the first step (in-process deltas would be hidden by whichever
-  subject ran first). With ``compile`` the compiling step runs before that baseline, so the figure
-  is the compiled step's, not the compiler's.
+  (``VmHWM``) minus its RSS just before the first measured step (in-process deltas would be hidden by
+  whichever subject ran first). One step runs before that baseline, eager or compiled alike, so the figure is
+  neither the compiler's nor first-call allocations'.
 """
 
 from __future__ import annotations
@@ -462,9 +462,10 @@ def _memory_worker(request: str) -> None:
     batch = make_batch(cfg, num_classes)
     if cfg.compile:
         model = torch.compile(model, mode=cfg.compile_mode)
-        # compile before the baseline; that step's optimizer is dropped, so the measured steps
-        # create their momentum buffers as eager ones do
-        make_step(model, cfg)(*batch)
+    # one step before the baseline, eager or compiled alike: first-call allocations (and a compilation)
+    # are not the step's; that step's optimizer is dropped, so the measured steps create their
+    # momentum buffers again
+    make_step(model, cfg)(*batch)
     step = make_step(model, cfg)
     before = _settled_rss_mb()
     for _ in range(2):

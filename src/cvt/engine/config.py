@@ -28,6 +28,10 @@ AMP_MODES = ("none", "bf16", "fp16")
 # checkpoints do not record them and YAML files cannot set them, so a reused config.yaml never
 # replaces (overwrite) or mixes (resume) runs by itself
 RUN_CONTROL = ("overwrite", "resume")
+# create_model arguments a run sets from its own options (or that make no classifier): not model_args
+RUN_MODEL_OPTIONS = {
+    "num_classes", "img_size", "pretrained", "checkpoint_path", "features_only", "out_indices", "feature_cls",
+}  # fmt: skip
 
 
 def _opt(default: Any, why: str) -> Any:
@@ -231,6 +235,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"option {key!r} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    owned = sorted(set(cfg.model_args) & RUN_MODEL_OPTIONS)
+    if owned:
+        raise UsageError(
+            f"model_args {', '.join(owned)}: set by the run itself (--num-classes, --img-size, --pretrained "
+            f"…), or not a model for training; pass them as options"
+        )
     if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
         raise UsageError(f"option 'scale' must be two numbers 0 < lo <= hi <= 1, got {cfg.scale}")
     if cfg.overwrite and cfg.resume:

@@ -27,10 +27,19 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time
 
 
 def never_saved(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds only what a run writes before its first checkpoint (``config.yaml``,
-    ``tb/``, a killed save's temporary files): a run killed that early, which ``--resume auto`` restarts."""
-    names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-    return bool(names) and all(n in STARTUP_FILES or n.endswith(".tmp") for n in names)
+    """Whether ``run_dir`` holds only what a run writes before its first checkpoint: a run killed that
+    early, which ``--resume auto`` restarts. That is a ``config.yaml`` recorded by a run (it names the
+    model and data set), optionally ``tb/`` and temporary files of a killed save; a folder of anything
+    else (a user's own recipe, events or notes) is not one."""
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    temporary = {n for n in names if any(n.startswith(f".{f}.") and n.endswith(".tmp") for f in RUN_FILES)}
+    if "config.yaml" not in names or not names - temporary <= set(STARTUP_FILES):
+        return False
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(recorded, dict) and {"model", "dataset", "epochs", "seed"} <= recorded.keys()
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = None) -> None:
