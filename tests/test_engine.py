@@ -304,6 +304,20 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path,
     assert len(events) == 1  # the killed attempt's events were replaced, not mixed in
 
 
+def test_resume_auto_continues_a_run_killed_between_its_first_two_saves(tmp_path, no_curves):
+    """The end of epoch 1 writes best.pt, then last.pt: killed in between, the folder holds config.yaml,
+    tb/ and best.pt, which has the state last.pt would have had; --resume auto continues from it."""
+    for name in ("whole", "cut"):
+        run(micro(tmp_path, name, epochs=1))
+    cut = tmp_path / "cut"
+    for name in ("last.pt", "metrics.csv", "summary.json"):
+        (cut / name).unlink()
+    for name in ("whole", "cut"):  # resumed from last.pt, and from the cut run's best.pt
+        run(micro(tmp_path, name, epochs=2, resume="auto"))
+    assert_same_weights(weights(cut / "last.pt"), weights(tmp_path / "whole" / "last.pt"))
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 2
+
+
 @pytest.mark.parametrize("made", ["events", "recipe"])
 def test_resume_auto_never_restarts_over_what_a_user_made(tmp_path, no_curves, made):
     """Only a config.yaml recorded by a run (with its tb/) counts as a run killed before its first

@@ -86,8 +86,14 @@ def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainCo
 
 
 def _resume_path(cfg: TrainConfig) -> Path:
-    """The checkpoint ``cfg.resume`` names: a path, or ``<run>/last.pt`` for ``auto``."""
-    return cfg.run_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    """The checkpoint ``cfg.resume`` names: a path, or for ``auto`` ``<run>/last.pt`` — or ``best.pt``
+    of a run killed between the two saves that end its first epoch (``best.pt`` is written first;
+    no ``last.pt`` and no ``metrics.csv`` yet), whose state it holds."""
+    if cfg.resume != "auto":
+        return Path(cfg.resume)
+    last, best = cfg.run_dir / "last.pt", cfg.run_dir / "best.pt"
+    first_epoch_cut = best.is_file() and not last.exists() and not (cfg.run_dir / "metrics.csv").exists()
+    return best if first_epoch_cut else last
 
 
 def _seed_everything(seed: int) -> None:
