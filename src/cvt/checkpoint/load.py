@@ -223,11 +223,12 @@ def load_checkpoint(
     own = model.state_dict()
     assign = any(t.is_meta for t in own.values())  # built on "meta": take the tensors
     if assign:
-        # assign keeps the file's dtype, a copy the model's: an fp16 file still gives an fp32 model
-        sd = {
-            k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
-            for k, v in sd.items()
-        }
+        # the model gets its own tensors in its own dtype, as a copy into its parameters would give:
+        # an fp16 file still gives an fp32 model, and tensors read from a safetensors file are views
+        # of its mapping at unaligned offsets (where the CPU kernels round differently) tied to the file
+        for k, v in sd.items():
+            dtype = own[k].dtype if v.is_floating_point() and own[k].is_floating_point() else v.dtype
+            sd[k] = v.to(dtype, copy=True)
     model.load_state_dict(sd, strict=False, assign=assign)
     return LoadResult(fmt, path, tuple(skipped), tuple(report.missing))
 
