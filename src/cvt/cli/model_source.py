@@ -88,7 +88,7 @@ def label_names(source: ModelSource) -> list[str]:
 
         info = ImageNetInfo()  # shipped with timm: no download
         return [info.index_to_description(i) for i in range(num_classes)]
-    return [str(i) for i in range(num_classes)]
+    return with_index_names([], num_classes)
 
 
 def with_index_names(names: Sequence[str], num_classes: int) -> list[str]:

@@ -179,7 +179,7 @@ class CastCachedLinear(CachesDerivedWeights, nn.Linear):
 
 # submodules whose forward a fast path may replace by reading their parameters
 _READABLE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, CastCachedLinear, nn.Conv2d, nn.BatchNorm2d, nn.Identity, QuickGELU, nn.GELU,
+    nn.Linear, CastCachedLinear, nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, QuickGELU, nn.GELU,
 )  # fmt: skip
 
 
@@ -396,8 +396,8 @@ class ConvAttention(CachesDerivedWeights):
     def _pools_once(self) -> bool:
         """Whether the k pooling may stand in for the v pooling: both plain, neither hooked."""
         projections = (self.conv_proj_k, self.conv_proj_v)
-        plain = all(type(p) is ConvProjection and type(p.avg) is nn.AvgPool2d for p in projections)
-        return plain and not any(has_hooks(p) or has_hooks(p.avg) for p in projections)
+        plain = all(type(p) is ConvProjection and not has_hooks(p) for p in projections)
+        return plain and reads_directly(*(p.avg for p in projections))
 
     def _fuses_linears(self, parts: int) -> bool:
         """Whether the last ``parts`` of ``proj_q, proj_k, proj_v`` can run as one matrix product."""

@@ -211,9 +211,10 @@ def create_model(
         close = difflib.get_close_matches(arch, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
         raise UsageError(f"unknown model {name!r}{hint}")
-    if "." in name and name not in list_models(arch, pretrained=True):
-        tags = ", ".join(list_models(arch, pretrained=True)) or "none"
-        raise UsageError(f"unknown pretrained tag in {name!r}; {arch} has: {tags}")
+    if "." in name:
+        tags = list_models(arch, pretrained=True)
+        if name not in tags:
+            raise UsageError(f"unknown pretrained tag in {name!r}; {arch} has: {', '.join(tags) or 'none'}")
     allowed = set(STAGE_FIELDS) | {
         "act", "img_size", "in_chans", "norm_eps", "init", "global_pool", "features_only", "out_indices",
         "feature_cls", "pretrained_cfg_overlay", "cache_dir",
