@@ -250,3 +250,11 @@ def test_cli_refuses_options_it_would_ignore(argv, fragment, tmp_path, capsys) -
     err = capsys.readouterr().err.strip()
     assert err.startswith("cvt ablate: error: ") and fragment in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_help_leaves_out_the_train_options_it_refuses(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    shown = capsys.readouterr().out
+    assert "--epochs" in shown and "--overwrite" in shown  # the budget's options are listed
+    assert "--resume" not in shown and "--name" not in shown

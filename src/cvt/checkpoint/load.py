@@ -309,11 +309,10 @@ def _model_from_train_config(config: dict[str, Any], classes: list[str] | None) 
     """The model a ``cvt train`` run built (variant, ``model_args``, class count, input size), with the
     inference settings of that run: its class names, and no center crop on small-image data sets."""
     from cvt.data.transforms import SMALL_IMAGE_DATASETS
+    from cvt.engine.config import run_model_kwargs
     from cvt.models.variants import create_model
 
-    kwargs = dict(config.get("model_args") or {})
-    if config.get("img_size"):
-        kwargs["img_size"] = config["img_size"]
+    kwargs = run_model_kwargs(config.get("model_args"), config.get("img_size"))
     model = create_model(config["model"], num_classes=int(config["num_classes"]), **kwargs)
     cfg = dict(model.pretrained_cfg or {})
     if classes:

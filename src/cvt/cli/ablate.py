@@ -7,6 +7,14 @@ import argparse
 from cvt.cli.common import print_json
 from cvt.cli.train import add_train_arguments, flags_from_args
 
+# cvt train options an ablation cannot honour: every variant has its own run folder under --output,
+# named after the variant, and a whole ablation is not resumed. Parsed but not in --help, so that
+# giving one gets this reason rather than argparse's "unrecognized arguments".
+NOT_FOR_ABLATE = {
+    "name": "each variant's run folder is named after the variant; choose the ablation's with --output",
+    "resume": "an ablation is not resumed; --overwrite retrains over an earlier one, or use another --output",
+}
+
 FAMILY_HELP = (
     "pos_embed (Table 5), token_embed (Table 6), kv_stride (Table 7), conv_proj (Table 8), "
     "proj_method (dw_bn / avg / linear); default: all"
@@ -26,16 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--family", nargs="+", metavar="NAME", help=FAMILY_HELP)
     p.add_argument("--dry-run", action="store_true", help="print params and GMACs per variant, train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print a JSON list")
-    add_train_arguments(p)
+    add_train_arguments(p, hidden=NOT_FOR_ABLATE)
     p.set_defaults(func=run_ablate)
-
-
-# cvt train options an ablation cannot honour: every variant has its own run folder under --output,
-# named after the variant, and a whole ablation is not resumed
-NOT_FOR_ABLATE = {
-    "name": "each variant's run folder is named after the variant; choose the ablation's with --output",
-    "resume": "an ablation is not resumed; --overwrite retrains over an earlier one, or use another --output",
-}
 
 
 def check_ablate_options(args: argparse.Namespace) -> None:

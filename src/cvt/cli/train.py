@@ -8,6 +8,7 @@ YAML recipe (``--config``), which does not override what a resumed checkpoint re
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from typing import Any
 
 import yaml
@@ -26,13 +27,18 @@ def _key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per training option (absent flags stay out of the namespace)."""
+def add_train_arguments(parser: argparse.ArgumentParser, hidden: Collection[str] = ()) -> None:
+    """Add ``--config`` and one flag per training option (absent flags stay out of the namespace).
+
+    Options named in ``hidden`` are still parsed (so the command can refuse them with its reason)
+    but left out of ``--help``.
+    """
     parser.add_argument("--config", help="YAML recipe: a file, or a shipped name such as cvt13_in1k")
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         kind = field_type(name)
-        common: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=field_help(name))
+        help_text = argparse.SUPPRESS if name in hidden else field_help(name)
+        common: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif kind is dict:

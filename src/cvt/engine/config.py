@@ -136,6 +136,15 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 _HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
 
 
+def run_model_kwargs(model_args: dict[str, Any] | None, img_size: int | None) -> dict[str, Any]:
+    """The ``create_model`` arguments a run's options give besides variant and class count: its
+    ``model_args`` and, when set, its input size. Training and rebuilding a run's checkpoint share it."""
+    kwargs = dict(model_args or {})
+    if img_size:
+        kwargs["img_size"] = img_size
+    return kwargs
+
+
 def field_help(name: str) -> str:
     """The ``--help`` text of an option."""
     return FIELDS[name].metadata["help"]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config
+from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config, run_model_kwargs
 from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, shutdown_distributed
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
 from cvt.engine.rundir import (
@@ -120,9 +120,7 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The variant with the data set's class count, optionally started from ``finetune`` weights."""
     from cvt.models import create_model
 
-    overrides = dict(cfg.model_args)
-    if cfg.img_size is not None:
-        overrides["img_size"] = cfg.img_size
+    overrides = run_model_kwargs(cfg.model_args, cfg.img_size)
     model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **overrides)
     if cfg.finetune:
         _load_finetune(model, cfg.finetune)
