@@ -85,9 +85,9 @@ def test_training_checkpoint_prefers_model_or_ema(tmp_path: Path, tiny: CvT) -> 
 
 def test_ema_of_a_bare_state_dict_is_refused(tmp_path: Path, tiny: CvT) -> None:
     torch.save(tiny.state_dict(), tmp_path / "bare.pth")
-    with pytest.raises(CheckpointError, match=r"bare\.pth has no EMA weights: it is a bare state dict"):
+    with pytest.raises(CheckpointError, match=r"bare\.pth has no EMA weights: it holds one set of weights"):
         read_state_dict(tmp_path / "bare.pth", use_ema=True)
-    with pytest.raises(CheckpointError, match="has no EMA weights: it is a bare state dict"):
+    with pytest.raises(CheckpointError, match="has no EMA weights: it holds one set of weights"):
         load_checkpoint(_fresh(), tiny.state_dict(), use_ema=True)
     # `cvt train` without --ema saves an empty "ema": the message says that none holds weights
     torch.save({"model": tiny.state_dict(), "ema": {}, "epoch": 1}, tmp_path / "no_ema.pt")

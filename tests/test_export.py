@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 import cvt
 from cvt.cli.main import main
+from cvt.complexity import complexity, count_gmacs
 from cvt.export import export_model, require_packages, run_exported, verify_export
 
 
@@ -151,3 +154,75 @@ def test_cli_export_of_a_training_checkpoint_keeps_classes_and_preprocessing(tmp
     back = load_model(out)
     assert back.pretrained_cfg["label_names"] == ["ant", "bee", "cat", "dog"]
     assert back.pretrained_cfg["crop_pct"] == 1.0 and back.img_size == (64, 64) and back.act == "gelu"
+
+
+def test_a_failed_export_leaves_the_file_it_would_replace(tiny, tmp_path, monkeypatch) -> None:
+    target = tmp_path / "m.pt"
+    target.write_bytes(b"the user's earlier export")
+
+    def save_half_then_fail(module, f) -> None:
+        f.write(b"half a file")
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(torch.jit, "save", save_half_then_fail)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        export_model(tiny, "torchscript", target, overwrite=True)
+    assert target.read_bytes() == b"the user's earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+
+def test_exports_and_complexity_follow_the_model_dtype(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny").eval()
+    expected = complexity(model)
+    double = copy.deepcopy(model).double()
+    assert complexity(double) == expected  # probed in the model's dtype, same count
+    assert complexity(double, 32) == expected  # an int size is N x N, as create_model takes it
+    assert count_gmacs(double, (32, 32)) == pytest.approx(expected.gmacs)
+    path = export_model(double, "torchscript", tmp_path / "double.pt", img_size=32)
+    assert verify_export(double, "torchscript", path, img_size=32) < 1e-12  # fp64 export, fp64 check
+
+
+def test_torchscript_export_is_quiet(tiny, tmp_path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_model(tiny, "torchscript", tmp_path / "m.pt")
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_cli_checks_the_output_before_building_the_model(tmp_path, capsys, monkeypatch) -> None:
+    import cvt.cli.export as cli_export
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built a model for an export that cannot be written")
+
+    monkeypatch.setattr(cli_export, "load_model_source", no_build)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "file").write_text("keep")
+    hf, file = str(tmp_path / "hf"), str(tmp_path / "file")
+    cases = [
+        (["--format", "hf", "--output", hf], f"refusing to overwrite {hf}{os.sep}config.json"),
+        (["--format", "hf", "--output", file], "is a file; hf export writes a folder"),
+        (["--format", "onnx", "--output", f"{file}/m.onnx"], f"{file} is a file, not a folder"),
+        (["--format", "torchscript", "--output", str(tmp_path)], "is a folder; torchscript export writes"),
+    ]
+    for argv, fragment in cases:
+        assert main(["export", "cvt_tiny", *argv]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1
+    assert (tmp_path / "hf" / "config.json").read_text() == "{}" and (tmp_path / "file").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--num-classes", "-3"], "num_classes must be a whole number >= 0 (0: no classifier), got -3"),
+        (["--ema"], "--ema takes the EMA weights of a training checkpoint: give --checkpoint PATH"),
+    ],
+)
+def test_cli_refuses_what_it_would_otherwise_ignore(argv, fragment, tmp_path, capsys) -> None:
+    out = tmp_path / "m.onnx"
+    assert main(["export", "cvt_tiny", "--format", "onnx", "--output", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and not out.exists()

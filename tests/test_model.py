@@ -350,6 +350,13 @@ def test_reset_classifier() -> None:
         tiny(cls_token=False).reset_classifier(4, global_pool="token")
     with pytest.raises(cvt.UsageError, match="global_pool must be"):
         model.reset_classifier(4, global_pool="max")
+    # a negative or fractional class count used to give a silent identity head (features as "logits")
+    for bad in (-3, 2.5, True):
+        with pytest.raises(cvt.UsageError, match=f"num_classes must be a whole number >= 0.*got {bad!r}"):
+            model.reset_classifier(bad)
+        with pytest.raises(cvt.UsageError, match="num_classes must be a whole number >= 0"):
+            cvt.create_model("cvt_tiny", num_classes=bad)
+    assert model.num_classes == 4 and model.get_classifier().out_features == 4
 
 
 def test_global_pool_options_as_timm() -> None:

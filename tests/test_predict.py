@@ -192,7 +192,9 @@ def test_model_source_conflicting_options(tmp_path, checkpoint, capsys):
     torch.save(torch.load(checkpoint, weights_only=True)["model"], tmp_path / "bare.pth")
     assert main(["predict", image, "--checkpoint", str(tmp_path / "bare.pth"), "--ema"]) == 1
     err = capsys.readouterr().err
-    assert "bare.pth has no EMA weights: it is a bare state dict, not a training checkpoint" in err
+    assert (
+        "bare.pth has no EMA weights: it holds one set of weights (a weight file or bare state dict)" in err
+    )
     assert err.count("\n") == 1
     # a training checkpoint names its model: --model may repeat it, not name another
     assert main(["predict", image, "--checkpoint", str(checkpoint), "--model", "cvt_13"]) == 2

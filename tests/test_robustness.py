@@ -578,3 +578,18 @@ def test_training_with_gradient_checkpointing_gives_the_same_weights(
     assert weights.keys() == uninterrupted.keys()
     for key in weights:
         torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_an_unwritable_folder_is_reported_with_the_file_asked_for(tmp_path: Path, monkeypatch, capsys):
+    """Writes go through a temporary file beside the target; a refusal names the target, not the temporary
+    file (TorchScript export to such a folder used to be an 'internal error')."""
+
+    def refuse(*args, dir=None, prefix="", suffix=""):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x1y2{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    target = tmp_path / "model.pt"
+    argv = ["export", "cvt_tiny", "--format", "torchscript", "--output", str(target), "--no-verify"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"cvt export: error: [Errno 13] Permission denied: '{target}'\n"

@@ -42,11 +42,12 @@ class Complexity:
 
 
 def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> float:
-    """Multiply–accumulates (billions) of one forward pass for a single ``img_size`` image."""
+    """Multiply–accumulates (billions) of one forward pass for a single ``img_size`` image (a zero
+    image in the model's dtype, on its device)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    x = torch.zeros(1, in_chans, *img_size, device=device)
+    weight = next(model.parameters())
+    x = torch.zeros(1, in_chans, *img_size, device=weight.device, dtype=weight.dtype)
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
             # the whole network, as the paper counts it (CvT.forward skips the last block's unused tokens)
@@ -56,10 +57,11 @@ def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) 
     return counter.get_total_flops() / 2e9
 
 
-def complexity(model: CvT, img_size: tuple[int, int] | None = None) -> Complexity:
+def complexity(model: CvT, img_size: int | tuple[int, int] | None = None) -> Complexity:
     """Parameters, GMACs and token grids of ``model`` at ``img_size`` (default: its own)."""
-    size = tuple(img_size or model.img_size)
-    model.check_input(torch.zeros(1, model.in_chans, *size, device="meta"))
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or model.img_size)
+    dtype = next(model.parameters()).dtype
+    model.check_input(torch.zeros(1, model.in_chans, *size, device="meta", dtype=dtype))
     heights, widths = scaled_grid(size[0], model.stage_specs), scaled_grid(size[1], model.stage_specs)
     grids = list(zip(heights, widths, strict=True))
     return Complexity(count_params(model), count_gmacs(model, size, model.in_chans), size, grids)

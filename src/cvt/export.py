@@ -10,12 +10,15 @@ image size (``img_size``, default the model's); the batch size stays free.
 from __future__ import annotations
 
 import importlib.util
+import io
 import warnings
 from pathlib import Path
 
 import torch
 
+from cvt.checkpoint.hf import hf_export_files
 from cvt.errors import UsageError
+from cvt.fileio import atomic_write_bytes
 from cvt.models import CvT
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors", "hf")
@@ -39,66 +42,92 @@ def require_packages(fmt: str, verify: bool = False) -> None:
         )
 
 
-def _example_input(model: CvT, img_size: tuple[int, int] | None, batch: int) -> torch.Tensor:
-    size = tuple(img_size or model.img_size)
+def _example_input(model: CvT, img_size: int | tuple[int, int] | None, batch: int) -> torch.Tensor:
+    """Random images (fixed seed) of ``img_size`` in the model's dtype and on its device."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or model.img_size)
+    weight = next(model.parameters())
     x = torch.randn(batch, model.in_chans, *size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=weight.device, dtype=weight.dtype)
     model.check_input(x)  # a clear error for a size the stages cannot take, before tracing
     return x
 
 
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UsageError(f"refusing to overwrite {path}: choose another --output or pass --force")
+def check_output(fmt: str, output: str | Path, overwrite: bool = False) -> Path:
+    """The path ``fmt`` would write, checked before any work: :class:`UsageError` for a folder where
+    a file goes (or the reverse), a file where a parent folder goes, or outputs that exist already
+    without ``overwrite``."""
+    path = Path(output)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"cannot write {path}: {blocking} is a file, not a folder")
+    if fmt == "hf":
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--output {path} is a file; hf export writes a folder")
+        existing = [str(p) for p in hf_export_files(path) if p.exists()]
+    else:
+        if path.is_dir():
+            raise UsageError(f"--output {path} is a folder; {fmt} export writes one file")
+        existing = [str(path)] if path.exists() else []
+    if existing and not overwrite:
+        raise UsageError(
+            f"refusing to overwrite {', '.join(existing)}: choose another --output or pass --force"
+        )
+    return path
 
 
-def export_onnx(model: CvT, path: Path, img_size: tuple[int, int] | None = None) -> None:
-    """Write ONNX with a dynamic batch axis (input ``image``, output ``logits``) at ``img_size``."""
+def export_onnx(model: CvT, img_size: int | tuple[int, int] | None = None) -> bytes:
+    """ONNX with a dynamic batch axis (input ``image``, output ``logits``) at ``img_size``."""
     x = _example_input(model, img_size, batch=2)
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # the legacy exporter is deprecated in favour of the dynamo one, which needs onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (x,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+            model, (x,), buffer, dynamo=False, opset_version=ONNX_OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )  # fmt: skip
+    return buffer.getvalue()
 
 
-def export_torchscript(model: CvT, path: Path, img_size: tuple[int, int] | None = None) -> None:
-    """Write a traced TorchScript module at ``img_size`` (``torch.jit.load`` reads it without cvt)."""
+def export_torchscript(model: CvT, img_size: int | tuple[int, int] | None = None) -> bytes:
+    """A traced TorchScript module at ``img_size`` (``torch.jit.load`` reads it without cvt)."""
     x = _example_input(model, img_size, batch=2)
-    with torch.no_grad():
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export; it is still what C++ and mobile load
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, (x,))  # check_trace re-runs it against eager
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
 
 
 def export_model(
     model: CvT,
     fmt: str,
     output: str | Path,
-    img_size: tuple[int, int] | None = None,
+    img_size: int | tuple[int, int] | None = None,
     variant: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Export ``model`` (put in eval mode) as ``fmt`` to ``output`` (a folder for ``hf``); returns it.
 
     ``variant`` names the registered variant in a ``safetensors`` checkpoint. Existing files are
-    replaced only with ``overwrite``.
+    replaced only with ``overwrite``; ONNX and TorchScript files are replaced atomically, so a failed
+    export leaves the old file as it was.
     """
     require_packages(fmt)
     from cvt.checkpoint import export_hf, save_checkpoint
 
-    path = Path(output)
+    path = check_output(fmt, output, overwrite)
     model.eval()
     if fmt == "hf":
         return export_hf(model, path, overwrite=overwrite)
-    if path.is_dir():
-        raise UsageError(f"--output {path} is a folder; {fmt} export writes one file")
-    _refuse_overwrite(path, overwrite)
     if fmt == "safetensors":
         return save_checkpoint(model, path, variant=variant, overwrite=overwrite)
+    data = (export_onnx if fmt == "onnx" else export_torchscript)(model, img_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    (export_onnx if fmt == "onnx" else export_torchscript)(model, path, img_size)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -121,14 +150,15 @@ def run_exported(fmt: str, path: str | Path, images: torch.Tensor) -> torch.Tens
 
 
 def verify_export(
-    model: CvT, fmt: str, path: str | Path, img_size: tuple[int, int] | None = None, batch: int = 3
+    model: CvT, fmt: str, path: str | Path, img_size: int | tuple[int, int] | None = None, batch: int = 3
 ) -> float:
     """Largest absolute logit difference between the export and the eager model on random images.
 
-    ``batch`` differs from the traced batch of 2, so the dynamic batch axis is exercised too.
+    ``batch`` differs from the traced batch of 2, so the dynamic batch axis is exercised too. The
+    eager model runs where it is; the export runs on the CPU.
     """
-    images = _example_input(model, img_size, batch).cpu()
+    images = _example_input(model, img_size, batch)
     model.eval()
     with torch.no_grad():
-        expected = model.cpu()(images)
-    return (run_exported(fmt, path, images) - expected).abs().max().item()
+        expected = model(images).cpu()
+    return (run_exported(fmt, path, images.cpu()) - expected).abs().max().item()

@@ -266,6 +266,11 @@ def hf_config_from_model(model: CvT) -> dict[str, Any]:
     return config
 
 
+def hf_export_files(out_dir: Path) -> tuple[Path, Path, Path]:
+    """The files :func:`export_hf` writes in ``out_dir``: config, weights, preprocessor config."""
+    return out_dir / HF_CONFIG_FILE, out_dir / HF_WEIGHT_FILES[0], out_dir / HF_PREPROCESSOR_FILE
+
+
 def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
     loads, and ``preprocessor_config.json`` (input size, crop, mean/std) for ``AutoImageProcessor``;
@@ -278,9 +283,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = Fal
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export target {out} exists and is not a directory")
-    config_file = out / HF_CONFIG_FILE
-    weight_file = out / HF_WEIGHT_FILES[0]
-    preprocessor_file = out / HF_PREPROCESSOR_FILE
+    config_file, weight_file, preprocessor_file = hf_export_files(out)
     existing = [str(p) for p in (config_file, weight_file, preprocessor_file) if p.exists()]
     if existing and not overwrite:
         raise CheckpointError(

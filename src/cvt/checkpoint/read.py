@@ -232,8 +232,8 @@ def unwrap_state_dict(
     nested_key = None
     if use_ema and _is_tensor_dict(obj):
         raise CheckpointError(
-            f"{source} has no EMA weights: it is a bare state dict, not a training checkpoint with "
-            f"one of {list(EMA_STATE_DICT_KEYS)}"
+            f"{source} has no EMA weights: it holds one set of weights (a weight file or bare state "
+            f"dict), not a training checkpoint with one of {list(EMA_STATE_DICT_KEYS)}"
         )
     if not _is_tensor_dict(obj):
         if not isinstance(obj, Mapping):

@@ -30,12 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cvt.export import export_model, require_packages, verify_export
+    from cvt.export import check_output, export_model, require_packages, verify_export
 
     if args.model_name and args.model and args.model_name != args.model:
         raise UsageError(f"MODEL {args.model_name!r} and --model {args.model!r} differ; give one")
     args.model = args.model or args.model_name
     require_packages(args.fmt, verify=not args.no_verify)  # before building a large model
+    check_output(args.fmt, args.output, args.force)
     model = load_model_source(args, random_weights=True, num_classes=args.num_classes).model
     path = export_model(model, args.fmt, args.output, args.img_size, overwrite=args.force)
     print(f"wrote {path}")

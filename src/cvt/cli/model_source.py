@@ -59,6 +59,8 @@ def load_model_source(
             raise UsageError(
                 f"give --checkpoint PATH, or --model NAME --pretrained for the published weights{hint}"
             )
+        if args.ema:
+            raise UsageError("--ema takes the EMA weights of a training checkpoint: give --checkpoint PATH")
         model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes)
         names = model.pretrained_cfg.get("label_names")
         weights = "pretrained" if args.pretrained else "random weights"

@@ -236,6 +236,7 @@ class CvT(nn.Module):
             raise UsageError(f"init must be 'trunc_norm' or 'xavier', got {init!r}")
         if not stages:
             raise UsageError("a CvT needs at least one stage")
+        _check_num_classes(num_classes)
         self.stage_specs = tuple(stages)
         self.num_stages = len(stages)
         self.num_classes = num_classes
@@ -313,7 +314,9 @@ class CvT(nn.Module):
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
             )
         weight_dtype = self.stage0.patch_embed.proj.weight.dtype
-        mismatch = x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type)
+        # autocast accepts other float dtypes; the meta device (shape checks) has no autocast to ask
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        mismatch = x.dtype != weight_dtype and not autocast
         if not x.is_floating_point() or mismatch:
             raise InputShapeError(
                 f"expected a {weight_dtype} input (the model's dtype), got {x.dtype}; convert with "
@@ -439,6 +442,7 @@ class CvT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head by a fresh one with ``num_classes`` outputs (0: identity); ``global_pool``
         as in the constructor (None: keep the current one)."""
+        _check_num_classes(num_classes)
         self.global_pool = self._checked_pool(self.global_pool, global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -483,6 +487,12 @@ class CvT(nn.Module):
 
 
 @lru_cache(maxsize=64)
+def _check_num_classes(num_classes: int) -> None:
+    """:class:`UsageError` for a class count that is not a whole number >= 0 (0: no classifier)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+        raise UsageError(f"num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}")
+
+
 def min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
     """Smallest ``(H, W)`` input for which every stage of ``specs`` keeps at least one token."""
 
