@@ -411,6 +411,34 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypat
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
+def test_a_skipped_step_leaves_no_trace_in_batchnorm_statistics(tmp_path, monkeypatch):
+    """A NaN image makes a NaN loss, but its forward has already moved BatchNorm's running statistics;
+    --skip-nonfinite puts them back (they used to stay NaN: every later validation was NaN, at chance)."""
+    from cvt.engine import trainer
+
+    real_batches = trainer._epoch_batches
+
+    def nan_image_in_third_batch(loader, rng_state):
+        for i, (images, targets) in enumerate(real_batches(loader, rng_state)):
+            if i == 2:
+                images = images.clone()
+                images[0] = float("nan")
+            yield images, targets
+
+    monkeypatch.setattr(trainer, "_epoch_batches", nan_image_in_third_batch)
+    summary = run(micro(tmp_path, "skip", epochs=1, skip_nonfinite=True))
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    state = torch.load(tmp_path / "skip" / "last.pt", weights_only=True)
+    stats = {k: t for k, t in state["model"].items() if "running_" in k}
+    assert stats and all(torch.isfinite(t).all() for t in stats.values())
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    # three forwards counted, not four: the skipped one is undone, count included
+    tracked = {int(t) for k, t in state["model"].items() if k.endswith("num_batches_tracked")}
+    assert tracked == {3}
+    with (tmp_path / "skip" / "metrics.csv").open() as f:
+        assert math.isfinite(float(list(csv.DictReader(f))[-1]["val_loss"]))
+
+
 def test_options_that_cannot_work_on_cpu(tmp_path):
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         run(micro(tmp_path, amp="fp16", device="cpu"))

@@ -205,6 +205,18 @@ def _progress_bar(total: int, epoch: int, epochs: int, env: DistEnv) -> Any:
     )
 
 
+def _copy_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the model's buffers (BatchNorm running statistics and counts), for a skipped step."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, copies: list[torch.Tensor]) -> None:
+    """Put back the buffers :func:`_copy_buffers` copied."""
+    for buffer, copy in zip(model.buffers(), copies, strict=True):
+        buffer.copy_(copy)
+
+
 def _epoch_batches(loader: DataLoader, rng_state: dict[str, Any] | None) -> Iterator[Any]:
     """Iterate ``loader``, restoring ``rng_state`` after its iterator exists (resume: the iterator's
     own set-up must not shift the generators of the interrupted run)."""
@@ -407,17 +419,21 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                 boundary = (batch_idx + 1) % cfg.accum_steps == 0
                 # DDP: all-reduce gradients only on the last micro-batch of the window
                 sync = boundary or not env.distributed
+                # a skipped micro-batch must leave no trace: its forward already moved BatchNorm's
+                # running statistics (NaN in, NaN statistics: every later eval would be NaN)
+                buffers_before = _copy_buffers(model) if cfg.skip_nonfinite else None
                 with ddp.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, device):
                     logits = train_model(images)
                     loss = criterion(logits.float(), targets)
                     finite = bool(torch.isfinite(loss))
                     if any_rank(env, not finite):  # every rank decides together
-                        if not cfg.skip_nonfinite:
+                        if buffers_before is None:
                             raise NonFiniteLossError(
                                 f"non-finite loss ({loss.item()}) at step {progress['step']} "
                                 f"(epoch {epoch + 1}, batch {batch_idx}); lower --lr, set --clip-grad, "
                                 f"or pass --skip-nonfinite"
                             )
+                        _restore_buffers(model, buffers_before)
                         window_bad = True
                     else:
                         scaled = loss / cfg.accum_steps
