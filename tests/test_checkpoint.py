@@ -12,6 +12,7 @@ import torch
 from cvt import CheckpointError, UsageError
 from cvt.checkpoint import (
     create_model_from_official_yaml,
+    export_hf,
     load_checkpoint,
     load_model,
     matching_variants,
@@ -385,8 +386,14 @@ def test_load_model_of_official_state_dict(tmp_path: Path, tiny: CvT, images: to
         load_model(tmp_path / "c13.pth")
     model = load_model(tmp_path / "c13.pth", model_name="cvt_13_cifar", act="gelu")
     assert model.num_classes == 4 and model.act == "gelu" and model.stage_specs[0].patch_stride == 1
-    with pytest.raises(UsageError, match="records its architecture"):
-        load_model(save_checkpoint(tiny, tmp_path / "tiny.safetensors"), model_name="cvt_13")
+    native = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    with pytest.raises(UsageError, match=r"is a cvt_tiny file; .* 'cvt_13' names another"):
+        load_model(native, model_name="cvt_13")
+    assert load_model(native, model_name="cvt_tiny").num_classes == 10  # its own name is accepted
+    # transformers' config names no variant (depths 1/2/3: the least transformers' CvT can hold)
+    hf = export_hf(create_model("cvt_tiny", depth=(1, 2, 3), act="gelu"), tmp_path / "hf")
+    with pytest.raises(UsageError, match=r"its architecture, no variant name; .* cannot be checked"):
+        load_model(hf, model_name="cvt_tiny")
 
 
 # ------------------------------------------------------------------------------ official YAML
@@ -458,11 +465,10 @@ def test_cli_convert(tmp_path: Path, tiny: CvT, images: torch.Tensor, capsys: py
     assert "cvt_tiny" in capsys.readouterr().out
     with torch.no_grad():
         assert torch.equal(load_model(out)(images), tiny(images))
-    assert main(["convert", str(tmp_path / "o.pth"), "--output", str(out)]) == 1  # exists: refused
+    # exists: refused before reading the source, with the exit code of every other command's refusal
+    assert main(["convert", str(tmp_path / "missing.pth"), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        err.startswith("cvt convert: error: refusing to overwrite") and "--force" in err and "\n" not in err
-    )
+    assert err == f"cvt convert: error: refusing to overwrite {out}: choose another --output or pass --force"
     # cvt_tiny has one block in stage 1: transformers' CvT cannot hold it
     assert main(["convert", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "drop-path rates by stage" in capsys.readouterr().err

@@ -264,11 +264,16 @@ def rebuild_model(
     train_config = info.get("train_config")
     hf_config = info.get("hf_config") if fmt == FORMAT_HF else None
     describes_itself = train_config is not None or fmt == FORMAT_NATIVE or hf_config is not None
-    recorded = str(train_config["model"]) if train_config is not None else None
+    # the variant name the file records, if any (HF configs and unnamed cvt files record none)
+    if train_config is not None:
+        recorded, what = str(train_config["model"]), f"a {train_config['model']} training checkpoint"
+    else:
+        recorded = info.get("arch", {}).get("variant") if fmt == FORMAT_NATIVE else None
+        what = f"a {recorded} file" if recorded else "a file that records its architecture, no variant name"
     if model_name and describes_itself and not _same_architecture(model_name, recorded):
-        what = f"a {recorded} training checkpoint" if recorded else "a file that records its architecture"
+        another = "names another" if recorded else "cannot be checked against it"
         raise UsageError(
-            f"{source} is {what}; model_name= (CLI: --model) {model_name!r} names another (it is for "
+            f"{source} is {what}; model_name= (CLI: --model) {model_name!r} {another} (it is for "
             f"official state dicts)"
         )
     if act and (train_config is not None or fmt == FORMAT_NATIVE):

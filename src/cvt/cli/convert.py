@@ -37,8 +37,10 @@ def run_convert(args: argparse.Namespace) -> int:
     import warnings
 
     from cvt.checkpoint import export_hf, load_model, save_checkpoint
+    from cvt.export import check_output
     from cvt.models import count_params
 
+    check_output("hf" if args.to == "hf" else "safetensors", args.output, args.force)  # before reading
     model = load_model(args.source, model_name=args.model, act=args.act, use_ema=args.ema)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
