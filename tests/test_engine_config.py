@@ -52,6 +52,19 @@ def test_every_option_has_a_flag_of_the_same_name():
         assert FIELDS[name].metadata["help"]
 
 
+def test_help_shows_each_default_that_the_text_does_not_explain():
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    defaults = TrainConfig()
+    assert helps["epochs"].endswith(f"(default: {defaults.epochs})") and defaults.epochs == 30
+    assert helps["lr"].endswith("(default: 0.002)") and helps["scale"].endswith("(default: [0.08, 1.0])")
+    assert helps["ema"].endswith("(default: False)")
+    # None / empty defaults are described in words ("default: the data set's class count")
+    assert "(default:" not in helps["num_classes"] and "default: the data set's" in helps["num_classes"]
+    assert "(default:" not in helps["model_args"] and "(default:" not in helps["finetune"]
+
+
 def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("batchsize: 32\n")

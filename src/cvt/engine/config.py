@@ -146,8 +146,13 @@ def run_model_kwargs(model_args: dict[str, Any] | None, img_size: int | None) ->
 
 
 def field_help(name: str) -> str:
-    """The ``--help`` text of an option."""
-    return FIELDS[name].metadata["help"]
+    """The ``--help`` text of an option: why, then the default value when it has one to show."""
+    f = FIELDS[name]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    why = f.metadata["help"]
+    if default is None or default == "" or default == {}:  # the help says what happens without it
+        return why
+    return f"{why} (default: {default})"
 
 
 def field_type(name: str) -> Any:
