@@ -196,6 +196,36 @@ def test_cli_eval_class_count_mismatch(tmp_path, capsys):
     assert "has 12 classes but imagefolder has 10" in capsys.readouterr().err
 
 
+def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys):
+    """A folder whose classes the checkpoint does not know is read as it is: another class count gets the
+    --finetune hint, other names of the same count a warning (both used to be a DataError about the
+    training split)."""
+    ckpt = _training_checkpoint(tmp_path)  # digits: classes "0".."9"
+
+    def image_folder(name, classes):
+        for c in classes:
+            path = tmp_path / name / "val" / c / "0.png"
+            path.parent.mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(path)
+        data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / name)]
+        return ["eval", "--checkpoint", str(ckpt), *data]
+
+    assert main(image_folder("three", ["ant", "bee", "cat"])) == 1
+    err = capsys.readouterr().err
+    assert "has 10 classes but imagefolder has 3" in err and "cvt train --finetune" in err
+    assert err.count("\n") == 1
+    assert main(image_folder("renamed", [f"c{i}" for i in range(10)])) == 0
+    captured = capsys.readouterr()
+    assert "warning: the checkpoint's class names differ from imagefolder's (e.g. '0' vs 'c0')" in (
+        captured.err
+    )
+    assert "on imagefolder val: 10 images" in captured.out
+    # a folder with some of the checkpoint's classes keeps the checkpoint's indices: "3" is index 3
+    assert main([*image_folder("some", ["3", "7"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 2 and report["per_class_acc"]["3"] == 100.0 and report["top1"] == 50.0
+
+
 def test_cli_eval_and_predict_with_a_head_wider_than_the_classes(tmp_path, capsys):
     """cvt train accepts --num-classes above the data set's class count; eval on that data set works
     (the extra outputs are named by their index) and predict keeps the class names."""

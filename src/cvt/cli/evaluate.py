@@ -43,6 +43,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
+    from cvt.data.datasets import image_folder_classes
     from cvt.engine.distributed import resolve_device
     from cvt.engine.evaluate import evaluate, save_confusion_png
     from cvt.errors import CheckpointError, UsageError
@@ -59,8 +60,13 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir
     if data_dir is None and dataset_name == source.train_config.get("dataset"):
         data_dir = source.train_config.get("data_dir")
-    # an ImageFolder is read with the checkpoint's class list, so indices agree even if val/ lacks a class
-    known = source.classes if dataset_name == "imagefolder" else None
+    # an ImageFolder whose class folders the checkpoint all knows is read with the checkpoint's class
+    # list (indices agree even if val/ lacks a class); any other is read as it is and compared below
+    known = None
+    if dataset_name == "imagefolder" and source.classes and data_dir is not None:
+        found = image_folder_classes(Path(data_dir) / args.split)
+        if found is not None and set(found) <= set(source.classes):
+            known = source.classes
     dataset = build_dataset(dataset_name, data_dir, args.split, download=args.download,
                             skip_bad_images=args.skip_bad_images, classes=known)  # fmt: skip
     model = source.model

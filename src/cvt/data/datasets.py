@@ -205,9 +205,10 @@ class ImageFolderDataset(Dataset):
                 raise DataError(f"class names must be unique, {', '.join(repeated[:5])} given more than once")
             unknown = sorted(set(found) - set(classes))
             if unknown:
+                shown = ", ".join(unknown[:5]) + (f" … ({len(unknown)} in all)" if len(unknown) > 5 else "")
                 raise DataError(
-                    f"image folder {root} has class folder(s) {', '.join(unknown[:5])} that are not among "
-                    f"the {len(classes)} given classes (the training split's?)"
+                    f"image folder {root} has class folder(s) {shown} that are not among the "
+                    f"{len(classes)} given classes (in training: the training split's)"
                 )
         self.classes: list[str] = list(classes) if classes is not None else found
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
@@ -258,6 +259,17 @@ def _has_image_header(path: str) -> bool:
             return img.size[0] > 0 and img.size[1] > 0
     except Exception:  # any failure means "not a readable image": the caller skips it with a warning
         return False
+
+
+def image_folder_classes(root: Path) -> list[str] | None:
+    """The class folder names of an ImageFolder split in index order, or None if ``root`` has none
+    (:class:`ImageFolderDataset` then says what is wrong)."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return find_classes(str(root))[0]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def build_dataset(
