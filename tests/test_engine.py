@@ -390,6 +390,21 @@ def test_imagefolder_validation_uses_the_training_class_indices(tmp_path, monkey
     assert not (tmp_path / "refused").exists()  # refused before training, nothing written
 
 
+def test_resume_on_other_classes_is_refused(tmp_path, no_curves):
+    """Same class count, other names: resuming would silently change what each output means."""
+    data = dict(dataset="imagefolder", data_dir=str(tmp_path / "data"), train_subset=None, batch_size=8)
+    write_image_folder(tmp_path / "data", ["bird", "cat", "dog"], ["bird", "cat", "dog"])
+    run(micro(tmp_path, epochs=1, **data))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "bird").rename(tmp_path / "data" / split / "zebra")
+    with pytest.raises(
+        CheckpointError, match=r"other classes than imagefolder has now: class 0 was 'bird', is 'cat'"
+    ):
+        run(micro(tmp_path, epochs=2, resume="auto", **data))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_cross_entropy = torch.nn.functional.cross_entropy

@@ -18,6 +18,7 @@ the very batches, augmentations and dropout masks of the uninterrupted run (bit-
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -288,6 +289,15 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     if env.distributed and env.is_main:
         torch.distributed.barrier()
     classes = list(train_set.classes)
+    if resume is not None and resume.get("classes") and list(resume["classes"]) != classes:
+        # other names or another order would silently change what each output means
+        pairs = itertools.zip_longest(resume["classes"], classes, fillvalue="(none)")
+        index, (was, now) = next((i, pair) for i, pair in enumerate(pairs) if pair[0] != pair[1])
+        raise CheckpointError(
+            f"the checkpoint to resume was trained on other classes than {cfg.dataset} has now: class "
+            f"{index} was {was!r}, is {now!r} ({len(resume['classes'])} then, {len(classes)} now); resume "
+            f"on the data it was trained on, or start a new run from it with --finetune"
+        )
     num_classes = cfg.num_classes or len(classes)
     if num_classes < len(classes):
         raise UsageError(f"num_classes {num_classes} is smaller than the data set's {len(classes)} classes")
