@@ -77,3 +77,26 @@ def test_fine_tuning_at_a_new_size_updates_the_learned_embedding(with_pe) -> Non
     optimizer.step()
     with torch.no_grad():  # the same parameter serves both sizes
         assert not torch.allclose(with_pe.eval()(x32), before)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "crop_pct"),
+    [
+        ("cvt_13", None, 0.875),  # published 224 configuration: 0.875 center crop
+        (
+            "cvt_13",
+            384,
+            1.0,
+        ),  # fine-tuned at 384 (cvt13_in1k_384_ft): no crop, as the official test
+        ("cvt_13.msft_in1k_384", None, 1.0),
+        ("cvt_13.msft_in1k_384", 224, 0.875),
+        ("cvt_tiny", 64, 1.0),  # a small-image configuration keeps its own crop (none)
+    ],
+)
+def test_evaluation_crop_follows_the_size_the_model_is_built_for(name, size, crop_pct) -> None:
+    from cvt.data import resolve_data_config
+
+    with torch.device("meta"):
+        model = cvt.create_model(name, **({"img_size": size} if size else {}))
+    data_cfg = resolve_data_config(model, "imagefolder")
+    assert data_cfg["crop_pct"] == crop_pct and data_cfg["input_size"][-1] == (size or model.img_size[1])

@@ -21,6 +21,7 @@ from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMA
 from cvt.errors import CheckpointError
 from cvt.fileio import atomic_write_bytes
 from cvt.models.cvt import CvT, StageSpec
+from cvt.models.variants import official_crop_pct
 
 # pretrained_cfg entries stored as tuples by timm; JSON turns them into lists
 _TUPLE_CFG_KEYS = ("input_size", "mean", "std")
@@ -40,7 +41,7 @@ def inference_cfg(
     h, w = img_size
     return dict(
         input_size=(in_chans, h, w), interpolation="bicubic", mean=tuple(mean or IMAGENET_DEFAULT_MEAN),
-        std=tuple(std or IMAGENET_DEFAULT_STD), crop_pct=crop_pct or (0.875 if max(h, w) <= 224 else 1.0),
+        std=tuple(std or IMAGENET_DEFAULT_STD), crop_pct=crop_pct or official_crop_pct(h, w),
         crop_mode="center", num_classes=num_classes, first_conv="stage0.patch_embed.proj", classifier="head",
     )  # fmt: skip
 

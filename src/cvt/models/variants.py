@@ -23,6 +23,12 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
+def official_crop_pct(height: int, width: int) -> float:
+    """The official evaluation's crop at an input size: a 0.875 center crop up to 224 pixels, none
+    above (the 384-pixel models are tested on the whole resized image)."""
+    return 0.875 if max(height, width) <= 224 else 1.0
+
+
 def _cfg(hf_hub_id: str = "", input_size: int = 224, **kwargs: Any) -> dict[str, Any]:
     """A pretrained configuration: 0.875 center crop at 224, no crop at 384, bicubic, ImageNet stats."""
     return {
@@ -30,7 +36,7 @@ def _cfg(hf_hub_id: str = "", input_size: int = 224, **kwargs: Any) -> dict[str,
         "num_classes": 1000,
         "input_size": (3, input_size, input_size),
         "pool_size": None,
-        "crop_pct": 0.875 if input_size <= 224 else 1.0,
+        "crop_pct": official_crop_pct(input_size, input_size),
         "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
