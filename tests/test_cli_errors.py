@@ -80,6 +80,13 @@ CASES: list[tuple[list[str], int, str]] = [
     (["ablate", "--model", "cvt_99", "--dry-run"], 2, "unknown model 'cvt_99'"),
     (["bench", "--model", "cvt_tiny", "--threads", "0"], 2, "--threads must be >= 1, got 0"),
     (["attention", "{file}.png", "--model", "cvt_tiny", "--output", "{file}.png"], 1, "cannot read image"),
+    # an output folder under a file: said before any work, not as the OS's "File exists" afterwards
+    (
+        ["eval", "--output", "{file}/eval", "--checkpoint", "{ckpt}", "--dataset", "digits"],
+        2,
+        "a_file is a file, not a folder",
+    ),
+    (["attention", "{img}", "--output", "{file}/maps.png", "--model", "cvt_tiny"], 2, "a_file is a file"),
 ]
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cvt.errors import InputShapeError, UsageError
+from cvt.fileio import check_folder_path
 from cvt.models import CvT
 from cvt.models.layers import conv_out_size
 
@@ -89,6 +90,7 @@ def image_output_path(path: str | Path) -> Path:
     if Path(path).is_dir() or str(path).endswith(("/", os.sep)):
         raise UsageError(f"{path} is a folder: give the image file to write, e.g. {Path(path) / 'maps.png'}")
     path = Path(path)
+    check_folder_path(path.parent)
     if not path.suffix:
         return path.with_name(path.name + ".png")
     # pgf is LaTeX source that needs a TeX installation to write

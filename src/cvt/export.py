@@ -18,7 +18,7 @@ import torch
 
 from cvt.checkpoint.hf import hf_export_files
 from cvt.errors import UsageError
-from cvt.fileio import atomic_write_bytes
+from cvt.fileio import atomic_write_bytes, check_folder_path
 from cvt.models import CvT
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors", "hf")
@@ -57,9 +57,7 @@ def check_output(fmt: str, output: str | Path, overwrite: bool = False) -> Path:
     a file goes (or the reverse), a file where a parent folder goes, or outputs that exist already
     without ``overwrite``."""
     path = Path(output)
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UsageError(f"cannot write {path}: {blocking} is a file, not a folder")
+    check_folder_path(path.parent)
     if fmt == "hf":
         if path.exists() and not path.is_dir():
             raise UsageError(f"--output {path} is a file; hf export writes a folder")

@@ -47,8 +47,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from cvt.engine.distributed import resolve_device
     from cvt.engine.evaluate import evaluate, save_confusion_png
     from cvt.errors import CheckpointError, UsageError
+    from cvt.fileio import check_folder_path
 
     output = Path(args.output) if args.output else None
+    if output is not None:
+        check_folder_path(output)  # before the evaluation, not after it
     if output is not None and not args.overwrite:
         existing = [output / n for n in (CONFUSION_PNG, METRICS_JSON) if (output / n).exists()]
         if existing:
