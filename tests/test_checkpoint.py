@@ -373,6 +373,15 @@ def test_save_refuses_to_overwrite(tmp_path: Path, tiny: CvT) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["user.safetensors"]  # no temporary file left
 
 
+def test_a_torchscript_export_is_named_as_such(tmp_path: Path, tiny: CvT) -> None:
+    from cvt.export import export_model
+
+    path = export_model(tiny, "torchscript", tmp_path / "model.pt")
+    for load in (read_state_dict, load_model):
+        with pytest.raises(CheckpointError, match=r"model\.pt is a TorchScript export .* not a checkpoint"):
+            load(path)
+
+
 def test_load_model_of_official_state_dict(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
     torch.save({"model": tiny.state_dict()}, tmp_path / "official.pth")
     model = load_model(tmp_path / "official.pth")  # the only variant with these shapes

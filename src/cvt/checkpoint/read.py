@@ -21,6 +21,7 @@ import argparse
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,16 @@ def _load_shards(index_path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """A ``torch.jit.save`` file: a zip archive like ``torch.save``'s, plus the program's ``code/``
+    and ``constants.pkl`` (which ``torch.load(weights_only=True)`` refuses with a page of advice)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile:  # not a zip, or a damaged one: torch.load says what is wrong
+        return False
+
+
 def safe_torch_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)``, with one-line errors: unsafe pickle, or unreadable file.
 
@@ -190,6 +201,11 @@ def safe_torch_load(path: Path) -> Any:
     normally: torch's weights-only unpickler refuses it, and so do we, naming the object. Only
     :data:`SAFE_PICKLE_GLOBALS` (``argparse.Namespace``, a plain attribute bag) are allowed.
     """
+    if _is_torchscript_archive(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript export (a traced program, read by torch.jit.load), not a checkpoint: "
+            f"use the checkpoint it was exported from"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
