@@ -4,7 +4,6 @@ or a Hugging Face folder, without naming the model when the checkpoint tells it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,22 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    import warnings
-
     from cvt.checkpoint import export_hf, load_model, save_checkpoint
     from cvt.export import check_output
     from cvt.models import count_params
 
     check_output("hf" if args.to == "hf" else "safetensors", args.output, args.force)  # before reading
     model = load_model(args.source, model_name=args.model, act=args.act, use_ema=args.ema)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.to == "hf":
-            out = export_hf(model, args.output, overwrite=args.force)
-        else:
-            out = save_checkpoint(model, args.output, overwrite=args.force)
-    for warning in caught:
-        print(f"cvt convert: warning: {warning.message}", file=sys.stderr)
+    if args.to == "hf":  # warnings (e.g. an activation transformers cannot run) print as one line
+        out = export_hf(model, args.output, overwrite=args.force)
+    else:
+        out = save_checkpoint(model, args.output, overwrite=args.force)
     name = model.pretrained_cfg.get("architecture") or "model"
     print(
         f"wrote {out}: {name}, {count_params(model):,} parameters, {model.num_classes} classes, {model.act}"

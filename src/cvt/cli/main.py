@@ -8,16 +8,19 @@ Error contract (``tests/test_cli_errors.py``): expected errors (:class:`~cvt.err
 environment failures (``OSError``: a full disk, a folder that cannot be written) print one line
 ``cvt <command>: error: ...`` on stderr and exit 1 (2 for usage errors, as argparse does);
 any other exception is a bug and prints one ``internal error`` line with a hint; Ctrl-C exits 130.
-``--debug`` (before or after the command) shows the full traceback instead.
+Warnings print as one line ``cvt <command>: warning: ...``. ``--debug`` (before or after the
+command) shows the full traceback and Python's own warning format instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from cvt import __version__
@@ -84,6 +87,12 @@ def report_error(command: str, err: Exception) -> int:
     return 1
 
 
+def format_warning(command: str, message: Warning | str, *args: object, **kwargs: object) -> str:
+    """``cvt <command>: warning: <message>``: a warning as the CLI prints it (``warnings.formatwarning``
+    with the command bound). Formatting only, so code that records warnings still sees them."""
+    return f"cvt {command}: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cvt`` console script; returns the process exit code."""
     parser = build_parser()
@@ -91,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    default_format = warnings.formatwarning
+    if not args.debug:  # warnings as one line like errors, not file:line and a line of our source
+        warnings.formatwarning = functools.partial(format_warning, args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -100,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return report_error(args.command, err)
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":
