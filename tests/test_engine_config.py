@@ -86,6 +86,34 @@ def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
         ({"amp": "fp8"}, r"'amp' must be one of none, bf16, fp16"),
         ({"hflip": 1.5}, r"'hflip' is a probability"),
         ({"overwrite": True, "resume": "auto"}, r"'overwrite' and 'resume' conflict"),
+        # NaN passed every range check (an internal ValueError, or an AssertionError in mixup after the
+        # run folder was made); inf every lower bound
+        ({"lr": float("nan")}, r"'lr' must be a finite number, got nan"),
+        ({"mixup": float("nan")}, r"'mixup' must be a finite number, got nan"),
+        ({"weight_decay": float("inf")}, r"'weight_decay' must be a finite number, got inf"),
+        ({"clip_grad": float("nan")}, r"'clip_grad' must be a finite number"),
+        ({"scale": [0.5, float("nan")]}, r"'scale' must be a finite number, got \[0.5, nan\]"),
+        # schedules: a ZeroDivisionError after a whole epoch, a negative lr, a floor above the peak
+        ({"sched": "step", "decay_epochs": 0.0}, r"'decay_epochs' must be > 0 for sched step, got 0.0"),
+        (
+            {"sched": "multistep", "decay_milestones": [60, 30]},
+            r"'decay_milestones' must be epochs > 0 in increasing order",
+        ),
+        ({"sched": "multistep", "decay_milestones": [0, 30]}, r"'decay_milestones' must be epochs > 0"),
+        ({"decay_rate": -1.0}, r"'decay_rate' .* must be in \(0, 1\] \(1: no decay\), got -1.0"),
+        ({"decay_rate": 0.0}, r"'decay_rate' .* must be in \(0, 1\]"),
+        ({"decay_rate": 2.0}, r"'decay_rate' .* must be in \(0, 1\]"),
+        ({"min_lr": 1.0, "lr": 2e-3}, r"'min_lr' is the floor .* must be <= lr 0.002, got 1.0"),
+        ({"warmup_lr": -1e-5}, r"'warmup_lr' must be >= 0"),
+        # silently accepted: an EMA or momentum that grows without bound
+        ({"ema_decay": 2.0}, r"'ema_decay' .* must be in \[0, 1\] .*got 2.0"),
+        ({"ema_decay": -0.5}, r"'ema_decay' .* must be in \[0, 1\]"),
+        ({"momentum": 2.0}, r"'momentum' must be in \[0, 1\), got 2.0"),
+        ({"momentum": 1.0}, r"'momentum' must be in \[0, 1\)"),
+        # augmentation: an internal ValueError from torchvision's ColorJitter
+        ({"color_jitter": -1.0}, r"'color_jitter' must be >= 0 when given, got -1.0"),
+        ({"scale": [0.9, 0.5]}, r"'scale' must be two numbers 0 < lo <= hi <= 1"),
+        ({"label_smoothing": 1.0}, r"'label_smoothing' must be in \[0, 1\)"),
     ],
 )
 def test_bad_values_raise_usage_errors(overrides, message):
@@ -140,3 +168,41 @@ def test_model_args_the_run_sets_itself_are_refused(key):
     something that is not a classifier."""
     with pytest.raises(UsageError, match=f"model_args {key}: set by the run itself"):
         resolve_config(None, {"model_args": {key: 5}})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"ema_decay": 1.0},  # keeps the EMA at its starting weights (the engine tests use it so)
+        {"ema_decay": 0.0, "momentum": 0.0, "decay_rate": 1.0, "color_jitter": 0.0},
+        {"sched": "step", "decay_epochs": 0.5},
+        {"sched": "cosine", "min_lr": 2e-3, "lr": 2e-3},  # a floor at the peak: constant after warm-up
+        {"sched": "step", "min_lr": 1.0, "lr": 2e-3},  # min_lr is the cosine's alone
+        {"sched": "cosine", "decay_epochs": 0.0, "decay_milestones": [5, 1]},  # step/multistep's alone
+        # with lr_base_batch the peak depends on the process count, known when training starts
+        {"min_lr": 1e-3, "lr": 2.5e-4, "lr_base_batch": 256},
+    ],
+)
+def test_edge_values_that_can_train_are_accepted(overrides):
+    cfg = resolve_config(None, overrides)
+    assert {k: getattr(cfg, k) for k in overrides} == overrides
+
+
+def test_list_items_of_the_wrong_type_name_the_option(tmp_path):
+    """``scale: [0.5, abc]`` in a YAML file was an internal TypeError from the range check."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scale: [0.5, abc]\n")
+    with pytest.raises(
+        UsageError, match=r"'scale' must be a list of float, got \[0.5, 'abc'\] \('abc' is str\)"
+    ):
+        resolve_config(str(recipe), {})
+    recipe.write_text("decay_milestones: [30, 60.5]\n")
+    with pytest.raises(UsageError, match=r"'decay_milestones' must be a list of int.*\(60.5 is float\)"):
+        resolve_config(str(recipe), {})
+    recipe.write_text("scale: [true, 1]\n")
+    with pytest.raises(UsageError, match=r"'scale' must be a list of float.*\(True is bool\)"):
+        resolve_config(str(recipe), {})
+    # ints stand for floats, as for a float option, and come back as floats
+    recipe.write_text("scale: [0.5, 1]\n")
+    scale = resolve_config(str(recipe), {}).scale
+    assert scale == [0.5, 1.0] and all(isinstance(v, float) for v in scale)

@@ -227,6 +227,12 @@ def test_avg_projection_keeps_query_linear() -> None:
         (dict(drop_path_rate="high"), "drop_path_rate must be float, got 'high'"),  # was a TypeError
         (dict(patch_size=2.5), "patch_size must be int"),
         (dict(cls_token=1), "cls_token must be bool"),
+        # torch refused these only at the first training step, after --overwrite had cleared the run
+        (dict(drop_path_rate=2.0), r"drop_path_rate must be in \[0, 1\), got 2.0"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\)"),  # the block never trains
+        (dict(drop_rate=1.5), r"drop_rate must be in \[0, 1\), got 1.5"),
+        (dict(attn_drop_rate=-0.1), r"attn_drop_rate must be in \[0, 1\)"),
+        (dict(attn_drop_rate=float("nan")), r"attn_drop_rate must be in \[0, 1\), got nan"),
     ],
 )
 def test_stage_options_that_cannot_run_are_refused_when_built(options: dict, message: str) -> None:
@@ -249,9 +255,9 @@ def test_drop_path_rates_are_per_block_within_each_stage() -> None:
 
 def test_drop_path_drops_branches_not_the_residual() -> None:
     """A block with drop-path rate 1 in training passes its input through unchanged (HF drops both)."""
-    model = tiny(depth=(1, 1, 2), drop_path_rate=(0.0, 0.0, 1.0)).train()
+    model = tiny(depth=(1, 1, 2), drop_path_rate=(0.0, 0.0, 0.5)).train()
     block = model.stage2.blocks[1]
-    assert block.drop_path.drop_prob == 1.0
+    block.drop_path.drop_prob = 1.0  # every branch dropped (a StageSpec refuses rate 1: it cannot train)
     x = torch.randn(2, 1 + 16, 48)
     torch.testing.assert_close(block(x, (4, 4)), x)
 
@@ -427,6 +433,14 @@ def test_gelu_option_and_bad_options() -> None:
         tiny(method="conv")
     with pytest.raises(cvt.UsageError, match="not divisible"):
         tiny(num_heads=(3, 2, 3))
+
+
+def test_out_of_range_dropout_from_create_model_is_refused() -> None:
+    """``cvt train --model-args drop_path_rate=2`` reaches the stages through create_model."""
+    with pytest.raises(cvt.UsageError, match=r"drop_path_rate must be in \[0, 1\), got 2"):
+        cvt.create_model("cvt_tiny", drop_path_rate=2)
+    with pytest.raises(cvt.UsageError, match=r"drop_rate must be in \[0, 1\), got 1.5"):
+        cvt.create_model("cvt_tiny", drop_rate=(0.0, 0.0, 1.5))
 
 
 def test_pretrained_without_published_weights_is_refused() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class TrainConfig:
     re_prob: float = _opt(0.0, "random-erasing probability")
     hflip: float = _opt(0.0, "horizontal-flip probability (0 for digits: a flipped 2 is no digit)")
     random_crop: bool = _opt(True, "random crop: pad-and-crop up to 64 px (digits, CIFAR), RRC above")
-    scale: list = field(
+    scale: list[float] = field(
         default_factory=lambda: [0.08, 1.0],
         metadata={"help": "RandomResizedCrop area range (inputs > 64 px)"},
     )
@@ -87,7 +88,7 @@ class TrainConfig:
     warmup_lr: float = _opt(1e-5, "learning rate at step 0 of the warm-up")
     min_lr: float = _opt(1e-5, "floor of the cosine schedule")
     decay_epochs: float = _opt(30.0, "step schedule: decay every this many epochs")
-    decay_milestones: list = field(
+    decay_milestones: list[int] = field(
         default_factory=lambda: [30, 60, 90],
         metadata={"help": "multistep schedule: epochs at which lr decays"},
     )
@@ -163,21 +164,36 @@ def field_type(name: str) -> Any:
     return typing.get_origin(hint) or hint
 
 
+def _fits(value: Any, want: type) -> bool:
+    """Whether ``value`` can stand for a ``want``: an int does for a float, a bool only for a bool."""
+    if isinstance(value, bool):
+        return want is bool
+    return isinstance(value, want) or (want is float and isinstance(value, int))
+
+
 def _check_value(key: str, value: Any) -> Any:
     """Return ``value`` converted to the option's type, or raise a UsageError naming the option."""
     hint = _HINTS[key]
     if value is None and isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):
         return None
     want = field_type(key)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if want is list and isinstance(value, tuple):
-        return list(value)
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        value = list(value)
+    if not _fits(value, want):
         raise UsageError(
             f"option {key!r} must be of type {want.__name__}, got {value!r} ({type(value).__name__})"
         )
-    return value
+    if want is list:
+        # the range checks of validate() compare the items: a string among them is refused here, by name
+        (item,) = typing.get_args(hint)
+        bad = [v for v in value if not _fits(v, item)]
+        if bad:
+            raise UsageError(
+                f"option {key!r} must be a list of {item.__name__}, got {value!r} "
+                f"({bad[0]!r} is {type(bad[0]).__name__})"
+            )
+        return [float(v) for v in value] if item is float else value
+    return float(value) if want is float else value
 
 
 def _suggest(key: str) -> str:
@@ -228,7 +244,13 @@ def read_yaml(path_or_name: str) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise UsageError for values no run can use (zero epochs, a negative lr, an unknown optimizer)."""
-    positive = ("epochs", "batch_size", "lr", "accum_steps", "ema_decay")
+    # NaN passes every range test below (all its comparisons are false) and inf every lower bound
+    for key in FIELDS:
+        value = getattr(cfg, key)
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise UsageError(f"option {key!r} must be a finite number, got {value}")
+    positive = ("epochs", "batch_size", "lr", "accum_steps")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UsageError(f"option {key!r} must be > 0, got {getattr(cfg, key)}")
@@ -237,18 +259,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value is not None and value <= 0:
             raise UsageError(f"option {key!r} must be > 0 when given, got {value}")
     for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "workers", "save_every_steps",
-                "mixup", "cutmix", "momentum"):  # fmt: skip
+                "mixup", "cutmix"):  # fmt: skip
         if getattr(cfg, key) < 0:
             raise UsageError(f"option {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.color_jitter is not None and cfg.color_jitter < 0:
+        raise UsageError(f"option 'color_jitter' must be >= 0 when given, got {cfg.color_jitter}")
     for key in ("hflip", "re_prob"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UsageError(f"option {key!r} is a probability in [0, 1], got {getattr(cfg, key)}")
     if not 0 <= cfg.label_smoothing < 1:
         raise UsageError(f"option 'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 <= cfg.momentum < 1:  # 1 and above: the momentum buffer never forgets, the steps grow
+        raise UsageError(f"option 'momentum' must be in [0, 1), got {cfg.momentum}")
+    if not 0 <= cfg.ema_decay <= 1:
+        raise UsageError(
+            f"option 'ema_decay' is the weight of the old average per step and must be in [0, 1] "
+            f"(0 copies the model, 1 keeps the starting weights), got {cfg.ema_decay}"
+        )
     choices = {"optimizer": OPTIMIZERS, "sched": SCHEDULES, "amp": AMP_MODES}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UsageError(f"option {key!r} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    _validate_schedule(cfg)
     owned = sorted(set(cfg.model_args) & RUN_MODEL_OPTIONS)
     if owned:
         raise UsageError(
@@ -260,6 +292,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.overwrite and cfg.resume:
         raise UsageError("options 'overwrite' and 'resume' conflict: choose one")
     return cfg
+
+
+def _validate_schedule(cfg: TrainConfig) -> None:
+    """The lr schedule's options; those of one schedule only are checked when ``sched`` uses them."""
+    if not 0 < cfg.decay_rate <= 1:
+        raise UsageError(
+            f"option 'decay_rate' is the factor the lr is multiplied by at each decay and must be in "
+            f"(0, 1] (1: no decay), got {cfg.decay_rate}"
+        )
+    if cfg.sched == "step" and cfg.decay_epochs <= 0:
+        raise UsageError(f"option 'decay_epochs' must be > 0 for sched step, got {cfg.decay_epochs}")
+    milestones = cfg.decay_milestones
+    # timm's multistep schedule counts the milestones passed by bisection: they must be sorted
+    increasing = milestones == sorted(set(milestones))
+    if cfg.sched == "multistep" and (not increasing or any(m <= 0 for m in milestones)):
+        raise UsageError(
+            f"option 'decay_milestones' must be epochs > 0 in increasing order for sched multistep, "
+            f"got {milestones}"
+        )
+    # with lr_base_batch the peak is lr x global batch / lr_base_batch, and the global batch counts the
+    # processes, known only when training starts: the floor can be compared with lr alone without it
+    if cfg.sched == "cosine" and cfg.lr_base_batch is None and cfg.min_lr > cfg.lr:
+        raise UsageError(
+            f"option 'min_lr' is the floor the cosine schedule decays to from the peak 'lr' and must be "
+            f"<= lr {cfg.lr}, got {cfg.min_lr}"
+        )
 
 
 def resolve_config(

@@ -71,6 +71,11 @@ class StageSpec:
         for name in ("patch_padding", "padding_q", "padding_kv"):
             if getattr(self, name) < 0:
                 raise UsageError(f"stage {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            # refused here, not by torch at the first training step; rate 1 drops everything (and drop
+            # path divides by the keep probability 0), so no rate of 1 or more can train
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"stage {name} must be in [0, 1), got {getattr(self, name)}")
         if self.method == "dw_bn" and (self.stride_q != 1 or 2 * self.padding_q != self.kernel_qkv - 1):
             # the residual x + attn(x) needs one query per input token: a stride-1 conv whose padding
             # keeps the grid ("same" padding, so an odd kernel)
