@@ -24,6 +24,7 @@ from cvt.data import (
     load_image,
     resolve_data_config,
 )
+from cvt.data.datasets import image_folder_classes
 from cvt.data.transforms import _posterize_keep_msb
 from cvt.errors import DataError, UsageError
 
@@ -420,3 +421,56 @@ def test_imagefolder_with_only_unreadable_files_says_so(tmp_path):
         (tmp_path / "train" / name / "0.png").write_bytes(b"")
     with pytest.warns(UserWarning, match="skipping 2"), pytest.raises(DataError, match="none of its 2 image"):
         build_dataset("imagefolder", tmp_path, "train", skip_bad_images=True)
+
+
+def test_imagefolder_skips_hidden_folders_and_files(tmp_path):
+    _make_folder(tmp_path)
+    train = tmp_path / "train"
+    # Jupyter's checkpoint folder, an AppleDouble file (not an image), a dot-file and a dot-folder
+    _save(train / ".ipynb_checkpoints" / "0.png", Image.new("RGB", (4, 4)))
+    (train / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    _save(train / "cat" / ".hidden.png", Image.new("RGB", (4, 4)))
+    _save(train / "dog" / ".thumbs" / "0.png", Image.new("RGB", (4, 4)))
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 0, 1, 1, 1]
+    assert all("/." not in path for path, _ in ds.samples)
+    assert [ds[i][1] for i in range(len(ds))] == ds.targets  # every item decodes
+    # cvt eval's look at the class folders agrees with the data set's
+    assert image_folder_classes(train) == ["cat", "dog"]
+    (train / "cat").rename(train / ".cat")
+    (train / "dog").rename(train / ".dog")
+    assert image_folder_classes(train) is None
+    with pytest.raises(DataError, match="no class sub-folders"):
+        build_dataset("imagefolder", tmp_path, "train")
+
+
+def test_imagefolder_follows_linked_folders_and_survives_link_loops(tmp_path):
+    _make_folder(tmp_path)
+    _save(tmp_path / "elsewhere" / "more" / "9.png", Image.new("RGB", (4, 4)))
+    os.symlink(tmp_path / "elsewhere", tmp_path / "train" / "cat" / "linked")
+    (tmp_path / "train" / "dog" / "sub").mkdir()
+    os.symlink("..", tmp_path / "train" / "dog" / "sub" / "back")  # dog/sub/back/sub/back/… never ends
+    for folder in (tmp_path / "train", tmp_path / "train" / "dog"):
+        os.symlink("knot", folder / "knot")  # a link onto itself (ELOOP), passed over as a broken link
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.classes == ["cat", "dog"]
+    assert ds.targets == [0, 0, 0, 0, 1, 1, 1]  # each dog image once
+    assert str(tmp_path / "train" / "cat" / "linked" / "more" / "9.png") in [p for p, _ in ds.samples]
+
+
+def test_imagefolder_empty_class_folder_warns_unless_classes_are_given(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "train" / "emu" / "notes.txt").write_text("no images here")
+    with pytest.warns(UserWarning, match=r"class folder\(s\) bird, emu .*no image files") as record:
+        train = build_dataset("imagefolder", tmp_path, "train")
+    assert len(record) == 1
+    assert train.classes == ["bird", "cat", "dog", "emu"]  # still classes: the warning says so
+    # a validation split read with the training classes legitimately lacks some: no warning
+    _make_folder(tmp_path, "val", per_class=1)
+    (tmp_path / "val" / "bird").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        val = build_dataset("imagefolder", tmp_path, "val", classes=train.classes)
+    assert val.targets == [1, 2]

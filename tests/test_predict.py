@@ -136,6 +136,54 @@ def test_load_input_exif_rotated_equals_upright(tmp_path):
     assert (a - b).abs().max() < 0.08  # equal up to JPEG loss
 
 
+def test_predict_folder_follows_linked_folders_and_skips_hidden_files(tmp_path, checkpoint, capsys):
+    (tmp_path / "if" / "val" / "dog").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / "if" / "val" / "dog" / name)
+    loop = tmp_path / "loop"
+    (loop / "sub").mkdir(parents=True)
+    (loop / ".cache").mkdir()
+    Image.new("RGB", (16, 16)).save(loop / "own.png")
+    Image.new("RGB", (16, 16)).save(loop / ".hidden.png")
+    Image.new("RGB", (16, 16)).save(loop / ".cache" / "thumb.png")
+    (loop / "._own.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata, not an image")
+    (loop / "dogs").symlink_to("../if/val/dog")  # a linked folder is searched like a real one
+    (loop / "sub" / "back").symlink_to("..")  # a loop: sub/back/sub/back/… must end
+    assert main(["predict", str(loop), "--checkpoint", str(checkpoint), "--json", "--top-k=1"]) == 0
+    images = [entry["image"] for entry in json.loads(capsys.readouterr().out)]
+    assert images == [str(loop / "dogs" / "a.png"), str(loop / "dogs" / "b.png"), str(loop / "own.png")]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])  # box reduce; JPEG draft (DCT scaling), then box reduce
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+@pytest.mark.parametrize("input_hw", [(64, 48), (48, 64)])
+@pytest.mark.parametrize("image_wh", [(1500, 1000), (1000, 1500)])  # landscape, portrait
+def test_load_input_never_decodes_below_what_the_resize_needs(
+    tmp_path, monkeypatch, fmt, crop_pct, input_hw, image_wh
+):
+    from cvt.data import build_transform, load_image
+    from cvt.data import transforms as transforms_module
+
+    path = tmp_path / f"big.{fmt}"
+    Image.effect_noise(image_wh, 40).convert("RGB").save(path)
+    cfg = {"input_size": (3, *input_hw), "interpolation": "bicubic", "crop_pct": crop_pct,
+           "mean": (0.5,) * 3, "std": (0.5,) * 3}  # fmt: skip
+    decoded = []
+
+    def recording_load_image(*args, **kwargs):
+        decoded.append(load_image(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(transforms_module, "load_image", recording_load_image)
+    assert load_input(path, cfg).shape == (1, 3, *input_hw)
+    # the eval resize (the first step) applied to the full image gives the size the model input comes from
+    resize = build_transform(cfg, train=False).transforms[0]
+    needed_w, needed_h = resize(Image.open(path)).size
+    (got,) = decoded
+    assert got.size[0] >= needed_w and got.size[1] >= needed_h, (got.size, (needed_w, needed_h))
+    assert max(got.size) < max(image_wh) // 4  # still decoded at reduced size, not in full
+
+
 @pytest.mark.slow
 def test_huge_jpeg_is_decoded_small(tmp_path):
     """A 10,000x10,000 JPEG: decoding for a 224 model adds less than 100 MB of resident memory."""

@@ -22,14 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
-    """The files given, plus the image files under each folder given (sorted, recursive)."""
-    from cvt.data import is_image_file
+    """The files given, plus the image files under each folder given: sorted, recursive, linked folders
+    followed and hidden files skipped, as an ImageFolder class folder is read."""
+    from cvt.data.datasets import find_image_files
 
     paths: list[Path] = []
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found = find_image_files(path)
             if not found:
                 raise DataError(f"folder {path} holds no image files (.jpg, .png, …)")
             paths.extend(found)

@@ -7,6 +7,7 @@ and what was found when its files are missing, empty or unreadable.
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from collections import Counter
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cvt.data.images import IMAGE_EXTENSIONS, load_image
+from cvt.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from cvt.errors import DataError, UsageError
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -170,7 +171,9 @@ def _download_cifar(name: str, root: Path) -> None:
 class ImageFolderDataset(Dataset):
     """An ImageNet-layout tree ``root/<class>/<image>`` (class names sorted, as torchvision's ImageFolder).
 
-    Files without an image extension are ignored. Images are decoded when an item is read, so a
+    Files without an image extension and hidden files and folders (name starting with '.') are ignored,
+    linked folders followed (see :func:`find_image_files`). A class folder without images stays a class,
+    with a warning (unless ``classes`` is given). Images are decoded when an item is read, so a
     broken file is found then and raises :class:`~cvt.errors.DataError` naming it. With
     ``skip_bad_images``, construction first scans every file's header (fast: no decoding) and drops
     empty or non-image files with one warning; a file that only fails when decoded (a truncated
@@ -188,32 +191,35 @@ class ImageFolderDataset(Dataset):
         skip_bad_images: bool = False,
         classes: Sequence[str] | None = None,
     ) -> None:
-        from torchvision.datasets.folder import find_classes, make_dataset
-
         self.root = root
         self.transform = transform
         self.skip_bad_images = skip_bad_images
-        if root.exists() and not root.is_dir():
-            raise DataError(f"image folder {root} is a file, expected a folder of class sub-folders")
-        try:
-            found, _ = find_classes(str(root))
-        except FileNotFoundError as err:
-            raise DataError(f"image folder {root} has no class sub-folders ({err})") from err
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            raise DataError(f"image folder {root} {what}, expected a folder of class sub-folders")
+        found = image_folder_classes(root)
+        if found is None:
+            raise DataError(f"image folder {root} has no class sub-folders (hidden '.' folders do not count)")
         if classes is not None:
             repeated = sorted(name for name, n in Counter(classes).items() if n > 1)
             if repeated:
                 raise DataError(f"class names must be unique, {', '.join(repeated[:5])} given more than once")
             unknown = sorted(set(found) - set(classes))
             if unknown:
-                shown = ", ".join(unknown[:5]) + (f" … ({len(unknown)} in all)" if len(unknown) > 5 else "")
                 raise DataError(
-                    f"image folder {root} has class folder(s) {shown} that are not among the "
+                    f"image folder {root} has class folder(s) {_first_names(unknown)} that are not among the "
                     f"{len(classes)} given classes (in training: the training split's)"
                 )
         self.classes: list[str] = list(classes) if classes is not None else found
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        # classes without a folder, or with an empty one, simply have no samples
-        samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        # classes without a folder, or with an empty one, simply have no samples; classes in name order
+        # and paths sorted as torchvision's make_dataset does, so the sample order is ImageFolder's
+        samples = [
+            (str(path), class_to_idx[name])
+            for name in sorted(class_to_idx)
+            if (root / name).is_dir()
+            for path in sorted(find_image_files(root / name), key=lambda p: (str(p.parent), p.name))
+        ]
         bad: list[str] = []
         if skip_bad_images:
             bad = [path for path, _ in samples if not _has_image_header(path)]
@@ -232,6 +238,17 @@ class ImageFolderDataset(Dataset):
                 f"image folder {root} has {len(self.classes)} class folder(s) but no image files "
                 f"(expected {root}/<class>/<image> with extension {', '.join(IMAGE_EXTENSIONS)})"
             )
+        if classes is None:
+            # a class folder without images still becomes a class (an output no image trains), which
+            # shifts the meaning of the model's outputs; with a given list (a validation split) a
+            # class may lack images, so only a split that defines the classes warns
+            empty = sorted(set(self.classes) - {self.classes[t] for _, t in samples})
+            if empty:
+                warnings.warn(
+                    f"image folder {root}: class folder(s) {_first_names(empty)} hold no image files "
+                    "(readable, with an image extension) but still count as classes; remove or fill them",
+                    stacklevel=2,
+                )
         self.samples: list[tuple[str, int]] = samples
         self.targets: list[int] = [t for _, t in samples]
 
@@ -261,15 +278,75 @@ def _has_image_header(path: str) -> bool:
         return False
 
 
-def image_folder_classes(root: Path) -> list[str] | None:
-    """The class folder names of an ImageFolder split in index order, or None if ``root`` has none
-    (:class:`ImageFolderDataset` then says what is wrong)."""
-    from torchvision.datasets.folder import find_classes
+def _is_hidden(name: str) -> bool:
+    """Dot-files and dot-folders (``.ipynb_checkpoints``, macOS ``._*`` AppleDouble files) are not data."""
+    return name.startswith(".")
 
+
+def _entry_kind(entry: os.DirEntry) -> str | None:
+    """``"dir"`` or ``"file"``, links followed; None for anything else, such as a broken link or a link
+    onto itself (ELOOP), which os.walk likewise passes over."""
     try:
-        return find_classes(str(root))[0]
+        return "dir" if entry.is_dir() else "file" if entry.is_file() else None
+    except OSError:
+        return None
+
+
+def _list_folder(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` sorted by name; an unreadable folder is a :class:`DataError` naming it."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        raise  # no such folder: the caller knows what was expected there
+    except OSError as err:  # no permission, I/O error …
+        raise DataError(f"cannot list folder {folder}: {type(err).__name__}: {err}") from err
+
+
+def _first_names(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c`` for a message; longer lists are cut after ``limit`` names, with the count."""
+    return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def image_folder_classes(root: Path) -> list[str] | None:
+    """The class folder names of an ImageFolder split in index order (sorted), or None if ``root`` has
+    none or is not a folder. Hidden folders (``.ipynb_checkpoints``) are not classes; linked folders are.
+
+    The one definition of an ImageFolder's classes: :class:`ImageFolderDataset` and ``cvt eval`` use it.
+    """
+    try:
+        entries = _list_folder(root)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    classes = [e.name for e in entries if not _is_hidden(e.name) and _entry_kind(e) == "dir"]
+    return classes or None
+
+
+def find_image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, in sorted path order: what ImageFolder reads from
+    a class folder and what ``cvt predict`` reads from a folder.
+
+    A file counts when it has one of :data:`~cvt.data.images.IMAGE_EXTENSIONS` and neither it nor a
+    folder between it and ``folder`` is hidden (name starting with '.'). Linked folders are followed,
+    except a link back to a folder being searched (a loop that would never end).
+    """
+    found: list[Path] = []
+
+    def walk(directory: Path, ancestors: frozenset[str]) -> None:
+        real = os.path.realpath(directory)
+        if real in ancestors:
+            return
+        for entry in _list_folder(directory):
+            if _is_hidden(entry.name):
+                continue
+            kind = _entry_kind(entry)
+            if kind == "dir":
+                walk(Path(entry.path), ancestors | {real})
+            elif kind == "file" and is_image_file(entry.name):
+                found.append(Path(entry.path))
+
+    walk(folder, frozenset())
+    return found
 
 
 def build_dataset(

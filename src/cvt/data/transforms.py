@@ -170,8 +170,10 @@ def load_input(path: str | Path, data_cfg: dict[str, Any], transform: Callable |
     the size the eval resize needs. ``transform`` reuses a pipeline built by :func:`build_transform`.
     """
     transform = transform or build_transform(data_cfg, train=False)
-    # the eval resize makes the shorter side floor(size / crop_pct); decode at least that much
-    min_side = math.floor(min(data_cfg["input_size"][-2:]) / data_cfg["crop_pct"])
+    # timm's eval resize scales the image, keeping its aspect, until it covers floor(side / crop_pct)
+    # on both sides (H and W); the decode only guarantees a shorter side, so that side must reach the
+    # larger of the two (a non-square input's other side would otherwise be upscaled)
+    min_side = max(math.floor(side / data_cfg["crop_pct"]) for side in data_cfg["input_size"][-2:])
     return transform(load_image(path, min_side=min_side)).unsqueeze(0)
 
 
