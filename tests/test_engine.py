@@ -454,6 +454,16 @@ def test_a_skipped_step_leaves_no_trace_in_batchnorm_statistics(tmp_path, monkey
         assert math.isfinite(float(list(csv.DictReader(f))[-1]["val_loss"]))
 
 
+def test_a_cosine_floor_above_the_scaled_peak_is_refused_before_anything_is_written(tmp_path):
+    # lr 1e-3 for a global batch of 256 is a peak of 6.25e-5 at batch 16: below the floor 1e-4
+    flags = micro(tmp_path, lr=1e-3, lr_base_batch=256, min_lr=1e-4)
+    with pytest.raises(
+        UsageError, match=r"'min_lr' 0.0001 is above the peak lr 6.25e-05 \(lr 0.001 x global batch 16"
+    ):
+        run(flags)
+    assert not (tmp_path / "run").exists()
+
+
 def test_options_that_cannot_work_on_cpu(tmp_path):
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         run(micro(tmp_path, amp="fp16", device="cpu"))

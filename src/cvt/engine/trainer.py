@@ -328,6 +328,11 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     steps_per_epoch = sampler.batches_per_epoch // cfg.accum_steps
     global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
     lr = effective_lr(cfg, global_batch)
+    if cfg.sched == "cosine" and cfg.min_lr > lr:  # without lr_base_batch, validate() said so already
+        raise UsageError(
+            f"option 'min_lr' {cfg.min_lr:g} is above the peak lr {lr:g} (lr {cfg.lr:g} x global batch "
+            f"{global_batch} / lr_base_batch {cfg.lr_base_batch}): the cosine schedule would rise"
+        )
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
