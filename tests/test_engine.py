@@ -166,6 +166,10 @@ def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch, work
 
 def test_resume_auto_continues_and_extends_a_finished_run(tmp_path):
     run(micro(tmp_path, epochs=1))
+    with pytest.raises(
+        CheckpointError, match=r"run is a folder, not a last.pt/best.pt file; resume from .*last\.pt"
+    ):
+        run({"resume": str(tmp_path / "run")})  # the run folder instead of its checkpoint
     wider = {**MICRO["model_args"], "embed_dim": [8, 16, 64]}
     with pytest.raises(CheckpointError, match="does not fit cvt_tiny with 10 classes"):
         run(micro(tmp_path, epochs=2, resume="auto", model_args=wider))

@@ -65,6 +65,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 def load_train_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a ``last.pt`` / ``best.pt`` written by ``cvt train`` (weights only: no code runs)."""
     path = Path(path)
+    if path.is_dir():  # a run folder: its last.pt is the checkpoint to continue from
+        hint = f"; resume from {path / 'last.pt'}" if (path / "last.pt").is_file() else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a last.pt/best.pt file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     ckpt = safe_torch_load(path)
