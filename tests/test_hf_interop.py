@@ -204,7 +204,8 @@ def test_export_writes_the_preprocessing(tmp_path: Path) -> None:
     export_hf(model, out, overwrite=True)
     # from 384 pixels up transformers' processor never crops: a cropping model is warned about
     cropped = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), img_size=384).eval()
-    cropped.pretrained_cfg = {**cropped.pretrained_cfg, "crop_pct": 0.875}
+    # (configured at 384: a configuration made for another size follows the official crop rule at 384)
+    cropped.pretrained_cfg = {**cropped.pretrained_cfg, "crop_pct": 0.875, "input_size": (3, 384, 384)}
     with pytest.warns(UserWarning, match="never crops from 384 pixels up"):
         export_hf(cropped, tmp_path / "export384")
 
