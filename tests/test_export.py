@@ -226,3 +226,11 @@ def test_cli_refuses_what_it_would_otherwise_ignore(argv, fragment, tmp_path, ca
     assert main(["export", "cvt_tiny", "--format", "onnx", "--output", str(out), *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_cli_refuses_an_img_size_a_checkpoint_format_would_ignore(tmp_path, capsys) -> None:
+    out = tmp_path / "m.safetensors"
+    argv = ["export", "cvt_tiny", "--format", "safetensors", "--output", str(out), "--img-size", "64"]
+    assert main(argv) == 2
+    assert "--img-size is the traced input size of onnx and torchscript" in capsys.readouterr().err
+    assert not out.exists()

@@ -35,6 +35,11 @@ def run_export(args: argparse.Namespace) -> int:
     if args.model_name and args.model and args.model_name != args.model:
         raise UsageError(f"MODEL {args.model_name!r} and --model {args.model!r} differ; give one")
     args.model = args.model or args.model_name
+    if args.img_size and args.fmt in ("safetensors", "hf"):
+        raise UsageError(
+            f"--img-size is the traced input size of onnx and torchscript; a {args.fmt} export keeps the "
+            f"model's own input size"
+        )
     require_packages(args.fmt, verify=not args.no_verify)  # before building a large model
     check_output(args.fmt, args.output, args.force)
     model = load_model_source(args, random_weights=True, num_classes=args.num_classes).model
