@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from timm.layers import to_2tuple
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,7 +60,7 @@ def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) 
 
 def complexity(model: CvT, img_size: int | tuple[int, int] | None = None) -> Complexity:
     """Parameters, GMACs and token grids of ``model`` at ``img_size`` (default: its own)."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or model.img_size)
+    size = to_2tuple(img_size or model.img_size)  # an int N is N x N
     dtype = next(model.parameters()).dtype
     model.check_input(torch.zeros(1, model.in_chans, *size, device="meta", dtype=dtype))
     heights, widths = scaled_grid(size[0], model.stage_specs), scaled_grid(size[1], model.stage_specs)

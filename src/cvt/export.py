@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from timm.layers import to_2tuple
 
 from cvt.checkpoint.hf import hf_export_files
 from cvt.errors import UsageError
@@ -44,7 +45,7 @@ def require_packages(fmt: str, verify: bool = False) -> None:
 
 def _example_input(model: CvT, img_size: int | tuple[int, int] | None, batch: int) -> torch.Tensor:
     """Random images (fixed seed) of ``img_size`` in the model's dtype and on its device."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or model.img_size)
+    size = to_2tuple(img_size or model.img_size)  # an int N is N x N
     weight = next(model.parameters())
     x = torch.randn(batch, model.in_chans, *size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=weight.device, dtype=weight.dtype)

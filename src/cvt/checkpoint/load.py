@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import to_2tuple
 
 from cvt.checkpoint.hf import hf_input_settings, hf_label_names, hf_to_native, model_kwargs_from_hf_config
 from cvt.checkpoint.native import inference_cfg, model_from_architecture
@@ -338,10 +339,7 @@ def _hf_pretrained_cfg(
 ) -> dict[str, Any]:
     """A timm ``pretrained_cfg`` for a model rebuilt from a transformers config and the preprocessing
     ``inputs`` (mean, std, crop_pct) of its ``preprocessor_config.json``; ImageNet defaults otherwise."""
-    size = kwargs["img_size"]
-    cfg = inference_cfg(
-        kwargs["in_chans"], (size, size) if isinstance(size, int) else size, kwargs["num_classes"], **inputs
-    )
+    cfg = inference_cfg(kwargs["in_chans"], to_2tuple(kwargs["img_size"]), kwargs["num_classes"], **inputs)
     names = hf_label_names(config)
     if names:
         cfg["label_names"] = names

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -246,7 +246,7 @@ class CvT(nn.Module):
         self.num_stages = len(stages)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = to_2tuple(img_size)
         self.act = act
         self.norm_eps = norm_eps
         self.has_cls_token = stages[-1].cls_token
