@@ -149,9 +149,11 @@ def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch, work
         tmp_path, deterministic=True, save_every_steps=3, mixup=0.8, random_crop=True, workers=workers
     )
     flags["model_args"] = {**flags["model_args"], "drop_path_rate": 0.2}  # random: RNG must be restored
+    flags.update(ema=True, ema_decay=0.5)  # the EMA weights must continue too
     run(flags)
     assert sorted(snapshots) == [3, 4, 6, 8]  # mid-epoch saves at 3 and 6, epoch ends at 4 and 8
     full = weights(tmp_path / "run" / "last.pt")
+    full_ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -160,6 +162,7 @@ def test_mid_epoch_resume_ends_with_the_same_weights(tmp_path, monkeypatch, work
     summary = run({"resume": str(resumed / "last.pt")})  # config comes from the checkpoint
     assert summary["steps"] == 8 and summary["run_dir"] == str(resumed)
     assert_same_weights(weights(resumed / "last.pt"), full)
+    assert_same_weights(torch.load(resumed / "last.pt", weights_only=True)["ema"], full_ema)
     rows = list(csv.DictReader((resumed / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
@@ -468,6 +471,60 @@ def test_a_cosine_floor_above_the_scaled_peak_is_refused_before_anything_is_writ
     assert not (tmp_path / "run").exists()
 
 
+def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, monkeypatch, no_curves):
+    """best.pt is the epoch of the highest val top-1 (not the last); train_loss is the mean loss per
+    image of the epoch; --clip-grad bounds the gradient norm every step sees."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from cvt.engine import evaluate as evaluate_module
+
+    real_evaluate = evaluate_module.evaluate
+    top1_by_call = iter([80.0, 60.0, 70.0])  # epoch 1 is the best
+
+    def worse_later(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        result.top1 = next(top1_by_call)
+        return result
+
+    losses = []
+    real_cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording_cross_entropy(*args, **kwargs):
+        loss = real_cross_entropy(*args, **kwargs)
+        if torch.is_grad_enabled():  # a training batch (validation runs without gradients)
+            losses.append(loss.item())
+        return loss
+
+    norms = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    monkeypatch.setattr(evaluate_module, "evaluate", worse_later)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
+    handle = register_optimizer_step_pre_hook(record_norm)
+    try:
+        summary = run(micro(tmp_path, epochs=3, clip_grad=1e-3))
+    finally:
+        handle.remove()
+    assert summary["best_epoch"] == 1 and summary["best_top1"] == 80.0
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(losses) == summary["steps"] == 12  # 4 batches of 16 per epoch (drop_last)
+    per_epoch = [losses[i : i + 4] for i in range(0, 12, 4)]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([sum(e) / 4 for e in per_epoch])
+    assert len(norms) == 12 and max(norms) <= 1e-3 * (1 + 1e-4)
+
+
+def test_label_smoothing_reaches_the_loss(tmp_path, no_curves):
+    losses = {}
+    for name, smoothing in (("plain", 0.0), ("smoothed", 0.3)):  # same seed: only the loss differs
+        run(micro(tmp_path, name, epochs=1, label_smoothing=smoothing))
+        losses[name] = float(next(csv.DictReader((tmp_path / name / "metrics.csv").open()))["train_loss"])
+    assert losses["smoothed"] != pytest.approx(losses["plain"], rel=1e-3)
+
+
 def test_options_that_cannot_work_on_cpu(tmp_path):
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         run(micro(tmp_path, amp="fp16", device="cpu"))
@@ -520,6 +577,21 @@ def test_lr_scaling_and_schedule():
     assert lrs[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # cosine, counted from step 0
     assert lrs[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.55)))
     assert lrs[4] == pytest.approx(0.0)
+    # warm-up starts from warmup_lr and the cosine ends at min_lr: two different options
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, resolve_config(None, {"lr": 1.0, "epochs": 10, "warmup_epochs": 1.0,
+                                                       "warmup_lr": 0.2, "min_lr": 0.01}), 10)  # fmt: skip
+    for step, expected in ((0, 0.2), (5, 0.6), (100, 0.01)):
+        sched.step_update(step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected), step
+
+
+def test_sgd_follows_the_nesterov_option():
+    model = torch.nn.Linear(2, 2)
+    for nesterov in (True, False):
+        cfg = resolve_config(None, {"optimizer": "sgd", "momentum": 0.9, "nesterov": nesterov})
+        group = build_optimizer(model, cfg, 0.1).param_groups[0]
+        assert (group["nesterov"], group["momentum"]) == (nesterov, 0.9)
 
 
 def test_atomic_save_keeps_the_previous_file_when_the_disk_is_full(tmp_path, monkeypatch):
