@@ -562,6 +562,12 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     }
 
 
+def test_the_global_batch_counts_accumulation_steps(tmp_path, capsys, no_curves):
+    # 8 images x 2 accumulated micro-batches: a global batch of 16, so lr 3e-3 x 16 / 32
+    run(micro(tmp_path, epochs=1, batch_size=8, accum_steps=2, lr=3e-3, lr_base_batch=32))
+    assert "global batch 16, lr 0.0015," in capsys.readouterr().out
+
+
 def test_lr_scaling_and_schedule():
     cfg = resolve_config(None, {"lr": 2.5e-4, "lr_base_batch": 256, "epochs": 10, "warmup_epochs": 1.0})
     assert effective_lr(cfg, 2048) == pytest.approx(2e-3)  # the official 8-GPU recipe
