@@ -228,3 +228,27 @@ def test_op_census_attributes_ops_to_the_package_only() -> None:
         model(torch.randn(1, 3, 32, 32))
     files = {file for file, *_ in counter.counts}
     assert files - {"-"} and files - {"-"} <= {p.name for p in package.rglob("*.py")}
+
+
+@pytest.mark.parametrize(("mode", "flop_factor"), [("infer", 1), ("train", 3)])
+def test_result_arithmetic_from_the_raw_step_times(
+    monkeypatch: pytest.MonkeyPatch, mode: str, flop_factor: int
+) -> None:
+    # skewed step times: the median (0.2 s) differs from the mean, the fastest and the slowest run
+    times = [0.1, 0.5, 0.2, 0.25, 0.2]
+    monkeypatch.setattr(benchmark, "time_subjects", lambda cfg, subjects, num_classes: ({"cvt": times}, {}))
+    monkeypatch.setattr(benchmark, "matmul_ceiling", lambda dtype, device: 50.0)
+    cfg = BenchConfig(
+        model="cvt_tiny", img_size=(32, 32), batch_size=4, mode=mode, runs=5, warmup=0, measure_memory=False
+    )
+    (result,) = benchmark.run_benchmark(cfg)
+    assert result.img_per_s_runs == pytest.approx([40.0, 8.0, 20.0, 16.0, 20.0])
+    assert result.img_per_s == pytest.approx(20.0)  # batch_size / median step time
+    assert (result.img_per_s_min, result.img_per_s_max) == pytest.approx((8.0, 40.0))
+    assert result.step_ms == pytest.approx(200.0)  # the median step, not the mean (250 ms)
+    assert result.spread_pct == pytest.approx(100 * (40 - 8) / 20)  # relative to the median
+    gmacs = count_gmacs(create_model("cvt_tiny"), (32, 32))
+    assert result.gflops_per_s == pytest.approx(flop_factor * 2 * gmacs * 20.0, rel=1e-6)
+    assert result.ceiling_gflops_per_s == 50.0
+    assert result.ceiling_fraction == pytest.approx(result.gflops_per_s / 50.0, rel=1e-9)
+    assert result.peak_memory_mb is None and result.ceiling_not_measured is None

@@ -503,3 +503,26 @@ def test_save_checkpoint_keeps_the_previous_file_when_the_disk_is_full(tmp_path:
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     monkeypatch.undo()
     assert load_model(path).num_classes == 3
+
+
+def test_official_yaml_dropout_rates_land_in_their_fields() -> None:
+    spec = {"DIM_EMBED": [8, 16], "DEPTH": [1, 1], "NUM_HEADS": [1, 2], "DROP_RATE": [0.1, 0.2]}
+    spec |= {"ATTN_DROP_RATE": [0.3, 0.4], "DROP_PATH_RATE": [0.0, 0.05]}
+    with torch.device("meta"):
+        model = create_model_from_official_yaml({"MODEL": {"SPEC": spec}})
+    assert [s.drop_rate for s in model.stage_specs] == [0.1, 0.2]
+    assert [s.attn_drop_rate for s in model.stage_specs] == [0.3, 0.4]
+    assert [s.drop_path_rate for s in model.stage_specs] == [0.0, 0.05]
+    block = model.stage1.blocks[0]
+    assert block.attn.attn_drop_rate == 0.4 and block.mlp.drop1.p == 0.2
+
+
+def test_native_keeps_the_global_pool(tmp_path: Path, images: torch.Tensor) -> None:
+    custom = _fresh(global_pool="avg")
+    assert custom.has_cls_token  # its default pooling would be the cls token
+    path = save_checkpoint(custom, tmp_path / "avg.safetensors")
+    model = load_model(path)
+    assert model.global_pool == "avg"
+    with torch.no_grad():
+        assert torch.equal(model(images), custom(images))
+        assert not torch.allclose(_fresh()(images), custom(images))

@@ -218,3 +218,10 @@ def test_closed_stdout_pipe_exits_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert err == ""
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cvt ") and "COMMAND" in out
+    assert all(name in out for name in ("train", "predict", "bench"))

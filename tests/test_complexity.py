@@ -51,3 +51,25 @@ def test_token_grids_non_square() -> None:
     assert complexity(model, (288, 224)).token_grids == [(72, 56), (36, 28), (18, 14)]
     with pytest.raises(cvt.InputShapeError, match="minimum size"):
         complexity(model, (2, 2))
+
+
+def test_cpu_sdpa_is_counted_like_the_reference_and_the_meta_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 64 px cvt_tiny's first stage attends over 16x16 = 256 keys: the CPU SDPA kernel runs."""
+    model = cvt.create_model("cvt_tiny").eval()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    key_counts: list[int] = []
+
+    def recording_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        key_counts.append(k.shape[-2])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    fused = count_gmacs(model, (64, 64))
+    assert key_counts and max(key_counts) == 256  # the fused CPU kernel was counted
+    with torch.device("meta"):
+        on_meta = cvt.create_model("cvt_tiny").eval()
+    assert fused == pytest.approx(count_gmacs(on_meta, (64, 64)), rel=1e-9)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    assert fused == pytest.approx(count_gmacs(model, (64, 64)), rel=1e-9)

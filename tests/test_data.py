@@ -474,3 +474,45 @@ def test_imagefolder_empty_class_folder_warns_unless_classes_are_given(tmp_path)
         warnings.simplefilter("error")
         val = build_dataset("imagefolder", tmp_path, "val", classes=train.classes)
     assert val.targets == [1, 2]
+
+
+def test_imagefolder_classes_sort_case_sensitively_as_torchvision(tmp_path):
+    for name in ("a", "B"):
+        _save(tmp_path / "train" / name / "0.png", Image.new("RGB", (4, 4), (1, 2, 3)))
+    assert image_folder_classes(tmp_path / "train") == ["B", "a"]
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.classes == ["B", "a"] and ds.targets == [0, 1]
+
+
+def test_small_image_variants_resolve_to_their_dataset_statistics():
+    from cvt import create_model
+
+    with torch.device("meta"):  # shapes only
+        cifar, tiny = create_model("cvt_13_cifar"), create_model("cvt_tiny")
+    cfg = resolve_data_config(cifar, "cifar10")
+    assert cfg["mean"] == pytest.approx((0.4914, 0.4822, 0.4465), abs=1e-6)
+    assert cfg["std"] == pytest.approx((0.2470, 0.2435, 0.2616), abs=1e-6)
+    assert (cfg["input_size"], cfg["crop_pct"]) == ((3, 32, 32), 1.0)
+    cfg = resolve_data_config(tiny, "cifar10")
+    assert (tuple(cfg["mean"]), tuple(cfg["std"])) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "digits"])
+def test_small_image_datasets_resize_the_whole_image(dataset):
+    from cvt import create_model
+
+    with torch.device("meta"):
+        model = create_model("cvt_13")
+    assert resolve_data_config(model, dataset)["crop_pct"] == 1.0
+    assert resolve_data_config(model, "imagefolder")["crop_pct"] == 0.875
+    assert resolve_data_config(model)["crop_pct"] == 0.875
+
+
+@pytest.mark.parametrize(("size", "resized_crop"), [(63, False), (64, False), (65, True), (96, True)])
+def test_random_resized_crop_only_above_64_pixels(size, resized_crop):
+    aug = AugmentConfig(random_crop=True)
+    tf = build_transform(resolve_data_config(_ModelWithCfg(size, 1.0), "cifar10"), True, aug)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert ("RandomResizedCropAndInterpolation" in names) is resized_crop
+    assert ("RandomCrop" in names) is not resized_crop
+    assert tf(Image.new("RGB", (size, size), (9, 9, 9))).shape == (3, size, size)

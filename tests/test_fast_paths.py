@@ -631,3 +631,56 @@ def test_bf16_autocast_training_step_gives_fp32_gradients_close_to_fp32() -> Non
         assert p.grad.dtype == torch.float32, name
     rel = (model.get_parameter(fc1).grad - fp32[fc1]).norm() / fp32[fc1].norm()
     assert rel < 0.05, f"bf16 gradient of {fc1} differs by {rel:.2%}"
+
+
+def test_avg_projection_counts_the_padding_as_the_official_avg_pooling() -> None:
+    """The official ``avg`` projection is ``nn.AvgPool2d(k, s, p, ceil_mode=True)``: border windows
+    average over the zero padding too (``count_include_pad``), so they differ from a mean of the valid
+    pixels alone."""
+    proj = ConvProjection("avg", 8, kernel_size=3, stride=2, padding=1)
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(0)) + 1.0
+    expected = nn.functional.avg_pool2d(x, 3, stride=2, padding=1, ceil_mode=True, count_include_pad=True)
+    assert expected.shape[-2:] == (3, 4)
+    torch.testing.assert_close(proj(x), expected.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    corner = x[:, :, :2, :2].sum(dim=(2, 3)) / 9  # 4 valid pixels, 5 padded zeros
+    torch.testing.assert_close(proj(x)[:, 0], corner)
+
+
+@pytest.mark.parametrize("few_keys", [0, 64])  # SDPA everywhere, the explicit softmax everywhere
+def test_attention_dropout_is_off_in_eval(monkeypatch: pytest.MonkeyPatch, few_keys: int) -> None:
+    monkeypatch.setattr(layers, "FEW_KEYS", few_keys)
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        for m in model.modules():
+            if hasattr(m, "attn_drop_rate"):
+                m.attn_drop_rate = 0.5
+                m.attn_drop.p = 0.5
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+        model.train()
+        assert not torch.allclose(model(x), model(x), atol=1e-3)  # the rate is in use in training
+
+
+def test_mlp_dropout_runs_in_the_training_fast_path() -> None:
+    """With dropout in the MLP the training fast path (folded QuickGELU, plain autograd) still drops
+    half of the hidden activations, as timm's Mlp does, and its output is not the one without dropout."""
+    model = tiny_model("dw_bn", cls=True).train()
+    zeros: list[float] = []
+    for m in model.modules():
+        if isinstance(m, QuickGeluMlp):
+            m.drop1.p = 0.5
+            m.drop1.register_forward_hook(lambda m, args, out: zeros.append((out == 0).float().mean().item()))
+    no_dropout = copy.deepcopy(model)
+    for m in no_dropout.modules():
+        if isinstance(m, QuickGeluMlp):
+            m.drop1.p = 0.0
+    x, target = images(), torch.tensor([0, 3, 6])
+    torch.manual_seed(7)
+    logits = model(x)
+    assert len(zeros) == 3 and all(0.4 < z < 0.6 for z in zeros)  # one MLP per block
+    torch.manual_seed(7)
+    assert not torch.allclose(no_dropout(x), logits, atol=1e-3)
+    nn.functional.cross_entropy(logits, target).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -384,3 +384,21 @@ def test_cli_convert_hf_to_cvt_and_back(tmp_path: Path, capsys: pytest.CaptureFi
     assert done.returncode == 0 and (tmp_path / "q" / "config.json").is_file()
     assert done.stderr.startswith("cvt convert: warning: the model uses quick_gelu; transformers'")
     assert done.stderr.count("\n") == 1
+
+
+def test_hf_label_names_follow_the_integer_index() -> None:
+    from cvt.checkpoint.hf import hf_label_names
+
+    names = [f"class_{i}" for i in range(12)]
+    config = {"id2label": {str(i): n for i, n in reversed(list(enumerate(names)))}}  # JSON keys
+    assert hf_label_names(config) == names  # "10" after "9", not after "1"
+    assert hf_label_names({"id2label": {str(i): f"LABEL_{i}" for i in range(12)}}) is None
+
+
+def test_hf_config_without_labels_has_transformers_default_two_classes() -> None:
+    config = CvtConfig(**{k: v for k, v in SMALL.items() if k != "num_labels"}).to_dict()
+    assert CvtForImageClassification(CvtConfig(**config)).config.num_labels == 2
+    for key in ("id2label", "label2id", "num_labels"):
+        config.pop(key, None)
+    assert model_kwargs_from_hf_config(config)["num_classes"] == 2
+    assert model_kwargs_from_hf_config({**config, "num_labels": 9})["num_classes"] == 9

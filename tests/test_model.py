@@ -446,3 +446,57 @@ def test_out_of_range_dropout_from_create_model_is_refused() -> None:
 def test_pretrained_without_published_weights_is_refused() -> None:
     with pytest.raises(cvt.UsageError, match="cvt_tiny has no published weights"):
         cvt.create_model("cvt_tiny", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"), [(dict(method="avg", padding_kv=0), 19), (dict(padding_kv=0), 35), ({}, 3)]
+)
+def test_min_input_size_is_the_smallest_size_that_runs(
+    monkeypatch: pytest.MonkeyPatch, options: dict, expected: int
+) -> None:
+    """The avg pooling rounds its output size up (ceil mode), a dw_bn conv down: with padding_kv 0 an
+    avg model runs at 19x19 where a dw_bn one needs 35x35. Without the input check, one pixel less
+    than the minimum fails or gives no finite logits."""
+    model = tiny(**options).eval()
+    assert model.min_input_size() == (expected, expected)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, expected, expected))).all()
+        with pytest.raises(cvt.InputShapeError, match=f"minimum size is {expected}x{expected}"):
+            model(torch.randn(1, 3, expected - 1, expected - 1))
+        monkeypatch.setattr(model, "check_input", lambda x: None)
+        try:
+            logits = model(torch.randn(1, 3, expected - 1, expected - 1))
+        except RuntimeError:
+            return
+        assert not torch.isfinite(logits).all()
+
+
+def test_reset_classifier_initializes_the_new_head_as_timm() -> None:
+    model = tiny()
+    model.reset_classifier(50)
+    head = model.get_classifier()
+    assert torch.equal(head.bias, torch.zeros(50))
+    assert head.weight.std().item() == pytest.approx(0.02, rel=0.1)  # nn.Linear's default: 0.083
+    model.reset_classifier(4, global_pool="avg")
+    assert torch.equal(model.get_classifier().bias, torch.zeros(4))
+
+
+def test_stage_dropout_after_the_embedding_runs_in_training_only() -> None:
+    """``drop_rate`` also drops tokens (and the cls token) right after each stage's patch embedding."""
+    model = tiny(drop_rate=0.5)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for stage in model.stages:
+        assert stage.pos_drop.p == 0.5
+        stage.pos_drop.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.train()(x)
+        assert len(seen) == 3
+        for inp, out in seen:
+            dropped = out == 0
+            assert 0.3 < dropped.float().mean().item() < 0.7
+            torch.testing.assert_close(out[~dropped], inp[~dropped] * 2)  # scaled by 1 / (1 - p)
+        assert seen[2][0].shape[1] == 1 + 4 * 4  # the cls token and the 4x4 grid
+        seen.clear()
+        model.eval()(x)
+        assert all(torch.equal(inp, out) for inp, out in seen) and len(seen) == 3

@@ -271,3 +271,18 @@ def test_predict_reads_any_checkpoint_file_whatever_its_name(tmp_path, checkpoin
     assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(path), "--json", "--top-k=1"]) == 0
     top = json.loads(capsys.readouterr().out)[0]["predictions"][0]
     assert top["index"] == 3 and top["label"] == "three"
+
+
+def test_predict_shows_five_classes_by_default(tmp_path, checkpoint, capsys):
+    paths = _images(tmp_path)
+    args = ["predict", str(paths["png"]), str(paths["gray"]), "--checkpoint", str(checkpoint), "--json"]
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2
+    for entry in results:
+        assert [p["index"] for p in entry["predictions"]] == [3, 9, 8, 7, 6]
+    assert main(["predict", str(paths["png"]), "--checkpoint", str(checkpoint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(paths["png"]) and len(lines) == 6
+    assert [line.split()[:2] for line in lines[1:]] == [["1.", "three"], ["2.", "nine"], ["3.", "eight"],
+                                                        ["4.", "seven"], ["5.", "six"]]  # fmt: skip
