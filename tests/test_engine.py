@@ -568,6 +568,25 @@ def test_the_global_batch_counts_accumulation_steps(tmp_path, capsys, no_curves)
     assert "global batch 16, lr 0.0015," in capsys.readouterr().out
 
 
+def test_train_subset_is_a_seeded_random_draw(tmp_path, monkeypatch, no_curves):
+    """--train-subset N draws N images at random with the run's seed (the first N images of a sorted
+    data set would be a few classes only)."""
+    from cvt.data import seeding
+
+    drawn = []
+    real_init = seeding.PerSampleSeeds.__init__
+
+    def recording_init(self, dataset, seed):
+        drawn.append(list(dataset.indices))
+        real_init(self, dataset, seed)
+
+    monkeypatch.setattr(seeding.PerSampleSeeds, "__init__", recording_init)
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        run(micro(tmp_path, name, epochs=1, seed=seed))
+    assert len(drawn[0]) == 64 and len(set(drawn[0])) == 64 and drawn[0] != list(range(64))
+    assert drawn[0] == drawn[1] and drawn[0] != drawn[2]
+
+
 def test_lr_scaling_and_schedule():
     cfg = resolve_config(None, {"lr": 2.5e-4, "lr_base_batch": 256, "epochs": 10, "warmup_epochs": 1.0})
     assert effective_lr(cfg, 2048) == pytest.approx(2e-3)  # the official 8-GPU recipe
