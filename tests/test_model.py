@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -357,8 +359,11 @@ def test_reset_classifier() -> None:
     with pytest.raises(cvt.UsageError, match="global_pool must be"):
         model.reset_classifier(4, global_pool="max")
     # a negative or fractional class count used to give a silent identity head (features as "logits")
-    for bad in (-3, 2.5, True):
-        with pytest.raises(cvt.UsageError, match=f"num_classes must be a whole number >= 0.*got {bad!r}"):
+    model.reset_classifier(1)  # a valid count first: True must still be refused after it (1 == True)
+    model.reset_classifier(4)
+    for bad in (-3, 2.5, True, [3]):
+        message = f"num_classes must be a whole number >= 0.*got {re.escape(repr(bad))}"
+        with pytest.raises(cvt.UsageError, match=message):
             model.reset_classifier(bad)
         with pytest.raises(cvt.UsageError, match="num_classes must be a whole number >= 0"):
             cvt.create_model("cvt_tiny", num_classes=bad)

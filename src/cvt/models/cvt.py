@@ -491,13 +491,13 @@ class CvT(nn.Module):
             stage.grad_checkpointing = enable
 
 
-@lru_cache(maxsize=64)
 def _check_num_classes(num_classes: int) -> None:
     """:class:`UsageError` for a class count that is not a whole number >= 0 (0: no classifier)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
         raise UsageError(f"num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}")
 
 
+@lru_cache(maxsize=64)
 def min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
     """Smallest ``(H, W)`` input for which every stage of ``specs`` keeps at least one token."""
 
