@@ -164,6 +164,34 @@ def test_environment_errors_are_one_line_not_internal(
     _assert_one_line(capsys.readouterr().err, "list", "No space left on device: 'runs/x/last.pt'")
 
 
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 9 B"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        MemoryError(),
+    ],
+    ids=["cpu-allocator", "cuda", "python"],
+)
+def test_out_of_memory_is_one_line_not_internal(
+    err: BaseException, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fail_with(monkeypatch, err)
+    assert main(["list"]) == 1
+    _assert_one_line(capsys.readouterr().err, "list", "error: out of memory (")
+
+
+def test_export_of_an_image_size_beyond_memory_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real allocation failure: the example input alone would need 240 GB."""
+    output = tmp_path / "huge.pt"
+    argv = ["export", "--model", "cvt_tiny", "--img-size", "100000", "--format", "torchscript"]
+    assert main([*argv, "--output", str(output)]) == 1
+    _assert_one_line(capsys.readouterr().err, "export", "can't allocate memory")
+    assert not output.exists()
+
+
 def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["list"]) == 130

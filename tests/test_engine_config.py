@@ -43,6 +43,16 @@ def test_flags_not_given_do_not_override():
     assert flags_from_args(parse(["--lr", "0.5", "--scale", "0.5", "1"])) == {"lr": 0.5, "scale": [0.5, 1.0]}
 
 
+def test_list_flags_read_their_items_as_the_option_declares(capsys: pytest.CaptureFixture[str]) -> None:
+    """``scale: list[float]`` takes fractions; ``decay_milestones: list[int]`` refuses them."""
+    milestones = flags_from_args(parse(["--decay-milestones", "30", "60"]))["decay_milestones"]
+    assert milestones == [30, 60] and all(type(m) is int for m in milestones)
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--decay-milestones", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--decay-milestones: invalid int value: '1.5'" in capsys.readouterr().err
+
+
 def test_every_option_has_a_flag_of_the_same_name():
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

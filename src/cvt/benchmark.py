@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvt.errors import CheckpointError, CvtError, UsageError
+from cvt.errors import CheckpointError, CvtError, UsageError, is_out_of_memory
 
 SUBJECTS: tuple[str, ...] = ("cvt", "hf", "official")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -304,14 +304,6 @@ def make_batch(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(cfg.device)
     return x, target
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure (CUDA OOM, or the CPU allocator giving up)."""
-    if isinstance(err, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def _oom_error(cfg: BenchConfig, err: BaseException) -> CvtError:

@@ -30,3 +30,13 @@ class CheckpointError(CvtError):
 
 class DataError(CvtError):
     """A data set folder or file that is missing, empty, or unreadable."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``,
+    or the CPU allocator's ``RuntimeError`` ("can't allocate memory"). Checked by name and text, so this
+    module stays free of torch (the CLI imports it before any command runs)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

@@ -5,9 +5,10 @@ which adds its parser and sets ``func``; heavy imports happen inside the command
 stays fast.
 
 Error contract (``tests/test_cli_errors.py``): expected errors (:class:`~cvt.errors.CvtError`) and
-environment failures (``OSError``: a full disk, a folder that cannot be written) print one line
-``cvt <command>: error: ...`` on stderr and exit 1 (2 for usage errors, as argparse does);
-any other exception is a bug and prints one ``internal error`` line with a hint; Ctrl-C exits 130.
+environment failures (``OSError``: a full disk, a folder that cannot be written; running out of
+memory) print one line ``cvt <command>: error: ...`` on stderr and exit 1 (2 for usage errors, as
+argparse does); any other exception is a bug and prints one ``internal error`` line with a hint;
+Ctrl-C exits 130.
 Warnings print as one line ``cvt <command>: warning: ...``. ``--debug`` (before or after the
 command) shows the full traceback and Python's own warning format instead.
 """
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 
 from cvt import __version__
-from cvt.errors import CvtError
+from cvt.errors import CvtError, is_out_of_memory
 
 # subcommand modules under cvt.cli, in the order `cvt --help` lists them
 COMMAND_MODULES: tuple[str, ...] = (
@@ -78,6 +79,12 @@ def report_error(command: str, err: Exception) -> int:
         return err.exit_code
     if isinstance(err, OSError):  # the environment, not the code: a full disk, a read-only folder
         print(f"cvt {command}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    if is_out_of_memory(err):  # the input, not the code: an image size or batch this machine cannot hold
+        print(
+            f"cvt {command}: error: out of memory ({one_line(err)}): use a smaller image size or batch",
+            file=sys.stderr,
+        )
         return 1
     what = ": ".join(filter(None, (type(err).__name__, one_line(err))))
     print(

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from cvt.engine.config import FIELDS, field_help, field_type
+from cvt.engine.config import FIELDS, field_help, field_type, list_item_type
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -44,7 +44,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, hidden: Collection[str]
         elif kind is dict:
             parser.add_argument(flag, nargs="+", type=_key_value, metavar="KEY=VALUE", **common)
         elif kind is list:
-            parser.add_argument(flag, nargs="+", type=float if name == "scale" else int, **common)
+            parser.add_argument(flag, nargs="+", type=list_item_type(name), **common)
         else:
             parser.add_argument(flag, type=kind, metavar=name.upper(), **common)
 

@@ -164,6 +164,12 @@ def field_type(name: str) -> Any:
     return typing.get_origin(hint) or hint
 
 
+def list_item_type(name: str) -> type:
+    """The item type of a list option (``list[float]`` → ``float``)."""
+    (item,) = typing.get_args(_HINTS[name])
+    return item
+
+
 def _fits(value: Any, want: type) -> bool:
     """Whether ``value`` can stand for a ``want``: an int does for a float, a bool only for a bool."""
     if isinstance(value, bool):
@@ -185,7 +191,7 @@ def _check_value(key: str, value: Any) -> Any:
         )
     if want is list:
         # the range checks of validate() compare the items: a string among them is refused here, by name
-        (item,) = typing.get_args(hint)
+        item = list_item_type(key)
         bad = [v for v in value if not _fits(v, item)]
         if bad:
             raise UsageError(
