@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import sys
+import threading
 
 import pytest
 import torch
@@ -272,9 +274,9 @@ def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
     x = images()
     with torch.no_grad():
         model(x)
-        cached = mlp._scaled._value
+        cached = mlp._scaled.cached
         model(x)
-        assert mlp._scaled._value is cached  # no recomputation while nothing changed
+        assert mlp._scaled.cached is cached  # no recomputation while nothing changed
 
     # in-place update (an optimizer step)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -284,7 +286,7 @@ def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
-        assert mlp._scaled._value is not cached
+        assert mlp._scaled.cached is not cached
 
     # load_state_dict (copies into the same tensors) and a BatchNorm buffer changed in place
     other = tiny_model("avg", cls=True, seed=5)
@@ -322,6 +324,70 @@ def test_batchnorm_statistics_moved_by_a_train_mode_forward_refold_the_projectio
     for bn in batchnorms:
         bn.train()
     torch.testing.assert_close(adapted, reference_logits(model, 3 * x + 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_optimizer_steps_refresh_the_cached_weights(autocast: bool) -> None:
+    """``AdamW(fused=True)`` updates the parameters without moving their version counters; a model
+    kept in eval mode (frozen BatchNorm) between steps must not run on the weights of before them."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    x = images()
+
+    def logits(m: nn.Module) -> torch.Tensor:  # autocast around the forward only, as PyTorch asks
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return m(x)
+
+    for _ in range(2):
+        before = logits(model)  # caches the folded, scaled and (under autocast) cast weights
+        model(x).square().mean().backward()  # a graph: the cache is not used
+        opt.step()
+        opt.zero_grad()
+        after = logits(model)
+        assert (after - before).abs().max() > 0.05  # the step moved the logits
+        torch.testing.assert_close(after, logits(copy.deepcopy(model)), rtol=0, atol=0)  # empty cache
+
+
+def test_a_model_made_or_converted_under_inference_mode_runs() -> None:
+    """Inference tensors have no version counter, so the cache cannot key on them: it recomputes."""
+    x = images()
+    with torch.no_grad():
+        expected = tiny_model("dw_bn", cls=True).eval()(x)
+    with torch.inference_mode():
+        made_there = tiny_model("dw_bn", cls=True).eval()
+        assert made_there.stage1.blocks[0].attn.proj.weight.is_inference()
+        for _ in range(2):  # the second call would read the cache
+            torch.testing.assert_close(made_there(x), expected, rtol=0, atol=0)
+        converted = tiny_model("dw_bn", cls=True).eval().double()
+        torch.testing.assert_close(converted(x.double()).float(), expected, rtol=0, atol=1e-5)
+
+
+def test_threads_sharing_a_cache_each_get_the_tensors_of_their_own_sources() -> None:
+    """``nn.DataParallel`` replicas share their modules' caches and run in threads: a thread must never
+    get back the tensors another thread has just computed from its own sources."""
+    shared = layers.DerivedWeights()
+    common = tuple(torch.zeros(1) for _ in range(100))  # a long key: a wide window between writes
+    sources = [(torch.full((4,), float(i)), *common) for i in range(2)]
+    wrong: list[int] = []
+
+    def call(i: int) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            for _ in range(500):
+                (value,) = shared.get(sources[i], lambda i=i: (sources[i][0] * 2,))
+                if value[0].item() != 2 * i:
+                    wrong.append(i)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible (the old code: ~40 % wrong)
+    try:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert not wrong
 
 
 def test_mode_switch_drops_weights_derived_before_an_edit_through_data() -> None:
@@ -440,10 +506,10 @@ def test_attention_linears_keep_their_autocast_copies_between_calls() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             out = proj(x)
-            cached = proj._cast._value
+            cached = proj._cast.cached
             assert cached[0].dtype == torch.bfloat16
             proj(x)
-            assert proj._cast._value is cached
+            assert proj._cast.cached is cached
             torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
         proj(x).sum().backward()  # a graph: autograd reaches the fp32 parameters
     assert proj.weight.grad is not None and proj.weight.grad.dtype == torch.float32

@@ -53,6 +53,40 @@ def test_feature_extractor_drops_the_head() -> None:
     assert net.feature_info.channels() == [64]
 
 
+def test_feature_extractor_keeps_only_the_stages_it_reads() -> None:
+    """timm prunes the stages past the last index: a parameter left unused fails DDP's reduction."""
+    torch.manual_seed(0)
+    full = cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 1, 2)).eval()
+    torch.manual_seed(0)
+    net = cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 1)).eval()
+    assert not any(name.startswith("model.stage2.") for name, _ in net.named_parameters())
+    assert net.feature_info.channels() == [32, 64] and net.model.num_features == 64
+    images = torch.randn(2, 3, 32, 24)
+    maps = net(images)
+    with torch.no_grad():
+        for got, want in zip(maps, full(images)[:2], strict=True):  # same seed: the same first stages
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    sum(m.square().mean() for m in maps).backward()
+    assert all(p.grad is not None for p in net.parameters())  # every kept parameter is used
+
+
+def test_pruning_a_classifier_to_earlier_stages() -> None:
+    model = cvt.create_model("cvt_tiny", num_classes=5)
+    with pytest.raises(cvt.UsageError, match="prune_head=False keeps the head, which reads stage 2"):
+        model.prune_intermediate_layers((0, 1), prune_head=False)
+    assert model.num_stages == 3 and model.num_classes == 5  # nothing changed
+    assert model.prune_intermediate_layers(2, prune_head=False) == [1, 2]  # the last stage stays
+    assert model.num_classes == 5 and isinstance(model.norm, torch.nn.LayerNorm)
+    assert model.prune_intermediate_layers([0]) == [0]
+    assert model.num_stages == 1 and not hasattr(model, "stage1") and model.global_pool == ""
+    assert isinstance(model.norm, torch.nn.Identity)  # the final norm fitted the removed last stage
+    x = torch.randn(1, 3, 32, 32)
+    tokens = model.forward_features(x)  # the one stage left, unnormed
+    assert tokens.shape == (1, 16 * 16, 32)
+    (stage_map,) = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    torch.testing.assert_close(stage_map, tokens.transpose(1, 2).reshape(1, 32, 16, 16))
+
+
 def test_out_indices_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(cvt.UsageError, match=r"stage indices \(0, 3\) out of range for a 3-stage model"):
         cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))  # refused when built

@@ -214,8 +214,10 @@ class CvT(nn.Module):
         stages: one :class:`StageSpec` per stage.
         num_classes: classifier outputs; 0 gives an identity head (features only).
         in_chans: input channels.
-        img_size: the training input size ``(H, W)``; sizes the position embeddings and
-            ``pretrained_cfg``. Other sizes still work (position embeddings are interpolated).
+        img_size: the training input size ``(H, W)``; sizes the position embeddings. Other sizes
+            still work (position embeddings are interpolated). ``pretrained_cfg`` keeps the size the
+            variant's weights were published at, as in timm; ``cvt.data.resolve_data_config`` reads
+            the model's own.
         act: MLP activation, ``quick_gelu`` (official checkpoints) or ``gelu`` (transformers' port).
         norm_eps: LayerNorm epsilon (1e-5 in the official code).
         init: ``trunc_norm`` (std 0.02) or ``xavier``, as the official ``MODEL.INIT``.
@@ -414,15 +416,31 @@ class CvT(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Validate ``indices`` for a feature extractor and drop what it never uses (timm's interface).
+        """Keep only what the feature maps at ``indices`` need (timm's interface); returns the indices.
 
-        Stages past the last index are skipped by ``forward_intermediates(..., intermediates_only=True)``
-        already; the head (and, with ``prune_norm``, the final norm) are replaced by identities.
+        Stages past the last index are removed, so no parameter goes unused (DDP refuses those); the
+        final norm, which fits the last stage only, goes with them (or with ``prune_norm``); with
+        ``prune_head`` the head becomes an identity with no pooling (``reset_classifier(0, '')``).
         """
         take = self._stage_indices(indices)
+        keep = max(take) + 1
+        drops_stages = keep < self.num_stages
+        if drops_stages and not prune_head:
+            raise UsageError(
+                f"prune_head=False keeps the head, which reads stage {self.num_stages - 1}; indices "
+                f"{indices!r} would remove that stage"
+            )
         if prune_head:
-            self.reset_classifier(0)
-        if prune_norm:
+            self.reset_classifier(0, "")
+        if drops_stages:
+            for i in range(keep, self.num_stages):
+                delattr(self, f"stage{i}")
+            self.stage_specs = self.stage_specs[:keep]
+            self.feature_info = self.feature_info[:keep]
+            self.num_stages = keep
+            self.has_cls_token = self.stage_specs[-1].cls_token
+            self.num_features = self.head_hidden_size = self.stage_specs[-1].embed_dim
+        if prune_norm or drops_stages:
             self.norm = nn.Identity()
         return take
 

@@ -30,10 +30,11 @@ compare every one against the plain reference computation):
 
 Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
 graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor,
-BatchNorm statistics moved by a train-mode forward); ``train()`` and ``eval()`` drop them too, for
-edits through ``param.data`` that no version counter sees. A fast path that reads a submodule's
-parameters instead of calling it steps aside when that submodule has hooks or is not the plain layer
-it expects (pruned, parametrized, quantized, wrapped): the module then runs as itself.
+BatchNorm statistics moved by a train-mode forward, any ``torch.optim`` step, fused ones included);
+``train()`` and ``eval()`` drop them too, for edits through ``param.data`` that no version counter
+sees. A fast path that reads a submodule's parameters instead of calling it steps aside when that
+submodule has hooks or is not the plain layer it expects (pruned, parametrized, quantized, wrapped):
+the module then runs as itself.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 ProjectionMethod = Literal["dw_bn", "avg", "linear"]
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
@@ -99,18 +101,23 @@ class DerivedWeights:
 
     The cache is keyed on the identity, in-place version counter, storage, dtype and device of every
     source tensor (an optimizer step or ``load_state_dict`` bumps the version; ``.to()`` and
-    ``.double()`` keep the Parameter object and its version but give it new storage), and on the
-    autocast state: under autocast the cached copies are already in the autocast dtype, saving a cast
-    per call. With grad enabled or under ``torch.compile`` the tensors are recomputed on every call
-    (autograd must see them); under ``torch.jit.trace`` too, so the trace records the derivation,
-    not a frozen copy.
+    ``.double()`` keep the Parameter object and its version but give it new storage), on the number of
+    ``torch.optim`` steps taken in this process (fused optimizers, ``AdamW(fused=True)``, update
+    parameters without moving their version counters), and on the autocast state: under autocast the
+    cached copies are already in the autocast dtype, saving a cast per call. With grad enabled or under
+    ``torch.compile`` the tensors are recomputed on every call (autograd must see them); under
+    ``torch.jit.trace`` too, so the trace records the derivation, not a frozen copy; and for inference
+    tensors (made under ``torch.inference_mode``), which have no version counter.
+    The entry is read and replaced as one object, so modules called from several threads at once
+    (``nn.DataParallel`` replicas share this object) each get the tensors of their own sources.
     Not pickled and not deep-copied: a copy starts empty.
     """
 
+    optimizer_steps = 0  # counted by a post-hook on every torch.optim optimizer's step()
+
     def __init__(self) -> None:
-        self._sources: list[tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = []
-        self._state: tuple[Any, ...] = ()
-        self._value: tuple[torch.Tensor, ...] = ()
+        # (state, [(weak source, its key)], value), or None before the first call
+        self._entry: tuple[tuple[Any, ...], list[tuple[weakref.ref, tuple[Any, ...]]], Any] | None = None
 
     def get(
         self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
@@ -118,20 +125,33 @@ class DerivedWeights:
         """``compute()``, or its cached result when the sources and autocast state are unchanged."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return compute()
+        if any(t.is_inference() for t in sources):
+            return compute()
         cast_to = autocast_dtype(sources[0].device.type)
-        state = (cast_to,)
-        fresh = state == self._state and len(sources) == len(self._sources)
-        fresh = fresh and all(
-            ref() is t and key == self._key(t) for (ref, key), t in zip(self._sources, sources, strict=True)
-        )
-        if not fresh:
-            value = compute()
-            if cast_to is not None:
-                value = tuple(v.to(cast_to) if v.is_floating_point() else v for v in value)
-            self._value = value
-            self._sources = [(weakref.ref(t), self._key(t)) for t in sources]
-            self._state = state
-        return self._value
+        state = (cast_to, DerivedWeights.optimizer_steps)
+        entry = self._entry  # one read: another thread may replace the entry meanwhile
+        if entry is not None and entry[0] == state and self._same_sources(entry[1], sources):
+            return entry[2]
+        value = compute()
+        if cast_to is not None:
+            value = tuple(v.to(cast_to) if v.is_floating_point() else v for v in value)
+        self._entry = (state, [(weakref.ref(t), self._key(t)) for t in sources], value)
+        return value
+
+    @property
+    def cached(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors kept from the last :meth:`get` that could keep them, or None."""
+        entry = self._entry
+        return None if entry is None else entry[2]
+
+    @classmethod
+    def _same_sources(
+        cls, recorded: list[tuple[weakref.ref, tuple[Any, ...]]], sources: tuple[torch.Tensor, ...]
+    ) -> bool:
+        """Whether ``sources`` are the recorded tensors, unchanged since."""
+        if len(recorded) != len(sources):
+            return False
+        return all(ref() is t and key == cls._key(t) for (ref, key), t in zip(recorded, sources, strict=True))
 
     @staticmethod
     def _key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -139,13 +159,20 @@ class DerivedWeights:
 
     def clear(self) -> None:
         """Forget the cached tensors: the next :meth:`get` computes them anew."""
-        self.__init__()
+        self._entry = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    DerivedWeights.optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class CachesDerivedWeights(nn.Module):
