@@ -226,6 +226,78 @@ def test_resume_takes_the_optimizer_settings_given_on_resume(tmp_path, monkeypat
     assert optimizer_state["state"]  # the moments were carried over, not reset
 
 
+def test_resume_keeps_the_global_batch_and_converts_the_position_to_another_split(
+    tmp_path, monkeypatch, no_curves
+):
+    """The schedule counts steps of the saved global batch: another global batch is refused; the same
+    one split otherwise (more accumulation, fewer processes) continues with the samples not yet used."""
+    snapshots, order = {}, {}  # step -> last.pt bytes; run folder name -> indices drawn per epoch
+
+    def save_and_keep(obj, path):
+        atomic_torch_save(obj, path)
+        if path.name == "last.pt":
+            snapshots.setdefault(obj["step"], path.read_bytes())
+
+    class RecordingSampler(ResumableSampler):
+        def __iter__(self):
+            indices = list(super().__iter__())
+            order.setdefault(self.run, {})[self.epoch] = indices
+            return iter(indices)
+
+    def sampler(*args, **kwargs):
+        recording = RecordingSampler(*args, **kwargs)
+        recording.run = "resumed" if snapshots else "full"
+        return recording
+
+    monkeypatch.setattr("cvt.engine.trainer.atomic_torch_save", save_and_keep)
+    monkeypatch.setattr("cvt.engine.trainer.ResumableSampler", sampler)
+    run(micro(tmp_path, save_every_steps=3))  # 4 steps of 16 images per epoch; saved at step 3
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes(snapshots[3])  # 3 batches of epoch 1 done
+    with pytest.raises(CheckpointError, match=r"global batch of 16 \(batch size 16 x 1 process\(es\) x 1"):
+        run({"resume": str(resumed / "last.pt"), "batch_size": 8})
+    summary = run({"resume": str(resumed / "last.pt"), "batch_size": 8, "accum_steps": 2})
+    assert summary["steps"] == 8  # the same schedule: 4 steps of 16 images per epoch
+    assert order["resumed"][0] == order["full"][0][48:]  # the 16 images epoch 1 had left, no repeats
+    assert order["resumed"][1] == order["full"][1]
+
+
+def test_resume_reads_neither_the_finetune_file_nor_the_published_weights(tmp_path, monkeypatch, no_curves):
+    """The checkpoint holds every weight; the file or hub weights a run started from may be gone."""
+    run(micro(tmp_path, "source", epochs=1))
+    start = tmp_path / "start.pt"
+    (tmp_path / "source" / "last.pt").rename(start)
+    asked = []
+
+    def offline_create_model(name, pretrained=False, **kwargs):  # no hub here: record what was asked
+        asked.append(pretrained)
+        return create_model(name, **kwargs)
+
+    monkeypatch.setattr("cvt.models.create_model", offline_create_model)
+    run(micro(tmp_path, epochs=1, finetune=str(start), pretrained=True))
+    start.unlink()  # moved away after the run started from it
+    summary = run({"epochs": 2, "output": str(tmp_path / "run"), "resume": "auto"})
+    assert summary["steps"] == 8
+    assert asked == [True, False]
+
+
+def test_resume_into_a_new_folder_takes_best_pt_along(tmp_path, no_curves):
+    """The new folder's best.pt and summary keep meaning the best epoch so far: the source run's
+    best.pt comes along; without it the best is counted from the epochs trained there (warned)."""
+    run(micro(tmp_path, "a", epochs=1))
+    summary = run({"resume": str(tmp_path / "a" / "last.pt"), "output": str(tmp_path / "b")})  # no epoch left
+    assert (tmp_path / "b" / "best.pt").read_bytes() == (tmp_path / "a" / "best.pt").read_bytes()
+    assert summary["best_epoch"] == 1
+
+    (tmp_path / "a" / "best.pt").unlink()  # only last.pt was kept
+    with pytest.warns(UserWarning, match="no best.pt of the best epoch so far .* from here on"):
+        summary = run({"resume": str(tmp_path / "a" / "last.pt"), "output": str(tmp_path / "c"), "epochs": 2})
+    assert summary["best_epoch"] == 2
+    best = torch.load(tmp_path / "c" / "best.pt", weights_only=True)
+    assert (best["epoch"], best["best_top1"]) == (2, summary["best_top1"])
+
+
 def test_an_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path, no_curves):
     """decay 1 freezes the EMA where it started: at the epoch-1 weights, not at a fresh initialisation."""
     run(micro(tmp_path, epochs=1))

@@ -12,7 +12,8 @@ depends only on ``(seed, epoch)`` (:class:`~cvt.engine.sampler.ResumableSampler`
 restarted from ``last.pt`` — even one written mid-epoch by ``--save-every-steps`` — continues with
 the very batches, augmentations and dropout masks of the uninterrupted run (bit-exact on CPU with
 ``--deterministic``, with any number of workers: augmentations are seeded per sample,
-:mod:`cvt.data.seeding`).
+:mod:`cvt.data.seeding`). The global batch must stay the saved one (its steps are what the schedule
+and the position count); its split into processes and accumulation steps may change.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from cvt.engine.rundir import (
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save, capture_rng, load_train_checkpoint, restore_rng
 from cvt.errors import CheckpointError, CvtError, UsageError
+from cvt.fileio import atomic_write_bytes
 
 
 class NonFiniteLossError(CvtError):
@@ -117,13 +120,16 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The variant with the data set's class count, optionally started from ``finetune`` weights."""
+def _build_model(cfg: TrainConfig, num_classes: int, resuming: bool) -> nn.Module:
+    """The variant with the data set's class count, started from the published weights or ``finetune``
+    weights when asked, unless ``resuming``: the checkpoint holds every weight, and the file or hub
+    weights the run started from may be gone (moved, offline)."""
     from cvt.models import create_model
 
     overrides = run_model_kwargs(cfg.model_args, cfg.img_size)
-    model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **overrides)
-    if cfg.finetune:
+    pretrained = cfg.pretrained and not resuming
+    model = create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, **overrides)
+    if cfg.finetune and not resuming:
         _load_finetune(model, cfg.finetune)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -152,13 +158,14 @@ def _load_finetune(model: nn.Module, path: str) -> None:
 
 def _checkpoint(
     model: nn.Module, optimizer: Any, scaler: Any, ema: Any, cfg: TrainConfig, progress: dict[str, Any],
-    classes: list[str],
+    classes: list[str], world_size: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Everything a resumed run needs, as tensors and plain containers (``weights_only``-loadable).
 
     No scheduler state: the lr is a function of the step, and a resumed run follows its own options.
     """
     return {
+        "batch_geometry": dict(batch_size=cfg.batch_size, world_size=world_size, accum_steps=cfg.accum_steps),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -168,6 +175,55 @@ def _checkpoint(
         "classes": list(classes),
         **progress,  # epoch, batches_done, step, history, best_top1, epoch sums, train_seconds
     }
+
+
+def _resumed_position(resume: dict[str, Any], batches_done: int, cfg: TrainConfig, world_size: int) -> int:
+    """The resumed position in the epoch, in this run's batches per process.
+
+    The schedule counts optimizer steps and the data order is cut into global batches, so a run may
+    only continue with the global batch (batch size x processes x accumulation steps) it was saved
+    with; split otherwise (fewer processes, more accumulation), the samples already used are the same.
+    """
+    saved = resume.get("batch_geometry")
+    if saved is None:  # checkpoints of earlier versions: the geometry of the options they record
+        return batches_done
+    saved_global = saved["batch_size"] * saved["world_size"] * saved["accum_steps"]
+    global_batch = cfg.batch_size * world_size * cfg.accum_steps
+    if saved_global != global_batch:
+        raise CheckpointError(
+            f"the checkpoint to resume was trained with a global batch of {saved_global} (batch size "
+            f"{saved['batch_size']} x {saved['world_size']} process(es) x {saved['accum_steps']} "
+            f"accumulation step(s)), this run has {global_batch} ({cfg.batch_size} x {world_size} x "
+            f"{cfg.accum_steps}): its lr schedule and data position count steps of {saved_global} images; "
+            f"resume with the same global batch, or start a new run from it with --finetune"
+        )
+    # saves happen at step boundaries, so the samples used fill whole batches of the new split
+    return batches_done * saved["batch_size"] * saved["world_size"] // (cfg.batch_size * world_size)
+
+
+def _first_epoch_with(history: list[dict[str, float]], top1: float) -> int:
+    """The first epoch of ``history`` that reached ``top1`` (0 when none did)."""
+    return next((row["epoch"] for row in history if row["top1"] == top1), 0)
+
+
+def _carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> None:
+    """A run resumed into another folder takes the source run's ``best.pt`` along, so that the new
+    folder's ``best.pt`` and summary keep meaning the best epoch so far. Without a ``best.pt`` of that
+    best beside the checkpoint, the best is counted anew from the epochs trained here (warned)."""
+    if progress["best_top1"] < 0 or resume_from.resolve().parent == run_dir.resolve():
+        return
+    source = resume_from.parent / "best.pt"
+    if source.is_file():
+        best = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        if best.get("best_top1") == progress["best_top1"]:
+            atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
+            return
+    warnings.warn(
+        f"no best.pt of the best epoch so far (top-1 {progress['best_top1']:.2f}) beside {resume_from}: "
+        f"best.pt in {run_dir} will be the best of the epochs trained from here on",
+        stacklevel=2,
+    )
+    progress.update(best_top1=-1.0, best_epoch=0)
 
 
 def _recorded_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
@@ -304,7 +360,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
 
     # ---- model (the raw `model` is what checkpoints and evaluation see)
     _seed_everything(cfg.seed)  # same initial weights on every rank
-    model = _build_model(cfg, num_classes)
+    model = _build_model(cfg, num_classes, resuming=resume is not None)
     data_cfg = resolve_data_config(model, cfg.dataset)
     train_set.transform = build_transform(data_cfg, train=True, aug=aug)
     val_set.transform = build_transform(data_cfg, train=False)
@@ -349,8 +405,8 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
 
     # ---- where we are: fresh, or restored from a checkpoint
     progress: dict[str, Any] = dict(
-        epoch=0, batches_done=0, step=0, history=[], best_top1=-1.0, epoch_loss_sum=0.0, epoch_samples=0,
-        train_seconds=0.0, skipped_steps=0,
+        epoch=0, batches_done=0, step=0, history=[], best_top1=-1.0, best_epoch=0, epoch_loss_sum=0.0,
+        epoch_samples=0, train_seconds=0.0, skipped_steps=0,
     )  # fmt: skip
     pending_rng: dict[str, Any] | None = None
     if resume is not None:
@@ -370,6 +426,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
         progress.update({k: resume[k] for k in progress if k in resume})
+        if "best_epoch" not in resume:  # checkpoints of earlier versions: the first epoch of the best top-1
+            progress["best_epoch"] = _first_epoch_with(progress["history"], progress["best_top1"])
+        progress["batches_done"] = _resumed_position(resume, progress["batches_done"], cfg, env.world_size)
         # the lr of the resumed step from this run's options, which may change --epochs, --lr, --sched …
         scheduler.step_update(progress["step"])
         if env.is_main:
@@ -394,6 +453,8 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     if env.is_main:
         # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
         prepare_run_dir(run_dir, replace)
+        if resume_from is not None:
+            _carry_best(resume_from, run_dir, progress)
         write_config(run_dir, _recorded_config(cfg, model))
         # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
         tb = TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resume else None)
@@ -405,7 +466,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         )
 
     def save(name: str) -> None:
-        atomic_torch_save(_checkpoint(model, optimizer, scaler, ema, cfg, progress, classes),
+        atomic_torch_save(_checkpoint(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size),
                           run_dir / name)  # fmt: skip
 
     session_start = time.perf_counter()
@@ -509,7 +570,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
             progress["train_seconds"] = seconds_before + time.perf_counter() - session_start
             is_best = result.top1 > progress["best_top1"]
             if is_best:
-                progress["best_top1"] = result.top1
+                progress.update(best_top1=result.top1, best_epoch=epoch + 1)
             if env.is_main:
                 if is_best:
                     save("best.pt")
@@ -526,7 +587,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                 )
 
     history = progress["history"]
-    best_epoch = max(history, key=lambda r: r["top1"])["epoch"] if history else 0
+    best_epoch = progress["best_epoch"]  # the epoch best.pt holds
     summary = {
         "best_top1": progress["best_top1"],
         "best_epoch": best_epoch,
