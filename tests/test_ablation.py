@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +70,8 @@ def test_variant_overrides_build_the_intended_stages() -> None:
     linear = build_variant("cvt_tiny", variants["token_embed", "linear, no PE"])
     assert [(s.patch_size, s.patch_stride, s.patch_padding) for s in linear.stage_specs] == [(2, 2, 0)] * 3
     conv = build_variant("cvt_tiny", variants["token_embed", "conv, no PE"])
-    # non-overlapping patches keep the token grids: only the embedding's receptive field changes
+    # at 32 (a multiple of every stride) non-overlapping patches keep the token grids: only the
+    # embedding's receptive field changes
     x = torch.randn(1, 3, 32, 32)
     assert [m.shape for m in linear.forward_intermediates(x, intermediates_only=True)] == [
         m.shape for m in conv.forward_intermediates(x, intermediates_only=True)
@@ -241,6 +244,8 @@ def test_every_variant_folder_is_checked_before_the_first_trains(tmp_path, monke
     [
         (["--resume", "auto"], "--resume does not apply to cvt ablate: an ablation is not resumed"),
         (["--name", "mine"], "--name does not apply to cvt ablate: each variant's run folder is named"),
+        (["--finetune", "best.pt"], "--finetune does not apply to cvt ablate: the variants change the arch"),
+        (["--pretrained"], "--pretrained does not apply to cvt ablate: the variants change the arch"),
         (["--json"], "--json needs --dry-run"),
     ],
 )
@@ -258,3 +263,177 @@ def test_help_leaves_out_the_train_options_it_refuses(capsys) -> None:
     shown = capsys.readouterr().out
     assert "--epochs" in shown and "--overwrite" in shown  # the budget's options are listed
     assert "--resume" not in shown and "--name" not in shown
+    assert "--finetune" not in shown and "pretrained" not in shown
+
+
+def test_model_args_are_checked_at_the_img_size(capsys) -> None:
+    """4x4 patches need 64 px; at the default 32 the base with these model_args does not build."""
+    patches = {"patch_stride": 4, "patch_size": 4, "patch_padding": 0}
+    argv = ["ablate", "--dry-run", "--family", "kv_stride", "--img-size", "64", "--json", "--model-args"]
+    assert main([*argv, *(f"{k}={v}" for k, v in patches.items())]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    stride_2 = ablation_variants(_tiny_stages(), ["kv_stride"])[1]
+    with torch.device("meta"):
+        model = build_variant("cvt_tiny", stride_2, 10, 64, patches)
+    assert rows[1]["params"] == cvt.count_params(model) and len(rows) == 2
+
+    def fake_train(variant: Variant) -> dict[str, float]:
+        return {"top1": 50.0, "train_seconds": 1.0}
+
+    trained = run_ablation("cvt_tiny", ["kv_stride"], fake_train, 10, img_size=64, model_args=patches)
+    assert [r.top1 for r in trained] == [50.0, 50.0]
+
+
+def test_dry_run_counts_the_head_training_gives(tmp_path, capsys) -> None:
+    """Without --num-classes the head has the data set's class count, as in training."""
+    head = 128 + 1  # cvt_tiny's head: 128 features and a bias per class
+
+    def params(*options: str) -> int:
+        assert main(["ablate", "--dry-run", "--family", "kv_stride", "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out)[1]["params"]
+
+    assert params() == 566_218  # cvt_tiny's own default is digits' 10 classes
+    assert params("--dataset", "cifar100") == 566_218 + 90 * head  # no CIFAR files needed
+    for name in ("a", "b", "c", ".hidden"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    folder = ["--dataset", "imagefolder", "--data-dir", str(tmp_path)]
+    assert params(*folder) == 566_218 - 7 * head  # 3 class folders
+    assert params(*folder, "--num-classes", "5") == 566_218 - 5 * head
+    with pytest.warns(UserWarning, match=r"no class folders in .*nowhere.train: counted cvt_tiny with its "
+                      r"default head of 10 classes"):  # fmt: skip
+        assert params("--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")) == 566_218
+    assert main(["ablate", "--dry-run", "--dataset", "mnist"]) == 2
+    assert "dataset must be one of digits, cifar10, cifar100, imagefolder" in capsys.readouterr().err
+
+    from cvt.ablation.training import FIXED_CLASS_COUNTS
+    from cvt.data import build_dataset
+
+    assert len(build_dataset("digits", None, "train").classes) == FIXED_CLASS_COUNTS["digits"] == 10
+
+
+def test_starting_weights_are_refused_from_a_recipe_too(tmp_path) -> None:
+    out = tmp_path / "ablation"
+    for weights in ({"finetune": "best.pt"}, {"pretrained": True}):
+        budget = replace(ABLATION_DEFAULTS, output=str(out), **weights)
+        with pytest.raises(cvt.UsageError, match="do not apply to an ablation: its variants change the arch"):
+            train_ablation(budget, ["kv_stride"], verbose=False)
+    assert not out.exists()
+
+
+def test_an_overwrite_run_leaves_no_report_of_the_runs_it_replaces(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "ablation"
+    out.mkdir()
+    for name in ("ablation.md", "ablation.csv", "ablation.png"):
+        (out / name).write_text("the earlier ablation")
+    budget = replace(ABLATION_DEFAULTS, output=str(out), overwrite=True)
+    with pytest.raises(cvt.UsageError, match="unknown ablation family"):  # a check fails: nothing touched
+        train_ablation(budget, ["kv_strid"], verbose=False)
+    assert (out / "ablation.md").read_text() == "the earlier ablation"
+
+    def fail(cfg) -> dict[str, float]:
+        raise cvt.DataError("the data went away")
+
+    monkeypatch.setattr("cvt.ablation.training.train_variant", fail)
+    with pytest.raises(cvt.DataError, match="the data went away"):
+        train_ablation(budget, ["kv_stride"], verbose=False)
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_diverging_variant_is_a_row_and_the_others_still_train(tmp_path, monkeypatch, capsys) -> None:
+    from cvt.engine import NonFiniteLossError
+
+    def fake_train(cfg) -> dict:
+        if cfg.model_args["stride_kv"] == 1:
+            raise NonFiniteLossError("non-finite loss (nan) at step 7 (epoch 1, batch 7); lower --lr", step=7)
+        return {"final_top1": 90.0, "train_seconds": 2.0}
+
+    monkeypatch.setattr("cvt.engine.train", fake_train)
+    out = tmp_path / "ablation"
+    with pytest.warns(
+        UserWarning, match=r"1 variant\(s\) diverged \(non-finite loss\): kv_stride / stride 1"
+    ):
+        assert main(["ablate", "--family", "kv_stride", "--output", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "ablation kv_stride / stride 1: diverged (step 7) in 0 s" in shown
+    assert "| kv_stride | stride 1 | 0.566M | 0.02087 | diverged (step 7) |" in shown
+    assert "| diverged (step 7) |" in (out / "ablation.md").read_text()
+    with open(out / "ablation.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["top1"], r["diverged_step"]) for r in table] == [("", "7"), ("90.0", "")]
+    assert (out / "ablation.png").stat().st_size > 0
+
+    def data_error(cfg) -> dict:  # any other error still stops the ablation
+        raise cvt.DataError("unreadable image")
+
+    monkeypatch.setattr("cvt.engine.train", data_error)
+    with pytest.raises(cvt.DataError, match="unreadable image"):
+        train_ablation(replace(ABLATION_DEFAULTS, output=str(tmp_path / "b")), ["kv_stride"], verbose=False)
+
+
+def test_train_variant_gives_the_step_a_real_run_diverged_at(tmp_path) -> None:
+    from cvt.ablation.training import train_variant
+
+    budget = replace(
+        ABLATION_DEFAULTS, epochs=1, train_subset=64, batch_size=32, img_size=16, lr=1e8, sched="constant",
+        warmup_epochs=0.0, output=str(tmp_path / "run"), device="cpu",
+    )  # fmt: skip
+    result = train_variant(budget)
+    assert result["diverged_step"] == 1 and "top1" not in result and result["train_seconds"] > 0
+
+
+def test_cli_family_can_be_repeated(capsys) -> None:
+    assert main(["ablate", "--dry-run", "--family", "pos_embed", "--family", "kv_stride", "--json"]) == 0
+    families = [r["family"] for r in json.loads(capsys.readouterr().out)]
+    assert families == ["pos_embed"] * 4 + ["kv_stride"] * 2
+
+
+def test_help_shows_the_defaults_of_an_ablation(capsys) -> None:
+    from cvt.engine.config import field_help
+
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "passes over the training set (default: 3)" in shown
+    assert "linear warm-up from warmup_lr (per step) (default: 0.25)" in shown
+    assert "default: runs/ablate-<model>-<dataset>" in shown
+    assert "(default: 30)" not in shown and "runs/<name>" not in shown
+    assert field_help("epochs") == "passes over the training set (default: 30)"  # cvt train's
+
+
+def test_variants_with_other_token_grids_are_warned() -> None:
+    with pytest.warns(UserWarning) as caught:
+        dry_run("cvt_tiny", ["token_embed"], img_size=28)  # 7 is odd: the stride-2 linear embedding gives 3
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "token_embed / linear, no PE", "token_embed / linear + PE",
+    ]  # fmt: skip
+    assert "token grids 14x14/7x7/3x3 differ from the base model's 14x14/7x7/4x4 at img_size 28x28" in str(
+        caught[0].message
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dry_run("cvt_tiny", ["token_embed"], img_size=32)  # a multiple of every stride: the same grids
+
+
+def test_empty_family_list_is_refused() -> None:
+    with pytest.raises(cvt.UsageError, match="no ablation family given"):
+        ablation_variants(_tiny_stages(), [])
+    with pytest.raises(cvt.UsageError, match="no ablation family given"):
+        dry_run("cvt_tiny", families=[])
+    assert len(ablation_variants(_tiny_stages(), None)) == 17
+
+
+@pytest.mark.slow
+def test_docs_show_what_the_dry_run_prints(capsys) -> None:
+    """docs/ablations.md's CvT-13 table is the command's output, and its count of the families that
+    hold the baseline is right."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ablations.md").read_text()
+    command = "cvt ablate --dry-run --model cvt_13 --img-size 224 --num-classes 1000"
+    assert f"`{command}`" in doc
+    assert main(command.split()[1:]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed in doc
+    stages = _tiny_stages()
+    holding = {
+        v.family for v in ablation_variants(stages) if build_variant("cvt_tiny", v).stage_specs == stages
+    }
+    assert len(holding) == 5 and "the baseline appears in five families" in " ".join(doc.split())

@@ -11,12 +11,19 @@ from cvt.cli.common import format_table
 
 CSV_COLUMNS: tuple[str, ...] = (
     "family", "variant", "params", "gmacs", "top1", "train_seconds", "paper_params_m", "paper_gflops",
-    "paper_top1",
+    "paper_top1", "diverged_step",
 )  # fmt: skip
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def top1_text(row: AblationRow) -> str:
+    """A row's top-1 for a table: ``93.6``, ``diverged (step 12)`` when its training diverged, or empty."""
+    if row.diverged_step is None:
+        return _fmt(row.top1, ".1f")
+    return f"diverged (step {row.diverged_step})"
 
 
 def markdown_table(rows: Sequence[AblationRow], with_results: bool = True) -> str:
@@ -27,7 +34,7 @@ def markdown_table(rows: Sequence[AblationRow], with_results: bool = True) -> st
     headers = ["family", "variant", "params", "GMACs", "top-1 %", "train s", "paper params M", "paper GFLOPs",
                "paper top-1 %"]  # fmt: skip
     body = [
-        [r.family, r.variant, f"{r.params / 1e6:.3f}M", f"{r.gmacs:.4g}", _fmt(r.top1, ".1f"),
+        [r.family, r.variant, f"{r.params / 1e6:.3f}M", f"{r.gmacs:.4g}", top1_text(r),
          _fmt(r.train_seconds, ".0f"), _fmt(r.paper.params_m, ".1f"), _fmt(r.paper.gflops, ".2f"),
          _fmt(r.paper.top1, ".1f")]
         for r in rows
@@ -60,10 +67,10 @@ def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
     values = [r.top1 or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     bars = ax.barh(range(len(rows)), values, color=[colours[r.family] for r in rows])
-    ax.bar_label(bars, labels=[_fmt(r.top1, ".1f") for r in rows], padding=2, fontsize=8)
+    ax.bar_label(bars, labels=[top1_text(r) for r in rows], padding=2, fontsize=8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()  # first variant on top, as in the table
-    low = min(values, default=0.0)
+    low = min((r.top1 for r in rows if r.top1 is not None), default=0.0)  # diverged rows: no bar
     ax.set_xlim(max(0.0, low - 10.0), 100.0)  # differences are a few points: don't start at 0
     ax.set_xlabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)

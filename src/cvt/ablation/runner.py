@@ -5,11 +5,14 @@ second per model). A training run gives every variant the same budget through a 
 (:func:`cvt.ablation.training.train_variant` by default). A variant's model is the base with the
 budget's ``model_args`` and then the variant's overrides, in both: sizes, costs and the check for
 variants that build the same model (the baseline appears in several families, measured and trained
-once) describe the model that is trained.
+once) describe the model that is trained. A variant whose token grids differ from the base model's at
+that image size (a linear token embedding where a stage's input side is not a multiple of its
+stride) is warned about.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -30,8 +33,9 @@ class AblationRow:
     params: int
     gmacs: float
     paper: PaperFigures
-    top1: float | None = None  # validation top-1 accuracy, %
+    top1: float | None = None  # validation top-1 accuracy, %; None when not trained or diverged
     train_seconds: float | None = None
+    diverged_step: int | None = None  # the step whose loss was NaN/Inf when its training diverged
 
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON/CSV-ready dict; the paper's figures become ``paper_params_m``, ``paper_gflops``…"""
@@ -54,10 +58,13 @@ def build_variant(
     return create_model(base, num_classes=num_classes, **{**(model_args or {}), **size, **variant.overrides})
 
 
-def _base_stages(base: str, model_args: Mapping[str, Any] | None) -> tuple[StageSpec, ...]:
-    """The stages the families start from: ``base`` with the budget's ``model_args``."""
-    with torch.device("meta"):
-        return create_model(base, **(model_args or {})).stage_specs
+def _grids(model: CvT) -> tuple[tuple[int, int], ...]:
+    """The token grid of each stage of ``model`` at its input size."""
+    return tuple(tuple(stage.pos_grid) for stage in model.stages)
+
+
+def _grid_text(grids: Sequence[tuple[int, int]]) -> str:
+    return "/".join(f"{h}x{w}" for h, w in grids)
 
 
 def _measure(
@@ -68,12 +75,22 @@ def _measure(
     model_args: Mapping[str, Any] | None,
 ) -> list[tuple[Variant, AblationRow, tuple[StageSpec, ...]]]:
     """Each variant with its row and its model's stages (equal stages: the same model)."""
-    variants = ablation_variants(_base_stages(base, model_args), families)
+    with torch.device("meta"):  # the families start from the base with model_args, at img_size
+        base_model = build_variant(base, Variant("base", "base"), num_classes, img_size, model_args)
+    variants = ablation_variants(base_model.stage_specs, families)
     measured: dict[tuple[StageSpec, ...], tuple[int, float]] = {}
     out = []
     for variant in variants:
         with torch.device("meta"):  # shapes only: counting needs no weights
             model = build_variant(base, variant, num_classes, img_size, model_args).eval()
+        if _grids(model) != _grids(base_model):
+            warnings.warn(
+                f"{variant.family} / {variant.name}: token grids {_grid_text(_grids(model))} differ from "
+                f"the base model's {_grid_text(_grids(base_model))} at img_size "
+                f"{model.img_size[0]}x{model.img_size[1]} (a stage's input side is not a multiple of its "
+                f"stride): its size, cost and accuracy are not those of the base's grids",
+                stacklevel=2,
+            )
         if model.stage_specs not in measured:
             gmacs = count_gmacs(model, model.img_size, model.in_chans)
             measured[model.stage_specs] = (count_params(model), gmacs)
@@ -95,10 +112,10 @@ def dry_run(
     num_classes: int | None = None,
     model_args: Mapping[str, Any] | None = None,
 ) -> list[AblationRow]:
-    """One row per variant of ``families`` (default all) with parameters and GMACs, nothing trained.
+    """One row per variant of ``families`` (None: all) with parameters and GMACs, nothing trained.
 
     ``model_args`` (model overrides shared by every variant, e.g. ``{"method": "avg"}``) are part of
-    each variant's model, as when it is trained.
+    each variant's model, as when it is trained; ``num_classes`` None counts the base's default head.
     """
     return [row for _, row, _ in _measure(base, families, img_size, num_classes, model_args)]
 
@@ -119,9 +136,10 @@ def run_ablation(
     """Train every variant with ``train_fn(variant) -> {"top1", "train_seconds"}``; one row each.
 
     ``train_fn`` builds ``base`` with ``model_args`` and the variant's overrides and holds the rest
-    of the budget (data, epochs, seed), so every variant gets the same one. Only the first variant of
-    each distinct model is trained; ``before_training`` gets those variants before the first trains
-    (it may refuse them), ``on_row`` each row once its variant is trained.
+    of the budget (data, epochs, seed), so every variant gets the same one; for a variant whose
+    training diverged it returns ``{"diverged_step", "train_seconds"}`` (a row without top-1). Only
+    the first variant of each distinct model is trained; ``before_training`` gets those variants before
+    the first trains (it may refuse them), ``on_row`` each row once its variant is trained.
     """
     measured = _measure(base, families, img_size, num_classes, model_args)
     first: dict[tuple[StageSpec, ...], Variant] = {}
@@ -135,7 +153,12 @@ def run_ablation(
         if specs not in results:  # the same model in another family: reuse its result
             results[specs] = train_fn(first[specs])
         result = results[specs]
-        row = replace(row, top1=float(result["top1"]), train_seconds=float(result["train_seconds"]))
+        if "diverged_step" in result:
+            row = replace(
+                row, diverged_step=int(result["diverged_step"]), train_seconds=float(result["train_seconds"])
+            )
+        else:
+            row = replace(row, top1=float(result["top1"]), train_seconds=float(result["train_seconds"]))
         trained.append(row)
         if on_row is not None:
             on_row(row)

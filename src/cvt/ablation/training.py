@@ -7,11 +7,13 @@ only adds its model overrides to ``model_args`` and gets its own run folder unde
 from __future__ import annotations
 
 import re
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from cvt.ablation.report import write_report
+from cvt.ablation.report import top1_text, write_report
 from cvt.ablation.runner import AblationRow, run_ablation
 from cvt.ablation.variants import Variant
 from cvt.engine.config import TrainConfig
@@ -21,6 +23,9 @@ from cvt.errors import DataError, UsageError
 # under 15 minutes on a 2-core CPU: 3 epochs each (8.9 min measured, 93.6% top-1 for the baseline),
 # with the warm-up shortened to a quarter epoch. docs/ablations.md has the measured run.
 ABLATION_DEFAULTS = TrainConfig(epochs=3, warmup_epochs=0.25)
+
+# data sets whose classes are fixed: their count needs none of their files (a dry run without the data)
+FIXED_CLASS_COUNTS: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 
 def variant_slug(variant: Variant) -> str:
@@ -53,6 +58,39 @@ def check_data(budget: TrainConfig) -> int:
     return len(train_set.classes)
 
 
+def class_count(budget: TrainConfig) -> int:
+    """The class count the variants' heads get, found without reading an image: ``num_classes``, the
+    fixed count of digits and CIFAR, or the class folders of an ImageFolder's ``train/`` (as training
+    finds them). When those cannot be listed (a dry run without the data), the base model's default,
+    with a warning that says so."""
+    import torch
+
+    from cvt.data.datasets import DATASETS, image_folder_classes
+    from cvt.models import create_model
+
+    if budget.num_classes:
+        return budget.num_classes
+    if budget.dataset in FIXED_CLASS_COUNTS:
+        return FIXED_CLASS_COUNTS[budget.dataset]
+    if budget.dataset != "imagefolder":
+        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {budget.dataset!r}")
+    train_dir = Path(budget.data_dir) / "train"
+    try:
+        found = image_folder_classes(train_dir)
+    except DataError:  # an unreadable folder: as good as none for counting
+        found = None
+    if found:
+        return len(found)
+    with torch.device("meta"):
+        default = create_model(budget.model).num_classes
+    warnings.warn(
+        f"found no class folders in {train_dir}: counted {budget.model} with its default head of {default} "
+        f"classes; pass --num-classes to count another",
+        stacklevel=2,
+    )
+    return default
+
+
 def check_variant_dirs(run_dirs: Sequence[Path], overwrite: bool) -> None:
     """Refuse (touching nothing) variant run folders that already hold something, unless ``overwrite``.
 
@@ -73,10 +111,18 @@ def check_variant_dirs(run_dirs: Sequence[Path], overwrite: bool) -> None:
 
 
 def train_variant(config: TrainConfig) -> dict[str, float]:
-    """Train one variant with the engine; its final validation top-1 (%) and training seconds."""
-    from cvt.engine import train
+    """Train one variant with the engine; its final validation top-1 (%) and training seconds.
 
-    summary = train(config)
+    A variant whose loss becomes NaN/Inf diverged: a result of the ablation, not an error of the run.
+    It gives ``diverged_step`` (the optimizer step whose loss was not finite) instead of a top-1.
+    """
+    from cvt.engine import NonFiniteLossError, train
+
+    start = time.perf_counter()
+    try:
+        summary = train(config)
+    except NonFiniteLossError as err:
+        return {"diverged_step": err.step, "train_seconds": time.perf_counter() - start}
     return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
 
 
@@ -94,9 +140,16 @@ def train_ablation(
     """Train every variant of ``families`` with ``budget``; the rows and the report files written.
 
     Variant runs go to ``<ablation dir>/<family>-<variant>/``. Refuses to replace an existing
-    report or variant run folder unless ``budget.overwrite``; checks the data can fill a batch, the
-    family names (in :func:`run_ablation`'s dry run) and every variant's folder before training anything.
+    report or variant run folder unless ``budget.overwrite``, and starting weights (``finetune``,
+    ``pretrained``); checks the data can fill a batch, the family names (in :func:`run_ablation`'s dry
+    run) and every variant's folder before training anything, then removes an earlier report. A
+    variant that diverges gets a row saying so (and a warning); the others still train.
     """
+    if budget.finetune or budget.pretrained:
+        raise UsageError(
+            "finetune and pretrained do not apply to an ablation: its variants change the architecture "
+            "(e.g. position embeddings), so no one set of weights loads into all of them"
+        )
     out_dir = ablation_dir(budget)
     existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
     if existing and not budget.overwrite:
@@ -109,13 +162,15 @@ def train_ablation(
         return train_variant(variant_config(budget, variant, out_dir / variant_slug(variant)))
 
     def announce(row: AblationRow) -> None:
-        if verbose:
-            print(
-                f"ablation {row.family} / {row.variant}: top-1 {row.top1:.2f}% in {row.train_seconds:.0f} s"
-            )
+        if not verbose:
+            return
+        result = f"top-1 {row.top1:.2f}%" if row.diverged_step is None else top1_text(row)
+        print(f"ablation {row.family} / {row.variant}: {result} in {row.train_seconds:.0f} s")
 
     def check_dirs(variants: list[Variant]) -> None:
         check_variant_dirs([out_dir / variant_slug(v) for v in variants], budget.overwrite)
+        for name in REPORT_FILES:  # an --overwrite run: no report of the runs it replaces survives it
+            (out_dir / name).unlink(missing_ok=True)
 
     rows = run_ablation(
         budget.model,
@@ -127,6 +182,13 @@ def train_ablation(
         model_args=budget.model_args,
         before_training=check_dirs,
     )
+    diverged = [f"{r.family} / {r.variant}" for r in rows if r.diverged_step is not None]
+    if diverged:
+        warnings.warn(
+            f"{len(diverged)} variant(s) diverged (non-finite loss): {', '.join(diverged)}; their rows "
+            f"have no top-1 (lower --lr or set --clip-grad to train them)",
+            stacklevel=2,
+        )
     title = (
         f"{budget.model} on {budget.dataset}: {budget.epochs} epoch(s) per variant, "
         f"batch {budget.batch_size}, lr {budget.lr:g}, seed {budget.seed}"

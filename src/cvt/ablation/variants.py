@@ -57,8 +57,10 @@ def token_embedding_family(stages: Sequence[StageSpec]) -> list[Variant]:
     """Table 6: convolutional (overlapping) vs. linear (non-overlapping patch) token embedding, ± PE.
 
     A linear patch embedding is a convolution whose kernel equals its stride, without padding: each
-    output token sees one disjoint patch, as in ViT. The strides, hence the token grids, stay the
-    base model's (56/28/14 at 224 for CvT-13), so only the embedding's receptive field changes.
+    output token sees one disjoint patch, as in ViT. The strides stay the base model's, and so do the
+    token grids when every stage's input side is a multiple of its stride (56/28/14 at 224 for CvT-13):
+    then only the embedding's receptive field changes. Otherwise the linear embedding drops the last
+    partial patch and a grid can be one token smaller (cvt_tiny at 28: 14/7/3 against 14/7/4).
     """
     linear = {"patch_size": tuple(s.patch_stride for s in stages), "patch_padding": 0}
     fam = "token_embed"
@@ -108,8 +110,13 @@ FAMILIES: dict[str, Callable[[Sequence[StageSpec]], list[Variant]]] = {
 
 
 def ablation_variants(stages: Sequence[StageSpec], families: Sequence[str] | None = None) -> list[Variant]:
-    """The variants of ``families`` (default: all, in the paper's order) for a base with ``stages``."""
-    chosen = list(families) if families else list(FAMILIES)
+    """The variants of ``families`` (None: all, in the paper's order) for a base with ``stages``.
+
+    An empty ``families`` is a :class:`UsageError`, as an unknown family name is.
+    """
+    if families is not None and not families:
+        raise UsageError(f"no ablation family given; choose from {', '.join(FAMILIES)}, or None for all")
+    chosen = list(FAMILIES) if families is None else list(families)
     for name in chosen:
         if name not in FAMILIES:
             close = difflib.get_close_matches(name, FAMILIES, n=1)

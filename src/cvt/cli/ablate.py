@@ -8,11 +8,22 @@ from cvt.cli.common import print_json
 from cvt.cli.train import add_train_arguments, flags_from_args
 
 # cvt train options an ablation cannot honour: every variant has its own run folder under --output,
-# named after the variant, and a whole ablation is not resumed. Parsed but not in --help, so that
-# giving one gets this reason rather than argparse's "unrecognized arguments".
+# named after the variant, a whole ablation is not resumed, and the variants' architectures differ, so
+# no one set of starting weights loads into all. Parsed but not in --help, so that giving one gets this
+# reason rather than argparse's "unrecognized arguments".
 NOT_FOR_ABLATE = {
     "name": "each variant's run folder is named after the variant; choose the ablation's with --output",
     "resume": "an ablation is not resumed; --overwrite retrains over an earlier one, or use another --output",
+    "finetune": "the variants change the architecture (e.g. position embeddings): no one checkpoint fits all",
+    "pretrained": "the variants change the architecture (e.g. position embeddings): no published weights fit",
+}
+
+# help texts of cvt train options that mean something else here
+ABLATE_HELP = {
+    "output": "the ablation's folder: the report and one run folder per variant; "
+    "default: runs/ablate-<model>-<dataset>",
+    "overwrite": "retrain every variant over an earlier ablation in --output, replacing its report",
+    "num_classes": "classifier outputs; default: the data set's class count (also in --dry-run)",
 }
 
 FAMILY_HELP = (
@@ -23,6 +34,8 @@ FAMILY_HELP = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``ablate`` subcommand: its own options plus every ``cvt train`` option (the budget)."""
+    from cvt.ablation.training import ABLATION_DEFAULTS
+
     p = subparsers.add_parser(
         "ablate",
         help="run the paper's ablations (position/token embedding, kv stride, conv projection)",
@@ -31,10 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ablation.csv and ablation.png to --output (default runs/ablate-<model>-<dataset>). "
         "--dry-run prints parameters and GMACs per variant instead, next to the paper's CvT-13 figures.",
     )
-    p.add_argument("--family", nargs="+", metavar="NAME", help=FAMILY_HELP)
+    p.add_argument("--family", nargs="+", action="extend", metavar="NAME", help=FAMILY_HELP)
     p.add_argument("--dry-run", action="store_true", help="print params and GMACs per variant, train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print a JSON list")
-    add_train_arguments(p, hidden=NOT_FOR_ABLATE)
+    add_train_arguments(p, hidden=NOT_FOR_ABLATE, defaults=ABLATION_DEFAULTS, helps=ABLATE_HELP)
     p.set_defaults(func=run_ablate)
 
 
@@ -52,7 +65,7 @@ def check_ablate_options(args: argparse.Namespace) -> None:
 def run_ablate(args: argparse.Namespace) -> int:
     from cvt.ablation import dry_run
     from cvt.ablation.report import markdown_table
-    from cvt.ablation.training import ABLATION_DEFAULTS, train_ablation
+    from cvt.ablation.training import ABLATION_DEFAULTS, class_count, train_ablation
     from cvt.engine.config import resolve_config
 
     check_ablate_options(args)
@@ -62,7 +75,8 @@ def run_ablate(args: argparse.Namespace) -> int:
         print(markdown_table(rows))
         print("wrote " + ", ".join(str(p) for p in paths))
         return 0
-    rows = dry_run(budget.model, args.family, budget.img_size, budget.num_classes, budget.model_args)
+    # the heads of the models training builds: the data set's class count unless --num-classes
+    rows = dry_run(budget.model, args.family, budget.img_size, class_count(budget), budget.model_args)
     if args.json:
         print_json([row.as_dict() for row in rows])
     else:

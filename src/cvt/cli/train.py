@@ -8,12 +8,12 @@ YAML recipe (``--config``), which does not override what a resumed checkpoint re
 from __future__ import annotations
 
 import argparse
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import yaml
 
-from cvt.engine.config import FIELDS, field_help, field_type, list_item_type
+from cvt.engine.config import FIELDS, TrainConfig, field_help, field_type, list_item_type
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -27,17 +27,24 @@ def _key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, hidden: Collection[str] = ()) -> None:
+def add_train_arguments(
+    parser: argparse.ArgumentParser,
+    hidden: Collection[str] = (),
+    defaults: TrainConfig | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> None:
     """Add ``--config`` and one flag per training option (absent flags stay out of the namespace).
 
     Options named in ``hidden`` are still parsed (so the command can refuse them with its reason)
-    but left out of ``--help``.
+    but left out of ``--help``. A command with defaults of its own shows ``defaults``' values, and
+    ``helps`` replaces the help text of the options it names.
     """
     parser.add_argument("--config", help="YAML recipe: a file, or a shipped name such as cvt13_in1k")
+    own_help = helps or {}
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         kind = field_type(name)
-        help_text = argparse.SUPPRESS if name in hidden else field_help(name)
+        help_text = argparse.SUPPRESS if name in hidden else own_help.get(name) or field_help(name, defaults)
         common: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)

@@ -146,11 +146,11 @@ def run_model_kwargs(model_args: dict[str, Any] | None, img_size: int | None) ->
     return kwargs
 
 
-def field_help(name: str) -> str:
-    """The ``--help`` text of an option: why, then the default value when it has one to show."""
-    f = FIELDS[name]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    why = f.metadata["help"]
+def field_help(name: str, defaults: TrainConfig | None = None) -> str:
+    """The ``--help`` text of an option: why, then the default value (``defaults``' when given, for a
+    command with its own defaults) when it has one to show."""
+    default = getattr(defaults or TrainConfig(), name)
+    why = FIELDS[name].metadata["help"]
     if default is None or default == "" or default == {}:  # the help says what happens without it
         return why
     return f"{why} (default: {default})"

@@ -56,7 +56,11 @@ from cvt.fileio import atomic_write_bytes
 
 
 class NonFiniteLossError(CvtError):
-    """The loss became NaN or infinite (the run stops unless ``--skip-nonfinite``)."""
+    """The loss became NaN or infinite (the run stops unless ``--skip-nonfinite``) at optimizer ``step``."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class DataLoaderWorkerError(CvtError):
@@ -507,7 +511,8 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                             raise NonFiniteLossError(
                                 f"non-finite loss ({loss.item()}) at step {progress['step']} "
                                 f"(epoch {epoch + 1}, batch {batch_idx}); lower --lr, set --clip-grad, "
-                                f"or pass --skip-nonfinite"
+                                f"or pass --skip-nonfinite",
+                                step=progress["step"],
                             )
                         _restore_buffers(model, buffers_before)
                         window_bad = True
