@@ -329,6 +329,22 @@ def test_matching_variants(tiny: CvT) -> None:
     assert matching_variants(_fresh(embed_dim=(16, 64, 128)).state_dict()) == []
 
 
+def test_a_state_dict_without_batchnorm_counters_is_recognised(
+    tmp_path: Path, tiny: CvT, images: torch.Tensor
+) -> None:
+    """Some exports drop ``num_batches_tracked``; loading fills it in, so detection must not need it."""
+    from cvt.checkpoint.hf import native_to_hf
+
+    sd = {k: v for k, v in tiny.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert matching_variants(sd) == ["cvt_tiny"]
+    torch.save(sd, tmp_path / "official.pth")
+    torch.save(native_to_hf(sd), tmp_path / "pytorch_model.bin")  # a weight file without config.json
+    for name in ("official.pth", "pytorch_model.bin"):
+        model = load_model(tmp_path / name)
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), tiny(images), rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ own format
 def test_native_round_trip(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
     tiny.pretrained_cfg["label_names"] = [str(d) for d in range(10)]

@@ -757,3 +757,28 @@ def test_finetune_keeps_the_body_resets_the_head_and_resizes_position_embeddings
     assert got["stage0.pos_embed"].shape == (1, 16 * 16, 8)
     # bicubic resizing keeps each channel's mean: the values are interpolated, not re-initialised
     assert torch.allclose(got["stage0.pos_embed"].mean(1), want["stage0.pos_embed"].mean(1), atol=0.02)
+
+
+def test_finetune_resizes_position_embeddings_from_the_grid_they_were_learned_at(tmp_path):
+    """A file that records its input size (here 16x24 tokens at 32x48) is resized from that grid, even
+    to a grid with the same token count (24x16); an unrecorded, non-square count is refused."""
+    from timm.layers import resample_abs_pos_embed
+
+    from cvt.checkpoint import save_checkpoint
+    from cvt.engine.trainer import _load_finetune
+
+    torch.manual_seed(0)
+    source = create_model("cvt_tiny", img_size=(32, 48), pos_embed=True)
+    learned = source.state_dict()["stage0.pos_embed"]  # (1, 16 * 24, 32)
+    save_checkpoint(source, tmp_path / "wide.safetensors")
+    same = create_model("cvt_tiny", img_size=(32, 48), pos_embed=True)
+    _load_finetune(same, str(tmp_path / "wide.safetensors"))
+    assert torch.equal(same.state_dict()["stage0.pos_embed"], learned)
+    tall = create_model("cvt_tiny", img_size=(48, 32), pos_embed=True)
+    _load_finetune(tall, str(tmp_path / "wide.safetensors"))
+    expected = resample_abs_pos_embed(learned, [24, 16], [16, 24], num_prefix_tokens=0)
+    assert torch.equal(tall.state_dict()["stage0.pos_embed"], expected)
+
+    torch.save(source.state_dict(), tmp_path / "official.pth")  # records no input size
+    with pytest.raises(CheckpointError, match=r"stage0.pos_embed of .* holds 384 position embeddings"):
+        _load_finetune(create_model("cvt_tiny", pos_embed=True), str(tmp_path / "official.pth"))

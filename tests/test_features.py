@@ -87,6 +87,23 @@ def test_pruning_a_classifier_to_earlier_stages() -> None:
     torch.testing.assert_close(stage_map, tokens.transpose(1, 2).reshape(1, 32, 16, 16))
 
 
+@pytest.mark.parametrize("out_indices", [(0, 1, 2), (0, 1)])
+def test_a_features_only_model_loads_a_whole_model_checkpoint(tmp_path: Path, out_indices: tuple) -> None:
+    """The features model has lost its head, final norm and (here) stage 2; the file holds them all."""
+    torch.manual_seed(0)
+    whole = cvt.create_model("cvt_tiny", num_classes=7).eval()
+    path = tmp_path / "tiny.safetensors"
+    cvt.save_checkpoint(whole, path)
+    net = cvt.create_model("cvt_tiny", features_only=True, out_indices=out_indices, checkpoint_path=path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = whole.forward_intermediates(images, indices=list(out_indices), intermediates_only=True)
+        for got, want in zip(net.eval()(images), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(cvt.CheckpointError, match="does not fit the model"):  # still checked strictly
+        cvt.create_model("cvt_13", features_only=True, checkpoint_path=path)
+
+
 def test_out_indices_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(cvt.UsageError, match=r"stage indices \(0, 3\) out of range for a 3-stage model"):
         cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))  # refused when built

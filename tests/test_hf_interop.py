@@ -115,6 +115,18 @@ def test_hf_directory_and_file_load(tmp_path: Path, weights: str) -> None:
     assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0 and cfg["std"] == (0.25,) * 3
 
 
+def test_a_transformers_cvt_model_without_its_head_is_named(tmp_path: Path) -> None:
+    """``CvtModel.save_pretrained`` writes the encoder alone (keys ``encoder.stages...``, no ``cvt.``
+    prefix, no final LayerNorm): a CvT checkpoint, not "no CvT weights"."""
+    from transformers import CvtModel
+
+    CvtModel(CvtConfig(**SMALL)).save_pretrained(tmp_path / "base")
+    with pytest.raises(
+        CheckpointError, match=r"weights of a transformers CvtModel .* CvtForImageClassification"
+    ):
+        load_model(tmp_path / "base")
+
+
 def test_sharded_hf_checkpoint_loads_and_bad_indexes_are_named(tmp_path: Path) -> None:
     """``save_pretrained`` above ``max_shard_size`` writes shards and ``model.safetensors.index.json``."""
     hf = _hf_model(seed=4)

@@ -113,10 +113,15 @@ def matching_variants(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered variants whose keys and shapes (head aside) match a native state dict.
 
     Shapes cannot tell strides and paddings apart: ``cvt`` and ``cvt_13_cifar`` both match a CvT-13
-    with a 3x3 stem.
+    with a 3x3 stem. BatchNorm's ``num_batches_tracked`` counters are left out of the comparison: some
+    exports drop them, and loading fills them in.
     """
-    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if k not in HEAD_KEYS}
-    return [name for name, shapes in _variant_shapes().items() if shapes == wanted]
+
+    def weights(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+
+    wanted = weights({k: tuple(v.shape) for k, v in state_dict.items() if k not in HEAD_KEYS})
+    return [name for name, shapes in _variant_shapes().items() if weights(shapes) == wanted]
 
 
 def _fmt_keys(keys: list[str]) -> str:

@@ -61,6 +61,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _NATIVE_KEY = re.compile(r"^stage\d+\.")
 _HF_KEY_PREFIX = "cvt.encoder."
+_HF_BASE_KEY_PREFIX = "encoder.stages."  # transformers CvtModel: the encoder alone
 
 
 def read_state_dict(
@@ -295,6 +296,12 @@ def detect_format(
         return FORMAT_HF
     if any(_NATIVE_KEY.match(k) for k in state_dict):
         return FORMAT_NATIVE if metadata and NATIVE_FORMAT_KEY in metadata else FORMAT_OFFICIAL
+    if any(k.startswith(_HF_BASE_KEY_PREFIX) for k in state_dict):
+        raise CheckpointError(
+            f"{source} holds the weights of a transformers CvtModel (keys 'encoder.stages...'): the "
+            f"encoder without the final LayerNorm that every CvT here ends with; save the "
+            f"CvtForImageClassification it came from instead"
+        )
     shown = ", ".join(repr(k) for k in list(state_dict)[:4])
     raise CheckpointError(
         f"{source} holds no CvT weights: expected keys like 'stage0.patch_embed.proj.weight' (official) "

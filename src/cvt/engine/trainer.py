@@ -142,22 +142,46 @@ def _build_model(cfg: TrainConfig, num_classes: int, resuming: bool) -> nn.Modul
 
 def _load_finetune(model: nn.Module, path: str) -> None:
     """Load every weight of ``path`` into ``model``; a head of another class count stays fresh and
-    position embeddings learned at another resolution are resized (bicubic)."""
+    position embeddings learned at another resolution are resized (bicubic) to the model's grids."""
     from timm.layers import resample_abs_pos_embed
 
     from cvt.checkpoint.load import convert_state_dict, load_checkpoint
     from cvt.checkpoint.read import read_state_dict
+    from cvt.models.cvt import stage_grids
 
-    raw, _, _ = read_state_dict(path)
+    raw, _, info = read_state_dict(path)
     sd = convert_state_dict(raw, model)
     own = model.state_dict()
     head_differs = "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape
+    size = _recorded_img_size(info)
+    learned_at = stage_grids(model.stage_specs, size) if size else None
     for i, stage in enumerate(model.stages):
         key = f"stage{i}.pos_embed"
-        if key in sd and key in own and sd[key].shape != own[key].shape:
-            side = math.isqrt(sd[key].shape[1])  # checkpoints of square grids (1, H*W, C)
-            sd[key] = resample_abs_pos_embed(sd[key], list(stage.pos_grid), [side, side], num_prefix_tokens=0)
+        if key not in sd or key not in own:
+            continue
+        tokens = sd[key].shape[1]  # (1, H*W, C)
+        grid = learned_at[i] if learned_at else (math.isqrt(tokens),) * 2  # official files: square inputs
+        if grid[0] * grid[1] != tokens:
+            raise CheckpointError(
+                f"{key} of {path} holds {tokens} position embeddings, which is no {grid[0]}x{grid[1]} grid "
+                f"(the grid {'of its recorded input size' if size else 'of a square input'}): cannot "
+                f"resize them to the model's {stage.pos_grid[0]}x{stage.pos_grid[1]}"
+            )
+        if grid != tuple(stage.pos_grid):
+            sd[key] = resample_abs_pos_embed(sd[key], list(stage.pos_grid), list(grid), num_prefix_tokens=0)
     load_checkpoint(model, sd, strict=True, ignore_head=head_differs)
+
+
+def _recorded_img_size(info: dict[str, Any]) -> tuple[int, int] | None:
+    """The input size a checkpoint was trained at, where it records one (``cvt train`` checkpoints and
+    this project's files; official state dicts do not)."""
+    if info.get("train_config", {}).get("img_size"):
+        side = int(info["train_config"]["img_size"])  # training runs are square
+        return side, side
+    if info.get("arch", {}).get("img_size"):
+        height, width = info["arch"]["img_size"]
+        return int(height), int(width)
+    return None
 
 
 def _checkpoint(

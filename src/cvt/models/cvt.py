@@ -263,12 +263,9 @@ class CvT(nn.Module):
                 f"img_size {self.img_size[0]}x{self.img_size[1]} is too small for these stages: "
                 f"the minimum size is {min_h}x{min_w}"
             )
-        chans, grid, reduction = in_chans, self.img_size, 1
+        chans, reduction = in_chans, 1
         self.feature_info: list[dict[str, Any]] = []
-        for i, spec in enumerate(stages):
-            grid = tuple(
-                conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in grid
-            )
+        for i, (spec, grid) in enumerate(zip(stages, stage_grids(stages, self.img_size), strict=True)):
             reduction *= spec.patch_stride
             # official key layout: stage0.patch_embed…, stage0.blocks.0…, stage2.cls_token
             self.add_module(f"stage{i}", CvTStage(spec, chans, grid, act, norm_eps))
@@ -513,6 +510,15 @@ def _check_num_classes(num_classes: int) -> None:
     """:class:`UsageError` for a class count that is not a whole number >= 0 (0: no classifier)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
         raise UsageError(f"num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}")
+
+
+def stage_grids(specs: Sequence[StageSpec], img_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The token grid ``(H, W)`` of each stage for an ``img_size`` input."""
+    grids, grid = [], img_size
+    for spec in specs:
+        grid = tuple(conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in grid)
+        grids.append(grid)
+    return grids
 
 
 @lru_cache(maxsize=64)

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg_value, register_model
+from torch import nn
 
 from cvt.errors import CheckpointError, CvtError, UsageError
 from cvt.models.cvt import STAGE_FIELDS, CvT, expand_stages
@@ -236,5 +238,27 @@ def create_model(
     if checkpoint_path is not None:
         from cvt.checkpoint import load_checkpoint
 
-        load_checkpoint(model, checkpoint_path)
+        if overrides.get("features_only"):
+            _load_into_features(model, name, checkpoint_path, overrides)
+        else:
+            load_checkpoint(model, checkpoint_path)
     return model
+
+
+def _load_into_features(
+    features: nn.Module, name: str, checkpoint_path: str | Path, overrides: dict[str, Any]
+) -> None:
+    """Load a whole-model checkpoint into a ``features_only`` model, whose CvT (``features.model``)
+    has lost its head, final norm and the stages past the last feature map. The checkpoint is
+    checked strictly against the whole model (built on ``meta``: no memory, no init; any head), then
+    the tensors of the parts kept are copied."""
+    from cvt.checkpoint import load_checkpoint
+
+    whole_args = {
+        k: v for k, v in overrides.items() if k not in ("features_only", "out_indices", "feature_cls")
+    }
+    with torch.device("meta"):
+        whole = timm.create_model(name, **whole_args)
+    load_checkpoint(whole, checkpoint_path, ignore_head=True)
+    kept = features.model.state_dict()
+    features.model.load_state_dict({k: v for k, v in whole.state_dict().items() if k in kept})
