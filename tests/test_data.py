@@ -246,6 +246,26 @@ def test_imagefolder_skip_bad_images(tmp_path):
     assert target == 1 and img.getpixel((0, 0)) == (41, 7, 9)  # dog/1.png, the next sample
 
 
+def test_imagefolder_for_evaluation_leaves_a_file_that_fails_to_decode_out(tmp_path):
+    """``replace_bad_images=False`` (cvt eval): the item of a file that fails when decoded is None and
+    ``collate_readable`` leaves it out of its batch, instead of the next image counted a second time."""
+    from cvt.data.loader import collate_readable
+
+    _make_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "2.png").write_bytes(_truncated_jpeg())  # the next sample is dog/0.png
+    ds = build_dataset("imagefolder", tmp_path, "train", skip_bad_images=True, replace_bad_images=False)
+    ds.transform = lambda img: torch.tensor(img.getpixel((0, 0)))
+    assert len(ds) == 6 and ds.skipped == []
+    with pytest.warns(UserWarning, match=r"2\.png: .*truncated.*; left out"):
+        assert ds[2] is None
+    loader = build_loader(ds, batch_size=4, train=False, collate_fn=collate_readable)
+    with pytest.warns(UserWarning, match="left out"):
+        batches = list(loader)
+    assert [b[1].tolist() for b in batches] == [[0, 0, 1], [1, 1]]  # cat/2.png only is missing
+    assert batches[0][0][:, 0].tolist() == [0, 1, 40]
+    assert [t.shape for t in collate_readable([None, None])] == [(0,), (0,)]
+
+
 # ------------------------------------------------------------------------------ load_image
 def test_load_image_modes_become_rgb(tmp_path):
     gray = load_image(_save(tmp_path / "g.png", Image.new("L", (4, 3), 77)))
@@ -280,8 +300,8 @@ def test_load_image_applies_exif_orientation(tmp_path):
 def test_load_image_draft_decodes_large_jpeg_small(tmp_path):
     path = _save(tmp_path / "big.jpg", Image.new("L", (2400, 1600), 128))
     img = load_image(path, min_side=200)
-    # JPEG DCT scaling 1/4 then a 2x box reduce: never the full 2400x1600 in RGB
-    assert img.size == (300, 200) and img.getpixel((10, 10)) == (128, 128, 128)
+    # JPEG DCT scaling 1/4, the shorter side staying >= 2 * 200: never the full 2400x1600 in RGB
+    assert img.size == (600, 400) and img.getpixel((10, 10)) == (128, 128, 128)
     assert load_image(path).size == (2400, 1600)
 
 
@@ -398,6 +418,27 @@ def test_published_variants_resolve_to_the_official_preprocessing():
     assert (cfg["mean"], cfg["std"]) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     assert resolve_data_config(at_384)["input_size"] == (3, 384, 384)
     assert resolve_data_config(at_384)["crop_pct"] == 1.0
+
+
+def test_a_requested_size_crops_as_the_official_evaluation_at_that_size():
+    """``img_size`` (``--img-size``) changes the crop with the size, as building the model at that size
+    does; a crop of another origin, and the small-image data sets' whole image, stay."""
+    from cvt import create_model
+
+    with torch.device("meta"):  # shapes only
+        at_224, at_384 = create_model("cvt_13"), create_model("cvt_21.msft_in22k_ft_in1k_384")
+
+    def resolved(model, size, dataset=None):
+        cfg = resolve_data_config(model, dataset, img_size=size)
+        return cfg["input_size"], cfg["crop_pct"]
+
+    assert resolved(at_224, (384, 384)) == ((3, 384, 384), 1.0)
+    assert resolved(at_384, (224, 224)) == ((3, 224, 224), 0.875)
+    assert resolved(at_384, (288, 256)) == ((3, 288, 256), 1.0)
+    assert resolved(at_224, None) == ((3, 224, 224), 0.875)  # the size the model was built for
+    assert resolved(_ModelWithCfg(224, 0.9), (384, 384)) == ((3, 384, 384), 0.9)  # not the official crop
+    assert resolved(at_224, (384, 384), "cifar10") == ((3, 384, 384), 1.0)
+    assert resolved(at_384, (224, 224), "cifar10") == ((3, 224, 224), 1.0)
 
 
 def test_imagefolder_with_given_classes_keeps_training_indices(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -96,6 +97,50 @@ def test_evaluate_absent_class_is_nan_and_json_null():
     assert torch.equal(with_bar.confusion, result.confusion)
 
 
+def test_evaluate_counts_samples_with_non_finite_logits_as_wrong():
+    """A row with a NaN or Inf logit predicts nothing: wrong for top-1 and top-k (topk ranked NaN first, so
+    a NaN at the target counted as right), in no confusion cell, counted per class; the loss is NaN."""
+    nan, inf = float("nan"), float("inf")
+    table = torch.tensor([[nan, 1.0, 2.0], [0.0, inf, 1.0], [0.0, 1.0, 5.0], [1.0, 3.0, 2.0]])
+    images = torch.zeros(4, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(4, dtype=torch.float32)
+    result = evaluate(_TableModel(table), [(images, torch.tensor([0, 1, 2, 0]))], "cpu")
+    assert result.num_samples == 4 and result.topk == 3
+    assert result.top1 == 25.0 and result.top5 == 50.0  # only the two finite rows can be right
+    assert result.non_finite == [1, 1, 0] and result.class_counts == [2, 1, 1]
+    assert result.confusion.tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 1]]
+    assert result.per_class_acc == [0.0, 0.0, 100.0] and math.isnan(result.loss)
+    as_dict = result.as_dict(["a", "b", "c"])
+    assert as_dict["loss"] is None and as_dict["non_finite_logits"] == 2
+    json.dumps(as_dict, allow_nan=False)
+
+
+def _strict_json(text):
+    """``json.loads`` that refuses the NaN/Infinity tokens Python writes but JSON does not allow."""
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"invalid JSON token {token}"))
+
+
+def test_cli_eval_with_non_finite_logits_writes_valid_json(tmp_path, capsys):
+    """A model whose logits hold NaN: the loss is null in the JSON printed and written (it was the
+    invalid token NaN), the images count as wrong (those of class 0, where the NaN is, counted as right)."""
+    ckpt = _training_checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["model"]["head.bias"][0] = float("nan")
+    torch.save(saved, ckpt)
+    data = _cifar10_archive(tmp_path / "data")  # labels 3, 3, 1, 0, 9, 3
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data)]
+    assert main([*args, "--json", "--output", str(tmp_path / "out")]) == 0
+    report = _strict_json(capsys.readouterr().out)
+    assert report["loss"] is None and report["top1"] == 0.0 and report["top5"] == 0.0
+    assert report["num_samples"] == 6 and report["non_finite_logits"] == 6
+    assert report["per_class_acc"]["0"] == 0.0 and report["per_class_acc"]["3"] == 0.0
+    assert _strict_json((tmp_path / "out" / "eval.json").read_text()) == report
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "loss nan" in text and "6 image(s) gave non-finite (NaN/Inf) logits: counted as wrong" in text
+    assert "| 3     | 3      | 0.00%    |" in text
+
+
 def test_evaluate_errors():
     model = _TableModel(torch.eye(3))
     with pytest.raises(DataError, match="yielded no images"):
@@ -112,8 +157,8 @@ def test_confusion_png(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- CLI
-def _training_checkpoint(tmp_path, num_classes=10, with_ema=False):
-    """A `cvt train`-style checkpoint of cvt_tiny whose head always answers class 3 (bias 10)."""
+def _training_checkpoint(tmp_path, num_classes=10, with_ema=False, answer=3):
+    """A `cvt train`-style checkpoint of cvt_tiny whose head always answers class ``answer`` (bias 10)."""
     from cvt import create_model
 
     torch.manual_seed(0)
@@ -121,7 +166,7 @@ def _training_checkpoint(tmp_path, num_classes=10, with_ema=False):
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
-        model.head.bias[3] = 10.0
+        model.head.bias[answer] = 10.0
     ckpt = {
         "model": model.state_dict(),
         "config": {"model": "cvt_tiny", "num_classes": num_classes, "img_size": 32, "dataset": "digits",
@@ -226,6 +271,75 @@ def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys):
     assert report["num_samples"] == 2 and report["per_class_acc"]["3"] == 100.0 and report["top1"] == 50.0
 
 
+def test_cli_eval_refuses_an_image_folder_mixing_known_and_unknown_classes(tmp_path, capsys):
+    """val/ with cat, eel and fox for a checkpoint of cat, dog, eel: fox has no output of the model, and
+    reading the folder as it is gave eel the index of dog (it scored 0 %): refused, naming fox. Without
+    fox, eel keeps the checkpoint's index."""
+    ckpt = _training_checkpoint(tmp_path, num_classes=3, answer=2)  # always answers eel
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = ["cat", "dog", "eel"]
+    torch.save(saved, ckpt)
+    for name, color in [("cat", (200, 30, 30)), ("eel", (30, 30, 200)), ("fox", (200, 120, 30))]:
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 36), color).save(tmp_path / "data" / "val" / name / "0.png")
+    data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    args = ["eval", "--checkpoint", str(ckpt), *data]
+    assert main([*args, "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "class folder(s) fox that" in err and "does not know (its classes: cat, dog, eel)" in err
+    assert err.startswith("cvt eval: error: ") and err.count("\n") == 1
+    (tmp_path / "data" / "val" / "fox" / "0.png").unlink()
+    (tmp_path / "data" / "val" / "fox").rmdir()
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_class_acc"] == {"cat": 0.0, "dog": None, "eel": 100.0} and report["top1"] == 50.0
+
+
+@pytest.mark.parametrize("batch_size", [64, 1])  # one batch; a batch holding only the unreadable file
+def test_cli_eval_skip_bad_images_leaves_unreadable_files_out_and_counts_them(tmp_path, capsys, batch_size):
+    """With --skip-bad-images, a file that fails when decoded is left out, not replaced by the next
+    image with that image's label (eel/0.png was counted twice: 5 samples of 4 readable images)."""
+    ckpt = _training_checkpoint(tmp_path, num_classes=3, answer=2)  # always answers eel
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = ["cat", "dog", "eel"]
+    torch.save(saved, ckpt)
+    val = tmp_path / "data" / "val"
+    for name, count in [("cat", 3), ("eel", 2)]:
+        (val / name).mkdir(parents=True)
+        for i in range(count):
+            Image.effect_noise((40, 36), 40).convert("RGB").save(val / name / f"{i}.png")
+    truncated = val / "cat" / "2.png"  # the last cat: eel/0.png comes next
+    truncated.write_bytes(truncated.read_bytes()[:-300])  # its header reads, its pixels do not
+    (val / "cat" / "3.png").write_bytes(b"")  # dropped when the headers are scanned
+    data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    args = ["eval", "--checkpoint", str(ckpt), *data, "--skip-bad-images", "--batch-size", str(batch_size)]
+    with pytest.warns(UserWarning) as warned:
+        assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 4 and report.get("skipped_images") == 2
+    assert [sum(row) for row in report["confusion"]] == [2, 0, 2]  # per true class: cat, dog, eel
+    assert report["per_class_acc"] == {"cat": 0.0, "dog": None, "eel": 100.0} and report["top1"] == 50.0
+    assert any(re.search(r"cat/2\.png: .*truncated; left out", str(w.message)) for w in warned)
+    with pytest.warns(UserWarning):  # the same two warnings
+        assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "on imagefolder val: 4 images at 32x32 (2 unreadable file(s) skipped)" in text
+    assert "| cat   | 2      | 0.00%    |" in text and "| eel   | 2      | 100.00%  |" in text
+
+
+def test_cli_eval_warning_quotes_the_first_class_names_that_differ(tmp_path, capsys):
+    """The warning about other class names quotes a pair that differs (it quoted the first names, which
+    may be equal: "'0' vs '0'")."""
+    ckpt = _training_checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = [*(str(i) for i in range(9)), "nine"]
+    torch.save(saved, ckpt)
+    data = _cifar10_archive(tmp_path / "data")
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert "class names differ from cifar10's (e.g. 'nine' vs '9'); indices are compared as they are" in err
+
+
 def test_cli_eval_and_predict_with_a_head_wider_than_the_classes(tmp_path, capsys):
     """cvt train accepts --num-classes above the data set's class count; eval on that data set works
     (the extra outputs are named by their index) and predict keeps the class names."""
@@ -253,13 +367,13 @@ def test_cli_eval_needs_a_model_source(tmp_path, capsys):
     assert "random.pt" in capsys.readouterr().err
 
 
-def test_cli_eval_cifar_from_the_pickle_archive(tmp_path, capsys):
+def _cifar10_archive(root):
+    """A small CIFAR-10 python archive under ``root``: 6 test images labelled 3, 3, 1, 0, 9, 3."""
     import pickle
 
     import numpy as np
 
-    ckpt = _training_checkpoint(tmp_path)
-    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -267,7 +381,13 @@ def test_cli_eval_cifar_from_the_pickle_archive(tmp_path, capsys):
         entry = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": labels}
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
-    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")]
+    return root
+
+
+def test_cli_eval_cifar_from_the_pickle_archive(tmp_path, capsys):
+    ckpt = _training_checkpoint(tmp_path)
+    data = _cifar10_archive(tmp_path / "data")
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data)]
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_samples"] == 6 and report["top1"] == 50.0  # the model always answers 3

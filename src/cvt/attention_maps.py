@@ -148,9 +148,7 @@ def attention_for_file(
     model's), compute its maps and save the grid (:func:`save_attention_grid`); the maps and the file."""
     from cvt.data.transforms import load_input, resolve_data_config
 
-    data_cfg = resolve_data_config(model)
-    if img_size:
-        data_cfg["input_size"] = (data_cfg["input_size"][0], *img_size)
+    data_cfg = resolve_data_config(model, img_size=img_size)
     image = load_input(image_path, data_cfg)  # (1, 3, H, W), normalized
     maps = last_stage_attention(model, image)
     mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
-from cvt.cli.common import format_table, print_json
+from cvt.cli.common import format_table, json_text, print_json
 from cvt.cli.model_source import add_model_source_arguments, load_model_source, with_index_names
 
 # files `cvt eval --output DIR` writes
@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "imagefolder: the folder holding val/")  # fmt: skip
     p.add_argument("--download", action="store_true", help="download CIFAR into --data-dir if missing")
     p.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default val)")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable ImageFolder files")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable ImageFolder files out (the report counts them)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -43,10 +44,11 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
-    from cvt.data.datasets import image_folder_classes
+    from cvt.data.datasets import first_names, image_folder_classes
+    from cvt.data.loader import collate_readable
     from cvt.engine.distributed import resolve_device
     from cvt.engine.evaluate import evaluate, save_confusion_png
-    from cvt.errors import CheckpointError, UsageError
+    from cvt.errors import CheckpointError, DataError, UsageError
     from cvt.fileio import check_folder_path
 
     output = Path(args.output) if args.output else None
@@ -64,14 +66,25 @@ def run_eval(args: argparse.Namespace) -> int:
     if data_dir is None and dataset_name == source.train_config.get("dataset"):
         data_dir = source.train_config.get("data_dir")
     # an ImageFolder whose class folders the checkpoint all knows is read with the checkpoint's class
-    # list (indices agree even if val/ lacks a class); any other is read as it is and compared below
+    # list (indices agree even if val/ lacks a class); one with none of them is read as it is and
+    # compared below; one with some of them and others is refused (its indices would not be the model's)
     known = None
     if dataset_name == "imagefolder" and source.classes and data_dir is not None:
-        found = image_folder_classes(Path(data_dir) / args.split)
-        if found is not None and set(found) <= set(source.classes):
+        folder = Path(data_dir) / args.split
+        found = image_folder_classes(folder) or []
+        unknown = sorted(set(found) - set(source.classes))
+        if not unknown:
             known = source.classes
+        elif len(unknown) < len(found):
+            raise DataError(
+                f"image folder {folder} has class folder(s) {first_names(unknown)} that {source.description} "
+                f"does not know (its classes: {first_names(list(source.classes))}); evaluate it on the "
+                f"classes it knows: move those folders out"
+            )
+    # an unreadable file is left out (counted below), never replaced by another image counted twice
     dataset = build_dataset(dataset_name, data_dir, args.split, download=args.download,
-                            skip_bad_images=args.skip_bad_images, classes=known)  # fmt: skip
+                            skip_bad_images=args.skip_bad_images, classes=known,
+                            replace_bad_images=False)  # fmt: skip
     model = source.model
     # a head trained wider than its data set's classes (cvt train --num-classes) evaluates on that data set
     trained_wider = (
@@ -84,38 +97,43 @@ def run_eval(args: argparse.Namespace) -> int:
             f"with a new head (cvt train --finetune {args.checkpoint or args.model} --dataset {dataset_name})"
         )
     if source.classes and list(source.classes) != list(dataset.classes):
+        theirs, ours = next((a, b) for a, b in zip_longest(source.classes, dataset.classes) if a != b)
         print(f"cvt eval: warning: the checkpoint's class names differ from {dataset_name}'s "
-              f"(e.g. {source.classes[0]!r} vs {dataset.classes[0]!r}); indices are compared as they are",
+              f"(e.g. {theirs!r} vs {ours!r}); indices are compared as they are",
               file=sys.stderr)  # fmt: skip
 
-    data_cfg = resolve_data_config(model, dataset_name)
-    if args.img_size:
-        data_cfg["input_size"] = (data_cfg["input_size"][0], *args.img_size)
+    data_cfg = resolve_data_config(model, dataset_name, args.img_size)
     dataset.transform = build_transform(data_cfg, train=False)
-    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.workers)
+    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.workers,
+                          collate_fn=collate_readable)  # fmt: skip
     device = resolve_device(args.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     result = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, num_classes=model.num_classes,
                       progress=sys.stderr.isatty())  # fmt: skip
 
+    # unreadable files: those the header scan dropped, and those left out of batches when decoded
+    skipped = len(getattr(dataset, "skipped", [])) + len(dataset) - result.num_samples
     classes = with_index_names(dataset.classes, model.num_classes)
     report = {
         "model": source.description, "dataset": dataset_name, "split": args.split,
-        "input_size": list(data_cfg["input_size"]), **result.as_dict(classes),
+        "input_size": list(data_cfg["input_size"]), **result.as_dict(classes), "skipped_images": skipped,
     }  # fmt: skip
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         title = f"{source.description} — {dataset_name} {args.split}, top-1 {result.top1:.2f}%"
         png = save_confusion_png(result.confusion, classes, output / CONFUSION_PNG, title)
         report["confusion_png"] = str(png)
-        (output / METRICS_JSON).write_text(json.dumps(report, indent=2) + "\n")
+        (output / METRICS_JSON).write_text(json_text(report) + "\n")
     if args.json:
         print_json(report)
         return 0
     print(f"{source.description} on {dataset_name} {args.split}: {result.num_samples} images at "
-          f"{data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}")  # fmt: skip
+          f"{data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}"
+          + (f" ({skipped} unreadable file(s) skipped)" if skipped else ""))  # fmt: skip
     print(f"top-1 {result.top1:.2f}%  top-{result.topk} {result.top5:.2f}%  loss {result.loss:.4f}")
-    counts = result.confusion.sum(dim=1).tolist()
+    if sum(result.non_finite):
+        print(f"{sum(result.non_finite)} image(s) gave non-finite (NaN/Inf) logits: counted as wrong")
+    counts = result.class_counts
     rows = [[name, n, "-" if n == 0 else f"{acc:.2f}%"]
             for name, n, acc in zip(classes, counts, result.per_class_acc, strict=True)]  # fmt: skip
     print(format_table(["class", "images", "accuracy"], rows))

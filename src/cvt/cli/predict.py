@@ -52,9 +52,7 @@ def run_predict(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs)
     source = load_model_source(args)
     names = label_names(source)
-    data_cfg = resolve_data_config(source.model, source.train_config.get("dataset"))
-    if args.img_size:
-        data_cfg["input_size"] = (data_cfg["input_size"][0], *args.img_size)
+    data_cfg = resolve_data_config(source.model, source.train_config.get("dataset"), args.img_size)
     transform = build_transform(data_cfg, train=False)
     device = resolve_device(args.device)
     model = source.model.to(device)

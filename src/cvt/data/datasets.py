@@ -176,8 +176,11 @@ class ImageFolderDataset(Dataset):
     with a warning (unless ``classes`` is given). Images are decoded when an item is read, so a
     broken file is found then and raises :class:`~cvt.errors.DataError` naming it. With
     ``skip_bad_images``, construction first scans every file's header (fast: no decoding) and drops
-    empty or non-image files with one warning; a file that only fails when decoded (a truncated
-    JPEG) is then replaced by the next readable item, with a warning naming it.
+    empty or non-image files with one warning (they are listed in ``skipped``); a file that only fails
+    when decoded (a truncated JPEG) is then replaced by the next readable item, with a warning naming
+    it, so that training batches stay full, or with ``replace_bad_images=False`` its item is None, which
+    :func:`~cvt.data.loader.collate_readable` leaves out of the batch: an evaluation counts every
+    readable image once and no other.
 
     ``classes`` fixes the class names and their order (e.g. the training split's), so that a
     validation folder lacking some classes keeps the training indices; a folder of a class not in
@@ -190,10 +193,12 @@ class ImageFolderDataset(Dataset):
         transform: Callable | None = None,
         skip_bad_images: bool = False,
         classes: Sequence[str] | None = None,
+        replace_bad_images: bool = True,
     ) -> None:
         self.root = root
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.replace_bad_images = replace_bad_images
         if not root.is_dir():
             what = "is a file" if root.exists() else "does not exist"
             raise DataError(f"image folder {root} {what}, expected a folder of class sub-folders")
@@ -207,7 +212,7 @@ class ImageFolderDataset(Dataset):
             unknown = sorted(set(found) - set(classes))
             if unknown:
                 raise DataError(
-                    f"image folder {root} has class folder(s) {_first_names(unknown)} that are not among the "
+                    f"image folder {root} has class folder(s) {first_names(unknown)} that are not among the "
                     f"{len(classes)} given classes (in training: the training split's)"
                 )
         self.classes: list[str] = list(classes) if classes is not None else found
@@ -245,17 +250,18 @@ class ImageFolderDataset(Dataset):
             empty = sorted(set(self.classes) - {self.classes[t] for _, t in samples})
             if empty:
                 warnings.warn(
-                    f"image folder {root}: class folder(s) {_first_names(empty)} hold no image files "
+                    f"image folder {root}: class folder(s) {first_names(empty)} hold no image files "
                     "(readable, with an image extension) but still count as classes; remove or fill them",
                     stacklevel=2,
                 )
         self.samples: list[tuple[str, int]] = samples
         self.targets: list[int] = [t for _, t in samples]
+        self.skipped: list[str] = bad  # the files dropped when their header was scanned
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
@@ -263,6 +269,9 @@ class ImageFolderDataset(Dataset):
             except DataError as err:
                 if not self.skip_bad_images:
                     raise
+                if not self.replace_bad_images:
+                    warnings.warn(f"{err}; left out", stacklevel=2)
+                    return None
                 warnings.warn(f"{err}; using the next image instead", stacklevel=2)
                 continue
             return (self.transform(img) if self.transform else img), target
@@ -303,7 +312,7 @@ def _list_folder(folder: Path) -> list[os.DirEntry]:
         raise DataError(f"cannot list folder {folder}: {type(err).__name__}: {err}") from err
 
 
-def _first_names(names: Sequence[str], limit: int = 5) -> str:
+def first_names(names: Sequence[str], limit: int = 5) -> str:
     """``a, b, c`` for a message; longer lists are cut after ``limit`` names, with the count."""
     return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
 
@@ -357,6 +366,7 @@ def build_dataset(
     download: bool = False,
     skip_bad_images: bool = False,
     classes: Sequence[str] | None = None,
+    replace_bad_images: bool = True,
 ) -> Dataset:
     """Build one split (``train`` or ``val``) of a data set in :data:`DATASETS`.
 
@@ -365,7 +375,8 @@ def build_dataset(
     ignored for ``digits``. The result has ``.classes`` and ``.targets`` and at least one item.
     ``classes`` (imagefolder only; digits and CIFAR have fixed classes): the class names in index
     order, e.g. ``train_set.classes`` when building ``val``, so that the indices agree even when
-    ``val/`` lacks a class folder.
+    ``val/`` lacks a class folder. ``skip_bad_images``, ``replace_bad_images``: see
+    :class:`ImageFolderDataset` (evaluation passes ``replace_bad_images=False``).
     """
     if name not in DATASETS:
         raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
@@ -380,4 +391,4 @@ def build_dataset(
     folder = Path(root) / split
     if not folder.exists():  # a file there: ImageFolderDataset says so
         raise DataError(f"image folder {folder} does not exist; expected {root}/{split}/<class>/<image>")
-    return ImageFolderDataset(folder, transform, skip_bad_images, classes)
+    return ImageFolderDataset(folder, transform, skip_bad_images, classes, replace_bad_images)

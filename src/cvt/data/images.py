@@ -21,8 +21,17 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 # integer modes PIL uses for 16-bit (and 32-bit) grayscale PNG/TIFF files
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-# modes whose pixel values Image.reduce may average (it refuses I;16 and would average palette indices)
-_AVERAGEABLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
+# modes whose pixel values Image.reduce may average: it refuses I;16, would average palette indices, and
+# premultiplies alpha (LA, RGBA), which blackens transparent pixels whose colour the RGB copy keeps
+_AVERAGEABLE_MODES = ("L", "RGB", "CMYK", "I", "F")
+# the reduced decode stops at this multiple of the caller's size and leaves the rest to its antialiased
+# resize, as Pillow's thumbnail(reducing_gap=2) does (reducing to the size itself was 4-19 levels off)
+_REDUCING_GAP = 2
+# the DCT scales a JPEG decoder offers
+_JPEG_SCALES = (8, 4, 2)
+# a JPEG whose sides no allowed DCT scale divides is decoded in full up to this size (48 MB as RGB);
+# a larger one is scaled anyway, its last row and column of pixels covering part of a block
+_FULL_DECODE_MAX_PIXELS = 4096 * 4096
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -43,13 +52,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _divides(factor: int, size: tuple[int, int]) -> bool:
+    """Whether ``factor`` divides both sides: reduced by it, the image keeps its exact aspect ratio and
+    pixel grid (a partial last pixel changes the aspect, and the eval resize's size and crop with it)."""
+    return size[0] % factor == 0 and size[1] % factor == 0
+
+
 def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Read an image file as an upright 8-bit RGB PIL image.
 
     Applies the EXIF orientation, converts grayscale / RGBA / palette / CMYK / 16-bit images to RGB.
     With ``min_side``, a large image is decoded at reduced size (JPEG ``draft``: DCT scaling, so a
-    10,000×10,000 JPEG never exists in memory at full size) and box-reduced by an integer factor so
-    that its shorter side stays at least ``min_side`` — the caller's resize then sees few pixels.
+    10,000×10,000 JPEG never exists in memory at full size) and box-reduced by an integer factor,
+    its shorter side staying at least twice ``min_side``. The factors divide both sides, so the
+    reduced image has the exact aspect ratio and pixel grid of the original and the caller's resize
+    gives from it nearly what it gives from the full image. A JPEG whose sides no DCT scale divides is
+    decoded in full, unless it has over 4096×4096 pixels: memory first, the geometry is then off by
+    a fraction of a pixel (its last row and column cover part of a block).
     Raises :class:`~cvt.errors.DataError` naming the file when it is missing, empty, not an image,
     truncated or corrupt.
     """
@@ -58,15 +77,20 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         if path.stat().st_size == 0:
             raise DataError(f"cannot read image {path}: the file is empty (0 bytes)")
         with Image.open(path) as img:
-            if min_side is not None and img.format == "JPEG":
-                # picks the largest DCT scale 1/2..1/8 keeping both sides >= min_side (no full decode)
-                img.draft("RGB", (min_side, min_side))
+            if min_side and img.format == "JPEG":
+                scales = [s for s in _JPEG_SCALES if s * _REDUCING_GAP * min_side <= min(img.size)]
+                chosen = [s for s in scales if _divides(s, img.size)]
+                if not chosen and img.size[0] * img.size[1] > _FULL_DECODE_MAX_PIXELS:
+                    chosen = scales[:1]  # memory first
+                if chosen:  # draft picks the largest scale keeping both sides >= the size asked
+                    img.draft("RGB", (img.size[0] // chosen[0], img.size[1] // chosen[0]))
             img.load()  # decode now so a truncated or corrupt file fails here, naming the path
             img = ImageOps.exif_transpose(img)
-            factor = min(img.size) // min_side if min_side else 1
+            most = min(img.size) // (_REDUCING_GAP * min_side) if min_side else 1
+            factor = next((f for f in range(most, 1, -1) if _divides(f, img.size)), 1)
             if factor >= 2:
                 if img.mode not in _AVERAGEABLE_MODES:
-                    img = _to_rgb(img)  # palette indices or 1-bit pixels cannot be averaged
+                    img = _to_rgb(img)  # alpha dropped first; palette indices, 1-bit pixels not averaged
                 img = img.reduce(factor)  # box filter, before the RGB copy: cheap and alias-free
             return _to_rgb(img)
     except DataError:

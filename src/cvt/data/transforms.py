@@ -65,26 +65,30 @@ class AugmentConfig:
             raise UsageError(f"scale must be (min, max) with 0 < min <= max <= 1, got {self.scale}")
 
 
-def resolve_data_config(model: nn.Module, dataset: str | None = None) -> dict[str, Any]:
+def resolve_data_config(
+    model: nn.Module, dataset: str | None = None, img_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct`` for ``model``'s preprocessing.
 
-    From ``model.pretrained_cfg`` (timm's resolver), with the input size the model was built for
-    (``model.img_size``, which a fine-tuning run may have changed). A configuration that crops as the
-    official evaluation does (0.875 up to 224 pixels, none above) keeps doing so at that size: CvT-13
-    built at 384 is evaluated uncropped, as the official 384 models are. For the small-image data sets
-    (:data:`SMALL_IMAGE_DATASETS`) ``crop_pct`` is 1: the whole image is resized, nothing cropped.
+    From ``model.pretrained_cfg`` (timm's resolver), at ``img_size`` (H, W) when given (``--img-size``),
+    else at the input size the model was built for (``model.img_size``, which a fine-tuning run may
+    have changed). A configuration that crops as the official evaluation does (0.875 up to 224 pixels,
+    none above) keeps doing so at that size: CvT-13 built at 384, or run at 384, is evaluated
+    uncropped, as the official 384 models are, and a 384 model run at 224 is cropped. For the
+    small-image data sets (:data:`SMALL_IMAGE_DATASETS`) ``crop_pct`` is 1: the whole image is
+    resized, nothing cropped.
     """
     from timm.data import resolve_data_config as timm_resolve
 
     from cvt.models.variants import official_crop_pct
 
     cfg = timm_resolve(model=model)
-    img_size = getattr(model, "img_size", None)
-    if img_size is not None:
+    size = img_size or getattr(model, "img_size", None)
+    if size is not None:
         configured = cfg["input_size"][-2:]
-        if tuple(img_size) != tuple(configured) and cfg["crop_pct"] == official_crop_pct(*configured):
-            cfg["crop_pct"] = official_crop_pct(*img_size)
-        cfg["input_size"] = (cfg["input_size"][0], *img_size)
+        if tuple(size) != tuple(configured) and cfg["crop_pct"] == official_crop_pct(*configured):
+            cfg["crop_pct"] = official_crop_pct(*size)
+        cfg["input_size"] = (cfg["input_size"][0], *size)
     if dataset in SMALL_IMAGE_DATASETS:
         cfg["crop_pct"] = 1.0
     return cfg

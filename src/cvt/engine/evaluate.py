@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,27 @@ class EvalResult:
     confusion: torch.Tensor  # (num_classes, num_classes) int64: rows = true class, columns = predicted
     num_samples: int
     topk: int = 5
+    # per true class: samples whose logits were not all finite (NaN/Inf); they count as wrong and, having
+    # no predicted class, are in no cell of `confusion`
+    non_finite: list[int] = field(default_factory=list)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Samples per true class: the rows of ``confusion`` plus the samples with non-finite logits."""
+        counts = self.confusion.sum(dim=1).tolist()
+        return [c + n for c, n in zip(counts, self.non_finite or [0] * len(counts), strict=True)]
 
     def as_dict(self, classes: Sequence[str] | None = None) -> dict[str, Any]:
-        """JSON-ready metrics; per-class accuracies keyed by class name (None for absent classes)."""
+        """JSON-ready metrics; per-class accuracies keyed by class name (None for absent classes) and
+        a non-finite loss (NaN logits) as None."""
         names = list(classes) if classes is not None else [str(i) for i in range(len(self.per_class_acc))]
         return {
             "top1": self.top1,
             "top5": self.top5,
             "topk": self.topk,
-            "loss": self.loss,
+            "loss": self.loss if math.isfinite(self.loss) else None,
             "num_samples": self.num_samples,
+            "non_finite_logits": sum(self.non_finite),
             "per_class_acc": {
                 n: (None if math.isnan(a) else a) for n, a in zip(names, self.per_class_acc, strict=True)
             },
@@ -62,6 +73,8 @@ def evaluate(
     ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under autocast; the loss and
     metrics are computed in float32. ``num_classes`` defaults to the width of the model's logits.
     ``progress`` shows a progress bar on stderr. The model's train/eval mode is restored afterwards.
+    A sample whose logits are not all finite (NaN, Inf) counts as wrong for top-1 and top-k (topk would
+    rank NaN first) and makes the mean loss NaN; ``non_finite`` counts them per class.
     """
     if progress:
         from tqdm import tqdm
@@ -71,11 +84,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     confusion: torch.Tensor | None = None
+    non_finite = torch.zeros(0, dtype=torch.int64)
     loss_sum, topk_correct, k = 0.0, 0, 5
     try:
         for images, targets in loader:
+            targets = torch.as_tensor(targets)
+            if targets.numel() == 0:  # every image of the batch was unreadable (cvt.data.collate_readable)
+                continue
             images = images.to(device, non_blocking=True)
-            targets = torch.as_tensor(targets).to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
             logits = logits.float()  # (B, C)
@@ -87,22 +104,25 @@ def evaluate(
                     )
                 k = min(5, num_classes)
                 confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-            if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+                non_finite = torch.zeros(num_classes, dtype=torch.int64, device=device)
+            if targets.min() < 0 or targets.max() >= num_classes:
                 low, high = int(targets.min()), int(targets.max())
                 raise DataError(f"class indices must be in [0, {num_classes}), found {low}..{high}")
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            finite = torch.isfinite(logits).all(dim=1)  # (B,): a row with NaN/Inf predicts nothing
             topk_pred = logits.topk(k, dim=1).indices  # (B, k), best first
-            topk_correct += int((topk_pred == targets[:, None]).any(dim=1).sum())
+            topk_correct += int(((topk_pred == targets[:, None]).any(dim=1) & finite).sum())
             # one bincount over (true, predicted) pairs fills the whole confusion matrix
-            pairs = targets * num_classes + topk_pred[:, 0]
+            pairs = (targets * num_classes + topk_pred[:, 0])[finite]
             confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, -1)
+            non_finite += torch.bincount(targets[~finite], minlength=num_classes)
     finally:
         model.train(was_training)
-    if confusion is None or int(confusion.sum()) == 0:
+    if confusion is None:
         raise DataError("the evaluation data set yielded no images")
-    confusion = confusion.cpu()
-    n = int(confusion.sum())
-    per_class_total = confusion.sum(dim=1)
+    confusion, non_finite = confusion.cpu(), non_finite.cpu()
+    per_class_total = confusion.sum(dim=1) + non_finite
+    n = int(per_class_total.sum())
     per_class_acc = (100.0 * confusion.diag() / per_class_total).tolist()  # NaN where a class has no samples
     return EvalResult(
         top1=100.0 * int(confusion.diag().sum()) / n,
@@ -112,6 +132,7 @@ def evaluate(
         confusion=confusion,
         num_samples=n,
         topk=k,
+        non_finite=non_finite.tolist(),
     )
 
 
