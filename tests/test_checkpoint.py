@@ -466,6 +466,7 @@ def test_official_yaml_builds_cvt_13(tmp_path: Path) -> None:
     assert count_params(model) == 19_997_480 == count_params(reference)
     assert model.stage_specs == reference.stage_specs and model.num_classes == 1000
     assert model.img_size == (384, 384) and model.pretrained_cfg["crop_pct"] == 1.0
+    assert model.pretrained_cfg["crop_mode"] == "squash"  # CENTER_CROP False: T.Resize((384, 384))
     with torch.device("meta"):
         assert create_model_from_official_yaml(path, num_classes=5).num_classes == 5
 

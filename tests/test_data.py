@@ -430,15 +430,35 @@ def test_a_requested_size_crops_as_the_official_evaluation_at_that_size():
 
     def resolved(model, size, dataset=None):
         cfg = resolve_data_config(model, dataset, img_size=size)
-        return cfg["input_size"], cfg["crop_pct"]
+        return cfg["input_size"], cfg["crop_pct"], cfg["crop_mode"]
 
-    assert resolved(at_224, (384, 384)) == ((3, 384, 384), 1.0)
-    assert resolved(at_384, (224, 224)) == ((3, 224, 224), 0.875)
-    assert resolved(at_384, (288, 256)) == ((3, 288, 256), 1.0)
-    assert resolved(at_224, None) == ((3, 224, 224), 0.875)  # the size the model was built for
-    assert resolved(_ModelWithCfg(224, 0.9), (384, 384)) == ((3, 384, 384), 0.9)  # not the official crop
-    assert resolved(at_224, (384, 384), "cifar10") == ((3, 384, 384), 1.0)
-    assert resolved(at_384, (224, 224), "cifar10") == ((3, 224, 224), 1.0)
+    assert resolved(at_224, (384, 384)) == ((3, 384, 384), 1.0, "squash")
+    assert resolved(at_384, (224, 224)) == ((3, 224, 224), 0.875, "center")
+    assert resolved(at_384, (288, 256)) == ((3, 288, 256), 1.0, "squash")
+    assert resolved(at_224, None) == ((3, 224, 224), 0.875, "center")  # the size the model was built for
+    # not the official crop: kept at any size
+    assert resolved(_ModelWithCfg(224, 0.9), (384, 384)) == ((3, 384, 384), 0.9, "center")
+    assert resolved(at_224, (384, 384), "cifar10") == ((3, 384, 384), 1.0, "center")
+    assert resolved(at_384, (224, 224), "cifar10") == ((3, 224, 224), 1.0, "center")
+
+
+def test_384_models_are_evaluated_on_the_whole_image_squashed():
+    """The official 384 evaluation (``TEST.CENTER_CROP: False``) is ``T.Resize((384, 384))``: the whole
+    image, its aspect squashed, as transformers' processor from 384 px; a center crop would cut the
+    sides of a landscape image away."""
+    from cvt import create_model
+
+    with torch.device("meta"):
+        model = create_model("cvt_13.msft_in1k_384")
+    data_cfg = resolve_data_config(model)
+    image = Image.new("RGB", (512, 384), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 64, 384))  # a red band down the left side
+    got = build_transform(data_cfg, train=False)(image)
+    expected = image.resize((384, 384), Image.Resampling.BICUBIC)  # the whole image, 512 wide to 384
+    mean, std = torch.tensor(data_cfg["mean"])[:, None, None], torch.tensor(data_cfg["std"])[:, None, None]
+    expected = (torch.from_numpy(np.asarray(expected)).permute(2, 0, 1).float() / 255 - mean) / std
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert got[0, :, :40].mean() > 2  # the band is there: red, normalized
 
 
 def test_imagefolder_with_given_classes_keeps_training_indices(tmp_path):

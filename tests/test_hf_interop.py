@@ -113,6 +113,7 @@ def test_hf_directory_and_file_load(tmp_path: Path, weights: str) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     cfg = load_model(folder).pretrained_cfg
     assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0 and cfg["std"] == (0.25,) * 3
+    assert cfg["crop_mode"] == "squash"  # transformers' ConvNeXt processor warps from 384 px up
 
 
 def test_a_transformers_cvt_model_without_its_head_is_named(tmp_path: Path) -> None:

@@ -110,15 +110,18 @@ HF_IMAGE_SIZE_KEY = "image_size"
 HF_DEFAULT_ACT = "quick_gelu"
 
 
-# transformers' ConvNeXt image processor (the hub's CvT one) resizes without a crop from this size up
+# transformers' ConvNeXt image processor (the hub's CvT one) resizes to the size, without a crop
+# (squashing the aspect), from this size up
 _HF_NO_CROP_SIZE = 384
 
 
 def hf_input_settings(preprocessor: dict[str, Any] | None) -> dict[str, Any]:
-    """``img_size``, ``mean``, ``std``, ``crop_pct`` found in a ``preprocessor_config.json`` dict.
+    """``img_size``, ``mean``, ``std`` and ``crop`` (``(crop_pct, crop_mode)``) found in a
+    ``preprocessor_config.json`` dict.
 
-    The hub's CvT processors (ConvNeXt's) center-crop ``crop_pct`` below 384 pixels and only
-    resize from 384 up; ``size`` is an int or ``{"shortest_edge": n}``.
+    The hub's CvT processors (ConvNeXt's) center-crop ``crop_pct`` below 384 pixels and from 384 up
+    resize the whole image to the size, squashing its aspect; ``size`` is an int or
+    ``{"shortest_edge": n}``.
     """
     if not preprocessor:
         return {}
@@ -128,7 +131,10 @@ def hf_input_settings(preprocessor: dict[str, Any] | None) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if isinstance(size, int):
         settings["img_size"] = size
-        settings["crop_pct"] = preprocessor.get("crop_pct") if size < _HF_NO_CROP_SIZE else 1.0
+        if size >= _HF_NO_CROP_SIZE:
+            settings["crop"] = (1.0, "squash")
+        elif preprocessor.get("crop_pct") is not None:  # else the official rule (inference_cfg)
+            settings["crop"] = (float(preprocessor["crop_pct"]), "center")
     for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
         if isinstance(preprocessor.get(theirs), list):
             settings[ours] = tuple(preprocessor[theirs])
@@ -147,6 +153,14 @@ def hf_preprocessor_from_model(model: CvT) -> dict[str, Any]:
 
     data_cfg = resolve_data_config(model)
     size = min(data_cfg["input_size"][-2:])
+    if data_cfg.get("crop_mode") == "squash" and size < _HF_NO_CROP_SIZE:
+        warnings.warn(
+            f"the model's preprocessing resizes the whole image to {size} pixels, squashing it; "
+            f"transformers' image processor center-crops below {_HF_NO_CROP_SIZE} pixels, so the "
+            f"export's preprocessor_config.json keeps the image's aspect and crops instead",
+            UserWarning,
+            stacklevel=3,
+        )
     if data_cfg["crop_pct"] < 1 and size >= _HF_NO_CROP_SIZE:
         warnings.warn(
             f"the model's preprocessing center-crops ({data_cfg['crop_pct']:g}) at {size} pixels; "

@@ -343,7 +343,7 @@ def _hf_pretrained_cfg(
     kwargs: dict[str, Any], config: dict[str, Any], inputs: dict[str, Any]
 ) -> dict[str, Any]:
     """A timm ``pretrained_cfg`` for a model rebuilt from a transformers config and the preprocessing
-    ``inputs`` (mean, std, crop_pct) of its ``preprocessor_config.json``; ImageNet defaults otherwise."""
+    ``inputs`` (mean, std, crop) of its ``preprocessor_config.json``; ImageNet defaults otherwise."""
     cfg = inference_cfg(kwargs["in_chans"], to_2tuple(kwargs["img_size"]), kwargs["num_classes"], **inputs)
     names = hf_label_names(config)
     if names:

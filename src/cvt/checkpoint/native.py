@@ -21,7 +21,7 @@ from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMA
 from cvt.errors import CheckpointError
 from cvt.fileio import atomic_write_bytes
 from cvt.models.cvt import CvT, StageSpec
-from cvt.models.variants import official_crop_pct
+from cvt.models.variants import official_eval_crop
 
 # pretrained_cfg entries stored as tuples by timm; JSON turns them into lists
 _TUPLE_CFG_KEYS = ("input_size", "mean", "std")
@@ -33,16 +33,18 @@ def inference_cfg(
     num_classes: int,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
-    crop_pct: float | None = None,
+    crop: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
     """A timm ``pretrained_cfg`` (what ``timm.data.resolve_data_config`` reads) for a model rebuilt
     from a file: ImageNet mean/std and bicubic resizing by default, as the official recipe;
-    crop 0.875 up to 224 pixels and none above, as the published configurations."""
+    ``crop`` as ``(crop_pct, crop_mode)``, by default the official evaluation's at that size (0.875
+    center crop up to 224 pixels, the whole image squashed above: :func:`official_eval_crop`)."""
     h, w = img_size
+    crop_pct, crop_mode = crop or official_eval_crop(h, w)
     return dict(
         input_size=(in_chans, h, w), interpolation="bicubic", mean=tuple(mean or IMAGENET_DEFAULT_MEAN),
-        std=tuple(std or IMAGENET_DEFAULT_STD), crop_pct=crop_pct or official_crop_pct(h, w),
-        crop_mode="center", num_classes=num_classes, first_conv="stage0.patch_embed.proj", classifier="head",
+        std=tuple(std or IMAGENET_DEFAULT_STD), crop_pct=crop_pct, crop_mode=crop_mode,
+        num_classes=num_classes, first_conv="stage0.patch_embed.proj", classifier="head",
     )  # fmt: skip
 
 

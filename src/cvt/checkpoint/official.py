@@ -72,9 +72,10 @@ def create_model_from_official_yaml(
     )  # fmt: skip
     test_cfg = doc.get("TEST") if isinstance(doc.get("TEST"), Mapping) else {}
     input_cfg = doc.get("INPUT") if isinstance(doc.get("INPUT"), Mapping) else {}
-    center_crop = bool(test_cfg.get("CENTER_CROP", True))  # official default: resize to size/0.875, crop
+    # official default: resize the shorter side to size / 0.875 and center crop; without, T.Resize((H, W))
+    center_crop = bool(test_cfg.get("CENTER_CROP", True))
     model.pretrained_cfg = inference_cfg(
         model.in_chans, test_size or img_size, classes, mean=input_cfg.get("MEAN"), std=input_cfg.get("STD"),
-        crop_pct=0.875 if center_crop else 1.0,
+        crop=(0.875, "center") if center_crop else (1.0, "squash"),
     )  # fmt: skip
     return model

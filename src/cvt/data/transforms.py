@@ -1,7 +1,8 @@
 """Preprocessing: the model's data configuration, train/eval transforms and batch mixing (timm).
 
 Eval follows the pretrained configuration: resize the shorter side to ``size / crop_pct`` (bicubic
-for the published weights), center crop, normalize. Training reuses timm's augmentation stack
+for the published weights) and center crop, or (``crop_mode`` squash, the 384 models) resize the whole
+image to the input size; normalize. Training reuses timm's augmentation stack
 (RandAugment, color jitter, random erasing, mixup/cutmix); only the crop differs with the input
 size: ImageNet-size inputs use RandomResizedCrop, small inputs (CIFAR, digits at 32×32) the
 pad-and-crop of the CIFAR recipes, since a resized crop of a 32×32 image throws most of it away.
@@ -68,29 +69,32 @@ class AugmentConfig:
 def resolve_data_config(
     model: nn.Module, dataset: str | None = None, img_size: tuple[int, int] | None = None
 ) -> dict[str, Any]:
-    """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct`` for ``model``'s preprocessing.
+    """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode`` for ``model``'s
+    preprocessing.
 
     From ``model.pretrained_cfg`` (timm's resolver), at ``img_size`` (H, W) when given (``--img-size``),
     else at the input size the model was built for (``model.img_size``, which a fine-tuning run may
-    have changed). A configuration that crops as the official evaluation does (0.875 up to 224 pixels,
-    none above) keeps doing so at that size: CvT-13 built at 384, or run at 384, is evaluated
-    uncropped, as the official 384 models are, and a 384 model run at 224 is cropped. For the
-    small-image data sets (:data:`SMALL_IMAGE_DATASETS`) ``crop_pct`` is 1: the whole image is
-    resized, nothing cropped.
+    have changed). A configuration that crops as the official evaluation does (a 0.875 center crop up
+    to 224 pixels; above, the whole image squashed to the input size) keeps doing so at that size:
+    CvT-13 built at 384, or run at 384, is evaluated on the whole image resized to 384x384, as the
+    official 384 models are, and a 384 model run at 224 is center-cropped. For the small-image data
+    sets (:data:`SMALL_IMAGE_DATASETS`) ``crop_pct`` is 1: the whole (square) image is resized.
     """
     from timm.data import resolve_data_config as timm_resolve
 
-    from cvt.models.variants import official_crop_pct
+    from cvt.models.variants import official_eval_crop
 
     cfg = timm_resolve(model=model)
+    cfg.setdefault("crop_mode", "center")
     size = img_size or getattr(model, "img_size", None)
     if size is not None:
         configured = cfg["input_size"][-2:]
-        if tuple(size) != tuple(configured) and cfg["crop_pct"] == official_crop_pct(*configured):
-            cfg["crop_pct"] = official_crop_pct(*size)
+        official = (cfg["crop_pct"], cfg["crop_mode"]) == official_eval_crop(*configured)
+        if tuple(size) != tuple(configured) and official:
+            cfg["crop_pct"], cfg["crop_mode"] = official_eval_crop(*size)
         cfg["input_size"] = (cfg["input_size"][0], *size)
     if dataset in SMALL_IMAGE_DATASETS:
-        cfg["crop_pct"] = 1.0
+        cfg["crop_pct"], cfg["crop_mode"] = 1.0, "center"
     return cfg
 
 
@@ -101,7 +105,8 @@ def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
 
     steps = transforms_imagenet_eval(
         tuple(data_cfg["input_size"][-2:]), crop_pct=data_cfg["crop_pct"],
-        interpolation=data_cfg["interpolation"], use_prefetcher=True,
+        crop_mode=data_cfg.get("crop_mode", "center"), interpolation=data_cfg["interpolation"],
+        use_prefetcher=True,
     ).transforms  # fmt: skip
     assert isinstance(steps[-1], MaybePILToTensor)  # with use_prefetcher the last step only converts
     return steps[:-1]
@@ -119,7 +124,8 @@ def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | 
     height, width = data_cfg["input_size"][-2:]
     common = dict(interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
     if not train or aug is None:
-        return transforms_imagenet_eval((height, width), crop_pct=data_cfg["crop_pct"], **common)
+        crop = dict(crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg.get("crop_mode", "center"))
+        return transforms_imagenet_eval((height, width), **crop, **common)
     try:
         rrc_crop, augment, finish = transforms_imagenet_train(
             (height, width), scale=aug.scale, hflip=aug.hflip, color_jitter=aug.color_jitter,

@@ -25,20 +25,25 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def official_crop_pct(height: int, width: int) -> float:
-    """The official evaluation's crop at an input size: a 0.875 center crop up to 224 pixels, none
-    above (the 384-pixel models are tested on the whole resized image)."""
-    return 0.875 if max(height, width) <= 224 else 1.0
+def official_eval_crop(height: int, width: int) -> tuple[float, str]:
+    """The official evaluation's ``(crop_pct, crop_mode)`` at an input size: up to 224 pixels, resize
+    the shorter side to size / 0.875 and center crop (``TEST.CENTER_CROP`` True); above, resize the
+    whole image to the input size, squashing its aspect (the 384 models: ``CENTER_CROP`` False,
+    ``T.Resize((H, W))``; transformers' image processor warps from 384 pixels up too)."""
+    return (0.875, "center") if max(height, width) <= 224 else (1.0, "squash")
 
 
 def _cfg(hf_hub_id: str = "", input_size: int = 224, **kwargs: Any) -> dict[str, Any]:
-    """A pretrained configuration: 0.875 center crop at 224, no crop at 384, bicubic, ImageNet stats."""
+    """A pretrained configuration: 0.875 center crop at 224, the whole image squashed to 384 at 384,
+    bicubic, ImageNet stats."""
+    crop_pct, crop_mode = official_eval_crop(input_size, input_size)
     return {
         "hf_hub_id": hf_hub_id,
         "num_classes": 1000,
         "input_size": (3, input_size, input_size),
         "pool_size": None,
-        "crop_pct": official_crop_pct(input_size, input_size),
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
         "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
