@@ -442,6 +442,29 @@ def test_a_requested_size_crops_as_the_official_evaluation_at_that_size():
     assert resolved(at_384, (224, 224), "cifar10") == ((3, 224, 224), 1.0, "center")
 
 
+def test_precrop_resizes_then_crops_at_a_random_offset_as_the_official_fine_tuning():
+    """FINETUNE without USE_TRAIN_AUG: T.Resize((crop + 32, crop + 32)), then T.RandomCrop(crop)."""
+    data_cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    transform = build_transform(data_cfg, train=True, aug=AugmentConfig(random_crop=True, precrop=4))
+    resized = image.resize((20, 20), Image.Resampling.BICUBIC)  # 16 + 4, the aspect not kept
+    full = build_transform(resolve_data_config(_ModelWithCfg(20, 1.0), "cifar10"), train=False)(resized)
+    offsets = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        got = transform(image)
+        assert got.shape == (3, 16, 16)
+        matches = [
+            (i, j) for i in range(5) for j in range(5)
+            if torch.allclose(got, full[:, i : i + 16, j : j + 16], atol=1e-5)
+        ]  # fmt: skip
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) > 5  # the offset is drawn, not fixed
+    with pytest.raises(UsageError, match="precrop must be >= 0"):
+        AugmentConfig(precrop=-1)
+
+
 def test_384_models_are_evaluated_on_the_whole_image_squashed():
     """The official 384 evaluation (``TEST.CENTER_CROP: False``) is ``T.Resize((384, 384))``: the whole
     image, its aspect squashed, as transformers' processor from 384 px; a center crop would cut the

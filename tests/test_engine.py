@@ -543,6 +543,16 @@ def test_a_cosine_floor_above_the_scaled_peak_is_refused_before_anything_is_writ
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warm_up_starting_above_the_scaled_peak_is_refused(tmp_path):
+    """The shipped 384 fine-tuning recipes kept warmup_lr 1e-5 with a peak of 6.25e-6 on one GPU: the
+    warm-up ran downhill from 1.6x the peak, with no message."""
+    flags = micro(tmp_path, lr=1e-4, lr_base_batch=256, warmup_lr=1e-5, min_lr=1e-6)  # peak 6.25e-6
+    with pytest.raises(UsageError, match=r"'warmup_lr' 1e-05 is above the peak lr 6.25e-06 .* downhill"):
+        run(flags)
+    assert not (tmp_path / "run").exists()
+    assert run({**flags, "warmup_epochs": 0})["steps"] == 8
+
+
 def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, monkeypatch, no_curves):
     """best.pt is the epoch of the highest val top-1 (not the last); train_loss is the mean loss per
     image of the epoch; --clip-grad bounds the gradient norm every step sees."""

@@ -170,6 +170,19 @@ def test_every_shipped_recipe_is_valid():
     paper = resolve_config("cvt13_in1k", {})
     assert (paper.lr, paper.lr_base_batch, paper.epochs) == (2.5e-4, 256, 300)
     assert (paper.mixup, paper.cutmix, paper.label_smoothing, paper.weight_decay) == (0.8, 1.0, 0.1, 0.05)
+    for name in ("cvt13_in1k_384_ft", "cvtw24_384_ft"):  # the warm-up climbs even on one GPU
+        ft = resolve_config(name, {})
+        assert ft.warmup_lr < ft.lr * ft.batch_size / ft.lr_base_batch
+    # the official fine-tuning: Nesterov SGD, lr 0.003 for 512 images a step, resize to 416 + random crop
+    for name in ("cifar10_transfer", "cifar100_transfer"):
+        transfer = resolve_config(name, {})
+        assert (transfer.optimizer, transfer.nesterov, transfer.lr, transfer.lr_base_batch) == (
+            "sgd",
+            True,
+            0.003,
+            512,
+        )
+        assert (transfer.random_crop, transfer.precrop, transfer.img_size) == (True, 32, 384)
 
 
 @pytest.mark.parametrize("key", ["num_classes", "img_size", "features_only", "pretrained"])

@@ -5,7 +5,8 @@ for the published weights) and center crop, or (``crop_mode`` squash, the 384 mo
 image to the input size; normalize. Training reuses timm's augmentation stack
 (RandAugment, color jitter, random erasing, mixup/cutmix); only the crop differs with the input
 size: ImageNet-size inputs use RandomResizedCrop, small inputs (CIFAR, digits at 32×32) the
-pad-and-crop of the CIFAR recipes, since a resized crop of a 32×32 image throws most of it away.
+pad-and-crop of the CIFAR recipes, since a resized crop of a 32×32 image throws most of it away;
+with ``precrop`` the official fine-tuning crop (resize to size + 32, random crop) replaces both.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class AugmentConfig:
     hflip: float = 0.0
     # random crop: pad-and-crop for small inputs, RandomResizedCrop with `scale` for ImageNet-size ones
     random_crop: bool = False
+    # with random_crop: resize to (size + precrop) square, then crop size at a random offset instead (the
+    # official trainer's fine-tuning crop, FINETUNE without USE_TRAIN_AUG: precrop 32)
+    precrop: int = 0
     # RandomResizedCrop area range for ImageNet-size inputs (ImageNet default)
     scale: tuple[float, float] = (0.08, 1.0)
     # color jitter strength for brightness/contrast/saturation; ignored with auto_augment, as in timm
@@ -59,6 +63,8 @@ class AugmentConfig:
                 raise UsageError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.precrop < 0:
+            raise UsageError(f"precrop must be >= 0 pixels, got {self.precrop}")
         if self.mixup < 0 or self.cutmix < 0:
             raise UsageError(f"mixup and cutmix alphas must be >= 0, got {self.mixup} and {self.cutmix}")
         lo, hi = self.scale
@@ -119,6 +125,7 @@ def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | 
     (timm's ``transforms_imagenet_eval``). ``train=True``: the crop chosen by the input size
     (see the module docstring), then timm's augmentations, normalization and random erasing.
     """
+    from timm.data.transforms import str_to_interp_mode
     from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
 
     height, width = data_cfg["input_size"][-2:]
@@ -136,13 +143,19 @@ def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | 
             f"auto_augment must be a timm policy such as rand-m9-mstd0.5-inc1, augmix-m5 or v0; "
             f"got {aug.auto_augment!r} ({err})"
         ) from err
-    if aug.random_crop and max(height, width) > SMALL_INPUT_MAX:
+    if aug.random_crop and not aug.precrop and max(height, width) > SMALL_INPUT_MAX:
         crop = rrc_crop.transforms  # RandomResizedCrop (+ flip)
     else:
-        crop = _eval_geometry(data_cfg)
-        if aug.random_crop:
-            # CIFAR recipe: zero-pad by 1/8 of the side (4 px at 32) and crop back at a random offset
-            crop.append(transforms.RandomCrop((height, width), padding=max(height, width) // 8))
+        if aug.random_crop and aug.precrop:
+            # official fine-tuning: T.Resize((crop + 32, crop + 32)), then T.RandomCrop(crop)
+            size = (height + aug.precrop, width + aug.precrop)
+            resize = transforms.Resize(size, interpolation=str_to_interp_mode(data_cfg["interpolation"]))
+            crop = [resize, transforms.RandomCrop((height, width))]
+        else:
+            crop = _eval_geometry(data_cfg)
+            if aug.random_crop:
+                # CIFAR recipe: zero-pad by 1/8 of the side (4 px at 32) and crop back at a random offset
+                crop.append(transforms.RandomCrop((height, width), padding=max(height, width) // 8))
         if aug.hflip > 0:
             crop.append(transforms.RandomHorizontalFlip(aug.hflip))
     _allow_zero_bit_posterize(augment.transforms)

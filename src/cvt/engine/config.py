@@ -65,6 +65,10 @@ class TrainConfig:
     re_prob: float = _opt(0.0, "random-erasing probability")
     hflip: float = _opt(0.0, "horizontal-flip probability (0 for digits: a flipped 2 is no digit)")
     random_crop: bool = _opt(True, "random crop: pad-and-crop up to 64 px (digits, CIFAR), RRC above")
+    precrop: int = _opt(
+        0, "with random_crop: resize to (size + precrop) square, then a random crop of size (32: the "
+        "official fine-tuning crop); 0: the crop above"
+    )
     scale: list[float] = field(
         default_factory=lambda: [0.08, 1.0],
         metadata={"help": "RandomResizedCrop area range (inputs > 64 px)"},
@@ -265,7 +269,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value is not None and value <= 0:
             raise UsageError(f"option {key!r} must be > 0 when given, got {value}")
     for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "workers", "save_every_steps",
-                "mixup", "cutmix"):  # fmt: skip
+                "mixup", "cutmix", "precrop"):  # fmt: skip
         if getattr(cfg, key) < 0:
             raise UsageError(f"option {key!r} must be >= 0, got {getattr(cfg, key)}")
     if cfg.color_jitter is not None and cfg.color_jitter < 0:

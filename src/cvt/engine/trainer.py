@@ -359,6 +359,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     # ---- data: datasets first (their class count sizes the head), transforms from the model
     aug = AugmentConfig(
         auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, hflip=cfg.hflip, random_crop=cfg.random_crop,
+        precrop=cfg.precrop,
         scale=tuple(cfg.scale), color_jitter=cfg.color_jitter, mixup=cfg.mixup, cutmix=cfg.cutmix,
         label_smoothing=cfg.label_smoothing,
     )  # fmt: skip
@@ -416,6 +417,11 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         raise UsageError(
             f"option 'min_lr' {cfg.min_lr:g} is above the peak lr {lr:g} (lr {cfg.lr:g} x global batch "
             f"{global_batch} / lr_base_batch {cfg.lr_base_batch}): the cosine schedule would rise"
+        )
+    if cfg.warmup_epochs > 0 and cfg.warmup_lr > lr:
+        raise UsageError(
+            f"option 'warmup_lr' {cfg.warmup_lr:g} is above the peak lr {lr:g} (global batch "
+            f"{global_batch}): the warm-up would run downhill; set --warmup-lr below it (official: 1e-6)"
         )
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
