@@ -66,8 +66,9 @@ class TrainConfig:
     hflip: float = _opt(0.0, "horizontal-flip probability (0 for digits: a flipped 2 is no digit)")
     random_crop: bool = _opt(True, "random crop: pad-and-crop up to 64 px (digits, CIFAR), RRC above")
     precrop: int = _opt(
-        0, "with random_crop: resize to (size + precrop) square, then a random crop of size (32: the "
-        "official fine-tuning crop); 0: the crop above"
+        0,
+        "with random_crop: resize to (size + precrop) square, then a random crop of size (32: the "
+        "official fine-tuning crop); 0: the crop above",
     )
     scale: list[float] = field(
         default_factory=lambda: [0.08, 1.0],
