@@ -479,7 +479,7 @@ def test_384_models_are_evaluated_on_the_whole_image_squashed():
     got = build_transform(data_cfg, train=False)(image)
     expected = image.resize((384, 384), Image.Resampling.BICUBIC)  # the whole image, 512 wide to 384
     mean, std = torch.tensor(data_cfg["mean"])[:, None, None], torch.tensor(data_cfg["std"])[:, None, None]
-    expected = (torch.from_numpy(np.asarray(expected)).permute(2, 0, 1).float() / 255 - mean) / std
+    expected = (torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255 - mean) / std
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert got[0, :, :40].mean() > 2  # the band is there: red, normalized
 
