@@ -43,6 +43,7 @@ def test_bench_json_on_tiny_model_against_official(capsys: pytest.CaptureFixture
         assert r["gflops_per_s"] == pytest.approx(2 * gmacs * r["img_per_s"], rel=1e-6)
         assert r["peak_memory_mb"] is None
     assert report["speedup"]["official"] == pytest.approx(ours["img_per_s"] / official["img_per_s"])
+    assert "cvt's forward skips the last block's unused tokens" in report["gflops_basis"]  # an effective rate
     # the same round of interleaved runs, run by run
     expected = [a / b for a, b in zip(ours["img_per_s_runs"], official["img_per_s_runs"], strict=True)]
     assert report["speedup_per_round"]["official"] == pytest.approx(expected)
@@ -153,9 +154,10 @@ def test_bf16_ceiling_is_not_measured_where_bf16_is_emulated(
         assert result["ceiling_gflops_per_s"] is None and result["ceiling_fraction"] is None
         assert "emulated" in result["ceiling_not_measured"]
     else:
-        header, *table = out.splitlines()
+        header, *table, basis = out.splitlines()
         assert "matmul ceiling not measured: bf16 matrix products are emulated" in header
         assert table[-1].split("|")[6].strip() == "-"  # the "of ceiling" column
+        assert basis.startswith("GFLOP/s: the whole network's multiply-accumulates per image for every")
 
 
 def test_compare_hf_with_a_model_transformers_cannot_express(capsys: pytest.CaptureFixture[str]) -> None:
