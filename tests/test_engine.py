@@ -290,6 +290,9 @@ def test_resume_into_a_new_folder_takes_best_pt_along(tmp_path, no_curves):
     assert (tmp_path / "b" / "best.pt").read_bytes() == (tmp_path / "a" / "best.pt").read_bytes()
     assert summary["best_epoch"] == 1
 
+    (tmp_path / "a" / "best.pt").write_bytes(b"not a checkpoint")  # unreadable: as good as none
+    with pytest.warns(UserWarning, match="no best.pt of the best epoch so far"):
+        run({"resume": str(tmp_path / "a" / "last.pt"), "output": str(tmp_path / "d")})
     (tmp_path / "a" / "best.pt").unlink()  # only last.pt was kept
     with pytest.warns(UserWarning, match="no best.pt of the best epoch so far .* from here on"):
         summary = run({"resume": str(tmp_path / "a" / "last.pt"), "output": str(tmp_path / "c"), "epochs": 2})

@@ -241,11 +241,15 @@ def _carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> N
     if progress["best_top1"] < 0 or resume_from.resolve().parent == run_dir.resolve():
         return
     source = resume_from.parent / "best.pt"
+    best: Any = {}
     if source.is_file():
-        best = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        if best.get("best_top1") == progress["best_top1"]:
-            atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
-            return
+        try:  # mmap: only the scalar is read, not the weights
+            best = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an unreadable best.pt is as good as none: warned below
+            best = {}
+    if isinstance(best, dict) and best.get("best_top1") == progress["best_top1"]:
+        atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
+        return
     warnings.warn(
         f"no best.pt of the best epoch so far (top-1 {progress['best_top1']:.2f}) beside {resume_from}: "
         f"best.pt in {run_dir} will be the best of the epochs trained from here on",
