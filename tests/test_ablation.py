@@ -131,6 +131,27 @@ def test_report_files_hold_the_rows(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_labels_a_diverged_variant_inside_its_axes(tmp_path, monkeypatch) -> None:
+    """A diverged row has no top-1; its "diverged (step N)" label must sit where the axis starts (a
+    zero-width bar at 0 put it left of the axis, and matplotlib drew no label there)."""
+    import matplotlib.figure
+
+    from cvt.ablation.report import plot_top1
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    rows = [
+        AblationRow("kv_stride", "stride 1", 1, 0.25, PaperFigures(), 90.0, 12.0),
+        AblationRow("kv_stride", "stride 2", 1, 0.125, PaperFigures(), None, 3.0, diverged_step=12),
+    ]
+    plot_top1(rows, tmp_path / "a.png", "test")
+    (ax,) = drawn[0].axes
+    left, right = ax.get_xlim()
+    labels = {t.get_text(): t.xy[0] for t in ax.texts}
+    assert left == 80.0 and labels["90.0"] == 90.0
+    assert left <= labels["diverged (step 12)"] <= right
+
+
 def test_cli_dry_run_json(capsys) -> None:
     assert main(["ablate", "--dry-run", "--family", "kv_stride", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -346,6 +346,16 @@ def test_a_state_dict_without_batchnorm_counters_is_recognised(
 
 
 # ------------------------------------------------------------------------------ own format
+def test_a_384_file_written_before_squashing_is_evaluated_as_the_official_384_models(tmp_path: Path) -> None:
+    """Files saved before 384 evaluation squashed the image recorded the official rule as crop 1.0, center."""
+    with torch.device("meta"):
+        model = create_model("cvt_13.msft_in1k_384")
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_pct": 1.0, "crop_mode": "center"}  # an old file
+    path = save_checkpoint(model.to_empty(device="cpu"), tmp_path / "old384.safetensors")
+    cfg = load_model(path).pretrained_cfg
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash")
+
+
 def test_native_round_trip(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
     tiny.pretrained_cfg["label_names"] = [str(d) for d in range(10)]
     path = save_checkpoint(tiny, tmp_path / "sub" / "tiny.safetensors")

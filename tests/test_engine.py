@@ -793,5 +793,8 @@ def test_finetune_resizes_position_embeddings_from_the_grid_they_were_learned_at
     assert torch.equal(tall.state_dict()["stage0.pos_embed"], expected)
 
     torch.save(source.state_dict(), tmp_path / "official.pth")  # records no input size
+    same = create_model("cvt_tiny", img_size=(32, 48), pos_embed=True)
+    _load_finetune(same, str(tmp_path / "official.pth"))  # they fit as they are: taken as learned there
+    assert torch.equal(same.state_dict()["stage0.pos_embed"], learned)
     with pytest.raises(CheckpointError, match=r"stage0.pos_embed of .* holds 384 position embeddings"):
         _load_finetune(create_model("cvt_tiny", pos_embed=True), str(tmp_path / "official.pth"))

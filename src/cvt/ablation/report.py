@@ -64,14 +64,16 @@ def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
     families = list(dict.fromkeys(r.family for r in rows))
     colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
     labels = [f"{r.family}: {r.variant}" for r in rows]
-    values = [r.top1 or 0.0 for r in rows]
+    # the axis starts near the lowest top-1 (differences are a few points); a diverged row has no top-1:
+    # a zero-length bar at that start, so that its "diverged (step N)" label is inside the axes
+    left = max(0.0, min((r.top1 for r in rows if r.top1 is not None), default=0.0) - 10.0)
+    values = [left if r.top1 is None else r.top1 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     bars = ax.barh(range(len(rows)), values, color=[colours[r.family] for r in rows])
     ax.bar_label(bars, labels=[top1_text(r) for r in rows], padding=2, fontsize=8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()  # first variant on top, as in the table
-    low = min((r.top1 for r in rows if r.top1 is not None), default=0.0)  # diverged rows: no bar
-    ax.set_xlim(max(0.0, low - 10.0), 100.0)  # differences are a few points: don't start at 0
+    ax.set_xlim(left, 100.0)
     ax.set_xlabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

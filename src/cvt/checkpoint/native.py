@@ -81,6 +81,9 @@ def model_from_architecture(arch: dict[str, Any], device: torch.device | str | N
     for key in _TUPLE_CFG_KEYS:
         if isinstance(cfg.get(key), list):
             cfg[key] = tuple(cfg[key])
+    if (cfg.get("crop_pct"), cfg.get("crop_mode")) == (1.0, "center") and max(model.img_size) > 224:
+        # files written before 384 evaluation squashed the image recorded the official rule this way
+        cfg["crop_pct"], cfg["crop_mode"] = official_eval_crop(*model.img_size)
     model.pretrained_cfg = cfg
     return model
 

@@ -159,6 +159,8 @@ def _load_finetune(model: nn.Module, path: str) -> None:
         key = f"stage{i}.pos_embed"
         if key not in sd or key not in own:
             continue
+        if learned_at is None and sd[key].shape == own[key].shape:
+            continue  # no recorded size: embeddings that already fit are taken as learned at this grid
         tokens = sd[key].shape[1]  # (1, H*W, C)
         grid = learned_at[i] if learned_at else (math.isqrt(tokens),) * 2  # official files: square inputs
         if grid[0] * grid[1] != tokens:
