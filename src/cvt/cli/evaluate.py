@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from itertools import zip_longest
 from pathlib import Path
 
 from cvt.cli.common import format_table, json_text, print_json
@@ -44,7 +43,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
-    from cvt.data.datasets import first_names, image_folder_classes
+    from cvt.data.datasets import first_difference, first_names, image_folder_classes
     from cvt.data.loader import collate_readable
     from cvt.engine.distributed import resolve_device
     from cvt.engine.evaluate import evaluate, save_confusion_png
@@ -97,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"with a new head (cvt train --finetune {args.checkpoint or args.model} --dataset {dataset_name})"
         )
     if source.classes and list(source.classes) != list(dataset.classes):
-        theirs, ours = next((a, b) for a, b in zip_longest(source.classes, dataset.classes) if a != b)
+        _, theirs, ours = first_difference(source.classes, dataset.classes)
         print(f"cvt eval: warning: the checkpoint's class names differ from {dataset_name}'s "
               f"(e.g. {theirs!r} vs {ours!r}); indices are compared as they are",
               file=sys.stderr)  # fmt: skip

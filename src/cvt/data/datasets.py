@@ -7,6 +7,7 @@ and what was found when its files are missing, empty or unreadable.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import warnings
@@ -310,6 +311,13 @@ def _list_folder(folder: Path) -> list[os.DirEntry]:
         raise  # no such folder: the caller knows what was expected there
     except OSError as err:  # no permission, I/O error …
         raise DataError(f"cannot list folder {folder}: {type(err).__name__}: {err}") from err
+
+
+def first_difference(before: Sequence[str], now: Sequence[str]) -> tuple[int, str, str]:
+    """The first index where two class lists differ and the names there (``"(none)"`` past the end of
+    the shorter one); the lists must differ."""
+    pairs = itertools.zip_longest(before, now, fillvalue="(none)")
+    return next((i, a, b) for i, (a, b) in enumerate(pairs) if a != b)
 
 
 def first_names(names: Sequence[str], limit: int = 5) -> str:

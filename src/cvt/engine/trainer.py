@@ -19,7 +19,6 @@ and the position count); its split into processes and accumulation steps may cha
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import random
@@ -343,6 +342,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         build_transform,
         resolve_data_config,
     )
+    from cvt.data.datasets import first_difference
     from cvt.data.seeding import PerSampleSeeds
     from cvt.engine.evaluate import evaluate
 
@@ -382,8 +382,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     classes = list(train_set.classes)
     if resume is not None and resume.get("classes") and list(resume["classes"]) != classes:
         # other names or another order would silently change what each output means
-        pairs = itertools.zip_longest(resume["classes"], classes, fillvalue="(none)")
-        index, (was, now) = next((i, pair) for i, pair in enumerate(pairs) if pair[0] != pair[1])
+        index, was, now = first_difference(resume["classes"], classes)
         raise CheckpointError(
             f"the checkpoint to resume was trained on other classes than {cfg.dataset} has now: class "
             f"{index} was {was!r}, is {now!r} ({len(resume['classes'])} then, {len(classes)} now); resume "
