@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from cvt.models.layers import ConvAttention
+from cvt.precision import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # CvT-13 at 224: (heads, queries, keys) of each stage's attention, (channels, map size) of its convs
 ATTENTION_SHAPES = {"stage 1": (1, 3136, 784), "stage 2": (3, 784, 196), "stage 3": (6, 197, 50)}
 CONV_SHAPES = {"stage 1": (64, 56), "stage 2": (192, 28), "stage 3": (384, 14)}
@@ -48,8 +48,9 @@ def median_ms(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3) 
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def attention_row(dtype: torch.dtype, train: bool, stage: str, runs: int) -> str:
+def attention_row(dtype_name: str, train: bool, stage: str, runs: int) -> str:
     heads, queries, keys = ATTENTION_SHAPES[stage]
+    dtype = DTYPES[dtype_name]
     batch = 16 if train else 8
     attn = ConvAttention(heads * HEAD_DIM, heads * HEAD_DIM, heads, method="linear")
     gen = torch.Generator().manual_seed(0)
@@ -78,9 +79,8 @@ def attention_row(dtype: torch.dtype, train: bool, stage: str, runs: int) -> str
 
     ms = median_ms({name: timed(kernel) for name, kernel in kernels.items()}, runs)
     mode = "fwd+bwd, batch 16" if train else "forward, batch 8"
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
     return (
-        f"| {name} | {mode} | {stage}: {heads} x {queries} x {keys} | {ms['sdpa']:.2f} | "
+        f"| {dtype_name} | {mode} | {stage}: {heads} x {queries} x {keys} | {ms['sdpa']:.2f} | "
         f"{ms['explicit']:.2f} | {ms['sdpa'] / ms['explicit']:.2f}x |"
     )
 
@@ -120,7 +120,7 @@ def main() -> int:
     for dtype_name in args.dtypes.split(","):
         for train in (False, True):
             for stage in ATTENTION_SHAPES:
-                print(attention_row(DTYPES[dtype_name], train, stage, args.runs), flush=True)
+                print(attention_row(dtype_name, train, stage, args.runs), flush=True)
     print("\n| depthwise conv, batch 8, channels-last bf16 input | bf16 ms | fp32 ms (with casts) |")
     print("|---|---|---|")
     for stage in CONV_SHAPES:

@@ -15,9 +15,10 @@ import sys
 import time
 
 import torch
+from step_options import step_config, step_parser
 from torch import nn
 
-from cvt.benchmark import BenchConfig, make_batch, make_step, step_parser
+from cvt.benchmark import make_batch, make_step
 from cvt.models import create_model
 from cvt.models.layers import FAST_PATH_FLAGS, set_fast_paths
 
@@ -43,7 +44,7 @@ def main() -> int:
         parser.error(f"unknown fast path(s) {unknown}; known: {', '.join(FAST_PATH_FLAGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = BenchConfig(model=args.model, batch_size=args.batch_size, mode=args.mode, dtype=args.dtype)
+    cfg = step_config(args)
     torch.manual_seed(0)
     model: nn.Module = create_model(args.model)
     step = make_step(model, cfg)
@@ -62,8 +63,9 @@ def main() -> int:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["reference (all off)"])
     threads = torch.get_num_threads()
-    print(f"{args.model} {args.mode} {args.dtype} batch {args.batch_size}, {threads} threads, "
-          f"{args.runs} interleaved runs (median)\n")  # fmt: skip
+    height, width = cfg.measured_size
+    print(f"{args.model} {height}x{width} {args.mode} {args.dtype} batch {args.batch_size}, "
+          f"{threads} threads, {args.runs} interleaved runs (median)\n")  # fmt: skip
     print("| variant | img/s | vs reference |\n|---|---|---|")
     for name, ts in times.items():
         t = statistics.median(ts)

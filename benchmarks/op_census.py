@@ -25,7 +25,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt
+from cvt.benchmark import model_input_size
+from cvt.cli.common import parse_img_size
 from cvt.models import create_model, layers
+from cvt.precision import autocast
 
 # the package's own folder: matching a bare "/cvt/" would also take in a checkout folder named cvt
 # (this script, the virtual environment's torch)
@@ -66,7 +69,8 @@ def main() -> int:
     )
     parser.add_argument("--model", default="cvt_13")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=parse_img_size,
+                        help="input size N or H,W (default: the model's, e.g. 32 for cvt_tiny)")  # fmt: skip
     parser.add_argument("--mode", choices=("infer", "train"), default="infer")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16: CPU autocast")
     parser.add_argument("--bf16-kernels", choices=("yes", "no", "detected"), default="detected")
@@ -78,10 +82,9 @@ def main() -> int:
         layers.CPU_HAS_BF16_KERNELS = args.bf16_kernels == "yes"
     torch.manual_seed(0)
     model = create_model(args.model).train(args.mode == "train")
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    x = torch.randn(args.batch_size, 3, *(args.img_size or model_input_size(args.model)))
     census = OpCensus(set() if args.ops == "all" else set(args.ops.split(",")))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    with torch.set_grad_enabled(args.mode == "train"), autocast:
+    with torch.set_grad_enabled(args.mode == "train"), autocast("cpu", args.dtype):
         model(x)  # warm the caches of derived weights: the census is of a steady-state call
         with census:
             out = model(x)

@@ -14,9 +14,10 @@ import sys
 from typing import Any
 
 import torch
+from step_options import step_config, step_parser
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from cvt.benchmark import SUBJECTS, BenchConfig, build_subjects, make_batch, make_step, step_parser
+from cvt.benchmark import SUBJECTS, build_subjects, make_batch, make_step
 
 
 def label_stages(model: torch.nn.Module) -> None:
@@ -44,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = BenchConfig(model=args.model, batch_size=args.batch_size, mode=args.mode, dtype=args.dtype)
+    cfg = step_config(args)
     subjects, num_classes = build_subjects(cfg, [args.subject])
     model = subjects[args.subject]
     step = make_step(model, cfg)
@@ -56,7 +57,8 @@ def main() -> int:
         step(*batch)
     events = prof.key_averages(group_by_input_shape=args.by_shape)
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"{args.subject} {args.model} {args.mode} {args.dtype} batch {args.batch_size}, "
+    height, width = cfg.measured_size
+    print(f"{args.subject} {args.model} {height}x{width} {args.mode} {args.dtype} batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads: {total / 1e3:.0f} ms profiled\n")  # fmt: skip
     if args.subject == "cvt":
         print("| stage (forward) | ms | share |\n|---|---|---|")

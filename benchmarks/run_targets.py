@@ -5,7 +5,7 @@ and the official algorithm re-implemented (``official_reference.py``), in the sa
 interleaved timed runs (see ``cvt.benchmark``); the GPU rows, whose two sides differ in dtype and
 compilation, time them one after the other instead:
 
-    .venv/bin/python benchmarks/run_targets.py            # ~3 min on a quiet 2-core CPU
+    .venv/bin/python benchmarks/run_targets.py            # ~4 min on a quiet 2-core CPU
     .venv/bin/python benchmarks/run_targets.py --runs 5 --json targets.json
     taskset -c 0,1 python benchmarks/run_targets.py --device cpu --threads 2   # 2 cores of a bigger CPU
     python benchmarks/run_targets.py --device cuda --only gpu --compile-mode reduce-overhead \
@@ -37,8 +37,10 @@ from cvt.benchmark import (
     per_round_speedups,
     run_benchmark,
 )
+from cvt.engine.distributed import resolve_device
 from cvt.models import create_model
 from cvt.models.layers import CPU_HAS_BF16_KERNELS
+from cvt.precision import autocast
 
 PEERS = ["hf", "official"]
 
@@ -75,7 +77,7 @@ def bf16_logit_error(device: str, img_size: int = 224, batch: int = 8) -> float:
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     with torch.inference_mode():
         fp32 = model(x)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with autocast(torch.device(device).type, "bf16"):
             bf16 = model(x).float()
     return ((bf16 - fp32).norm() / fp32.norm()).item()
 
@@ -203,7 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per implementation")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -219,6 +221,7 @@ def main() -> int:
     parser.add_argument("--gpu-train-batches", type=_ints, default=[16, 128], help="GPU rows, e.g. 16,128")
     parser.add_argument("--gpu-infer-batches", type=_ints, default=[8, 256], help="GPU rows, e.g. 8,256")
     args = parser.parse_args()
+    args.device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = measure(args)

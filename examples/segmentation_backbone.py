@@ -3,7 +3,7 @@
 ``cvt.create_model(name, features_only=True)`` returns the stages' maps (strides 4/8/16 for the
 ImageNet variants, 2/4/8 for ``cvt_tiny``) with their channels in ``feature_info``. A feature
 pyramid merges them top-down and predicts one class per pixel. The toy task: find the bright
-square in a noisy image (2 classes: background, square), a few steps of training.
+square in a noisy image (2 classes: background, square), 30 steps of training by default.
 
     python examples/segmentation_backbone.py                 # cvt_tiny, 32x32, CPU seconds
     python examples/segmentation_backbone.py --model cvt_13 --img-size 224 --steps 5
@@ -62,7 +62,7 @@ def toy_batch(batch: int, size: int, generator: torch.Generator) -> tuple[torch.
     return images, masks
 
 
-def train(model_name: str = "cvt_tiny", img_size: int = 32, steps: int = 20, batch: int = 8) -> list[float]:
+def train(model_name: str = "cvt_tiny", img_size: int = 32, steps: int = 30, batch: int = 8) -> list[float]:
     """Train the segmenter on fresh toy batches; returns the loss of every step."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

@@ -248,7 +248,7 @@ def test_every_variant_folder_is_checked_before_the_first_trains(tmp_path, monke
     (out / "kv_stride-stride_2").mkdir(parents=True)
     (out / "kv_stride-stride_2" / "metrics.csv").write_text("an earlier run")
     budget = replace(ABLATION_DEFAULTS, output=str(out))
-    with pytest.raises(cvt.UsageError, match="kv_stride-stride_2 already have content: pass --overwrite"):
+    with pytest.raises(cvt.UsageError, match="kv_stride-stride_2 already have content: pass --resume auto"):
         train_ablation(budget, ["kv_stride"], verbose=False)
     assert trained == [] and sorted(p.name for p in out.iterdir()) == ["kv_stride-stride_2"]
     rows, _ = train_ablation(replace(budget, overwrite=True), ["kv_stride"], verbose=False)
@@ -263,7 +263,7 @@ def test_every_variant_folder_is_checked_before_the_first_trains(tmp_path, monke
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--resume", "auto"], "--resume does not apply to cvt ablate: an ablation is not resumed"),
+        (["--resume", "last.pt"], "cvt ablate --resume takes auto only (got 'last.pt')"),
         (["--name", "mine"], "--name does not apply to cvt ablate: each variant's run folder is named"),
         (["--finetune", "best.pt"], "--finetune does not apply to cvt ablate: the variants change the arch"),
         (["--pretrained"], "--pretrained does not apply to cvt ablate: the variants change the arch"),
@@ -283,7 +283,7 @@ def test_help_leaves_out_the_train_options_it_refuses(capsys) -> None:
         main(["ablate", "--help"])
     shown = capsys.readouterr().out
     assert "--epochs" in shown and "--overwrite" in shown  # the budget's options are listed
-    assert "--resume" not in shown and "--name" not in shown
+    assert "--name" not in shown and "--resume" in shown  # --resume auto continues an interrupted one
     assert "--finetune" not in shown and "pretrained" not in shown
 
 
@@ -326,8 +326,8 @@ def test_dry_run_counts_the_head_training_gives(tmp_path, capsys) -> None:
     assert main(["ablate", "--dry-run", "--dataset", "mnist"]) == 2
     assert "dataset must be one of digits, cifar10, cifar100, imagefolder" in capsys.readouterr().err
 
-    from cvt.ablation.training import FIXED_CLASS_COUNTS
     from cvt.data import build_dataset
+    from cvt.data.datasets import FIXED_CLASS_COUNTS
 
     assert len(build_dataset("digits", None, "train").classes) == FIXED_CLASS_COUNTS["digits"] == 10
 
@@ -363,7 +363,7 @@ def test_an_overwrite_run_leaves_no_report_of_the_runs_it_replaces(tmp_path, mon
 def test_a_diverging_variant_is_a_row_and_the_others_still_train(tmp_path, monkeypatch, capsys) -> None:
     from cvt.engine import NonFiniteLossError
 
-    def fake_train(cfg) -> dict:
+    def fake_train(cfg, resume=None) -> dict:
         if cfg.model_args["stride_kv"] == 1:
             raise NonFiniteLossError("non-finite loss (nan) at step 7 (epoch 1, batch 7); lower --lr", step=7)
         return {"final_top1": 90.0, "train_seconds": 2.0}
@@ -383,7 +383,7 @@ def test_a_diverging_variant_is_a_row_and_the_others_still_train(tmp_path, monke
     assert [(r["top1"], r["diverged_step"]) for r in table] == [("", "7"), ("90.0", "")]
     assert (out / "ablation.png").stat().st_size > 0
 
-    def data_error(cfg) -> dict:  # any other error still stops the ablation
+    def data_error(cfg, resume=None) -> dict:  # any other error still stops the ablation
         raise cvt.DataError("unreadable image")
 
     monkeypatch.setattr("cvt.engine.train", data_error)

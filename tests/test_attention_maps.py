@@ -12,6 +12,7 @@ from PIL import Image
 import cvt
 from cvt.attention_maps import last_stage_attention, save_attention_grid
 from cvt.cli.main import main
+from cvt.models.layers import ConvProjection
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,19 @@ def test_mean_query_without_cls_token_and_avg_keys() -> None:
     assert maps.query == "mean of all queries"
     assert maps.grid == (3, 3)  # 4x5 tokens, 3x3 average pooling, stride 2, padding 1, ceil mode
     torch.testing.assert_close(maps.maps.sum((-2, -1)), torch.ones(4))
+
+
+def test_keys_off_the_spec_grid_are_refused() -> None:
+    """A k/v projection replaced after the model was built (stride 1 where the spec says 2) gives keys
+    that lie on no grid the spec knows: a UsageError that says so (it was an assert, gone under -O)."""
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny").eval()
+    attn = model.stages[-1].blocks[-1].attn
+    dim = attn.proj_k.in_features
+    attn.conv_proj_k = ConvProjection("dw_bn", dim, kernel_size=3, stride=1, padding=1)
+    attn.conv_proj_v = ConvProjection("dw_bn", dim, kernel_size=3, stride=1, padding=1)
+    with pytest.raises(cvt.UsageError, match="has 17 keys where its stage spec gives 5 .a 2x2 key grid and"):
+        last_stage_attention(model, torch.randn(1, 3, 32, 32))
 
 
 def test_png_grid_and_cli(tiny, tmp_path, capsys) -> None:

@@ -148,7 +148,8 @@ def test_memory_worker_takes_its_baseline_after_a_first_step_and_settling(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], compile_: bool
 ) -> None:
     log = WorkerLog(monkeypatch)
-    cfg = BenchConfig(model="cvt_tiny", img_size=(32, 32), batch_size=2, mode="train", compile=compile_)
+    # no img_size: the worker reads the request's None as the model's own size, as the parent does
+    cfg = BenchConfig(model="cvt_tiny", batch_size=2, mode="train", compile=compile_)
     benchmark._memory_worker(json.dumps({"cfg": dataclasses.asdict(cfg), "subject": "cvt", "threads": 3}))
     assert float(capsys.readouterr().out) == pytest.approx(12.5)  # peak RSS minus the baseline
     assert log.threads == [3]
@@ -252,3 +253,37 @@ def test_result_arithmetic_from_the_raw_step_times(
     assert result.ceiling_gflops_per_s == 50.0
     assert result.ceiling_fraction == pytest.approx(result.gflops_per_s / 50.0, rel=1e-9)
     assert result.peak_memory_mb is None and result.ceiling_not_measured is None
+
+
+def test_config_measures_the_models_own_size_unless_given() -> None:
+    assert BenchConfig(model="cvt_tiny").measured_size == (32, 32)
+    assert BenchConfig(model="cvt_13.msft_in1k_384").measured_size == (384, 384)  # a tag: its own size
+    assert BenchConfig(model="cvt_tiny", img_size=(40, 48)).measured_size == (40, 48)
+    x, _ = benchmark.make_batch(BenchConfig(model="cvt_tiny", batch_size=2), num_classes=10)
+    assert x.shape == (2, 3, 32, 32)
+
+
+def load_benchmark_script(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
+    """A script of benchmarks/ as a module, with its folder on sys.path as when it is run."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [("profile_step", ["--rows", "1"]), ("fast_path_ablation", ["--runs", "1", "--flags", "dw_fp32"])],
+)
+def test_step_scripts_measure_the_models_own_size(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str, args: list[str]
+) -> None:
+    main = load_benchmark_script(monkeypatch, script).main
+    common = [script, "--model", "cvt_tiny", "--batch-size", "1", *args]
+    monkeypatch.setattr("sys.argv", common)
+    assert main() == 0
+    assert "cvt_tiny 32x32 infer fp32 batch 1" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", [*common, "--img-size", "40,48"])
+    assert main() == 0
+    assert "cvt_tiny 40x48 infer fp32 batch 1" in capsys.readouterr().out

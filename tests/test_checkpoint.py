@@ -249,6 +249,29 @@ def test_unreadable_files(tmp_path: Path, tiny: CvT, kind: str) -> None:
     assert ("empty" in message) if kind == "empty" else ("not a readable" in message)
 
 
+@pytest.mark.parametrize("fmt", ["pickle", "safetensors"])
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory.")])
+def test_out_of_memory_while_reading_is_not_called_a_damaged_file(
+    tmp_path: Path, tiny: CvT, monkeypatch: pytest.MonkeyPatch, fmt: str, error: Exception
+) -> None:
+    """A checkpoint this machine cannot hold was "not a readable ... file (truncated or not a
+    checkpoint?)"; the out-of-memory error goes through (the CLI words it)."""
+    import safetensors
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    if fmt == "pickle":
+        path = tmp_path / "w.pth"
+        torch.save(tiny.state_dict(), path)
+        monkeypatch.setattr(torch, "load", out_of_memory)
+    else:
+        path = save_checkpoint(tiny, tmp_path / "w.safetensors")
+        monkeypatch.setattr(safetensors, "safe_open", out_of_memory)
+    with pytest.raises(type(error)):
+        read_state_dict(path)
+
+
 def test_no_state_dict_and_no_cvt_keys(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pt")
     with pytest.raises(CheckpointError, match=r"holds no state dict.*'epoch', 'lr'"):
@@ -431,6 +454,50 @@ def test_load_model_of_official_state_dict(tmp_path: Path, tiny: CvT, images: to
         load_model(hf, model_name="cvt_tiny")
 
 
+def test_a_failed_hf_export_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything is computed before the first write, and the three files are written together: a
+    failure (here while making preprocessor_config.json, then a full disk on the second file) left
+    model.safetensors and config.json behind, or replaced an earlier export's files with half of a new one."""
+    import errno
+
+    import cvt.checkpoint.hf as hf
+
+    model = create_model("cvt_tiny", depth=(1, 2, 3), act="gelu")
+
+    def broken(model):
+        raise RuntimeError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "hf_preprocessor_from_model", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            export_hf(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+    out = export_hf(model, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.manual_seed(7)
+    other = create_model("cvt_tiny", depth=(1, 2, 3), act="gelu", img_size=48)
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "hf_preprocessor_from_model", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            export_hf(other, out, overwrite=True)
+    real_fsync, calls = os.fsync, []
+
+    def full_disk_on_second_file(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full_disk_on_second_file)
+        with pytest.raises(OSError, match="No space left"):
+            export_hf(other, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file either
+    export_hf(other, out, overwrite=True)
+    assert load_model(out).img_size == (48, 48)
+
+
 # ------------------------------------------------------------------------------ official YAML
 CVT_13_YAML = """\
 OUTPUT_DIR: 'OUTPUT/'
@@ -484,6 +551,14 @@ def test_official_yaml_builds_cvt_13(tmp_path: Path) -> None:
 def test_official_yaml_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         create_model_from_official_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "model.pth").write_bytes(b"PK\x03\x04\xff\xfe")
+    with pytest.raises(UsageError, match=r"model\.pth is not a YAML file: byte 4 is not UTF-8 text"):
+        create_model_from_official_yaml(tmp_path / "model.pth")
+    (tmp_path / "list.yaml").write_text("- MODEL\n")
+    with pytest.raises(
+        UsageError, match=r"list\.yaml must be a mapping of experiment sections .* got a YAML list"
+    ):
+        create_model_from_official_yaml(tmp_path / "list.yaml")
     (tmp_path / "bad.yaml").write_text("TRAIN:\n  LR: 0.1\n")
     with pytest.raises(UsageError, match=r"no MODEL\.SPEC"):
         create_model_from_official_yaml(tmp_path / "bad.yaml")
@@ -504,7 +579,18 @@ def test_cli_convert(tmp_path: Path, tiny: CvT, images: torch.Tensor, capsys: py
     # exists: refused before reading the source, with the exit code of every other command's refusal
     assert main(["convert", str(tmp_path / "missing.pth"), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"cvt convert: error: refusing to overwrite {out}: choose another --output or pass --force"
+    assert (
+        err == f"cvt convert: error: refusing to overwrite {out}: choose another --output or pass --overwrite"
+    )
+    # --overwrite (as in cvt train/eval/ablate) replaces it; --force is the same flag
+    for seed, flag in enumerate(("--overwrite", "--force"), start=1):
+        torch.manual_seed(seed)
+        other = create_model("cvt_tiny").eval()
+        torch.save(other.state_dict(), tmp_path / "other.pth")
+        assert main(["convert", str(tmp_path / "other.pth"), "--output", str(out), flag]) == 0
+        with torch.no_grad():
+            assert torch.equal(load_model(out)(images), other(images))
+    capsys.readouterr()
     # cvt_tiny has one block in stage 1: transformers' CvT cannot hold it
     assert main(["convert", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "drop-path rates by stage" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from cvt import benchmark
 from cvt.benchmark import BenchConfig, build_subjects
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
+from cvt.engine.distributed import resolve_device
 from cvt.models import create_model, layers
 
 
@@ -74,9 +75,10 @@ def test_train_step_peak_memory_is_measured_in_a_fresh_process() -> None:
         (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
         (["--dtype", "int8"], "dtype must be one of"),
         (["--model", "cvt_99"], "unknown model 'cvt_99'"),
+        (["--model", "cvt_14"], "unknown model 'cvt_14'; did you mean cvt_21, cvt_13"),  # create_model's
         (["--batch-size", "0"], "must be >= 1"),
         (["--compile", "--compile-mode", "fastest"], "compile mode must be one of"),
-        (["--device", "gpu"], "device must be cpu, cuda or cuda:N, got 'gpu'"),
+        (["--device", "gpu"], "must be auto, cpu, cuda or cuda:N, got 'gpu'"),  # as predict and eval say
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(
@@ -187,10 +189,32 @@ def test_pretrained_tag_names_are_benchmarked_with_random_weights(
 
 def test_unknown_pretrained_tag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "--model", "cvt_13.bogus")
-    assert code == 2 and "unknown model 'cvt_13.bogus'" in err and "cvt list --pretrained" in err
+    assert code == 2 and "unknown pretrained tag in 'cvt_13.bogus'; cvt_13 has: cvt_13.msft_in1k" in err
+
+
+def test_device_auto_is_resolved_as_by_the_other_commands(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchmark, "matmul_ceiling", lambda dtype, device: 100.0)
+    args = ["--model", "cvt_tiny", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--no-memory",
+            "--json"]  # fmt: skip
+    code, out, _ = run_cli(capsys, *args)  # no --device: auto
+    assert code == 0
+    assert json.loads(out)["config"]["device"] == str(resolve_device("auto"))
+    assert run_cli(capsys, *args, "--device", "auto")[0] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_as_by_the_other_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--device", "cuda")
+    assert code == 2
+    assert "device 'cuda' asked for, but torch sees no CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
 def test_info_refuses_a_negative_class_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """The model's own check, worded as for cvt export (cvt info repeated it)."""
     assert main(["info", "cvt_13", "--num-classes", "-5"]) == 2
     err = capsys.readouterr().err
-    assert "--num-classes must be >= 0" in err and len(err.strip().splitlines()) == 1
+    assert err == "cvt info: error: num_classes must be a whole number >= 0 (0: no classifier), got -5\n"
+    assert main(["info", "--num-classes", "-5"]) == 2  # every variant
+    assert capsys.readouterr().err == err

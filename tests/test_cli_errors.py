@@ -68,7 +68,7 @@ CASES: list[tuple[list[str], int, str]] = [
     (["info", "cvt_99"], 2, "unknown model 'cvt_99'"),
     (["train", "--epochs", "0"], 2, "option 'epochs' must be > 0, got 0"),
     (["train", "--config", "{typo}"], 2, "'epochz' (did you mean 'epochs'?)"),
-    (["train", "--output", "{file}/run"], 1, "cannot write to the run folder"),
+    (["train", "--output", "{file}/run"], 2, "a_file is a file, not a folder"),
     (["train", "--overwrite", "--resume", "auto"], 2, "'overwrite' and 'resume' conflict"),
     (["train", "--resume", "{random}"], 1, "is not a readable PyTorch or safetensors file"),
     (["eval", "--checkpoint", "{random}", "--dataset", "digits"], 1, "is not a readable PyTorch"),

@@ -365,6 +365,11 @@ def test_augment_config_rejects_bad_values():
         AugmentConfig(re_prob=1.5)
     with pytest.raises(UsageError, match="scale"):
         AugmentConfig(scale=(0.5, 0.2))
+    # checked by cvt train's validation only, before: an internal ValueError (unpacking, ColorJitter)
+    with pytest.raises(UsageError, match=r"'scale' must be two numbers 0 < lo <= hi <= 1, got \(0\.5,\)"):
+        AugmentConfig(scale=(0.5,))
+    with pytest.raises(UsageError, match="'color_jitter' must be >= 0 when given, got -0.4"):
+        AugmentConfig(color_jitter=-0.4)
     cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
     with pytest.raises(UsageError, match="auto_augment must be a timm policy .* got 'bogus'"):
         build_transform(cfg, True, AugmentConfig(auto_augment="bogus"))
@@ -394,6 +399,45 @@ def test_loader_order_is_seeded_and_batches_checked():
         build_loader(ds, 32, train=True)
     with pytest.raises(UsageError, match="batch size must be >= 1"):
         build_loader(ds, 0, train=False)
+
+
+def test_training_loader_reads_in_its_samplers_order():
+    """cvt train's loader: its ResumableSampler orders (and shards) the epoch; the owner checks its
+    length, which is 0 for a run resumed at the very end of an epoch."""
+    from cvt.engine.sampler import ResumableSampler
+
+    ds = torch.utils.data.TensorDataset(torch.arange(20))
+    sampler = ResumableSampler(len(ds), batch_size=4, seed=1)
+    sampler.set_position(epoch=2, batches_done=1)
+    loader = build_loader(ds, 4, train=True, sampler=sampler, seed=7)
+    assert torch.cat([b[0] for b in loader]).tolist() == list(sampler)  # the sampler's order, no reshuffle
+    assert loader.drop_last
+    sampler.set_position(epoch=2, batches_done=sampler.batches_per_epoch)
+    assert list(build_loader(ds, 4, train=True, sampler=sampler)) == []
+    assert build_loader(ds, 4, train=False, pin_memory=True).pin_memory
+    assert not build_loader(ds, 4, train=False, pin_memory=False).pin_memory
+
+
+def test_only_evaluation_loaders_keep_their_workers():
+    """A training loader is made for one epoch: its workers go with it, not later (during validation)."""
+    ds = torch.utils.data.TensorDataset(torch.arange(20))
+    assert build_loader(ds, 4, train=False, num_workers=1).persistent_workers
+    assert not build_loader(ds, 4, train=True, num_workers=1).persistent_workers
+    assert not build_loader(ds, 4, train=False).persistent_workers  # no workers
+
+
+def test_seed_generators_takes_seeds_beyond_numpys_range_and_seeds_gpus_on_request(monkeypatch):
+    from cvt.data.seeding import seed_generators
+
+    seeded_gpus = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded_gpus.append)
+    seed_generators(2**32 + 5, cuda=True)  # cvt train's per-rank seeds grow with the step
+    first = (torch.rand(1).item(), np.random.rand())
+    assert seeded_gpus == [2**32 + 5]
+    np.random.seed(5)
+    assert first[1] == np.random.rand()  # numpy takes the seed mod 2**32
+    seed_generators(2**32 + 5)
+    assert torch.rand(1).item() == first[0] and seeded_gpus == [2**32 + 5]  # the CPU generator only
 
 
 def test_build_dataset_rejects_unknown_names():
@@ -461,8 +505,23 @@ def test_precrop_resizes_then_crops_at_a_random_offset_as_the_official_fine_tuni
         assert len(matches) == 1
         offsets.add(matches[0])
     assert len(offsets) > 5  # the offset is drawn, not fixed
-    with pytest.raises(UsageError, match="precrop must be >= 0"):
+    with pytest.raises(UsageError, match="'precrop' must be >= 0"):
         AugmentConfig(precrop=-1)
+
+
+def test_a_timm_eval_pipeline_of_another_shape_is_an_explicit_error(monkeypatch):
+    """The pad-and-crop reuses timm's eval steps without their last (a PIL-to-tensor step); that was an
+    ``assert``, gone under ``python -O``, which then dropped whatever step timm had put last."""
+    import timm
+    import timm.data.transforms_factory as factory
+    from torchvision import transforms
+
+    monkeypatch.setattr(
+        factory, "transforms_imagenet_eval", lambda *a, **k: transforms.Compose([transforms.ToTensor()])
+    )
+    data_cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10")
+    with pytest.raises(RuntimeError, match=rf"timm {timm.__version__}'s eval pipeline no longer ends with"):
+        build_transform(data_cfg, train=True, aug=AugmentConfig(random_crop=True))
 
 
 def test_384_models_are_evaluated_on_the_whole_image_squashed():

@@ -301,6 +301,83 @@ def test_resume_into_a_new_folder_takes_best_pt_along(tmp_path, no_curves):
     assert (best["epoch"], best["best_top1"]) == (2, summary["best_top1"])
 
 
+def damaged_checkpoints(good: bytes) -> dict[str, bytes]:
+    """A best.pt as a crash or a full disk leaves it: cut short, or with bytes of its pickle overwritten."""
+    pickle_at = good.index(b"data.pkl") + 64  # inside the zip's first record: the pickle itself
+    overwritten = good[:pickle_at] + b"\xff" * 32 + good[pickle_at + 32 :]
+    return {"not a checkpoint": b"not a checkpoint", "empty": b"", "truncated": good[: len(good) // 2],
+            "overwritten": overwritten}  # fmt: skip
+
+
+def carry_best_setup(tmp_path):
+    """A source run whose best.pt records top-1 50, a new run folder, and that run's progress."""
+    source, target = tmp_path / "a", tmp_path / "b"
+    source.mkdir()
+    target.mkdir()
+    atomic_torch_save({"best_top1": 50.0, "model": {"w": torch.ones(3)}}, source / "best.pt")
+    return source, target, {"best_top1": 50.0, "best_epoch": 3}
+
+
+def test_carry_best_warns_about_a_damaged_best_pt(tmp_path):
+    from cvt.engine.trainer import _carry_best
+
+    source, target, _ = carry_best_setup(tmp_path)
+    good = (source / "best.pt").read_bytes()
+    for name, data in damaged_checkpoints(good).items():
+        (source / "best.pt").write_bytes(data)
+        progress = {"best_top1": 50.0, "best_epoch": 3}
+        with pytest.warns(UserWarning, match="no best.pt of the best epoch so far"):
+            _carry_best(source / "last.pt", target, progress)
+        assert progress == {"best_top1": -1.0, "best_epoch": 0}, name
+        assert not (target / "best.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+     MemoryError(), TypeError("a bug")],
+)  # fmt: skip
+def test_carry_best_lets_errors_other_than_a_damaged_file_through(tmp_path, monkeypatch, error):
+    """Running out of memory, or a bug, is not turned into "no best.pt": the best would be reset."""
+    from cvt.engine.trainer import _carry_best
+
+    source, target, progress = carry_best_setup(tmp_path)
+
+    def failing_load(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(type(error)):
+        _carry_best(source / "last.pt", target, progress)
+    assert progress == {"best_top1": 50.0, "best_epoch": 3}
+
+
+def test_loaders_pin_memory_only_for_a_gpu_device(tmp_path, monkeypatch, no_curves):
+    """Training on the CPU of a machine with a GPU: neither loader pins its batches (the validation
+    loader did, as a GPU was there)."""
+    from cvt.engine import evaluate as evaluate_module
+
+    pinned = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_evaluate(model, loader, *args, **kwargs):
+        pinned.append(loader.pin_memory)
+        raise Stop  # before the loader is read: there is no GPU to pin for here
+
+    def no_batches(loader, rng_state):  # the training loader, not read: straight to validation
+        pinned.append(loader.pin_memory)
+        return iter(())
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(evaluate_module, "evaluate", recording_evaluate)
+    monkeypatch.setattr("cvt.engine.trainer._epoch_batches", no_batches)
+    with pytest.raises(Stop):
+        run(micro(tmp_path, device="cpu", epochs=1))
+    assert pinned == [False, False]  # training, validation
+
+
 def test_an_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path, no_curves):
     """decay 1 freezes the EMA where it started: at the epoch-1 weights, not at a fresh initialisation."""
     run(micro(tmp_path, epochs=1))

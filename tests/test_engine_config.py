@@ -155,6 +155,43 @@ def test_yaml_that_is_not_a_mapping_or_not_yaml(tmp_path):
         read_yaml("no_such_recipe")
 
 
+def test_a_config_file_that_is_not_utf8_yaml_is_one_usage_error_line(tmp_path, capsys):
+    """``cvt train --config <a binary file>`` was "internal error: UnicodeDecodeError"."""
+    from cvt.cli.main import main
+
+    binary = tmp_path / "weights.pt"
+    binary.write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xff\xfe")
+    assert main(["train", "--config", str(binary)]) == 2
+    err = capsys.readouterr().err
+    expected = f"config {str(binary)!r} is not a YAML file: byte 10 is not UTF-8 text (a binary file?)"
+    assert err == f"cvt train: error: {expected}\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1\n")
+    with pytest.raises(
+        UsageError, match=r"config .* is not valid YAML: expected ',' or '\]'.* at line 2"
+    ) as info:
+        read_yaml(str(bad))
+    assert "\n" not in str(info.value)  # PyYAML's own text spans lines
+
+
+def test_the_augmentation_options_are_those_of_augment_config():
+    """validate() checks them through the AugmentConfig the run builds (one set of checks)."""
+    from cvt.data import AugmentConfig
+    from cvt.engine.config import augment_config
+
+    cfg = resolve_config(None, {"hflip": 0.5, "re_prob": 0.25, "scale": [0.5, 1.0], "mixup": 0.8,
+                                "cutmix": 1.0, "label_smoothing": 0.1, "precrop": 32, "color_jitter": 0.4,
+                                "auto_augment": "rand-m9-mstd0.5-inc1", "random_crop": False})  # fmt: skip
+    assert augment_config(cfg) == AugmentConfig(
+        auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, hflip=0.5, random_crop=False, precrop=32,
+        scale=(0.5, 1.0), color_jitter=0.4, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+    )  # fmt: skip
+    with pytest.raises(UsageError, match=r"^option 'precrop' must be >= 0, got -1$"):
+        resolve_config(None, {"precrop": -1})
+    with pytest.raises(UsageError, match=r"^option 'scale' must be two numbers 0 < lo <= hi <= 1"):
+        resolve_config(None, {"scale": [0.5]})
+
+
 def test_every_shipped_recipe_is_valid():
     names = recipe_names()
     assert {"digits", "seed_cifar10", "cvt13_in1k", "cvt21_in1k", "cvt13_in1k_384_ft", "cvtw24_384_ft",

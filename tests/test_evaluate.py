@@ -156,6 +156,30 @@ def test_confusion_png(tmp_path):
         assert img.format == "PNG" and img.size[0] >= 300
 
 
+def test_a_failed_plot_write_keeps_the_earlier_plot(tmp_path, monkeypatch):
+    """Confusion matrices and attention grids are written atomically: a full disk keeps the old file."""
+    import os
+
+    from cvt.attention_maps import AttentionMaps, save_attention_grid
+
+    confusion = torch.tensor([[3, 0], [2, 0]])
+    png = save_confusion_png(confusion, ["cat", "dog"], tmp_path / "c.png")
+    grid = save_attention_grid(AttentionMaps(torch.rand(2, 4), (2, 2), "cls token"), torch.rand(3, 8, 8),
+                               tmp_path / "a.png")  # fmt: skip
+    before = {path: path.read_bytes() for path in (png, grid)}
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_confusion_png(confusion.flip(0), ["cat", "dog"], png, "another title")
+    with pytest.raises(OSError, match="No space left"):
+        save_attention_grid(AttentionMaps(torch.rand(2, 4), (2, 2), "cls token"), torch.rand(3, 8, 8), grid)
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.png"]
+
+
 # ------------------------------------------------------------------------------------- CLI
 def _training_checkpoint(tmp_path, num_classes=10, with_ema=False, answer=3):
     """A `cvt train`-style checkpoint of cvt_tiny whose head always answers class ``answer`` (bias 10)."""
@@ -200,6 +224,26 @@ def test_cli_eval_json_and_files(tmp_path, capsys):
     # a second run does not overwrite the first without --overwrite
     assert main([*args, "--output", str(out)]) == 2
     assert "confusion.png exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_cli_eval_on_the_cpu_pins_no_memory_where_a_gpu_exists(tmp_path, capsys, monkeypatch):
+    """Page-locked batches serve copies to a GPU: the loader pinned them whenever torch saw one, even for
+    an evaluation on the CPU."""
+    import cvt.data
+
+    real_build_loader, pinned = cvt.data.build_loader, []
+
+    def build_loader(*args, **kwargs):
+        loader = real_build_loader(*args, **kwargs)
+        pinned.append(loader.pin_memory)
+        return loader
+
+    monkeypatch.setattr(cvt.data, "build_loader", build_loader)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ckpt = _training_checkpoint(tmp_path)
+    assert main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--batch-size", "360", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 360
+    assert pinned == [False]
 
 
 def test_cli_eval_ema_on_imagefolder_text(tmp_path, capsys):

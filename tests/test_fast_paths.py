@@ -268,6 +268,21 @@ def test_gelu_model_keeps_timm_mlp_and_matches_reference() -> None:
         torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
 
 
+def test_switching_a_fast_path_off_drops_its_cached_weights() -> None:
+    """The derived copies cost memory (~47 MB for CvT-13): a path switched off must not keep them."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        model(x)
+    mlps = [m for m in model.modules() if isinstance(m, QuickGeluMlp)]
+    assert mlps and all(m._scaled.cached is not None for m in mlps)
+    set_fast_paths(model, fold_act=False)
+    assert all(m._scaled.cached is None for m in mlps)
+    with torch.no_grad():  # and the plain path neither fills nor needs them
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    assert all(m._scaled.cached is None for m in mlps)
+
+
 def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
     model = tiny_model("avg", cls=True).eval()
     mlp = model.stage1.blocks[0].mlp

@@ -373,6 +373,47 @@ def test_pretrained_offline_fails_fast_with_checkpoint_path_hint(
     assert "HF_HUB_OFFLINE=1 makes this fail at once" in message
 
 
+def _failing_download(error: BaseException):
+    def download(repo_id: str, filename: str, **kwargs) -> str:
+        raise error
+
+    return download
+
+
+def test_pretrained_fetch_failures_are_checkpoint_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm.models._hub as timm_hub
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
+
+    network_error = HfHubHTTPError.__bases__[0]  # the HTTP client's own errors (httpx's: no OSError)
+    for error in (ConnectionError("unreachable"), EntryNotFoundError("no model.safetensors"),
+                  network_error("connection reset")):  # fmt: skip
+        monkeypatch.setattr(timm_hub, "hf_hub_download", _failing_download(error))
+        with pytest.raises(CheckpointError, match=rf"could not fetch .* {type(error).__name__}"):
+            create_model("cvt_13", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory."),
+        RuntimeError("size mismatch"),
+        KeyError("x"),
+    ],
+)
+def test_pretrained_out_of_memory_and_bugs_are_not_called_fetch_failures(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    """Every failure of pretrained=True was "could not fetch ... from the Hugging Face hub ...
+    HF_HUB_OFFLINE": an out-of-memory error or a bug sent the user to their network."""
+    import timm.models._hub as timm_hub
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", _failing_download(error))
+    with pytest.raises(type(error)) as raised:
+        create_model("cvt_13", pretrained=True)
+    assert raised.value is error
+
+
 def test_cli_convert_hf_to_cvt_and_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from cvt.cli.main import main
 

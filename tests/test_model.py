@@ -12,6 +12,7 @@ from torch import nn
 
 import cvt
 from cvt.models import CvT, StageSpec, expand_stages
+from cvt.models.cvt import kv_grid, stage_grids
 from cvt.models.layers import QuickGELU
 
 OFFICIAL_PARAMS = {"cvt_13": 19_997_480, "cvt_21": 31_622_696, "cvt_w24": 277_196_392}
@@ -474,6 +475,28 @@ def test_min_input_size_is_the_smallest_size_that_runs(
         except RuntimeError:
             return
         assert not torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(padding_kv=0), dict(method="avg"), dict(method="avg", padding_kv=0), dict(method="linear")],
+)
+def test_stage_and_kv_grids_are_those_of_the_layers(options: dict) -> None:
+    """``stage_grids`` and ``kv_grid`` (which attention maps, complexity and min_input_size read) give
+    the token grid of every stage and the key count of its attention, at an odd non-square size where
+    avg pooling (ceil mode) and a dw_bn conv (floor) differ."""
+    model = tiny(**options).eval()
+    seen: list[tuple[torch.Tensor, tuple[int, int]]] = []
+    for stage in model.stages:
+        stage.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[:2]))
+    with torch.no_grad():
+        model.forward_features(torch.randn(1, 3, 75, 93))
+        grids = stage_grids(model.stage_specs, (75, 93))
+        assert [grid for _, grid in seen] == grids
+        for stage, (tokens, grid) in zip(model.stages, seen, strict=True):
+            _, k, _ = stage.blocks[0].attn.project_qkv(tokens, grid)  # (1, heads, Tkv, d)
+            h, w = kv_grid(stage.spec, grid)
+            assert k.shape[-2] == h * w + int(stage.spec.cls_token)
 
 
 def test_reset_classifier_initializes_the_new_head_as_timm() -> None:

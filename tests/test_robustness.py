@@ -511,9 +511,10 @@ def test_sigint_saves_and_exits_130_then_resume_gives_the_same_weights(
     (tmp_path / "ready.sent").touch()
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130
-    assert err.splitlines()[-2:] == [
-        f"interrupted: saved {out / 'last.pt'} at step 3; continue with --resume auto",
-        "cvt train: interrupted",
+    assert err.splitlines()[-2:] == [  # said when it arrives, then what was saved, in one line each
+        "SIGINT: stopping after this step, once last.pt is saved (again: at once)",
+        f"cvt train: interrupted: saved {out / 'last.pt'} at step 3 (epoch 1) (SIGINT); continue with "
+        "--resume auto",
     ]
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
     assert main(["train", *MICRO_FLAGS, "--output", str(out), "--resume", "auto"]) == 0

@@ -8,6 +8,7 @@ CvT-13 at 224); the maps are upsampled over the image for display.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from cvt.errors import InputShapeError, UsageError
-from cvt.fileio import check_folder_path
+from cvt.fileio import atomic_write_bytes, check_folder_path
 from cvt.models import CvT
-from cvt.models.layers import conv_out_size
+from cvt.models.cvt import kv_grid
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,6 @@ class AttentionMaps:
     def upsampled(self, size: tuple[int, int]) -> torch.Tensor:
         """``(heads, H, W)`` maps resized bilinearly to an image of ``size``."""
         return F.interpolate(self.maps[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
-def _key_grid(model: CvT, grid: tuple[int, int]) -> tuple[int, int]:
-    """The last stage's key/value grid for a token grid (the k/v projection downsamples it)."""
-    spec = model.stage_specs[-1]
-    if spec.method == "linear":
-        return grid
-    ceil = spec.method == "avg"  # average pooling runs with ceil_mode
-    return tuple(conv_out_size(g, spec.kernel_qkv, spec.stride_kv, spec.padding_kv, ceil) for g in grid)
 
 
 def last_stage_attention(model: CvT, image: torch.Tensor) -> AttentionMaps:
@@ -74,8 +66,15 @@ def last_stage_attention(model: CvT, image: torch.Tensor) -> AttentionMaps:
         model.train(was_training)
     has_cls = model.stage_specs[-1].cls_token
     row = probs[:, 0] if has_cls else probs.mean(dim=1)  # (heads, Tkv)
-    key_grid = _key_grid(model, tuple(grid))
-    assert row.shape[-1] == key_grid[0] * key_grid[1] + int(has_cls), "key grid does not match the keys"
+    key_grid = kv_grid(model.stage_specs[-1], tuple(grid))
+    keys = key_grid[0] * key_grid[1] + int(has_cls)
+    if row.shape[-1] != keys:
+        # the spec built the layers: only a k/v projection replaced or edited since gives other keys
+        raise UsageError(
+            f"the last block's attention has {row.shape[-1]} keys where its stage spec gives {keys} (a "
+            f"{key_grid[0]}x{key_grid[1]} key grid{' and the cls key' if has_cls else ''}): its k/v "
+            f"projection was changed after the model was built, so the keys lie on no known grid"
+        )
     return AttentionMaps(row.float().cpu(), key_grid, "cls token" if has_cls else "mean of all queries")
 
 
@@ -131,9 +130,11 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
         ax.set_title(f"head {h + 1}", fontsize=9)
     fig.suptitle(title or f"last-stage attention of the {maps.query}, key grid {maps.grid[0]}x{maps.grid[1]}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=path.suffix[1:].lower(), dpi=100)  # never a format guessed otherwise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix[1:].lower(), dpi=100)  # never a format guessed otherwise
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())  # an existing file stays whole if the write fails
     return path
 
 

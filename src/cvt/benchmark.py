@@ -28,10 +28,10 @@ machine hits all of them alike.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -43,7 +43,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cvt.engine.distributed import resolve_device
 from cvt.errors import CheckpointError, CvtError, UsageError, is_out_of_memory
+from cvt.precision import DTYPES, autocast
 
 SUBJECTS: tuple[str, ...] = ("cvt", "hf", "official")
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 # On CUDA one step of a small batch takes milliseconds (a matrix product of the ceiling, microseconds):
 # a timed run repeats it until it lasts about this long, so timer resolution and launch jitter do not
@@ -68,7 +68,7 @@ class BenchConfig:
     """What to measure; every subject of a comparison runs with the same configuration."""
 
     model: str = "cvt_13"
-    img_size: tuple[int, int] = (224, 224)
+    img_size: tuple[int, int] | None = None  # None: the model's own (see measured_size)
     batch_size: int = 8
     mode: str = "infer"  # infer | train
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
@@ -81,20 +81,26 @@ class BenchConfig:
     device: str = "cpu"
     measure_memory: bool = True
 
+    @property
+    def measured_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the measured images: ``img_size``, or where it is None the size the
+        model was made for (:func:`model_input_size`, e.g. 32x32 for ``cvt_tiny``)."""
+        return self.img_size or model_input_size(self.model)
+
     def check(self) -> None:
         """Raise :class:`UsageError` for a configuration that cannot run here."""
-        try:
-            device_type = torch.device(self.device).type
-        except RuntimeError:  # not a device string at all ("gpu")
-            device_type = None
-        if device_type not in ("cpu", "cuda"):
-            raise UsageError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        # a device name as every command reads it (a malformed one, or cuda without a GPU, is refused);
+        # `auto` is for the caller to resolve: the measurements name a concrete device
+        if self.device == "auto":
+            raise UsageError(
+                "BenchConfig.device must name a device: resolve 'auto' with resolve_device first"
+            )
+        if resolve_device(self.device).type not in ("cpu", "cuda"):  # mps, xpu …: as resolve_device words it
+            raise UsageError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.mode not in ("infer", "train"):
             raise UsageError(f"mode must be 'infer' or 'train', got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"device {self.device!r} requested but CUDA is not available")
         if self.dtype == "fp16" and not self.device.startswith("cuda"):
             raise UsageError("dtype fp16 needs a CUDA device; on CPU use --dtype bf16 or fp32")
         if self.compile_mode not in COMPILE_MODES:
@@ -128,11 +134,15 @@ class BenchResult:
         return dataclasses.asdict(self)
 
 
-def autocast_context(cfg: BenchConfig) -> AbstractContextManager[Any]:
-    """``torch.autocast`` for bf16/fp16, a no-op for fp32."""
-    if cfg.dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(torch.device(cfg.device).type, dtype=DTYPES[cfg.dtype])
+@functools.cache
+def model_input_size(model: str) -> tuple[int, int]:
+    """The input size the variant or ``arch.tag`` name ``model`` was made for; :class:`UsageError` (with
+    :func:`~cvt.models.create_model`'s hint) for an unknown name."""
+    from cvt.models import create_model
+
+    with torch.device("meta"):  # shapes only: no weights are made
+        height, width = create_model(model).img_size
+    return height, width
 
 
 def synchronize(device: str) -> None:
@@ -154,8 +164,9 @@ def load_official_reference() -> Any:
     """The ``benchmarks/official_reference.py`` module of a source checkout."""
     if not OFFICIAL_REFERENCE.is_file():
         raise UsageError(
-            f"--compare official needs the repository's benchmarks/official_reference.py (a source "
-            f"checkout); not found at {OFFICIAL_REFERENCE}"
+            "--compare official runs the official algorithm kept in the repository's "
+            "benchmarks/official_reference.py, which an installed package does not ship: run cvt bench "
+            "from a source checkout (git clone, then pip install -e .)"
         )
     spec = importlib.util.spec_from_file_location("cvt_official_reference", OFFICIAL_REFERENCE)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
@@ -172,7 +183,7 @@ def build_hf_peer(model: nn.Module) -> nn.Module:
         from transformers import CvtConfig, CvtForImageClassification
     except ImportError:
         raise UsageError(
-            "--compare hf needs the transformers package, which is not installed (pip install transformers)"
+            "--compare hf needs the transformers package, which is not installed (pip install 'cvt[hf]')"
         ) from None
     from cvt.checkpoint.hf import hf_config_from_model, native_to_hf
 
@@ -232,7 +243,7 @@ def check_same_logits(ours: nn.Module, peer: nn.Module, cfg: BenchConfig, atol: 
     cuDNN's TF32 convolutions (PyTorch's default on Ampere and later) are switched off for the check:
     they round inputs to 10 mantissa bits, which alone moves the logits by more than ``atol``.
     """
-    x = torch.randn(2, 3, *cfg.img_size, device=cfg.device, generator=None)
+    x = torch.randn(2, 3, *cfg.measured_size, device=cfg.device, generator=None)
     with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         diff = (ours(x) - peer(x)).abs().max().item()
     if diff > atol:
@@ -261,25 +272,14 @@ def matmul_ceiling(dtype: str, device: str, size: int = 2048, runs: int = 5) -> 
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def step_parser(description: str | None) -> argparse.ArgumentParser:
-    """A parser with the options of one benchmarked step (model, mode, batch size, dtype), for scripts."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="cvt_13")
-    parser.add_argument("--mode", choices=["infer", "train"], default="infer")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    return parser
-
-
 def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One timed unit: an inference forward, or a full training step (fwd, loss, bwd, SGD step)."""
+    device_type = torch.device(cfg.device).type
     if cfg.mode == "infer":
         model.eval()
 
         def infer(x: torch.Tensor, _: torch.Tensor) -> None:
-            with torch.inference_mode(), autocast_context(cfg):
+            with torch.inference_mode(), autocast(device_type, cfg.dtype):
                 model(x)
 
         return infer
@@ -287,7 +287,7 @@ def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, tor
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def train(x: torch.Tensor, target: torch.Tensor) -> None:
-        with autocast_context(cfg):
+        with autocast(device_type, cfg.dtype):
             loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
@@ -299,7 +299,7 @@ def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, tor
 def make_batch(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random image batch (channels-last if asked) and random labels."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.batch_size, 3, *cfg.img_size, generator=gen).to(cfg.device)
+    x = torch.randn(cfg.batch_size, 3, *cfg.measured_size, generator=gen).to(cfg.device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, max(num_classes, 1), (cfg.batch_size,), generator=gen).to(cfg.device)
@@ -308,8 +308,9 @@ def make_batch(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.
 
 def _oom_error(cfg: BenchConfig, err: BaseException) -> CvtError:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    height, width = cfg.measured_size
     return CvtError(
-        f"batch size {cfg.batch_size} at {cfg.img_size[0]}x{cfg.img_size[1]} ({cfg.mode}, {cfg.dtype}) does "
+        f"batch size {cfg.batch_size} at {height}x{width} ({cfg.mode}, {cfg.dtype}) does "
         f"not fit in memory on {cfg.device} ({first_line}); try a smaller --batch-size"
     )
 
@@ -447,7 +448,8 @@ def _memory_worker(request: str) -> None:
     data = json.loads(request)
     torch.set_num_threads(data["threads"])
     fields = data["cfg"]
-    fields["img_size"] = tuple(fields["img_size"])
+    if fields["img_size"] is not None:  # JSON made the tuple a list
+        fields["img_size"] = tuple(fields["img_size"])
     cfg = dataclasses.replace(BenchConfig(), **fields)
     subjects, num_classes = build_subjects(cfg, [data["subject"]])
     model = subjects[data["subject"]]
@@ -484,7 +486,7 @@ def run_benchmark(
     subjects, num_classes = build_subjects(cfg, names)
     with torch.device("meta"):  # shapes only: counting needs no weights
         network = create_model(cfg.model)
-    flops_per_image = 2e9 * count_gmacs(network, cfg.img_size) * (3 if cfg.mode == "train" else 1)
+    flops_per_image = 2e9 * count_gmacs(network, cfg.measured_size) * (3 if cfg.mode == "train" else 1)
     times, cuda_peaks = time_subjects(cfg, subjects, num_classes)
     skip_reason = ceiling_skip_reason(cfg.dtype, cfg.device)
     ceiling = None if skip_reason else matmul_ceiling(cfg.dtype, cfg.device)

@@ -15,7 +15,7 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cvt.models.cvt import CvT, count_params, scaled_grid
+from cvt.models.cvt import CvT, count_params, stage_grids
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
@@ -63,6 +63,5 @@ def complexity(model: CvT, img_size: int | tuple[int, int] | None = None) -> Com
     size = to_2tuple(img_size or model.img_size)  # an int N is N x N
     dtype = next(model.parameters()).dtype
     model.check_input(torch.zeros(1, model.in_chans, *size, device="meta", dtype=dtype))
-    heights, widths = scaled_grid(size[0], model.stage_specs), scaled_grid(size[1], model.stage_specs)
-    grids = list(zip(heights, widths, strict=True))
+    grids = stage_grids(model.stage_specs, size)
     return Complexity(count_params(model), count_gmacs(model, size, model.in_chans), size, grids)

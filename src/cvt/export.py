@@ -40,6 +40,11 @@ def require_packages(fmt: str, verify: bool = False) -> None:
         raise UsageError(
             f"--format {fmt} needs the package {missing[0]!r}, which is not installed "
             f"(pip install {' '.join(missing)}, or pip install 'cvt[export]')"
+            + (
+                "; --no-verify exports without the check"
+                if missing[0] in _CHECK_PACKAGES.get(fmt, ())
+                else ""
+            )
         )
 
 
@@ -69,7 +74,7 @@ def check_output(fmt: str, output: str | Path, overwrite: bool = False) -> Path:
         existing = [str(path)] if path.exists() else []
     if existing and not overwrite:
         raise UsageError(
-            f"refusing to overwrite {', '.join(existing)}: choose another --output or pass --force"
+            f"refusing to overwrite {', '.join(existing)}: choose another --output or pass --overwrite"
         )
     return path
 

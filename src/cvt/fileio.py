@@ -1,5 +1,6 @@
-"""Writing files safely: atomic writes (a reader, or a resumed run, sees the old file or the new one,
-never half of one) and a check that an output folder can exist before any work is done.
+"""Reading and writing files safely: atomic writes (a reader, or a resumed run, sees the old file or the
+new one, never half of one), a check that an output folder can exist before any work is done, and the
+one reader of YAML files (recipes, official experiment files).
 
 Shared by checkpoints (``cvt.checkpoint.save_checkpoint``), exports, reports and run folders (``cvt.engine``).
 """
@@ -8,9 +9,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cvt.errors import UsageError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 def check_folder_path(folder: Path) -> None:
@@ -21,8 +27,8 @@ def check_folder_path(folder: Path) -> None:
         raise UsageError(f"cannot write into {folder}: {blocking} is a file, not a folder")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + fsync + ``os.replace``."""
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` in a new, fsynced temporary file beside ``path``; returns the temporary file."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:  # name the file asked for, not the temporary one
@@ -33,7 +39,80 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write_files(contents: Mapping[Path, bytes]) -> None:
+    """Write several files as one: each goes to a temporary file in its folder (fsynced), and the
+    temporary files are renamed over the targets (``os.replace``) only once all of them are written,
+    so a failure while writing (a full disk, a kill) leaves every target as it was. The renames
+    themselves are one after another: only a kill between two of them (microseconds, no data written)
+    leaves some targets new and some old."""
+    staged: dict[Path, Path] = {}  # target → its temporary file, until renamed
+    try:
+        for path, data in contents.items():
+            staged[path] = _write_temporary(path, data)
+        for path in list(staged):
+            os.replace(staged[path], path)
+            del staged[path]
+    except BaseException:
+        for tmp in staged.values():  # those not renamed
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + fsync + ``os.replace``."""
+    atomic_write_files({path: data})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode())
+
+
+def read_yaml_mapping(source: Path | Traversable, name: str, holds: str) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (a path, or a file shipped in the package); ``{}`` for an
+    empty file.
+
+    Raises :class:`UsageError`, calling the file ``name`` (``config 'x.yaml'``), when it does not exist
+    or cannot be read, is not UTF-8 text or not YAML, or holds something other than a mapping
+    (``holds`` says what it should hold: ``"option: value pairs"``).
+    """
+    import yaml
+
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{name} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{name} is a folder, not a YAML file") from None
+    except OSError as err:
+        raise UsageError(f"{name} cannot be read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"{name} is not a YAML file: byte {err.start} is not UTF-8 text (a binary file?)"
+        ) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UsageError(f"{name} is not valid YAML: {_yaml_problem(err)}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UsageError(f"{name} must be a mapping of {holds}, got a YAML {type(doc).__name__}")
+    return doc
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A PyYAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    import yaml
+
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem and err.problem_mark is not None:
+        return f"{err.problem} at line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1}"
+    return " ".join(str(err).split())

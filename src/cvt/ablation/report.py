@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from cvt.ablation.runner import AblationRow
-from cvt.cli.common import format_table
+from cvt.fileio import atomic_write_bytes, atomic_write_text
+from cvt.tables import format_table
 
 CSV_COLUMNS: tuple[str, ...] = (
     "family", "variant", "params", "gmacs", "top1", "train_seconds", "paper_params_m", "paper_gflops",
@@ -47,11 +49,12 @@ def markdown_table(rows: Sequence[AblationRow], with_results: bool = True) -> st
 
 def write_csv(rows: Sequence[AblationRow], path: Path) -> None:
     """All columns of :data:`CSV_COLUMNS`, empty where unknown."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.as_dict().items()})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.as_dict().items()})
+    atomic_write_text(path, text.getvalue())
 
 
 def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
@@ -77,15 +80,17 @@ def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
     ax.set_xlabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
 
 
 def write_report(rows: Sequence[AblationRow], out_dir: Path, title: str) -> list[Path]:
     """``ablation.md``, ``ablation.csv`` and ``ablation.png`` in ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path, png = out_dir / "ablation.md", out_dir / "ablation.csv", out_dir / "ablation.png"
-    md.write_text(f"# {title}\n\n{markdown_table(rows)}\n")
+    atomic_write_text(md, f"# {title}\n\n{markdown_table(rows)}\n")
     write_csv(rows, csv_path)
     plot_top1(rows, png, title)
     return [md, csv_path, png]

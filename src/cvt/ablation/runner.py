@@ -22,6 +22,7 @@ import torch
 from cvt.ablation.variants import PaperFigures, Variant, ablation_variants
 from cvt.complexity import count_gmacs
 from cvt.models import CvT, StageSpec, count_params, create_model
+from cvt.models.cvt import stage_grids
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,6 @@ def build_variant(
     return create_model(base, num_classes=num_classes, **{**(model_args or {}), **size, **variant.overrides})
 
 
-def _grids(model: CvT) -> tuple[tuple[int, int], ...]:
-    """The token grid of each stage of ``model`` at its input size."""
-    return tuple(tuple(stage.pos_grid) for stage in model.stages)
-
-
 def _grid_text(grids: Sequence[tuple[int, int]]) -> str:
     return "/".join(f"{h}x{w}" for h, w in grids)
 
@@ -78,15 +74,17 @@ def _measure(
     with torch.device("meta"):  # the families start from the base with model_args, at img_size
         base_model = build_variant(base, Variant("base", "base"), num_classes, img_size, model_args)
     variants = ablation_variants(base_model.stage_specs, families)
+    base_grids = stage_grids(base_model.stage_specs, base_model.img_size)
     measured: dict[tuple[StageSpec, ...], tuple[int, float]] = {}
     out = []
     for variant in variants:
         with torch.device("meta"):  # shapes only: counting needs no weights
             model = build_variant(base, variant, num_classes, img_size, model_args).eval()
-        if _grids(model) != _grids(base_model):
+        grids = stage_grids(model.stage_specs, model.img_size)
+        if grids != base_grids:
             warnings.warn(
-                f"{variant.family} / {variant.name}: token grids {_grid_text(_grids(model))} differ from "
-                f"the base model's {_grid_text(_grids(base_model))} at img_size "
+                f"{variant.family} / {variant.name}: token grids {_grid_text(grids)} differ from "
+                f"the base model's {_grid_text(base_grids)} at img_size "
                 f"{model.img_size[0]}x{model.img_size[1]} (a stage's input side is not a multiple of its "
                 f"stride): its size, cost and accuracy are not those of the base's grids",
                 stacklevel=2,

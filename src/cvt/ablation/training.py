@@ -17,15 +17,13 @@ from cvt.ablation.report import top1_text, write_report
 from cvt.ablation.runner import AblationRow, run_ablation
 from cvt.ablation.variants import Variant
 from cvt.engine.config import TrainConfig
+from cvt.engine.rundir import recorded_config, run_dir_content
 from cvt.errors import DataError, UsageError
 
 # The default budget: 11 distinct cvt_tiny models on the digits (1437 training images) must train in
-# under 15 minutes on a 2-core CPU: 3 epochs each (8.9 min measured, 93.6% top-1 for the baseline),
-# with the warm-up shortened to a quarter epoch. docs/ablations.md has the measured run.
+# under 15 minutes on a 2-core CPU: 3 epochs each, with the warm-up shortened to a quarter epoch.
+# docs/ablations.md has the measured run (its wall time and the baseline's top-1).
 ABLATION_DEFAULTS = TrainConfig(epochs=3, warmup_epochs=0.25)
-
-# data sets whose classes are fixed: their count needs none of their files (a dry run without the data)
-FIXED_CLASS_COUNTS: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 
 def variant_slug(variant: Variant) -> str:
@@ -65,15 +63,14 @@ def class_count(budget: TrainConfig) -> int:
     with a warning that says so."""
     import torch
 
-    from cvt.data.datasets import DATASETS, image_folder_classes
+    from cvt.data.datasets import FIXED_CLASS_COUNTS, check_dataset_name, image_folder_classes
     from cvt.models import create_model
 
     if budget.num_classes:
         return budget.num_classes
+    check_dataset_name(budget.dataset)
     if budget.dataset in FIXED_CLASS_COUNTS:
         return FIXED_CLASS_COUNTS[budget.dataset]
-    if budget.dataset != "imagefolder":
-        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {budget.dataset!r}")
     train_dir = Path(budget.data_dir) / "train"
     try:
         found = image_folder_classes(train_dir)
@@ -91,8 +88,9 @@ def class_count(budget: TrainConfig) -> int:
     return default
 
 
-def check_variant_dirs(run_dirs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse (touching nothing) variant run folders that already hold something, unless ``overwrite``.
+def check_variant_dirs(run_dirs: Sequence[Path], allow_content: bool) -> None:
+    """Refuse (touching nothing) variant run folders that already hold something, unless
+    ``allow_content`` (``--overwrite`` retrains them, ``--resume auto`` continues them).
 
     Checked for every variant before the first trains, so an ablation never stops midway at a
     folder after retraining the variants before it.
@@ -102,12 +100,60 @@ def check_variant_dirs(run_dirs: Sequence[Path], overwrite: bool) -> None:
         raise UsageError(
             f"{', '.join(not_dirs)}: not a folder, needed for a variant's run; choose another --output"
         )
-    used = [str(d) for d in run_dirs if d.is_dir() and any(d.iterdir())]
-    if used and not overwrite:
+    used = [str(d) for d in run_dirs if run_dir_content(d)]
+    if used and not allow_content:
         raise UsageError(
-            f"variant run folder(s) {', '.join(used)} already have content: pass --overwrite to retrain "
-            f"every variant over them, or choose another --output"
+            f"variant run folder(s) {', '.join(used)} already have content: pass --resume auto to continue "
+            f"an interrupted ablation, --overwrite to retrain every variant over them, or choose another "
+            f"--output"
         )
+
+
+# options that change how a variant's run goes, not what it learns: they may differ on --resume
+RESUME_MAY_CHANGE = frozenset(
+    {"output", "name", "device", "workers", "data_dir", "download", "eval_batch_size", "save_every_steps",
+     "compile", "grad_checkpointing", "num_classes", "img_size"}
+)  # fmt: skip
+
+
+def check_resumable(configs: Sequence[TrainConfig]) -> None:
+    """For ``--resume auto``: refuse (before any variant trains) a variant folder with content that is
+    not a run of that variant with the ablation's budget, as its ``config.yaml`` records it: a finished
+    variant is kept and an interrupted one continues, so all must share the options the report names."""
+    import yaml
+
+    for config in configs:
+        if not run_dir_content(config.run_dir):
+            continue
+        recorded = recorded_config(config.run_dir)
+        if recorded is None:
+            raise UsageError(
+                f"variant run folder {config.run_dir} holds no variant's run (no readable config.yaml) to "
+                f"resume: move its files away, or pass --overwrite to retrain every variant"
+            )
+        expected = yaml.safe_load(yaml.safe_dump(config.recorded()))  # as config.yaml holds it
+        differ = [
+            f"{key} {recorded[key]!r} (now {value!r})"
+            for key, value in expected.items()
+            if key not in RESUME_MAY_CHANGE and key in recorded and recorded[key] != value
+        ]
+        if differ:
+            raise UsageError(
+                f"variant run folder {config.run_dir} was trained with {'; '.join(differ)}: resume with the "
+                f"options the ablation was started with, or pass --overwrite to retrain every variant"
+            )
+
+
+def finished_result(config: TrainConfig) -> dict[str, float] | None:
+    """The result of a variant whose run finished (its ``summary.json``), as :func:`train_variant`
+    gives it; None when it has not finished (or the summary cannot be read: resuming writes it again)."""
+    import json
+
+    try:
+        summary = json.loads((config.run_dir / "summary.json").read_text(encoding="utf-8"))
+        return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def train_variant(config: TrainConfig) -> dict[str, float]:
@@ -117,10 +163,11 @@ def train_variant(config: TrainConfig) -> dict[str, float]:
     It gives ``diverged_step`` (the optimizer step whose loss was not finite) instead of a top-1.
     """
     from cvt.engine import NonFiniteLossError, train
+    from cvt.engine.trainer import resume_checkpoint
 
     start = time.perf_counter()
     try:
-        summary = train(config)
+        summary = train(config, resume_checkpoint(config))  # with resume auto: its last.pt, if any
     except NonFiniteLossError as err:
         return {"diverged_step": err.step, "train_seconds": time.perf_counter() - start}
     return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
@@ -140,7 +187,8 @@ def train_ablation(
     """Train every variant of ``families`` with ``budget``; the rows and the report files written.
 
     Variant runs go to ``<ablation dir>/<family>-<variant>/``. Refuses to replace an existing
-    report or variant run folder unless ``budget.overwrite``, and starting weights (``finetune``,
+    report or variant run folder unless ``budget.overwrite`` (``budget.resume`` ``auto``: finished
+    variants are kept, an interrupted one continues), and starting weights (``finetune``,
     ``pretrained``); checks the data can fill a batch, the family names (in :func:`run_ablation`'s dry
     run) and every variant's folder before training anything, then removes an earlier report. A
     variant that diverges gets a row saying so (and a warning); the others still train.
@@ -152,14 +200,15 @@ def train_ablation(
         )
     out_dir = ablation_dir(budget)
     existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
-    if existing and not budget.overwrite:
+    if existing and not (budget.overwrite or budget.resume):  # resume: the report is written again
         raise UsageError(
             f"refusing to overwrite {', '.join(existing)}: choose another --output or --overwrite"
         )
     num_classes = check_data(budget)
 
     def train_fn(variant: Variant) -> dict[str, float]:
-        return train_variant(variant_config(budget, variant, out_dir / variant_slug(variant)))
+        config = variant_config(budget, variant, out_dir / variant_slug(variant))
+        return (budget.resume and finished_result(config)) or train_variant(config)
 
     def announce(row: AblationRow) -> None:
         if not verbose:
@@ -168,8 +217,11 @@ def train_ablation(
         print(f"ablation {row.family} / {row.variant}: {result} in {row.train_seconds:.0f} s")
 
     def check_dirs(variants: list[Variant]) -> None:
-        check_variant_dirs([out_dir / variant_slug(v) for v in variants], budget.overwrite)
-        for name in REPORT_FILES:  # an --overwrite run: no report of the runs it replaces survives it
+        configs = [variant_config(budget, v, out_dir / variant_slug(v)) for v in variants]
+        check_variant_dirs([c.run_dir for c in configs], budget.overwrite or bool(budget.resume))
+        if budget.resume:  # folders with content may hold the variants' runs, which continue
+            check_resumable(configs)
+        for name in REPORT_FILES:  # replaced or continued runs: no report of the earlier ones survives
             (out_dir / name).unlink(missing_ok=True)
 
     rows = run_ablation(

@@ -2,7 +2,9 @@
 
 ``load_checkpoint(model, path)`` detects the format and loads strictly; ``load_model(path)``
 rebuilds a model from a file that describes it (``rebuild_model`` also returns what the file says
-beside the weights); ``save_checkpoint`` and ``export_hf`` write.
+beside the weights); ``save_checkpoint`` and ``export_hf`` write;
+``create_model_from_official_yaml`` builds the model an official experiment YAML describes, to load
+official weights into.
 """
 
 from cvt.checkpoint.hf import export_hf
@@ -17,7 +19,7 @@ from cvt.checkpoint.load import (
     rebuild_model,
 )
 from cvt.checkpoint.native import save_checkpoint
-from cvt.checkpoint.official import create_model_from_official_yaml
+from cvt.checkpoint.official_yaml import create_model_from_official_yaml
 from cvt.checkpoint.read import read_state_dict
 
 __all__ = [

@@ -19,6 +19,7 @@ import torch
 
 from cvt.checkpoint.read import HF_CONFIG_FILE, HF_PREPROCESSOR_FILE, HF_WEIGHT_FILES
 from cvt.errors import CheckpointError
+from cvt.fileio import atomic_write_files
 from cvt.models.cvt import CvT, StageSpec
 
 _HF_STAGE = "cvt.encoder.stages.{i}."
@@ -288,8 +289,11 @@ def hf_export_files(out_dir: Path) -> tuple[Path, Path, Path]:
 def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
     loads, and ``preprocessor_config.json`` (input size, crop, mean/std) for ``AutoImageProcessor``;
-    returns the directory. Refuses to replace existing files unless ``overwrite``."""
-    from safetensors.torch import save_file
+    returns the directory. Refuses to replace existing files unless ``overwrite``.
+
+    Everything that can fail is computed before the folder is made, and the three files are written
+    together (:func:`~cvt.fileio.atomic_write_files`): a failure leaves an earlier export as it was."""
+    from safetensors.torch import save
     from timm.utils import unwrap_model
 
     model = unwrap_model(model)  # DistributedDataParallel, torch.compile, ModelEmaV3: the CvT inside
@@ -301,12 +305,19 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = Fal
     existing = [str(p) for p in (config_file, weight_file, preprocessor_file) if p.exists()]
     if existing and not overwrite:
         raise CheckpointError(
-            f"refusing to overwrite {', '.join(existing)}: pass overwrite=True (CLI: --force)"
+            f"refusing to overwrite {', '.join(existing)}: pass overwrite=True (CLI: --overwrite)"
         )
-    tensors = {k: v.detach().cpu().contiguous() for k, v in native_to_hf(model.state_dict()).items()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(weight_file), metadata={"format": "pt"})
-    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     preprocessor = hf_preprocessor_from_model(model)
-    preprocessor_file.write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in native_to_hf(model.state_dict()).items()}
+    contents = {
+        weight_file: save(tensors, metadata={"format": "pt"}),
+        config_file: _json_bytes(config),
+        preprocessor_file: _json_bytes(preprocessor),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_files(contents)
     return out
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")

@@ -106,7 +106,7 @@ def save_checkpoint(
     if path.is_dir():
         raise CheckpointError(f"checkpoint target {path} is a directory, expected a file path")
     if path.exists() and not overwrite:
-        raise CheckpointError(f"refusing to overwrite {path}: pass overwrite=True (CLI: --force)")
+        raise CheckpointError(f"refusing to overwrite {path}: pass overwrite=True (CLI: --overwrite)")
     # safetensors stores contiguous, unshared tensors; the state dict of a CvT shares none
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {

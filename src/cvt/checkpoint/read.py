@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from cvt.errors import CheckpointError
+from cvt.errors import CheckpointError, is_out_of_memory
 
 FORMAT_NATIVE = "cvt"
 FORMAT_OFFICIAL = "official"
@@ -151,6 +151,8 @@ def _load_weight_file(path: Path) -> tuple[Any, dict[str, str]]:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
         except Exception as err:
+            if is_out_of_memory(err):  # tensors this machine cannot hold, not a damaged file
+                raise
             raise CheckpointError(
                 f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from err
@@ -211,6 +213,8 @@ def safe_torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if is_out_of_memory(err):  # a checkpoint this machine cannot hold, not a damaged one
+            raise
         # torch's weights-only unpickler words a refusal "Unsupported global: GLOBAL os.system" or
         # "unsupported GLOBAL posix.system whose module posix is blocked", depending on the object
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))

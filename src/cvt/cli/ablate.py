@@ -8,12 +8,11 @@ from cvt.cli.common import print_json
 from cvt.cli.train import add_train_arguments, flags_from_args
 
 # cvt train options an ablation cannot honour: every variant has its own run folder under --output,
-# named after the variant, a whole ablation is not resumed, and the variants' architectures differ, so
-# no one set of starting weights loads into all. Parsed but not in --help, so that giving one gets this
-# reason rather than argparse's "unrecognized arguments".
+# named after the variant, and the variants' architectures differ, so no one set of starting weights
+# loads into all. Parsed but not in --help, so that giving one gets this reason rather than argparse's
+# "unrecognized arguments".
 NOT_FOR_ABLATE = {
     "name": "each variant's run folder is named after the variant; choose the ablation's with --output",
-    "resume": "an ablation is not resumed; --overwrite retrains over an earlier one, or use another --output",
     "finetune": "the variants change the architecture (e.g. position embeddings): no one checkpoint fits all",
     "pretrained": "the variants change the architecture (e.g. position embeddings): no published weights fit",
 }
@@ -23,6 +22,9 @@ ABLATE_HELP = {
     "output": "the ablation's folder: the report and one run folder per variant; "
     "default: runs/ablate-<model>-<dataset>",
     "overwrite": "retrain every variant over an earlier ablation in --output, replacing its report",
+    "resume": "auto: continue an interrupted ablation in --output with the same options: variants that "
+    "finished are kept, an interrupted one continues from its last.pt, the others train; then the report "
+    "is written over all",
     "num_classes": "classifier outputs; default: the data set's class count (also in --dry-run)",
 }
 
@@ -60,18 +62,25 @@ def check_ablate_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} does not apply to cvt ablate: {why}")
     if args.json and not args.dry_run:
         raise UsageError("--json needs --dry-run (a training run writes ablation.csv and ablation.md)")
+    if vars(args).get("resume", "auto") != "auto":
+        raise UsageError(
+            f"cvt ablate --resume takes auto only (got {args.resume!r}): each variant continues from the "
+            f"last.pt in its own run folder under --output"
+        )
 
 
 def run_ablate(args: argparse.Namespace) -> int:
     from cvt.ablation import dry_run
     from cvt.ablation.report import markdown_table
-    from cvt.ablation.training import ABLATION_DEFAULTS, class_count, train_ablation
+    from cvt.ablation.training import ABLATION_DEFAULTS, ablation_dir, class_count, train_ablation
     from cvt.engine.config import resolve_config
+    from cvt.engine.rundir import lock_run_dir
 
     check_ablate_options(args)
     budget = resolve_config(args.config, flags_from_args(args), base=ABLATION_DEFAULTS)
     if not args.dry_run:
-        rows, paths = train_ablation(budget, args.family)
+        with lock_run_dir(ablation_dir(budget), "cvt ablate"):  # one ablation at a time in a folder
+            rows, paths = train_ablation(budget, args.family)
         print(markdown_table(rows))
         print("wrote " + ", ".join(str(p) for p in paths))
         return 0

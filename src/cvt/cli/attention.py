@@ -23,7 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="image file to write: PNG (.png added without an extension), or .jpg, .pdf, .svg …",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--overwrite",
+        "--force",
+        dest="overwrite",
+        action="store_true",
+        help="replace an existing output file",
+    )
     p.set_defaults(func=run_attention)
 
 
@@ -32,8 +38,8 @@ def run_attention(args: argparse.Namespace) -> int:
     from cvt.errors import UsageError
 
     output = image_output_path(args.output)  # the file matplotlib will write: the one to protect
-    if output.exists() and not args.force:
-        raise UsageError(f"refusing to overwrite {output}: choose another --output or pass --force")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"refusing to overwrite {output}: choose another --output or pass --overwrite")
     source = load_model_source(args, random_weights=True)
     title = f"{source.description}: {Path(args.image).name}"
     maps, path = attention_for_file(source.model, args.image, output, title=title, img_size=args.img_size)

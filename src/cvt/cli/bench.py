@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cvt.cli.common import format_table, parse_img_size, print_json
+from cvt.cli.common import parse_img_size, print_json
+from cvt.tables import format_table
 
 if TYPE_CHECKING:  # cvt.benchmark imports torch: loaded when the command runs, not for `cvt --help`
     from cvt.benchmark import BenchResult
@@ -34,17 +35,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="variant or arch.tag name, built with random weights (default: cvt_13)")  # fmt: skip
     p.add_argument("--img-size", type=parse_img_size,
                    help="input size N or H,W (default: the model's, e.g. 32 for cvt_tiny)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mode", choices=["infer", "train"], default="infer")
+    p.add_argument("--batch-size", type=int, default=8, help="images per timed step (default 8)")
+    p.add_argument(
+        "--mode",
+        choices=["infer", "train"],
+        default="infer",
+        help="infer: a forward; train: forward, loss, backward, SGD step (default infer)",
+    )
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile every measured model")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) or "
                    "max-autotune")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (cvt)")
-    p.add_argument("--compare", choices=sorted(COMPARE_CHOICES), help="also measure peer(s) in this process")
+    p.add_argument(
+        "--compare",
+        choices=sorted(COMPARE_CHOICES),
+        help="also measure peer(s) in this process (official: from a source checkout only)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per model (default 2)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per model (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -57,24 +67,14 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.benchmark import BenchConfig, per_round_speedups, run_benchmark
+    from cvt.engine.distributed import resolve_device
     from cvt.errors import UsageError
-    from cvt.models import list_models
 
-    if args.model not in list_models() and args.model not in list_models(pretrained=True):
-        raise UsageError(
-            f"unknown model {args.model!r}; `cvt list` shows the variants, `cvt list --pretrained` the "
-            "arch.tag names"
-        )
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.img_size is None:
-        from cvt.models import create_model
-
-        with torch.device("meta"):  # the size the variant (or its pretrained tag) was made for
-            args.img_size = create_model(args.model).img_size
+    device = str(resolve_device(args.device))
     cfg = BenchConfig(
         model=args.model, img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,
         dtype=args.dtype, compile=args.compile, compile_mode=args.compile_mode,
@@ -84,9 +84,10 @@ def run_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     results = run_benchmark(cfg, COMPARE_CHOICES[args.compare] if args.compare else None)
     ours = results[0]
+    height, width = cfg.measured_size  # the model's own unless --img-size
     if args.json:
         report = {
-            "config": {**vars(cfg), "img_size": list(cfg.img_size), "threads": torch.get_num_threads()},
+            "config": {**vars(cfg), "img_size": [height, width], "threads": torch.get_num_threads()},
             "results": [r.as_dict() for r in results],
             "speedup": {r.subject: ours.img_per_s / r.img_per_s for r in results[1:]},
             "speedup_per_round": {r.subject: per_round_speedups(ours, r) for r in results[1:]},
@@ -106,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         ceiling = f"matmul ceiling {ours.ceiling_gflops_per_s:.0f} GFLOP/s"
     print(
-        f"{cfg.model} {cfg.img_size[0]}x{cfg.img_size[1]} batch {cfg.batch_size} {cfg.mode} {cfg.dtype} "
+        f"{cfg.model} {height}x{width} batch {cfg.batch_size} {cfg.mode} {cfg.dtype} "
         f"on {device} ({torch.get_num_threads()} threads), {cfg.runs} runs; {ceiling}"
     )
     headers = ["model", "img/s", "min-max", "peak MB", "GFLOP/s", "of ceiling", "cvt speed-up (per round)"]

@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="activation when SOURCE does not record it (Hugging Face default: quick_gelu)",
     )  # fmt: skip
     p.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--overwrite", "--force", dest="overwrite", action="store_true", help="replace an existing output"
+    )
     p.set_defaults(func=run_convert)
 
 
@@ -37,12 +39,12 @@ def run_convert(args: argparse.Namespace) -> int:
     from cvt.export import check_output
     from cvt.models import count_params
 
-    check_output("hf" if args.to == "hf" else "safetensors", args.output, args.force)  # before reading
+    check_output("hf" if args.to == "hf" else "safetensors", args.output, args.overwrite)  # before reading
     model = load_model(args.source, model_name=args.model, act=args.act, use_ema=args.ema)
     if args.to == "hf":  # warnings (e.g. an activation transformers cannot run) print as one line
-        out = export_hf(model, args.output, overwrite=args.force)
+        out = export_hf(model, args.output, overwrite=args.overwrite)
     else:
-        out = save_checkpoint(model, args.output, overwrite=args.force)
+        out = save_checkpoint(model, args.output, overwrite=args.overwrite)
     name = model.pretrained_cfg.get("architecture") or "model"
     print(
         f"wrote {out}: {name}, {count_params(model):,} parameters, {model.num_classes} classes, {model.act}"

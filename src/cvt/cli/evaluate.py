@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cvt.cli.common import format_table, json_text, print_json
+from cvt.cli.common import json_text, print_json
 from cvt.cli.model_source import add_model_source_arguments, load_model_source, with_index_names
+from cvt.tables import format_table
 
 # files `cvt eval --output DIR` writes
 CONFUSION_PNG = "confusion.png"
@@ -40,15 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
     from cvt.data.datasets import first_difference, first_names, image_folder_classes
     from cvt.data.loader import collate_readable
     from cvt.engine.distributed import resolve_device
     from cvt.engine.evaluate import evaluate, save_confusion_png
     from cvt.errors import CheckpointError, DataError, UsageError
-    from cvt.fileio import check_folder_path
+    from cvt.fileio import atomic_write_text, check_folder_path
+    from cvt.precision import autocast_dtype
 
     output = Path(args.output) if args.output else None
     if output is not None:
@@ -103,10 +103,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     data_cfg = resolve_data_config(model, dataset_name, args.img_size)
     dataset.transform = build_transform(data_cfg, train=False)
-    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.workers,
-                          collate_fn=collate_readable)  # fmt: skip
     device = resolve_device(args.device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    loader = build_loader(dataset, args.batch_size, train=False, num_workers=args.workers,
+                          collate_fn=collate_readable, pin_memory=device.type == "cuda")  # fmt: skip
+    amp_dtype = autocast_dtype(args.amp)
     result = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, num_classes=model.num_classes,
                       progress=sys.stderr.isatty())  # fmt: skip
 
@@ -122,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
         title = f"{source.description} — {dataset_name} {args.split}, top-1 {result.top1:.2f}%"
         png = save_confusion_png(result.confusion, classes, output / CONFUSION_PNG, title)
         report["confusion_png"] = str(png)
-        (output / METRICS_JSON).write_text(json_text(report) + "\n")
+        atomic_write_text(output / METRICS_JSON, json_text(report) + "\n")
     if args.json:
         print_json(report)
         return 0

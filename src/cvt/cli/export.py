@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt", help="export format")
     p.add_argument("--output", required=True, help="file to write (a folder for --format hf)")
     p.add_argument("--num-classes", type=int, help="classifier outputs of a model built by name")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--overwrite", "--force", dest="overwrite", action="store_true", help="replace an existing output"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the check against the eager model")
     p.set_defaults(func=run_export)
 
@@ -41,9 +43,9 @@ def run_export(args: argparse.Namespace) -> int:
             f"model's own input size"
         )
     require_packages(args.fmt, verify=not args.no_verify)  # before building a large model
-    check_output(args.fmt, args.output, args.force)
+    check_output(args.fmt, args.output, args.overwrite)
     model = load_model_source(args, random_weights=True, num_classes=args.num_classes).model
-    path = export_model(model, args.fmt, args.output, args.img_size, overwrite=args.force)
+    path = export_model(model, args.fmt, args.output, args.img_size, overwrite=args.overwrite)
     print(f"wrote {path}")
     if not args.no_verify:
         diff = verify_export(model, args.fmt, path, args.img_size)

@@ -8,7 +8,8 @@ Error contract (``tests/test_cli_errors.py``): expected errors (:class:`~cvt.err
 environment failures (``OSError``: a full disk, a folder that cannot be written; running out of
 memory) print one line ``cvt <command>: error: ...`` on stderr and exit 1 (2 for usage errors, as
 argparse does); any other exception is a bug and prints one ``internal error`` line with a hint;
-Ctrl-C exits 130.
+Ctrl-C exits 130, and a training stopped by a signal 128 + its number (143 for SIGTERM, 129 for SIGHUP),
+with one line saying what it saved.
 Warnings print as one line ``cvt <command>: warning: ...``. ``--debug`` (before or after the
 command) shows the full traceback and Python's own warning format instead.
 """
@@ -16,10 +17,12 @@ command) shows the full traceback and Python's own warning format instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -112,9 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = functools.partial(format_warning, args.command)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"cvt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # cvt train's TrainingInterrupted says what it saved, and the signal
+        detail = one_line(err)
+        with contextlib.suppress(OSError):  # after a hang-up (SIGHUP) the terminal is gone: EIO
+            print(f"cvt {args.command}: interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
+        return 128 + int(getattr(err, "signum", signal.SIGINT))
     except Exception as err:
         if args.debug:
             raise

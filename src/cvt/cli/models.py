@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.cli.common import format_table, parse_img_size, print_json
+from cvt.cli.common import parse_img_size, print_json
+from cvt.tables import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,11 +35,8 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.complexity import complexity
-    from cvt.errors import UsageError
     from cvt.models import create_model, list_models
 
-    if args.num_classes is not None and args.num_classes < 0:
-        raise UsageError(f"--num-classes must be >= 0 (0: no classifier), got {args.num_classes}")
     names = [args.model] if args.model else list_models()
     rows = []
     for name in names:

@@ -14,6 +14,12 @@ from typing import Any
 import yaml
 
 from cvt.engine.config import FIELDS, TrainConfig, field_help, field_type, list_item_type
+from cvt.engine.rundir import RUN_FILES, TB_DIR, TB_EVENTS
+
+OVERWRITE_HELP = (
+    f"replace the run in an existing run folder: removes its {', '.join(RUN_FILES)} and the TensorBoard "
+    f"event files ({TB_EVENTS}) in {TB_DIR}/ before training, nothing else (command line only)"
+)
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -73,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the run folder (runs/<name>) gets config.yaml, metrics.csv, TensorBoard events, curves.png, "
         "last.pt, best.pt and summary.json. Under torchrun every process runs this command.",
     )
-    add_train_arguments(p)
+    add_train_arguments(p, helps={"overwrite": OVERWRITE_HELP})
     p.set_defaults(func=run_train)
 
 

@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 from cvt.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from cvt.errors import DataError, UsageError
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+# data sets whose classes are fixed: their count needs none of their files (a dry run without the data)
+FIXED_CLASS_COUNTS: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
+DATASETS: tuple[str, ...] = (*FIXED_CLASS_COUNTS, "imagefolder")
 SPLITS: tuple[str, ...] = ("train", "val")
 
 # The fixed digits split: stratified 80/20 with this seed → 1,437 train / 360 val images.
@@ -366,6 +368,12 @@ def find_image_files(folder: Path) -> list[Path]:
     return found
 
 
+def check_dataset_name(name: str) -> None:
+    """:class:`UsageError` for a data set name not in :data:`DATASETS`."""
+    if name not in DATASETS:
+        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+
+
 def build_dataset(
     name: str,
     root: str | Path | None,
@@ -386,8 +394,7 @@ def build_dataset(
     ``val/`` lacks a class folder. ``skip_bad_images``, ``replace_bad_images``: see
     :class:`ImageFolderDataset` (evaluation passes ``replace_bad_images=False``).
     """
-    if name not in DATASETS:
-        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+    check_dataset_name(name)
     if split not in SPLITS:
         raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if name == "digits":

@@ -1,4 +1,5 @@
-"""The DataLoader: seeded shuffling, a DistributedSampler under torchrun, clear batch-size errors."""
+"""The DataLoader of training (full batches in a sampler's or a seeded order) and of evaluation (every
+item in order), with clear batch-size errors."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from cvt.errors import UsageError
 
@@ -25,40 +26,36 @@ def build_loader(
     batch_size: int,
     train: bool,
     num_workers: int = 0,
-    distributed: bool = False,
+    sampler: Sampler[int] | None = None,
     seed: int = 0,
-    drop_last: bool | None = None,
     collate_fn: Callable | None = None,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
-    """A loader that shuffles (``train``) in an order fixed by ``seed``.
+    """A training loader (``train``: full batches only) or an evaluation one (every item, in order).
 
-    ``drop_last`` defaults to ``train`` (equal-size training batches, as mixup needs). With
-    ``distributed``, each process reads its shard through a :class:`DistributedSampler`; call
-    ``loader.sampler.set_epoch(epoch)`` every epoch to reshuffle. A training batch larger than the
-    (per-process) data set raises :class:`~cvt.errors.UsageError` instead of giving zero batches.
+    A training loader reads in ``sampler``'s order (``cvt train``'s
+    :class:`~cvt.engine.sampler.ResumableSampler`: shuffled per epoch, sharded over the processes under
+    torchrun, resumable mid-epoch) or, without one, in a shuffle fixed by ``seed``; ``seed`` also fixes
+    the worker processes' base seeds. Without a sampler, a training batch larger than the data set
+    raises :class:`~cvt.errors.UsageError` instead of giving zero batches (a sampler's owner checks its
+    own). A training loader is made for one epoch, an evaluation loader may be iterated again (every
+    epoch's validation): only the latter keeps its worker processes between passes.
+    ``pin_memory``: page-locked batches, for copies to a GPU (default: when torch sees one).
     ``collate_fn``: how items become a batch (default ``default_collate``; :func:`collate_readable`).
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
-    drop_last = train if drop_last is None else drop_last
-    sampler = None
-    generator = None
-    per_process = len(dataset)
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
-        per_process = sampler.num_samples
-    else:
-        generator = torch.Generator().manual_seed(seed)  # same seed → same order, workers seeded from it
-    if drop_last and batch_size > per_process:
-        where = "per process" if distributed else "in total"
+    size = len(dataset)
+    if train and sampler is None and batch_size > size:
         raise UsageError(
-            f"batch size {batch_size} is larger than the data set ({per_process} images {where}): "
-            f"no full batch to train on; use --batch-size {per_process} or less"
+            f"batch size {batch_size} is larger than the data set ({size} images): no full batch to "
+            f"train on; use --batch-size {size} or less"
         )
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=num_workers, drop_last=drop_last, generator=generator, collate_fn=collate_fn,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        num_workers=num_workers, drop_last=train, generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0 and not train,
     )  # fmt: skip

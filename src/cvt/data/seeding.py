@@ -28,11 +28,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (x ^ (x >> 31)) & 0xFFFFFFFF
 
 
-def seed_generators(seed: int) -> None:
-    """Seed the global generators a transform may draw from: torch (CPU only), ``random``, numpy."""
-    torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed the CUDA generators too
+def seed_generators(seed: int, cuda: bool = False) -> None:
+    """Seed the global generators: torch's CPU one (with ``cuda`` every GPU's too), ``random`` and numpy
+    (``seed`` mod 2**32, its range). A transform draws from the CPU ones only: a data-loading process
+    leaves the GPUs' generators alone."""
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 @contextmanager

@@ -58,18 +58,19 @@ class AugmentConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        # the messages name the fields as options: cvt train's options of the same names fill them
         for name in ("re_prob", "hflip"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UsageError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise UsageError(f"option {name!r} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.precrop < 0:
-            raise UsageError(f"precrop must be >= 0 pixels, got {self.precrop}")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise UsageError(f"mixup and cutmix alphas must be >= 0, got {self.mixup} and {self.cutmix}")
-        lo, hi = self.scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise UsageError(f"scale must be (min, max) with 0 < min <= max <= 1, got {self.scale}")
+            raise UsageError(f"option 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
+        for name in ("precrop", "mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"option {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.color_jitter is not None and self.color_jitter < 0:
+            raise UsageError(f"option 'color_jitter' must be >= 0 when given, got {self.color_jitter}")
+        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise UsageError(f"option 'scale' must be two numbers 0 < lo <= hi <= 1, got {self.scale}")
 
 
 def resolve_data_config(
@@ -106,6 +107,7 @@ def resolve_data_config(
 
 def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
     """The resize + center-crop steps of timm's eval pipeline (PIL in, PIL out)."""
+    import timm
     from timm.data.transforms import MaybePILToTensor
     from timm.data.transforms_factory import transforms_imagenet_eval
 
@@ -114,7 +116,11 @@ def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
         crop_mode=data_cfg.get("crop_mode", "center"), interpolation=data_cfg["interpolation"],
         use_prefetcher=True,
     ).transforms  # fmt: skip
-    assert isinstance(steps[-1], MaybePILToTensor)  # with use_prefetcher the last step only converts
+    if not isinstance(steps[-1], MaybePILToTensor):  # with use_prefetcher the last step only converts
+        raise RuntimeError(
+            f"timm {timm.__version__}'s eval pipeline no longer ends with MaybePILToTensor (it ends with "
+            f"{type(steps[-1]).__name__}): cvt's eval geometry needs updating for this timm version"
+        )
     return steps[:-1]
 
 

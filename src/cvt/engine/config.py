@@ -16,11 +16,15 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from cvt.errors import UsageError
+from cvt.fileio import read_yaml_mapping
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+    from cvt.data.transforms import AugmentConfig
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
@@ -230,27 +234,24 @@ def recipe_names() -> list[str]:
 def read_yaml(path_or_name: str) -> dict[str, Any]:
     """The options of a YAML file, or of a shipped recipe given by name (``cvt13_in1k``)."""
     path = Path(path_or_name)
-    if path.is_file():
-        text = path.read_text()
-    else:
-        recipe = resources.files("cvt") / "configs" / f"{path.name.removesuffix('.yaml')}.yaml"
-        if not recipe.is_file():
+    source: Path | Traversable = path
+    if not path.is_file():
+        source = resources.files("cvt") / "configs" / f"{path.name.removesuffix('.yaml')}.yaml"
+        if not source.is_file():
             raise UsageError(
                 f"config {path_or_name!r} is neither a file nor a shipped recipe; recipes: "
                 f"{', '.join(recipe_names())}"
             )
-        text = recipe.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UsageError(f"config {path_or_name!r} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(
-            f"config {path_or_name!r} must be a mapping of option: value, got {type(data).__name__}"
-        )
-    return data
+    return read_yaml_mapping(source, f"config {path_or_name!r}", "option: value pairs")
+
+
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The run's augmentation and label-regularisation options (fields of the same names); raises
+    UsageError, naming the option, for a value no run can use."""
+    from cvt.data.transforms import AugmentConfig
+
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(AugmentConfig)}
+    return AugmentConfig(**{**options, "scale": tuple(cfg.scale)})
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -269,17 +270,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise UsageError(f"option {key!r} must be > 0 when given, got {value}")
-    for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "workers", "save_every_steps",
-                "mixup", "cutmix", "precrop"):  # fmt: skip
+    for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "workers", "save_every_steps"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"option {key!r} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.color_jitter is not None and cfg.color_jitter < 0:
-        raise UsageError(f"option 'color_jitter' must be >= 0 when given, got {cfg.color_jitter}")
-    for key in ("hflip", "re_prob"):
-        if not 0 <= getattr(cfg, key) <= 1:
-            raise UsageError(f"option {key!r} is a probability in [0, 1], got {getattr(cfg, key)}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise UsageError(f"option 'label_smoothing' must be in [0, 1), got {cfg.label_smoothing}")
+    augment_config(cfg)  # the augmentation options, checked by AugmentConfig as the run builds it
     if not 0 <= cfg.momentum < 1:  # 1 and above: the momentum buffer never forgets, the steps grow
         raise UsageError(f"option 'momentum' must be in [0, 1), got {cfg.momentum}")
     if not 0 <= cfg.ema_decay <= 1:
@@ -298,8 +292,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"model_args {', '.join(owned)}: set by the run itself (--num-classes, --img-size, --pretrained "
             f"…), or not a model for training; pass them as options"
         )
-    if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
-        raise UsageError(f"option 'scale' must be two numbers 0 < lo <= hi <= 1, got {cfg.scale}")
     if cfg.overwrite and cfg.resume:
         raise UsageError("options 'overwrite' and 'resume' conflict: choose one")
     return cfg

@@ -6,6 +6,7 @@ k = the class count when a data set has fewer than 5 classes.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvt.errors import DataError, UsageError
+from cvt.fileio import atomic_write_bytes
 
 
 @dataclass
@@ -166,7 +168,9 @@ def save_confusion_png(
     ax.set_ylabel("true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())  # an earlier plot stays whole if the write fails
     return path

@@ -2,28 +2,152 @@
 
 ``runs/<name>/`` holds ``config.yaml``, ``metrics.csv``, TensorBoard events (``tb/``), ``curves.png``,
 ``last.pt``, ``best.pt`` and, once training ends, ``summary.json``. Only rank 0 writes here; every
-file is replaced atomically.
+file is replaced atomically. While a run trains, its process holds an exclusive lock on
+``<run>/.lock`` (:func:`lock_run_dir`), so a second ``cvt train`` into the same folder is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import shutil
+import os
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cvt.engine.state import atomic_write_bytes, atomic_write_text
 from cvt.errors import CvtError, UsageError
+from cvt.fileio import atomic_write_bytes, atomic_write_text, check_folder_path, read_yaml_mapping
 
-# the files and folders a run writes; --overwrite removes these and nothing else
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+# the files and folders a run writes; --overwrite removes these (in tb/ its event files) and nothing else
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json")
 TB_DIR = "tb"
+TB_EVENTS = "events.out.tfevents.*"  # the files TensorBoard's writer creates in tb/
 STARTUP_FILES = ("config.yaml", TB_DIR)  # written when a run starts, before its first checkpoint
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time", "ema_top1")
+LOCK_FILE = ".lock"  # held by the process training into the folder; not content of the run
+# the temporary file of an atomic write of a run file (tempfile.mkstemp's 8 random characters)
+_TEMPORARY = re.compile(rf"^\.({'|'.join(map(re.escape, RUN_FILES))})\.[a-z0-9_]{{8}}\.tmp$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is the temporary file of a save of a run file that was killed midway."""
+    return _TEMPORARY.match(name) is not None
+
+
+def run_dir_content(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` (none when it is no folder), but its lock file: what a user or a run
+    put there."""
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path, command: str = "cvt train") -> Iterator[None]:
+    """Hold an exclusive lock on ``<run_dir>/.lock`` (creating the folder) while the block runs.
+
+    A folder locked by another process (a second ``cvt train`` or ``cvt ablate`` into the same
+    folder, a ``--resume auto`` of a run still training) is refused with :class:`UsageError`, naming
+    the process recorded in the lock file. The lock is the OS's (``flock``): it goes with the process,
+    so a killed run leaves at most an unlocked ``.lock`` that the next run takes over. A folder this
+    call created is removed again when the block leaves it empty (a run refused before writing). On a
+    file system without locks the block runs unlocked, with a warning.
+    """
+    check_folder_path(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CvtError(f"cannot write to the run folder {run_dir}: {err.strerror or err}") from None
+    path = run_dir / LOCK_FILE
+    try:
+        fd = _take_lock(path, run_dir) if fcntl is not None else None
+    except BaseException:
+        _remove_empty(created)
+        raise
+    if fd is None:  # no locks here: the run goes on as before there were any
+        try:
+            yield
+        finally:
+            _remove_empty(created)
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command}\n".encode())
+        yield
+    finally:
+        # while still held, so no process can take this file over after the close; only if the name is
+        # still ours: a folder moved away during the run may have a new run (and .lock) at its old path
+        ours = _same_file(path, fd)
+        if ours:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.close(fd)  # releases the lock
+        if ours:
+            _remove_empty(created)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+def _take_lock(path: Path, run_dir: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock; :class:`UsageError` when another
+    process holds it; None (warned) on a file system without locks."""
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CvtError(f"cannot write to the run folder {run_dir}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            who = f"{' '.join(holder[1:]) or 'cvt'} (pid {holder[0]})" if holder else "cvt process"
+            raise UsageError(
+                f"run folder {run_dir} is in use by another {who}: wait for it to end, or choose another "
+                f"--output"
+            ) from None
+        except OSError as err:  # a file system without locks (ENOLCK, EOPNOTSUPP)
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            warnings.warn(
+                f"cannot lock the run folder {run_dir} ({err.strerror or err}): a second cvt train into it "
+                f"would not be refused",
+                stacklevel=4,
+            )
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed the file between our open and lock: take the new one
+    raise UsageError(f"run folder {run_dir} is in use by other cvt processes starting and ending")
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders of ``created`` (deepest first) that are empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def never_saved(run_dir: Path) -> bool:
@@ -31,15 +155,21 @@ def never_saved(run_dir: Path) -> bool:
     early, which ``--resume auto`` restarts. That is a ``config.yaml`` recorded by a run (it names the
     model and data set), optionally ``tb/`` and temporary files of a killed save; a folder of anything
     else (a user's own recipe, events or notes) is not one."""
-    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
-    temporary = {n for n in names if any(n.startswith(f".{f}.") and n.endswith(".tmp") for f in RUN_FILES)}
+    names = set(run_dir_content(run_dir))
+    temporary = {n for n in names if is_temporary(n)}
     if "config.yaml" not in names or not names - temporary <= set(STARTUP_FILES):
         return False
+    recorded = recorded_config(run_dir)
+    return recorded is not None and {"model", "dataset", "epochs", "seed"} <= recorded.keys()
+
+
+def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The options a run recorded in ``run_dir/config.yaml``, or None where there is no readable one
+    (missing, not YAML, not a mapping)."""
     try:
-        recorded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(recorded, dict) and {"model", "dataset", "epochs", "seed"} <= recorded.keys()
+        return read_yaml_mapping(run_dir / "config.yaml", "config.yaml", "option: value pairs")
+    except UsageError:
+        return None
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = None) -> None:
@@ -48,7 +178,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
     continue into an empty or new folder, so two runs never mix."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"output {run_dir} exists and is not a folder")
-    content = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    content = run_dir_content(run_dir)
     if not content or overwrite:
         return
     if resume_from is not None and resume_from.resolve().parent == run_dir.resolve():
@@ -69,19 +199,24 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` removes the run files it holds.
+    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` removes the files a run writes
+    that it holds: :data:`RUN_FILES` and the TensorBoard event files in ``tb/`` (old events must not
+    mix with the new run's). Anything else (a user's notes, other files in ``tb/``) stays.
 
-    Temporary files of a save that was killed midway (``.last.pt.*.tmp``) are removed in any case.
+    Temporary files of a save that was killed midway (``.last.pt.<8 characters>.tmp``) are removed in
+    any case.
     """
-    for name in RUN_FILES:
-        for stale in run_dir.glob(f".{name}.*.tmp"):
-            stale.unlink()
-    if overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
     try:
-        if overwrite and (run_dir / TB_DIR).exists():
-            shutil.rmtree(run_dir / TB_DIR)  # old events must not mix with the new run's
+        for stale in run_dir_content(run_dir):
+            if is_temporary(stale):
+                (run_dir / stale).unlink()
+        if overwrite:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            if (run_dir / TB_DIR).is_dir():
+                for events in (run_dir / TB_DIR).glob(TB_EVENTS):
+                    if events.is_file():
+                        events.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
         probe.write_bytes(b"")

@@ -21,11 +21,6 @@ from cvt.errors import CheckpointError
 from cvt.fileio import atomic_write_bytes
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
     """``torch.save`` through :func:`atomic_write_bytes`."""
     buffer = io.BytesIO()

@@ -21,26 +21,28 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
+import pickle
 import signal
+import struct
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config, run_model_kwargs
+from cvt.engine.config import RUN_CONTROL, TrainConfig, augment_config, resolve_config, run_model_kwargs
 from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, shutdown_distributed
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
 from cvt.engine.rundir import (
     TensorBoardLog,
     check_run_dir,
+    lock_run_dir,
     never_saved,
     plot_curves,
     prepare_run_dir,
@@ -50,8 +52,9 @@ from cvt.engine.rundir import (
 )
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save, capture_rng, load_train_checkpoint, restore_rng
-from cvt.errors import CheckpointError, CvtError, UsageError
-from cvt.fileio import atomic_write_bytes
+from cvt.errors import CheckpointError, CvtError, UsageError, is_out_of_memory
+from cvt.fileio import atomic_write_bytes, check_folder_path
+from cvt.precision import autocast, autocast_dtype
 
 
 class NonFiniteLossError(CvtError):
@@ -66,6 +69,16 @@ class DataLoaderWorkerError(CvtError):
     """A data-loader worker process died (killed by the OS, usually for memory)."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT), SIGTERM or SIGHUP (``signum``); the message says what was
+    saved. A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops on it too; the CLI exits with
+    128 + ``signum`` (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The run's config and, when resuming, its checkpoint.
 
@@ -73,12 +86,12 @@ def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainCo
     ``<run>/last.pt``): the checkpoint's config ← YAML ← flags, so ``--epochs`` can extend a run.
     """
     cfg = resolve_config(yaml_source, flags)
-    if not cfg.resume:
+    if cfg.output:  # an output that cannot be a folder is refused before a checkpoint is read
+        check_folder_path(Path(cfg.output))
+    ckpt = resume_checkpoint(cfg)
+    if ckpt is None:
         return cfg, None
     path = _resume_path(cfg)
-    if cfg.resume == "auto" and not path.is_file():
-        return cfg, None  # nothing to resume yet: a fresh run in the same folder
-    ckpt = load_train_checkpoint(path)
     # how the interrupted run was started (--overwrite, its own --resume) does not carry over; older
     # checkpoints still record it
     saved = {
@@ -92,6 +105,17 @@ def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainCo
     return resolve_config(yaml_source, run_flags, base=base), ckpt
 
 
+def resume_checkpoint(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint ``cfg.resume`` names, loaded; None without ``resume``, or for ``auto`` when the
+    run folder holds no checkpoint yet (a fresh run in that folder)."""
+    if not cfg.resume:
+        return None
+    path = _resume_path(cfg)
+    if cfg.resume == "auto" and not path.is_file():
+        return None
+    return load_train_checkpoint(path)
+
+
 def _resume_path(cfg: TrainConfig) -> Path:
     """The checkpoint ``cfg.resume`` names: a path, or for ``auto`` ``<run>/last.pt`` — or ``best.pt``
     of a run killed between the two saves that end its first epoch (``best.pt`` is written first;
@@ -103,24 +127,11 @@ def _resume_path(cfg: TrainConfig) -> Path:
     return best if first_epoch_cut else last
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _set_deterministic(enabled: bool) -> None:
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(enabled)
-
-
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 (CPU/GPU) or fp16 (GPU) autocast, or nothing."""
-    if cfg.amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, resuming: bool) -> nn.Module:
@@ -235,20 +246,62 @@ def _first_epoch_with(history: list[dict[str, float]], top1: float) -> int:
     return next((row["epoch"] for row in history if row["top1"] == top1), 0)
 
 
+# what torch.load raises for a file that is not a whole checkpoint: the disk (OSError), torch's zip
+# reader (RuntimeError: not a zip, truncated), its weights-only unpickler on damaged bytes (UnpicklingError,
+# EOFError, struct.error, ValueError such as UnicodeDecodeError)
+_DAMAGED_FILE_ERRORS = (OSError, RuntimeError, pickle.UnpicklingError, EOFError, struct.error, ValueError)
+
+
+def _read_best(path: Path) -> dict[str, Any]:
+    """The checkpoint ``path`` (its weights memory-mapped, not read), or ``{}`` when there is none or
+    it cannot be read."""
+    if not path.is_file():
+        return {}
+    try:  # mmap: only the scalars and the history are read, not the weights
+        best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _DAMAGED_FILE_ERRORS as err:  # as good as no file; out of memory is not
+        if is_out_of_memory(err):
+            raise
+        return {}
+    return best if isinstance(best, dict) else {}
+
+
+def _ahead_of(best: dict[str, Any], progress: dict[str, Any]) -> bool:
+    """Whether ``best`` (a ``best.pt``) was saved later in the run that ``progress`` was resumed from,
+    with a higher top-1: its history continues the checkpoint's (a run killed after writing an epoch's
+    ``best.pt`` and before its ``last.pt``)."""
+    history, own = best.get("history"), progress.get("history", [])
+    if not isinstance(history, list) or len(history) <= len(own):
+        return False
+    if not isinstance(best.get("best_top1"), (int, float)) or best["best_top1"] <= progress["best_top1"]:
+        return False
+    return all(
+        isinstance(row, dict) and (row.get("epoch"), row.get("top1")) == (mine["epoch"], mine["top1"])
+        for row, mine in zip(history, own, strict=False)  # the checkpoint's rows: the first of best's
+    )
+
+
 def _carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> None:
-    """A run resumed into another folder takes the source run's ``best.pt`` along, so that the new
-    folder's ``best.pt`` and summary keep meaning the best epoch so far. Without a ``best.pt`` of that
-    best beside the checkpoint, the best is counted anew from the epochs trained here (warned)."""
-    if progress["best_top1"] < 0 or resume_from.resolve().parent == run_dir.resolve():
-        return
+    """Make the best so far of a resumed run what the ``best.pt`` beside its checkpoint holds.
+
+    That ``best.pt`` may be ahead of the checkpoint: written for an epoch whose ``last.pt`` a kill
+    prevented. Its best (top-1 and epoch) is then taken over, so the retrained epochs replace it only
+    when they do better and the summary names the epoch it holds. A run resumed into another folder
+    takes the source run's ``best.pt`` along, so that the new folder's ``best.pt`` and summary keep
+    meaning the best epoch so far. Without a ``best.pt`` of that best beside the checkpoint, the best
+    is counted anew from the epochs trained there (warned).
+    """
+    same_folder = resume_from.resolve().parent == run_dir.resolve()
+    if progress["best_top1"] < 0 and same_folder:
+        return  # no epoch ended yet: a best.pt beside it (a kill mid-epoch 1) is retrained over anyway
     source = resume_from.parent / "best.pt"
-    best: Any = {}
-    if source.is_file():
-        try:  # mmap: only the scalar is read, not the weights
-            best = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # an unreadable best.pt is as good as none: warned below
-            best = {}
-    if isinstance(best, dict) and best.get("best_top1") == progress["best_top1"]:
+    best = _read_best(source)
+    if _ahead_of(best, progress):
+        best_epoch = int(best.get("best_epoch") or best["epoch"])  # files of earlier versions: its epoch
+        progress.update(best_top1=float(best["best_top1"]), best_epoch=best_epoch)
+    if same_folder or progress["best_top1"] < 0:
+        return
+    if best.get("best_top1") == progress["best_top1"]:
         atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
         return
     warnings.warn(
@@ -259,30 +312,95 @@ def _carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> N
     progress.update(best_top1=-1.0, best_epoch=0)
 
 
+# the options whose change makes a checkpoint's weights or optimizer state not fit the model built
+_FIT_OPTIONS = ("model", "num_classes", "img_size", "model_args", "optimizer")
+
+
+def _misfit_message(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, err: Exception) -> str:
+    """One line for a checkpoint to resume that does not load into this run's model or optimizer:
+    the recorded options that differ from this command's, or else the first line of torch's detail."""
+    recorded = resume.get("config") or {}
+    now = _recorded_config(cfg, model)
+    differ = [
+        f"{key} {recorded[key]!r} (this command: {now[key]!r})"
+        for key in _FIT_OPTIONS
+        if key in recorded and key in now and recorded[key] != now[key]
+    ]
+    if differ:
+        what = "; ".join(differ)
+    else:  # torch's message: a header line, then one indented line per kind of mismatch
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+        what = f"other weights ({detail[:300]})"
+    return (
+        f"the checkpoint to resume does not fit {cfg.model} with {model.num_classes} classes and optimizer "
+        f"{cfg.optimizer} (this command's): it was trained with {what}; resume with the options it was "
+        f"trained with, or start a new run from it with --finetune"
+    )
+
+
 def _recorded_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
     """The run's options as ``config.yaml`` and checkpoints record them, with the resolved class
     count and resolution."""
     return {**cfg.recorded(), "num_classes": model.num_classes, "img_size": model.img_size[0]}
 
 
-class _InterruptFlag:
-    """Turns Ctrl-C (SIGINT) into a flag the loop checks between steps, so it can save and stop."""
+# the signals that stop a run after saving: Ctrl-C, and how job schedulers (SLURM, Kubernetes) and a
+# closed terminal stop a process
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """A data-loader worker leaves the stop signals to the training process, which saves and then ends
+    it: one sent to the whole process group (Ctrl-C in a terminal, SLURM's SIGTERM) killed the
+    workers mid-epoch, and the run with them, before anything was saved."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class _InterruptFlag:
+    """Turns Ctrl-C (SIGINT), SIGTERM and SIGHUP into a flag the loop checks after every step and
+    after each epoch's validation and saves, so it can save and stop; a second signal stops at once.
+
+    ``phase`` says which of the two comes next, for the acknowledgement printed (``announce``) when
+    the signal arrives. Signal handlers can only be set in the main thread: elsewhere (a thread
+    of the caller's) the signals keep their handlers and the flag is never raised.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.phase = "step"
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
 
     def __enter__(self) -> _InterruptFlag:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second Ctrl-C stops at once, without saving
-            raise KeyboardInterrupt
-        self.raised = True
+        if self.raised:  # a second signal stops at once, without saving
+            second = signal.Signals(signum).name
+            raise TrainingInterrupted(f"stopped at once by a second {second}, without saving", signum)
+        self.signum = signum
+        if self.announce:  # os.write: print() may be inside a write of the interrupted code
+            when = "after this validation" if self.phase == "validation" else "after this step"
+            said = f"{self.name}: stopping {when}, once last.pt is saved (again: at once)\n"
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                os.write(2, said.encode())
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 def _progress_bar(total: int, epoch: int, epochs: int, env: DistEnv) -> Any:
@@ -327,15 +445,42 @@ def _epoch_batches(loader: DataLoader, rng_state: dict[str, Any] | None) -> Iter
 def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a training described by ``cfg`` (continuing ``resume``, a loaded ``last.pt``); returns the summary.
 
-    Raises :class:`~cvt.errors.UsageError` for options that cannot work together, data errors from
-    :mod:`cvt.data`, :class:`NonFiniteLossError` on a NaN/Inf loss, and ``KeyboardInterrupt``
-    after saving ``last.pt`` when interrupted with Ctrl-C.
+    Raises :class:`~cvt.errors.UsageError` for options that cannot work together or a run folder in
+    use by another process (the folder is locked for the whole run), data errors from
+    :mod:`cvt.data`, :class:`NonFiniteLossError` on a NaN/Inf loss, and :class:`TrainingInterrupted`
+    after saving ``last.pt`` when stopped with Ctrl-C, SIGTERM or SIGHUP.
     """
+    env = init_distributed(cfg.device)
+    with _locked_run_dir(cfg.run_dir, env):
+        return _train(cfg, resume, env)
+
+
+@contextlib.contextmanager
+def _locked_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
+    """:func:`~cvt.engine.rundir.lock_run_dir` on rank 0, the one process that writes the folder; a
+    refusal stops every rank."""
+    if not env.distributed:
+        with lock_run_dir(run_dir):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        refused: CvtError | None = None
+        if env.is_main:
+            try:
+                stack.enter_context(lock_run_dir(run_dir))
+            except CvtError as err:
+                refused = err
+        if any_rank(env, refused is not None):
+            raise refused or UsageError(f"run folder {run_dir} is in use by another cvt train (see rank 0)")
+        yield
+
+
+def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dict[str, Any]:
+    """:func:`train` in the locked run folder."""
     from timm.loss import SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
     from cvt.data import (
-        AugmentConfig,
         build_dataset,
         build_loader,
         build_mixup,
@@ -343,10 +488,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         resolve_data_config,
     )
     from cvt.data.datasets import first_difference
-    from cvt.data.seeding import PerSampleSeeds
+    from cvt.data.seeding import PerSampleSeeds, seed_generators
     from cvt.engine.evaluate import evaluate
 
-    env = init_distributed(cfg.device)
     device = env.device
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UsageError("amp fp16 needs a CUDA GPU (its grad scaler is GPU-only); use --amp bf16 on CPU")
@@ -363,12 +507,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     _set_deterministic(cfg.deterministic)
 
     # ---- data: datasets first (their class count sizes the head), transforms from the model
-    aug = AugmentConfig(
-        auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, hflip=cfg.hflip, random_crop=cfg.random_crop,
-        precrop=cfg.precrop,
-        scale=tuple(cfg.scale), color_jitter=cfg.color_jitter, mixup=cfg.mixup, cutmix=cfg.cutmix,
-        label_smoothing=cfg.label_smoothing,
-    )  # fmt: skip
+    aug = augment_config(cfg)
     if env.distributed and not env.is_main:
         torch.distributed.barrier()  # rank 0 reads (and with --download fetches) the data first
     train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", download=cfg.download and env.is_main,
@@ -393,7 +532,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         raise UsageError(f"num_classes {num_classes} is smaller than the data set's {len(classes)} classes")
 
     # ---- model (the raw `model` is what checkpoints and evaluation see)
-    _seed_everything(cfg.seed)  # same initial weights on every rank
+    seed_generators(cfg.seed, cuda=True)  # same initial weights on every rank
     model = _build_model(cfg, num_classes, resuming=resume is not None)
     data_cfg = resolve_data_config(model, cfg.dataset)
     train_set.transform = build_transform(data_cfg, train=True, aug=aug)
@@ -438,9 +577,11 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         criterion: nn.Module = SoftTargetCrossEntropy()  # mixup's targets are smoothed one-hot vectors
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    pin_memory = device.type == "cuda"  # page-locked batches only where they are copied to a GPU
     val_loader = build_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, train=False,
-                              num_workers=cfg.workers)  # fmt: skip
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+                              num_workers=cfg.workers, pin_memory=pin_memory)  # fmt: skip
+    val_loader.worker_init_fn = _worker_ignores_stop_signals
+    amp_dtype = autocast_dtype(cfg.amp)
 
     # ---- where we are: fresh, or restored from a checkpoint
     progress: dict[str, Any] = dict(
@@ -456,10 +597,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
         except (RuntimeError, ValueError) as err:  # another variant, class count or optimizer
-            raise CheckpointError(
-                f"the checkpoint to resume does not fit {cfg.model} with {num_classes} classes and "
-                f"optimizer {cfg.optimizer} (resume with the options it was trained with): {err}"
-            ) from err
+            raise CheckpointError(_misfit_message(resume, cfg, model, err)) from err
         for group, own in zip(optimizer.param_groups, settings, strict=True):
             group.update(own)
         if scaler is not None and resume["scaler"]:
@@ -473,9 +611,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         if env.is_main:
             pending_rng = resume["rng"]
         else:  # only rank 0's generators were saved: the others get a fresh stream per restart
-            _seed_everything(cfg.seed + env.rank + 7919 * progress["step"])
+            seed_generators(cfg.seed + env.rank + 7919 * progress["step"], cuda=True)
     else:
-        _seed_everything(cfg.seed + env.rank)  # per-rank augmentation and dropout streams
+        seed_generators(cfg.seed + env.rank, cuda=True)  # per-rank augmentation and dropout streams
 
     # ---- EMA and wrappers, after the resumed weights: an EMA first asked for on resume starts from them
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
@@ -508,18 +646,24 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
         atomic_torch_save(_checkpoint(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size),
                           run_dir / name)  # fmt: skip
 
+    def stop(where: str) -> TrainingInterrupted:
+        """The interruption to raise once ``last.pt`` holds the state at ``where``."""
+        saved = f"saved {run_dir / 'last.pt'} {where}" if env.is_main else f"rank 0 saved last.pt {where}"
+        return TrainingInterrupted(f"{saved} ({interrupt.name}); continue with --resume auto",
+                                   interrupt.signum or signal.SIGINT)  # fmt: skip
+
     session_start = time.perf_counter()
     seconds_before = progress["train_seconds"]
-    with _InterruptFlag() as interrupt:
+    with _InterruptFlag(announce=env.is_main) as interrupt:
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_start = time.perf_counter()
             sampler.set_position(epoch, progress["batches_done"])
             train_set.set_epoch(epoch)
-            loader = DataLoader(
-                train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                drop_last=True, pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # worker base seeds
+            loader = build_loader(
+                train_set, cfg.batch_size, train=True, num_workers=cfg.workers, sampler=sampler,
+                seed=cfg.seed * 1_000_003 + epoch, pin_memory=pin_memory,  # seed: the workers' base seeds
             )  # fmt: skip
+            loader.worker_init_fn = _worker_ignores_stop_signals
             train_model.train()
             bar = _progress_bar(len(loader), epoch, cfg.epochs, env)
             window_bad = False  # a non-finite loss in this accumulation window (--skip-nonfinite)
@@ -537,7 +681,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                 # a skipped micro-batch must leave no trace: its forward already moved BatchNorm's
                 # running statistics (NaN in, NaN statistics: every later eval would be NaN)
                 buffers_before = _copy_buffers(model) if cfg.skip_nonfinite else None
-                with ddp.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, device):
+                with ddp.no_sync() if not sync else contextlib.nullcontext(), autocast(device.type, cfg.amp):
                     logits = train_model(images)
                     loss = criterion(logits.float(), targets)
                     finite = bool(torch.isfinite(loss))
@@ -586,9 +730,7 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                         if env.is_main:
                             progress["train_seconds"] = seconds_before + time.perf_counter() - session_start
                             save("last.pt")
-                            print(f"interrupted: saved {run_dir / 'last.pt'} at step {progress['step']}; "
-                                  f"continue with --resume auto", file=sys.stderr, flush=True)  # fmt: skip
-                        raise KeyboardInterrupt
+                        raise stop(f"at step {progress['step']} (epoch {epoch + 1})")
                 bar.update(1)
                 if bar.n % 10 == 0 or bar.n == bar.total:
                     rate = seen * env.world_size / max(time.perf_counter() - epoch_start, 1e-9)
@@ -596,7 +738,8 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                                     img_s=f"{rate:.0f}")  # fmt: skip
             bar.close()
 
-            # ---- end of epoch: validation, checkpoints, logs
+            # ---- end of epoch: validation, checkpoints, logs (a signal now stops after them)
+            interrupt.phase = "validation"
             loss_sum, samples = mean_over_ranks(env, [progress["epoch_loss_sum"], progress["epoch_samples"]])
             train_loss = loss_sum / samples if samples else float("nan")
             result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, num_classes=num_classes)
@@ -625,6 +768,9 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
                     f"lr {row['lr']:.2e}  {row['time']:.1f}s",
                     flush=True,
                 )
+            if any_rank(env, interrupt.raised):  # arrived during validation or the saves: stop now
+                raise stop(f"at the end of epoch {epoch + 1}")
+            interrupt.phase = "step"
 
     history = progress["history"]
     best_epoch = progress["best_epoch"]  # the epoch best.pt holds

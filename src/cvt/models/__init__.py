@@ -1,7 +1,7 @@
 """CvT models: layers, the model class, official spec mapping and the named variants."""
 
 from cvt.models.cvt import CvT, CvTStage, StageSpec, count_params, expand_stages
-from cvt.models.official_spec import official_spec_from_stages, stages_from_official_spec
+from cvt.models.official_spec import stages_from_official_spec
 from cvt.models.variants import create_model, list_models
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "create_model",
     "expand_stages",
     "list_models",
-    "official_spec_from_stages",
     "stages_from_official_spec",
 ]

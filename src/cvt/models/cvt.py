@@ -513,28 +513,34 @@ def _check_num_classes(num_classes: int) -> None:
 
 
 def stage_grids(specs: Sequence[StageSpec], img_size: tuple[int, int]) -> list[tuple[int, int]]:
-    """The token grid ``(H, W)`` of each stage for an ``img_size`` input."""
-    grids, grid = [], img_size
+    """The token grid ``(H, W)`` of each stage for an ``img_size`` input (56x56/28x28/14x14 at 224
+    for CvT-13): what each stage's token-embedding conv leaves."""
+    grids: list[tuple[int, int]] = []
+    h, w = img_size
     for spec in specs:
-        grid = tuple(conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in grid)
-        grids.append(grid)
+        h, w = (conv_out_size(g, spec.patch_size, spec.patch_stride, spec.patch_padding) for g in (h, w))
+        grids.append((h, w))
     return grids
+
+
+def kv_grid(spec: StageSpec, grid: tuple[int, int]) -> tuple[int, int]:
+    """The key/value grid of a stage whose tokens (and queries) lie on ``grid``: what its k/v projection
+    leaves (7x7 for CvT-13's last stage at 224). ``linear`` keeps the grid; ``avg`` pools with
+    ceil mode (:class:`~cvt.models.layers.ConvProjection`), a ``dw_bn`` conv rounds down."""
+    if spec.method == "linear":
+        return grid
+    ceil = spec.method == "avg"
+    h, w = (conv_out_size(g, spec.kernel_qkv, spec.stride_kv, spec.padding_kv, ceil_mode=ceil) for g in grid)
+    return h, w
 
 
 @lru_cache(maxsize=64)
 def min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
-    """Smallest ``(H, W)`` input for which every stage of ``specs`` keeps at least one token."""
+    """Smallest ``(H, W)`` input for which every stage of ``specs`` keeps at least one token and key."""
 
     def ok(size: int) -> bool:
-        for s in specs:
-            size = conv_out_size(size, s.patch_size, s.patch_stride, s.patch_padding)
-            if size < 1:
-                return False
-            if s.method != "linear":
-                kv_ceil = s.method == "avg"
-                if conv_out_size(size, s.kernel_qkv, s.stride_kv, s.padding_kv, ceil_mode=kv_ceil) < 1:
-                    return False
-        return True
+        grids = stage_grids(specs, (size, size))
+        return all(min(*grid, *kv_grid(s, grid)) >= 1 for s, grid in zip(specs, grids, strict=True))
 
     size = 1
     while not ok(size):
@@ -543,15 +549,6 @@ def min_input_size(specs: tuple[StageSpec, ...]) -> tuple[int, int]:
             raise UsageError("this stage configuration gives no valid input size")
     # sizes are monotone here: a larger input never yields fewer tokens
     return size, size
-
-
-def scaled_grid(size: int, specs: Sequence[StageSpec]) -> list[int]:
-    """Token-grid side after each stage along one axis of length ``size`` (56/28/14 at 224 for CvT-13)."""
-    sides = []
-    for s in specs:
-        size = conv_out_size(size, s.patch_size, s.patch_stride, s.patch_padding)
-        sides.append(size)
-    return sides
 
 
 def count_params(model: nn.Module) -> int:

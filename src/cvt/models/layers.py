@@ -15,10 +15,10 @@ compare every one against the plain reference computation):
   in bf16 only where oneDNN has bf16 kernels;
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
-  outputs per channel runs ~20x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
+  outputs per channel runs ~10x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
+  after a cls split the conv projections' input map is made channels-last once (each conv would
+  otherwise copy it to NCHW and run its slower NCHW kernel);
 - ``fold_bn``: in eval mode the ``dw_bn`` BatchNorm is folded into the depthwise conv's weight and bias;
-  after a cls split the map is made channels-last once (and in the dtype the convs compute in, so
-  autocast does not cast it per conv), and the cls token joins the projected tokens in their dtype;
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
@@ -27,6 +27,11 @@ compare every one against the plain reference computation):
   for the CPU (AVX2: reference code, 20-40x slower); inference on an AVX-512 CPU runs it in bf16.
 - ``cls_only_last_block`` (on the model): when only the logits are needed, the last block computes
   the cls token's query, attention row and MLP alone (``Block.forward(..., cls_only=True)``).
+
+Whatever the flags, the conv projections' input map is cast once to the dtype they compute in (so
+autocast, or ``dw_fp32``, does not cast it per projection), and the cls token joins the projected tokens
+in their dtype (under autocast an fp32 cls would promote the concatenation to fp32, which the Linear
+casts back).
 
 Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
 graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor,
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +54,6 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-ProjectionMethod = Literal["dw_bn", "avg", "linear"]
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
 # keys up to which CPU attention is explicit (``explicit_few_keys``): measured faster at 50 keys, slower
@@ -183,10 +187,14 @@ class CachesDerivedWeights(nn.Module):
     and then hands the model back with ``model.eval()`` or ``model.train()`` gets fresh derived weights.
     """
 
-    def train(self, mode: bool = True) -> CachesDerivedWeights:
+    def clear_derived(self) -> None:
+        """Drop this module's derived weights (recomputed on the next call that needs them)."""
         for value in vars(self).values():
             if isinstance(value, DerivedWeights):
                 value.clear()
+
+    def train(self, mode: bool = True) -> CachesDerivedWeights:
+        self.clear_derived()
         return super().train(mode)
 
 
@@ -676,4 +684,6 @@ def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.
         for name, value in values.items():
             if hasattr(module, name):
                 setattr(module, name, value)
+        if isinstance(module, CachesDerivedWeights):  # a path switched off no longer needs its copies
+            module.clear_derived()
     return model

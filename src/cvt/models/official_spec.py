@@ -1,8 +1,9 @@
-"""The official CvT experiment YAML (``MODEL.SPEC``) ↔ :class:`~cvt.models.cvt.StageSpec`.
+"""The official CvT experiment YAML's ``MODEL.SPEC`` → :class:`~cvt.models.cvt.StageSpec`.
 
 The official repository describes every model by per-stage lists under ``MODEL.SPEC``
 (``DIM_EMBED: [64, 192, 384]``, ``QKV_PROJ_METHOD: [dw_bn, dw_bn, dw_bn]`` …). This module maps
-those names onto this project's stage fields, so any official experiment file builds the same model.
+those names onto this project's stage fields, so any official experiment file builds the same model;
+:mod:`cvt.checkpoint.official_yaml` reads the file itself (class count, image size, preprocessing).
 """
 
 from __future__ import annotations
@@ -49,11 +50,3 @@ def stages_from_official_spec(spec: Mapping[str, Any]) -> list[StageSpec]:
     num_stages = int(spec.get("NUM_STAGES", len(spec["DIM_EMBED"])))
     fields = {OFFICIAL_SPEC_KEYS[k]: v for k, v in spec.items() if k in OFFICIAL_SPEC_KEYS}
     return expand_stages(num_stages, **fields)
-
-
-def official_spec_from_stages(stages: list[StageSpec]) -> dict[str, Any]:
-    """The inverse mapping: an official ``MODEL.SPEC`` dict for the given stages."""
-    spec: dict[str, Any] = {"NUM_STAGES": len(stages)}
-    for key, field in OFFICIAL_SPEC_KEYS.items():
-        spec[key] = [getattr(s, field) for s in stages]
-    return spec

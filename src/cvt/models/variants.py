@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg_value, register_model
 from torch import nn
 
-from cvt.errors import CheckpointError, CvtError, UsageError
+from cvt.errors import CheckpointError, UsageError
 from cvt.models.cvt import STAGE_FIELDS, CvT, expand_stages
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -118,11 +118,9 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
             _build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(flatten_sequential=False), **{**arch, **kwargs},
         )  # fmt: skip
-    except (CvtError, TypeError):  # our own message, or a bad keyword: not a download problem
-        raise
-    except Exception as err:  # hub, network, or file errors while fetching the weights
-        if not pretrained:
-            raise
+    except Exception as err:
+        if not pretrained or not isinstance(err, _fetch_errors()):
+            raise  # our own message, a bad keyword, out of memory, a bug: not a download problem
         raise CheckpointError(
             f"could not fetch the pretrained weights of {full_name} from the Hugging Face hub "
             f"({hub_id}: model.safetensors or pytorch_model.bin): {type(err).__name__}: {err}. "
@@ -130,6 +128,18 @@ def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any)
             f"(CLI: --checkpoint <file>); HF_HUB_OFFLINE=1 makes this fail at once instead of after "
             f"huggingface_hub's retries"
         ) from err
+
+
+def _fetch_errors() -> tuple[type[Exception], ...]:
+    """What fetching the published weights raises for a hub, network or file problem: ``OSError``
+    (files, urllib, most of huggingface_hub's errors), huggingface_hub's ``EntryNotFoundError``, the
+    errors of its HTTP client (``HfHubHTTPError`` extends them; httpx's are no ``OSError``), and
+    safetensors' error for a damaged download."""
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
+    from safetensors import SafetensorError
+
+    client_errors = tuple(base for base in HfHubHTTPError.__bases__ if base is not Exception)
+    return (OSError, EntryNotFoundError, *client_errors, SafetensorError)
 
 
 def _img_size(kwargs: dict[str, Any], default: int) -> None:

@@ -15,25 +15,12 @@ from typing import Any
 
 from cvt.checkpoint.native import inference_cfg
 from cvt.errors import UsageError
+from cvt.fileio import read_yaml_mapping
 from cvt.models.cvt import CvT
 from cvt.models.official_spec import stages_from_official_spec
 
 OFFICIAL_NUM_CLASSES = 1000  # the official config's default MODEL.NUM_CLASSES
 OFFICIAL_IMAGE_SIZE = (224, 224)
-
-
-def _read_yaml(path: Path) -> Mapping[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise UsageError(f"official YAML file {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UsageError(f"{path} is not a readable YAML file: {err}") from err
-    if not isinstance(doc, Mapping):
-        raise UsageError(f"{path} holds a YAML {type(doc).__name__}, expected a mapping with a MODEL section")
-    return doc
 
 
 def _image_size(section: Any) -> tuple[int, int] | None:
@@ -57,7 +44,12 @@ def create_model_from_official_yaml(
     if isinstance(path_or_mapping, Mapping):
         doc, source = path_or_mapping, "the official config"
     else:
-        doc, source = _read_yaml(Path(path_or_mapping)), str(path_or_mapping)
+        source = str(path_or_mapping)
+        doc = read_yaml_mapping(
+            Path(path_or_mapping),
+            f"official YAML file {source}",
+            "experiment sections (MODEL, TRAIN, TEST …)",
+        )
     model_cfg = doc.get("MODEL")
     if not isinstance(model_cfg, Mapping) or not isinstance(model_cfg.get("SPEC"), Mapping):
         raise UsageError(f"{source} has no MODEL.SPEC section: not an official CvT experiment file")

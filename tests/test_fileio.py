@@ -1,0 +1,74 @@
+"""``cvt.fileio``: atomic writes of several files, and the one YAML reader."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from cvt.errors import UsageError
+from cvt.fileio import atomic_write_files, atomic_write_text, read_yaml_mapping
+
+
+def _fsync_failing_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
+    """``os.fsync`` raising ENOSPC (a full disk) on its ``failing_call``-th call."""
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == failing_call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_atomic_write_files_replaces_no_target_when_one_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.bin"
+    atomic_write_files({first: b"old a", second: b"old b"})
+    _fsync_failing_on_call(monkeypatch, 2)  # the second file's
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_files({first: b"new a", second: b"new b"})
+    assert (first.read_bytes(), second.read_bytes()) == (b"old a", b"old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]  # no temporary file left
+
+
+def test_atomic_write_text_is_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "t.md"
+    atomic_write_text(path, "CvT — 93.6 %\n")
+    assert path.read_bytes() == "CvT — 93.6 %\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"^the file does not exist$"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff", r"^the file is not a YAML file: byte 0 is not UTF-8 text"),
+        (b"a: 1\n\x00\n", r"^the file is not valid YAML: unacceptable character #x0000"),
+        (b"epochs: [1\n", r"^the file is not valid YAML: expected ',' or ']', .* at line 2, column 1$"),
+        (b"- 1\n- 2\n", r"^the file must be a mapping of option: value pairs, got a YAML list$"),
+    ],
+)
+def test_read_yaml_mapping_errors_are_one_usage_error_line(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "f.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=message) as err:
+        read_yaml_mapping(path, "the file", "option: value pairs")
+    assert "\n" not in str(err.value)
+
+
+def test_read_yaml_mapping_reads_mappings_and_empty_files(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("epochs: 3\nname: é\n", encoding="utf-8")
+    assert read_yaml_mapping(path, "f", "options") == {"epochs": 3, "name": "é"}
+    path.write_text("")
+    assert read_yaml_mapping(path, "f", "options") == {}
+    with pytest.raises(UsageError, match="^f is a folder, not a YAML file$"):
+        read_yaml_mapping(tmp_path, "f", "options")
