@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from cvt.ablation.report import top1_text, write_report
 from cvt.ablation.runner import AblationRow, run_ablation
@@ -150,10 +151,14 @@ def finished_result(config: TrainConfig) -> dict[str, float] | None:
     import json
 
     try:
-        summary = json.loads((config.run_dir / "summary.json").read_text(encoding="utf-8"))
-        return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
+        return _variant_result(json.loads((config.run_dir / "summary.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _variant_result(summary: dict[str, Any]) -> dict[str, float]:
+    """A variant's row figures from its run's summary: final top-1 (%) and training seconds."""
+    return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
 
 
 def train_variant(config: TrainConfig) -> dict[str, float]:
@@ -170,7 +175,7 @@ def train_variant(config: TrainConfig) -> dict[str, float]:
         summary = train(config, resume_checkpoint(config))  # with resume auto: its last.pt, if any
     except NonFiniteLossError as err:
         return {"diverged_step": err.step, "train_seconds": time.perf_counter() - start}
-    return {"top1": float(summary["final_top1"]), "train_seconds": float(summary["train_seconds"])}
+    return _variant_result(summary)
 
 
 REPORT_FILES: tuple[str, ...] = ("ablation.md", "ablation.csv", "ablation.png")

@@ -30,6 +30,7 @@ def build_loader(
     seed: int = 0,
     collate_fn: Callable | None = None,
     pin_memory: bool | None = None,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """A training loader (``train``: full batches only) or an evaluation one (every item, in order).
 
@@ -42,6 +43,7 @@ def build_loader(
     epoch's validation): only the latter keeps its worker processes between passes.
     ``pin_memory``: page-locked batches, for copies to a GPU (default: when torch sees one).
     ``collate_fn``: how items become a batch (default ``default_collate``; :func:`collate_readable`).
+    ``worker_init_fn``: called in each worker process with its id, as ``DataLoader``'s.
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -57,5 +59,6 @@ def build_loader(
         dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
         num_workers=num_workers, drop_last=train, generator=torch.Generator().manual_seed(seed),
         collate_fn=collate_fn, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=worker_init_fn,
         persistent_workers=num_workers > 0 and not train,
     )  # fmt: skip

@@ -131,11 +131,7 @@ def _take_lock(path: Path, run_dir: Path) -> int | None:
                 stacklevel=4,
             )
             return None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(path, fd):
             return fd
         os.close(fd)  # the holder removed the file between our open and lock: take the new one
     raise UsageError(f"run folder {run_dir} is in use by other cvt processes starting and ending")

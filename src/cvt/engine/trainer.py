@@ -579,8 +579,8 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin_memory = device.type == "cuda"  # page-locked batches only where they are copied to a GPU
     val_loader = build_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, train=False,
-                              num_workers=cfg.workers, pin_memory=pin_memory)  # fmt: skip
-    val_loader.worker_init_fn = _worker_ignores_stop_signals
+                              num_workers=cfg.workers, pin_memory=pin_memory,
+                              worker_init_fn=_worker_ignores_stop_signals)  # fmt: skip
     amp_dtype = autocast_dtype(cfg.amp)
 
     # ---- where we are: fresh, or restored from a checkpoint
@@ -662,8 +662,8 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
             loader = build_loader(
                 train_set, cfg.batch_size, train=True, num_workers=cfg.workers, sampler=sampler,
                 seed=cfg.seed * 1_000_003 + epoch, pin_memory=pin_memory,  # seed: the workers' base seeds
+                worker_init_fn=_worker_ignores_stop_signals,
             )  # fmt: skip
-            loader.worker_init_fn = _worker_ignores_stop_signals
             train_model.train()
             bar = _progress_bar(len(loader), epoch, cfg.epochs, env)
             window_bad = False  # a non-finite loss in this accumulation window (--skip-nonfinite)
