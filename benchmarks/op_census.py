@@ -5,10 +5,11 @@ that called each. No timing: it finds needless casts and copies on any machine.
     .venv/bin/python benchmarks/op_census.py --ops _to_copy,copy_,cat,clone     # the default filter
     .venv/bin/python benchmarks/op_census.py --mode train --ops all
 
-``--bf16-kernels`` overrides what the model detected (``cvt.models.layers.CPU_HAS_BF16_KERNELS``), so
+``--bf16-kernels`` overrides what the model detected (``cvt.models.cpu_kernels.CPU_HAS_BF16_KERNELS``), so
 the code path of an AVX-512 CPU can be listed on an AVX2 one (its bf16 kernels are emulated there:
-slow, but the same ops). Ops that aten runs inside another op (an emulated conv's own copies) are
-listed under the caller's line too.
+slow, but the same ops), except oneDNN's packed linear (``ONEDNN_PACKED_LINEAR`` stays as detected:
+its bf16 kernel refuses to run without AVX-512). Ops that aten runs inside another op (an emulated
+conv's own copies) are listed under the caller's line too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cvt
 from cvt.benchmark import model_input_size
 from cvt.cli.common import parse_img_size
-from cvt.models import create_model, layers
+from cvt.models import cpu_kernels, create_model
 from cvt.precision import autocast
 
 # the package's own folder: matching a bare "/cvt/" would also take in a checkout folder named cvt
@@ -79,7 +80,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.bf16_kernels != "detected":
-        layers.CPU_HAS_BF16_KERNELS = args.bf16_kernels == "yes"
+        cpu_kernels.CPU_HAS_BF16_KERNELS = args.bf16_kernels == "yes"
     torch.manual_seed(0)
     model = create_model(args.model).train(args.mode == "train")
     x = torch.randn(args.batch_size, 3, *(args.img_size or model_input_size(args.model)))
@@ -92,7 +93,7 @@ def main() -> int:
         with census:
             out.float().sum().backward()
     print(f"{args.model} {args.mode} {args.dtype} batch {args.batch_size}, "
-          f"bf16 kernels {'yes' if layers.CPU_HAS_BF16_KERNELS else 'no'}\n")  # fmt: skip
+          f"bf16 kernels {'yes' if cpu_kernels.CPU_HAS_BF16_KERNELS else 'no'}\n")  # fmt: skip
     print("| calls | op | input shapes | dtypes | called from |\n|---|---|---|---|---|")
     for (file, line, name, shapes, dtypes), n in sorted(census.counts.items()):
         print(f"| {n} | {name} | {shapes} | {dtypes} | {file}:{line} |")

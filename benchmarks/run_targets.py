@@ -39,7 +39,7 @@ from cvt.benchmark import (
 )
 from cvt.engine.distributed import resolve_device
 from cvt.models import create_model
-from cvt.models.layers import CPU_HAS_BF16_KERNELS
+from cvt.models.cpu_kernels import CPU_HAS_BF16_KERNELS
 from cvt.precision import autocast
 
 PEERS = ["hf", "official"]

@@ -22,7 +22,7 @@ import cvt
 from cvt import benchmark
 from cvt.benchmark import BenchConfig
 from cvt.complexity import count_gmacs
-from cvt.models import create_model, layers
+from cvt.models import cpu_kernels, create_model
 
 MB = 2**20
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_cpu_matmul_ceiling_times_single_products() -> None:
 def test_ceiling_is_skipped_for_emulated_bf16_only(
     monkeypatch: pytest.MonkeyPatch, dtype: str, kernels: bool, skipped: bool
 ) -> None:
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", kernels)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", kernels)
     reason = benchmark.ceiling_skip_reason(dtype, "cpu")
     assert (reason is not None) == skipped
     if skipped:

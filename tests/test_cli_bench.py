@@ -13,7 +13,7 @@ from cvt.benchmark import BenchConfig, build_subjects
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
 from cvt.engine.distributed import resolve_device
-from cvt.models import create_model, layers
+from cvt.models import cpu_kernels, create_model
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -145,7 +145,7 @@ def test_bf16_ceiling_is_not_measured_where_bf16_is_emulated(
     def too_slow(dtype: str, device: str) -> float:
         raise AssertionError("six emulated 2048^3 bf16 products take minutes")
 
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", False)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", False)
     monkeypatch.setattr(benchmark, "matmul_ceiling", too_slow)
     args = ["--model", "cvt_tiny", "--img-size", "32", "--batch-size", "1", "--dtype", "bf16",
             "--device", "cpu", "--runs", "1", "--warmup", "0", "--no-memory"]  # fmt: skip

@@ -7,6 +7,7 @@ import torch
 
 import cvt
 from cvt.complexity import complexity, count_gmacs
+from cvt.models import cpu_kernels
 
 PUBLISHED_GMACS = [
     ("cvt_13", 224, 4.53),
@@ -73,3 +74,26 @@ def test_cpu_sdpa_is_counted_like_the_reference_and_the_meta_device(monkeypatch:
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
     assert fused == pytest.approx(count_gmacs(model, (64, 64)), rel=1e-9)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_onednn_packed_linears_are_counted_like_f_linear(
+    monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """Without a graph AVX-512 CPUs run the Linear layers as oneDNN's packed kernel (its fp32 kernel runs
+    on any x86 CPU, so it is forced on here): counted as F.linear, on the meta device."""
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_PACKED_LINEAR", packed)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", packed)
+    ran_packed: list[bool] = []
+    linear = cpu_kernels.linear
+
+    def recording_linear(*args: object, **kwargs: object) -> torch.Tensor:
+        ran_packed.append(True)
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "linear", recording_linear)
+    gmacs = count_gmacs(cvt.create_model("cvt_tiny").eval(), (32, 32))
+    assert bool(ran_packed) == packed
+    with torch.device("meta"):
+        on_meta = cvt.create_model("cvt_tiny").eval()
+    assert gmacs == pytest.approx(count_gmacs(on_meta, (32, 32)), rel=1e-9)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cvt.errors import UsageError
-from cvt.models import CvT, expand_stages, layers
+from cvt.models import CvT, cpu_kernels, expand_stages, layers
 from cvt.models.layers import (
     FAST_PATH_FLAGS,
     CastCachedLinear,
@@ -141,7 +141,7 @@ def test_bf16_attention_over_few_keys_is_explicit_only_with_bf16_kernels(
 ) -> None:
     """Under bf16 autocast the explicit path's bf16 matmuls are 3-9x slower than SDPA where oneDNN has
     no bf16 kernels (AVX2), so there SDPA stays; with the kernels the explicit path runs."""
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     model = tiny_model("dw_bn", cls=True).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(images())
@@ -270,7 +270,7 @@ def test_gelu_model_keeps_timm_mlp_and_matches_reference() -> None:
 
 def test_switching_a_fast_path_off_drops_its_cached_weights() -> None:
     """The derived copies cost memory (~47 MB for CvT-13): a path switched off must not keep them."""
-    model = tiny_model("dw_bn", cls=True).eval()
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), onednn_linear=False)  # _scaled, not _packed
     x = images()
     with torch.no_grad():
         model(x)
@@ -284,7 +284,7 @@ def test_switching_a_fast_path_off_drops_its_cached_weights() -> None:
 
 
 def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
-    model = tiny_model("avg", cls=True).eval()
+    model = set_fast_paths(tiny_model("avg", cls=True).eval(), onednn_linear=False)  # _scaled, not _packed
     mlp = model.stage1.blocks[0].mlp
     x = images()
     with torch.no_grad():
@@ -366,8 +366,8 @@ def test_fused_optimizer_steps_refresh_the_cached_weights(autocast: bool) -> Non
 def test_a_model_made_or_converted_under_inference_mode_runs() -> None:
     """Inference tensors have no version counter, so the cache cannot key on them: it recomputes."""
     x = images()
-    with torch.no_grad():
-        expected = tiny_model("dw_bn", cls=True).eval()(x)
+    with torch.no_grad():  # the packed oneDNN linears need the cache too: F.linear runs in both
+        expected = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), onednn_linear=False)(x)
     with torch.inference_mode():
         made_there = tiny_model("dw_bn", cls=True).eval()
         assert made_there.stage1.blocks[0].attn.proj.weight.is_inference()
@@ -512,7 +512,7 @@ def test_float64_reference_attention_keeps_float64() -> None:
 def test_attention_linears_keep_their_autocast_copies_between_calls() -> None:
     """CastCachedLinear: under autocast without a graph the bf16 weight is cast once, not per call,
     and the output equals nn.Linear's under autocast; with a graph the parameters are used directly."""
-    model = tiny_model("dw_bn", cls=True).eval()
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), onednn_linear=False)  # _cast, not _packed
     proj = model.stage1.blocks[0].attn.proj
     assert isinstance(proj, CastCachedLinear) and "stage1.blocks.0.attn.proj.weight" in model.state_dict()
     x = torch.randn(2, 5, proj.in_features)
@@ -543,7 +543,7 @@ def test_models_with_warm_caches_copy_and_pickle() -> None:
 def test_bf16_autocast_logits_close_to_fp32_and_softmax_in_fp32(
     monkeypatch: pytest.MonkeyPatch, bf16_kernels: bool
 ) -> None:
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     model = tiny_model("dw_bn", cls=True).eval()
     x = images()
     with torch.no_grad():
@@ -564,7 +564,7 @@ def test_depthwise_projection_stays_fp32_under_cpu_autocast(
 ) -> None:
     """``dw_fp32``: under CPU bf16 autocast with a graph the dw_bn conv (+ BN) computes exactly its
     fp32 result, and its gradients too, whatever the CPU; with the flag off autocast runs it in bf16."""
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).train(training)
     proj.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 8, 9, 7, requires_grad=True)
@@ -587,7 +587,7 @@ def test_depthwise_inference_runs_in_bf16_only_on_a_cpu_with_bf16_kernels(
 ) -> None:
     """Without a graph, ``dw_fp32`` keeps the conv in fp32 only where oneDNN has no bf16 kernels (AVX2);
     on an AVX-512 CPU the bf16 forward is faster, and equals the bf16 conv of the folded weights."""
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).eval()
     proj.bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 8, 9, 7)
@@ -614,7 +614,7 @@ def test_projections_of_a_cls_stage_read_one_shared_map_and_no_promoted_tokens(
     already in the dtype they compute in (fp32 under ``dw_fp32``, else bf16 under autocast): a strided
     view would make each conv copy it to NCHW, an fp32 map each cast it. The fp32 cls token does not
     promote the projected tokens to fp32 before the bf16 Linear layers."""
-    monkeypatch.setattr(layers, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     model = tiny_model("dw_bn", cls=True).eval()
     conv_inputs: list[torch.Tensor] = []
     linear_dtypes: list[torch.dtype] = []
@@ -765,3 +765,165 @@ def test_mlp_dropout_runs_in_the_training_fast_path() -> None:
     assert not torch.allclose(no_dropout(x), logits, atol=1e-3)
     nn.functional.cross_entropy(logits, target).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# scores of one query: 2 x 3 x 11 = 66; one query per chunk, 5 (ragged: 23 = 4*5 + 3), all at once
+@pytest.mark.parametrize("max_scores", [66, 330, 10_000])
+def test_chunked_attention_equals_softmax_attention_for_any_chunk(max_scores: int) -> None:
+    """In float64 only the summation order differs; the inputs are permuted views as in the model."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 23, 3, 8, dtype=torch.float64, generator=gen).transpose(1, 2)  # (B, heads, Tq, d)
+    k, v = (torch.randn(2, 11, 3, 8, dtype=torch.float64, generator=gen).transpose(1, 2) for _ in range(2))
+    expected = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
+    out = cpu_kernels.chunked_attention(q, k, v, 0.3, max_scores=max_scores)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_chunked_attention_in_bf16_stays_close_to_fp32_with_or_without_autocast() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (40, 12, 12))
+    expected = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+    out = cpu_kernels.chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, max_scores=120)
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - expected).norm() / expected.norm()
+    assert rel < 0.01, f"bf16 chunked attention differs from fp32 by {rel:.3%}"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast changes nothing inside
+        under_autocast = cpu_kernels.chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, 120)
+    torch.testing.assert_close(under_autocast, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("bf16_kernels", "grad", "flag", "chunked"),
+    [
+        (True, False, True, True),
+        (False, False, True, False),
+        (True, True, True, False),
+        (True, False, False, False),
+    ],
+)
+def test_bf16_cpu_inference_attention_is_chunked(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], bf16_kernels: bool, grad: bool, flag: bool,
+    chunked: bool,
+) -> None:  # fmt: skip
+    """``chunked_attn``: bf16 inference on a CPU with bf16 kernels runs every block's attention through
+    chunked_attention (no SDPA); with a graph, without the kernels or with the flag off, it does not."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(layers, "FEW_KEYS", 0)  # SDPA wherever the chunked path does not run
+    calls: list[int] = []
+    chunked_attention = layers.chunked_attention
+
+    def counted(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(q.shape[-2])
+        return chunked_attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "chunked_attention", counted)
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), chunked_attn=flag)
+    x = images()
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert (len(calls), len(sdpa_calls)) == ((3, 0) if chunked else (0, 3))
+    expected = reference_logits(model, x)
+    rel = (logits.float() - expected).norm() / expected.norm()
+    assert rel < 0.02, f"bf16 logits differ from fp32 by {rel:.3%}"
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
+    """oneDNN's packed linear switched on (its fp32 kernel runs on any x86 CPU), and the dtype and
+    SiLU flag of every call to it made during the test."""
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_PACKED_LINEAR", True)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", True)
+    calls: list[tuple[torch.dtype, bool]] = []
+    linear = cpu_kernels.linear
+
+    def counted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = False):
+        calls.append((x.dtype, silu))
+        return linear(x, weight, bias, silu)
+
+    monkeypatch.setattr(cpu_kernels, "linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_onednn_linears_equal_the_reference_and_keep_their_packed_weights(
+    onednn_calls: list[tuple[torch.dtype, bool]], method: str
+) -> None:
+    """``onednn_linear``: fp32 inference runs the attention projections (stacked or not, with and
+    without bias) and the MLP (fc1 with its SiLU fused) on packed weights, packed once, repacked after
+    an optimizer step; logits equal the reference computation's."""
+    model = tiny_model(method, cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    mlps = [m for m in model.modules() if isinstance(m, QuickGeluMlp)]
+    assert [silu for _, silu in onednn_calls].count(True) == len(mlps) == 3  # fc1 + SiLU per block
+    assert len(onednn_calls) >= 3 * 4 and {dtype for dtype, _ in onednn_calls} == {torch.float32}
+    packed = [m._packed.cached for m in mlps]
+    with torch.no_grad():
+        model(x)
+    assert all(m._packed.cached is p for m, p in zip(mlps, packed, strict=True))  # packed once
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().mean().backward()  # a graph: F.linear on the parameters
+    calls_before_step = len(onednn_calls)
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    assert len(onednn_calls) > calls_before_step
+    assert all(m._packed.cached is not p for m, p in zip(mlps, packed, strict=True))
+
+
+def test_onednn_linears_stay_out_of_graphs_traces_and_training_mlps(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    model(x).sum().backward()  # a graph: autograd must see F.linear on the parameters
+    assert onednn_calls == []
+    assert model.stage1.blocks[0].mlp.fc1.weight.grad is not None
+    torch.jit.trace(model, x, check_trace=False)
+    assert onednn_calls == []
+    model.train()
+    with torch.no_grad():  # train mode without a graph: the MLP's dropout must run, so F.linear
+        model(x)
+    assert (torch.float32, True) not in onednn_calls
+
+
+@pytest.mark.parametrize("fp32_too", [True, False])  # an AVX-512 CPU other than Intel's, or an Intel one
+def test_packed_linear_dtype_follows_autocast_cpu_and_dtypes(
+    monkeypatch: pytest.MonkeyPatch, fp32_too: bool
+) -> None:
+    """Which dtype oneDNN's packed linear would run in (the choice alone: no kernel runs here)."""
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_PACKED_LINEAR", True)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", fp32_too)
+    weight, x = torch.randn(4, 3), torch.randn(2, 3)
+    linear_dtype = cpu_kernels.linear_dtype
+    with torch.no_grad():
+        assert linear_dtype(x, weight) == (torch.float32 if fp32_too else None)
+        assert linear_dtype(x.bfloat16(), weight.bfloat16()) == torch.bfloat16
+        assert linear_dtype(x.bfloat16(), weight) is None  # F.linear reports the mismatch
+        assert linear_dtype(x.double(), weight.double()) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear_dtype(x, weight) == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert linear_dtype(x, weight) is None
+    assert linear_dtype(x.bfloat16(), weight.bfloat16()) is None  # grad enabled: a graph may be built
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_PACKED_LINEAR", False)
+    with torch.no_grad():
+        assert linear_dtype(x.bfloat16(), weight.bfloat16()) is None
+
+
+@pytest.mark.skipif(not cpu_kernels.ONEDNN_PACKED_LINEAR, reason="oneDNN's bf16 linear needs AVX-512")
+def test_onednn_linears_under_bf16_autocast_stay_close_to_fp32(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        plain = set_fast_paths(copy.deepcopy(model), onednn_linear=False)(x)
+    assert onednn_calls and {dtype for dtype, _ in onednn_calls} == {torch.bfloat16}
+    expected = reference_logits(model, x)
+    for name, out in (("oneDNN", logits), ("F.linear", plain)):
+        rel = (out.float() - expected).norm() / expected.norm()
+        assert rel < 0.02, f"{name} bf16 logits differ from fp32 by {rel:.3%}"

@@ -63,9 +63,9 @@ def test_feature_extractor_keeps_only_the_stages_it_reads() -> None:
     assert net.feature_info.channels() == [32, 64] and net.model.num_features == 64
     images = torch.randn(2, 3, 32, 24)
     maps = net(images)
-    with torch.no_grad():
-        for got, want in zip(maps, full(images)[:2], strict=True):  # same seed: the same first stages
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # same seed: the same first stages (without a graph AVX-512 CPUs run oneDNN's
+        for got, want in zip(maps, full(images)[:2], strict=True):  # linear, which rounds differently)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     sum(m.square().mean() for m in maps).backward()
     assert all(p.grad is not None for p in net.parameters())  # every kept parameter is used
 

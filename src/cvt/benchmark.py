@@ -155,9 +155,9 @@ def has_bf16_kernels(device: str) -> bool:
     """Whether bf16 runs on compiled kernels (not emulated in reference code) on ``device``."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    from cvt.models import layers
+    from cvt.models import cpu_kernels
 
-    return layers.CPU_HAS_BF16_KERNELS  # read at call time: op_census and tests override it
+    return cpu_kernels.CPU_HAS_BF16_KERNELS  # read at call time: op_census and tests override it
 
 
 def load_official_reference() -> Any:

@@ -1,8 +1,9 @@
 """Model complexity: parameter count and multiply–accumulates (GMACs) of one forward pass.
 
 MACs are counted with ``torch.utils.flop_counter`` (FLOPs / 2), which covers convolutions and
-matrix products. The CPU kernel of ``F.scaled_dot_product_attention`` has no formula there, so one is
-registered here: two batched products, ``q @ k^T`` and ``attn @ v``.
+matrix products. Two kernels the model runs on CPU have no formula there, so theirs are registered
+here: ``F.scaled_dot_product_attention``'s (two batched products, ``q @ k^T`` and ``attn @ v``) and
+oneDNN's packed linear of inference on AVX-512 CPUs (:mod:`cvt.models.cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
     return 2 * b * h * tq * tk * (d + dv)
 
 
-_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+def _onednn_linear_flops(input_shape: Any, weight_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of ``mkldnn::_linear_pointwise``: ``(N, in) x (in, out)``, the weight stored as ``(out, in)``."""
+    rows, features_in = input_shape
+    return 2 * rows * features_in * weight_shape[0]
+
+
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops,
+}
 
 
 @dataclass(frozen=True)

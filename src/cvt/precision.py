@@ -25,3 +25,10 @@ def autocast(device_type: str, name: str) -> AbstractContextManager[Any]:
     precision."""
     dtype = autocast_dtype(name)
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def active_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` (``cpu``, ``cuda``) now; None when it is off there."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

@@ -13,6 +13,8 @@ compare every one against the plain reference computation):
   computed as two matrix products around an fp32 softmax instead: CPU SDPA's blocked kernel costs more
   than the tiny score matrix there (4x in a bf16 training step, docs/performance.md); in fp32, and
   in bf16 only where oneDNN has bf16 kernels;
+- ``chunked_attn``: bf16 CPU inference where oneDNN has bf16 kernels runs attention as
+  :func:`~cvt.models.cpu_kernels.chunked_attention` at every key count (faster than CPU SDPA there);
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
   outputs per channel runs ~10x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
@@ -22,6 +24,8 @@ compare every one against the plain reference computation):
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
+- ``onednn_linear``: CPU inference (fp32 or bf16) on AVX-512 runs the attention and MLP Linear layers
+  as oneDNN's linear on weights packed once (fc1 with its SiLU fused in), :mod:`cvt.models.cpu_kernels`;
 - ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32 when
   a graph is built (oneDNN's bf16 depthwise backward is ~9x slower) or oneDNN has no bf16 kernels
   for the CPU (AVX2: reference code, 20-40x slower); inference on an AVX-512 CPU runs it in bf16.
@@ -54,40 +58,15 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from cvt.models import cpu_kernels
+from cvt.models.cpu_kernels import builds_no_graph, chunked_attention
+from cvt.precision import active_autocast_dtype
+
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
 # keys up to which CPU attention is explicit (``explicit_few_keys``): measured faster at 50 keys, slower
 # at 196 (fp32 and bf16, training and inference; docs/performance.md)
 FEW_KEYS = 64
-
-
-def _cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN has compiled bf16 kernels here (AVX-512 core, AVX512-BF16 or AMX); on other CPUs
-    (AVX2) its bf16 convolutions and matrix products fall back to reference code (depthwise convs
-    20-40x slower than fp32, benchmarks/results/avx2-vm_attention_kernels.md)."""
-    probes = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-        getattr(torch.cpu, "_is_amx_tile_supported", None),
-        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None),  # AVX-512 core (BW, VL, DQ)
-    )
-    return any(probe() for probe in probes if probe is not None)
-
-
-# read once at import: a plain bool that torch.compile can guard on
-CPU_HAS_BF16_KERNELS = _cpu_has_bf16_kernels()
-
-
-def _cpu_has_kernels_for(dtype: torch.dtype) -> bool:
-    """Whether CPU convolutions and matrix products in ``dtype`` run on compiled kernels: fp32 always,
-    bf16 where oneDNN has bf16 kernels, nothing else (fp16 is emulated on these CPUs)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts to on ``device_type`` ("cpu", "cuda"), or None when it is off there."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 class QuickGELU(nn.Module):
@@ -127,20 +106,24 @@ class DerivedWeights:
         self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
     ) -> tuple[torch.Tensor, ...]:
         """``compute()``, or its cached result when the sources and autocast state are unchanged."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if not self.keeps(sources):
             return compute()
-        if any(t.is_inference() for t in sources):
-            return compute()
-        cast_to = autocast_dtype(sources[0].device.type)
+        cast_to = active_autocast_dtype(sources[0].device.type)
         state = (cast_to, DerivedWeights.optimizer_steps)
         entry = self._entry  # one read: another thread may replace the entry meanwhile
         if entry is not None and entry[0] == state and self._same_sources(entry[1], sources):
             return entry[2]
         value = compute()
         if cast_to is not None:
-            value = tuple(v.to(cast_to) if v.is_floating_point() else v for v in value)
+            value = tuple(v.to(cast_to) if v is not None and v.is_floating_point() else v for v in value)
         self._entry = (state, [(weakref.ref(t), self._key(t)) for t in sources], value)
         return value
+
+    @staticmethod
+    def keeps(sources: tuple[torch.Tensor, ...]) -> bool:
+        """Whether :meth:`get` may keep what it computes from ``sources`` now: no graph built, not traced
+        or compiled, and no inference tensor among them."""
+        return builds_no_graph() and not any(t.is_inference() for t in sources)
 
     @property
     def cached(self) -> tuple[torch.Tensor, ...] | None:
@@ -198,16 +181,31 @@ class CachesDerivedWeights(nn.Module):
         return super().train(mode)
 
 
+def packed_linear_dtype(enabled: bool, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype of the ``onednn_linear`` fast path for ``x`` through a Linear on ``weight``, or None
+    where ``F.linear`` runs (the flag off, or :func:`cvt.models.cpu_kernels.linear_dtype` says so)."""
+    return cpu_kernels.linear_dtype(x, weight) if enabled else None
+
+
 class CastCachedLinear(CachesDerivedWeights, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
-    kept between calls while no graph is built, instead of autocast casting them on every call."""
+    kept between calls while no graph is built, instead of autocast casting them on every call; in CPU
+    inference on AVX-512 they are kept packed for oneDNN's linear kernel (``onednn_linear``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
+        self.onednn_linear = True
         self._cast = DerivedWeights()
+        self._packed = DerivedWeights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        dtype = packed_linear_dtype(self.onednn_linear, x, self.weight)
+        if dtype is not None and DerivedWeights.keeps(params):
+            weight, bias = self._packed.get(
+                params, lambda: cpu_kernels.pack_linear(self.weight, self.bias, dtype)
+            )
+            return cpu_kernels.linear(x.to(dtype), weight, bias)
         weight, *bias = self._cast.get(params, lambda: params)
         return F.linear(x, weight, bias[0] if bias else None)
 
@@ -334,7 +332,7 @@ class ConvProjection(CachesDerivedWeights):
         runs in its input dtype)."""
         if self.computes_in_fp32(x):
             return torch.float32
-        cast_to = autocast_dtype(x.device.type) if self.method == "dw_bn" else None
+        cast_to = active_autocast_dtype(x.device.type) if self.method == "dw_bn" else None
         return x.dtype if cast_to is None else cast_to
 
     def computes_in_fp32(self, x: torch.Tensor) -> bool:
@@ -344,8 +342,8 @@ class ConvProjection(CachesDerivedWeights):
         forward is ~2x faster (docs/performance.md)."""
         if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu"):
             return False
-        cast_to = autocast_dtype("cpu")
-        return cast_to is not None and (torch.is_grad_enabled() or not _cpu_has_kernels_for(cast_to))
+        cast_to = active_autocast_dtype("cpu")
+        return cast_to is not None and (torch.is_grad_enabled() or not cpu_kernels.has_kernels_for(cast_to))
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
@@ -404,8 +402,10 @@ class ConvAttention(CachesDerivedWeights):
         self.attn_drop_rate = attn_drop
         self.fused_attn = True  # F.scaled_dot_product_attention; False: explicit softmax (reference path)
         self.explicit_few_keys = True  # on CPU, explicit softmax over <= FEW_KEYS keys (faster there)
+        self.chunked_attn = True  # bf16 CPU inference: chunked_attention (faster than SDPA there)
         self.fuse_proj = True  # one matrix product for projections that share their input
         self._fused_weights = DerivedWeights()
+        self._packed_weights = DerivedWeights()  # the same, packed for oneDNN (``onednn_linear``)
 
         q_method = "linear" if method == "avg" else method
         self.conv_proj_q = self._projection(q_method, dim_in, kernel_size, stride_q, padding_q)
@@ -442,13 +442,20 @@ class ConvAttention(CachesDerivedWeights):
         """``x`` through several Linear layers at once: one matmul with their weights concatenated."""
         sources = tuple(t for lin in linears for t in (lin.weight, lin.bias) if t is not None)
 
-        def concat() -> tuple[torch.Tensor, ...]:
+        def concat() -> tuple[torch.Tensor, torch.Tensor | None]:
             weight = torch.cat([lin.weight for lin in linears])  # (parts * dim_out, dim_in)
             biases = [lin.bias for lin in linears]
-            return (weight,) if biases[0] is None else (weight, torch.cat(biases))
+            return weight, None if biases[0] is None else torch.cat(biases)
 
-        weight, *bias = self._fused_weights.get(sources, concat)
-        return F.linear(x, weight, bias[0] if bias else None)
+        onednn = all(getattr(lin, "onednn_linear", False) for lin in linears)
+        dtype = packed_linear_dtype(onednn, x, linears[0].weight)
+        if dtype is not None and DerivedWeights.keeps(sources):
+            weight, bias = self._packed_weights.get(
+                sources, lambda: cpu_kernels.pack_linear(*concat(), dtype)
+            )
+            return cpu_kernels.linear(x.to(dtype), weight, bias)
+        weight, bias = self._fused_weights.get(sources, concat)
+        return F.linear(x, weight, bias)
 
     def _project_inputs(
         self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False
@@ -519,13 +526,23 @@ class ConvAttention(CachesDerivedWeights):
     def forward(self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
         """Normed tokens ``(B, T, C)`` → ``(B, T, dim_out)``, or ``(B, 1, dim_out)`` with ``cls_only``."""
         q, k, v = self.project_qkv(x, grid, cls_only)
-        if self.fused_attn and not self._explicit_is_faster(k):
+        if self._chunks_attention(q):
+            out = chunked_attention(q, k, v, self.scale)
+        elif self.fused_attn and not self._explicit_is_faster(k):
             drop = self.attn_drop_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         else:
             out = self.attn_drop(self.attention_probs(q, k)).to(v.dtype) @ v
         out = out.transpose(1, 2).flatten(2)  # (B, Tq, dim_out)
         return self.proj_drop(self.proj(out))
+
+    def _chunks_attention(self, q: torch.Tensor) -> bool:
+        """``chunked_attn``: bf16 CPU inference where oneDNN has bf16 kernels (no graph, not traced or
+        compiled, no attention dropout) runs :func:`~cvt.models.cpu_kernels.chunked_attention`."""
+        if not (self.chunked_attn and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+            return False
+        dropout = self.training and self.attn_drop_rate > 0
+        return cpu_kernels.CPU_HAS_BF16_KERNELS and builds_no_graph() and not dropout
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys, in fp32, or in bf16 where
@@ -535,7 +552,7 @@ class ConvAttention(CachesDerivedWeights):
         if torch.jit.is_tracing():
             return False
         few_keys = k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS
-        return self.explicit_few_keys and few_keys and _cpu_has_kernels_for(k.dtype)
+        return self.explicit_few_keys and few_keys and cpu_kernels.has_kernels_for(k.dtype)
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast (fp64 stays fp64).
@@ -596,17 +613,29 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__(in_features, hidden_features, act_layer=QuickGELU, drop=drop)
         self.fold_act = True
+        self.onednn_linear = True  # CPU inference on AVX-512: fc1 + SiLU and fc2 by oneDNN, packed weights
         self._scaled = DerivedWeights()
+        self._packed = DerivedWeights()
 
     def scaled_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fc1 weight and bias times 1.702, fc2 weight divided by 1.702."""
         s = QUICK_GELU_SCALE
         return self.fc1.weight * s, self.fc1.bias * s, self.fc2.weight * (1.0 / s)
 
+    def packed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """:meth:`scaled_weights` and fc2's bias, packed in ``dtype`` for oneDNN's linear."""
+        w1, b1, w2 = self.scaled_weights()
+        return (*cpu_kernels.pack_linear(w1, b1, dtype), *cpu_kernels.pack_linear(w2, self.fc2.bias, dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.fold_act and reads_directly(self.fc1, self.act, self.norm, self.fc2)):
             return super().forward(x)
         sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
+        dtype = packed_linear_dtype(self.onednn_linear and not self.training, x, self.fc1.weight)
+        if dtype is not None and DerivedWeights.keeps(sources):
+            w1, b1, w2, b2 = self._packed.get((*sources, self.fc2.bias), lambda: self.packed_weights(dtype))
+            h = cpu_kernels.linear(x.to(dtype), w1, b1, silu=True)  # (B, T, hidden): silu(1.702 fc1(x))
+            return cpu_kernels.linear(h, w2, b2)
         w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)
         h = F.linear(x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
         if torch.is_grad_enabled() and h.requires_grad:
@@ -663,8 +692,8 @@ class Block(nn.Module):
 
 
 FAST_PATH_FLAGS: tuple[str, ...] = (
-    "fused_attn", "explicit_few_keys", "fuse_proj", "fold_bn", "fold_act", "dw_fp32",
-    "cls_only_last_block",
+    "fused_attn", "explicit_few_keys", "chunked_attn", "fuse_proj", "fold_bn", "fold_act",
+    "onednn_linear", "dw_fp32", "cls_only_last_block",
 )  # fmt: skip
 
 

@@ -1,0 +1,142 @@
+"""What the CPU's compiled kernels can do, and the CPU inference paths that use them.
+
+oneDNN runs bf16 convolutions and matrix products on compiled kernels only on AVX-512 CPUs (natively
+with AVX512-BF16 or AMX); elsewhere (AVX2) they fall back to reference code, 20-40x slower than fp32
+(benchmarks/results/avx2-vm_attention_kernels.md). The layers read :data:`CPU_HAS_BF16_KERNELS` and
+:data:`ONEDNN_PACKED_LINEAR` at call time, so tests and ``benchmarks/op_census.py`` may override them.
+
+Two inference paths (no autograd graph, not traced or compiled) live here, both measured on a 2-core
+AMD EPYC (Zen 4, AVX512-BF16, no AMX) in docs/performance.md:
+
+- :func:`linear` with weights packed once by :func:`pack_linear`: oneDNN's linear on a weight kept in its
+  blocked layout, with the bias and an optional SiLU fused in (bf16 on AVX-512, fp32 too on AVX-512
+  CPUs other than Intel's; 6-15 % faster than ``F.linear`` plus a separate SiLU for CvT-13's MLP shapes);
+- :func:`chunked_attention`: attention as two matrix products around a softmax, over chunks of queries
+  whose scores stay in cache (bf16: 1.3-1.9x faster than CPU SDPA's blocked kernel at CvT-13's key
+  counts; in fp32 SDPA stays faster beyond a few dozen keys).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cvt.precision import active_autocast_dtype
+
+
+def _cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has compiled bf16 kernels here (AVX-512 core, AVX512-BF16 or AMX)."""
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None),  # AVX-512 core (BW, VL, DQ)
+    )
+    return any(probe() for probe in probes if probe is not None)
+
+
+def _onednn_packed_linear_available() -> bool:
+    """Whether oneDNN's packed linear runs here: its ops exist in this torch build and the CPU has the
+    AVX-512 core its bf16 path requires (on AVX2 its fp32 kernel was measured slower than
+    ``F.linear``: 20.7 against 18.1 ms for CvT-13's stage-3 fc1, docs/performance.md)."""
+    ops = torch.ops.mkldnn
+    needed = ("_linear_pointwise", "_reorder_linear_weight", "_is_mkldnn_bf16_supported")
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(ops, name) for name in needed)):
+        return False
+    return bool(ops._is_mkldnn_bf16_supported())
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD`` …) where Linux reports it, else ''."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# read once at import: plain bools that torch.compile can guard on
+CPU_HAS_BF16_KERNELS = _cpu_has_bf16_kernels()
+ONEDNN_PACKED_LINEAR = _onednn_packed_linear_available()
+# fp32 too, except on Intel CPUs: fp32 ``F.linear`` runs MKL's sgemm, which uses its AVX-512 kernels on
+# Intel CPUs only; oneDNN's packed fp32 linear made CvT-13 inference 10 % faster on an AMD Zen 4, and
+# its unpacked form 12 % slower on an Intel Xeon (docs/performance.md); bf16 ``F.linear`` runs oneDNN
+ONEDNN_FP32_LINEAR = ONEDNN_PACKED_LINEAR and _cpu_vendor() != "GenuineIntel"
+
+# scores (over the batch and heads) that chunked_attention computes at once: 2 MB in bf16, the two
+# cores' L2 together (of 2**16..2**22, 2**20 was about fastest at each of CvT-13's three stages)
+CHUNK_SCORES = 2**20
+
+
+def has_kernels_for(dtype: torch.dtype) -> bool:
+    """Whether CPU convolutions and matrix products in ``dtype`` run on compiled kernels: fp32 always,
+    bf16 where oneDNN has bf16 kernels, nothing else (fp16 is emulated on these CPUs)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
+
+
+def builds_no_graph() -> bool:
+    """Whether the current call builds no autograd graph and is neither traced nor compiled: the
+    precondition of every cached or packed inference path (a trace or graph must see the real ops)."""
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which ``F.linear(x, weight, ...)`` may run as oneDNN's packed kernel instead: CPU
+    autocast's dtype, or without autocast the common dtype of ``x`` and ``weight``; None where
+    ``F.linear`` runs: off the CPU, when a graph is built, traced or compiled, without
+    :data:`ONEDNN_PACKED_LINEAR` (in fp32: :data:`ONEDNN_FP32_LINEAR`), in a dtype other than fp32 and
+    bf16, or for mismatched dtypes (``F.linear`` reports them)."""
+    if x.device.type != "cpu" or not ONEDNN_PACKED_LINEAR or not builds_no_graph():
+        return None
+    dtype = active_autocast_dtype("cpu") or weight.dtype
+    kernels = (torch.float32, torch.bfloat16)
+    if dtype not in kernels or x.dtype not in kernels or weight.dtype not in kernels:
+        return None
+    if dtype == torch.float32 and not ONEDNN_FP32_LINEAR:
+        return None
+    return dtype if torch.is_autocast_enabled("cpu") or x.dtype == weight.dtype else None
+
+
+def pack_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight (out, in)`` in ``dtype`` reordered into oneDNN's blocked layout (an opaque ``_mkldnn``
+    tensor) and ``bias`` in ``dtype``: the arguments of :func:`linear`."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
+    return packed, None if bias is None else bias.detach().to(dtype)
+
+
+def linear(
+    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = False
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then SiLU if ``silu``, by one oneDNN kernel on a weight packed by
+    :func:`pack_linear`: ``(..., in)`` → ``(..., out)`` in ``x``'s dtype (which must be the packed one)."""
+    rows = x.reshape(-1, x.shape[-1])  # (N, in): the op takes 2-D inputs
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "swish" if silu else "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_scores: int = CHUNK_SCORES
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scale) v`` for inference: ``q (B, heads, Tq, d)``, ``k, v (B, heads, Tk, d)`` →
+    ``(B, heads, Tq, d_v)``, in the inputs' dtype (the softmax itself accumulates in fp32).
+
+    Queries run in chunks whose scores (at most ``max_scores`` over the batch and heads) stay in cache;
+    the probabilities are kept in the inputs' dtype, which is all the second matrix product reads.
+    """
+    # contiguous heads: batched products over the permuted q/k/v views ran ~2x slower (stage 1, bf16)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    keys_t = k.transpose(-2, -1)  # (B, heads, d, Tk)
+    queries = q.shape[-2]
+    chunk = max(1, max_scores // k.shape[:-1].numel())  # queries per chunk; k.shape[:-1]: (B, heads, Tk)
+    with torch.autocast(q.device.type, enabled=False):  # probabilities in the inputs' dtype, not fp32
+        if chunk >= queries:
+            return (q @ keys_t).mul_(scale).softmax(dim=-1) @ v
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for start in range(0, queries, chunk):
+            rows = slice(start, start + chunk)
+            probs = (q[..., rows, :] @ keys_t).mul_(scale).softmax(dim=-1)  # (B, heads, chunk, Tk)
+            torch.matmul(probs, v, out=out[..., rows, :])
+        return out
