@@ -33,7 +33,7 @@ def test_maps_are_the_cls_rows_of_the_reference_softmax(tiny) -> None:
     attn = tiny.stages[-1].blocks[-1].attn
     recorded = []
     original = attn.attention_probs
-    attn.attention_probs = lambda q, k: recorded.append(original(q, k)) or recorded[-1]
+    attn.attention_probs = lambda q, k, **kwargs: recorded.append(original(q, k, **kwargs)) or recorded[-1]
     attn.fused_attn = False
     try:
         with torch.no_grad():

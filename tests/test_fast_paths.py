@@ -808,7 +808,7 @@ def test_bf16_cpu_inference_attention_is_chunked(
     """``chunked_attn``: bf16 inference on a CPU with bf16 kernels runs every block's attention through
     chunked_attention (no SDPA); with a graph, without the kernels or with the flag off, it does not."""
     monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
-    monkeypatch.setattr(layers, "FEW_KEYS", 0)  # SDPA wherever the chunked path does not run
+    monkeypatch.setattr(layers, "FEW_KEYS_BF16", 0)  # SDPA wherever the chunked path does not run
     calls: list[int] = []
     chunked_attention = layers.chunked_attention
 
@@ -927,3 +927,34 @@ def test_onednn_linears_under_bf16_autocast_stay_close_to_fp32(
     for name, out in (("oneDNN", logits), ("F.linear", plain)):
         rel = (out.float() - expected).norm() / expected.norm()
         assert rel < 0.02, f"{name} bf16 logits differ from fp32 by {rel:.3%}"
+
+
+@pytest.mark.parametrize(("dtype", "expected_sdpa_calls"), [(torch.float32, 3), (torch.bfloat16, 0)])
+def test_bf16_training_attention_is_explicit_up_to_more_keys(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], dtype: torch.dtype, expected_sdpa_calls: int
+) -> None:
+    """With a graph (no chunked path), bf16 attention over at most FEW_KEYS_BF16 keys is explicit where
+    fp32 attention over as many keys runs SDPA; gradients stay close to fp32's."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    monkeypatch.setattr(layers, "FEW_KEYS", 0)  # the tiny model's 35 and 13 keys: above it in fp32
+    monkeypatch.setattr(layers, "FEW_KEYS_BF16", 64)  # and within it in bf16
+    model = tiny_model("dw_bn", cls=True).train()
+    expected = copy.deepcopy(model)
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), target)
+    assert len(sdpa_calls) == expected_sdpa_calls
+    loss.backward()
+    nn.functional.cross_entropy(set_fast_paths(expected, False)(x), target).backward()
+    tol = (0, 1e-5) if dtype == torch.float32 else (0.1, 0.02)
+    assert_same_step(model, expected, grad_tol=tol, buffer_tol=(1e-2, 1e-2))
+
+
+def test_explicit_fast_path_keeps_bf16_probabilities_and_the_reference_fp32() -> None:
+    attn = tiny_model("dw_bn", cls=True).stage1.blocks[0].attn
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, attn.num_heads, 13, 16, generator=gen) for _ in range(2))
+    reference = attn.attention_probs(q.bfloat16(), k.bfloat16())
+    fast = attn.attention_probs(q.bfloat16(), k.bfloat16(), in_fp32=False)
+    assert (reference.dtype, fast.dtype) == (torch.float32, torch.bfloat16)
+    torch.testing.assert_close(fast.float(), reference, rtol=0, atol=4e-3)  # one bf16 rounding

@@ -9,10 +9,11 @@ Fast paths (all on by default, each behind a flag that :func:`set_fast_paths` sw
 compare every one against the plain reference computation):
 
 - ``fused_attn``: ``F.scaled_dot_product_attention`` with the official scale, no materialised softmax;
-- ``explicit_few_keys``: on CPU, attention over at most ``FEW_KEYS`` keys (stage 3 of CvT-13: 50) is
-  computed as two matrix products around an fp32 softmax instead: CPU SDPA's blocked kernel costs more
-  than the tiny score matrix there (4x in a bf16 training step, docs/performance.md); in fp32, and
-  in bf16 only where oneDNN has bf16 kernels;
+- ``explicit_few_keys``: on CPU, attention over at most ``FEW_KEYS`` keys in fp32 (stage 3 of CvT-13:
+  50), ``FEW_KEYS_BF16`` in bf16 (stage 2: 197) is computed as two matrix products around a softmax
+  instead: CPU SDPA's blocked kernel costs more than the small score matrix there (4x in a bf16
+  training step at 50 keys, docs/performance.md); bf16 only where oneDNN has bf16 kernels, with bf16
+  probabilities (the softmax accumulates in fp32);
 - ``chunked_attn``: bf16 CPU inference where oneDNN has bf16 kernels runs attention as
   :func:`~cvt.models.cpu_kernels.chunked_attention` at every key count (faster than CPU SDPA there);
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
@@ -64,9 +65,11 @@ from cvt.precision import active_autocast_dtype
 
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
-# keys up to which CPU attention is explicit (``explicit_few_keys``): measured faster at 50 keys, slower
-# at 196 (fp32 and bf16, training and inference; docs/performance.md)
+# keys up to which CPU attention is explicit (``explicit_few_keys``): in fp32 measured faster at 50 keys,
+# slower at 196 (training and inference); in bf16, with bf16 probabilities, faster at 50 and 197 keys
+# (a training step's attention at batch 16: 5 vs 21 ms and 31 vs 51 ms), slower at 785 (docs/performance.md)
 FEW_KEYS = 64
+FEW_KEYS_BF16 = 256
 
 
 class QuickGELU(nn.Module):
@@ -464,10 +467,13 @@ class ConvAttention(CachesDerivedWeights):
 
         With ``cls_only`` the q input is the cls token alone ``(B, 1, C)`` (it is never convolved).
         """
-        cls_tok = x[:, :1] if self.with_cls_token else None  # cls is never convolved
+        cls_tok, patches = None, x
+        if self.with_cls_token:  # cls is never convolved; one split, whose backward writes one gradient
+            # (two slices would each zero-fill a gradient of x's size, then add them)
+            cls_tok, patches = x.split((1, x.shape[1] - 1), dim=1)
         if self.method == "linear":
             return (cls_tok if cls_only else x), x, x
-        x_map = self._conv_input(x[:, 1:] if self.with_cls_token else x, grid)
+        x_map = self._conv_input(patches, grid)
 
         def project(proj: ConvProjection) -> torch.Tensor:
             t = proj(x_map)  # (B, H'*W', C)
@@ -531,8 +537,9 @@ class ConvAttention(CachesDerivedWeights):
         elif self.fused_attn and not self._explicit_is_faster(k):
             drop = self.attn_drop_rate if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        else:
-            out = self.attn_drop(self.attention_probs(q, k)).to(v.dtype) @ v
+        else:  # explicit: the fast path over few keys keeps bf16 probabilities, the reference path fp32
+            probs = self.attention_probs(q, k, in_fp32=not self.fused_attn)
+            out = self.attn_drop(probs).to(v.dtype) @ v
         out = out.transpose(1, 2).flatten(2)  # (B, Tq, dim_out)
         return self.proj_drop(self.proj(out))
 
@@ -545,23 +552,26 @@ class ConvAttention(CachesDerivedWeights):
         return cpu_kernels.CPU_HAS_BF16_KERNELS and builds_no_graph() and not dropout
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
-        """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys, in fp32, or in bf16 where
-        oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code: 3-9x slower than SDPA).
+        """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys in fp32, FEW_KEYS_BF16 in bf16
+        where oneDNN has bf16 kernels (elsewhere a bf16 matmul is reference code: 3-9x slower than SDPA).
         Never while tracing (ONNX, TorchScript): the trace would freeze the choice made for the example
         input's key count, and exported graphs run on other runtimes anyway."""
         if torch.jit.is_tracing():
             return False
-        few_keys = k.device.type == "cpu" and k.shape[-2] <= FEW_KEYS
+        limit = FEW_KEYS_BF16 if k.dtype == torch.bfloat16 else FEW_KEYS
+        few_keys = k.device.type == "cpu" and k.shape[-2] <= limit
         return self.explicit_few_keys and few_keys and cpu_kernels.has_kernels_for(k.dtype)
 
-    def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast (fp64 stays fp64).
-
-        The reference path, also used for attention maps.
+    def attention_probs(self, q: torch.Tensor, k: torch.Tensor, in_fp32: bool = True) -> torch.Tensor:
+        """Softmax attention weights ``(B, heads, Tq, Tkv)``, in fp32 even under autocast (fp64 stays fp64):
+        the reference path, also used for attention maps. With ``in_fp32=False`` in the scores' dtype
+        (the softmax still accumulates in fp32): the explicit fast path, whose bf16 probabilities are
+        what the product with v reads anyway, and half the size to keep for backward.
         """
         # scale after the product, as the official code: no scaled copy of q is kept for backward
         scores = (q @ k.transpose(-2, -1)).mul_(self.scale)
-        return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        dtype = torch.promote_types(scores.dtype, torch.float32) if in_fp32 else scores.dtype
+        return scores.softmax(dim=-1, dtype=dtype)
 
 
 class SiluLinear(torch.autograd.Function):
