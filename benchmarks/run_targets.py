@@ -7,6 +7,7 @@ compilation, time them one after the other instead:
 
     .venv/bin/python benchmarks/run_targets.py            # ~4 min on a quiet 2-core CPU
     .venv/bin/python benchmarks/run_targets.py --runs 5 --json targets.json
+    .venv/bin/python benchmarks/run_targets.py --keep-freed-memory   # no implementation page-faults
     taskset -c 0,1 python benchmarks/run_targets.py --device cpu --threads 2   # 2 cores of a bigger CPU
     python benchmarks/run_targets.py --device cuda --only gpu --compile-mode reduce-overhead \
         --gpu-train-batches 16 --gpu-infer-batches 8
@@ -29,6 +30,7 @@ import sys
 
 import torch
 
+from cvt.allocator import keep_freed_memory
 from cvt.benchmark import (
     BenchConfig,
     BenchResult,
@@ -212,6 +214,12 @@ def main() -> int:
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even where it is emulated")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (cvt.allocator): no implementation pays page faults that depend on "
+        "what ran before it (the memory rows run in fresh processes either way)",
+    )
+    parser.add_argument(
         "--only",
         type=_sections,
         default=list(SECTIONS),
@@ -224,11 +232,14 @@ def main() -> int:
     args.device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     rows = measure(args)
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
                f"oneDNN bf16 kernels {'yes' if CPU_HAS_BF16_KERNELS else 'no'}"
-               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))  # fmt: skip
+               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+               + (", freed memory kept (glibc)" if args.keep_freed_memory else ""))  # fmt: skip
     print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median; "
           "per round: cvt over the faster peer in each round of runs, min-median-max\n")  # fmt: skip
     print(markdown(rows))

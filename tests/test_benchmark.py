@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import cvt
-from cvt import benchmark
+from cvt import allocator, benchmark
 from cvt.benchmark import BenchConfig
 from cvt.complexity import count_gmacs
 from cvt.models import cpu_kernels, create_model
@@ -183,10 +183,10 @@ def test_settled_baseline_collects_and_trims_where_libc_can(monkeypatch: pytest.
             return 1
 
     monkeypatch.setattr(gc, "collect", lambda: collects.append(True) or 0)
-    monkeypatch.setattr(benchmark.ctypes, "CDLL", lambda name: Glibc())
+    monkeypatch.setattr(allocator, "glibc", Glibc)
     assert benchmark._settled_rss_mb() > 0
     assert collects and trims == [0]
-    monkeypatch.setattr(benchmark.ctypes, "CDLL", lambda name: object())  # a libc without malloc_trim
+    monkeypatch.setattr(allocator, "glibc", lambda: None)  # another C library: nothing to trim
     assert benchmark._settled_rss_mb() > 0
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from cvt import benchmark
+from cvt import allocator, benchmark
 from cvt.benchmark import BenchConfig, build_subjects
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
@@ -218,3 +218,27 @@ def test_info_refuses_a_negative_class_count(capsys: pytest.CaptureFixture[str])
     assert err == "cvt info: error: num_classes must be a whole number >= 0 (0: no classifier), got -5\n"
     assert main(["info", "--num-classes", "-5"]) == 2  # every variant
     assert capsys.readouterr().err == err
+
+
+def test_keep_freed_memory_is_applied_before_measuring_and_reported(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    measure = benchmark.run_benchmark
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: calls.append("measure") or measure(*a))
+    code, out, _ = run_cli(
+        capsys, "--model", "cvt_tiny", "--runs", "1", "--warmup", "0", "--no-memory", "--keep-freed-memory",
+        "--json",
+    )  # fmt: skip
+    assert code == 0 and calls == ["keep", "measure"]
+    assert json.loads(out)["config"]["keep_freed_memory"] is True
+
+
+def test_keep_freed_memory_without_glibc_gives_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(allocator, "glibc", lambda: None)
+    code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--keep-freed-memory", "--runs", "1", "--no-memory")
+    assert code == 2
+    assert "needs glibc's malloc" in err and len(err.strip().splitlines()) == 1

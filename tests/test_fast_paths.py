@@ -767,16 +767,39 @@ def test_mlp_dropout_runs_in_the_training_fast_path() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-# scores of one query: 2 x 3 x 11 = 66; one query per chunk, 5 (ragged: 23 = 4*5 + 3), all at once
-@pytest.mark.parametrize("max_scores", [66, 330, 10_000])
-def test_chunked_attention_equals_softmax_attention_for_any_chunk(max_scores: int) -> None:
+# keys 11: softmax down the keys (23 queries >= 2 x 11); keys 70: along the rows. max_scores: one query
+# per chunk, 5 queries (ragged: 23 = 4*5 + 3), all at once
+@pytest.mark.parametrize(("keys", "down_keys"), [(11, True), (70, False)])
+@pytest.mark.parametrize("queries_per_chunk", [1, 5, 1000])
+def test_chunked_attention_equals_softmax_attention_for_any_chunk(
+    keys: int, down_keys: bool, queries_per_chunk: int
+) -> None:
     """In float64 only the summation order differs; the inputs are permuted views as in the model."""
+    assert cpu_kernels.softmax_runs_down_keys(23, keys) is down_keys
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 23, 3, 8, dtype=torch.float64, generator=gen).transpose(1, 2)  # (B, heads, Tq, d)
-    k, v = (torch.randn(2, 11, 3, 8, dtype=torch.float64, generator=gen).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(2, keys, 3, 8, dtype=torch.float64, generator=gen).transpose(1, 2) for _ in range(2))
     expected = torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
-    out = cpu_kernels.chunked_attention(q, k, v, 0.3, max_scores=max_scores)
+    out = cpu_kernels.chunked_attention(q, k, v, 0.3, max_scores=queries_per_chunk * 2 * 3 * keys)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "down_keys"), [(98, 49, True), (97, 49, False), (400, 64, False), (1, 50, False)]
+)
+def test_softmax_runs_down_keys_only_for_few_keys_and_many_queries(
+    queries: int, keys: int, down_keys: bool
+) -> None:
+    assert cpu_kernels.softmax_runs_down_keys(queries, keys) is down_keys
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7), (2, 2, 5, 0)], ids=["no images", "no keys"])
+def test_chunked_attention_takes_empty_inputs(shape: tuple[int, int, int, int]) -> None:
+    b, heads, queries, keys = shape
+    q = torch.randn(b, heads, queries, 8)
+    k, v = torch.randn(b, heads, keys, 8), torch.randn(b, heads, keys, 4)
+    out = cpu_kernels.chunked_attention(q, k, v, 0.5, max_scores=16)
+    assert out.shape == (b, heads, queries, 4)
 
 
 def test_chunked_attention_in_bf16_stays_close_to_fp32_with_or_without_autocast() -> None:

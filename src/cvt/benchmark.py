@@ -29,7 +29,6 @@ machine hits all of them alike.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import gc
@@ -50,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cvt.allocator import return_freed_memory
 from cvt.engine.distributed import resolve_device
 from cvt.errors import CheckpointError, CvtError, UsageError, is_out_of_memory
 from cvt.precision import DTYPES, autocast
@@ -409,13 +409,7 @@ def _settled_rss_mb() -> float:
     under-report that step's peak; a compilation's own peak would count as the step's.
     """
     gc.collect()
-    try:
-        libc = ctypes.CDLL(None)  # the C library this process already runs on
-    except OSError:
-        libc = None
-    trim = getattr(libc, "malloc_trim", None)  # glibc only
-    if trim is not None:
-        trim(0)
+    return_freed_memory()
     # Linux >= 4.0: VmHWM restarts from the current RSS; elsewhere the peak also covers the building
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")

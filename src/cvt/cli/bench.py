@@ -59,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs per model (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse (cvt.allocator.keep_freed_memory): no subject pays page "
+        "faults for memory an earlier step returned to the kernel (otherwise how often each does depends "
+        "on what ran before it in the process)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_bench)
 
@@ -66,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from cvt.allocator import keep_freed_memory
     from cvt.benchmark import BenchConfig, per_round_speedups, run_benchmark
     from cvt.engine.distributed import resolve_device
     from cvt.errors import UsageError
@@ -74,6 +82,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     device = str(resolve_device(args.device))
     cfg = BenchConfig(
         model=args.model, img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,
@@ -87,7 +97,12 @@ def run_bench(args: argparse.Namespace) -> int:
     height, width = cfg.measured_size  # the model's own unless --img-size
     if args.json:
         report = {
-            "config": {**vars(cfg), "img_size": [height, width], "threads": torch.get_num_threads()},
+            "config": {
+                **vars(cfg),
+                "img_size": [height, width],
+                "threads": torch.get_num_threads(),
+                "keep_freed_memory": args.keep_freed_memory,
+            },
             "results": [r.as_dict() for r in results],
             "speedup": {r.subject: ours.img_per_s / r.img_per_s for r in results[1:]},
             "speedup_per_round": {r.subject: per_round_speedups(ours, r) for r in results[1:]},
@@ -106,9 +121,10 @@ def run_bench(args: argparse.Namespace) -> int:
         ceiling = f"matmul ceiling not measured: {ours.ceiling_not_measured}"
     else:
         ceiling = f"matmul ceiling {ours.ceiling_gflops_per_s:.0f} GFLOP/s"
+    allocator = ", freed memory kept" if args.keep_freed_memory else ""
     print(
         f"{cfg.model} {height}x{width} batch {cfg.batch_size} {cfg.mode} {cfg.dtype} "
-        f"on {device} ({torch.get_num_threads()} threads), {cfg.runs} runs; {ceiling}"
+        f"on {device} ({torch.get_num_threads()} threads{allocator}), {cfg.runs} runs; {ceiling}"
     )
     headers = ["model", "img/s", "min-max", "peak MB", "GFLOP/s", "of ceiling", "cvt speed-up (per round)"]
     print(format_table(headers, rows))
