@@ -676,8 +676,9 @@ def test_silu_linear_recomputing_backward_passes_gradcheck_and_gradgradcheck() -
 
 @pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, False)])
 @pytest.mark.parametrize("transposed_h", [False, True])
+@pytest.mark.parametrize("onednn", [False, True])
 def test_silu_linear_backward_equals_autograd_for_any_subset_of_inputs(
-    needs_grad: tuple[bool, bool, bool], transposed_h: bool
+    needs_grad: tuple[bool, bool, bool], transposed_h: bool, onednn: bool
 ) -> None:
     # the backward reuses one buffer for silu(h), grad_out @ weight and grad_h: whichever gradients are
     # asked for, and for a non-contiguous h, they must equal plain autograd's
@@ -688,8 +689,11 @@ def test_silu_linear_backward_equals_autograd_for_any_subset_of_inputs(
     grad_out = torch.randn(3, 5, 4, generator=gen)
     leaves = [t.clone().requires_grad_(need) for t, need in zip((h, weight, bias), needs_grad, strict=True)]
     refs = [t.clone().requires_grad_(need) for t, need in zip((h, weight, bias), needs_grad, strict=True)]
-    SiluLinear.apply(*leaves).backward(grad_out)
-    nn.functional.linear(nn.functional.silu(refs[0]), refs[1], refs[2]).backward(grad_out)
+    out = SiluLinear.apply(*leaves, onednn)
+    expected = nn.functional.linear(nn.functional.silu(refs[0]), refs[1], refs[2])
+    torch.testing.assert_close(out, expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
     for leaf, ref in zip(leaves, refs, strict=True):
         if ref.grad is None:
             assert leaf.grad is None
@@ -896,20 +900,96 @@ def test_onednn_linears_equal_the_reference_and_keep_their_packed_weights(
     assert all(m._packed.cached is not p for m, p in zip(mlps, packed, strict=True))
 
 
-def test_onednn_linears_stay_out_of_graphs_traces_and_training_mlps(
+def test_onednn_linears_stay_out_of_traces_autocast_graphs_and_no_grad_training(
     onednn_calls: list[tuple[torch.dtype, bool]],
 ) -> None:
     model = tiny_model("dw_bn", cls=True).eval()
     x = images()
-    model(x).sum().backward()  # a graph: autograd must see F.linear on the parameters
+    torch.jit.trace(model, x, check_trace=False)  # an exported graph must hold F.linear
     assert onednn_calls == []
-    assert model.stage1.blocks[0].mlp.fc1.weight.grad is not None
-    torch.jit.trace(model, x, check_trace=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 graph: autocast's F.linear
+        model(x).float().sum().backward()
     assert onednn_calls == []
     model.train()
     with torch.no_grad():  # train mode without a graph: the MLP's dropout must run, so F.linear
         model(x)
     assert (torch.float32, True) not in onednn_calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mlp_dropout", [0.0, 0.3])
+def test_fp32_training_graph_on_onednn_linears_has_the_reference_gradients(
+    onednn_calls: list[tuple[torch.dtype, bool]], method: str, mlp_dropout: float
+) -> None:
+    """``onednn_linear`` in fp32 training (CPUs other than Intel's): every Linear of the blocks, stacked
+    or not, and the MLP's fc2 inside SiluLinear run oneDNN's kernel, forward and input gradient; the
+    gradients equal those of the same paths on ``F.linear`` (with dropout in the MLP, plain autograd
+    around it; the same masks, as both draw them for the same shapes)."""
+    model = tiny_model(method, cls=True).train()
+    for mlp in (m for m in model.modules() if isinstance(m, QuickGeluMlp)):
+        mlp.drop1.p = mlp.drop2.p = mlp_dropout
+    reference = set_fast_paths(copy.deepcopy(model), onednn_linear=False)
+    x, target = images(), torch.tensor([0, 3, 6])
+    grads = []
+    for m in (model, reference):
+        torch.manual_seed(3)  # the same dropout masks
+        nn.functional.cross_entropy(m(x), target).backward()
+        grads.append([p.grad for p in m.parameters()])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.head]
+    assert len(onednn_calls) >= len(linears)  # forward and backward products
+    assert {dtype for dtype, _ in onednn_calls} == {torch.float32}
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_runs_onednn_linears_only_for_fp32_cpu_graphs_where_they_are_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", True)
+    weight, x = torch.randn(4, 3), torch.randn(2, 3)
+    assert cpu_kernels.trains_on_onednn(x, weight)
+    assert not cpu_kernels.trains_on_onednn(x.bfloat16(), weight.bfloat16())
+    assert not cpu_kernels.trains_on_onednn(x.double(), weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_kernels.trains_on_onednn(x, weight)  # autocast's bf16 F.linear
+    with torch.no_grad():
+        assert not cpu_kernels.trains_on_onednn(x, weight)  # no graph: the packed inference path's
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", False)  # Intel: MKL's fp32 GEMM is as fast
+    assert not cpu_kernels.trains_on_onednn(x, weight)
+
+
+@pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, True)])
+def test_onednn_linear_function_equals_autograd_linear(needs_grad: tuple[bool, bool, bool]) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 8, generator=gen).transpose(0, 1)  # non-contiguous, as after a head split
+    weight, bias = torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen)
+    grad_out = torch.randn(5, 2, 4, generator=gen)
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((x, weight, bias), needs_grad, strict=True)]
+    refs = [t.clone().requires_grad_(need) for t, need in zip((x, weight, bias), needs_grad, strict=True)]
+    out = cpu_kernels.OnednnLinear.apply(*leaves)
+    expected = nn.functional.linear(*refs)
+    torch.testing.assert_close(out, expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for leaf, ref in zip(leaves, refs, strict=True):
+        assert (leaf.grad is None) == (ref.grad is None)
+        if ref.grad is not None:
+            torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_onednn_linear_function_gives_second_derivatives() -> None:
+    """create_graph=True (gradient penalties): the backward takes its differentiable branch."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=gen)
+    weight, bias = torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen)
+    penalties = []
+    for linear in (cpu_kernels.OnednnLinear.apply, nn.functional.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        (grad_x,) = torch.autograd.grad(linear(*leaves).tanh().sum(), leaves[0], create_graph=True)
+        grad_x.square().sum().backward()
+        penalties.append([leaf.grad for leaf in leaves])
+    for got, expected in zip(*penalties, strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("fp32_too", [True, False])  # an AVX-512 CPU other than Intel's, or an Intel one

@@ -27,6 +27,8 @@ compare every one against the plain reference computation):
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
 - ``onednn_linear``: CPU inference (fp32 or bf16) on AVX-512 runs the attention and MLP Linear layers
   as oneDNN's linear on weights packed once (fc1 with its SiLU fused in), :mod:`cvt.models.cpu_kernels`;
+  fp32 training on AVX-512 CPUs other than Intel's runs them (forward and input gradient) as oneDNN's
+  linear on the plain weights, :class:`~cvt.models.cpu_kernels.OnednnLinear`;
 - ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32 when
   a graph is built (oneDNN's bf16 depthwise backward is ~9x slower) or oneDNN has no bf16 kernels
   for the CPU (AVX2: reference code, 20-40x slower); inference on an AVX-512 CPU runs it in bf16.
@@ -190,10 +192,22 @@ def packed_linear_dtype(enabled: bool, x: torch.Tensor, weight: torch.Tensor) ->
     return cpu_kernels.linear_dtype(x, weight) if enabled else None
 
 
+def graph_linear(
+    enabled: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; with the ``onednn_linear`` flag ``enabled``, as
+    :class:`~cvt.models.cpu_kernels.OnednnLinear` where :func:`~cvt.models.cpu_kernels.trains_on_onednn`
+    allows (fp32 CPU training off Intel: oneDNN's GEMM is faster than MKL's there)."""
+    if enabled and cpu_kernels.trains_on_onednn(x, weight):
+        return cpu_kernels.OnednnLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class CastCachedLinear(CachesDerivedWeights, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
     kept between calls while no graph is built, instead of autocast casting them on every call; in CPU
-    inference on AVX-512 they are kept packed for oneDNN's linear kernel (``onednn_linear``)."""
+    inference on AVX-512 they are kept packed for oneDNN's linear kernel (``onednn_linear``), and fp32
+    training off Intel runs that kernel on the plain weights (:func:`graph_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -210,7 +224,7 @@ class CastCachedLinear(CachesDerivedWeights, nn.Linear):
             )
             return cpu_kernels.linear(x.to(dtype), weight, bias)
         weight, *bias = self._cast.get(params, lambda: params)
-        return F.linear(x, weight, bias[0] if bias else None)
+        return graph_linear(self.onednn_linear, x, weight, bias[0] if bias else None)
 
 
 # submodules whose forward a fast path may replace by reading their parameters
@@ -458,7 +472,7 @@ class ConvAttention(CachesDerivedWeights):
             )
             return cpu_kernels.linear(x.to(dtype), weight, bias)
         weight, bias = self._fused_weights.get(sources, concat)
-        return F.linear(x, weight, bias)
+        return graph_linear(onednn, x, weight, bias)
 
     def _project_inputs(
         self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False
@@ -580,12 +594,19 @@ class SiluLinear(torch.autograd.Function):
     Autograd would keep both ``h`` and ``silu(h)`` (4 x dim per token each): this halves the MLP's
     saved activations for one extra elementwise pass in backward. ``weight`` and ``bias`` must already
     be in ``h``'s dtype (the caller casts them, so under autocast the cast stays differentiable).
+    ``onednn``: the product and its input gradient by oneDNN's linear (where
+    :func:`~cvt.models.cpu_kernels.trains_on_onednn` allows; the caller decides, as grad mode is off here).
     """
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
+        ctx.onednn = onednn
+        if onednn:
+            return cpu_kernels.linear(F.silu(h), weight, bias)
         return F.linear(F.silu(h), weight, bias)
 
     @staticmethod
@@ -599,17 +620,23 @@ class SiluLinear(torch.autograd.Function):
         if silu_h is not None:
             grad_w = grad_out_2d.T @ silu_h.flatten(0, -2)  # (out, hidden)
         if not ctx.needs_input_grad[0]:
-            return grad_h, grad_w, grad_b
+            return grad_h, grad_w, grad_b, None
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops only (as autograd's own SiLU)
             sig = torch.sigmoid(h)
-            return (grad_out @ weight) * sig * (1 + h * (1 - sig)), grad_w, grad_b
-        # one hidden-size buffer serves silu(h), then grad_out @ weight, then grad_h (in place): on CPU
-        # a fresh tensor of this size is often page-faulted anew (docs/performance.md)
-        buffer = torch.empty_like(h, memory_format=torch.contiguous_format) if silu_h is None else silu_h
-        buffer = buffer.contiguous()
-        torch.mm(grad_out_2d, weight, out=buffer.view(-1, buffer.shape[-1]))
-        grad_h = torch.ops.aten.silu_backward.grad_input(buffer, h, grad_input=buffer)
-        return grad_h, grad_w, grad_b
+            return (grad_out @ weight) * sig * (1 + h * (1 - sig)), grad_w, grad_b, None
+        if ctx.onednn:  # grad_out @ weight as a linear on weight.t(), in a fresh (N, hidden) tensor
+            silu_h = None  # freed first: one hidden-size tensor at a time, as with the buffer below
+            grad_silu = cpu_kernels.linear(grad_out_2d, weight.t(), None)
+        else:
+            # one hidden-size buffer serves silu(h), then grad_out @ weight, then grad_h (in place): on CPU
+            # a fresh tensor of this size is often page-faulted anew (docs/performance.md)
+            buffer = torch.empty_like(h, memory_format=torch.contiguous_format) if silu_h is None else silu_h
+            grad_silu = buffer.contiguous().view(-1, h.shape[-1])
+            torch.mm(grad_out_2d, weight, out=grad_silu)
+        grad_h = torch.ops.aten.silu_backward.grad_input(
+            grad_silu, h.reshape(grad_silu.shape), grad_input=grad_silu
+        )
+        return grad_h.view(h.shape), grad_w, grad_b, None
 
 
 class QuickGeluMlp(CachesDerivedWeights, Mlp):
@@ -623,7 +650,9 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__(in_features, hidden_features, act_layer=QuickGELU, drop=drop)
         self.fold_act = True
-        self.onednn_linear = True  # CPU inference on AVX-512: fc1 + SiLU and fc2 by oneDNN, packed weights
+        # CPU inference on AVX-512: fc1 + SiLU and fc2 by oneDNN on packed weights; fp32 training off
+        # Intel: fc1 and fc2 (in SiluLinear) by oneDNN on the plain weights
+        self.onednn_linear = True
         self._scaled = DerivedWeights()
         self._packed = DerivedWeights()
 
@@ -647,11 +676,13 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
             h = cpu_kernels.linear(x.to(dtype), w1, b1, silu=True)  # (B, T, hidden): silu(1.702 fc1(x))
             return cpu_kernels.linear(h, w2, b2)
         w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)
-        h = F.linear(x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
+        h = graph_linear(self.onednn_linear, x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
         if torch.is_grad_enabled() and h.requires_grad:
             if self.training and self.drop1.p > 0:  # dropout between SiLU and fc2: plain autograd
-                return self.drop2(F.linear(self.drop1(F.silu(h)), w2, self.fc2.bias))
-            return self.drop2(SiluLinear.apply(h, w2.to(h.dtype), self.fc2.bias.to(h.dtype)))
+                return self.drop2(graph_linear(self.onednn_linear, self.drop1(F.silu(h)), w2, self.fc2.bias))
+            w2, b2 = w2.to(h.dtype), self.fc2.bias.to(h.dtype)
+            onednn = self.onednn_linear and cpu_kernels.trains_on_onednn(h, w2)
+            return self.drop2(SiluLinear.apply(h, w2, b2, onednn))
         # no graph: SiLU in place, saving an allocation of the largest activation
         return self.drop2(F.linear(self.drop1(F.silu(h, inplace=True)), w2, self.fc2.bias))
 
