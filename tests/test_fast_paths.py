@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from cvt.errors import UsageError
 from cvt.models import CvT, cpu_kernels, expand_stages, layers
@@ -956,6 +957,54 @@ def test_training_runs_onednn_linears_only_for_fp32_cpu_graphs_where_they_are_fa
         assert not cpu_kernels.trains_on_onednn(x, weight)  # no graph: the packed inference path's
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", False)  # Intel: MKL's fp32 GEMM is as fast
     assert not cpu_kernels.trains_on_onednn(x, weight)
+
+
+def test_block_linear_outputs_may_be_edited_in_place_while_training_on_onednn(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    """A forward hook that edits a projection's or the MLP's output in place (``out.mul_``) works as
+    with ``F.linear``: the oneDNN paths' outputs are not views an autograd Function may not hand out."""
+    model = tiny_model("dw_bn", cls=True).train()
+    reference = set_fast_paths(copy.deepcopy(model), onednn_linear=False)
+    for m in (model, reference):
+        block = m.stage1.blocks[0]
+        for module in (block.attn.proj, block.attn.proj_v, block.mlp):
+            module.register_forward_hook(lambda _m, _i, out: out.mul_(0.5))
+    grads = []
+    for m in (model, reference):
+        m(images()).square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert onednn_calls
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["graph", "no graph"])
+def test_torch_func_jvp_passes_the_onednn_linears_by(
+    onednn_calls: list[tuple[torch.dtype, bool]], grad_mode: bool
+) -> None:
+    """``torch.func`` transforms get ``F.linear``: oneDNN's op has no derivative formula or batching
+    rule (an autograd Function around it would be refused, the packed path would drop the tangent)."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    reference = set_fast_paths(copy.deepcopy(model), onednn_linear=False)
+    x, tangent = images(2), torch.ones(2, 3, *INPUT_HW)
+    with torch.set_grad_enabled(grad_mode):
+        _, got = torch.func.jvp(model, (x,), (tangent,))
+        _, expected = torch.func.jvp(reference, (x,), (tangent,))
+    assert onednn_calls == []
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_mode_dual_tensors_keep_their_tangent_in_inference(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    model = tiny_model("dw_bn", cls=True).eval()
+    x, tangent = images(2), torch.ones(2, 3, *INPUT_HW)
+    _, expected = torch.func.jvp(set_fast_paths(copy.deepcopy(model), onednn_linear=False), (x,), (tangent,))
+    with torch.no_grad(), forward_ad.dual_level():
+        got = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent))).tangent
+    assert onednn_calls == [] and got is not None  # the packed path dropped it silently
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, True)])

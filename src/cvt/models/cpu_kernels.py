@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from cvt.precision import active_autocast_dtype
 
@@ -92,8 +93,10 @@ def linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     autocast's dtype, or without autocast the common dtype of ``x`` and ``weight``; None where
     ``F.linear`` runs: off the CPU, when a graph is built, traced or compiled, without
     :data:`ONEDNN_PACKED_LINEAR` (in fp32: :data:`ONEDNN_FP32_LINEAR`), in a dtype other than fp32 and
-    bf16, or for mismatched dtypes (``F.linear`` reports them)."""
+    bf16, for mismatched dtypes (``F.linear`` reports them), or for :func:`runs_plain_ops_only`."""
     if x.device.type != "cpu" or not ONEDNN_PACKED_LINEAR or not builds_no_graph():
+        return None
+    if runs_plain_ops_only(x, weight):
         return None
     dtype = active_autocast_dtype("cpu") or weight.dtype
     kernels = (torch.float32, torch.bfloat16)
@@ -121,18 +124,29 @@ def linear(
     in ``x``'s dtype (which must be the weight's)."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in): the op takes 2-D inputs
     out = torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "swish" if silu else "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
+    # not a view (as F.linear's output): a hook may edit it in place, also as an autograd Function's output
+    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
+
+
+def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
+    """Whether ``torch.func`` transforms are active or one of ``tensors`` carries a forward-mode tangent:
+    oneDNN's ops have no derivative formulas or batching rules, so they would drop the tangent (or be
+    refused) where ``F.linear`` works."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def trains_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.linear(x, weight, ...)`` may run as :class:`OnednnLinear` while a graph is built:
     fp32 on a CPU where :data:`ONEDNN_FP32_LINEAR` (oneDNN's fp32 GEMM beats MKL's), without CPU
-    autocast, neither traced nor compiled (a trace or graph must see ``F.linear``)."""
+    autocast, neither traced nor compiled (a trace or graph must see ``F.linear``), nor under
+    ``torch.func`` transforms or forward-mode AD (:func:`runs_plain_ops_only`)."""
     if x.device.type != "cpu" or not ONEDNN_FP32_LINEAR or not torch.is_grad_enabled():
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    return x.dtype == weight.dtype == torch.float32
+    return x.dtype == weight.dtype == torch.float32 and not runs_plain_ops_only(x, weight)
 
 
 class OnednnLinear(torch.autograd.Function):

@@ -607,7 +607,9 @@ class SiluLinear(torch.autograd.Function):
         ctx.onednn = onednn
         if onednn:
             return cpu_kernels.linear(F.silu(h), weight, bias)
-        return F.linear(F.silu(h), weight, bias)
+        out = F.linear(F.silu(h).flatten(0, -2), weight, bias)  # (N, out)
+        # not a view: an autograd Function's output that is one may not be edited in place (a hook's mul_)
+        return torch.ops.aten._unsafe_view(out, (*h.shape[:-1], out.shape[-1]))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
