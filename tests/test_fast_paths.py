@@ -995,16 +995,45 @@ def test_torch_func_jvp_passes_the_onednn_linears_by(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_forward_mode_dual_tensors_keep_their_tangent_in_inference(
-    onednn_calls: list[tuple[torch.dtype, bool]],
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["graph", "no graph"])
+def test_forward_mode_dual_tensors_keep_their_tangent(
+    onednn_calls: list[tuple[torch.dtype, bool]], grad_mode: bool
 ) -> None:
+    """Dual tensors (``torch.autograd.forward_ad``) take plain ops: without a graph the packed path
+    dropped the tangent silently; with one, the autograd Functions have no forward-mode formula."""
     model = tiny_model("dw_bn", cls=True).eval()
     x, tangent = images(2), torch.ones(2, 3, *INPUT_HW)
     _, expected = torch.func.jvp(set_fast_paths(copy.deepcopy(model), onednn_linear=False), (x,), (tangent,))
-    with torch.no_grad(), forward_ad.dual_level():
+    with torch.set_grad_enabled(grad_mode), forward_ad.dual_level():
         got = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent))).tangent
-    assert onednn_calls == [] and got is not None  # the packed path dropped it silently
+    assert onednn_calls == [] and got is not None
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_per_sample_gradients_by_torch_func_equal_one_backward_per_image(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    """``vmap(grad(...))`` (per-sample gradients, as for DP-SGD) runs through plain ops: the autograd
+    Functions of the fast paths (SiluLinear, DenseGradient, OnednnLinear) lack functorch rules, and
+    vmap cannot query the channels-last layout."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x, target = images(3), torch.tensor([0, 3, 6])
+
+    def loss(p: dict[str, torch.Tensor], image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, (p, buffers), (image[None],))
+        return nn.functional.cross_entropy(logits, label[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    assert onednn_calls == []
+    for i in range(3):  # the fast paths' own backward, one image at a time
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), target[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            # None: unused in eval (the last block's q conv, cls-only); torch.func gives zeros there
+            expected = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(per_sample[name][i], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, True)])

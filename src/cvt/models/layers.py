@@ -377,7 +377,7 @@ class ConvProjection(CachesDerivedWeights):
             x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
         else:
             x = self.bn(self.conv(x))
-            if x.requires_grad and not torch.compiler.is_compiling():
+            if x.requires_grad and not (torch.compiler.is_compiling() or cpu_kernels.runs_plain_ops_only(x)):
                 x = DenseGradient.apply(x)
         return map_to_tokens(x)  # (B, H'*W', C): a view, the conv keeps the channels-last layout
 
@@ -515,6 +515,8 @@ class ConvAttention(CachesDerivedWeights):
         x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
         # one cast for the three projections, instead of one by autocast (or dw_fp32) in each
         dtype = x_map.dtype if self.conv_proj_k is None else self.conv_proj_k.input_dtype(x_map)
+        if cpu_kernels.runs_plain_ops_only(x_map):  # vmap cannot query a channels-last layout
+            return x_map.to(dtype)
         if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
             # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
             # its slower NCHW kernel; one channels-last copy here serves all three projections
@@ -680,7 +682,8 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)
         h = graph_linear(self.onednn_linear, x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
         if torch.is_grad_enabled() and h.requires_grad:
-            if self.training and self.drop1.p > 0:  # dropout between SiLU and fc2: plain autograd
+            # dropout between SiLU and fc2, torch.func transforms or forward-mode AD: plain autograd
+            if (self.training and self.drop1.p > 0) or cpu_kernels.runs_plain_ops_only(h):
                 return self.drop2(graph_linear(self.onednn_linear, self.drop1(F.silu(h)), w2, self.fc2.bias))
             w2, b2 = w2.to(h.dtype), self.fc2.bias.to(h.dtype)
             onednn = self.onednn_linear and cpu_kernels.trains_on_onednn(h, w2)
