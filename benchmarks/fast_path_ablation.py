@@ -1,7 +1,8 @@
 """What each fast path buys: CvT-13 img/s with every fast path on, each one off, and all off.
 
-All variants share one model and one input and their timed runs are interleaved, so background load
-hits them alike (the machine this was written on was shared; rerun on a quiet one):
+Each variant runs its own copy of one model (same weights) on one input, and their timed runs are
+interleaved, so background load hits them alike (the machine this was written on was shared; rerun
+on a quiet one):
 
     .venv/bin/python benchmarks/fast_path_ablation.py                 # inference fp32, batch 8
     .venv/bin/python benchmarks/fast_path_ablation.py --mode train --batch-size 16
@@ -10,6 +11,7 @@ hits them alike (the machine this was written on was shared; rerun on a quiet on
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
@@ -47,16 +49,19 @@ def main() -> int:
     cfg = step_config(args)
     torch.manual_seed(0)
     model: nn.Module = create_model(args.model)
-    step = make_step(model, cfg)
     x, target = make_batch(cfg, model.num_classes)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     table = variants(toggled)
-    runs = {name: (flags, x) for name, flags in table.items()}
-    runs["all fast paths + channels-last input"] = (table["all fast paths"], x_cl)
+    # one copy of the model per variant, its flags set once: set_fast_paths drops the derived weights
+    # (folded, cast, packed), which switching one model back and forth would rebuild in every timed run
+    steps = {
+        name: make_step(set_fast_paths(copy.deepcopy(model), **flags), cfg) for name, flags in table.items()
+    }
+    runs = {name: (step, x) for name, step in steps.items()}
+    runs["all fast paths + channels-last input"] = (steps["all fast paths"], x_cl)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(args.runs + 1):  # the first round warms up
-        for name, (flags, inp) in runs.items():
-            set_fast_paths(model, **flags)
+        for name, (step, inp) in runs.items():
             start = time.perf_counter()
             step(inp, target)
             if i:

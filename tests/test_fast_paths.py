@@ -861,6 +861,7 @@ def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, boo
     SiLU flag of every call to it made during the test."""
     monkeypatch.setattr(cpu_kernels, "ONEDNN_PACKED_LINEAR", True)
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", True)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_MACS", 0)  # the tiny model's products too
     calls: list[tuple[torch.dtype, bool]] = []
     linear = cpu_kernels.linear
 
@@ -947,8 +948,10 @@ def test_training_runs_onednn_linears_only_for_fp32_cpu_graphs_where_they_are_fa
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", True)
-    weight, x = torch.randn(4, 3), torch.randn(2, 3)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_MACS", 24)
+    weight, x = torch.randn(4, 3), torch.randn(2, 3)  # 24 multiply-accumulates
     assert cpu_kernels.trains_on_onednn(x, weight)
+    assert not cpu_kernels.trains_on_onednn(x[:1], weight)  # 12: F.linear is faster there
     assert not cpu_kernels.trains_on_onednn(x.bfloat16(), weight.bfloat16())
     assert not cpu_kernels.trains_on_onednn(x.double(), weight.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1077,10 +1080,15 @@ def test_packed_linear_dtype_follows_autocast_cpu_and_dtypes(
     """Which dtype oneDNN's packed linear would run in (the choice alone: no kernel runs here)."""
     monkeypatch.setattr(cpu_kernels, "ONEDNN_PACKED_LINEAR", True)
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FP32_LINEAR", fp32_too)
-    weight, x = torch.randn(4, 3), torch.randn(2, 3)
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_MACS", 24)
+    weight, x = torch.randn(4, 3), torch.randn(2, 3)  # 2 x 4 x 3 = 24 multiply-accumulates
     linear_dtype = cpu_kernels.linear_dtype
     with torch.no_grad():
         assert linear_dtype(x, weight) == (torch.float32 if fp32_too else None)
+        assert linear_dtype(x[:1], weight) is None  # 12: too small a product for oneDNN's per-call cost
+        assert linear_dtype(x[:1].bfloat16(), weight.bfloat16()) is None
+        monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_WEIGHT", 12)  # a large weight pays on any rows
+        assert linear_dtype(x[:1].bfloat16(), weight.bfloat16()) == torch.bfloat16
         assert linear_dtype(x.bfloat16(), weight.bfloat16()) == torch.bfloat16
         assert linear_dtype(x.bfloat16(), weight) is None  # F.linear reports the mismatch
         assert linear_dtype(x.double(), weight.double()) is None

@@ -71,6 +71,14 @@ ONEDNN_PACKED_LINEAR = _onednn_packed_linear_available()
 # its unpacked form 12 % slower on an Intel Xeon (docs/performance.md); bf16 ``F.linear`` runs oneDNN
 ONEDNN_FP32_LINEAR = ONEDNN_PACKED_LINEAR and _cpu_vendor() != "GenuineIntel"
 
+# oneDNN's linear pays a per-call cost that a small product does not earn back: F.linear stays for
+# weights under ONEDNN_MIN_WEIGHT elements in products under ONEDNN_MIN_MACS multiply-accumulates
+# (fp32, 2 threads, Zen 4: a 128x128 weight on 8 rows 3.5x slower, a 64x64 one on 1024 rows 1.1x slower
+# and on 4096 rows 6 % faster; 192x768 on 64 rows 32 % faster, 256x1024 and up faster on any rows;
+# bf16 within 30 % either way, the same trend)
+ONEDNN_MIN_WEIGHT = 2**17
+ONEDNN_MIN_MACS = 2**24
+
 # scores (over the batch and heads) that chunked_attention computes at once: 2 MB in bf16, the two
 # cores' L2 together (of 2**16..2**22, 2**20 was about fastest at each of CvT-13's three stages)
 CHUNK_SCORES = 2**20
@@ -93,10 +101,11 @@ def linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     autocast's dtype, or without autocast the common dtype of ``x`` and ``weight``; None where
     ``F.linear`` runs: off the CPU, when a graph is built, traced or compiled, without
     :data:`ONEDNN_PACKED_LINEAR` (in fp32: :data:`ONEDNN_FP32_LINEAR`), in a dtype other than fp32 and
-    bf16, for mismatched dtypes (``F.linear`` reports them), or for :func:`runs_plain_ops_only`."""
+    bf16, for mismatched dtypes (``F.linear`` reports them), for small products
+    (:func:`large_enough_for_onednn`), or for :func:`runs_plain_ops_only`."""
     if x.device.type != "cpu" or not ONEDNN_PACKED_LINEAR or not builds_no_graph():
         return None
-    if runs_plain_ops_only(x, weight):
+    if runs_plain_ops_only(x, weight) or not large_enough_for_onednn(x, weight):
         return None
     dtype = active_autocast_dtype("cpu") or weight.dtype
     kernels = (torch.float32, torch.bfloat16)
@@ -140,13 +149,23 @@ def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
 def trains_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.linear(x, weight, ...)`` may run as :class:`OnednnLinear` while a graph is built:
     fp32 on a CPU where :data:`ONEDNN_FP32_LINEAR` (oneDNN's fp32 GEMM beats MKL's), without CPU
-    autocast, neither traced nor compiled (a trace or graph must see ``F.linear``), nor under
-    ``torch.func`` transforms or forward-mode AD (:func:`runs_plain_ops_only`)."""
+    autocast, large enough (:func:`large_enough_for_onednn`), neither traced nor compiled (a trace or
+    graph must see ``F.linear``), nor under ``torch.func`` transforms or forward-mode AD
+    (:func:`runs_plain_ops_only`)."""
     if x.device.type != "cpu" or not ONEDNN_FP32_LINEAR or not torch.is_grad_enabled():
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    return x.dtype == weight.dtype == torch.float32 and not runs_plain_ops_only(x, weight)
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    return large_enough_for_onednn(x, weight) and not runs_plain_ops_only(x, weight)
+
+
+def large_enough_for_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` is large enough to run faster as oneDNN's linear: a weight of at
+    least :data:`ONEDNN_MIN_WEIGHT` elements, or at least :data:`ONEDNN_MIN_MACS` multiply-accumulates."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return weight.numel() >= ONEDNN_MIN_WEIGHT or rows * weight.numel() >= ONEDNN_MIN_MACS
 
 
 class OnednnLinear(torch.autograd.Function):
