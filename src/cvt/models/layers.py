@@ -607,9 +607,8 @@ class SiluLinear(torch.autograd.Function):
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
         ctx.onednn = onednn
-        if onednn:
-            return cpu_kernels.linear(F.silu(h), weight, bias)
-        out = F.linear(F.silu(h).flatten(0, -2), weight, bias)  # (N, out)
+        silu_rows = F.silu(h).flatten(0, -2)  # (N, hidden)
+        out = cpu_kernels.linear(silu_rows, weight, bias) if onednn else F.linear(silu_rows, weight, bias)
         # not a view: an autograd Function's output that is one may not be edited in place (a hook's mul_)
         return torch.ops.aten._unsafe_view(out, (*h.shape[:-1], out.shape[-1]))
 
