@@ -49,6 +49,20 @@ def test_block_traces_as_one_graph_under_bf16_autocast(method: str) -> None:
         assert explanation.graph_count == 1
 
 
+def test_block_does_not_trace_the_autocast_availability_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo before torch 2.14 cannot trace ``torch.amp.is_autocast_available`` (a graph break in every
+    block; on an H200 with torch 2.11 that made ``--compile`` training 0.77x transformers' eager fp32).
+    Stand-in for such a Dynamo: the query is made untraceable, and the blocks must still be one graph."""
+    monkeypatch.setattr(torch.amp, "is_autocast_available",
+                        torch._dynamo.disable(torch.amp.is_autocast_available))  # fmt: skip
+    block = tiny_model().stage1.blocks[0]
+    x = torch.randn(2, 1 + 4 * 6, 32)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            explanation = torch._dynamo.explain(block)(x, (4, 6))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 @pytest.mark.slow
 def test_batch_size_changes_do_not_recompile_each_time() -> None:
     model = tiny_model()

@@ -28,7 +28,13 @@ def autocast(device_type: str, name: str) -> AbstractContextManager[Any]:
 
 
 def active_autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts to on ``device_type`` (``cpu``, ``cuda``) now; None when it is off there."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    """The dtype autocast casts to on ``device_type`` (``cpu``, ``cuda``) now; None when it is off there.
+
+    Devices without autocast (``meta``) answer None. Under ``torch.compile`` the availability query is
+    skipped: Dynamo before torch 2.14 cannot trace it and would break the graph in every block, and
+    compiled models run on devices that have autocast.
+    """
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
