@@ -22,7 +22,7 @@ import cvt
 from cvt import allocator, benchmark
 from cvt.benchmark import BenchConfig
 from cvt.complexity import count_gmacs
-from cvt.models import cpu_kernels, create_model
+from cvt.models import CvTStage, cpu_kernels, create_model
 
 MB = 2**20
 REPO = Path(__file__).resolve().parents[1]
@@ -287,3 +287,38 @@ def test_step_scripts_measure_the_models_own_size(
     monkeypatch.setattr("sys.argv", [*common, "--img-size", "40,48"])
     assert main() == 0
     assert "cvt_tiny 40x48 infer fp32 batch 1" in capsys.readouterr().out
+
+
+def test_device_check_passes_on_the_cpu_and_fails_on_a_graph_break(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    check = load_benchmark_script(monkeypatch, "device_check")
+    monkeypatch.setattr(
+        "sys.argv", ["device_check", "--device", "cpu", "--model", "cvt_tiny", "--batch-size", "2"]
+    )
+    assert check.main() == 0
+    out = capsys.readouterr().out
+    assert out.count("1 graph(s), 0 break(s)") == 4
+    fp32 = float(out.split("logits fp32 vs CPU reference ")[1].split(",")[0])
+    assert 0 < fp32 < check.FP32_LIMIT  # the fast paths differ from the plain path by rounding only
+
+    stage_forward = CvTStage.forward
+
+    def forward_after_a_break(self: CvTStage, *args: object, **kwargs: object) -> object:
+        torch._dynamo.graph_break()
+        return stage_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CvTStage, "forward", forward_after_a_break)
+    assert check.main() == 1
+    assert "graph break(s) in eval fp32" in capsys.readouterr().err
+
+
+def test_device_check_ignores_gradients_that_are_rounding_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    check = load_benchmark_script(monkeypatch, "device_check")
+    reference = {"w": torch.ones(100), "k_bias": torch.full((4,), 1e-9)}
+    grads = {"w": torch.ones(100) * 1.001, "k_bias": torch.full((4,), -1e-9)}  # noise: 200 % off
+    whole, worst, name = check.gradient_errors(grads, reference)
+    assert name == "w" and worst == pytest.approx(1e-3, rel=1e-3)
+    assert whole == pytest.approx(1e-3, rel=1e-2)
+    grads["w"] = torch.ones(100) * 1.5
+    assert check.gradient_errors(grads, reference)[1] == pytest.approx(0.5)
