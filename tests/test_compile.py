@@ -50,7 +50,7 @@ def test_block_traces_as_one_graph_under_bf16_autocast(method: str) -> None:
 
 
 def test_block_does_not_trace_the_autocast_availability_query(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dynamo before torch 2.14 cannot trace ``torch.amp.is_autocast_available`` (a graph break in every
+    """torch 2.11's Dynamo cannot trace ``torch.amp.is_autocast_available`` (a graph break in every
     block; on an H200 with torch 2.11 that made ``--compile`` training 0.77x transformers' eager fp32).
     Stand-in for such a Dynamo: the query is made untraceable, and the blocks must still be one graph."""
     monkeypatch.setattr(torch.amp, "is_autocast_available",

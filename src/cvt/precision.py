@@ -31,7 +31,7 @@ def active_autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type`` (``cpu``, ``cuda``) now; None when it is off there.
 
     Devices without autocast (``meta``) answer None. Under ``torch.compile`` the availability query is
-    skipped: Dynamo before torch 2.14 cannot trace it and would break the graph in every block, and
+    skipped: the Dynamo of torch 2.11 cannot trace it (2.14's can) and broke the graph in every block, and
     compiled models run on devices that have autocast.
     """
     available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
