@@ -90,10 +90,16 @@ def has_kernels_for(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
 
 
+def traced_or_compiled() -> bool:
+    """Whether the current call is traced (``torch.jit.trace``) or compiled (``torch.compile``): a trace
+    or graph must see the plain ops, not this module's kernels."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def builds_no_graph() -> bool:
     """Whether the current call builds no autograd graph and is neither traced nor compiled: the
-    precondition of every cached or packed inference path (a trace or graph must see the real ops)."""
-    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+    precondition of every cached or packed inference path."""
+    return not (torch.is_grad_enabled() or traced_or_compiled())
 
 
 def linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -154,7 +160,7 @@ def trains_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     (:func:`runs_plain_ops_only`)."""
     if x.device.type != "cpu" or not ONEDNN_FP32_LINEAR or not torch.is_grad_enabled():
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    if traced_or_compiled() or torch.is_autocast_enabled("cpu"):
         return False
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
