@@ -322,3 +322,68 @@ def test_device_check_ignores_gradients_that_are_rounding_noise(monkeypatch: pyt
     assert whole == pytest.approx(1e-3, rel=1e-2)
     grads["w"] = torch.ones(100) * 1.5
     assert check.gradient_errors(grads, reference)[1] == pytest.approx(0.5)
+
+
+def test_op_times_sorts_composite_and_decomposed_ops_into_the_same_kinds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    op_times = load_benchmark_script(monkeypatch, "op_times")
+    # inference_mode shows composites whole, autograd what they decompose into: same kind either way
+    for names, kind in [
+        (("linear", "addmm", "mm", "_linear_pointwise"), "linear layers"),
+        (("einsum", "matmul", "bmm", "softmax", "_softmax", "scaled_dot_product_attention",
+          "_scaled_dot_product_flash_attention_for_cpu"), "attention"),
+        (("conv2d", "convolution", "convolution_backward"), "convolutions"),
+        (("layer_norm", "add", "_to_copy", "gelu"), "other ops"),
+    ]:  # fmt: skip
+        assert {op_times.op_kind(name) for name in names} == {kind}
+
+
+def test_op_timer_times_each_op_by_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    op_times = load_benchmark_script(monkeypatch, "op_times")
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    timer = op_times.OpTimer()
+    start = time.perf_counter()
+    with timer:
+        for _ in range(3):
+            (a @ b).add_(1.0)
+    elapsed = time.perf_counter() - start
+    assert timer.calls[("mm", "(384, 384) (384, 384)")] == 3
+    assert timer.calls[("add_", "(384, 384)")] == 3
+    kinds = timer.by_kind()
+    assert set(kinds) == set(op_times.KINDS)
+    # a 384^3 product costs ~100x an elementwise add over its output; the ops fit in the wall time
+    assert kinds["linear layers"] > 3 * kinds["other ops"] > 0
+    assert sum(kinds.values()) <= elapsed
+
+
+def test_op_times_floor_is_the_faster_peer_over_cvts_linear_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    op_times = load_benchmark_script(monkeypatch, "op_times")
+    steps = {"cvt": 0.25, "hf": 0.30, "official": 0.40}
+    measured, needed = op_times.floor_lines(steps, ours_linear=0.15, target=1.4)
+    assert measured == (
+        "cvt over the faster peer (hf): 1.20x measured; at most 2.00x if cvt's ops other than its linear "
+        "layers took no time"
+    )
+    # 0.30 / 1.4 = 214 ms for the step, of which 150 go to the linear layers
+    assert needed == "1.4x needs cvt's step within 214 ms: its other ops within 64 ms (now 100 ms)"
+    assert op_times.floor_lines({"cvt": 0.25}, ours_linear=0.15, target=None) == []
+
+
+def test_op_times_tables_add_up_per_subject(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = load_benchmark_script(monkeypatch, "op_times").main
+    args = ["--model", "cvt_tiny", "--batch-size", "2", "--runs", "1", "--subjects", "cvt,official"]
+    monkeypatch.setattr("sys.argv", ["op_times", *args, "--mode", "train", "--rows", "2"])
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "cvt_tiny 32x32 train fp32 batch 2" in out
+    rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:] for line in out.splitlines()
+            if line.startswith(("| cvt |", "| official |"))}  # fmt: skip
+    assert set(rows) == {"cvt", "official"}
+    for step, timed, *kinds in ([float(c) for c in cells] for cells in rows.values()):
+        assert step > 0 and kinds[0] > 0  # every subject runs linear layers
+        assert sum(kinds) == pytest.approx(timed, abs=0.3)  # the kinds split the timed ops (rounding)
+    assert "cvt over the faster peer (official)" in out
+    assert out.count("slowest ops") == 2
