@@ -29,7 +29,7 @@ from step_options import step_config, step_parser
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvt.allocator import keep_freed_memory
-from cvt.benchmark import SUBJECTS, build_subjects, make_batch, make_step
+from cvt.benchmark import SUBJECTS, build_subjects, make_batch, make_step, timed_run
 
 # op kinds, by the op's name without its overload: the same work in every implementation (linear
 # layers), attention (products, softmax, SDPA), convolutions, and the rest. Under inference_mode the
@@ -86,22 +86,12 @@ class OpTimer(TorchDispatchMode):
         return totals
 
 
-def median_seconds(fn: Callable[[], None], runs: int) -> float:
-    """Median wall time of ``runs`` calls of ``fn``."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_ops(step: Callable[[], None], runs: int) -> tuple[float, OpTimer]:
     """The plain median time of ``step`` and an :class:`OpTimer` of ``runs`` more calls (seconds per
     call), after two warm-up calls (oneDNN primitives, cached weights, the allocator)."""
     for _ in range(2):
         step()
-    plain = median_seconds(step, runs)
+    plain = statistics.median(timed_run(step, 1, "cpu") for _ in range(runs))
     timer = OpTimer()
     with timer:
         for _ in range(runs):
@@ -157,7 +147,8 @@ def main() -> int:
     height, width = cfg.measured_size
     allocator = ", freed memory kept" if args.keep_freed_memory else ""
     print(f"{args.model} {height}x{width} {args.mode} {args.dtype} batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads{allocator}: ms per step (median of {args.runs})\n")  # fmt: skip
+          f"{torch.get_num_threads()} threads{allocator}: ms per step (the plain step: median of {args.runs} "
+          f"runs; the ops: mean of {args.runs} more)\n")  # fmt: skip
     print(f"| subject | step | timed ops | {' | '.join(KINDS)} |\n|---|---|---|{'---|' * len(KINDS)}")
     for name, timer in timers.items():
         kinds = timer.by_kind()

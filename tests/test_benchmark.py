@@ -342,19 +342,29 @@ def test_op_times_sorts_composite_and_decomposed_ops_into_the_same_kinds(
 def test_op_timer_times_each_op_by_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     op_times = load_benchmark_script(monkeypatch, "op_times")
     a, b = torch.randn(384, 384), torch.randn(384, 384)
+
+    def three_steps() -> None:
+        for _ in range(3):
+            (a @ b).add_(1.0)
+
     timer = op_times.OpTimer()
     start = time.perf_counter()
     with timer:
-        for _ in range(3):
-            (a @ b).add_(1.0)
+        three_steps()
     elapsed = time.perf_counter() - start
-    assert timer.calls[("mm", "(384, 384) (384, 384)")] == 3
-    assert timer.calls[("add_", "(384, 384)")] == 3
+    assert timer.calls == {("mm", "(384, 384) (384, 384)"): 3, ("add_", "(384, 384)"): 3}
     kinds = timer.by_kind()
-    assert set(kinds) == set(op_times.KINDS)
-    # a 384^3 product costs ~100x an elementwise add over its output; the ops fit in the wall time
-    assert kinds["linear layers"] > 3 * kinds["other ops"] > 0
-    assert sum(kinds.values()) <= elapsed
+    assert kinds["linear layers"] > 0 and kinds["other ops"] > 0
+    assert sum(kinds.values()) <= elapsed  # each op is timed inside the wall-clock window
+
+    # a clock that ticks once per reading: every op lasts exactly one tick, added up per op and kind
+    ticks = iter(range(1000))
+    monkeypatch.setattr(op_times.time, "perf_counter", lambda: float(next(ticks)))
+    timer = op_times.OpTimer()
+    with timer:
+        three_steps()
+    assert timer.seconds == {("mm", "(384, 384) (384, 384)"): 3.0, ("add_", "(384, 384)"): 3.0}
+    assert timer.by_kind() == {"linear layers": 3.0, "attention": 0.0, "convolutions": 0.0, "other ops": 3.0}
 
 
 def test_op_times_floor_is_the_faster_peer_over_cvts_linear_layers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,7 +43,7 @@ def _cpu_has_bf16_kernels() -> bool:
 def _onednn_packed_linear_available() -> bool:
     """Whether oneDNN's packed linear runs here: its ops exist in this torch build and the CPU has the
     AVX-512 core its bf16 path requires (on AVX2 its fp32 kernel was measured slower than
-    ``F.linear``: 20.7 against 18.1 ms for CvT-13's stage-3 fc1, docs/performance.md)."""
+    ``F.linear``: 20.7 against 18.1 ms for CvT-13's stage-3 fc1, on the project's AVX2 VM)."""
     ops = torch.ops.mkldnn
     needed = ("_linear_pointwise", "_reorder_linear_weight", "_is_mkldnn_bf16_supported")
     if not (torch.backends.mkldnn.is_available() and all(hasattr(ops, name) for name in needed)):
