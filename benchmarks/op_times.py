@@ -6,7 +6,7 @@
 
 Each op is timed by the wall clock around its call (a ``TorchDispatchMode``: CPU ops run synchronously),
 so the op times of a step add up to nearly its plain time. torch.profiler does not here: on the Zen 4 VM
-it gave 13-15 ms per call to the stage-3 fc1 that takes 5.1 ms by the clock (docs/performance.md).
+it gave 11-16 ms per call to the stage-3 fc1 that takes 5.2 ms by the clock (docs/performance.md).
 
 The linear layers (``addmm``, ``mm``, oneDNN's linear) are the same products in every implementation
 and run near the CPU's matrix-product peak in all of them, so they set a floor: cvt can be at most
