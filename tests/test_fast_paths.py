@@ -25,6 +25,7 @@ from cvt.models.layers import (
     DenseGradient,
     QuickGeluMlp,
     SiluLinear,
+    dense_channels_last,
     set_fast_paths,
 )
 
@@ -633,6 +634,33 @@ def test_projections_of_a_cls_stage_read_one_shared_map_and_no_promoted_tokens(
         assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == map_dtype
     assert len({x.data_ptr() for x in conv_inputs}) == 2  # one map per block, shared by its three convs
     assert linear_dtypes == [map_dtype] * 6  # the projected tokens with the cls token, unpromoted
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv_projections_read_maps_with_fresh_channels_last_strides(batch: int, grad: bool) -> None:
+    """With a batch of one, a map that is a view of tokens has batch stride C (or (1+H*W)*C after a cls
+    split) and still passes ``is_contiguous(channels_last)``, which ignores size-1 dims; oneDNN's
+    depthwise conv runs 2.4x slower on it. Every stage's projections get exact channels-last strides."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    conv_inputs: list[torch.Tensor] = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            attn = block.attn
+            for proj in (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v):
+                proj.register_forward_pre_hook(lambda _m, args: conv_inputs.append(args[0]))
+    with torch.set_grad_enabled(grad):
+        model.forward_features(images(batch))
+    assert len(conv_inputs) == 9  # stage 0: one block, stage 1: two
+    for x in conv_inputs:
+        _, c, h, w = x.shape
+        assert x.stride() == (c * h * w, 1, w * c, c)
+
+    token_view = torch.randn(1, 20, 3).transpose(1, 2).reshape(1, 3, 4, 5)
+    assert token_view.is_contiguous(memory_format=torch.channels_last) and not dense_channels_last(token_view)
+    assert dense_channels_last(torch.empty(1, 3, 4, 5, memory_format=torch.channels_last))
+    assert dense_channels_last(torch.randn(2, 20, 3).transpose(1, 2).reshape(2, 3, 4, 5))
+    assert not dense_channels_last(torch.randn(2, 3, 4, 5))
 
 
 def test_batchnorm_of_a_cls_stage_gets_a_dense_channels_last_gradient() -> None:

@@ -19,8 +19,9 @@ compare every one against the plain reference computation):
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
   outputs per channel runs ~10x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
-  after a cls split the conv projections' input map is made channels-last once (each conv would
-  otherwise copy it to NCHW and run its slower NCHW kernel);
+  after a cls split, or for a batch of one, the conv projections' input map is made densely
+  channels-last once (each conv would otherwise copy it to NCHW and run its slower NCHW kernel, or for
+  one image run a slower depthwise kernel on the token view's batch stride: :func:`dense_channels_last`);
 - ``fold_bn``: in eval mode the ``dw_bn`` BatchNorm is folded into the depthwise conv's weight and bias;
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
@@ -260,6 +261,19 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: 
             out -= 1
         return out
     return span // stride + 1
+
+
+def dense_channels_last(x: torch.Tensor) -> bool:
+    """Whether the map ``x (B, C, H, W)`` lies in memory exactly as a fresh channels-last tensor, batch
+    stride included.
+
+    ``is_contiguous(memory_format=torch.channels_last)`` ignores the stride of a size-1 dim, so a batch
+    of one whose map is a view of tokens (``(1, H*W, C)`` transposed: batch stride ``C``) passes it; but
+    oneDNN's depthwise convolution runs 2.4x slower on that stride (CvT-13's stage-3 one, bf16 or fp32:
+    0.15-0.20 against 0.07-0.08 ms on the Zen 4 VM, docs/performance.md; full convolutions do not mind).
+    """
+    _, c, h, w = x.shape
+    return x.stride() == (c * h * w, 1, w * c, c)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -517,9 +531,10 @@ class ConvAttention(CachesDerivedWeights):
         dtype = x_map.dtype if self.conv_proj_k is None else self.conv_proj_k.input_dtype(x_map)
         if cpu_kernels.runs_plain_ops_only(x_map):  # vmap cannot query a channels-last layout
             return x_map.to(dtype)
-        if self.fuse_proj and not x_map.is_contiguous(memory_format=torch.channels_last):
+        if self.fuse_proj and not dense_channels_last(x_map):
             # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
-            # its slower NCHW kernel; one channels-last copy here serves all three projections
+            # its slower NCHW kernel; for a batch of one the batch stride is C, on which oneDNN's conv
+            # is slower too; one channels-last copy here serves all three projections
             # (copy=True: `to` would return the strided view itself, its stride order being channels-last)
             return x_map.to(dtype, memory_format=torch.channels_last, copy=True)
         return x_map.to(dtype)
