@@ -10,6 +10,7 @@ import copy
 import pickle
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -661,6 +662,18 @@ def test_conv_projections_read_maps_with_fresh_channels_last_strides(batch: int,
     assert dense_channels_last(torch.empty(1, 3, 4, 5, memory_format=torch.channels_last))
     assert dense_channels_last(torch.randn(2, 20, 3).transpose(1, 2).reshape(2, 3, 4, 5))
     assert not dense_channels_last(torch.randn(2, 3, 4, 5))
+
+
+def test_a_one_image_trace_records_no_layout_check() -> None:
+    """Exports trace with one image: the stride check must not turn traced sizes into a Python bool
+    (a TracerWarning for every ``cvt export``), and the trace must still compute the model."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x, check_trace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
 
 
 def test_batchnorm_of_a_cls_stage_gets_a_dense_channels_last_gradient() -> None:

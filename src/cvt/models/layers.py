@@ -272,6 +272,8 @@ def dense_channels_last(x: torch.Tensor) -> bool:
     oneDNN's depthwise convolution runs 2.4x slower on that stride (CvT-13's stage-3 one, bf16 or fp32:
     0.15-0.20 against 0.07-0.08 ms on the Zen 4 VM, docs/performance.md; full convolutions do not mind).
     """
+    if torch.jit.is_tracing():  # a trace records no layout, and comparing traced sizes would warn
+        return x.is_contiguous(memory_format=torch.channels_last)
     _, c, h, w = x.shape
     return x.stride() == (c * h * w, 1, w * c, c)
 
