@@ -397,3 +397,24 @@ def test_op_times_tables_add_up_per_subject(
         assert sum(kinds) == pytest.approx(timed, abs=0.3)  # the kinds split the timed ops (rounding)
     assert "cvt over the faster peer (official)" in out
     assert out.count("slowest ops") == 2
+
+
+@pytest.mark.parametrize("bf16_kernels", [False, True])
+def test_onnx_serving_runs_the_export_and_both_eager_dtypes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], bf16_kernels: bool
+) -> None:
+    """One row per batch size: eager fp32, eager bf16 only where oneDNN has bf16 kernels, and the ONNX
+    export in onnxruntime, whose logits equal eager fp32's."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    main = load_benchmark_script(monkeypatch, "onnx_serving").main
+    args = ["--model", "cvt_tiny", "--batch-sizes", "1,3", "--runs", "1", "--threads", "2"]
+    monkeypatch.setattr("sys.argv", ["onnx_serving", *args])
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "cvt_tiny 32x32 inference, 2 threads" in out
+    rows = [line.strip(" |").split(" | ") for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert [row[0] for row in rows] == ["1", "3"]
+    for _, fp32, bf16, onnx, max_diff in rows:
+        assert float(fp32) > 0 and float(onnx) > 0
+        assert (float(bf16) > 0) if bf16_kernels else bf16 == "-"
+        assert float(max_diff) < 1e-4
