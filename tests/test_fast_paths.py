@@ -85,11 +85,12 @@ def assert_same_step(
         )
 
 
+@pytest.mark.parametrize("batch", [1, 3])  # one image: the projections' map is copied (dense_channels_last)
 @pytest.mark.parametrize("cls", [False, True])
 @pytest.mark.parametrize("method", METHODS)
-def test_each_fast_path_equals_reference_in_eval(method: str, cls: bool) -> None:
+def test_each_fast_path_equals_reference_in_eval(method: str, cls: bool, batch: int) -> None:
     model = tiny_model(method, cls).eval()
-    x = images()
+    x = images(batch)
     expected = reference_logits(model, x)
     assert expected.std() > 0.1  # a non-trivial function
     variants = [{}] + [{flag: False} for flag in FAST_PATH_FLAGS]  # all fast, then each one off
