@@ -665,11 +665,12 @@ def test_conv_projections_read_maps_with_fresh_channels_last_strides(batch: int,
     assert not dense_channels_last(torch.randn(2, 3, 4, 5))
 
 
-def test_a_one_image_trace_records_no_layout_check() -> None:
-    """Exports trace with one image: the stride check must not turn traced sizes into a Python bool
-    (a TracerWarning for every ``cvt export``), and the trace must still compute the model."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_trace_turns_no_traced_size_into_a_bool(batch: int) -> None:
+    """The exact-stride check must not compare traced sizes while tracing (a TracerWarning on every
+    ``cvt export``, which traces two images), and the trace computes the model, for one image too."""
     model = tiny_model("dw_bn", cls=True).eval()
-    x = images(1)
+    x = images(batch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, x, check_trace=False)
