@@ -49,8 +49,11 @@ def onnx_session(
 Forward = Callable[[], object]
 
 
-def forwards(model: CvT, session: ort.InferenceSession, images: torch.Tensor) -> dict[str, Forward]:
-    """One call per variant of :data:`VARIANTS` that runs here, each computing the logits of ``images``."""
+def forwards(
+    model: CvT, bf16_model: CvT | None, session: ort.InferenceSession, images: torch.Tensor
+) -> dict[str, Forward]:
+    """One call per variant of :data:`VARIANTS` that runs here (bf16 where ``bf16_model`` is given), each
+    computing the logits of ``images``."""
     pixels = images.numpy()
 
     def eager(net: CvT, autocast: bool) -> Callable[[], torch.Tensor]:
@@ -61,20 +64,16 @@ def forwards(model: CvT, session: ort.InferenceSession, images: torch.Tensor) ->
         return forward
 
     calls: dict[str, Forward] = {"eager fp32": eager(model, False)}
-    if has_bf16_kernels("cpu"):
-        # a copy of its own: the model keeps its packed weights for one autocast state, and would
-        # repack them on every call if fp32 and bf16 calls alternated on it
-        calls["eager bf16 autocast"] = eager(copy.deepcopy(model), True)
+    if bf16_model is not None:
+        calls["eager bf16 autocast"] = eager(bf16_model, True)
     calls["onnxruntime fp32"] = lambda: session.run(None, {INPUT_NAME: pixels})[0]
     return calls
 
 
-def measure(
-    model: CvT, session: ort.InferenceSession, images: torch.Tensor, runs: int
-) -> tuple[dict[str, float], float]:
-    """Img/s of each variant (median of ``runs`` interleaved timed runs, after one warm-up call each) and
-    the largest absolute difference between the ONNX model's logits and eager fp32's."""
-    calls = forwards(model, session, images)
+def measure(calls: dict[str, Forward], batch: int, runs: int) -> tuple[dict[str, float], float]:
+    """Img/s of each of :func:`forwards`' ``calls`` on a ``batch`` of images (median of ``runs``
+    interleaved timed runs, after one warm-up call each) and the largest absolute difference between
+    the ONNX model's logits and eager fp32's."""
     onnx_logits = torch.from_numpy(np.asarray(calls["onnxruntime fp32"]()))
     max_diff = (onnx_logits - calls["eager fp32"]()).abs().max().item()
     for call in calls.values():
@@ -83,7 +82,7 @@ def measure(
     for _ in range(runs):
         for name, call in calls.items():
             seconds[name].append(timed_run(call, 1, "cpu"))
-    return {name: len(images) / statistics.median(times) for name, times in seconds.items()}, max_diff
+    return {name: batch / statistics.median(times) for name, times in seconds.items()}, max_diff
 
 
 def main() -> int:
@@ -106,6 +105,9 @@ def main() -> int:
     model = create_model(args.model).eval()
     height, width = to_2tuple(args.img_size or model.img_size)
     session = onnx_session(model, (height, width), torch.get_num_threads(), args.spinning)
+    # a copy of its own, made once: a model keeps its packed weights for one autocast state, and would
+    # repack them on every call if fp32 and bf16 calls alternated on it
+    bf16_model = copy.deepcopy(model) if has_bf16_kernels("cpu") else None
 
     print(f"{args.model} {height}x{width} inference, {torch.get_num_threads()} threads, onnxruntime "
           f"{ort.__version__}, torch {torch.__version__}: img/s, median of {args.runs} "
@@ -115,7 +117,7 @@ def main() -> int:
     for batch in batch_sizes:
         seed = torch.Generator().manual_seed(batch)
         images = torch.randn(batch, model.in_chans, height, width, generator=seed)
-        rates, max_diff = measure(model, session, images, args.runs)
+        rates, max_diff = measure(forwards(model, bf16_model, session, images), batch, args.runs)
         cells = " | ".join(f"{rates[name]:.2f}" if name in rates else "-" for name in VARIANTS)
         print(f"| {batch} | {cells} | {max_diff:.1e} |")
     return 0
