@@ -863,6 +863,99 @@ def test_chunked_attention_in_bf16_stays_close_to_fp32_with_or_without_autocast(
     torch.testing.assert_close(under_autocast, out, rtol=0, atol=0)
 
 
+def attention_inputs(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q ``(2, 3, 9, 5)``, k ``(2, 3, 7, 5)``, v ``(2, 3, 7, 4)``: permuted views that require grad, as the
+    model's heads are."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((2, 9, 3, 5), (2, 7, 3, 5), (2, 7, 3, 4))
+    return tuple(torch.randn(s, generator=gen).to(dtype).transpose(1, 2).requires_grad_() for s in shapes)
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+
+
+def test_recomputed_attention_passes_gradcheck_and_gradgradcheck() -> None:
+    """float64: forward equal to softmax attention, its recomputing backward to finite differences, and
+    create_graph=True (gradient penalties) takes differentiable ops (CPU SDPA has no double backward)."""
+    q, k, v = attention_inputs(torch.float64)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.RecomputedAttention.apply(q, k, v, 0.3)
+
+    torch.testing.assert_close(attention(q, k, v), softmax_attention(q, k, v, 0.3), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+    assert torch.autograd.gradgradcheck(attention, (q, k, v))
+
+
+def test_recomputed_attention_in_bf16_stays_close_to_fp32_under_autocast() -> None:
+    """bf16 in, bf16 out and bf16 gradients, each within ~1 % of fp32 softmax attention's; autocast,
+    active where the model calls it, changes nothing inside."""
+    bf16, fp32 = attention_inputs(torch.bfloat16), attention_inputs(torch.float32)
+    grad_out = torch.randn(2, 3, 9, 4, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cpu_kernels.RecomputedAttention.apply(*bf16, 0.3)
+    out.backward(grad_out.bfloat16())
+    expected = softmax_attention(*fp32, 0.3)
+    expected.backward(grad_out)
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in bf16)
+    got = (out, *(t.grad for t in bf16))
+    want = (expected, *(t.grad for t in fp32))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        rel = (a.float() - b).norm() / b.norm()
+        assert rel < 0.015, f"bf16 {name} differs from fp32 by {rel:.3%}"
+
+
+@pytest.mark.parametrize(
+    ("bf16_kernels", "flag", "attn_drop", "dtype", "recomputed"),
+    [
+        (True, True, 0.0, torch.bfloat16, True),
+        (False, True, 0.0, torch.bfloat16, False),
+        (True, False, 0.0, torch.bfloat16, False),
+        (True, True, 0.1, torch.bfloat16, False),
+        (True, True, 0.0, torch.float32, False),
+    ],
+)
+def test_bf16_cpu_training_attention_over_many_keys_is_recomputed(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], bf16_kernels: bool, flag: bool,
+    attn_drop: float, dtype: torch.dtype, recomputed: bool,
+) -> None:  # fmt: skip
+    """``recompute_attn``: a bf16 training step on a CPU with bf16 kernels runs attention over more than
+    FEW_KEYS_BF16 keys (all three blocks here) through RecomputedAttention instead of SDPA; without
+    the kernels, with the flag off, with attention dropout or in fp32 SDPA stays. Logits and every
+    gradient stay close to the fp32 reference's."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
+    monkeypatch.setattr(layers, "FEW_KEYS", 0)
+    monkeypatch.setattr(layers, "FEW_KEYS_BF16", 0)  # the tiny model's 35 and 13 keys count as many
+    calls: list[int] = []
+    recomputed_attention = cpu_kernels.RecomputedAttention.apply
+
+    def counted(q: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(q.shape[-2])
+        return recomputed_attention(q, *args)
+
+    monkeypatch.setattr(layers.RecomputedAttention, "apply", counted)
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).train(), recompute_attn=flag)
+    for m in model.modules():
+        if isinstance(m, layers.ConvAttention):
+            m.attn_drop_rate = attn_drop  # SDPA's dropout_p (the probabilities are never materialised)
+    expected = set_fast_paths(copy.deepcopy(model), False)
+    x, target = images(4), torch.tensor([0, 3, 6, 2])
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(x)
+    nn.functional.cross_entropy(logits, target).backward()
+    assert (len(calls), len(sdpa_calls)) == ((3, 0) if recomputed else (0, 3))
+    if attn_drop:
+        return  # dropout draws differ from the reference's; the dispatch is what is checked
+    torch.manual_seed(0)
+    reference = expected(x)
+    nn.functional.cross_entropy(reference, target).backward()
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05)
+    tol = (0, 1e-5) if dtype == torch.float32 else (0.1, 0.02)
+    assert_same_step(model, expected, grad_tol=tol, buffer_tol=(1e-2, 1e-2))
+
+
 @pytest.mark.parametrize(
     ("bf16_kernels", "grad", "flag", "chunked"),
     [
@@ -888,7 +981,7 @@ def test_bf16_cpu_inference_attention_is_chunked(
         return chunked_attention(q, *args, **kwargs)
 
     monkeypatch.setattr(layers, "chunked_attention", counted)
-    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), chunked_attn=flag)
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), chunked_attn=flag, recompute_attn=False)
     x = images()
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)

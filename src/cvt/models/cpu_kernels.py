@@ -22,6 +22,8 @@ built, where :data:`ONEDNN_FP32_LINEAR` (oneDNN's fp32 GEMM beats MKL's on CPUs 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -244,3 +246,61 @@ def chunked_attention(
             rows = slice(start, start + chunk)
             torch.matmul(probs(rows), v, out=out[..., rows, :])
         return out
+
+
+class RecomputedAttention(torch.autograd.Function):
+    """``softmax(q kᵀ · scale) v`` for CPU training over many keys: ``q (B, heads, Tq, d)``, ``k, v (B,
+    heads, Tk, d)`` → ``(B, heads, Tq, d_v)`` in the inputs' dtype (the softmax accumulates in fp32).
+
+    Each image and head runs as 2-D products, and backward recomputes the probabilities instead of
+    keeping them (``Tq × Tk`` per image and head: 12x the tokens in CvT-13's stage 1). ``torch.mm``
+    reads a transposed operand at full speed where a batched ``matmul`` does not (bf16, stage 1, one
+    image: ``pᵀ dO`` 1.0 against 2.0 ms). Zen 4 VM, bf16, stage 1 at batch 16: forward 43 against
+    CPU SDPA's 69 ms, forward + backward 189-196 against 213-223 ms; in fp32 no faster than SDPA.
+    The scale multiplies the keys (``Tk × d``) rather than the scores (``Tq × Tk``). With
+    ``create_graph=True`` backward runs differentiable batched ops (CPU SDPA has no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        with torch.autocast(q.device.type, enabled=False):  # probabilities in the inputs' dtype
+            queries, keys, values = q.contiguous(), k * scale, v.contiguous()
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+            for b, h in _images_and_heads(q):
+                probs = torch.mm(queries[b, h], keys[b, h].t()).softmax(dim=-1)  # (Tq, Tk)
+                torch.mm(probs, values[b, h], out=out[b, h])
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out = ctx.saved_tensors
+        scale = ctx.scale
+        with torch.autocast(q.device.type, enabled=False):
+            if torch.is_grad_enabled():  # create_graph=True: the same formulas as differentiable ops
+                keys = k * scale
+                probs = (q @ keys.transpose(-2, -1)).softmax(dim=-1)
+                grad_probs = grad_out @ v.transpose(-2, -1)
+                grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+                grad_k = (grad_scores.transpose(-2, -1) @ q) * scale
+                return grad_scores @ keys, grad_k, probs.transpose(-2, -1) @ grad_out, None
+            queries, keys, values, grad_out = q.contiguous(), k * scale, v.contiguous(), grad_out.contiguous()
+            # softmax backward's row term Σ_j p_ij (dO vᵀ)_ij = dO_i · out_i, from the saved output;
+            # in the probabilities' dtype (subtracting an fp32 column from bf16 scores was 20x slower)
+            acc = torch.promote_types(out.dtype, torch.float32)  # row_term: (B, heads, Tq, 1)
+            row_term = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True).to(out.dtype)
+            grad_q, grad_v = torch.empty_like(queries), torch.empty_like(values)
+            grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+            for b, h in _images_and_heads(q):
+                probs = torch.mm(queries[b, h], keys[b, h].t()).softmax(dim=-1)  # recomputed (Tq, Tk)
+                torch.mm(probs.t(), grad_out[b, h], out=grad_v[b, h])
+                grad_scores = torch.mm(grad_out[b, h], values[b, h].t()).sub_(row_term[b, h]).mul_(probs)
+                torch.mm(grad_scores, keys[b, h], out=grad_q[b, h])
+                torch.mm(grad_scores.t(), queries[b, h], out=grad_k[b, h])
+        return grad_q, grad_k.mul_(scale), grad_v, None
+
+
+def _images_and_heads(x: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """Every ``(image, head)`` index pair of a ``(B, heads, T, d)`` tensor."""
+    return itertools.product(range(x.shape[0]), range(x.shape[1]))
