@@ -3,6 +3,8 @@ does not recompile once the batch dimension is dynamic (issue 4)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -94,3 +96,15 @@ def test_compiled_model_matches_eager_in_inference_and_training() -> None:
     model(x).square().sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("entry", ["forward", "forward_intermediates"])
+def test_whole_model_traces_as_one_graph_without_warnings(entry: str) -> None:
+    """The input checks run eagerly only: traced, ``min_input_size`` (an ``lru_cache`` function) made
+    Dynamo warn on every compilation of ``forward_intermediates`` (timm's backbone interface)."""
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        explanation = torch._dynamo.explain(getattr(model, entry))(torch.randn(2, 3, 32, 48))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cvt.errors import InputShapeError, UsageError
+from cvt.models.cpu_kernels import traced_or_compiled
 from cvt.models.layers import ACTIVATIONS, PROJECTION_METHODS, Block, ConvEmbed, conv_out_size
 
 # StageSpec's field annotations (strings, under ``from __future__ import annotations``): the values they admit
@@ -145,7 +147,15 @@ class CvTStage(nn.Module):
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position embedding ``(1, H*W, C)``, bicubically resized when ``grid`` differs."""
-        if grid == self.pos_grid:
+        if torch.jit.is_tracing():
+            # an export traces one image size (cvt.export), so this choice is meant to be frozen;
+            # comparing the traced sizes would raise a TracerWarning on every such export
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                native = grid == self.pos_grid
+        else:
+            native = grid == self.pos_grid
+        if native:
             return self.pos_embed
         h0, w0 = self.pos_grid
         pe = self.pos_embed.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # (1, C, h0, w0)
@@ -342,7 +352,7 @@ class CvT(nn.Module):
         ``cls_only``: the cls token alone ``(B, 1, C)``; the last block then computes its query,
         attention row and MLP for that token only (its keys and values still come from every token).
         """
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        if not traced_or_compiled():  # checked where it runs eagerly; a trace or graph would bake it in
             self.check_input(x)
         if cls_only and not self.has_cls_token:
             raise UsageError("cls_only needs a last stage with a cls token")
@@ -394,7 +404,8 @@ class CvT(nn.Module):
         if output_fmt != "NCHW":
             raise UsageError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take = self._stage_indices(indices)
-        self.check_input(x)
+        if not traced_or_compiled():
+            self.check_input(x)
         intermediates: list[torch.Tensor] = []
         last = max(take) if stop_early or intermediates_only else self.num_stages - 1
         for i, stage in enumerate(self.stages[: last + 1]):
