@@ -875,9 +875,15 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
 
 
-def test_recomputed_attention_passes_gradcheck_and_gradgradcheck() -> None:
-    """float64: forward equal to softmax attention, its recomputing backward to finite differences, and
-    create_graph=True (gradient penalties) takes differentiable ops (CPU SDPA has no double backward)."""
+# 7 keys: blocks of 4 query rows (4 + 4 + 1: ragged), or all 9 queries at once
+@pytest.mark.parametrize("scores_per_block", [28, 2**22])
+def test_recomputed_attention_passes_gradcheck_and_gradgradcheck(
+    monkeypatch: pytest.MonkeyPatch, scores_per_block: int
+) -> None:
+    """float64: forward equal to softmax attention, its recomputing backward (key and value gradients
+    summed over blocks of queries) to finite differences, and create_graph=True (gradient penalties)
+    takes differentiable ops (CPU SDPA has no double backward)."""
+    monkeypatch.setattr(cpu_kernels, "RECOMPUTE_SCORES", scores_per_block)
     q, k, v = attention_inputs(torch.float64)
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,11 @@ ONEDNN_MIN_MACS = 2**24
 # cores' L2 together (of 2**16..2**22, 2**20 was about fastest at each of CvT-13's three stages)
 CHUNK_SCORES = 2**20
 
+# scores (of one image and head) that RecomputedAttention computes at once: 8 MB in bf16. CvT-13's
+# stage 1 at 224 (3136 x 784 scores) is one block per image; at 384 (9216 x 2304) whole-image blocks
+# ran 1.4x slower than SDPA's forward + backward, blocks of 2**21 or 2**22 scores 0.9x (bf16, Zen 4 VM)
+RECOMPUTE_SCORES = 2**22
+
 
 def has_kernels_for(dtype: torch.dtype) -> bool:
     """Whether CPU convolutions and matrix products in ``dtype`` run on compiled kernels: fp32 always,
@@ -258,13 +263,14 @@ class RecomputedAttention(torch.autograd.Function):
     """``softmax(q kᵀ · scale) v`` for CPU training over many keys: ``q (B, heads, Tq, d)``, ``k, v (B,
     heads, Tk, d)`` → ``(B, heads, Tq, d_v)`` in the inputs' dtype (the softmax accumulates in fp32).
 
-    Each image and head runs as 2-D products, and backward recomputes the probabilities instead of
-    keeping them (``Tq × Tk`` per image and head: 12x the tokens in CvT-13's stage 1). ``torch.mm``
-    reads a transposed operand at full speed where a batched ``matmul`` does not (bf16, stage 1, one
-    image: ``pᵀ dO`` 1.0 against 2.0 ms). Zen 4 VM, bf16, stage 1 at batch 16: forward 43 against
-    CPU SDPA's 69 ms, forward + backward 189-196 against 213-223 ms; in fp32 no faster than SDPA.
-    The scale multiplies the keys (``Tk × d``) rather than the scores (``Tq × Tk``). With
-    ``create_graph=True`` backward runs differentiable batched ops (CPU SDPA has no double backward).
+    Each image and head runs as 2-D products over blocks of query rows (:data:`RECOMPUTE_SCORES`
+    scores at most), and backward recomputes the probabilities instead of keeping them (``Tq × Tk``
+    per image and head: 12x the tokens in CvT-13's stage 1). ``torch.mm`` reads a transposed operand
+    at full speed where a batched ``matmul`` does not (bf16, stage 1, one image: ``pᵀ dO`` 1.0 against
+    2.0 ms). Zen 4 VM, bf16, stage 1 at batch 16: forward 43 against CPU SDPA's 69 ms, forward +
+    backward 175-196 against 193-226 ms; in fp32 no faster than SDPA. The scale multiplies the keys
+    (``Tk × d``) rather than the scores (``Tq × Tk``). With ``create_graph=True`` backward runs
+    differentiable batched ops (CPU SDPA has no double backward).
     """
 
     @staticmethod
@@ -273,9 +279,9 @@ class RecomputedAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):  # probabilities in the inputs' dtype
             queries, keys, values = q.contiguous(), k * scale, v.contiguous()
             out = q.new_empty(*q.shape[:-1], v.shape[-1])
-            for b, h in _images_and_heads(q):
-                probs = torch.mm(queries[b, h], keys[b, h].t()).softmax(dim=-1)  # (Tq, Tk)
-                torch.mm(probs, values[b, h], out=out[b, h])
+            for b, h, rows in _score_blocks(q, k.shape[-2]):
+                probs = torch.mm(queries[b, h, rows], keys[b, h].t()).softmax(dim=-1)  # (n, Tk)
+                torch.mm(probs, values[b, h], out=out[b, h, rows])
         ctx.save_for_backward(q, k, v, out)
         return out
 
@@ -296,17 +302,24 @@ class RecomputedAttention(torch.autograd.Function):
             # in the probabilities' dtype (subtracting an fp32 column from bf16 scores was 20x slower)
             acc = torch.promote_types(out.dtype, torch.float32)  # row_term: (B, heads, Tq, 1)
             row_term = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True).to(out.dtype)
-            grad_q, grad_v = torch.empty_like(queries), torch.empty_like(values)
-            grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-            for b, h in _images_and_heads(q):
-                probs = torch.mm(queries[b, h], keys[b, h].t()).softmax(dim=-1)  # recomputed (Tq, Tk)
-                torch.mm(probs.t(), grad_out[b, h], out=grad_v[b, h])
-                grad_scores = torch.mm(grad_out[b, h], values[b, h].t()).sub_(row_term[b, h]).mul_(probs)
-                torch.mm(grad_scores, keys[b, h], out=grad_q[b, h])
-                torch.mm(grad_scores.t(), queries[b, h], out=grad_k[b, h])
-        return grad_q, grad_k.mul_(scale), grad_v, None
+            grad_q = torch.empty_like(queries)
+            # key and value gradients sum over the blocks of queries: accumulated in fp32
+            grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+            grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+            for b, h, rows in _score_blocks(q, k.shape[-2]):
+                probs = torch.mm(queries[b, h, rows], keys[b, h].t()).softmax(dim=-1)  # recomputed (n, Tk)
+                grad_v[b, h].add_(torch.mm(probs.t(), grad_out[b, h, rows]))
+                grad_scores = torch.mm(grad_out[b, h, rows], values[b, h].t())
+                grad_scores.sub_(row_term[b, h, rows]).mul_(probs)  # (n, Tk)
+                torch.mm(grad_scores, keys[b, h], out=grad_q[b, h, rows])
+                grad_k[b, h].add_(torch.mm(grad_scores.t(), queries[b, h, rows]))
+        return grad_q, grad_k.mul_(scale).to(k.dtype), grad_v.to(v.dtype), None
 
 
-def _images_and_heads(x: torch.Tensor) -> Iterator[tuple[int, int]]:
-    """Every ``(image, head)`` index pair of a ``(B, heads, T, d)`` tensor."""
-    return itertools.product(range(x.shape[0]), range(x.shape[1]))
+def _score_blocks(q: torch.Tensor, keys: int) -> Iterator[tuple[int, int, slice]]:
+    """``(image, head, query rows)`` covering ``q (B, heads, Tq, d)`` in blocks of at most
+    :data:`RECOMPUTE_SCORES` scores against ``keys`` keys."""
+    rows = max(1, RECOMPUTE_SCORES // max(1, keys))
+    for b, h in itertools.product(range(q.shape[0]), range(q.shape[1])):
+        for start in range(0, q.shape[2], rows):
+            yield b, h, slice(start, start + rows)
