@@ -1,14 +1,19 @@
-"""Two CPU kernel choices of CvT-13 on their own: SDPA vs explicit attention, bf16 vs fp32 depthwise conv.
+"""CPU kernel choices of CvT-13 on their own: the attention kernels, bf16 vs fp32 depthwise conv.
 
-They decide the ``explicit_few_keys`` and ``dw_fp32`` fast paths (``cvt.models.layers``):
+They decide the ``explicit_few_keys``, ``chunked_attn``, ``recompute_attn`` and ``dw_fp32`` fast paths
+(``cvt.models.layers``):
 
-- attention of each stage (1 head x 3136 queries x 784 keys; 3 x 784 x 196; 6 x 197 x 50), as
-  ``F.scaled_dot_product_attention`` and as the model's explicit path (``ConvAttention.attention_probs``
-  then a product with v), forward at batch 8 and forward + backward at batch 16;
+- attention of each stage (at 224: 1 head x 3136 queries x 784 keys; 3 x 784 x 196; 6 x 197 x 50),
+  forward at batch 8 and forward + backward at batch 16, as ``F.scaled_dot_product_attention``, as the
+  model's explicit path (``ConvAttention.attention_probs`` then a product with v), and as the
+  package's own CPU kernel for that pass (``cpu_kernels.chunked_attention`` forward,
+  ``cpu_kernels.RecomputedAttention`` forward + backward);
 - the ``dw_bn`` depthwise 3x3 conv of each stage (stride 1 for q, 2 for k/v) on a channels-last bf16
   map, in bf16 and in fp32 with the casts in and out (inference, batch 8).
 
     .venv/bin/python benchmarks/attention_kernels.py --threads 2
+    .venv/bin/python benchmarks/attention_kernels.py --threads 2 --dtypes bf16 --img-size 384 \
+        --batch-scale 0.125
     taskset -c 0,1 python benchmarks/attention_kernels.py --threads 2 --dtypes bf16,fp32   # a bigger CPU
 
 Times are medians of interleaved runs, in ms. bf16 on a CPU without AVX-512 is emulated: slow, and
@@ -25,13 +30,25 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cvt.models import cpu_kernels, create_model
+from cvt.models.cvt import kv_grid, stage_grids
 from cvt.models.layers import ConvAttention
 from cvt.precision import DTYPES
 
-# CvT-13 at 224: (heads, queries, keys) of each stage's attention, (channels, map size) of its convs
-ATTENTION_SHAPES = {"stage 1": (1, 3136, 784), "stage 2": (3, 784, 196), "stage 3": (6, 197, 50)}
+# CvT-13 at 224: (channels, map size) of each stage's depthwise convs
 CONV_SHAPES = {"stage 1": (64, 56), "stage 2": (192, 28), "stage 3": (384, 14)}
 HEAD_DIM = 64
+
+
+def attention_shapes(img_size: int) -> dict[str, tuple[int, int, int]]:
+    """``(heads, queries, keys)`` of each CvT-13 stage's attention at ``img_size`` (a cls token counts)."""
+    specs = create_model("cvt_13", img_size=img_size).stage_specs
+    shapes = {}
+    for i, (spec, grid) in enumerate(zip(specs, stage_grids(specs, (img_size, img_size)), strict=True)):
+        kv_h, kv_w = kv_grid(spec, grid)
+        cls = int(spec.cls_token)
+        shapes[f"stage {i + 1}"] = (spec.num_heads, grid[0] * grid[1] + cls, kv_h * kv_w + cls)
+    return shapes
 
 
 def median_ms(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
@@ -48,10 +65,11 @@ def median_ms(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3) 
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def attention_row(dtype_name: str, train: bool, stage: str, runs: int) -> str:
-    heads, queries, keys = ATTENTION_SHAPES[stage]
+def attention_row(
+    dtype_name: str, train: bool, stage: str, shape: tuple[int, int, int], batch: int, runs: int
+) -> str:
+    heads, queries, keys = shape
     dtype = DTYPES[dtype_name]
-    batch = 16 if train else 8
     attn = ConvAttention(heads * HEAD_DIM, heads * HEAD_DIM, heads, method="linear")
     gen = torch.Generator().manual_seed(0)
 
@@ -64,6 +82,11 @@ def attention_row(dtype_name: str, train: bool, stage: str, runs: int) -> str:
     kernels = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=attn.scale),
         "explicit": lambda: attn.attention_probs(q, k).to(v.dtype) @ v,
+        "cvt": (
+            (lambda: cpu_kernels.RecomputedAttention.apply(q, k, v, attn.scale))
+            if train
+            else (lambda: cpu_kernels.chunked_attention(q, k, v, attn.scale))
+        ),
     }
 
     def timed(kernel: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -78,10 +101,11 @@ def attention_row(dtype_name: str, train: bool, stage: str, runs: int) -> str:
         return run
 
     ms = median_ms({name: timed(kernel) for name, kernel in kernels.items()}, runs)
-    mode = "fwd+bwd, batch 16" if train else "forward, batch 8"
+    mode = f"{'fwd+bwd' if train else 'forward'}, batch {batch}"
     return (
         f"| {dtype_name} | {mode} | {stage}: {heads} x {queries} x {keys} | {ms['sdpa']:.2f} | "
-        f"{ms['explicit']:.2f} | {ms['sdpa'] / ms['explicit']:.2f}x |"
+        f"{ms['explicit']:.2f} | {ms['sdpa'] / ms['explicit']:.2f}x | {ms['cvt']:.2f} | "
+        f"{ms['sdpa'] / ms['cvt']:.2f}x |"
     )
 
 
@@ -110,17 +134,25 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="attention dtypes, of bf16,fp32")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--img-size", type=int, default=224, help="CvT-13's input size (attention shapes)")
+    parser.add_argument(
+        "--batch-scale", type=float, default=1.0, help="scales the batches of 8 (forward) and 16 (training)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {capability}")
-    print("\n| dtype | pass | attention (heads x queries x keys) | SDPA ms | explicit ms | speed-up |")
-    print("|---|---|---|---|---|---|")
+    shapes = attention_shapes(args.img_size)
+    print(f"\nCvT-13 at {args.img_size}; cvt: chunked_attention (forward), RecomputedAttention (fwd+bwd)")
+    columns = "SDPA ms | explicit ms | speed-up | cvt ms | speed-up"
+    print(f"\n| dtype | pass | attention (heads x queries x keys) | {columns} |")
+    print("|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes.split(","):
         for train in (False, True):
-            for stage in ATTENTION_SHAPES:
-                print(attention_row(dtype_name, train, stage, args.runs), flush=True)
+            batch = max(1, round((16 if train else 8) * args.batch_scale))
+            for stage, shape in shapes.items():
+                print(attention_row(dtype_name, train, stage, shape, batch, args.runs), flush=True)
     print("\n| depthwise conv, batch 8, channels-last bf16 input | bf16 ms | fp32 ms (with casts) |")
     print("|---|---|---|")
     for stage in CONV_SHAPES:

@@ -418,3 +418,24 @@ def test_onnx_serving_runs_the_export_and_both_eager_dtypes(
         assert float(fp32) > 0 and float(onnx) > 0
         assert (float(bf16) > 0) if bf16_kernels else bf16 == "-"
         assert float(max_diff) < 1e-4
+
+
+def test_attention_kernels_takes_cvt13s_shapes_at_any_size_and_times_each_kernel(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_benchmark_script(monkeypatch, "attention_kernels")
+    # (heads, queries, keys): stride-2 keys, and stage 3's cls token among queries and keys
+    assert script.attention_shapes(224) == {
+        "stage 1": (1, 3136, 784), "stage 2": (3, 784, 196), "stage 3": (6, 197, 50)
+    }  # fmt: skip
+    assert script.attention_shapes(384)["stage 1"] == (1, 9216, 2304)
+    argv = ["attention_kernels", "--dtypes", "fp32", "--runs", "1", "--img-size", "64"]
+    monkeypatch.setattr("sys.argv", [*argv, "--batch-scale", "0.125"])
+    assert script.main() == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp32 |")]
+    stages = ["stage 1: 1 x 256 x 64", "stage 2: 3 x 64 x 16", "stage 3: 6 x 17 x 5"]  # at 64 px
+    expected = [[mode, stage] for mode in ("forward, batch 1", "fwd+bwd, batch 2") for stage in stages]
+    assert [row.split(" | ")[1:3] for row in rows] == expected
+    for row in rows:  # SDPA, explicit and cvt's kernel each timed, and both speed-ups computed
+        cells = row.strip("|").split("|")
+        assert all(float(cells[i].strip().rstrip("x")) > 0 for i in (3, 4, 5, 6, 7))

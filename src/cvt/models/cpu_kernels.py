@@ -268,10 +268,10 @@ class RecomputedAttention(torch.autograd.Function):
     per image and head: 12x the tokens in CvT-13's stage 1). ``torch.mm`` reads a transposed operand
     at full speed where a batched ``matmul`` does not (bf16, stage 1, one image: ``pᵀ dO`` 1.0 against
     2.0 ms). Zen 4 VM, bf16, stage 1 at batch 16: forward 43 against CPU SDPA's 69 ms, forward +
-    backward 175-200 against 193-233 ms (at 384 px, 9216 x 2304 scores an image: 208-218 against 223-241
-    ms at batch 2); in fp32 no faster than SDPA. The scale multiplies the keys
-    (``Tk × d``) rather than the scores (``Tq × Tk``). With ``create_graph=True`` backward runs
-    differentiable batched ops (CPU SDPA has no double backward).
+    backward 152-200 against 193-233 ms (at 384 px, 9216 x 2304 scores an image: 199-218 against
+    198-241 ms at batch 2; ``benchmarks/attention_kernels.py``); in fp32 slower than SDPA. The scale
+    multiplies the keys (``Tk × d``) rather than the scores (``Tq × Tk``). With ``create_graph=True``
+    backward runs differentiable batched ops (CPU SDPA has no double backward).
     """
 
     @staticmethod
