@@ -91,7 +91,7 @@ CHUNK_SCORES = 2**20
 
 # scores (of one image and head) that RecomputedAttention computes at once: 8 MB in bf16. CvT-13's
 # stage 1 at 224 (3136 x 784 scores) is one block per image; at 384 (9216 x 2304) whole-image blocks
-# ran 1.4x slower than SDPA's forward + backward, blocks of 2**21 or 2**22 scores 0.9x (bf16, Zen 4 VM)
+# took 1.4x SDPA's forward + backward time, blocks of 2**21 or 2**22 scores 0.9-1.0x (bf16, Zen 4 VM)
 RECOMPUTE_SCORES = 2**22
 
 
