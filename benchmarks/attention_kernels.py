@@ -23,13 +23,12 @@ shown only to say so.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from cvt.benchmark import interleaved_medians
 from cvt.models import cpu_kernels, create_model
 from cvt.models.cvt import kv_grid, stage_grids
 from cvt.models.layers import ConvAttention
@@ -51,18 +50,9 @@ def attention_shapes(img_size: int) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
-def median_ms(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time of each function in ms, their runs interleaved."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+def median_ms(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median wall time of each function in ms, their runs interleaved (after 3 warm-up calls each)."""
+    return {name: t * 1e3 for name, t in interleaved_medians(fns, runs, warmup=3).items()}
 
 
 def attention_row(

@@ -12,15 +12,14 @@ on a quiet one):
 from __future__ import annotations
 
 import copy
-import statistics
+import functools
 import sys
-import time
 
 import torch
 from step_options import step_config, step_parser
 from torch import nn
 
-from cvt.benchmark import make_batch, make_step
+from cvt.benchmark import interleaved_medians, make_batch, make_step
 from cvt.models import create_model
 from cvt.models.layers import FAST_PATH_FLAGS, set_fast_paths
 
@@ -57,23 +56,16 @@ def main() -> int:
     steps = {
         name: make_step(set_fast_paths(copy.deepcopy(model), **flags), cfg) for name, flags in table.items()
     }
-    runs = {name: (step, x) for name, step in steps.items()}
-    runs["all fast paths + channels-last input"] = (steps["all fast paths"], x_cl)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.runs + 1):  # the first round warms up
-        for name, (step, inp) in runs.items():
-            start = time.perf_counter()
-            step(inp, target)
-            if i:
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["reference (all off)"])
+    calls = {name: functools.partial(step, x, target) for name, step in steps.items()}
+    calls["all fast paths + channels-last input"] = functools.partial(steps["all fast paths"], x_cl, target)
+    seconds = interleaved_medians(calls, args.runs)  # after one warm-up call each
+    base = seconds["reference (all off)"]
     threads = torch.get_num_threads()
     height, width = cfg.measured_size
     print(f"{args.model} {height}x{width} {args.mode} {args.dtype} batch {args.batch_size}, "
           f"{threads} threads, {args.runs} interleaved runs (median)\n")  # fmt: skip
     print("| variant | img/s | vs reference |\n|---|---|---|")
-    for name, ts in times.items():
-        t = statistics.median(ts)
+    for name, t in seconds.items():
         print(f"| {name} | {args.batch_size / t:.2f} | {base / t:.2f}x |")
     return 0
 

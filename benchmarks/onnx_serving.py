@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ import onnxruntime as ort
 import torch
 from timm.layers import to_2tuple
 
-from cvt.benchmark import has_bf16_kernels, timed_run
+from cvt.benchmark import has_bf16_kernels, interleaved_medians
 from cvt.cli.common import parse_img_size
 from cvt.export import INPUT_NAME, export_onnx
 from cvt.models import CvT, create_model
@@ -76,13 +75,8 @@ def measure(calls: dict[str, Forward], batch: int, runs: int) -> tuple[dict[str,
     the ONNX model's logits and eager fp32's."""
     onnx_logits = torch.from_numpy(np.asarray(calls["onnxruntime fp32"]()))
     max_diff = (onnx_logits - calls["eager fp32"]()).abs().max().item()
-    for call in calls.values():
-        call()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            seconds[name].append(timed_run(call, 1, "cpu"))
-    return {name: batch / statistics.median(times) for name, times in seconds.items()}, max_diff
+    seconds = interleaved_medians(calls, runs)
+    return {name: batch / t for name, t in seconds.items()}, max_diff
 
 
 def main() -> int:

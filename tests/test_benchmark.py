@@ -439,3 +439,15 @@ def test_attention_kernels_takes_cvt13s_shapes_at_any_size_and_times_each_kernel
     for row in rows:  # SDPA, explicit and cvt's kernel each timed, and both speed-ups computed
         cells = row.strip("|").split("|")
         assert all(float(cells[i].strip().rstrip("x")) > 0 for i in (3, 4, 5, 6, 7))
+
+
+def test_interleaved_medians_warm_up_then_time_one_call_of_each_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    durations = iter([0.5, 2.0, 0.1, 3.0, 0.3, 1.0])  # a, b, a, b, a, b
+    monkeypatch.setattr(benchmark, "timed_run", lambda fn, repeats, device: (fn(), next(durations))[1])
+    seconds = benchmark.interleaved_medians(fns, runs=3, warmup=2)
+    assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert seconds == {"a": 0.3, "b": 2.0}

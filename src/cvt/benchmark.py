@@ -382,6 +382,21 @@ def timed_run(fn: Callable[[], None], repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], runs: int, device: str = "cpu", warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each of ``fns`` over ``runs`` rounds that time one call of each in
+    turn (so background load hits them alike), after ``warmup`` untimed calls of each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            seconds[name].append(timed_run(fn, 1, device))
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
 def _rss_mb() -> float:
     """Current resident set size of this process, in MB (Linux ``/proc``)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
