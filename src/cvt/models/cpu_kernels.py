@@ -235,7 +235,9 @@ def chunked_attention(
     # contiguous heads: batched products over the permuted q/k/v views ran ~2x slower (stage 1, bf16);
     # the scale on the keys (Tk x d), not on every chunk's scores (Tq x Tk): scaling the scores took
     # 3.5 ms of a 265-ms CvT-13 bf16 forward at batch 8, 2.0 of them in stage 1 (49x more scores than keys)
-    q, k, v = q.contiguous(), (k * scale).contiguous(), v.contiguous()
+    # (one pass: `k * scale` keeps a permuted k's strides, and `.contiguous()` would copy it again)
+    k = torch.mul(k, scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    q, v = q.contiguous(), v.contiguous()
     queries, keys = q.shape[-2], k.shape[-2]
     down_keys = softmax_runs_down_keys(queries, keys)
     keys_t = k.transpose(-2, -1)  # (B, heads, d, Tk)
@@ -278,11 +280,10 @@ class RecomputedAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
         with torch.autocast(q.device.type, enabled=False):  # probabilities in the inputs' dtype
-            queries, keys, values = q.contiguous(), k * scale, v.contiguous()
+            queries, keys, values = _operands(q, k, v, scale)
             out = q.new_empty(*q.shape[:-1], v.shape[-1])
             for b, h, rows in _score_blocks(q, k.shape[-2]):
-                probs = torch.mm(queries[b, h, rows], keys[b, h].t()).softmax(dim=-1)  # (n, Tk)
-                torch.mm(probs, values[b, h], out=out[b, h, rows])
+                torch.mm(_block_probs(queries, keys, b, h, rows), values[b, h], out=out[b, h, rows])
         ctx.save_for_backward(q, k, v, out)
         return out
 
@@ -298,7 +299,8 @@ class RecomputedAttention(torch.autograd.Function):
                 grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
                 grad_k = (grad_scores.transpose(-2, -1) @ q) * scale
                 return grad_scores @ keys, grad_k, probs.transpose(-2, -1) @ grad_out, None
-            queries, keys, values, grad_out = q.contiguous(), k * scale, v.contiguous(), grad_out.contiguous()
+            queries, keys, values = _operands(q, k, v, scale)
+            grad_out = grad_out.contiguous()
             # softmax backward's row term Σ_j p_ij (dO vᵀ)_ij = dO_i · out_i, from the saved output;
             # in the probabilities' dtype (subtracting an fp32 column from bf16 scores was 20x slower)
             acc = torch.promote_types(out.dtype, torch.float32)  # row_term: (B, heads, Tq, 1)
@@ -308,13 +310,26 @@ class RecomputedAttention(torch.autograd.Function):
             grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
             grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
             for b, h, rows in _score_blocks(q, k.shape[-2]):
-                probs = torch.mm(queries[b, h, rows], keys[b, h].t()).softmax(dim=-1)  # recomputed (n, Tk)
+                probs = _block_probs(queries, keys, b, h, rows)  # recomputed as in forward
                 grad_v[b, h].add_(torch.mm(probs.t(), grad_out[b, h, rows]))
                 grad_scores = torch.mm(grad_out[b, h, rows], values[b, h].t())
                 grad_scores.sub_(row_term[b, h, rows]).mul_(probs)  # (n, Tk)
                 torch.mm(grad_scores, keys[b, h], out=grad_q[b, h, rows])
                 grad_k[b, h].add_(torch.mm(grad_scores.t(), queries[b, h, rows]))
         return grad_q, grad_k.mul_(scale).to(k.dtype), grad_v.to(v.dtype), None
+
+
+def _operands(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RecomputedAttention's queries and values made contiguous, and its keys scaled: the same in
+    forward and in backward's recomputation."""
+    return q.contiguous(), k * scale, v.contiguous()
+
+
+def _block_probs(queries: torch.Tensor, keys: torch.Tensor, b: int, h: int, rows: slice) -> torch.Tensor:
+    """Attention probabilities ``(n, Tk)`` of image ``b``, head ``h``, the query ``rows`` of a block."""
+    return torch.mm(queries[b, h, rows], keys[b, h].t()).softmax(dim=-1)
 
 
 def _score_blocks(q: torch.Tensor, keys: int) -> Iterator[tuple[int, int, slice]]:
