@@ -590,8 +590,7 @@ class ConvAttention(CachesDerivedWeights):
         compiled, no attention dropout) runs :func:`~cvt.models.cpu_kernels.chunked_attention`."""
         if not (self.chunked_attn and q.device.type == "cpu" and q.dtype == torch.bfloat16):
             return False
-        dropout = self.training and self.attn_drop_rate > 0
-        return cpu_kernels.CPU_HAS_BF16_KERNELS and builds_no_graph() and not dropout
+        return cpu_kernels.CPU_HAS_BF16_KERNELS and builds_no_graph() and not self._drops_attention()
 
     def _recomputes_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """``recompute_attn``: bf16 CPU attention over more than FEW_KEYS_BF16 keys while grad is enabled,
@@ -601,9 +600,14 @@ class ConvAttention(CachesDerivedWeights):
         many_keys = k.shape[-2] > FEW_KEYS_BF16
         if not (self.recompute_attn and q.device.type == "cpu" and q.dtype == torch.bfloat16 and many_keys):
             return False
-        dropout = self.training and self.attn_drop_rate > 0
         plain_ops = cpu_kernels.traced_or_compiled() or cpu_kernels.runs_plain_ops_only(q, k, v)
+        dropout = self._drops_attention()
         return cpu_kernels.CPU_HAS_BF16_KERNELS and torch.is_grad_enabled() and not (dropout or plain_ops)
+
+    def _drops_attention(self) -> bool:
+        """Whether this call applies attention dropout (training with ``attn_drop > 0``): the package's
+        own CPU attention kernels have none, so SDPA or the explicit path runs then."""
+        return self.training and self.attn_drop_rate > 0
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys in fp32, FEW_KEYS_BF16 in bf16
