@@ -18,10 +18,11 @@ times the faster peer, against what they take now.
 from __future__ import annotations
 
 import collections
+import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,12 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvt.allocator import keep_freed_memory
 from cvt.benchmark import SUBJECTS, build_subjects, make_batch, make_step, timed_run
+from cvt.models import cpu_kernels
 
 # op kinds, by the op's name without its overload: the same work in every implementation (linear
 # layers), attention (products, softmax, SDPA), convolutions, and the rest. Under inference_mode the
 # mode sees composite ops whole (linear, conv2d, einsum, matmul, softmax, SDPA); with autograd, what
 # they decompose into (addmm, convolution, bmm, _softmax, SDPA's CPU kernel). None of the three models
-# runs a linear layer through matmul or einsum, nor attention through linear or mm.
+# runs a linear layer through matmul or einsum, nor attention through linear; cvt's RecomputedAttention
+# (bf16 CPU training) runs attention through mm, which OpTimer counts as attention by where it runs.
 LINEAR_OPS = frozenset({"addmm", "mm", "_linear_pointwise", "linear"})
 ATTENTION_OPS = frozenset(
     {"bmm", "baddbmm", "matmul", "einsum", "softmax", "_softmax", "_softmax_backward_data"}
@@ -64,6 +67,8 @@ class OpTimer(TorchDispatchMode):
         super().__init__()
         self.seconds: collections.Counter[tuple[str, str]] = collections.Counter()
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.kinds: dict[tuple[str, str], str] = {}  # (op name, shapes) -> its kind of KINDS
+        self.region: str | None = None  # a kind that every op counts as while set (attention_region)
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -73,7 +78,9 @@ class OpTimer(TorchDispatchMode):
         elapsed = time.perf_counter() - start
         # sizes only: oneDNN's packed weights are opaque tensors without strides
         shapes = " ".join(str(tuple(a.shape)) for a in args[:3] if isinstance(a, torch.Tensor))
-        key = (func.__name__.split(".")[0], shapes)
+        name = func.__name__.split(".")[0]
+        key = (name, shapes) if self.region is None else (f"{name} [{self.region}]", shapes)
+        self.kinds.setdefault(key, self.region or op_kind(name))
         self.seconds[key] += elapsed
         self.calls[key] += 1
         return out
@@ -81,9 +88,33 @@ class OpTimer(TorchDispatchMode):
     def by_kind(self) -> dict[str, float]:
         """Seconds per op kind, every kind of :data:`KINDS` present."""
         totals = dict.fromkeys(KINDS, 0.0)
-        for (name, _), seconds in self.seconds.items():
-            totals[op_kind(name)] += seconds
+        for key, seconds in self.seconds.items():
+            totals[self.kinds[key]] += seconds
         return totals
+
+
+@contextlib.contextmanager
+def attention_region(timer: OpTimer) -> Iterator[None]:
+    """While active, the ops of cvt's :class:`~cvt.models.cpu_kernels.RecomputedAttention` (forward and
+    backward: ``mm``, ``softmax`` … on 2-D blocks) count as attention in ``timer``, not by their names."""
+
+    def counted(method: Callable[..., Any]) -> staticmethod:
+        def run(*args: Any) -> Any:
+            outer, timer.region = timer.region, "attention"
+            try:
+                return method(*args)
+            finally:
+                timer.region = outer
+
+        return staticmethod(run)
+
+    cls = cpu_kernels.RecomputedAttention
+    forward, backward = cls.forward, cls.backward
+    cls.forward, cls.backward = counted(forward), counted(backward)
+    try:
+        yield
+    finally:
+        cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
 
 
 def time_ops(step: Callable[[], None], runs: int) -> tuple[float, OpTimer]:
@@ -93,7 +124,7 @@ def time_ops(step: Callable[[], None], runs: int) -> tuple[float, OpTimer]:
         step()
     plain = statistics.median(timed_run(step, 1, "cpu") for _ in range(runs))
     timer = OpTimer()
-    with timer:
+    with timer, attention_region(timer):
         for _ in range(runs):
             step()
     for key in timer.seconds:

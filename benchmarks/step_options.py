@@ -1,5 +1,5 @@
-"""The command-line options of one benchmarked step, shared by ``fast_path_ablation.py`` and
-``profile_step.py`` (a script's own folder is on ``sys.path`` when it runs)."""
+"""The command-line options of one benchmarked step, shared by ``fast_path_ablation.py``,
+``op_times.py`` and ``profile_step.py`` (a script's own folder is on ``sys.path`` when it runs)."""
 
 from __future__ import annotations
 

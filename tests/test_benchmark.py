@@ -367,6 +367,33 @@ def test_op_timer_times_each_op_by_the_wall_clock(monkeypatch: pytest.MonkeyPatc
     assert timer.by_kind() == {"linear layers": 3.0, "attention": 0.0, "convolutions": 0.0, "other ops": 3.0}
 
 
+def test_op_timer_counts_recomputed_attention_products_as_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    op_times = load_benchmark_script(monkeypatch, "op_times")
+    q, k, v = (torch.randn(1, 1, 96, 16, requires_grad=True) for _ in range(3))
+
+    def forward_backward() -> None:
+        cpu_kernels.RecomputedAttention.apply(q, k, v, 0.25).sum().backward()
+
+    # outside the region its 2-D products are mm calls, which by name are linear layers
+    timer = op_times.OpTimer()
+    with timer:
+        forward_backward()
+    assert timer.by_kind()["linear layers"] > 0
+    # inside, every op of its forward and backward is attention (the sum and the loss's ones are not)
+    timer = op_times.OpTimer()
+    with timer, op_times.attention_region(timer):
+        forward_backward()
+    kinds = timer.by_kind()
+    assert kinds["linear layers"] == 0 and kinds["attention"] > 0
+    assert {"mm [attention]", "_softmax [attention]"} <= {name for name, _ in timer.seconds}
+    assert ("sum", "(1, 1, 96, 16)") in timer.seconds  # outside the kernel: by its name
+    # the kernel is restored afterwards: a later timer counts its products by name again
+    timer = op_times.OpTimer()
+    with timer:
+        forward_backward()
+    assert timer.by_kind()["linear layers"] > 0
+
+
 def test_op_times_floor_is_the_faster_peer_over_cvts_linear_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     op_times = load_benchmark_script(monkeypatch, "op_times")
     steps = {"cvt": 0.25, "hf": 0.30, "official": 0.40}
