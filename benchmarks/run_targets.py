@@ -240,10 +240,11 @@ def main() -> int:
                f"oneDNN bf16 kernels {'yes' if CPU_HAS_BF16_KERNELS else 'no'}"
                + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
                + (", freed memory kept (glibc)" if args.keep_freed_memory else ""))  # fmt: skip
-    print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} interleaved runs, median; "
-          "per round: cvt over the faster peer in each round of runs, min-median-max\n")  # fmt: skip
+    print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} runs, median (CPU rows: "
+          "interleaved; GPU rows: one side after the other); per round: cvt over the faster peer in each "
+          "round of runs, min-median-max\n")  # fmt: skip
     print(markdown(rows))
-    if not (args.force_bf16 or has_bf16_kernels(args.device)):
+    if "speed" in args.only and not (args.force_bf16 or has_bf16_kernels(args.device)):
         print(
             "\nbf16 rows skipped: no bf16 kernels on this device (rerun with --force-bf16 to measure anyway)"
         )

@@ -4,6 +4,7 @@ ceiling skip, and one-line errors (issue 4); ``cvt info``'s class-count check.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,18 @@ def test_keep_freed_memory_without_glibc_gives_one_line_and_exit_2(
     code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--keep-freed-memory", "--runs", "1", "--no-memory")
     assert code == 2
     assert "needs glibc's malloc" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cpu_peak_memory_without_proc_gives_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # a system without Linux's /proc (macOS): the peak cannot be read, so ask for --no-memory up front
+    monkeypatch.setattr(benchmark, "PROC_SELF", tmp_path / "no-proc")
+    code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--runs", "1", "--warmup", "0", "--device", "cpu")
+    assert code == 2
+    assert "pass --no-memory" in err and len(err.strip().splitlines()) == 1
+    # without the memory measurement the same benchmark runs
+    code, _, _ = run_cli(
+        capsys, "--model", "cvt_tiny", "--runs", "1", "--warmup", "0", "--device", "cpu", "--no-memory"
+    )
+    assert code == 0

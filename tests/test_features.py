@@ -10,7 +10,7 @@ import timm
 import torch
 
 import cvt
-from cvt.models.cvt import tokens_to_map
+from cvt.models.layers import tokens_to_map
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation_backbone.py"
 

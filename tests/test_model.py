@@ -130,6 +130,11 @@ def test_stage_overrides_scalar_and_per_stage() -> None:
     assert [s.drop_path_rate for s in model.stage_specs] == [0.0, 0.1, 0.2]
     with pytest.raises(cvt.UsageError, match="2 values for 3 stages"):
         cvt.create_model("cvt_tiny", depth=(1, 2))
+    # a scalar for the field that used to give the stage count (was a TypeError: len() of an int)
+    model = cvt.create_model("cvt_tiny", embed_dim=64)
+    assert [s.embed_dim for s in model.stage_specs] == [64, 64, 64]
+    with pytest.raises(cvt.UsageError, match="embed_dim 62 is not divisible by num_heads 4"):
+        cvt.create_model("cvt_tiny", embed_dim=62)
 
 
 def test_wrong_channel_count_names_expected_and_got() -> None:

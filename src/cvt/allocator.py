@@ -29,7 +29,7 @@ def glibc() -> ctypes.CDLL | None:
     """The C library this process runs on where it is glibc, else None (macOS, Windows, musl)."""
     try:
         libc = ctypes.CDLL(None)
-    except OSError:  # Windows: no process-wide handle
+    except (OSError, TypeError):  # Windows: no process-wide handle (TypeError on some Pythons)
         return None
     return libc if hasattr(libc, "gnu_get_libc_version") else None
 

@@ -35,7 +35,7 @@ import gc
 import importlib.util
 import json
 import math
-import resource
+import mmap
 import statistics
 import subprocess
 import sys
@@ -61,6 +61,8 @@ COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 # decide the result.
 MIN_CUDA_RUN_S = 0.25
 OFFICIAL_REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "official_reference.py"
+# where CPU peak memory is read (Linux): statm (RSS), status (VmHWM, the peak), clear_refs (its reset)
+PROC_SELF = Path("/proc/self")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ class BenchConfig:
             raise UsageError(
                 f"batch size and runs must be >= 1 and warmup >= 0, got batch {self.batch_size}, "
                 f"runs {self.runs}, warmup {self.warmup}"
+            )
+        if self.measure_memory and resolve_device(self.device).type == "cpu" and not PROC_SELF.is_dir():
+            raise UsageError(
+                f"peak memory on CPU is read from Linux's {PROC_SELF}, which this system lacks; "
+                "pass --no-memory (measure_memory=False)"
             )
 
 
@@ -399,8 +406,8 @@ def interleaved_medians(
 
 def _rss_mb() -> float:
     """Current resident set size of this process, in MB (Linux ``/proc``)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize() / 2**20
+    pages = int((PROC_SELF / "statm").read_text().split()[1])
+    return pages * mmap.PAGESIZE / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -409,10 +416,10 @@ def _peak_rss_mb() -> float:
     ``VmHWM`` starts afresh at ``exec``; ``ru_maxrss`` would not: Linux carries it over from the
     parent, so a small worker would report the benchmark process's own peak.
     """
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in (PROC_SELF / "status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: best effort
+    raise RuntimeError(f"{PROC_SELF / 'status'} has no VmHWM line")
 
 
 def _settled_rss_mb() -> float:
@@ -427,7 +434,7 @@ def _settled_rss_mb() -> float:
     return_freed_memory()
     # Linux >= 4.0: VmHWM restarts from the current RSS; elsewhere the peak also covers the building
     with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
+        (PROC_SELF / "clear_refs").write_text("5")
     return _rss_mb()
 
 
@@ -453,7 +460,8 @@ def peak_step_memory_mb(cfg: BenchConfig, subject: str) -> float:
 
 
 def _memory_worker(request: str) -> None:
-    """Subprocess entry: build one subject, run two steps, print peak RSS minus pre-step RSS (MB)."""
+    """Subprocess entry: build one subject, run one step, take the baseline RSS, run two more steps,
+    print their peak RSS minus that baseline (MB)."""
     data = json.loads(request)
     torch.set_num_threads(data["threads"])
     fields = data["cfg"]

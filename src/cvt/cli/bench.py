@@ -71,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """``cvt bench``: measure, print the table (or JSON); the exit status."""
     import torch
 
     from cvt.allocator import keep_freed_memory

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cvt.errors import InputShapeError, UsageError
 from cvt.models.cpu_kernels import traced_or_compiled
-from cvt.models.layers import ACTIVATIONS, PROJECTION_METHODS, Block, ConvEmbed, conv_out_size
+from cvt.models.layers import ACTIVATIONS, PROJECTION_METHODS, Block, ConvEmbed, conv_out_size, tokens_to_map
 
 # StageSpec's field annotations (strings, under ``from __future__ import annotations``): the values they admit
 _FIELD_TYPES: dict[str, type] = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
@@ -60,16 +60,14 @@ class StageSpec:
             value, expected = getattr(self, f.name), _FIELD_TYPES[f.type]
             if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
                 raise UsageError(f"stage {f.name} must be {f.type}, got {value!r}")
-        for name in ("depth", "embed_dim", "num_heads", "patch_size", "patch_stride", "kernel_qkv"):
+        sizes = ("depth", "embed_dim", "num_heads", "patch_size", "patch_stride", "kernel_qkv")
+        for name in (*sizes, "stride_q", "stride_kv"):
             if getattr(self, name) < 1:
                 raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
         if self.method not in PROJECTION_METHODS:
             raise UsageError(f"projection method must be one of {PROJECTION_METHODS}, got {self.method!r}")
         if self.embed_dim % self.num_heads:
             raise UsageError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        for name in ("stride_q", "stride_kv"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"stage {name} must be >= 1, got {getattr(self, name)}")
         for name in ("patch_padding", "padding_q", "padding_kv"):
             if getattr(self, name) < 0:
                 raise UsageError(f"stage {name} must be >= 0, got {getattr(self, name)}")
@@ -210,13 +208,6 @@ def _batchnorm_statistics_frozen(module: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-def tokens_to_map(x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> torch.Tensor:
-    """``(B, [1+]H*W, C)`` tokens → ``(B, C, H, W)`` map, dropping a leading cls token."""
-    if has_cls:
-        x = x[:, 1:]
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
-
-
 class CvT(nn.Module):
     """Convolutional vision Transformer (Wu et al., 2021), with timm's model API.
 
@@ -289,7 +280,7 @@ class CvT(nn.Module):
     # ----------------------------------------------------------------------------------- init
     def _init_weights(self, init: str) -> None:
         """Official init: Linear by trunc_normal(0.02) or xavier; norms to (1, 0); conv left default."""
-        if self.head_hidden_size and self.norm.weight.is_meta:
+        if self.norm.weight.is_meta:
             return  # built on the meta device (shape-only uses: GMACs, key matching): nothing to fill
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -10,7 +10,7 @@ compare every one against the plain reference computation):
 
 - ``fused_attn``: ``F.scaled_dot_product_attention`` with the official scale, no materialised softmax;
 - ``explicit_few_keys``: on CPU, attention over at most ``FEW_KEYS`` keys in fp32 (stage 3 of CvT-13:
-  50), ``FEW_KEYS_BF16`` in bf16 (stage 2: 197) is computed as two matrix products around a softmax
+  50), ``FEW_KEYS_BF16`` in bf16 (stage 2: 196) is computed as two matrix products around a softmax
   instead: CPU SDPA's blocked kernel costs more than the small score matrix there (4x in a bf16
   training step at 50 keys, docs/performance.md); bf16 only where oneDNN has bf16 kernels, with bf16
   probabilities (the softmax accumulates in fp32);
@@ -73,8 +73,8 @@ from cvt.precision import active_autocast_dtype
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
 # keys up to which CPU attention is explicit (``explicit_few_keys``): in fp32 measured faster at 50 keys,
-# slower at 196 (training and inference); in bf16, with bf16 probabilities, faster at 50 and 197 keys
-# (a training step's attention at batch 16: 5 vs 21 ms and 31 vs 51 ms), slower at 785 (docs/performance.md)
+# slower at 196 (training and inference); in bf16, with bf16 probabilities, faster at 50 and 196 keys
+# (a training step's attention at batch 16: 5 vs 21 ms and 31 vs 51 ms), slower at 784 (docs/performance.md)
 FEW_KEYS = 64
 FEW_KEYS_BF16 = 256
 
@@ -289,6 +289,14 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def tokens_to_map(x: torch.Tensor, grid: tuple[int, int], has_cls: bool = False) -> torch.Tensor:
+    """``(B, [1+]H*W, C)`` tokens → ``(B, C, H, W)`` map, dropping a leading cls token: a channels-last
+    view of contiguous tokens (without a cls token), which a conv reads without a copy."""
+    if has_cls:
+        x = x[:, 1:]
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
+
+
 class DenseGradient(torch.autograd.Function):
     """Identity whose backward makes the gradient dense in the input's layout.
 
@@ -440,7 +448,9 @@ class ConvAttention(CachesDerivedWeights):
         self.with_cls_token = with_cls_token
         self.attn_drop_rate = attn_drop
         self.fused_attn = True  # F.scaled_dot_product_attention; False: explicit softmax (reference path)
-        self.explicit_few_keys = True  # on CPU, explicit softmax over <= FEW_KEYS keys (faster there)
+        self.explicit_few_keys = (
+            True  # on CPU, explicit softmax over <= FEW_KEYS keys (FEW_KEYS_BF16 in bf16; faster there)
+        )
         self.chunked_attn = True  # bf16 CPU inference: chunked_attention (faster than SDPA there)
         self.recompute_attn = True  # bf16 CPU training over many keys: RecomputedAttention (idem)
         self.fuse_proj = True  # one matrix product for projections that share their input
@@ -534,8 +544,7 @@ class ConvAttention(CachesDerivedWeights):
 
     def _conv_input(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch tokens ``(B, H*W, C)`` → the channels-last ``(B, C, H, W)`` map the conv projections read."""
-        # a channels-last view of the tokens, which the depthwise conv reads without a copy
-        x_map = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+        x_map = tokens_to_map(x, grid)
         # one cast for the three projections, instead of one by autocast (or dw_fp32) in each
         dtype = x_map.dtype if self.conv_proj_k is None else self.conv_proj_k.input_dtype(x_map)
         if cpu_kernels.runs_plain_ops_only(x_map):  # vmap cannot query a channels-last layout

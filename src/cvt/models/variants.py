@@ -91,7 +91,13 @@ _CIFAR_STEM = dict(patch_size=(3, 3, 3), patch_stride=(1, 2, 2), patch_padding=(
 def _build(**kwargs: Any) -> CvT:
     """Split flat kwargs into per-stage fields and model arguments, then build the model."""
     stage_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in STAGE_FIELDS}
-    return CvT(expand_stages(len(stage_kwargs["embed_dim"]), **stage_kwargs), **kwargs)
+    # the stage count from the per-stage lists (a scalar override, embed_dim=64, sets every stage)
+    lengths = [len(v) for v in stage_kwargs.values() if isinstance(v, (list, tuple))]
+    if not lengths:
+        raise UsageError(
+            "give at least one stage option as a list, one value per stage (e.g. depth=[1, 2, 10])"
+        )
+    return CvT(expand_stages(lengths[0], **stage_kwargs), **kwargs)
 
 
 def _create(variant: str, pretrained: bool, arch: dict[str, Any], **kwargs: Any) -> CvT:
@@ -142,7 +148,7 @@ def _fetch_errors() -> tuple[type[Exception], ...]:
     return (OSError, EntryNotFoundError, *client_errors, SafetensorError)
 
 
-def _img_size(kwargs: dict[str, Any], default: int) -> None:
+def _default_img_size(kwargs: dict[str, Any], default: int) -> None:
     """Size the model for its pretrained tag's input (224 or 384) unless given."""
     cfg = kwargs.get("pretrained_cfg")
     size = default
@@ -156,14 +162,14 @@ def _img_size(kwargs: dict[str, Any], default: int) -> None:
 @register_model
 def cvt_13(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-13: 20.0M params, 4.57 GMACs at 224 (`cvt info`; paper Table 2: 20M, 4.5G)."""
-    _img_size(kwargs, 224)
+    _default_img_size(kwargs, 224)
     return _create("cvt_13", pretrained, _CVT_13, **kwargs)
 
 
 @register_model
 def cvt_21(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-21: 31.6M params, 7.18 GMACs at 224 (paper Table 2: 32M, 7.1G)."""
-    _img_size(kwargs, 224)
+    _default_img_size(kwargs, 224)
     return _create("cvt_21", pretrained, _CVT_21, **kwargs)
 
 
@@ -172,13 +178,13 @@ def cvt_w24(pretrained: bool = False, **kwargs: Any) -> CvT:
     """CvT-W24: the wide model, 277M params, 60.92 GMACs at 224 (published at 384, ImageNet-22k)."""
     arch = dict(_OFFICIAL, embed_dim=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20),
                 drop_path_rate=(0.0, 0.0, 0.3))  # fmt: skip
-    _img_size(kwargs, 384)
+    _default_img_size(kwargs, 384)
     return _create("cvt_w24", pretrained, arch, **kwargs)
 
 
 @register_model
 def cvt_tiny(pretrained: bool = False, **kwargs: Any) -> CvT:
-    """A 0.5M-parameter CvT for 32x32 inputs that trains on a 2-core CPU in minutes (digits default)."""
+    """A 0.57M-parameter CvT for 32x32 inputs that trains on a 2-core CPU in minutes (digits default)."""
     arch = dict(_OFFICIAL, embed_dim=(32, 64, 128), num_heads=(1, 2, 4), depth=(1, 1, 2),
                 patch_size=(3, 3, 3), patch_stride=(2, 2, 2), patch_padding=(1, 1, 1),
                 drop_path_rate=(0.0, 0.0, 0.05))  # fmt: skip
@@ -206,7 +212,6 @@ def cvt(pretrained: bool = False, **kwargs: Any) -> CvT:
     embedding kernel. The write-up says only that the stride "and other parameters" were changed; with
     the stride of 4 kept, this kernel reads 56 % of a 32x32 image's pixels (``cvt_13_cifar``: all)."""
     kwargs.setdefault("img_size", 32)
-    kwargs.setdefault("num_classes", 10)
     return _create("cvt", pretrained, dict(_CVT_13, patch_size=(3, 3, 3)), **kwargs)
 
 
