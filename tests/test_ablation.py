@@ -23,8 +23,9 @@ from cvt.ablation import (
     run_ablation,
 )
 from cvt.ablation.report import write_report
-from cvt.ablation.training import ABLATION_DEFAULTS, train_ablation, variant_config, variant_slug
+from cvt.ablation.training import ABLATION_DEFAULTS, check_data, train_ablation, variant_config, variant_slug
 from cvt.cli.main import main
+from cvt.data import datasets
 
 
 def _tiny_stages() -> tuple[cvt.StageSpec, ...]:
@@ -175,6 +176,23 @@ def test_too_small_data_and_existing_report_fail_before_training(tmp_path) -> No
     with pytest.raises(cvt.UsageError, match="refusing to overwrite"):
         train_ablation(replace(ABLATION_DEFAULTS, output=str(tmp_path / "b")), ["kv_stride"])
     assert (tmp_path / "b" / "ablation.csv").read_text() == "mine"
+
+
+def test_download_flag_reaches_the_data_check(tmp_path, monkeypatch) -> None:
+    # `cvt ablate --download` fetches a missing CIFAR archive as `cvt train` does, instead of asking for it
+    fetched: list[tuple[str, Path]] = []
+
+    def fake_download(name: str, root: Path) -> None:
+        fetched.append((name, root))
+        raise cvt.DataError("no network in tests")
+
+    monkeypatch.setattr(datasets, "_download_cifar", fake_download)
+    budget = replace(ABLATION_DEFAULTS, dataset="cifar10", data_dir=str(tmp_path / "data"), download=True)
+    with pytest.raises(cvt.DataError, match="no network in tests"):
+        check_data(budget)
+    assert fetched == [("cifar10", tmp_path / "data")]
+    with pytest.raises(cvt.DataError, match="pass --download"):  # without the flag: the hint
+        check_data(replace(budget, download=False))
 
 
 def test_variant_config_adds_the_overrides_to_the_budget(tmp_path) -> None:

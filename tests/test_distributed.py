@@ -18,8 +18,10 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from cvt.engine import resolve_run, train
+from cvt.engine.distributed import init_distributed, shutdown_distributed
 
 # SGD, not AdamW: the key bias gets a zero gradient up to rounding (softmax ignores a constant added to
 # every logit of a row), and Adam would scale that rounding noise up to full-size updates.
@@ -79,3 +81,17 @@ def test_ddp_trains_dw_bn_whose_last_q_convolution_gets_zero_gradients(tmp_path)
              "model_args": {**MICRO["model_args"], "method": "dw_bn"}}  # fmt: skip
     train_in_two_processes(flags)  # DDP refuses a parameter without a gradient
     assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_process_group_made_by_the_caller_outlives_training_setup(tmp_path, monkeypatch):
+    """A launcher that made its own group before calling cvt keeps it: shutdown ends only a group that
+    init_distributed created (it used to destroy whatever group there was)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would say; the caller's group already exists
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        env = init_distributed("cpu")
+        assert env.distributed and not env.owns_group
+        shutdown_distributed(env)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

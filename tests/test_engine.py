@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -457,6 +458,9 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path,
     for name in ("last.pt", "best.pt", "metrics.csv", "summary.json"):
         (killed / name).unlink()  # what a SIGKILL before the first save leaves: config.yaml and tb/
     assert sorted(p.name for p in killed.iterdir()) == ["config.yaml", "tb"]
+    # the same command without --resume is refused, and told what restarts it
+    with pytest.raises(UsageError, match="before its first checkpoint: pass --resume auto to restart it"):
+        run(micro(tmp_path, "killed", epochs=1))
     summary = run(micro(tmp_path, "killed", epochs=1, resume="auto"))
     assert summary["epochs"] == 1 and (killed / "last.pt").is_file()
     events = list((killed / "tb").rglob("events.out.tfevents*"))
@@ -847,6 +851,13 @@ def test_finetune_keeps_the_body_resets_the_head_and_resizes_position_embeddings
     assert got["stage0.pos_embed"].shape == (1, 16 * 16, 8)
     # bicubic resizing keeps each channel's mean: the values are interpolated, not re-initialised
     assert torch.allclose(got["stage0.pos_embed"].mean(1), want["stage0.pos_embed"].mean(1), atol=0.02)
+    # a file of another architecture: the error names that file (it was "checkpoint state dict")
+    other = create_model("cvt_tiny", num_classes=10, img_size=16)
+    torch.save({"model": other.state_dict(), "epoch": 1}, tmp_path / "other.pt")
+    with pytest.raises(
+        CheckpointError, match=f"checkpoint {re.escape(str(tmp_path / 'other.pt'))} does not fit"
+    ):
+        _load_finetune(target, str(tmp_path / "other.pt"))
 
 
 def test_finetune_resizes_position_embeddings_from_the_grid_they_were_learned_at(tmp_path):

@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+import cvt
+from cvt.cli import evaluate as evaluate_cli
 from cvt.cli.main import main
+from cvt.cli.model_source import ModelSource
 from cvt.engine.evaluate import EvalResult, evaluate, save_confusion_png
 from cvt.errors import DataError
 
@@ -285,7 +288,7 @@ def test_cli_eval_class_count_mismatch(tmp_path, capsys):
     assert "has 12 classes but imagefolder has 10" in capsys.readouterr().err
 
 
-def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys):
+def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys, monkeypatch):
     """A folder whose classes the checkpoint does not know is read as it is: another class count gets the
     --finetune hint, other names of the same count a warning (both used to be a DataError about the
     training split)."""
@@ -301,8 +304,15 @@ def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys):
 
     assert main(image_folder("three", ["ant", "bee", "cat"])) == 1
     err = capsys.readouterr().err
-    assert "has 10 classes but imagefolder has 3" in err and "cvt train --finetune" in err
+    assert "has 10 classes but imagefolder has 3" in err and f"cvt train --finetune {ckpt} " in err
     assert err.count("\n") == 1
+    # published weights by name: the hint names them with --model (--finetune takes a checkpoint file)
+    published = ModelSource(cvt.create_model("cvt_tiny").eval(), "cvt_tiny (pretrained)", None)
+    monkeypatch.setattr(evaluate_cli, "load_model_source", lambda args: published)  # no download
+    data = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "three")]
+    assert main(["eval", "--model", "cvt_tiny", "--pretrained", *data]) == 1
+    assert "(cvt train --model cvt_tiny --pretrained --dataset imagefolder)" in capsys.readouterr().err
+    monkeypatch.undo()
     assert main(image_folder("renamed", [f"c{i}" for i in range(10)])) == 0
     captured = capsys.readouterr()
     assert "warning: the checkpoint's class names differ from imagefolder's (e.g. '0' vs 'c0')" in (

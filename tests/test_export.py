@@ -190,7 +190,8 @@ def test_exports_and_complexity_follow_the_model_dtype(tmp_path) -> None:
 def test_torchscript_export_is_quiet(tiny, tmp_path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export_model(tiny, "torchscript", tmp_path / "m.pt")
+        path = export_model(tiny, "torchscript", tmp_path / "m.pt")
+        verify_export(tiny, "torchscript", path)  # loads it back with torch.jit.load
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 

@@ -1,4 +1,4 @@
-"""``cvt.fileio``: atomic writes of several files, and the one YAML reader."""
+"""``cvt.fileio``: atomic writes of several files, and the one YAML reader; ``cvt.figures``' figure writes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cvt.errors import UsageError
+from cvt.figures import pyplot, save_figure
 from cvt.fileio import atomic_write_files, atomic_write_text, read_yaml_mapping
 
 
@@ -72,3 +73,20 @@ def test_read_yaml_mapping_reads_mappings_and_empty_files(tmp_path: Path) -> Non
     assert read_yaml_mapping(path, "f", "options") == {}
     with pytest.raises(UsageError, match="^f is a folder, not a YAML file$"):
         read_yaml_mapping(tmp_path, "f", "options")
+
+
+def test_save_figure_writes_the_named_format_and_closes_the_figure_even_when_rendering_fails(tmp_path):
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "new" / "plot.png"
+    save_figure(fig, path)
+    assert path.read_bytes().startswith(b"\x89PNG") and not plt.get_fignums()
+    fig, _ = plt.subplots()
+    save_figure(fig, tmp_path / "plot.jpeg", fmt="pdf")  # the format named, not the one the suffix says
+    assert (tmp_path / "plot.jpeg").read_bytes().startswith(b"%PDF")
+
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError, match="not supported"):
+        save_figure(fig, path, fmt="nope")  # rendering fails: the earlier plot stays, the figure is closed
+    assert path.read_bytes().startswith(b"\x89PNG") and not plt.get_fignums()

@@ -8,7 +8,6 @@ CvT-13 at 224); the maps are upsampled over the image for display.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from cvt.errors import InputShapeError, UsageError
-from cvt.fileio import atomic_write_bytes, check_folder_path
+from cvt.figures import pyplot, save_figure
+from cvt.fileio import check_folder_path
 from cvt.models import CvT
 from cvt.models.cvt import kv_grid
 
@@ -107,18 +107,13 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
 
     ``image``: ``(3, H, W)`` with values in [0, 1] (what the model saw, before normalization).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = image_output_path(path)
     pixels = image.permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, 3)
     heat = maps.upsampled(tuple(image.shape[-2:])).numpy()  # (heads, H, W)
     heads = heat.shape[0]
     cols = min(heads + 1, 4)
     rows = -(-(heads + 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(pixels)
@@ -130,11 +125,7 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
         ax.set_title(f"head {h + 1}", fontsize=9)
     fig.suptitle(title or f"last-stage attention of the {maps.query}, key grid {maps.grid[0]}x{maps.grid[1]}")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix[1:].lower(), dpi=100)  # never a format guessed otherwise
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())  # an existing file stays whole if the write fails
+    save_figure(fig, path, fmt=path.suffix[1:].lower())
     return path
 
 

@@ -7,6 +7,8 @@ was found. The CLI prints that sentence and exits non-zero; library users can ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class CvtError(Exception):
     """Base class of every user-facing error raised by this package (CLI exit code 1)."""
@@ -40,3 +42,8 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def first_names(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c`` for a message; longer lists are cut after ``limit`` names, with the count."""
+    return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")

@@ -9,9 +9,11 @@ image size (``img_size``, default the model's); the batch size stays free.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -94,13 +96,20 @@ def export_onnx(model: CvT, img_size: int | tuple[int, int] | None = None) -> by
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def _torchscript_deprecation_silenced() -> Iterator[None]:
+    """No FutureWarning from ``torch.jit``: TorchScript is deprecated in favour of ``torch.export``, but
+    it is still what C++ and mobile load, so tracing, saving and loading one stay quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
 def export_torchscript(model: CvT, img_size: int | tuple[int, int] | None = None) -> bytes:
     """A traced TorchScript module at ``img_size`` (``torch.jit.load`` reads it without cvt)."""
     x = _example_input(model, img_size, batch=2)
     buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated in favour of torch.export; it is still what C++ and mobile load
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.no_grad(), _torchscript_deprecation_silenced():
         traced = torch.jit.trace(model, (x,))  # check_trace re-runs it against eager
         torch.jit.save(traced, buffer)
     return buffer.getvalue()
@@ -144,7 +153,8 @@ def run_exported(fmt: str, path: str | Path, images: torch.Tensor) -> torch.Tens
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
+        with _torchscript_deprecation_silenced():
+            module = torch.jit.load(str(path), map_location="cpu")
     else:  # safetensors file or hf folder: both describe their architecture
         from cvt.checkpoint import load_model
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvt.ablation.runner import AblationRow
-from cvt.fileio import atomic_write_bytes, atomic_write_text
+from cvt.figures import pyplot, save_figure
+from cvt.fileio import atomic_write_text
 from cvt.tables import format_table
 
 CSV_COLUMNS: tuple[str, ...] = (
@@ -59,11 +60,7 @@ def write_csv(rows: Sequence[AblationRow], path: Path) -> None:
 
 def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
     """Horizontal bars of top-1 per variant, grouped and coloured by family (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     families = list(dict.fromkeys(r.family for r in rows))
     colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
     labels = [f"{r.family}: {r.variant}" for r in rows]
@@ -80,10 +77,7 @@ def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
     ax.set_xlabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, image.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(rows: Sequence[AblationRow], out_dir: Path, title: str) -> list[Path]:

@@ -44,7 +44,7 @@ def check_data(budget: TrainConfig) -> int:
     """The training set's class count; :class:`DataError` when it cannot fill one batch of the budget."""
     from cvt.data import build_dataset
 
-    train_set = build_dataset(budget.dataset, budget.data_dir, "train")
+    train_set = build_dataset(budget.dataset, budget.data_dir, "train", download=budget.download)
     images = len(train_set)
     if budget.train_subset is not None:
         images = min(images, budget.train_subset)

@@ -199,13 +199,16 @@ def load_checkpoint(
     strict: bool = True,
     ignore_head: bool = False,
     use_ema: bool = False,
+    *,
+    name: str | None = None,
 ) -> LoadResult:
     """Load a checkpoint file, Hugging Face directory or state dict of any supported format into ``model``.
 
     ``strict`` (default): every key must match in name and shape, else a CheckpointError names the
     differences. ``ignore_head``: keep the model's own head (fine-tuning on other classes).
     ``use_ema``: take the EMA weights of a training checkpoint. ``strict=False`` loads what fits
-    and reports the rest in the returned :class:`LoadResult`.
+    and reports the rest in the returned :class:`LoadResult`. ``name``: what messages call a state
+    dict given as a mapping (e.g. the file it was read from; default "state dict").
     """
     if isinstance(source, Mapping):
         raw, _ = unwrap_state_dict(source, use_ema=use_ema)
@@ -214,7 +217,7 @@ def load_checkpoint(
         raw, fmt, info = read_state_dict(source, use_ema=use_ema)
         path = info["path"]
     sd = convert_state_dict(raw, model)
-    label = path or "state dict"
+    label = path or name or "state dict"
     skipped = [k for k in HEAD_KEYS if k in sd] if ignore_head else []
     for k in skipped:
         del sd[k]

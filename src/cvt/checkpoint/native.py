@@ -8,7 +8,6 @@ stage's :class:`~cvt.models.cvt.StageSpec`, ``num_classes``, ``in_chans``, ``img
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -64,16 +63,15 @@ def architecture_of(model: CvT, variant: str | None = None) -> dict[str, Any]:
     }
 
 
-def model_from_architecture(arch: dict[str, Any], device: torch.device | str | None = None) -> CvT:
-    """Build the (randomly initialized) model an :func:`architecture_of` dict describes, on ``device``
-    (default: the caller's default device, ``meta`` inside ``with torch.device("meta")``)."""
+def model_from_architecture(arch: dict[str, Any]) -> CvT:
+    """Build the (randomly initialized) model an :func:`architecture_of` dict describes, on the
+    caller's default device (``meta`` inside ``with torch.device("meta")``: no init to overwrite)."""
     try:
         stages = [StageSpec(**s) for s in arch["stages"]]
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = CvT(
-                stages, num_classes=arch["num_classes"], in_chans=arch["in_chans"],
-                img_size=tuple(arch["img_size"]), act=arch["act"], norm_eps=arch["norm_eps"],
-            )  # fmt: skip
+        model = CvT(
+            stages, num_classes=arch["num_classes"], in_chans=arch["in_chans"],
+            img_size=tuple(arch["img_size"]), act=arch["act"], norm_eps=arch["norm_eps"],
+        )  # fmt: skip
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"the architecture metadata is incomplete or invalid: {err!r}") from err
     model.global_pool = arch.get("global_pool", model.global_pool)

@@ -111,6 +111,11 @@ def _locate(path: Path) -> tuple[Path, Path]:
     if not path.is_dir():
         return path, path.parent / HF_CONFIG_FILE
     config = path / HF_CONFIG_FILE
+    saved = [name for name in ("best.pt", "last.pt") if (path / name).is_file()]
+    if saved and not config.is_file():  # a `cvt train` run folder: its checkpoints are files in it
+        raise CheckpointError(
+            f"{path} is a run folder, not a checkpoint: pass {' or '.join(str(path / n) for n in saved)}"
+        )
     if not config.is_file():
         raise CheckpointError(
             f"directory {path} is not a Hugging Face checkpoint: expected {HF_CONFIG_FILE} with "

@@ -70,6 +70,7 @@ def check_ablate_options(args: argparse.Namespace) -> None:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
+    """``cvt ablate``: the dry-run table, or train every variant and write the report; the exit status."""
     from cvt.ablation import dry_run
     from cvt.ablation.report import markdown_table
     from cvt.ablation.training import ABLATION_DEFAULTS, ablation_dir, class_count, train_ablation

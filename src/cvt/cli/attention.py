@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    """``cvt attention``: save the last stage's attention maps over one image; the exit status."""
     from cvt.attention_maps import attention_for_file, image_output_path
     from cvt.errors import UsageError
 

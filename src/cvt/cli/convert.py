@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    """``cvt convert``: read a checkpoint, rebuild its model, write it as ``--to`` says; the exit status."""
     from cvt.checkpoint import export_hf, load_model, save_checkpoint
     from cvt.export import check_output
     from cvt.models import count_params

@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagefolder (default: the data set "
                                      "the training checkpoint was trained on)")  # fmt: skip
     p.add_argument("--data-dir", metavar="DIR",
-                   help="CIFAR: the folder holding cifar-10-batches-py (default ./data); "
-                        "imagefolder: the folder holding val/")  # fmt: skip
+                   help="CIFAR: the folder holding cifar-10-batches-py; imagefolder: the folder holding "
+                        "val/ (default: a training checkpoint's own data folder on its own data set, "
+                        "else ./data)")  # fmt: skip
     p.add_argument("--download", action="store_true", help="download CIFAR into --data-dir if missing")
     p.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default val)")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -41,12 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """``cvt eval``: evaluate the model on a split of a data set and report it; the exit status."""
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
-    from cvt.data.datasets import first_difference, first_names, image_folder_classes
+    from cvt.data.datasets import first_difference, image_folder_classes
     from cvt.data.loader import collate_readable
     from cvt.engine.distributed import resolve_device
     from cvt.engine.evaluate import evaluate, save_confusion_png
-    from cvt.errors import CheckpointError, DataError, UsageError
+    from cvt.errors import CheckpointError, DataError, UsageError, first_names
     from cvt.fileio import atomic_write_text, check_folder_path
     from cvt.precision import autocast_dtype
 
@@ -90,10 +92,12 @@ def run_eval(args: argparse.Namespace) -> int:
         dataset_name == source.train_config.get("dataset") and len(dataset.classes) < model.num_classes
     )
     if len(dataset.classes) != model.num_classes and not trained_wider:
+        # --finetune takes a checkpoint file; published weights are named by --model
+        start = f"--finetune {args.checkpoint}" if args.checkpoint else f"--model {args.model} --pretrained"
         raise CheckpointError(
             f"{source.description} has {model.num_classes} classes but {dataset_name} has "
             f"{len(dataset.classes)}: evaluate on the data set it was trained on, or fine-tune it first "
-            f"with a new head (cvt train --finetune {args.checkpoint or args.model} --dataset {dataset_name})"
+            f"with a new head (cvt train {start} --dataset {dataset_name})"
         )
     if source.classes and list(source.classes) != list(dataset.classes):
         _, theirs, ours = first_difference(source.classes, dataset.classes)

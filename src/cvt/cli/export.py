@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """``cvt export``: export the model and check the export against eager PyTorch; the exit status."""
     from cvt.export import check_output, export_model, require_packages, verify_export
 
     if args.model_name and args.model and args.model_name != args.model:

@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    """``cvt list``: print the variant names; the exit status."""
     from cvt.models import list_models
 
     for name in list_models(args.pattern, pretrained=args.pretrained):
@@ -32,6 +33,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    """``cvt info``: print a variant's (or every variant's) parameters and GMACs; the exit status."""
     import torch
 
     from cvt.complexity import complexity

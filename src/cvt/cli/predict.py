@@ -42,6 +42,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """``cvt predict``: print the top classes of each image; the exit status."""
     import torch
 
     from cvt.data import build_transform, load_input, resolve_data_config

@@ -1,8 +1,9 @@
 """``cvt train``: one flag per :class:`~cvt.engine.config.TrainConfig` option, then the training loop.
 
 Flags are generated from the dataclass, so a YAML key and its flag always share a name
-(``batch_size`` ↔ ``--batch-size``) and help text. Flags that are not given do not override the
-YAML recipe (``--config``), which does not override what a resumed checkpoint recorded.
+(``batch_size`` ↔ ``--batch-size``) and help text. Given flags override the YAML recipe
+(``--config``), which overrides what a resumed checkpoint recorded; keys in neither keep the
+checkpoint's values (:func:`~cvt.engine.trainer.resolve_run`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """``cvt train``: resolve the run's config and train; the exit status."""
     from cvt.engine.trainer import resolve_run, train
 
     cfg, checkpoint = resolve_run(args.config, flags_from_args(args))

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cvt.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
-from cvt.errors import DataError, UsageError
+from cvt.errors import DataError, UsageError, first_names
 
 # data sets whose classes are fixed: their count needs none of their files (a dry run without the data)
 FIXED_CLASS_COUNTS: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -233,8 +233,7 @@ class ImageFolderDataset(Dataset):
             bad = [path for path, _ in samples if not _has_image_header(path)]
             if bad:
                 warnings.warn(
-                    f"skipping {len(bad)} unreadable file(s) in {root}: {', '.join(bad[:5])}"
-                    + (" …" if len(bad) > 5 else ""),
+                    f"skipping {len(bad)} unreadable file(s) in {root}: {first_names(bad)}",
                     stacklevel=2,
                 )
                 bad_set = set(bad)
@@ -320,11 +319,6 @@ def first_difference(before: Sequence[str], now: Sequence[str]) -> tuple[int, st
     the shorter one); the lists must differ."""
     pairs = itertools.zip_longest(before, now, fillvalue="(none)")
     return next((i, a, b) for i, (a, b) in enumerate(pairs) if a != b)
-
-
-def first_names(names: Sequence[str], limit: int = 5) -> str:
-    """``a, b, c`` for a message; longer lists are cut after ``limit`` names, with the count."""
-    return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
 
 
 def image_folder_classes(root: Path) -> list[str] | None:

@@ -50,9 +50,9 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     # color jitter strength for brightness/contrast/saturation; ignored with auto_augment, as in timm
     color_jitter: float | None = None
-    # mixup alpha (0.8 in the paper's recipe); with cutmix, batches need an even size
+    # mixup alpha (0.8 in the paper's recipe); mixup or cutmix needs an even batch size
     mixup: float = 0.0
-    # cutmix alpha (1.0 in the paper's recipe); mixup and cutmix alternate per batch when both are set
+    # cutmix alpha (1.0 in the paper's recipe); with both set, timm picks one at random per batch (p=0.5)
     cutmix: float = 0.0
     # label smoothing (0.1 in the paper's recipe); applied inside mixup when mixing is on
     label_smoothing: float = 0.0

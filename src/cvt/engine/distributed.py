@@ -21,8 +21,8 @@ class DistEnv:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
+    owns_group: bool = False  # init_distributed created the process group (and shutdown ends it)
 
     @property
     def is_main(self) -> bool:
@@ -57,16 +57,17 @@ def init_distributed(device_name: str) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    joins = world_size > 1 and not dist.is_initialized()  # a group the caller made stays the caller's
+    if joins:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank, world_size, local_rank, device)
+    return DistEnv(rank, world_size, device, owns_group=joins)
 
 
 def shutdown_distributed(env: DistEnv) -> None:
-    """Leave the process group (if this module joined one)."""
-    if env.distributed and dist.is_initialized():
+    """Leave the process group if :func:`init_distributed` created it; a caller's group stays up."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -6,7 +6,6 @@ k = the class count when a data set has fewer than 5 classes.
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvt.errors import DataError, UsageError
-from cvt.fileio import atomic_write_bytes
+from cvt.figures import pyplot, save_figure
 
 
 @dataclass
@@ -143,11 +142,7 @@ def save_confusion_png(
 ) -> Path:
     """Plot the confusion matrix, normalized per true class, as a PNG (counts written in each cell
     when there are at most 20 classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     counts = confusion.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)  # (C, C), rows sum to 1
@@ -168,9 +163,5 @@ def save_confusion_png(
     ax.set_ylabel("true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())  # an earlier plot stays whole if the write fails
+    save_figure(fig, path)
     return path

@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from cvt.errors import CvtError, UsageError
-from cvt.fileio import atomic_write_bytes, atomic_write_text, check_folder_path, read_yaml_mapping
+from cvt.errors import CvtError, UsageError, first_names
+from cvt.figures import pyplot, save_figure
+from cvt.fileio import atomic_write_text, check_folder_path, read_yaml_mapping
 
 try:
     import fcntl
@@ -179,7 +180,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
         return
     if resume_from is not None and resume_from.resolve().parent == run_dir.resolve():
         return
-    shown = ", ".join(content[:4]) + (" …" if len(content) > 4 else "")
+    shown = first_names(content, limit=4)
     if resume_from is not None:
         raise UsageError(
             f"run folder {run_dir} already has content ({shown}) of another run than {resume_from}; "
@@ -187,6 +188,8 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
         )
     if (run_dir / "last.pt").is_file():
         hint = "pass --resume auto to continue it, --overwrite to replace its run files"
+    elif never_saved(run_dir):  # a run stopped before its first checkpoint: --resume auto restarts it
+        hint = "a run stopped before its first checkpoint: pass --resume auto to restart it"
     else:  # --resume auto finds nothing to continue here: starting afresh would replace the files
         hint = "it has no last.pt to resume; pass --overwrite (not --resume) to replace its run files"
     raise UsageError(
@@ -243,13 +246,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def plot_curves(run_dir: Path, history: list[dict[str, float]]) -> None:
     """``curves.png``: train/val loss and val top-1 per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -259,10 +257,7 @@ def plot_curves(run_dir: Path, history: list[dict[str, float]]) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
     ax_acc.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(run_dir / "curves.png", buffer.getvalue())
+    save_figure(fig, run_dir / "curves.png")
 
 
 class TensorBoardLog:

@@ -181,7 +181,7 @@ def _load_finetune(model: nn.Module, path: str) -> None:
             )
         if grid != tuple(stage.pos_grid):
             sd[key] = resample_abs_pos_embed(sd[key], list(stage.pos_grid), list(grid), num_prefix_tokens=0)
-    load_checkpoint(model, sd, strict=True, ignore_head=head_differs)
+    load_checkpoint(model, sd, strict=True, ignore_head=head_differs, name=path)
 
 
 def _recorded_img_size(info: dict[str, Any]) -> tuple[int, int] | None:
