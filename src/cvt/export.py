@@ -41,7 +41,7 @@ def require_packages(fmt: str, verify: bool = False) -> None:
     if missing:
         raise UsageError(
             f"--format {fmt} needs the package {missing[0]!r}, which is not installed "
-            f"(pip install {' '.join(missing)}, or pip install 'cvt[export]')"
+            f"(pip install {' '.join(missing)}, or from a source checkout pip install '.[export]')"
             + (
                 "; --no-verify exports without the check"
                 if missing[0] in _CHECK_PACKAGES.get(fmt, ())
