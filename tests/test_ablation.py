@@ -25,6 +25,7 @@ from cvt.ablation import (
 from cvt.ablation.report import write_report
 from cvt.ablation.training import ABLATION_DEFAULTS, check_data, train_ablation, variant_config, variant_slug
 from cvt.cli.main import main
+from cvt.complexity import count_gmacs
 from cvt.data import datasets
 
 
@@ -159,7 +160,12 @@ def test_cli_dry_run_json(capsys) -> None:
     assert [(r["family"], r["variant"], r["paper_gflops"]) for r in rows] == [
         ("kv_stride", "stride 1", 6.55), ("kv_stride", "stride 2", 4.53),
     ]  # fmt: skip
-    assert rows[1]["params"] == 566_218 and rows[1]["gmacs"] == pytest.approx(0.01543, rel=1e-3)
+    # the default model, stride 2, counted directly: cvt_tiny as registered
+    with torch.device("meta"):
+        tiny = cvt.create_model("cvt_tiny")
+    assert rows[1]["params"] == cvt.count_params(tiny) and rows[1]["gmacs"] == pytest.approx(
+        count_gmacs(tiny, (32, 32))
+    )
 
 
 def test_cli_unknown_family_exits_2(capsys) -> None:

@@ -21,6 +21,23 @@ def tiny() -> cvt.CvT:
     return cvt.create_model("cvt_tiny").eval()  # last stage: 4 heads, 4x4 tokens, stride-2 kv: 2x2 keys
 
 
+def _reference_probs(model: cvt.CvT, image: torch.Tensor) -> torch.Tensor:
+    """The last block's attention probabilities ``(heads, queries, keys)`` for one image, recorded from
+    the explicit (non-fused) attention path of a forward pass."""
+    attn = model.stages[-1].blocks[-1].attn
+    recorded = []
+    original = attn.attention_probs
+    attn.attention_probs = lambda q, k, **kwargs: recorded.append(original(q, k, **kwargs)) or recorded[-1]
+    attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            model(image.reshape(1, *image.shape[-3:]))
+    finally:
+        del attn.attention_probs
+        attn.fused_attn = True
+    return recorded[-1][0]
+
+
 def test_maps_are_the_cls_rows_of_the_reference_softmax(tiny) -> None:
     image = torch.randn(1, 3, 32, 32)
     maps = last_stage_attention(tiny, image)
@@ -30,28 +47,20 @@ def test_maps_are_the_cls_rows_of_the_reference_softmax(tiny) -> None:
     assert (maps.probs >= 0).all()
     torch.testing.assert_close(maps.maps.sum((-2, -1)), 1 - maps.probs[:, 0])  # all but the cls key
     # the same numbers from the explicit (non-fused) attention path, recorded inside the forward pass
-    attn = tiny.stages[-1].blocks[-1].attn
-    recorded = []
-    original = attn.attention_probs
-    attn.attention_probs = lambda q, k, **kwargs: recorded.append(original(q, k, **kwargs)) or recorded[-1]
-    attn.fused_attn = False
-    try:
-        with torch.no_grad():
-            tiny(image)
-    finally:
-        del attn.attention_probs
-        attn.fused_attn = True
-    torch.testing.assert_close(recorded[-1][0, :, 0], maps.probs)
+    torch.testing.assert_close(_reference_probs(tiny, image)[:, 0], maps.probs)
     assert maps.upsampled((32, 32)).shape == (4, 32, 32)
 
 
 def test_mean_query_without_cls_token_and_avg_keys() -> None:
     torch.manual_seed(0)
     model = cvt.create_model("cvt_tiny", cls_token=False, method="avg").eval()
-    maps = last_stage_attention(model, torch.randn(3, 32, 40))
+    image = torch.randn(3, 32, 40)
+    maps = last_stage_attention(model, image)
     assert maps.query == "mean of all queries"
     assert maps.grid == (3, 3)  # 4x5 tokens, 3x3 average pooling, stride 2, padding 1, ceil mode
     torch.testing.assert_close(maps.maps.sum((-2, -1)), torch.ones(4))
+    # each head's map is its probabilities averaged over every query
+    torch.testing.assert_close(maps.probs, _reference_probs(model, image).mean(dim=1))
 
 
 def test_keys_off_the_spec_grid_are_refused() -> None:

@@ -90,9 +90,17 @@ def test_cuda_matmul_ceiling_repeats_the_product_for_each_timed_run(monkeypatch:
     assert clock["products"] >= runs * math.ceil(benchmark.MIN_CUDA_RUN_S / product_s)
 
 
-def test_cpu_matmul_ceiling_times_single_products() -> None:
+def test_cpu_matmul_ceiling_times_single_products(monkeypatch: pytest.MonkeyPatch) -> None:
     assert benchmark.repeats_per_run(lambda: None, "cpu") == 1
     assert benchmark.matmul_ceiling("fp32", "cpu", size=64, runs=2) > 0
+    # the rate of the median run: 2 * 64^3 FLOP in 0.2 s, whatever the slowest and fastest runs took
+    times = iter([0.1, 0.5, 0.2, 0.25, 0.2])
+    calls = []
+    monkeypatch.setattr(
+        benchmark, "timed_run", lambda fn, repeats, device: calls.append(repeats) or next(times)
+    )
+    assert benchmark.matmul_ceiling("fp32", "cpu", size=64, runs=5) == pytest.approx(2 * 64**3 / 0.2 / 1e9)
+    assert calls == [1] * 5
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from cvt.data import (
@@ -347,6 +347,13 @@ def test_small_inputs_pad_and_crop_large_inputs_resized_crop():
     white = Image.new("RGB", (32, 32), (255, 255, 255))
     padded = sum(bool((small(white) == -1).all(dim=0).any()) for _ in range(20))
     assert padded >= 15
+    # hflip: with probability 1 every training image is the mirror of what evaluation sees
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    flipping = build_transform(cfg, True, AugmentConfig(random_crop=False, hflip=1.0))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    evaluated = build_transform(cfg, False)
+    torch.testing.assert_close(flipping(image), evaluated(ImageOps.mirror(image)))
+    assert not torch.allclose(flipping(image), evaluated(image))
 
 
 def test_rand_augment_posterize_to_zero_bits_gives_black():
@@ -377,11 +384,30 @@ def test_augment_config_rejects_bad_values():
 
 def test_build_mixup_soft_targets():
     assert build_mixup(AugmentConfig(), 10) is None
-    mixup = build_mixup(AugmentConfig(mixup=0.8, label_smoothing=0.1), 4)
-    _, target = mixup(torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1]))
-    assert target.shape == (6, 4)
-    assert target.sum(dim=1).tolist() == pytest.approx([1.0] * 6)
-    assert target.min() >= 0.1 / 4 - 1e-6  # smoothing spreads 0.1 over the 4 classes
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    off, on = 0.1 / 4, 1 - 0.1 + 0.1 / 4  # smoothing spreads 0.1 over the 4 classes
+
+    def mixed(aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Images, their mixed version and targets, and the weight λ of each image's own label."""
+        images = torch.rand(6, 3, 8, 8)
+        out, target = build_mixup(aug, 4)(images.clone(), labels.clone())  # timm mixes in place
+        assert target.shape == (6, 4) and target.sum(dim=1).tolist() == pytest.approx([1.0] * 6)
+        assert target.min() >= off - 1e-6
+        lam = float((target[0, 0] - off) / (on - off))  # image 0 (label 0) mixed with image 5 (label 1)
+        assert target[0, 1].item() == pytest.approx((1 - lam) * on + lam * off)
+        return images, out, target, lam
+
+    torch.manual_seed(0)
+    np.random.seed(0)  # timm draws λ and the cutmix box from numpy's global generator
+    # mixup: every pixel is the λ-blend of the image and its partner in the flipped batch
+    images, out, _, lam = mixed(AugmentConfig(mixup=0.8, label_smoothing=0.1))
+    assert 0 < lam < 1
+    torch.testing.assert_close(out, lam * images + (1 - lam) * images.flip(0))
+    # cutmix: every pixel comes whole from one of the two, the image's own in the fraction λ
+    images, out, _, lam = mixed(AugmentConfig(cutmix=1.0, label_smoothing=0.1))
+    own, partner = out == images, out == images.flip(0)
+    assert (own | partner).all() and 0 < own[0].float().mean().item() < 1
+    assert own[0].float().mean().item() == pytest.approx(lam)
 
 
 # ---------------------------------------------------------------------------------- loader

@@ -11,15 +11,18 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
 from cvt.engine import NonFiniteLossError, resolve_config, resolve_run, train
+from cvt.engine import evaluate as engine_evaluate
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr, param_groups
 from cvt.engine.rundir import METRIC_COLUMNS
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save
 from cvt.errors import CheckpointError, DataError, UsageError
-from cvt.models import create_model
+from cvt.models import CvT, create_model
 
 # A 3-stage CvT of a few thousand parameters at 16x16: 4 steps per epoch on 64 digits in ~1 s
 MICRO = dict(
@@ -683,12 +686,25 @@ def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, mon
     assert len(norms) == 12 and max(norms) <= 1e-3 * (1 + 1e-4)
 
 
-def test_label_smoothing_reaches_the_loss(tmp_path, no_curves):
-    losses = {}
-    for name, smoothing in (("plain", 0.0), ("smoothed", 0.3)):  # same seed: only the loss differs
-        run(micro(tmp_path, name, epochs=1, label_smoothing=smoothing))
-        losses[name] = float(next(csv.DictReader((tmp_path / name / "metrics.csv").open()))["train_loss"])
-    assert losses["smoothed"] != pytest.approx(losses["plain"], rel=1e-3)
+def test_label_smoothing_reaches_the_loss(tmp_path, no_curves, monkeypatch):
+    # every training loss, with the logits and labels it came from
+    calls = []
+    real_forward = nn.CrossEntropyLoss.forward
+
+    def recording_forward(self, logits, targets):
+        loss = real_forward(self, logits, targets)
+        calls.append((logits.detach().clone(), targets.clone(), loss.item()))
+        return loss
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", recording_forward)
+    run(micro(tmp_path, epochs=1, label_smoothing=0.3))
+    assert len(calls) == 4  # 64 images, batches of 16
+    for logits, targets, loss in calls:
+        assert loss == pytest.approx(F.cross_entropy(logits, targets, label_smoothing=0.3).item(), rel=1e-6)
+        # near chance smoothing moves the loss little (~0.1 %), far more than float rounding
+        assert abs(loss - F.cross_entropy(logits, targets).item()) > 1e-5 * loss
+    row = next(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert float(row["train_loss"]) == pytest.approx(sum(loss for *_, loss in calls) / len(calls), rel=1e-6)
 
 
 def test_options_that_cannot_work_on_cpu(tmp_path):
@@ -825,13 +841,37 @@ def test_accumulation_equals_the_large_batch(tmp_path):
         torch.testing.assert_close(accum[key], big[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_ema_bf16_and_clipping_run_and_are_recorded(tmp_path):
+def test_ema_bf16_and_clipping_run_and_are_recorded(tmp_path, monkeypatch):
+    # what each validation pass evaluated (weights, autocast dtype, top-1), and the autocast of training
+    evaluated, training_autocast = [], set()
+    real_evaluate, real_head = engine_evaluate.evaluate, CvT.forward_head
+
+    def recording_evaluate(model, loader, device, amp_dtype=None, **kwargs):
+        result = real_evaluate(model, loader, device, amp_dtype=amp_dtype, **kwargs)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        evaluated.append((weights, amp_dtype, result.top1))
+        return result
+
+    def recording_head(self, x, pre_logits=False):
+        if self.training:
+            training_autocast.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_head(self, x, pre_logits)
+
+    monkeypatch.setattr(engine_evaluate, "evaluate", recording_evaluate)
+    monkeypatch.setattr(CvT, "forward_head", recording_head)
     summary = run(micro(tmp_path, epochs=1, ema=True, ema_decay=0.5, amp="bf16", clip_grad=1.0))
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["ema"].keys() == ckpt["model"].keys()
     assert not torch.equal(ckpt["ema"]["head.weight"], ckpt["model"]["head.weight"])  # an average, not a copy
+    assert training_autocast == {(True, torch.bfloat16)}  # every training forward ran under bf16 autocast
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
-    assert 0 <= float(rows[0]["ema_top1"]) <= 100 and math.isfinite(summary["final_top1"])
+    # one epoch: the model, then its EMA copy, each evaluated under bf16 autocast
+    (model_weights, model_amp, model_top1), (ema_weights, ema_amp, ema_top1) = evaluated
+    assert model_amp == ema_amp == torch.bfloat16
+    assert_same_weights(model_weights, ckpt["model"])
+    assert_same_weights(ema_weights, ckpt["ema"])
+    assert float(rows[0]["top1"]) == pytest.approx(model_top1) and math.isfinite(summary["final_top1"])
+    assert float(rows[0]["ema_top1"]) == pytest.approx(ema_top1)
 
 
 def test_finetune_keeps_the_body_resets_the_head_and_resizes_position_embeddings(tmp_path):

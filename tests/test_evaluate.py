@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,7 @@ import cvt
 from cvt.cli import evaluate as evaluate_cli
 from cvt.cli.main import main
 from cvt.cli.model_source import ModelSource
-from cvt.engine.evaluate import EvalResult, evaluate, save_confusion_png
+from cvt.engine.evaluate import evaluate, save_confusion_png
 from cvt.errors import DataError
 
 
@@ -26,8 +27,11 @@ class _TableModel(nn.Module):
         super().__init__()
         self.register_buffer("table", table)
         self.scale = nn.Parameter(torch.ones(()))  # lets autocast and .train()/.eval() see a module
+        self.calls: list[tuple[bool, torch.dtype | None]] = []  # (training, CPU autocast dtype) per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        self.calls.append((self.training, autocast))
         return self.table[x[:, 0, 0, 0].long()] * self.scale
 
 
@@ -59,6 +63,7 @@ def test_evaluate_metrics_are_exact():
     model, loader, table, targets = _case()
     model.train()
     result = evaluate(model, loader, "cpu")
+    assert model.calls and set(model.calls) == {(False, None)}  # eval mode, no autocast without amp_dtype
     assert model.training  # mode restored
     assert result.num_samples == 10 and result.topk == 5
     assert result.top1 == pytest.approx(40.0)
@@ -82,7 +87,9 @@ def test_evaluate_bf16_autocast_and_fewer_than_five_classes():
     images = torch.zeros(4, 3, 2, 2)
     images[:, 0, 0, 0] = torch.arange(4, dtype=torch.float32)
     loader = [(images, torch.tensor([0, 2, 1, 0]))]
-    result = evaluate(_TableModel(table), loader, "cpu", amp_dtype=torch.bfloat16)
+    model = _TableModel(table)
+    result = evaluate(model, loader, "cpu", amp_dtype=torch.bfloat16)
+    assert model.calls == [(False, torch.bfloat16)]  # the forward ran in eval mode under bf16 autocast
     assert result.topk == 3 and result.top5 == 100.0  # top-k with k = the 3 classes
     assert result.top1 == 75.0 and result.per_class_acc == [50.0, 100.0, 100.0]
 
@@ -152,11 +159,24 @@ def test_evaluate_errors():
         evaluate(model, [(torch.zeros(2, 3, 2, 2), torch.tensor([0, 7]))], "cpu")
 
 
-def test_confusion_png(tmp_path):
-    result = EvalResult(50.0, 100.0, 0.5, [100.0, 0.0], torch.tensor([[3, 0], [2, 0]]), 5, 2)
-    path = save_confusion_png(result.confusion, ["cat", "dog"], tmp_path / "sub" / "c.png", "title")
+def test_confusion_png(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    shown, written = [], []  # the matrix drawn, and the count written in each cell
+    real_imshow, real_text = Axes.imshow, Axes.text
+    monkeypatch.setattr(
+        Axes, "imshow", lambda ax, data, **kw: shown.append(data) or real_imshow(ax, data, **kw)
+    )
+    monkeypatch.setattr(
+        Axes, "text", lambda ax, x, y, s, **kw: written.append((y, x, s)) or real_text(ax, x, y, s, **kw)
+    )
+    confusion = torch.tensor([[3, 1], [2, 4]])  # rows: true class, columns: predicted
+    path = save_confusion_png(confusion, ["cat", "dog"], tmp_path / "sub" / "c.png", "title")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size[0] >= 300
+    # normalized per true class: each row sums to 1
+    np.testing.assert_allclose(shown[0], [[0.75, 0.25], [1 / 3, 2 / 3]])
+    assert sorted(written) == [(0, 0, 3), (0, 1, 1), (1, 0, 2), (1, 1, 4)]
 
 
 def test_a_failed_plot_write_keeps_the_earlier_plot(tmp_path, monkeypatch):

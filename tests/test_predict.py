@@ -69,6 +69,37 @@ def test_predict_json_all_image_kinds(tmp_path, checkpoint, capsys):
         assert preds[1]["prob"] == pytest.approx(math.exp(0.9 - 10.0) * p_three, rel=1e-4)
 
 
+def test_predict_gives_each_image_its_own_probabilities(tmp_path, capsys):
+    """A head that reads the features: each image's probabilities are the model's on that image."""
+    from cvt import create_model
+    from cvt.data import resolve_data_config
+
+    torch.manual_seed(1)
+    model = create_model("cvt_tiny", num_classes=10).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(50.0)  # spread the probabilities so that the images' top-1 differ
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "classes": CLASSES,
+                "config": {"model": "cvt_tiny", "num_classes": 10, "img_size": 32, "dataset": "digits"}},
+               ckpt)  # fmt: skip
+    paths = _images(tmp_path / "imgs")
+    assert (
+        main(["predict", str(tmp_path / "imgs"), "--checkpoint", str(ckpt), "--json", "--top-k", "10"]) == 0
+    )
+    results = json.loads(capsys.readouterr().out)
+    data_cfg = resolve_data_config(model, "digits", None)
+    top1 = set()
+    for entry, path in zip(results, sorted(paths.values()), strict=True):
+        with torch.no_grad():
+            want = model(load_input(path, data_cfg)).softmax(-1)[0]
+        got = torch.zeros(10)
+        for p in entry["predictions"]:
+            got[p["index"]] = p["prob"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        top1.add(entry["predictions"][0]["index"])
+    assert len(top1) > 1  # the images are told apart
+
+
 def test_predict_text_output_and_top_k_clamped(tmp_path, checkpoint, capsys):
     paths = _images(tmp_path)
     assert main(["predict", str(paths["gray"]), "--checkpoint", str(checkpoint), "--top-k", "50"]) == 0
