@@ -45,4 +45,7 @@ def train_argv(argv: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # cvt train's help follows: say what this script changes
+        print(__doc__)
+        print("The options are cvt train's; the defaults it shows are replaced by the seed recipe above.\n")
     sys.exit(main(train_argv(sys.argv[1:])))

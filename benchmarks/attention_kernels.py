@@ -9,11 +9,10 @@ They decide the ``explicit_few_keys``, ``chunked_attn``, ``recompute_attn`` and 
   package's own CPU kernel for that pass (``cpu_kernels.chunked_attention`` forward,
   ``cpu_kernels.RecomputedAttention`` forward + backward);
 - the ``dw_bn`` depthwise 3x3 conv of each stage (stride 1 for q, 2 for k/v) on a channels-last bf16
-  map, in bf16 and in fp32 with the casts in and out (inference, batch 8).
+  map, in bf16 and in fp32 with the casts in and out (inference, batch 8 at 224).
 
     .venv/bin/python benchmarks/attention_kernels.py --threads 2
-    .venv/bin/python benchmarks/attention_kernels.py --threads 2 --dtypes bf16 --img-size 384 \
-        --batch-scale 0.125
+    python benchmarks/attention_kernels.py --threads 2 --dtypes bf16 --img-size 384 --batch-scale 0.125
     taskset -c 0,1 python benchmarks/attention_kernels.py --threads 2 --dtypes bf16,fp32   # a bigger CPU
 
 Times are medians of interleaved runs, in ms. bf16 on a CPU without AVX-512 is emulated: slow, and
@@ -30,23 +29,28 @@ import torch.nn.functional as F
 
 from cvt.benchmark import interleaved_medians
 from cvt.models import cpu_kernels, create_model
-from cvt.models.cvt import kv_grid, stage_grids
+from cvt.models.cvt import StageSpec, kv_grid, stage_grids
 from cvt.models.layers import ConvAttention
 from cvt.precision import DTYPES
 
-# CvT-13 at 224: (channels, map size) of each stage's depthwise convs
-CONV_SHAPES = {"stage 1": (64, 56), "stage 2": (192, 28), "stage 3": (384, 14)}
 HEAD_DIM = 64
+
+
+def stage_maps(img_size: int) -> dict[str, tuple[StageSpec, tuple[int, int]]]:
+    """Each CvT-13 stage's spec and token grid at ``img_size``."""
+    with torch.device("meta"):
+        specs = create_model("cvt_13", img_size=img_size).stage_specs
+    grids = stage_grids(specs, (img_size, img_size))
+    return {f"stage {i + 1}": (spec, grid) for i, (spec, grid) in enumerate(zip(specs, grids, strict=True))}
 
 
 def attention_shapes(img_size: int) -> dict[str, tuple[int, int, int]]:
     """``(heads, queries, keys)`` of each CvT-13 stage's attention at ``img_size`` (a cls token counts)."""
-    specs = create_model("cvt_13", img_size=img_size).stage_specs
     shapes = {}
-    for i, (spec, grid) in enumerate(zip(specs, stage_grids(specs, (img_size, img_size)), strict=True)):
+    for stage, (spec, grid) in stage_maps(img_size).items():
         kv_h, kv_w = kv_grid(spec, grid)
         cls = int(spec.cls_token)
-        shapes[f"stage {i + 1}"] = (spec.num_heads, grid[0] * grid[1] + cls, kv_h * kv_w + cls)
+        shapes[stage] = (spec.num_heads, grid[0] * grid[1] + cls, kv_h * kv_w + cls)
     return shapes
 
 
@@ -99,10 +103,9 @@ def attention_row(
     )
 
 
-def conv_row(stage: str, stride: int, runs: int) -> str:
-    channels, size = CONV_SHAPES[stage]
+def conv_row(stage: str, channels: int, grid: tuple[int, int], stride: int, batch: int, runs: int) -> str:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, channels, size, size, generator=gen)
+    x = torch.randn(batch, channels, *grid, generator=gen)
     x = x.to(torch.bfloat16, memory_format=torch.channels_last)
     weight, bias = torch.randn(channels, 1, 3, 3, generator=gen), torch.randn(channels, generator=gen)
     weight16, bias16 = weight.bfloat16(), bias.bfloat16()
@@ -114,7 +117,8 @@ def conv_row(stage: str, stride: int, runs: int) -> str:
             },
             runs,
         )
-    return f"| {stage}: {channels} x {size} x {size}, stride {stride} | {ms['bf16']:.2f} | {ms['fp32']:.2f} |"
+    size = f"{channels} x {grid[0]} x {grid[1]}"
+    return f"| {stage}: {size}, stride {stride} | {ms['bf16']:.2f} | {ms['fp32']:.2f} |"
 
 
 def main() -> int:
@@ -143,11 +147,12 @@ def main() -> int:
             batch = max(1, round((16 if train else 8) * args.batch_scale))
             for stage, shape in shapes.items():
                 print(attention_row(dtype_name, train, stage, shape, batch, args.runs), flush=True)
-    print("\n| depthwise conv, batch 8, channels-last bf16 input | bf16 ms | fp32 ms (with casts) |")
+    batch = max(1, round(8 * args.batch_scale))
+    print(f"\n| depthwise conv, batch {batch}, channels-last bf16 input | bf16 ms | fp32 ms (with casts) |")
     print("|---|---|---|")
-    for stage in CONV_SHAPES:
+    for stage, (spec, grid) in stage_maps(args.img_size).items():
         for stride in (1, 2):
-            print(conv_row(stage, stride, args.runs), flush=True)
+            print(conv_row(stage, spec.embed_dim, grid, stride, batch, args.runs), flush=True)
     return 0
 
 

@@ -37,22 +37,24 @@ def main() -> int:
             parser.error("--cores needs the taskset command (util-linux)")
         argv = ["taskset", "-c", args.cores, *argv]
     start = time.perf_counter()
-    done = subprocess.run(argv, env={**os.environ, "CI": "1"})
-    wall = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        return done.returncode
-    summary = json.loads((out / "summary.json").read_text())
+    try:
+        done = subprocess.run(argv, env={**os.environ, "CI": "1"})
+        wall = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            return done.returncode
+        summary = json.loads((out / "summary.json").read_text())
+    finally:
+        shutil.rmtree(out.parent)  # the run folder, also when the run failed
     result = {
         "final_top1": round(summary["final_top1"], 2),
         "best_top1": round(summary["best_top1"], 2),
         "train_seconds": summary["train_seconds"],
         "wall_seconds_with_startup": round(wall, 1),
         "cpu_seconds_user_sys": round(usage.ru_utime + usage.ru_stime, 1),
-        "cpu_threads": os.cpu_count(),
+        "cpu_cores": args.cores or f"all {os.cpu_count()}",  # the taskset list the run was pinned to
     }
     print(json.dumps(result, indent=2))
-    shutil.rmtree(out.parent)
     return 0 if result["final_top1"] >= 98.5 and wall < 300 else 1
 
 

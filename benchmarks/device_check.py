@@ -91,7 +91,7 @@ def main() -> int:
     torch.manual_seed(0)
     reference = set_fast_paths(create_model(args.model, drop_path_rate=0.0), False).eval()
     subject = set_fast_paths(copy.deepcopy(reference), True).to(device)
-    size = reference.pretrained_cfg["input_size"][1:]
+    size = reference.img_size
     x = torch.randn(args.batch_size, 3, *size)
     y = torch.randint(0, reference.num_classes, (args.batch_size,))
     x_dev = x.to(device)

@@ -36,15 +36,12 @@ def variants(toggled: list[str]) -> dict[str, dict[str, bool]]:
 def main() -> int:
     parser = step_parser(__doc__)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int)
     parser.add_argument("--flags", default=",".join(FAST_PATH_FLAGS), help="fast paths to switch off in turn")
     args = parser.parse_args()
     toggled = args.flags.split(",")
     unknown = sorted(set(toggled) - set(FAST_PATH_FLAGS))
     if unknown:
         parser.error(f"unknown fast path(s) {unknown}; known: {', '.join(FAST_PATH_FLAGS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = step_config(args)
     torch.manual_seed(0)
     model: nn.Module = create_model(args.model)

@@ -14,7 +14,6 @@ conv's own copies) are listed under the caller's line too.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
@@ -23,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from step_options import step_config, step_parser
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt
-from cvt.benchmark import model_input_size
-from cvt.cli.common import parse_img_size
 from cvt.models import cpu_kernels, create_model
 from cvt.precision import autocast
 
@@ -65,25 +63,19 @@ class OpCensus(TorchDispatchMode):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="cvt_13")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--img-size", type=parse_img_size,
-                        help="input size N or H,W (default: the model's, e.g. 32 for cvt_tiny)")  # fmt: skip
-    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16: CPU autocast")
+    parser = step_parser(__doc__)
+    parser.set_defaults(batch_size=2, dtype="bf16")
     parser.add_argument("--bf16-kernels", choices=("yes", "no", "detected"), default="detected")
     parser.add_argument(
         "--ops", default="_to_copy,copy_,cat,clone", help="aten op names (comma-separated) or all"
     )
     args = parser.parse_args()
+    cfg = step_config(args)
     if args.bf16_kernels != "detected":
         cpu_kernels.CPU_HAS_BF16_KERNELS = args.bf16_kernels == "yes"
     torch.manual_seed(0)
     model = create_model(args.model).train(args.mode == "train")
-    x = torch.randn(args.batch_size, 3, *(args.img_size or model_input_size(args.model)))
+    x = torch.randn(args.batch_size, 3, *cfg.measured_size)
     census = OpCensus(set() if args.ops == "all" else set(args.ops.split(",")))
     with torch.set_grad_enabled(args.mode == "train"), autocast("cpu", args.dtype):
         model(x)  # warm the caches of derived weights: the census is of a steady-state call

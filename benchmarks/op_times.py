@@ -156,14 +156,11 @@ def main() -> int:
     parser = step_parser(__doc__)
     parser.add_argument("--subjects", default=",".join(SUBJECTS), help="comma-separated: cvt, hf, official")
     parser.add_argument("--runs", type=int, default=3, help="timed steps, plain and under the op timer")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory (cvt.allocator.keep_freed_memory)")  # fmt: skip
     parser.add_argument("--rows", type=int, default=0, help="also list each subject's N slowest ops by shape")
     parser.add_argument("--target", type=float, help="a speed-up over the faster peer to check against")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         keep_freed_memory()
     cfg = step_config(args)

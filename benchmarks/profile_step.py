@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py                      # inference, fp32, batch 8
     .venv/bin/python benchmarks/profile_step.py --mode train --batch-size 16
-    .venv/bin/python benchmarks/profile_step.py --subject official --dtype bf16   # a peer, same table
+    .venv/bin/python benchmarks/profile_step.py --subject official --dtype bf16   # a peer: the op table only
 
 Stages are labelled with ``record_function`` through forward hooks (the model itself carries no
 profiling code); backward ops run outside those labels and are reported by op only.
@@ -40,11 +40,8 @@ def main() -> int:
     parser = step_parser(__doc__)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--subject", choices=SUBJECTS, default="cvt", help="this package or a peer")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--by-shape", action="store_true", help="one row per op and input shapes")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = step_config(args)
     subjects, num_classes = build_subjects(cfg, [args.subject])
     model = subjects[args.subject]

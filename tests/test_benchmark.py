@@ -146,8 +146,8 @@ class WorkerLog:
 
         monkeypatch.setattr(benchmark, "make_step", make_step)
         monkeypatch.setattr(torch, "compile", compile_)
-        monkeypatch.setattr(benchmark, "_settled_rss_mb", baseline)
-        monkeypatch.setattr(benchmark, "_peak_rss_mb", lambda: 112.5)
+        monkeypatch.setattr(benchmark, "settled_rss_mb", baseline)
+        monkeypatch.setattr(benchmark, "peak_rss_mb", lambda: 112.5)
         monkeypatch.setattr(torch, "set_num_threads", self.threads.append)
 
 
@@ -192,18 +192,18 @@ def test_settled_baseline_collects_and_trims_where_libc_can(monkeypatch: pytest.
 
     monkeypatch.setattr(gc, "collect", lambda: collects.append(True) or 0)
     monkeypatch.setattr(allocator, "glibc", Glibc)
-    assert benchmark._settled_rss_mb() > 0
+    assert benchmark.settled_rss_mb() > 0
     assert collects and trims == [0]
     monkeypatch.setattr(allocator, "glibc", lambda: None)  # another C library: nothing to trim
-    assert benchmark._settled_rss_mb() > 0
+    assert benchmark.settled_rss_mb() > 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
 def test_settled_baseline_restarts_the_peak_rss() -> None:
     big = torch.ones(64 * MB // 4)  # touched: 64 MB resident, so the peak RSS is at least that high
     del big
-    baseline = benchmark._settled_rss_mb()
-    assert benchmark._peak_rss_mb() - baseline < 32
+    baseline = benchmark.settled_rss_mb()
+    assert benchmark.peak_rss_mb() - baseline < 32
 
 
 def test_peers_alone_are_measured_with_the_whole_network_flops(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,15 +217,8 @@ def test_peers_alone_are_measured_with_the_whole_network_flops(monkeypatch: pyte
     assert official.gflops_per_s == pytest.approx(2 * gmacs * official.img_per_s, rel=1e-6)
 
 
-def load_op_census() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("op_census", REPO / "benchmarks" / "op_census.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def test_op_census_attributes_ops_to_the_package_only() -> None:
-    census = load_op_census()
+def test_op_census_attributes_ops_to_the_package_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    census = load_benchmark_script(monkeypatch, "op_census")
     package = Path(cvt.__file__).parent
     assert census.in_package(str(package / "models" / "layers.py"))
     # a checkout folder named cvt holds the script and the virtual environment: neither is the package

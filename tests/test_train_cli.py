@@ -57,6 +57,17 @@ def test_seed_command_without_cifar_says_where_to_put_it(capsys, tmp_path, monke
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
+def test_seed_command_help_says_the_recipe_replaces_the_defaults(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    # the script's own docstring (CIFAR-10, 200 epochs at lr 0.01) comes before cvt train's option list
+    assert out.index("seed_cifar10.yaml") < out.index("200 epochs at lr 0.01") < out.index("--epochs EPOCHS")
+    assert "replaced by the seed recipe" in out
+
+
 def test_seed_command_maps_onto_the_seed_defaults(tmp_path, monkeypatch):
     """The seed's flags on top of the seed recipe; a cvt train flag (--output) is accepted too."""
     from cvt.engine import resolve_run

@@ -410,7 +410,7 @@ def _rss_mb() -> float:
     return pages * mmap.PAGESIZE / 2**20
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident set size of this process image, in MB.
 
     ``VmHWM`` starts afresh at ``exec``; ``ru_maxrss`` would not: Linux carries it over from the
@@ -422,7 +422,7 @@ def _peak_rss_mb() -> float:
     raise RuntimeError(f"{PROC_SELF / 'status'} has no VmHWM line")
 
 
-def _settled_rss_mb() -> float:
+def settled_rss_mb() -> float:
     """This process's RSS in MB once the memory freed so far is returned to the OS, with the peak RSS
     reset to it: the baseline of a step's peak.
 
@@ -478,10 +478,10 @@ def _memory_worker(request: str) -> None:
     # momentum buffers again
     make_step(model, cfg)(*batch)
     step = make_step(model, cfg)
-    before = _settled_rss_mb()
+    before = settled_rss_mb()
     for _ in range(2):
         step(*batch)
-    print(_peak_rss_mb() - before)
+    print(peak_rss_mb() - before)
 
 
 def per_round_speedups(ours: BenchResult, peer: BenchResult) -> list[float]:
