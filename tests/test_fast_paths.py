@@ -19,9 +19,9 @@ from torch.autograd import forward_ad
 
 from cvt.errors import UsageError
 from cvt.models import CvT, cpu_kernels, expand_stages, layers
+from cvt.models.derived_weights import CastCachedLinear, DerivedWeights
 from cvt.models.layers import (
     FAST_PATH_FLAGS,
-    CastCachedLinear,
     ConvProjection,
     DenseGradient,
     QuickGeluMlp,
@@ -384,7 +384,7 @@ def test_a_model_made_or_converted_under_inference_mode_runs() -> None:
 def test_threads_sharing_a_cache_each_get_the_tensors_of_their_own_sources() -> None:
     """``nn.DataParallel`` replicas share their modules' caches and run in threads: a thread must never
     get back the tensors another thread has just computed from its own sources."""
-    shared = layers.DerivedWeights()
+    shared = DerivedWeights()
     common = tuple(torch.zeros(1) for _ in range(100))  # a long key: a wide window between writes
     sources = [(torch.full((4,), float(i)), *common) for i in range(2)]
     wrong: list[int] = []

@@ -45,9 +45,10 @@ autocast, or ``dw_fp32``, does not cast it per projection), and the cls token jo
 in their dtype (under autocast an fp32 cls would promote the concatenation to fp32, which the Linear
 casts back).
 
-Weights derived from parameters (folded, concatenated, scaled) are cached only while no autograd
-graph is built and are recomputed as soon as a source tensor changes (in-place update, new tensor,
-BatchNorm statistics moved by a train-mode forward, any ``torch.optim`` step, fused ones included);
+Weights derived from parameters (folded, concatenated, scaled; :mod:`cvt.models.derived_weights`) are
+cached only while no autograd graph is built and are recomputed as soon as a source tensor changes
+(in-place update, new tensor, BatchNorm statistics moved by a train-mode forward, any ``torch.optim``
+step, fused ones included);
 ``train()`` and ``eval()`` drop them too, for edits through ``param.data`` that no version counter
 sees. A fast path that reads a submodule's parameters instead of calling it steps aside when that
 submodule has hooks or is not the plain layer it expects (pruned, parametrized, quantized, wrapped):
@@ -56,18 +57,22 @@ the module then runs as itself.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cvt.models import cpu_kernels
 from cvt.models.cpu_kernels import RecomputedAttention, builds_no_graph, chunked_attention
+from cvt.models.derived_weights import (
+    CachesDerivedWeights,
+    CastCachedLinear,
+    DerivedWeights,
+    graph_linear,
+    packed_linear_dtype,
+)
 from cvt.precision import active_autocast_dtype
 
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
@@ -87,151 +92,6 @@ class QuickGELU(nn.Module):
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
-
-
-class DerivedWeights:
-    """Tensors computed from parameters or buffers, reused while no autograd graph is being built.
-
-    The cache is keyed on the identity, in-place version counter, storage, dtype and device of every
-    source tensor (an optimizer step or ``load_state_dict`` bumps the version; ``.to()`` and
-    ``.double()`` keep the Parameter object and its version but give it new storage), on the number of
-    ``torch.optim`` steps taken in this process (fused optimizers, ``AdamW(fused=True)``, update
-    parameters without moving their version counters), and on the autocast state: under autocast the
-    cached copies are already in the autocast dtype, saving a cast per call. With grad enabled or under
-    ``torch.compile`` the tensors are recomputed on every call (autograd must see them); under
-    ``torch.jit.trace`` too, so the trace records the derivation, not a frozen copy; and for inference
-    tensors (made under ``torch.inference_mode``), which have no version counter.
-    One entry per object: calls that alternate autocast states (fp32, then bf16, then fp32 …) recompute
-    it on every call (CvT-13 at batch 8: 13-17 % slower per call); a model copy per state avoids that.
-    The entry is read and replaced as one object, so modules called from several threads at once
-    (``nn.DataParallel`` replicas share this object) each get the tensors of their own sources.
-    Not pickled and not deep-copied: a copy starts empty.
-    """
-
-    optimizer_steps = 0  # counted by a post-hook on every torch.optim optimizer's step()
-
-    def __init__(self) -> None:
-        # (state, [(weak source, its key)], value), or None before the first call
-        self._entry: tuple[tuple[Any, ...], list[tuple[weakref.ref, tuple[Any, ...]]], Any] | None = None
-
-    def get(
-        self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
-    ) -> tuple[torch.Tensor, ...]:
-        """``compute()``, or its cached result when the sources and autocast state are unchanged."""
-        if not self.keeps(sources):
-            return compute()
-        cast_to = active_autocast_dtype(sources[0].device.type)
-        state = (cast_to, DerivedWeights.optimizer_steps)
-        entry = self._entry  # one read: another thread may replace the entry meanwhile
-        if entry is not None and entry[0] == state and self._same_sources(entry[1], sources):
-            return entry[2]
-        value = compute()
-        if cast_to is not None:
-            value = tuple(v.to(cast_to) if v is not None and v.is_floating_point() else v for v in value)
-        self._entry = (state, [(weakref.ref(t), self._key(t)) for t in sources], value)
-        return value
-
-    @staticmethod
-    def keeps(sources: tuple[torch.Tensor, ...]) -> bool:
-        """Whether :meth:`get` may keep what it computes from ``sources`` now: no graph built, not traced
-        or compiled, and no inference tensor among them."""
-        return builds_no_graph() and not any(t.is_inference() for t in sources)
-
-    @property
-    def cached(self) -> tuple[torch.Tensor, ...] | None:
-        """The tensors kept from the last :meth:`get` that could keep them, or None."""
-        entry = self._entry
-        return None if entry is None else entry[2]
-
-    @classmethod
-    def _same_sources(
-        cls, recorded: list[tuple[weakref.ref, tuple[Any, ...]]], sources: tuple[torch.Tensor, ...]
-    ) -> bool:
-        """Whether ``sources`` are the recorded tensors, unchanged since."""
-        if len(recorded) != len(sources):
-            return False
-        return all(ref() is t and key == cls._key(t) for (ref, key), t in zip(recorded, sources, strict=True))
-
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple[Any, ...]:
-        return t._version, t.data_ptr(), t.dtype, t.device
-
-    def clear(self) -> None:
-        """Forget the cached tensors: the next :meth:`get` computes them anew."""
-        self._entry = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
-
-
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    DerivedWeights.optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-class CachesDerivedWeights(nn.Module):
-    """Base of the modules that keep :class:`DerivedWeights`: ``train()`` and ``eval()`` clear them.
-
-    Version counters miss one kind of edit: through ``param.data`` (``p.data.copy_(...)`` in weight
-    averaging or surgery code), whose alias has a counter of its own. Code that edits weights that way
-    and then hands the model back with ``model.eval()`` or ``model.train()`` gets fresh derived weights.
-    """
-
-    def clear_derived(self) -> None:
-        """Drop this module's derived weights (recomputed on the next call that needs them)."""
-        for value in vars(self).values():
-            if isinstance(value, DerivedWeights):
-                value.clear()
-
-    def train(self, mode: bool = True) -> CachesDerivedWeights:
-        self.clear_derived()
-        return super().train(mode)
-
-
-def packed_linear_dtype(enabled: bool, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype of the ``onednn_linear`` fast path for ``x`` through a Linear on ``weight``, or None
-    where ``F.linear`` runs (the flag off, or :func:`cvt.models.cpu_kernels.linear_dtype` says so)."""
-    return cpu_kernels.linear_dtype(x, weight) if enabled else None
-
-
-def graph_linear(
-    enabled: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; with the ``onednn_linear`` flag ``enabled``, as
-    :class:`~cvt.models.cpu_kernels.OnednnLinear` where :func:`~cvt.models.cpu_kernels.trains_on_onednn`
-    allows (fp32 CPU training off Intel: oneDNN's GEMM is faster than MKL's there)."""
-    if enabled and cpu_kernels.trains_on_onednn(x, weight):
-        return cpu_kernels.OnednnLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class CastCachedLinear(CachesDerivedWeights, nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
-    kept between calls while no graph is built, instead of autocast casting them on every call; in CPU
-    inference on AVX-512 they are kept packed for oneDNN's linear kernel (``onednn_linear``), and fp32
-    training off Intel runs that kernel on the plain weights (:func:`graph_linear`)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.onednn_linear = True
-        self._cast = DerivedWeights()
-        self._packed = DerivedWeights()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
-        dtype = packed_linear_dtype(self.onednn_linear, x, self.weight)
-        if dtype is not None and DerivedWeights.keeps(params):
-            weight, bias = self._packed.get(
-                params, lambda: cpu_kernels.pack_linear(self.weight, self.bias, dtype)
-            )
-            return cpu_kernels.linear(x.to(dtype), weight, bias)
-        weight, *bias = self._cast.get(params, lambda: params)
-        return graph_linear(self.onednn_linear, x, weight, bias[0] if bias else None)
 
 
 # submodules whose forward a fast path may replace by reading their parameters
