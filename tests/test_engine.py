@@ -323,7 +323,7 @@ def carry_best_setup(tmp_path):
 
 
 def test_carry_best_warns_about_a_damaged_best_pt(tmp_path):
-    from cvt.engine.trainer import _carry_best
+    from cvt.engine.resume import carry_best
 
     source, target, _ = carry_best_setup(tmp_path)
     good = (source / "best.pt").read_bytes()
@@ -331,7 +331,7 @@ def test_carry_best_warns_about_a_damaged_best_pt(tmp_path):
         (source / "best.pt").write_bytes(data)
         progress = {"best_top1": 50.0, "best_epoch": 3}
         with pytest.warns(UserWarning, match="no best.pt of the best epoch so far"):
-            _carry_best(source / "last.pt", target, progress)
+            carry_best(source / "last.pt", target, progress)
         assert progress == {"best_top1": -1.0, "best_epoch": 0}, name
         assert not (target / "best.pt").exists()
 
@@ -343,7 +343,7 @@ def test_carry_best_warns_about_a_damaged_best_pt(tmp_path):
 )  # fmt: skip
 def test_carry_best_lets_errors_other_than_a_damaged_file_through(tmp_path, monkeypatch, error):
     """Running out of memory, or a bug, is not turned into "no best.pt": the best would be reset."""
-    from cvt.engine.trainer import _carry_best
+    from cvt.engine.resume import carry_best
 
     source, target, progress = carry_best_setup(tmp_path)
 
@@ -352,7 +352,7 @@ def test_carry_best_lets_errors_other_than_a_damaged_file_through(tmp_path, monk
 
     monkeypatch.setattr(torch, "load", failing_load)
     with pytest.raises(type(error)):
-        _carry_best(source / "last.pt", target, progress)
+        carry_best(source / "last.pt", target, progress)
     assert progress == {"best_top1": 50.0, "best_epoch": 3}
 
 

@@ -165,14 +165,14 @@ def test_a_best_pt_written_after_the_resumed_checkpoint_stays_the_best(tmp_path,
 
 
 def test_a_best_pt_of_another_history_is_not_taken_over(tmp_path, no_curves):
-    from cvt.engine.trainer import _carry_best
+    from cvt.engine.resume import carry_best
 
     a = tmp_path / "a"
     run(micro(tmp_path, "a", epochs=1))
     best_ahead(a, same_run=False)  # its epoch 1 is not the checkpoint's
     last = torch.load(a / "last.pt", weights_only=True)
     progress = {k: last[k] for k in ("best_top1", "best_epoch", "history")}
-    _carry_best(a / "last.pt", a, progress)
+    carry_best(a / "last.pt", a, progress)
     assert (progress["best_top1"], progress["best_epoch"]) == (last["best_top1"], 1)
 
 
@@ -336,11 +336,11 @@ def test_a_moved_run_folder_leaves_the_new_runs_lock_alone(tmp_path):
 
 
 def test_an_output_under_a_file_is_refused_before_a_resume_checkpoint_is_read(tmp_path, monkeypatch, capsys):
-    from cvt.engine import trainer
+    from cvt.engine import resume
 
     (tmp_path / "afile").write_text("mine")
     read = []
-    monkeypatch.setattr(trainer, "load_train_checkpoint", lambda path: read.append(path))
+    monkeypatch.setattr(resume, "load_train_checkpoint", lambda path: read.append(path))
     (tmp_path / "last.pt").write_bytes(b"x")
     argv = ["train", "--resume", str(tmp_path / "last.pt"), "--output", str(tmp_path / "afile" / "sub")]
     assert main(argv) == 2

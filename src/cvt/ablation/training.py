@@ -168,7 +168,7 @@ def train_variant(config: TrainConfig) -> dict[str, float]:
     It gives ``diverged_step`` (the optimizer step whose loss was not finite) instead of a top-1.
     """
     from cvt.engine import NonFiniteLossError, train
-    from cvt.engine.trainer import resume_checkpoint
+    from cvt.engine.resume import resume_checkpoint
 
     start = time.perf_counter()
     try:

@@ -3,7 +3,7 @@
 Flags are generated from the dataclass, so a YAML key and its flag always share a name
 (``batch_size`` ↔ ``--batch-size``) and help text. Given flags override the YAML recipe
 (``--config``), which overrides what a resumed checkpoint recorded; keys in neither keep the
-checkpoint's values (:func:`~cvt.engine.trainer.resolve_run`).
+checkpoint's values (:func:`~cvt.engine.resume.resolve_run`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """``cvt train``: resolve the run's config and train; the exit status."""
-    from cvt.engine.trainer import resolve_run, train
+    from cvt.engine.resume import resolve_run
+    from cvt.engine.trainer import train
 
     cfg, checkpoint = resolve_run(args.config, flags_from_args(args))
     train(cfg, checkpoint)

@@ -1,9 +1,10 @@
 """The training loop of ``cvt train``, readable top to bottom.
 
-:func:`resolve_run` turns a YAML file and flags into a :class:`TrainConfig` (based on the checkpoint's
-config when resuming); :func:`train` then builds data, model, optimizer and schedule, and runs one
-explicit loop: autocast → loss → finite check → backward (accumulated) → unscale → clip → step →
-lr per step → EMA, with validation, checkpoints and logs at the end of every epoch.
+:func:`~cvt.engine.resume.resolve_run` turns a YAML file and flags into a :class:`TrainConfig` (based
+on the checkpoint's config when resuming); :func:`train` then builds data, model, optimizer and
+schedule, and runs one explicit loop: autocast → loss → finite check → backward (accumulated) →
+unscale → clip → step → lr per step → EMA, with validation, checkpoints and logs at the end of every
+epoch.
 
 Exact resume: a checkpoint stores the model, optimizer, grad scaler, EMA, the position in the epoch
 and every RNG state; the lr is a function of the step, set from the resumed run's options (so
@@ -21,13 +22,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import pickle
 import signal
-import struct
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +34,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cvt.engine.config import RUN_CONTROL, TrainConfig, augment_config, resolve_config, run_model_kwargs
+from cvt.engine.config import TrainConfig, augment_config, run_model_kwargs
 from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, shutdown_distributed
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
+from cvt.engine.resume import (
+    carry_best,
+    checkpoint_state,
+    first_epoch_with,
+    misfit_message,
+    recorded_config,
+    resume_path,
+    resumed_position,
+)
 from cvt.engine.rundir import (
     TensorBoardLog,
     check_run_dir,
@@ -51,9 +58,8 @@ from cvt.engine.rundir import (
     write_summary,
 )
 from cvt.engine.sampler import ResumableSampler
-from cvt.engine.state import atomic_torch_save, capture_rng, load_train_checkpoint, restore_rng
-from cvt.errors import CheckpointError, CvtError, UsageError, is_out_of_memory
-from cvt.fileio import atomic_write_bytes, check_folder_path
+from cvt.engine.state import atomic_torch_save, restore_rng
+from cvt.errors import CheckpointError, CvtError, UsageError
 from cvt.precision import autocast, autocast_dtype
 
 
@@ -77,54 +83,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """The run's config and, when resuming, its checkpoint.
-
-    Without ``resume``: defaults ← YAML ← flags. With ``resume PATH`` (or ``auto`` and an existing
-    ``<run>/last.pt``): the checkpoint's config ← YAML ← flags, so ``--epochs`` can extend a run.
-    """
-    cfg = resolve_config(yaml_source, flags)
-    if cfg.output:  # an output that cannot be a folder is refused before a checkpoint is read
-        check_folder_path(Path(cfg.output))
-    ckpt = resume_checkpoint(cfg)
-    if ckpt is None:
-        return cfg, None
-    path = _resume_path(cfg)
-    # how the interrupted run was started (--overwrite, its own --resume) does not carry over; older
-    # checkpoints still record it
-    saved = {
-        k: v
-        for k, v in ckpt["config"].items()
-        if k in TrainConfig.__dataclass_fields__ and k not in RUN_CONTROL
-    }
-    base = resolve_config(None, saved)
-    # the run continues in the checkpoint's folder unless --output says otherwise
-    run_flags = {"output": flags.get("output") or str(path.parent), **flags, "resume": cfg.resume}
-    return resolve_config(yaml_source, run_flags, base=base), ckpt
-
-
-def resume_checkpoint(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint ``cfg.resume`` names, loaded; None without ``resume``, or for ``auto`` when the
-    run folder holds no checkpoint yet (a fresh run in that folder)."""
-    if not cfg.resume:
-        return None
-    path = _resume_path(cfg)
-    if cfg.resume == "auto" and not path.is_file():
-        return None
-    return load_train_checkpoint(path)
-
-
-def _resume_path(cfg: TrainConfig) -> Path:
-    """The checkpoint ``cfg.resume`` names: a path, or for ``auto`` ``<run>/last.pt`` — or ``best.pt``
-    of a run killed between the two saves that end its first epoch (``best.pt`` is written first;
-    no ``last.pt`` and no ``metrics.csv`` yet), whose state it holds."""
-    if cfg.resume != "auto":
-        return Path(cfg.resume)
-    last, best = cfg.run_dir / "last.pt", cfg.run_dir / "best.pt"
-    first_epoch_cut = best.is_file() and not last.exists() and not (cfg.run_dir / "metrics.csv").exists()
-    return best if first_epoch_cut else last
 
 
 def _set_deterministic(enabled: bool) -> None:
@@ -194,155 +152,6 @@ def _recorded_img_size(info: dict[str, Any]) -> tuple[int, int] | None:
         height, width = info["arch"]["img_size"]
         return int(height), int(width)
     return None
-
-
-def _checkpoint(
-    model: nn.Module, optimizer: Any, scaler: Any, ema: Any, cfg: TrainConfig, progress: dict[str, Any],
-    classes: list[str], world_size: int,
-) -> dict[str, Any]:  # fmt: skip
-    """Everything a resumed run needs, as tensors and plain containers (``weights_only``-loadable).
-
-    No scheduler state: the lr is a function of the step, and a resumed run follows its own options.
-    """
-    return {
-        "batch_geometry": dict(batch_size=cfg.batch_size, world_size=world_size, accum_steps=cfg.accum_steps),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "ema": ema.module.state_dict() if ema is not None else {},
-        "rng": capture_rng(),
-        "config": _recorded_config(cfg, model),
-        "classes": list(classes),
-        **progress,  # epoch, batches_done, step, history, best_top1, epoch sums, train_seconds
-    }
-
-
-def _resumed_position(resume: dict[str, Any], batches_done: int, cfg: TrainConfig, world_size: int) -> int:
-    """The resumed position in the epoch, in this run's batches per process.
-
-    The schedule counts optimizer steps and the data order is cut into global batches, so a run may
-    only continue with the global batch (batch size x processes x accumulation steps) it was saved
-    with; split otherwise (fewer processes, more accumulation), the samples already used are the same.
-    """
-    saved = resume.get("batch_geometry")
-    if saved is None:  # checkpoints of earlier versions: the geometry of the options they record
-        return batches_done
-    saved_global = saved["batch_size"] * saved["world_size"] * saved["accum_steps"]
-    global_batch = cfg.batch_size * world_size * cfg.accum_steps
-    if saved_global != global_batch:
-        raise CheckpointError(
-            f"the checkpoint to resume was trained with a global batch of {saved_global} (batch size "
-            f"{saved['batch_size']} x {saved['world_size']} process(es) x {saved['accum_steps']} "
-            f"accumulation step(s)), this run has {global_batch} ({cfg.batch_size} x {world_size} x "
-            f"{cfg.accum_steps}): its lr schedule and data position count steps of {saved_global} images; "
-            f"resume with the same global batch, or start a new run from it with --finetune"
-        )
-    # saves happen at step boundaries, so the samples used fill whole batches of the new split
-    return batches_done * saved["batch_size"] * saved["world_size"] // (cfg.batch_size * world_size)
-
-
-def _first_epoch_with(history: list[dict[str, float]], top1: float) -> int:
-    """The first epoch of ``history`` that reached ``top1`` (0 when none did)."""
-    return next((row["epoch"] for row in history if row["top1"] == top1), 0)
-
-
-# what torch.load raises for a file that is not a whole checkpoint: the disk (OSError), torch's zip
-# reader (RuntimeError: not a zip, truncated), its weights-only unpickler on damaged bytes (UnpicklingError,
-# EOFError, struct.error, ValueError such as UnicodeDecodeError)
-_DAMAGED_FILE_ERRORS = (OSError, RuntimeError, pickle.UnpicklingError, EOFError, struct.error, ValueError)
-
-
-def _read_best(path: Path) -> dict[str, Any]:
-    """The checkpoint ``path`` (its weights memory-mapped, not read), or ``{}`` when there is none or
-    it cannot be read."""
-    if not path.is_file():
-        return {}
-    try:  # mmap: only the scalars and the history are read, not the weights
-        best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except _DAMAGED_FILE_ERRORS as err:  # as good as no file; out of memory is not
-        if is_out_of_memory(err):
-            raise
-        return {}
-    return best if isinstance(best, dict) else {}
-
-
-def _ahead_of(best: dict[str, Any], progress: dict[str, Any]) -> bool:
-    """Whether ``best`` (a ``best.pt``) was saved later in the run that ``progress`` was resumed from,
-    with a higher top-1: its history continues the checkpoint's (a run killed after writing an epoch's
-    ``best.pt`` and before its ``last.pt``)."""
-    history, own = best.get("history"), progress.get("history", [])
-    if not isinstance(history, list) or len(history) <= len(own):
-        return False
-    if not isinstance(best.get("best_top1"), (int, float)) or best["best_top1"] <= progress["best_top1"]:
-        return False
-    return all(
-        isinstance(row, dict) and (row.get("epoch"), row.get("top1")) == (mine["epoch"], mine["top1"])
-        for row, mine in zip(history, own, strict=False)  # the checkpoint's rows: the first of best's
-    )
-
-
-def _carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> None:
-    """Make the best so far of a resumed run what the ``best.pt`` beside its checkpoint holds.
-
-    That ``best.pt`` may be ahead of the checkpoint: written for an epoch whose ``last.pt`` a kill
-    prevented. Its best (top-1 and epoch) is then taken over, so the retrained epochs replace it only
-    when they do better and the summary names the epoch it holds. A run resumed into another folder
-    takes the source run's ``best.pt`` along, so that the new folder's ``best.pt`` and summary keep
-    meaning the best epoch so far. Without a ``best.pt`` of that best beside the checkpoint, the best
-    is counted anew from the epochs trained there (warned).
-    """
-    same_folder = resume_from.resolve().parent == run_dir.resolve()
-    if progress["best_top1"] < 0 and same_folder:
-        return  # no epoch ended yet: a best.pt beside it (a kill mid-epoch 1) is retrained over anyway
-    source = resume_from.parent / "best.pt"
-    best = _read_best(source)
-    if _ahead_of(best, progress):
-        best_epoch = int(best.get("best_epoch") or best["epoch"])  # files of earlier versions: its epoch
-        progress.update(best_top1=float(best["best_top1"]), best_epoch=best_epoch)
-    if same_folder or progress["best_top1"] < 0:
-        return
-    if best.get("best_top1") == progress["best_top1"]:
-        atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
-        return
-    warnings.warn(
-        f"no best.pt of the best epoch so far (top-1 {progress['best_top1']:.2f}) beside {resume_from}: "
-        f"best.pt in {run_dir} will be the best of the epochs trained from here on",
-        stacklevel=2,
-    )
-    progress.update(best_top1=-1.0, best_epoch=0)
-
-
-# the options whose change makes a checkpoint's weights or optimizer state not fit the model built
-_FIT_OPTIONS = ("model", "num_classes", "img_size", "model_args", "optimizer")
-
-
-def _misfit_message(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, err: Exception) -> str:
-    """One line for a checkpoint to resume that does not load into this run's model or optimizer:
-    the recorded options that differ from this command's, or else the first line of torch's detail."""
-    recorded = resume.get("config") or {}
-    now = _recorded_config(cfg, model)
-    differ = [
-        f"{key} {recorded[key]!r} (this command: {now[key]!r})"
-        for key in _FIT_OPTIONS
-        if key in recorded and key in now and recorded[key] != now[key]
-    ]
-    if differ:
-        what = "; ".join(differ)
-    else:  # torch's message: a header line, then one indented line per kind of mismatch
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
-        what = f"other weights ({detail[:300]})"
-    return (
-        f"the checkpoint to resume does not fit {cfg.model} with {model.num_classes} classes and optimizer "
-        f"{cfg.optimizer} (this command's): it was trained with {what}; resume with the options it was "
-        f"trained with, or start a new run from it with --finetune"
-    )
-
-
-def _recorded_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
-    """The run's options as ``config.yaml`` and checkpoints record them, with the resolved class
-    count and resolution."""
-    return {**cfg.recorded(), "num_classes": model.num_classes, "img_size": model.img_size[0]}
 
 
 # the signals that stop a run after saving: Ctrl-C, and how job schedulers (SLURM, Kubernetes) and a
@@ -498,7 +307,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         raise UsageError("sync_bn needs CUDA GPUs (torch's SyncBatchNorm is GPU-only); drop --sync-bn on CPU")
     run_dir = cfg.run_dir
     # a loaded checkpoint may continue in its own folder (or an empty one), never over another run
-    resume_from = _resume_path(cfg) if resume is not None and cfg.resume else None
+    resume_from = resume_path(cfg) if resume is not None and cfg.resume else None
     # --resume auto on a run killed before its first checkpoint starts it again, replacing its start-up files
     replace = cfg.overwrite or (cfg.resume == "auto" and resume is None and never_saved(run_dir))
     check_run_dir(run_dir, replace, resume_from)  # every rank, before anyone writes
@@ -597,15 +406,15 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
         except (RuntimeError, ValueError) as err:  # another variant, class count or optimizer
-            raise CheckpointError(_misfit_message(resume, cfg, model, err)) from err
+            raise CheckpointError(misfit_message(resume, cfg, model, err)) from err
         for group, own in zip(optimizer.param_groups, settings, strict=True):
             group.update(own)
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
         progress.update({k: resume[k] for k in progress if k in resume})
         if "best_epoch" not in resume:  # checkpoints of earlier versions: the first epoch of the best top-1
-            progress["best_epoch"] = _first_epoch_with(progress["history"], progress["best_top1"])
-        progress["batches_done"] = _resumed_position(resume, progress["batches_done"], cfg, env.world_size)
+            progress["best_epoch"] = first_epoch_with(progress["history"], progress["best_top1"])
+        progress["batches_done"] = resumed_position(resume, progress["batches_done"], cfg, env.world_size)
         # the lr of the resumed step from this run's options, which may change --epochs, --lr, --sched …
         scheduler.step_update(progress["step"])
         if env.is_main:
@@ -631,8 +440,8 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
         prepare_run_dir(run_dir, replace)
         if resume_from is not None:
-            _carry_best(resume_from, run_dir, progress)
-        write_config(run_dir, _recorded_config(cfg, model))
+            carry_best(resume_from, run_dir, progress)
+        write_config(run_dir, recorded_config(cfg, model))
         # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
         tb = TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resume else None)
         print(
@@ -643,8 +452,8 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         )
 
     def save(name: str) -> None:
-        atomic_torch_save(_checkpoint(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size),
-                          run_dir / name)  # fmt: skip
+        state = checkpoint_state(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size)
+        atomic_torch_save(state, run_dir / name)
 
     def stop(where: str) -> TrainingInterrupted:
         """The interruption to raise once ``last.pt`` holds the state at ``where``."""
