@@ -232,12 +232,7 @@ def chunked_attention(
     Queries run in chunks whose scores (at most ``max_scores`` over the batch and heads) stay in cache;
     the probabilities are kept in the inputs' dtype, which is all the second matrix product reads.
     """
-    # contiguous heads: batched products over the permuted q/k/v views ran ~2x slower (stage 1, bf16);
-    # the scale on the keys (Tk x d), not on every chunk's scores (Tq x Tk): scaling the scores took
-    # 3.5 ms of a 265-ms CvT-13 bf16 forward at batch 8, 2.0 of them in stage 1 (49x more scores than keys)
-    # (one pass: `k * scale` keeps a permuted k's strides, and `.contiguous()` would copy it again)
-    k = torch.mul(k, scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
-    q, v = q.contiguous(), v.contiguous()
+    q, k, v = _operands(q, k, v, scale)
     queries, keys = q.shape[-2], k.shape[-2]
     down_keys = softmax_runs_down_keys(queries, keys)
     keys_t = k.transpose(-2, -1)  # (B, heads, d, Tk)
@@ -322,9 +317,17 @@ class RecomputedAttention(torch.autograd.Function):
 def _operands(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RecomputedAttention's queries and values made contiguous, and its keys scaled: the same in
-    forward and in backward's recomputation."""
-    return q.contiguous(), k * scale, v.contiguous()
+    """The queries, scaled keys and values that :func:`chunked_attention` and :class:`RecomputedAttention`
+    (forward and backward's recomputation) multiply, each contiguous.
+
+    Contiguous heads: batched products over the permuted q/k/v views ran ~2x slower (stage 1, bf16). The
+    scale goes on the keys (``Tk × d``), not on every block's scores (``Tq × Tk``): scaling the scores
+    took 3.5 ms of a 265-ms CvT-13 bf16 forward at batch 8, 2.0 of them in stage 1 (49x more scores than
+    keys). One pass for the keys: ``k * scale`` keeps a permuted k's strides, which ``.contiguous()``
+    would then copy again.
+    """
+    keys = torch.mul(k, scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    return q.contiguous(), keys, v.contiguous()
 
 
 def _block_probs(queries: torch.Tensor, keys: torch.Tensor, b: int, h: int, rows: slice) -> torch.Tensor:

@@ -308,9 +308,7 @@ class ConvAttention(CachesDerivedWeights):
         self.with_cls_token = with_cls_token
         self.attn_drop_rate = attn_drop
         self.fused_attn = True  # F.scaled_dot_product_attention; False: explicit softmax (reference path)
-        self.explicit_few_keys = (
-            True  # on CPU, explicit softmax over <= FEW_KEYS keys (FEW_KEYS_BF16 in bf16; faster there)
-        )
+        self.explicit_few_keys = True  # CPU: explicit softmax over <= FEW_KEYS (bf16: FEW_KEYS_BF16) keys
         self.chunked_attn = True  # bf16 CPU inference: chunked_attention (faster than SDPA there)
         self.recompute_attn = True  # bf16 CPU training over many keys: RecomputedAttention (idem)
         self.fuse_proj = True  # one matrix product for projections that share their input
@@ -455,28 +453,28 @@ class ConvAttention(CachesDerivedWeights):
         return self.proj_drop(self.proj(out))
 
     def _chunks_attention(self, q: torch.Tensor) -> bool:
-        """``chunked_attn``: bf16 CPU inference where oneDNN has bf16 kernels (no graph, not traced or
-        compiled, no attention dropout) runs :func:`~cvt.models.cpu_kernels.chunked_attention`."""
-        if not (self.chunked_attn and q.device.type == "cpu" and q.dtype == torch.bfloat16):
-            return False
-        return cpu_kernels.CPU_HAS_BF16_KERNELS and builds_no_graph() and not self._drops_attention()
+        """``chunked_attn``: bf16 CPU inference (no graph, not traced or compiled) runs
+        :func:`~cvt.models.cpu_kernels.chunked_attention` where :meth:`_own_bf16_kernel_fits`."""
+        return self._own_bf16_kernel_fits(self.chunked_attn, q) and builds_no_graph()
 
     def _recomputes_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """``recompute_attn``: bf16 CPU attention over more than FEW_KEYS_BF16 keys while grad is enabled,
-        where oneDNN has bf16 kernels (no attention dropout, not traced or compiled, no ``torch.func``
-        transform or forward-mode tangent) runs :class:`~cvt.models.cpu_kernels.RecomputedAttention`
-        instead of SDPA: a CvT-13 bf16 training step at batch 16 ran 0.1-3.9 % faster on the Zen 4 VM."""
-        many_keys = k.shape[-2] > FEW_KEYS_BF16
-        if not (self.recompute_attn and q.device.type == "cpu" and q.dtype == torch.bfloat16 and many_keys):
+        """``recompute_attn``: bf16 CPU attention over more than FEW_KEYS_BF16 keys while grad is enabled
+        (not traced or compiled, no ``torch.func`` transform or forward-mode tangent) runs
+        :class:`~cvt.models.cpu_kernels.RecomputedAttention` instead of SDPA where
+        :meth:`_own_bf16_kernel_fits`: a CvT-13 bf16 training step at batch 16 ran 0.1-3.9 % faster on
+        the Zen 4 VM."""
+        if not (self._own_bf16_kernel_fits(self.recompute_attn, q) and k.shape[-2] > FEW_KEYS_BF16):
             return False
         plain_ops = cpu_kernels.traced_or_compiled() or cpu_kernels.runs_plain_ops_only(q, k, v)
-        dropout = self._drops_attention()
-        return cpu_kernels.CPU_HAS_BF16_KERNELS and torch.is_grad_enabled() and not (dropout or plain_ops)
+        return torch.is_grad_enabled() and not plain_ops
 
-    def _drops_attention(self) -> bool:
-        """Whether this call applies attention dropout (training with ``attn_drop > 0``): the package's
-        own CPU attention kernels have none, so SDPA or the explicit path runs then."""
-        return self.training and self.attn_drop_rate > 0
+    def _own_bf16_kernel_fits(self, enabled: bool, q: torch.Tensor) -> bool:
+        """What the package's own CPU attention kernels (chunked, recomputed) need: their flag
+        ``enabled``, bf16 queries on a CPU where oneDNN has bf16 kernels, and no attention dropout in
+        this call (they have none; SDPA or the explicit path applies it)."""
+        dropout = self.training and self.attn_drop_rate > 0
+        on_cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        return enabled and on_cpu_bf16 and cpu_kernels.CPU_HAS_BF16_KERNELS and not dropout
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys in fp32, FEW_KEYS_BF16 in bf16
