@@ -145,13 +145,9 @@ class CvTStage(nn.Module):
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position embedding ``(1, H*W, C)``, bicubically resized when ``grid`` differs."""
-        if torch.jit.is_tracing():
-            # an export traces one image size (cvt.export), so this choice is meant to be frozen;
-            # comparing the traced sizes would raise a TracerWarning on every such export
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                native = grid == self.pos_grid
-        else:
+        # an export traces one image size (cvt.export), so this choice is meant to be frozen; comparing
+        # the traced sizes would raise a TracerWarning on every such export
+        with _tracer_warnings_off() if torch.jit.is_tracing() else nullcontext():
             native = grid == self.pos_grid
         if native:
             return self.pos_embed
@@ -191,6 +187,14 @@ def _checkpointed(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], cls_
         else {"context_fn": lambda: (nullcontext(), _batchnorm_statistics_frozen(block))}
     )
     return checkpoint(block, x, grid, cls_only, use_reentrant=False, **contexts)
+
+
+@contextmanager
+def _tracer_warnings_off() -> Iterator[None]:
+    """No ``TracerWarning`` inside: for comparisons whose traced outcome is meant to be frozen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 @contextmanager
