@@ -336,18 +336,11 @@ def time_subjects(
         for name, model in subjects.items()
     }
     steps = {name: make_step(model, cfg) for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in subjects}
     cuda_peaks: dict[str, float] = {}
     try:
         batch = make_batch(cfg, num_classes)  # a batch too large to create is reported as one
-        repeats = {}
-        for name, step in steps.items():
-            for _ in range(cfg.warmup):
-                step(*batch)
-            repeats[name] = repeats_per_run(lambda step=step: step(*batch), cfg.device)
-        for _ in range(cfg.runs):
-            for name, step in steps.items():
-                times[name].append(timed_run(lambda step=step: step(*batch), repeats[name], cfg.device))
+        calls = {name: (lambda step=step: step(*batch)) for name, step in steps.items()}
+        times = interleaved_times(calls, cfg.runs, cfg.device, cfg.warmup)
         if cfg.device.startswith("cuda") and cfg.measure_memory:
             for name, model in models.items():  # one untimed step each: the runs above are interleaved
                 # a fresh optimizer, so its momentum buffers count, as in the CPU figure
@@ -372,14 +365,14 @@ def _cuda_step_peak_mb(
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def repeats_per_run(fn: Callable[[], None], device: str) -> int:
+def repeats_per_run(fn: Callable[[], object], device: str) -> int:
     """How many calls of ``fn`` one timed run holds: 1 on CPU, enough for :data:`MIN_CUDA_RUN_S` on CUDA."""
     if not device.startswith("cuda"):
         return 1
     return max(1, math.ceil(MIN_CUDA_RUN_S / timed_run(fn, 1, device)))
 
 
-def timed_run(fn: Callable[[], None], repeats: int, device: str) -> float:
+def timed_run(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Seconds per call of ``fn`` over ``repeats`` calls in a row, queued GPU work included."""
     synchronize(device)
     start = time.perf_counter()
@@ -389,19 +382,29 @@ def timed_run(fn: Callable[[], None], repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], runs: int, device: str = "cpu", warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each of ``fns`` over ``runs`` rounds that time one call of each in
-    turn (so background load hits them alike), after ``warmup`` untimed calls of each."""
-    for fn in fns.values():
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns`` in each of ``runs`` rounds that time one run of each in turn
+    (so background load hits them alike), after ``warmup`` untimed calls of each; a run holds as many
+    calls as :func:`repeats_per_run` asks (one on CPU)."""
+    repeats = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        repeats[name] = repeats_per_run(fn, device)
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
-            seconds[name].append(timed_run(fn, 1, device))
-    return {name: statistics.median(times) for name, times in seconds.items()}
+            seconds[name].append(timed_run(fn, repeats[name], device))
+    return seconds
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], runs: int, device: str = "cpu", warmup: int = 1
+) -> dict[str, float]:
+    """The median of each function's :func:`interleaved_times`."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, runs, device, warmup).items()}
 
 
 def _rss_mb() -> float:
