@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cvt import CheckpointError, UsageError
 from cvt.checkpoint import (
@@ -550,6 +551,18 @@ def test_official_yaml_builds_cvt_13(tmp_path: Path) -> None:
     assert model.pretrained_cfg["crop_mode"] == "squash"  # CENTER_CROP False: T.Resize((384, 384))
     with torch.device("meta"):
         assert create_model_from_official_yaml(path, num_classes=5).num_classes == 5
+
+
+def test_official_yaml_sizes_the_model_by_training_and_preprocesses_by_test() -> None:
+    """TRAIN.IMAGE_SIZE sizes the model (its grids, position embeddings); TEST.IMAGE_SIZE is the
+    evaluation input of its preprocessing."""
+    doc = yaml.safe_load(CVT_13_YAML)
+    doc["TRAIN"]["IMAGE_SIZE"] = [224, 224]
+    with torch.device("meta"):
+        model = create_model_from_official_yaml(doc)
+        test_only = create_model_from_official_yaml({**doc, "TRAIN": {}})
+    assert model.img_size == (224, 224) and model.pretrained_cfg["input_size"] == (3, 384, 384)
+    assert test_only.img_size == (384, 384)
 
 
 def test_official_yaml_errors(tmp_path: Path) -> None:

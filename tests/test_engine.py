@@ -18,6 +18,7 @@ from torch import nn
 from cvt.engine import NonFiniteLossError, resolve_config, resolve_run, train
 from cvt.engine import evaluate as engine_evaluate
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr, param_groups
+from cvt.engine.resume import resumed_position
 from cvt.engine.rundir import METRIC_COLUMNS
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save
@@ -265,6 +266,17 @@ def test_resume_keeps_the_global_batch_and_converts_the_position_to_another_spli
     assert summary["steps"] == 8  # the same schedule: 4 steps of 16 images per epoch
     assert order["resumed"][0] == order["full"][0][48:]  # the 16 images epoch 1 had left, no repeats
     assert order["resumed"][1] == order["full"][1]
+
+
+def test_resumed_position_counts_the_batches_of_every_saved_process() -> None:
+    """3 batches of 8 done by each of 2 processes are 48 images: 6 batches of 8 for one process that
+    accumulates 2 (the same global batch of 16); a geometry-less checkpoint keeps its count."""
+    saved = {"batch_geometry": {"batch_size": 8, "world_size": 2, "accum_steps": 1}}
+    one_process = resolve_config(None, {"batch_size": 8, "accum_steps": 2})
+    assert resumed_position(saved, 3, one_process, world_size=1) == 6
+    four = resolve_config(None, {"batch_size": 4, "accum_steps": 1})
+    assert resumed_position(saved, 3, four, world_size=4) == 3  # 3 rounds of 4 images on 4 processes
+    assert resumed_position({}, 3, one_process, world_size=1) == 3
 
 
 def test_resume_reads_neither_the_finetune_file_nor_the_published_weights(tmp_path, monkeypatch, no_curves):
@@ -641,14 +653,14 @@ def test_a_warm_up_starting_above_the_scaled_peak_is_refused(tmp_path):
 
 
 def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, monkeypatch, no_curves):
-    """best.pt is the epoch of the highest val top-1 (not the last); train_loss is the mean loss per
-    image of the epoch; --clip-grad bounds the gradient norm every step sees."""
+    """best.pt is the first epoch of the highest val top-1 (not a later equal, not the last); train_loss
+    is the mean loss per image of the epoch; --clip-grad bounds the gradient norm every step sees."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from cvt.engine import evaluate as evaluate_module
 
     real_evaluate = evaluate_module.evaluate
-    top1_by_call = iter([80.0, 60.0, 70.0])  # epoch 1 is the best
+    top1_by_call = iter([80.0, 80.0, 70.0])  # epoch 1 is the best, epoch 2 only equals it
 
     def worse_later(*args, **kwargs):
         result = real_evaluate(*args, **kwargs)
@@ -788,6 +800,7 @@ def test_lr_scaling_and_schedule():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(opt, resolve_config(None, {"lr": 1.0, "epochs": 10, "warmup_epochs": 1.0,
                                                        "warmup_lr": 0.2, "min_lr": 0.01}), 10)  # fmt: skip
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # the first step's, before any step_update
     for step, expected in ((0, 0.2), (5, 0.6), (100, 0.01)):
         sched.step_update(step)
         assert opt.param_groups[0]["lr"] == pytest.approx(expected), step

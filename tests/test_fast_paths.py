@@ -445,6 +445,20 @@ def test_hooks_on_bypassed_submodules_fire_and_see_the_reference_values(method: 
     assert all(any(m is module for m in seen) for module in hooked)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("linear", ["proj_q", "proj_k", "proj_v", "proj"])
+def test_a_hook_that_changes_one_attention_linear_is_honoured(method: str, linear: str) -> None:
+    """q/k/v linears read as one stacked product step aside when any one of them has a hook."""
+    model = tiny_model(method, cls=True).eval()
+    x = images()
+    plain = reference_logits(model, x)
+    getattr(model.stage1.blocks[0].attn, linear).register_forward_hook(lambda m, args, out: 2 * out)
+    expected = reference_logits(model, x)
+    assert (expected - plain).abs().max() > 1e-3  # the hook matters
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+
+
 def test_a_hook_that_changes_the_k_pooling_does_not_leak_into_v_and_backward_hooks_fire() -> None:
     """With ``avg`` the k pooling stands in for the v pooling only while both are plain and unhooked;
     backward hooks are set up when a module is called, so they also make the fast path step aside."""
@@ -721,11 +735,13 @@ def test_silu_linear_recomputing_backward_passes_gradcheck_and_gradgradcheck() -
 @pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, False)])
 @pytest.mark.parametrize("transposed_h", [False, True])
 @pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("create_graph", [False, True])
 def test_silu_linear_backward_equals_autograd_for_any_subset_of_inputs(
-    needs_grad: tuple[bool, bool, bool], transposed_h: bool, onednn: bool
+    needs_grad: tuple[bool, bool, bool], transposed_h: bool, onednn: bool, create_graph: bool
 ) -> None:
     # the backward reuses one buffer for silu(h), grad_out @ weight and grad_h: whichever gradients are
-    # asked for, and for a non-contiguous h, they must equal plain autograd's
+    # asked for, and for a non-contiguous h, they must equal plain autograd's; with create_graph=True
+    # (gradient penalties) its differentiable branch must give them too
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(3, 5, 8, generator=gen)
     h = h.transpose(0, 1).contiguous().transpose(0, 1) if transposed_h else h
@@ -736,7 +752,7 @@ def test_silu_linear_backward_equals_autograd_for_any_subset_of_inputs(
     out = SiluLinear.apply(*leaves, onednn)
     expected = nn.functional.linear(nn.functional.silu(refs[0]), refs[1], refs[2])
     torch.testing.assert_close(out, expected)
-    out.backward(grad_out)
+    out.backward(grad_out, create_graph=create_graph)
     expected.backward(grad_out)
     for leaf, ref in zip(leaves, refs, strict=True):
         if ref.grad is None:
@@ -892,6 +908,13 @@ def test_recomputed_attention_passes_gradcheck_and_gradgradcheck(
     torch.testing.assert_close(attention(q, k, v), softmax_attention(q, k, v, 0.3), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(attention, (q, k, v))
     assert torch.autograd.gradgradcheck(attention, (q, k, v))
+    # gradgradcheck checks the differentiable branch against itself: its first derivative too
+    grad_out = torch.randn(2, 3, 9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with_graph = torch.autograd.grad(attention(q, k, v), (q, k, v), grad_out, create_graph=True)
+    expected = torch.autograd.grad(softmax_attention(q, k, v, 0.3), (q, k, v), grad_out)
+    for name, got, want in zip("qkv", with_graph, expected, strict=True):
+        assert got.requires_grad, name
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=f"d{name}")
 
 
 def test_recomputed_attention_in_bf16_stays_close_to_fp32_under_autocast() -> None:
@@ -1042,6 +1065,31 @@ def test_onednn_linears_equal_the_reference_and_keep_their_packed_weights(
         torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
     assert len(onednn_calls) > calls_before_step
     assert all(m._packed.cached is not p for m, p in zip(mlps, packed, strict=True))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_replacing_any_one_parameter_refreshes_the_weights_derived_from_it(
+    onednn_calls: list[tuple[torch.dtype, bool]], method: str
+) -> None:
+    """Each cached derived weight (packed MLP and projection weights, folded BatchNorm) is keyed on every
+    tensor it is derived from: after cached forwards, any one parameter of a block replaced by a new one
+    (model surgery, ``load_state_dict(assign=True)``) shows in the next forward."""
+    model = tiny_model(method, cls=True).eval()
+    x = images()
+    block = model.stage1.blocks[0]
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        before = model(x)  # fills every cache
+        for name, param in list(block.named_parameters()):
+            owner, _, attr = name.rpartition(".")
+            changed = param + 0.2 * torch.randn(param.shape, generator=gen)
+            setattr(block.get_submodule(owner), attr, nn.Parameter(changed))
+            after = model(x)
+            torch.testing.assert_close(after, reference_logits(model, x), rtol=0, atol=1e-5, msg=name)
+            if name != "attn.proj_k.bias":  # a key bias adds the same score to a query's every key
+                assert (after - before).abs().max() > 1e-3, name
+            before = after
+    assert (torch.float32, True) in onednn_calls  # the packed MLP path ran
 
 
 def test_onednn_linears_stay_out_of_traces_autocast_graphs_and_no_grad_training(

@@ -36,15 +36,32 @@ def test_official_parameter_counts(name: str) -> None:
     assert cvt.count_params(model) == OFFICIAL_PARAMS[name]
 
 
+# the official experiment files (DIM_EMBED, DEPTH, NUM_HEADS, DROP_PATH_RATE), as in the paper's Table 2
+OFFICIAL_SPECS = {
+    "cvt_13": ([64, 192, 384], [1, 2, 10], [1, 3, 6], 0.1),
+    "cvt_21": ([64, 192, 384], [1, 4, 16], [1, 3, 6], 0.1),
+    "cvt_w24": ([192, 768, 1024], [2, 2, 20], [3, 12, 16], 0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_SPECS))
+def test_official_stage_specs(name: str) -> None:
+    """Widths, depths and head counts per stage (a wrong head count keeps the parameter count)."""
+    with torch.device("meta"):
+        model = cvt.create_model(name)
+    dims, depths, heads, drop_path = OFFICIAL_SPECS[name]
+    specs = model.stage_specs
+    assert [s.embed_dim for s in specs] == dims and [s.depth for s in specs] == depths
+    assert [s.num_heads for s in specs] == heads
+    assert [stage.blocks[0].attn.num_heads for stage in model.stages] == heads  # what the layers got
+    assert [s.cls_token for s in specs] == [False, False, True]
+    assert [s.drop_path_rate for s in specs] == [0.0, 0.0, drop_path]
+    assert [(s.patch_size, s.patch_stride) for s in specs] == [(7, 4), (3, 2), (3, 2)]
+
+
 def test_official_cvt13_spec() -> None:
     with torch.device("meta"):
         model = cvt.create_model("cvt_13")
-    specs = model.stage_specs
-    assert [s.embed_dim for s in specs] == [64, 192, 384]
-    assert [s.depth for s in specs] == [1, 2, 10]
-    assert [s.num_heads for s in specs] == [1, 3, 6]
-    assert [s.cls_token for s in specs] == [False, False, True]
-    assert [s.drop_path_rate for s in specs] == [0.0, 0.0, 0.1]
     assert model.act == "quick_gelu" and model.norm_eps == 1e-5
     assert isinstance(model.stage2.blocks[0].mlp.act, QuickGELU)
     assert model.stage0.blocks[0].norm1.eps == 1e-5

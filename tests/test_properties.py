@@ -87,3 +87,21 @@ def test_state_dict_round_trip(config: tuple[CvT, tuple[int, int], int]) -> None
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), model(x), atol=0, rtol=0)
+
+
+@given(
+    size=st.integers(1, 16), kernel=st.integers(1, 5), stride=st.integers(1, 4), data=st.data(),
+)  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_conv_out_size_is_that_of_pytorchs_layers(size: int, kernel: int, stride: int, data: st.DataObject):
+    """The grid formula the model sizes its maps by, against the layers it stands for: a convolution,
+    and average pooling with ``ceil_mode`` (the ``avg`` projection), whose last window is dropped when
+    it would start inside the right padding."""
+    padding = data.draw(st.integers(0, kernel // 2))  # what AvgPool2d accepts
+    if size + 2 * padding < kernel:
+        return
+    x = torch.zeros(1, 1, size, size)
+    conv = torch.nn.functional.conv2d(x, torch.zeros(1, 1, kernel, kernel), stride=stride, padding=padding)
+    pool = torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)(x)
+    assert conv_out_size(size, kernel, stride, padding) == conv.shape[-1]
+    assert conv_out_size(size, kernel, stride, padding, ceil_mode=True) == pool.shape[-1]
