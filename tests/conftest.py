@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -21,3 +21,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_result() -> Callable[[str, list[float]], object]:
+    """Builds a :class:`cvt.benchmark.BenchResult` of one subject from its runs' img/s alone (median, min
+    and max taken from them), for the arithmetic that compares subjects."""
+    from cvt.benchmark import BenchResult
+
+    def make(subject: str, runs: list[float]) -> BenchResult:
+        median = sorted(runs)[len(runs) // 2]
+        return BenchResult(subject, median, min(runs), max(runs), runs, 0.0, 1.0, None, 1.0, None, None)
+
+    return make

@@ -3,12 +3,14 @@ calls, the CPU memory worker's order of events, the bf16 ceiling skip, and op_ce
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import importlib.util
 import json
 import math
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -269,8 +271,41 @@ def load_benchmark_script(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleT
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, name, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
+
+
+def test_run_targets_speed_rows_are_cvt_over_the_faster_peer(monkeypatch, fake_result) -> None:
+    run_targets = load_benchmark_script(monkeypatch, "run_targets")
+    results = [fake_result("cvt", [130.0, 130.0]), fake_result("hf", [100.0, 100.0]),
+               fake_result("official", [80.0, 80.0])]  # fmt: skip
+    row = run_targets.speed_row("x", results, 1.25)
+    assert (row.versus, row.met) == ("hf", True) and row.ratio == pytest.approx(1.3)
+    assert row.paired_ratios == pytest.approx([1.3, 1.3])
+    exactly = [fake_result("cvt", [125.0]), fake_result("hf", [100.0]), fake_result("official", [50.0])]
+    assert run_targets.speed_row("x", exactly, 1.25).met  # the target is a minimum, met when reached
+    slower = [fake_result("cvt", [124.0]), fake_result("hf", [50.0]), fake_result("official", [100.0])]
+    assert not run_targets.speed_row("x", slower, 1.25).met  # 1.24x the official algorithm
+
+
+def test_run_targets_memory_and_gpu_rows_are_cvt_against_their_reference(monkeypatch, fake_result) -> None:
+    run_targets = load_benchmark_script(monkeypatch, "run_targets")
+    peaks = {("official", False): 400.0, ("cvt", False): 280.0, ("cvt", True): 220.0}
+    monkeypatch.setattr(run_targets, "peak_step_memory_mb", lambda cfg, s: peaks[s, cfg.grad_checkpointing])
+    rows = run_targets.memory_rows(argparse.Namespace(device="cpu", warmup=0, runs=1))
+    assert [r.ratio for r in rows] == pytest.approx([0.7, 0.55])
+    assert [r.met for r in rows] == [True, False]  # <= 0.75x; with checkpointing <= 0.5x
+
+    def bench(cfg: BenchConfig, compare=None, include_cvt: bool = True) -> list[benchmark.BenchResult]:
+        return [fake_result("cvt", [350.0])] if include_cvt else [fake_result("hf", [100.0])]
+
+    monkeypatch.setattr(run_targets, "run_benchmark", bench)
+    args = argparse.Namespace(device="cuda", warmup=0, runs=1, compile_mode="default",
+                              gpu_train_batches=[16], gpu_infer_batches=[8])  # fmt: skip
+    rows = run_targets.gpu_rows(args)
+    assert [r.ratio for r in rows] == pytest.approx([3.5, 3.5])
+    assert [r.met for r in rows] == [True, True]  # training >= 2x, inference >= 3x
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cvt.checkpoint import (
     rebuild_model,
     save_checkpoint,
 )
+from cvt.checkpoint.read import unwrap_state_dict
 from cvt.models import count_params, create_model
 from cvt.models.cvt import CvT
 
@@ -332,6 +334,53 @@ def test_other_architecture_names_keys_and_variant(tmp_path: Path) -> None:
     assert "it matches cvt or cvt_13_cifar" in message  # same shapes, other strides
 
 
+def test_a_prefix_is_stripped_only_when_every_key_has_it() -> None:
+    t = torch.zeros(1)
+    assert set(unwrap_state_dict({"module.stage0.x": t, "module.stage0.y": t})[0]) == {"stage0.x", "stage0.y"}
+    assert set(unwrap_state_dict({"module.stage0.x": t, "stage0.y": t})[0]) == {"module.stage0.x", "stage0.y"}
+
+
+def test_a_safetensors_file_named_pt_loads_by_its_bytes(tmp_path: Path, tiny: CvT) -> None:
+    path = save_checkpoint(tiny, tmp_path / "weights.pt")
+    assert _same_weights(load_model(path), tiny)
+
+
+def test_strict_loading_names_unexpected_keys_and_non_strict_skips_them(tiny: CvT) -> None:
+    state_dict = {**tiny.state_dict(), "extra.weight": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): extra\.weight"):
+        load_checkpoint(_fresh(), state_dict)
+    model = _fresh()
+    assert load_checkpoint(model, state_dict, strict=False).skipped == ("extra.weight",)
+    assert _same_weights(model, tiny)
+
+
+def test_a_batchnorm_layer_missing_from_the_checkpoint_is_missing_whole(tiny: CvT) -> None:
+    """``num_batches_tracked`` is filled in for checkpoints that dropped the counters only, never for a
+    layer the checkpoint lacks."""
+    layer = "stage0.blocks.0.attn.conv_proj_q.bn."
+    state_dict = {k: v for k, v in tiny.state_dict().items() if not k.startswith(layer)}
+    missing = load_checkpoint(_fresh(), state_dict, strict=False).missing
+    assert sorted(missing) == sorted(k for k in tiny.state_dict() if k.startswith(layer))
+
+
+def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path: Path, tiny: CvT) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().clone().contiguous() for k, v in tiny.state_dict().items()}
+    keys = list(tensors)
+    parts = {"w-1.safetensors": keys[: len(keys) // 2], "w-2.safetensors": keys[len(keys) // 2 :]}
+    for name, names in parts.items():
+        save_file({k: tensors[k] for k in names}, str(tmp_path / name))
+    index = tmp_path / "w.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: name for name, names in parts.items() for k in names}}))
+    assert set(read_state_dict(index)[0]) == set(keys)
+    stale = {**{k: tensors[k] for k in parts["w-2.safetensors"]}, keys[0]: torch.zeros_like(tensors[keys[0]])}
+    save_file(stale, str(tmp_path / "w-2.safetensors"))  # a stale copy of a tensor shard 1 holds
+    unlisted = rf"w-2\.safetensors does not match .* unlisted \['{keys[0]}'\]"
+    with pytest.raises(CheckpointError, match=unlisted):
+        read_state_dict(index)
+
+
 def test_head_mismatch_says_how_to_fix(tmp_path: Path, tiny: CvT) -> None:
     path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
     model = _fresh(num_classes=3)
@@ -563,6 +612,15 @@ def test_official_yaml_sizes_the_model_by_training_and_preprocesses_by_test() ->
         test_only = create_model_from_official_yaml({**doc, "TRAIN": {}})
     assert model.img_size == (224, 224) and model.pretrained_cfg["input_size"] == (3, 384, 384)
     assert test_only.img_size == (384, 384)
+
+
+def test_official_yaml_without_center_crop_gets_the_official_default() -> None:
+    """The official code center-crops at 0.875 unless ``TEST.CENTER_CROP`` is false."""
+    doc = yaml.safe_load(CVT_13_YAML)
+    del doc["TEST"]["CENTER_CROP"]
+    with torch.device("meta"):
+        cfg = create_model_from_official_yaml(doc).pretrained_cfg
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (0.875, "center")
 
 
 def test_official_yaml_errors(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def test_train_step_peak_memory_is_measured_in_a_fresh_process() -> None:
         (["--model", "cvt_99"], "unknown model 'cvt_99'"),
         (["--model", "cvt_14"], "unknown model 'cvt_14'; did you mean cvt_21, cvt_13"),  # create_model's
         (["--batch-size", "0"], "must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--compile", "--compile-mode", "fastest"], "compile mode must be one of"),
         (["--device", "gpu"], "must be auto, cpu, cuda or cuda:N, got 'gpu'"),  # as predict and eval say
     ],
@@ -88,6 +89,13 @@ def test_bad_options_give_one_line_and_exit_2(
     code, _, err = run_cli(capsys, *args)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_speedup_cell_is_ours_over_the_peer_with_its_per_round_range(fake_result) -> None:
+    from cvt.cli.bench import _speedup_cell
+
+    ours, peer = fake_result("cvt", [30.0, 30.0]), fake_result("hf", [20.0, 15.0])
+    assert _speedup_cell(ours, peer) == "1.50x (1.50-2.00)"  # medians 30 / 20; rounds 30/20 and 30/15
 
 
 def test_compare_hf_without_transformers(

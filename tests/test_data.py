@@ -22,6 +22,7 @@ from cvt.data import (
     build_mixup,
     build_transform,
     load_image,
+    load_input,
     resolve_data_config,
 )
 from cvt.data.datasets import image_folder_classes
@@ -128,6 +129,8 @@ def test_cifar100_reads_fine_labels(tmp_path):
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
     ds = build_dataset("cifar100", tmp_path, "train")
     assert len(ds) == 12 and len(ds.classes) == 100 and ds.targets[5] == 5 and ds.classes[5] == "c5"
+    val = build_dataset("cifar100", tmp_path, "val")  # the "test" file
+    assert len(val) == 4 and val.targets == [0, 1, 2, 3]
 
 
 def test_cifar_missing_folder_says_where_to_put_it(tmp_path):
@@ -190,6 +193,13 @@ def test_imagefolder_classes_targets_and_non_images_ignored(tmp_path):
     assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 0, 1, 1, 1]
     img, target = ds[4]
     assert target == 1 and img.getpixel((0, 0)) == (41, 7, 9)
+
+
+def test_imagefolder_given_classes_keep_their_order(tmp_path):
+    """A class list passed in (a checkpoint's label names) fixes the indices: it is not re-sorted."""
+    _save(tmp_path / "val" / "cat" / "0.png", Image.new("RGB", (4, 4)))
+    val = build_dataset("imagefolder", tmp_path, "val", classes=["cat", "ant", "bee"])
+    assert val.classes == ["cat", "ant", "bee"] and val.targets == [0]
 
 
 @pytest.mark.parametrize(
@@ -303,6 +313,19 @@ def test_load_image_draft_decodes_large_jpeg_small(tmp_path):
     # JPEG DCT scaling 1/4, the shorter side staying >= 2 * 200: never the full 2400x1600 in RGB
     assert img.size == (600, 400) and img.getpixel((10, 10)) == (128, 128, 128)
     assert load_image(path).size == (2400, 1600)
+
+
+def test_load_input_decodes_a_large_image_big_enough_for_the_longer_input_side(tmp_path):
+    """A non-square input needs its longer side covered: decoding only to the shorter side would leave
+    the resize to upscale a blurred image."""
+    small = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    big = Image.fromarray(small).resize((2048, 2048), Image.BICUBIC)  # smooth: reduced decodes agree
+    path = _save(tmp_path / "big.png", big)
+    cfg = dict(input_size=(3, 64, 256), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+               crop_pct=1.0, crop_mode="center")  # fmt: skip
+    transform = build_transform(cfg, train=False)
+    full_decode = transform(big).unsqueeze(0)
+    assert (load_input(path, cfg, transform) - full_decode).abs().max().item() < 0.1
 
 
 def test_load_image_missing_file(tmp_path):

@@ -83,6 +83,17 @@ def test_checkpoint_formats_rebuild_the_model(tiny, tmp_path, fmt, name) -> None
     assert verify_export(tiny, fmt, path) < 1e-5
 
 
+def test_verify_export_reports_the_largest_logit_difference(tmp_path) -> None:
+    """Against the eager model as it is now: one logit moved by 1.0 after the export shows as 1.0."""
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny").eval()
+    path = export_model(model, "torchscript", tmp_path / "m.pt")
+    assert verify_export(model, "torchscript", path) < 1e-5
+    with torch.no_grad():
+        model.head.bias[3] += 1.0
+    assert verify_export(model, "torchscript", path) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_refuses_to_overwrite(tiny, tmp_path) -> None:
     target = tmp_path / "m.onnx"
     target.write_bytes(b"user data")

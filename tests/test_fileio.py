@@ -10,7 +10,7 @@ import pytest
 
 from cvt.errors import UsageError
 from cvt.figures import pyplot, save_figure
-from cvt.fileio import atomic_write_files, atomic_write_text, read_yaml_mapping
+from cvt.fileio import atomic_write_files, atomic_write_text, check_folder_path, read_yaml_mapping
 
 
 def _fsync_failing_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
@@ -36,6 +36,20 @@ def test_atomic_write_files_replaces_no_target_when_one_write_fails(
         atomic_write_files({first: b"new a", second: b"new b"})
     assert (first.read_bytes(), second.read_bytes()) == (b"old a", b"old b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]  # no temporary file left
+
+
+def test_atomically_written_files_are_readable_like_any_other(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "a.txt", "x")  # mkstemp's 0600 would hide a report from other users
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_check_folder_path_names_a_file_in_the_way_at_any_depth(tmp_path: Path) -> None:
+    blocking = tmp_path / "file"
+    blocking.write_text("x")
+    for folder in (blocking, blocking / "run", blocking / "a" / "b"):
+        with pytest.raises(UsageError, match=f"cannot write into {folder}: {blocking} is a file"):
+            check_folder_path(folder)
+    check_folder_path(tmp_path / "new" / "run")  # folders that do not exist yet are fine
 
 
 def test_atomic_write_text_is_utf8(tmp_path: Path) -> None:
