@@ -78,7 +78,6 @@ def test_train_step_peak_memory_is_measured_in_a_fresh_process() -> None:
         (["--model", "cvt_99"], "unknown model 'cvt_99'"),
         (["--model", "cvt_14"], "unknown model 'cvt_14'; did you mean cvt_21, cvt_13"),  # create_model's
         (["--batch-size", "0"], "must be >= 1"),
-        (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--compile", "--compile-mode", "fastest"], "compile mode must be one of"),
         (["--device", "gpu"], "must be auto, cpu, cuda or cuda:N, got 'gpu'"),  # as predict and eval say
     ],

@@ -192,6 +192,25 @@ def test_export_of_an_image_size_beyond_memory_says_so(
     assert not output.exists()
 
 
+def test_a_non_finite_loss_is_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = []
+    real_cross_entropy = torch.nn.functional.cross_entropy
+
+    def nan_at_third_batch(*args, **kwargs):
+        calls.append(1)
+        loss = real_cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_third_batch)
+    argv = ["train", "--img-size", "16", "--train-subset", "64", "--batch-size", "16", "--epochs", "1",
+            "--model-args", "embed_dim=[8,16,32]", "depth=[1,1,1]", "num_heads=[1,1,2]",
+            "--output", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 1
+    _assert_one_line(capsys.readouterr().err, "train", "non-finite loss (nan) at step 2")
+
+
 def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["list"]) == 130

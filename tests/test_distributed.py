@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from cvt.engine import resolve_run, train
-from cvt.engine.distributed import init_distributed, shutdown_distributed
+from cvt.engine.distributed import init_distributed, resolve_device, shutdown_distributed
 
 # SGD, not AdamW: the key bias gets a zero gradient up to rounding (softmax ignores a constant added to
 # every logit of a row), and Adam would scale that rounding noise up to full-size updates.
@@ -95,3 +95,14 @@ def test_a_process_group_made_by_the_caller_outlives_training_setup(tmp_path, mo
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_each_process_gets_the_gpu_of_its_local_rank(monkeypatch):
+    """``--device cuda`` (or auto) under torchrun: process 1 of a node on GPU 1, not all on GPU 0; an
+    explicit index is kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", local_rank=1) == torch.device("cpu")

@@ -585,12 +585,17 @@ def test_resume_on_other_classes_is_refused(tmp_path, no_curves):
 
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch):
     calls = {"n": 0}
+    finite_losses = []  # of the training batches
     real_cross_entropy = torch.nn.functional.cross_entropy
 
     def nan_at_third_batch(logits, target, *args, **kwargs):
         calls["n"] += 1
         loss = real_cross_entropy(logits, target, *args, **kwargs)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        if calls["n"] == 3:
+            return loss * float("nan")
+        if torch.is_grad_enabled():
+            finite_losses.append(loss.item())
+        return loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_third_batch)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2 \(epoch 1, batch 2\)"):
@@ -598,10 +603,39 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypat
     assert not (tmp_path / "stop" / "last.pt").exists()  # nothing trained on NaN is saved
 
     calls["n"] = 0
+    finite_losses.clear()
     summary = run(micro(tmp_path, "skip", epochs=1, skip_nonfinite=True))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
     state = torch.load(tmp_path / "skip" / "last.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    # the epoch's train_loss averages the three finite batches, not the skipped one
+    (row,) = csv.DictReader((tmp_path / "skip" / "metrics.csv").open())
+    assert len(finite_losses) == 3
+    assert float(row["train_loss"]) == pytest.approx(sum(finite_losses) / 3, rel=1e-5)
+
+
+def test_ctrl_c_mid_epoch_saves_last_pt_at_that_step(tmp_path, monkeypatch, no_curves):
+    """Without --save-every-steps too: the step in progress finishes, last.pt is saved at it, and
+    TrainingInterrupted says so."""
+    import signal
+
+    from cvt.engine.trainer import TrainingInterrupted
+
+    forwards = []
+    real_cross_entropy = torch.nn.functional.cross_entropy
+
+    def ctrl_c_during_the_second_batch(*args, **kwargs):
+        if torch.is_grad_enabled():
+            forwards.append(1)
+            if len(forwards) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ctrl_c_during_the_second_batch)
+    with pytest.raises(TrainingInterrupted, match="at step 2 "):
+        run(micro(tmp_path, epochs=1))
+    assert len(forwards) == 2
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_a_skipped_step_leaves_no_trace_in_batchnorm_statistics(tmp_path, monkeypatch):
@@ -741,6 +775,25 @@ def test_sampler_shards_are_the_single_process_batches():
     assert list(single) == order[16:]
     single.set_position(epoch=1)
     assert list(single) != order  # a new shuffle every epoch
+    assert list(ResumableSampler(50, batch_size=8, seed=2)) != order  # and another for another --seed
+
+
+def test_an_epoch_is_whole_accumulation_windows(tmp_path, monkeypatch, no_curves):
+    """64 images in batches of 8 accumulated 3 at a time: 2 steps of 3 batches; the 2 batches left
+    would add gradients to the next epoch's first step."""
+    sampler = ResumableSampler(64, batch_size=8, accum_steps=3)
+    assert sampler.batches_per_epoch == 6 and len(list(sampler)) == 48
+    forwards = []
+    real_cross_entropy = torch.nn.functional.cross_entropy
+
+    def counting(*args, **kwargs):
+        if torch.is_grad_enabled():
+            forwards.append(1)
+        return real_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting)
+    summary = run(micro(tmp_path, epochs=1, batch_size=8, accum_steps=3))
+    assert summary["steps"] == 2 and len(forwards) == 6
 
 
 def test_no_weight_decay_on_biases_norms_and_tokens():
@@ -911,6 +964,19 @@ def test_finetune_keeps_the_body_resets_the_head_and_resizes_position_embeddings
         CheckpointError, match=f"checkpoint {re.escape(str(tmp_path / 'other.pt'))} does not fit"
     ):
         _load_finetune(target, str(tmp_path / "other.pt"))
+
+
+def test_finetune_with_the_same_class_count_keeps_the_trained_head(tmp_path):
+    from cvt.engine.trainer import _load_finetune
+
+    torch.manual_seed(0)
+    source = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO["model_args"])
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "best.pt")
+    torch.manual_seed(1)
+    target = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO["model_args"])
+    _load_finetune(target, str(tmp_path / "best.pt"))
+    assert torch.equal(target.head.weight, source.head.weight)
+    assert torch.equal(target.head.bias, source.head.bias)
 
 
 def test_finetune_resizes_position_embeddings_from_the_grid_they_were_learned_at(tmp_path):

@@ -124,6 +124,9 @@ def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
         ({"color_jitter": -1.0}, r"'color_jitter' must be >= 0 when given, got -1.0"),
         ({"scale": [0.9, 0.5]}, r"'scale' must be two numbers 0 < lo <= hi <= 1"),
         ({"label_smoothing": 1.0}, r"'label_smoothing' must be in \[0, 1\)"),
+        # a ZeroDivisionError in the sampler; a negative count would make every step a gradient ascent
+        ({"accum_steps": 0}, r"'accum_steps' must be > 0, got 0"),
+        ({"accum_steps": -1}, r"'accum_steps' must be > 0, got -1"),
     ],
 )
 def test_bad_values_raise_usage_errors(overrides, message):
@@ -141,6 +144,14 @@ def test_run_control_options_come_from_the_command_line_only(tmp_path):
     assert resolve_config(str(old), {"overwrite": True}).overwrite is True
     assert resolve_config(str(old), {"resume": "auto"}).resume == "auto"
     assert not {"overwrite", "resume"} & set(resolve_config(None, {"overwrite": True}).recorded())
+
+
+def test_finetune_is_a_recipe_option_and_is_recorded(tmp_path):
+    """Unlike overwrite/resume, --finetune describes the run: a recipe may set it, config.yaml keeps it."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("finetune: runs/x/best.pt\n")
+    assert resolve_config(str(recipe), {}).finetune == "runs/x/best.pt"
+    assert TrainConfig(finetune="a.pt").recorded()["finetune"] == "a.pt"
 
 
 def test_yaml_that_is_not_a_mapping_or_not_yaml(tmp_path):
