@@ -41,6 +41,7 @@ def test_info_non_square_and_classes(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["info", "cvt_tiny", "--img-size", "48,32", "--num-classes", "3", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["token_grids"] == [[24, 16], [12, 8], [6, 4]]
+    assert info["params"] == cvt.count_params(cvt.create_model("cvt_tiny", num_classes=3))  # a 3-class head
 
 
 def test_info_table_has_every_variant(capsys: pytest.CaptureFixture[str]) -> None:

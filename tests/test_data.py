@@ -328,6 +328,33 @@ def test_load_input_decodes_a_large_image_big_enough_for_the_longer_input_side(t
     assert (load_input(path, cfg, transform) - full_decode).abs().max().item() < 0.1
 
 
+def test_load_image_reads_a_float_image_as_0_to_1(tmp_path):
+    values = np.full((8, 8), 0.5, dtype=np.float32)
+    values[0, 0] = 1.0
+    img = load_image(_save(tmp_path / "float.tif", Image.fromarray(values, mode="F")))
+    assert img.getpixel((1, 1)) == (128, 128, 128) and img.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_load_image_drafts_a_jpeg_by_its_shorter_side(tmp_path, monkeypatch):
+    """The DCT scale keeps the shorter side at >= 2 * min_side (a panorama at 1/2, not 1/8), and the
+    decoder is asked for the image's own aspect (a square request decodes a landscape at twice the size)."""
+    from PIL import JpegImagePlugin
+
+    drafted = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        result = draft(self, mode, size)
+        drafted.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    landscape = _save(tmp_path / "big.jpg", Image.new("L", (2400, 1600), 128))
+    assert load_image(landscape, min_side=200).size == (600, 400) and drafted == [(600, 400)]
+    panorama = _save(tmp_path / "pano.jpg", Image.new("L", (3200, 800), 128))
+    assert load_image(panorama, min_side=200).size == (1600, 400)
+
+
 def test_load_image_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope\.png: no such file"):
         load_image(tmp_path / "nope.png")

@@ -281,6 +281,7 @@ def test_export_warns_for_quick_gelu(tmp_path: Path) -> None:
         ({"method": "avg"}, "'avg' projection"),
         ({"depth": (1, 1, 2)}, "drop-path rates by stage"),
         ({"norm_eps": 1e-6}, "eps"),
+        ({"global_pool": "avg"}, "global_pool is 'avg'"),
     ],
 )
 def test_export_refuses_what_transformers_cannot_express(
@@ -456,3 +457,24 @@ def test_hf_config_without_labels_has_transformers_default_two_classes() -> None
         config.pop(key, None)
     assert model_kwargs_from_hf_config(config)["num_classes"] == 2
     assert model_kwargs_from_hf_config({**config, "num_labels": 9})["num_classes"] == 9
+
+
+def test_export_keeps_a_non_square_size_and_one_input_channel(tmp_path: Path) -> None:
+    """config.json's image_size is (H, W) and num_channels the stem's: both come back on loading."""
+    torch.manual_seed(0)
+    model = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), img_size=(32, 48), in_chans=1).eval()
+    out = export_hf(model, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["image_size"], config["num_channels"], config["layer_norm_eps"]) == ([32, 48], 1, 1e-5)
+    back = load_model(out)
+    assert (back.img_size, back.in_chans) == ((32, 48), 1)
+    x = torch.randn(2, 1, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_an_explicit_activation_wins_over_the_configs_hidden_act(tmp_path: Path) -> None:
+    out = export_hf(create_model("cvt_tiny", act="gelu", depth=(1, 2, 3)), tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert model_kwargs_from_hf_config(config)["act"] == "gelu"
+    assert model_kwargs_from_hf_config(config, act="quick_gelu")["act"] == "quick_gelu"

@@ -79,11 +79,18 @@ def test_cvt_w24_drop_path_and_default_size() -> None:
     ("name", "size", "crop_pct", "hub_id"),
     [
         ("cvt_13.msft_in1k", 224, 0.875, "microsoft/cvt-13"),
+        ("cvt_13.msft_in1k_384", 384, 1.0, "microsoft/cvt-13-384"),
         ("cvt_13.msft_in22k_ft_in1k_384", 384, 1.0, "microsoft/cvt-13-384-22k"),
+        ("cvt_21.msft_in1k", 224, 0.875, "microsoft/cvt-21"),
         ("cvt_21.msft_in1k_384", 384, 1.0, "microsoft/cvt-21-384"),
+        ("cvt_21.msft_in22k_ft_in1k_384", 384, 1.0, "microsoft/cvt-21-384-22k"),
+        ("cvt_w24.msft_in22k_ft_in1k_384", 384, 1.0, "microsoft/cvt-w24-384-22k"),
     ],
 )
 def test_pretrained_configs(name: str, size: int, crop_pct: float, hub_id: str) -> None:
+    """Every published checkpoint: its own hub repository (the in1k and 22k weights of one size are
+    different files), input size and crop."""
+    assert name in cvt.list_models(pretrained=True)
     with torch.device("meta"):
         model = cvt.create_model(name)
     cfg = model.pretrained_cfg
@@ -422,9 +429,12 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
 
     plain = grads()
     model.set_grad_checkpointing(True)
+    assert all(stage.grad_checkpointing for stage in model.stages)
     checkpointed = grads()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.set_grad_checkpointing(False)
+    assert not any(stage.grad_checkpointing for stage in model.stages)
 
 
 def test_group_matcher_covers_every_parameter() -> None:

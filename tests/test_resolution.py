@@ -63,6 +63,24 @@ def test_position_embedding_is_interpolated_at_other_sizes(with_pe) -> None:
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
+def test_a_non_square_learned_grid_is_resized_as_rows_by_columns() -> None:
+    """Learned at 32x48 (stage-0 grid 16 x 24), an embedding that varies down the rows only stays
+    constant along each row when resized: the tokens are read as (H, W), not (W, H)."""
+    model = cvt.create_model("cvt_tiny", img_size=(32, 48), pos_embed=True).eval()
+    stage = model.stage0
+    h0, w0 = stage.pos_grid
+    assert (h0, w0) == (16, 24)
+    rows = torch.arange(h0, dtype=torch.float32).repeat_interleave(w0)  # token r * w0 + c holds r
+    with torch.no_grad():
+        stage.pos_embed.copy_(rows[None, :, None].expand_as(stage.pos_embed))
+        resized = stage.position_embedding((32, 24))  # (1, 32 * 24, C)
+    grid = stage.pos_embed.detach().reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # (1, C, H, W)
+    expected = F.interpolate(grid, size=(32, 24), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(resized, expected.flatten(2).transpose(1, 2))
+    by_row = resized.reshape(32, 24, -1)
+    torch.testing.assert_close(by_row, by_row[:, :1].expand_as(by_row))
+
+
 def test_fine_tuning_at_a_new_size_updates_the_learned_embedding(with_pe) -> None:
     with_pe.train()
     optimizer = torch.optim.SGD(with_pe.parameters(), lr=0.1)
