@@ -64,6 +64,26 @@ def fake_run(folder):
         (folder / name).write_text(f"earlier {name}")
 
 
+REAL_CROSS_ENTROPY = F.cross_entropy  # the loss before a test patches it
+
+
+def watch_training_losses(monkeypatch, change=None) -> list[float]:
+    """Patch the loss so that every training batch's (a graph is built; validation runs without) is
+    appended to the returned list; ``change(n, loss)``, given, sees the n-th (from 1) first and returns
+    the loss training gets."""
+    losses: list[float] = []
+
+    def watched(*args, **kwargs):
+        loss = REAL_CROSS_ENTROPY(*args, **kwargs)
+        if torch.is_grad_enabled():
+            loss = change(len(losses) + 1, loss) if change is not None else loss
+            losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", watched)
+    return losses
+
+
 @pytest.fixture
 def no_curves(monkeypatch):
     """Skip drawing curves.png (half the time of a micro epoch) in tests about other files."""
@@ -584,33 +604,23 @@ def test_resume_on_other_classes_is_refused(tmp_path, no_curves):
 
 
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    finite_losses = []  # of the training batches
-    real_cross_entropy = torch.nn.functional.cross_entropy
+    def nan_at_third_batch(n, loss):
+        return loss * float("nan") if n == 3 else loss
 
-    def nan_at_third_batch(logits, target, *args, **kwargs):
-        calls["n"] += 1
-        loss = real_cross_entropy(logits, target, *args, **kwargs)
-        if calls["n"] == 3:
-            return loss * float("nan")
-        if torch.is_grad_enabled():
-            finite_losses.append(loss.item())
-        return loss
-
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_at_third_batch)
+    watch_training_losses(monkeypatch, nan_at_third_batch)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2 \(epoch 1, batch 2\)"):
         run(micro(tmp_path, "stop", epochs=1))
     assert not (tmp_path / "stop" / "last.pt").exists()  # nothing trained on NaN is saved
 
-    calls["n"] = 0
-    finite_losses.clear()
+    losses = watch_training_losses(monkeypatch, nan_at_third_batch)
     summary = run(micro(tmp_path, "skip", epochs=1, skip_nonfinite=True))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
     state = torch.load(tmp_path / "skip" / "last.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     # the epoch's train_loss averages the three finite batches, not the skipped one
     (row,) = csv.DictReader((tmp_path / "skip" / "metrics.csv").open())
-    assert len(finite_losses) == 3
+    finite_losses = [loss for loss in losses if math.isfinite(loss)]
+    assert len(losses) == 4 and len(finite_losses) == 3
     assert float(row["train_loss"]) == pytest.approx(sum(finite_losses) / 3, rel=1e-5)
 
 
@@ -621,20 +631,15 @@ def test_ctrl_c_mid_epoch_saves_last_pt_at_that_step(tmp_path, monkeypatch, no_c
 
     from cvt.engine.trainer import TrainingInterrupted
 
-    forwards = []
-    real_cross_entropy = torch.nn.functional.cross_entropy
+    def ctrl_c_during_the_second_batch(n, loss):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
 
-    def ctrl_c_during_the_second_batch(*args, **kwargs):
-        if torch.is_grad_enabled():
-            forwards.append(1)
-            if len(forwards) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-        return real_cross_entropy(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ctrl_c_during_the_second_batch)
+    losses = watch_training_losses(monkeypatch, ctrl_c_during_the_second_batch)
     with pytest.raises(TrainingInterrupted, match="at step 2 "):
         run(micro(tmp_path, epochs=1))
-    assert len(forwards) == 2
+    assert len(losses) == 2
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
 
 
@@ -701,15 +706,6 @@ def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, mon
         result.top1 = next(top1_by_call)
         return result
 
-    losses = []
-    real_cross_entropy = torch.nn.functional.cross_entropy
-
-    def recording_cross_entropy(*args, **kwargs):
-        loss = real_cross_entropy(*args, **kwargs)
-        if torch.is_grad_enabled():  # a training batch (validation runs without gradients)
-            losses.append(loss.item())
-        return loss
-
     norms = []
 
     def record_norm(optimizer, args, kwargs):
@@ -717,7 +713,7 @@ def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, mon
         norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
     monkeypatch.setattr(evaluate_module, "evaluate", worse_later)
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
+    losses = watch_training_losses(monkeypatch)
     handle = register_optimizer_step_pre_hook(record_norm)
     try:
         summary = run(micro(tmp_path, epochs=3, clip_grad=1e-3))
@@ -783,17 +779,9 @@ def test_an_epoch_is_whole_accumulation_windows(tmp_path, monkeypatch, no_curves
     would add gradients to the next epoch's first step."""
     sampler = ResumableSampler(64, batch_size=8, accum_steps=3)
     assert sampler.batches_per_epoch == 6 and len(list(sampler)) == 48
-    forwards = []
-    real_cross_entropy = torch.nn.functional.cross_entropy
-
-    def counting(*args, **kwargs):
-        if torch.is_grad_enabled():
-            forwards.append(1)
-        return real_cross_entropy(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counting)
+    losses = watch_training_losses(monkeypatch)
     summary = run(micro(tmp_path, epochs=1, batch_size=8, accum_steps=3))
-    assert summary["steps"] == 2 and len(forwards) == 6
+    assert summary["steps"] == 2 and len(losses) == 6
 
 
 def test_no_weight_decay_on_biases_norms_and_tokens():
