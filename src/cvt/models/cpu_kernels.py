@@ -6,7 +6,7 @@ with AVX512-BF16 or AMX); elsewhere (AVX2) they fall back to reference code, 20-
 :data:`ONEDNN_PACKED_LINEAR` at call time, so tests and ``benchmarks/op_census.py`` may override them.
 
 Two inference paths (no autograd graph, not traced or compiled) live here, both measured on a 2-core
-AMD EPYC (Zen 4, AVX512-BF16, no AMX) in docs/performance.md:
+AMD EPYC (Zen 4, AVX512-BF16, no AMX) in docs/performance-decisions.md:
 
 - :func:`linear` with weights packed once by :func:`pack_linear`: oneDNN's linear on a weight kept in its
   blocked layout, with the bias and an optional SiLU fused in (bf16 on AVX-512, fp32 too on AVX-512
@@ -74,7 +74,8 @@ CPU_HAS_BF16_KERNELS = _cpu_has_bf16_kernels()
 ONEDNN_PACKED_LINEAR = _onednn_packed_linear_available()
 # fp32 too, except on Intel CPUs: fp32 ``F.linear`` runs MKL's sgemm, which uses its AVX-512 kernels on
 # Intel CPUs only; oneDNN's packed fp32 linear made CvT-13 inference 10 % faster on an AMD Zen 4, and
-# its unpacked form 12 % slower on an Intel Xeon (docs/performance.md); bf16 ``F.linear`` runs oneDNN
+# its unpacked form 12 % slower on an Intel Xeon (docs/performance-decisions.md); bf16 ``F.linear``
+# runs oneDNN
 ONEDNN_FP32_LINEAR = ONEDNN_PACKED_LINEAR and _cpu_vendor() != "GenuineIntel"
 
 # oneDNN's linear pays a per-call cost that a small product does not earn back: F.linear stays for

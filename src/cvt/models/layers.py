@@ -12,7 +12,7 @@ compare every one against the plain reference computation):
 - ``explicit_few_keys``: on CPU, attention over at most ``FEW_KEYS`` keys in fp32 (stage 3 of CvT-13:
   50), ``FEW_KEYS_BF16`` in bf16 (stage 2: 196) is computed as two matrix products around a softmax
   instead: CPU SDPA's blocked kernel costs more than the small score matrix there (4x in a bf16
-  training step at 50 keys, docs/performance.md); bf16 only where oneDNN has bf16 kernels, with bf16
+  training step at 50 keys, docs/performance-decisions.md); bf16 only where oneDNN has bf16 kernels, with bf16
   probabilities (the softmax accumulates in fp32);
 - ``chunked_attn``: bf16 CPU inference where oneDNN has bf16 kernels runs attention as
   :func:`~cvt.models.cpu_kernels.chunked_attention` at every key count (faster than CPU SDPA there);
@@ -22,7 +22,8 @@ compare every one against the plain reference computation):
   head, the probabilities recomputed in backward;
 - ``fuse_proj``: projections that read the same input share one matrix product (q/k/v with
   ``linear``, k/v with ``avg``); ``dw_bn`` k/v keep two depthwise convs (a grouped conv with two
-  outputs per channel runs ~10x slower than two depthwise ones in oneDNN on CPU, see docs/performance.md);
+  outputs per channel runs ~10x slower than two depthwise ones in oneDNN on CPU, see
+  docs/performance-decisions.md);
   after a cls split, or for a batch of one, the conv projections' input map is made densely
   channels-last once (each conv would otherwise copy it to NCHW and run its slower NCHW kernel, or for
   one image run a slower depthwise kernel on the token view's batch stride: :func:`dense_channels_last`);
@@ -79,7 +80,8 @@ PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
 # keys up to which CPU attention is explicit (``explicit_few_keys``): in fp32 measured faster at 50 keys,
 # slower at 196 (training and inference); in bf16, with bf16 probabilities, faster at 50 and 196 keys
-# (a training step's attention at batch 16: 5 vs 21 ms and 31 vs 51 ms), slower at 784 (docs/performance.md)
+# (a training step's attention at batch 16: 5 vs 21 ms and 31 vs 51 ms), slower at 784
+# (docs/performance-decisions.md)
 FEW_KEYS = 64
 FEW_KEYS_BF16 = 256
 
@@ -136,7 +138,8 @@ def dense_channels_last(x: torch.Tensor) -> bool:
     ``is_contiguous(memory_format=torch.channels_last)`` ignores the stride of a size-1 dim, so a batch
     of one whose map is a view of tokens (``(1, H*W, C)`` transposed: batch stride ``C``) passes it; but
     oneDNN's depthwise convolution runs 2.4x slower on that stride (CvT-13's stage-3 one, bf16 or fp32:
-    0.15-0.20 against 0.07-0.08 ms on the Zen 4 VM, docs/performance.md; full convolutions do not mind).
+    0.15-0.20 against 0.07-0.08 ms on the Zen 4 VM, docs/performance-decisions.md; full convolutions do
+    not mind).
     """
     if torch.jit.is_tracing():  # a trace records no layout, and comparing traced sizes would warn
         return x.is_contiguous(memory_format=torch.channels_last)
@@ -246,7 +249,7 @@ class ConvProjection(CachesDerivedWeights):
         """Whether this ``dw_bn`` projection leaves CPU autocast for fp32 (``dw_fp32``): when a graph is
         built (oneDNN's bf16 depthwise backward is ~9x slower than fp32) or when oneDNN has no bf16
         kernels for the CPU (then even the forward is far slower); on an AVX512-BF16 Xeon the bf16
-        forward is ~2x faster (docs/performance.md)."""
+        forward is ~2x faster (docs/performance-decisions.md)."""
         if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu"):
             return False
         cast_to = active_autocast_dtype("cpu")
