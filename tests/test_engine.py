@@ -22,6 +22,7 @@ from cvt.engine.resume import resumed_position
 from cvt.engine.rundir import METRIC_COLUMNS
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save
+from cvt.engine.trainer import apply_gradients
 from cvt.errors import CheckpointError, DataError, UsageError
 from cvt.models import CvT, create_model
 
@@ -689,6 +690,42 @@ def test_a_warm_up_starting_above_the_scaled_peak_is_refused(tmp_path):
         run(flags)
     assert not (tmp_path / "run").exists()
     assert run({**flags, "warmup_epochs": 0})["steps"] == 8
+
+
+def test_fp16_grad_scaler_update_clips_the_true_gradients_and_skips_overflows():
+    """Under fp16's grad scaler the update unscales before clipping: the optimizer sees gradients of
+    norm --clip-grad, not --clip-grad / scale, and steps by them; an overflowed step is skipped and the
+    scale backs off. (A CPU GradScaler stands in for the CUDA one that fp16 training uses.)"""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(model(torch.randn(16, 8)).pow(2).sum()).backward()
+    true_grads = [p.grad / 2.0**10 for p in model.parameters()]
+    true_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in true_grads])).item()
+    assert true_norm > 10  # far above the clip below
+    before = [p.detach().clone() for p in model.parameters()]
+    seen_norms = []
+
+    def record_norm(opt, args, kwargs):
+        seen_norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+
+    optimizer.register_step_pre_hook(record_norm)
+    apply_gradients(model, optimizer, scaler, clip_grad=0.5)
+    assert len(seen_norms) == 1 and seen_norms[0].item() == pytest.approx(0.5, rel=1e-4)
+    for p, p0, g in zip(model.parameters(), before, true_grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g * (0.5 / true_norm), rtol=1e-4, atol=1e-6)
+    assert scaler.get_scale() == 2.0**10
+
+    optimizer.zero_grad()
+    scaler.scale(model(torch.randn(16, 8)).sum()).backward()
+    model.bias.grad[0] = float("inf")  # an fp16 overflow
+    after_first = [p.detach().clone() for p in model.parameters()]
+    apply_gradients(model, optimizer, scaler, clip_grad=0.5)
+    assert len(seen_norms) == 1  # the optimizer did not step
+    for p, p1 in zip(model.parameters(), after_first, strict=True):
+        assert torch.equal(p.detach(), p1)
+    assert scaler.get_scale() == 2.0**9  # backed off for the next step
 
 
 def test_best_checkpoint_train_loss_and_clipping_are_what_they_say(tmp_path, monkeypatch, no_curves):

@@ -251,6 +251,26 @@ def _epoch_batches(loader: DataLoader, rng_state: dict[str, Any] | None) -> Iter
         ) from err
 
 
+def apply_gradients(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad: float | None,
+) -> None:
+    """One optimizer update from the accumulated gradients: unscale (fp16's grad scaler), clip the
+    global gradient norm to ``clip_grad``, step. Clipping comes after unscaling so that it bounds the
+    true gradients, not the scaled ones (2**16 times larger at the scaler's start)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update if fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a training described by ``cfg`` (continuing ``resume``, a loaded ``last.pt``); returns the summary.
 
@@ -518,15 +538,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
                         if env.is_main:
                             print(f"skipped step {progress['step']}: non-finite loss", file=sys.stderr)
                     else:
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                        if cfg.clip_grad:
-                            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                        if scaler is not None:
-                            scaler.step(optimizer)  # skips the update if fp16 gradients overflowed
-                            scaler.update()
-                        else:
-                            optimizer.step()
+                        apply_gradients(model, optimizer, scaler, cfg.clip_grad)
                         if ema is not None:
                             ema.update(model, step=progress["step"])
                     optimizer.zero_grad(set_to_none=True)
