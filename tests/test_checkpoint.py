@@ -23,6 +23,7 @@ from cvt.checkpoint import (
     save_checkpoint,
 )
 from cvt.checkpoint.read import unwrap_state_dict
+from cvt.data.transforms import resolve_data_config
 from cvt.models import count_params, create_model
 from cvt.models.cvt import CvT
 
@@ -433,6 +434,46 @@ def test_a_384_file_written_before_squashing_is_evaluated_as_the_official_384_mo
     assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash")
 
 
+def test_a_whole_image_config_built_above_224_keeps_its_crop_through_a_save(tmp_path: Path) -> None:
+    """cvt_tiny crops nothing (crop 1.0, center, recorded at 32 px): built at 256 and saved, it must not
+    read back as an old 384 file and start squashing."""
+    model = create_model("cvt_tiny", img_size=256)
+    before = resolve_data_config(model)
+    path = save_checkpoint(model, tmp_path / "tiny256.safetensors")
+    after = resolve_data_config(load_model(path))
+    assert (
+        (after["crop_pct"], after["crop_mode"])
+        == (before["crop_pct"], before["crop_mode"])
+        == (1.0, "center")
+    )
+
+
+def test_unusable_architecture_metadata_is_a_checkpoint_error(tmp_path: Path, tiny: CvT) -> None:
+    """A ``cvt_arch`` of null or a list was a raw AttributeError; a global_pool no CvT has was taken
+    (``max``: logits per token); a Path in the pretrained_cfg made saving a TypeError."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tiny.pretrained_cfg = {**tiny.pretrained_cfg, "file": tmp_path / "weights.pth"}  # timm's overlay
+    path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    assert load_model(path).pretrained_cfg["file"] == str(tmp_path / "weights.pth")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    arch = json.loads(metadata["cvt_arch"])
+    for bad, message in (
+        ("null", "holds a JSON NoneType, expected an object"),
+        ("[]", "holds a JSON list, expected an object"),
+        (
+            json.dumps({**arch, "global_pool": "max"}),
+            "architecture metadata is incomplete or invalid.*global_pool",
+        ),
+    ):
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**metadata, "cvt_arch": bad})
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "bad.safetensors")
+
+
 def test_native_round_trip(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
     tiny.pretrained_cfg["label_names"] = [str(d) for d in range(10)]
     path = save_checkpoint(tiny, tmp_path / "sub" / "tiny.safetensors")
@@ -612,6 +653,34 @@ def test_official_yaml_sizes_the_model_by_training_and_preprocesses_by_test() ->
         test_only = create_model_from_official_yaml({**doc, "TRAIN": {}})
     assert model.img_size == (224, 224) and model.pretrained_cfg["input_size"] == (3, 384, 384)
     assert test_only.img_size == (384, 384)
+
+
+def test_official_yaml_image_sizes_are_width_then_height() -> None:
+    """The official config: ``IMAGE_SIZE = [224, 224]  # width * height``; its evaluation resizes to
+    ``(IMAGE_SIZE[1], IMAGE_SIZE[0])``. A non-square [256, 192] is 192 pixels high."""
+    doc = yaml.safe_load(CVT_13_YAML)
+    doc["TRAIN"]["IMAGE_SIZE"] = doc["TEST"]["IMAGE_SIZE"] = [256, 192]
+    with torch.device("meta"):
+        model = create_model_from_official_yaml(doc)
+    assert model.img_size == (192, 256) and model.pretrained_cfg["input_size"] == (3, 192, 256)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [  # each was a raw ValueError or TypeError
+        ("TRAIN", "IMAGE_SIZE", [224, "wide"], r"IMAGE_SIZE must be N or \[W, H\] in whole numbers"),
+        ("TEST", "IMAGE_SIZE", 224.5, r"IMAGE_SIZE must be N or \[W, H\]"),
+        ("MODEL", "NUM_CLASSES", "ten", "num_classes must be a whole number >= 0"),
+        ("INPUT", "MEAN", 0.5, "INPUT.MEAN must be a list of numbers, one per channel, got 0.5"),
+    ],
+)
+def test_official_yaml_values_of_the_wrong_kind_are_named(
+    section: str, key: str, value, message: str
+) -> None:
+    doc = yaml.safe_load(CVT_13_YAML)
+    doc.setdefault(section, {})[key] = value
+    with pytest.raises(UsageError, match=message), torch.device("meta"):
+        create_model_from_official_yaml(doc)
 
 
 def test_official_yaml_without_center_crop_gets_the_official_default() -> None:

@@ -196,6 +196,8 @@ def test_exports_and_complexity_follow_the_model_dtype(tmp_path) -> None:
     assert count_gmacs(double, (32, 32)) == pytest.approx(expected.gmacs)
     path = export_model(double, "torchscript", tmp_path / "double.pt", img_size=32)
     assert verify_export(double, "torchscript", path, img_size=32) < 1e-12  # fp64 export, fp64 check
+    path = export_model(double, "safetensors", tmp_path / "double.safetensors")  # rebuilds in fp32
+    assert verify_export(double, "safetensors", path) < 1e-5  # used to refuse the fp64 images
 
 
 def test_torchscript_export_is_quiet(tiny, tmp_path) -> None:

@@ -104,6 +104,35 @@ def test_a_features_only_model_loads_a_whole_model_checkpoint(tmp_path: Path, ou
         cvt.create_model("cvt_13", features_only=True, checkpoint_path=path)
 
 
+@pytest.mark.parametrize("prune_norm", [True, False])
+def test_a_pruned_backbone_saves_and_loads_back_as_itself(tmp_path: Path, prune_norm: bool) -> None:
+    """A features_only model saves its pruned CvT (no final norm, two stages here); a model pruned with
+    the last stage kept saves whether its norm went too. Both used to fail: raw AttributeError, or
+    'missing key(s): norm.weight, norm.bias' when loaded."""
+    torch.manual_seed(0)
+    net = cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 1)).eval()
+    pruned = cvt.create_model("cvt_tiny").eval()
+    pruned.prune_intermediate_layers(3, prune_norm=prune_norm)
+    images = torch.randn(2, 3, 32, 32)
+    for name, model, inner in (("features", net, net.model), ("pruned", pruned, pruned)):
+        loaded = cvt.load_model(cvt.save_checkpoint(model, tmp_path / f"{name}.safetensors"))
+        assert type(loaded.norm) is type(inner.norm) and loaded.num_stages == inner.num_stages
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.forward_features(images), inner.forward_features(images))
+    with pytest.raises(cvt.CheckpointError, match="saves a CvT model, got Linear"):
+        cvt.save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "linear.safetensors")
+
+
+def test_empty_stage_indices_are_a_clear_error() -> None:
+    model = cvt.create_model("cvt_tiny")
+    for call in (
+        lambda: model.prune_intermediate_layers([]),
+        lambda: model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=[], intermediates_only=True),
+    ):
+        with pytest.raises(cvt.UsageError, match="must name at least one stage"):
+            call()
+
+
 def test_out_indices_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(cvt.UsageError, match=r"stage indices \(0, 3\) out of range for a 3-stage model"):
         cvt.create_model("cvt_tiny", features_only=True, out_indices=(0, 3))  # refused when built

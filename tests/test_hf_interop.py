@@ -459,6 +459,21 @@ def test_hf_config_without_labels_has_transformers_default_two_classes() -> None
     assert model_kwargs_from_hf_config({**config, "num_labels": 9})["num_classes"] == 9
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [  # each was a raw TypeError or ValueError
+        ({"embed_dim": 64}, r"embed_dim must be a list \(one value per stage\), got 64"),
+        ({"id2label": {"zero": "a", "one": "b"}}, r"id2label keys must be class indices .*'zero'"),
+        ({"num_labels": "nine", "id2label": None}, "num_labels must be a whole number, got 'nine'"),
+        ({"num_channels": "3"}, "num_channels must be a whole number, got '3'"),
+    ],
+)
+def test_hf_config_values_of_the_wrong_kind_are_named(change: dict, message: str) -> None:
+    config = {**CvtConfig(**SMALL).to_dict(), **change}
+    with pytest.raises(CheckpointError, match=message):
+        model_kwargs_from_hf_config(config)
+
+
 def test_export_keeps_a_non_square_size_and_one_input_channel(tmp_path: Path) -> None:
     """config.json's image_size is (H, W) and num_channels the stem's: both come back on loading."""
     torch.manual_seed(0)

@@ -265,6 +265,10 @@ def test_avg_projection_keeps_query_linear() -> None:
         (dict(drop_rate=1.5), r"drop_rate must be in \[0, 1\), got 1.5"),
         (dict(attn_drop_rate=-0.1), r"attn_drop_rate must be in \[0, 1\)"),
         (dict(attn_drop_rate=float("nan")), r"attn_drop_rate must be in \[0, 1\), got nan"),
+        # these were a negative-dimension RuntimeError, a NaN-to-int ValueError, an empty MLP
+        (dict(mlp_ratio=-1.0), "mlp_ratio must be a finite number that leaves the MLP at least one hidden"),
+        (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number"),
+        (dict(mlp_ratio=0.01), r"int\(embed_dim \* mlp_ratio\) >= 1\), got 0.01"),
     ],
 )
 def test_stage_options_that_cannot_run_are_refused_when_built(options: dict, message: str) -> None:
@@ -275,6 +279,26 @@ def test_stage_options_that_cannot_run_are_refused_when_built(options: dict, mes
     model = tiny(kernel_qkv=5, padding_q=2, padding_kv=2).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [  # raw TypeError/ValueError/RuntimeError from deep inside, or a model built with no input channel
+        (dict(in_chans=0), "in_chans must be a whole number >= 1, got 0"),
+        (dict(in_chans=1.5), "in_chans must be a whole number >= 1, got 1.5"),
+        (dict(img_size=(32, 32, 32)), r"img_size must be a whole number N \(N x N\) or a pair \(H, W\)"),
+        (dict(img_size="32"), "img_size must be a whole number N"),
+        (dict(img_size=32.0), "img_size must be a whole number N"),
+        (dict(norm_eps=-1.0), "norm_eps must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_model_options_that_cannot_build_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(cvt.UsageError, match=message):
+        cvt.create_model("cvt_tiny", **options)
+    assert cvt.create_model("cvt_tiny", img_size=[40, 48], in_chans=1).img_size == (
+        40,
+        48,
+    )  # a list is a pair
 
 
 def test_drop_path_rates_are_per_block_within_each_stage() -> None:

@@ -155,10 +155,10 @@ def run_exported(fmt: str, path: str | Path, images: torch.Tensor) -> torch.Tens
     if fmt == "torchscript":
         with _torchscript_deprecation_silenced():
             module = torch.jit.load(str(path), map_location="cpu")
-    else:  # safetensors file or hf folder: both describe their architecture
+    else:  # safetensors file or hf folder: both describe their architecture (rebuilt in fp32)
         from cvt.checkpoint import load_model
 
-        module = load_model(path)
+        module = load_model(path).to(images.dtype)  # a fp64 or bf16 model's images
     with torch.no_grad():
         return module(images)
 

@@ -199,6 +199,10 @@ def model_kwargs_from_hf_config(
     missing = [k for k in HF_STAGE_FIELDS if k not in config and k not in _OPTIONAL_HF_FIELDS]
     if missing:
         raise CheckpointError(f"config.json lacks the CvT field(s) {missing}")
+    if not isinstance(config["embed_dim"], list):
+        raise CheckpointError(
+            f"config.json field embed_dim must be a list (one value per stage), got {config['embed_dim']!r}"
+        )
     num_stages = len(config["embed_dim"])
     columns = {field: config[k] for k, field in HF_STAGE_FIELDS.items() if k in config}
     bad = [k for k, v in columns.items() if not isinstance(v, list) or len(v) != num_stages]
@@ -209,22 +213,30 @@ def model_kwargs_from_hf_config(
     stages = [StageSpec(**{f: v[i] for f, v in columns.items()}) for i in range(num_stages)]
     if isinstance(config.get("id2label"), dict):  # what transformers counts, {} included
         num_classes = len(config["id2label"])
+        hf_label_names(config)  # its keys must be class indices
     else:
-        num_classes = int(config.get("num_labels", 2))  # transformers' default: 2 labels
+        num_classes = config.get("num_labels", 2)  # transformers' default: 2 labels
     size = config.get(HF_IMAGE_SIZE_KEY, img_size)
-    return dict(
+    kwargs = dict(
         stages=stages,
         num_classes=num_classes,
-        in_chans=int(config.get("num_channels", 3)),
-        img_size=tuple(size) if isinstance(size, list) else int(size),
+        in_chans=config.get("num_channels", 3),
+        img_size=tuple(size) if isinstance(size, list) else size,
         act=act or config.get(HF_ACT_KEY, HF_DEFAULT_ACT),
-        norm_eps=1e-5,
     )
+    for key, value in (("num_labels", num_classes), ("num_channels", kwargs["in_chans"])):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"config.json field {key} must be a whole number, got {value!r}")
+    return {**kwargs, "norm_eps": 1e-5}
 
 
 def hf_label_names(config: dict[str, Any]) -> list[str] | None:
     """Class names from ``id2label``, or None when they are transformers' placeholders (``LABEL_3``)."""
     labels = config.get("id2label") or {}
+    if not all(str(k).isdigit() for k in labels):  # JSON's "0", "1", … (ints in a live CvtConfig)
+        raise CheckpointError(
+            f"config.json id2label keys must be class indices ('0', '1', …), got {list(labels)!r}"
+        )
     names = [labels[k] for k in sorted(labels, key=int)]
     if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         return None

@@ -3,7 +3,8 @@
 The tensors are the native state dict (the official key layout). The metadata holds
 ``cvt_format`` (the format version) and ``cvt_arch``: JSON with the variant name (if any), every
 stage's :class:`~cvt.models.cvt.StageSpec`, ``num_classes``, ``in_chans``, ``img_size``, ``act``,
-``norm_eps`` and the ``pretrained_cfg`` (input size, mean/std, crop, class names) for inference.
+``norm_eps``, ``final_norm`` (False once ``prune_intermediate_layers`` removed the final LayerNorm)
+and the ``pretrained_cfg`` (input size, mean/std, crop, class names) for inference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMAT_VERSION
-from cvt.errors import CheckpointError
+from cvt.errors import CheckpointError, UsageError
 from cvt.fileio import atomic_write_bytes
 from cvt.models.cvt import CvT, StageSpec
 from cvt.models.variants import official_eval_crop
@@ -58,6 +59,7 @@ def architecture_of(model: CvT, variant: str | None = None) -> dict[str, Any]:
         "img_size": list(model.img_size),
         "act": model.act,
         "norm_eps": model.norm_eps,
+        "final_norm": not isinstance(model.norm, torch.nn.Identity),
         "global_pool": model.global_pool,
         "pretrained_cfg": cfg,
     }
@@ -71,16 +73,20 @@ def model_from_architecture(arch: dict[str, Any]) -> CvT:
         model = CvT(
             stages, num_classes=arch["num_classes"], in_chans=arch["in_chans"],
             img_size=tuple(arch["img_size"]), act=arch["act"], norm_eps=arch["norm_eps"],
+            global_pool=arch.get("global_pool"),
         )  # fmt: skip
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, UsageError) as err:  # UsageError: a value CvT refuses
         raise CheckpointError(f"the architecture metadata is incomplete or invalid: {err!r}") from err
-    model.global_pool = arch.get("global_pool", model.global_pool)
+    if not arch.get("final_norm", True):  # saved after prune_intermediate_layers
+        model.norm = torch.nn.Identity()
     cfg = dict(arch.get("pretrained_cfg") or {})
     for key in _TUPLE_CFG_KEYS:
         if isinstance(cfg.get(key), list):
             cfg[key] = tuple(cfg[key])
-    if (cfg.get("crop_pct"), cfg.get("crop_mode")) == (1.0, "center") and max(model.img_size) > 224:
-        # files written before 384 evaluation squashed the image recorded the official rule this way
+    # files written before 384 evaluation squashed the image recorded the official rule at their own
+    # input size as crop 1.0, center; a small-image config (cvt_tiny: 32 px, no crop) built larger is not one
+    old_384_rule = (cfg.get("crop_pct"), cfg.get("crop_mode")) == (1.0, "center")
+    if old_384_rule and max(model.img_size) > 224 and tuple(cfg.get("input_size", ())[-2:]) == model.img_size:
         cfg["crop_pct"], cfg["crop_mode"] = official_eval_crop(*model.img_size)
     model.pretrained_cfg = cfg
     return model
@@ -91,7 +97,8 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model`` in the project's safetensors format (weights + architecture); returns the path.
 
-    ``model`` may be wrapped (DDP, ``torch.compile``, an EMA). ``variant`` names the registered
+    ``model`` may be wrapped (DDP, ``torch.compile``, an EMA, a ``features_only`` backbone, whose
+    pruned CvT is saved and loads back as that CvT). ``variant`` names the registered
     variant (default: ``model.pretrained_cfg['architecture']``);
     the full per-stage spec is stored either way. An existing file is replaced only with
     ``overwrite=True``, and atomically (written beside it, then renamed).
@@ -100,6 +107,10 @@ def save_checkpoint(
     from timm.utils import unwrap_model
 
     model = unwrap_model(model)  # DistributedDataParallel, torch.compile, ModelEmaV3: the CvT inside
+    if not isinstance(model, CvT) and isinstance(getattr(model, "model", None), CvT):
+        model = model.model  # timm's FeatureGetterNet (features_only=True)
+    if not isinstance(model, CvT):
+        raise CheckpointError(f"save_checkpoint saves a CvT model, got {type(model).__name__}")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint target {path} is a directory, expected a file path")
@@ -110,7 +121,8 @@ def save_checkpoint(
     metadata = {
         "format": "pt",
         NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
-        NATIVE_ARCH_KEY: json.dumps(architecture_of(model, variant)),
+        # default=str: a pretrained_cfg may hold paths (timm's ``file``) or other non-JSON values
+        NATIVE_ARCH_KEY: json.dumps(architecture_of(model, variant), default=str),
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,13 @@
 Read: ``MODEL.SPEC`` (the per-stage lists, via :func:`cvt.models.official_spec.stages_from_official_spec`,
 and ``INIT``), ``MODEL.NUM_CLASSES`` (official default 1000), ``TRAIN.IMAGE_SIZE`` (the size the
 model was trained at: sizes position embeddings), ``TEST.IMAGE_SIZE`` / ``TEST.CENTER_CROP`` and
-``INPUT.MEAN`` / ``INPUT.STD`` (the inference preprocessing). Everything else (solver, data) is
-training recipe, not architecture, and is ignored.
+``INPUT.MEAN`` / ``INPUT.STD`` (the inference preprocessing). Sizes are ``[W, H]``, as the official
+config writes them. Everything else (solver, data) is training recipe, not architecture, and is ignored.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,21 @@ OFFICIAL_NUM_CLASSES = 1000  # the official config's default MODEL.NUM_CLASSES
 OFFICIAL_IMAGE_SIZE = (224, 224)
 
 
+def _whole_numbers(values: list[Any]) -> bool:
+    return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
+
+
 def _image_size(section: Any) -> tuple[int, int] | None:
+    """``(H, W)`` from a section's ``IMAGE_SIZE``, which the official config writes as ``[W, H]``
+    (``# width * height``; its evaluation resizes to ``(IMAGE_SIZE[1], IMAGE_SIZE[0])``)."""
     size = section.get("IMAGE_SIZE") if isinstance(section, Mapping) else None
     if size is None:
         return None
-    sizes = [int(s) for s in (size if isinstance(size, (list, tuple)) else [size, size])]
-    if len(sizes) != 2:
-        raise UsageError(f"IMAGE_SIZE must be N or [H, W], got {size!r}")
-    return sizes[0], sizes[1]
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size, size]
+    if len(sizes) != 2 or not _whole_numbers(sizes):
+        raise UsageError(f"IMAGE_SIZE must be N or [W, H] in whole numbers, got {size!r}")
+    width, height = sizes
+    return height, width
 
 
 def create_model_from_official_yaml(
@@ -57,13 +65,19 @@ def create_model_from_official_yaml(
     train_size = _image_size(doc.get("TRAIN"))
     test_size = _image_size(doc.get("TEST"))
     img_size = train_size or test_size or OFFICIAL_IMAGE_SIZE
-    classes = int(model_cfg.get("NUM_CLASSES", OFFICIAL_NUM_CLASSES) if num_classes is None else num_classes)
+    classes = model_cfg.get("NUM_CLASSES", OFFICIAL_NUM_CLASSES) if num_classes is None else num_classes
+    input_cfg = doc.get("INPUT") if isinstance(doc.get("INPUT"), Mapping) else {}
+    for key in ("MEAN", "STD"):
+        stats = input_cfg.get(key)
+        if stats is not None and not (
+            isinstance(stats, (list, tuple)) and all(isinstance(v, numbers.Real) for v in stats)
+        ):
+            raise UsageError(f"INPUT.{key} must be a list of numbers, one per channel, got {stats!r}")
     model = CvT(
         stages_from_official_spec(spec), num_classes=classes, img_size=img_size,
         init=str(spec.get("INIT", "trunc_norm")),
     )  # fmt: skip
     test_cfg = doc.get("TEST") if isinstance(doc.get("TEST"), Mapping) else {}
-    input_cfg = doc.get("INPUT") if isinstance(doc.get("INPUT"), Mapping) else {}
     # official default: resize the shorter side to size / 0.875 and center crop; without, T.Resize((H, W))
     center_crop = bool(test_cfg.get("CENTER_CROP", True))
     model.pretrained_cfg = inference_cfg(

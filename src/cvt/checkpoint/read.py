@@ -326,11 +326,17 @@ def _native_arch(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
             f"version {NATIVE_FORMAT_VERSION}"
         )
     try:
-        return json.loads(metadata[NATIVE_ARCH_KEY])
+        arch = json.loads(metadata[NATIVE_ARCH_KEY])
     except (KeyError, json.JSONDecodeError) as err:
         raise CheckpointError(
             f"{path} has a missing or unreadable '{NATIVE_ARCH_KEY}' metadata entry"
         ) from err
+    if not isinstance(arch, dict):
+        raise CheckpointError(
+            f"{path}: the '{NATIVE_ARCH_KEY}' metadata entry holds a JSON {type(arch).__name__}, expected an "
+            f"object describing the model"
+        )
+    return arch
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ The model API follows timm: ``forward_features`` → ``forward_head`` → ``forw
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -71,6 +72,11 @@ class StageSpec:
         for name in ("patch_padding", "padding_q", "padding_kv"):
             if getattr(self, name) < 0:
                 raise UsageError(f"stage {name} must be >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.mlp_ratio) or int(self.embed_dim * self.mlp_ratio) < 1:
+            raise UsageError(
+                f"stage mlp_ratio must be a finite number that leaves the MLP at least one hidden unit "
+                f"(int(embed_dim * mlp_ratio) >= 1), got {self.mlp_ratio!r}"
+            )
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             # refused here, not by torch at the first training step; rate 1 drops everything (and drop
             # path divides by the keep probability 0), so no rate of 1 or more can train
@@ -249,11 +255,19 @@ class CvT(nn.Module):
         if not stages:
             raise UsageError("a CvT needs at least one stage")
         _check_num_classes(num_classes)
+        if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral) or in_chans < 1:
+            raise UsageError(f"in_chans must be a whole number >= 1, got {in_chans!r}")
+        if (
+            isinstance(norm_eps, bool)
+            or not isinstance(norm_eps, numbers.Real)
+            or not 0 <= norm_eps < math.inf
+        ):
+            raise UsageError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
         self.stage_specs = tuple(stages)
         self.num_stages = len(stages)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = to_2tuple(img_size)
+        self.img_size = _checked_img_size(img_size)
         self.act = act
         self.norm_eps = norm_eps
         self.has_cls_token = stages[-1].cls_token
@@ -455,6 +469,8 @@ class CvT(nn.Module):
             take = list(range(n - indices, n))
         else:
             take = [n + i if i < 0 else i for i in indices]  # -1 is the last stage; -n-1 is out of range
+        if not take:
+            raise UsageError("stage indices must name at least one stage, got none")
         bad = [i for i in take if not 0 <= i < n]
         if bad or (isinstance(indices, int) and not 0 < indices <= n):
             raise UsageError(f"stage indices {indices!r} out of range for a {n}-stage model")
@@ -516,6 +532,17 @@ def _check_num_classes(num_classes: int) -> None:
     """:class:`UsageError` for a class count that is not a whole number >= 0 (0: no classifier)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
         raise UsageError(f"num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}")
+
+
+def _checked_img_size(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """``img_size`` as ``(H, W)``: an int N is N x N; :class:`UsageError` for anything but whole numbers."""
+    size = (img_size, img_size) if isinstance(img_size, numbers.Integral) else img_size
+    if (
+        not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in size)
+    ):  # fmt: skip
+        raise UsageError(f"img_size must be a whole number N (N x N) or a pair (H, W), got {img_size!r}")
+    return int(size[0]), int(size[1])
 
 
 def stage_grids(specs: Sequence[StageSpec], img_size: tuple[int, int]) -> list[tuple[int, int]]:
