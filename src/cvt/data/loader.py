@@ -62,3 +62,17 @@ def build_loader(
         worker_init_fn=worker_init_fn,
         persistent_workers=num_workers > 0 and not train,
     )  # fmt: skip
+
+
+def close_workers(loader: DataLoader) -> None:
+    """End the worker processes an evaluation loader keeps between passes (``persistent_workers``).
+
+    torch ends them only when the loader's iterator is garbage-collected. A loader kept alive past its
+    run (a reference cycle, a stored traceback) left them running into interpreter exit, where
+    multiprocessing's exit handler terminates and then joins them: ``cvt train``'s workers ignore
+    SIGTERM, so the process never exited.
+    """
+    iterator = loader._iterator  # where DataLoader keeps a persistent-workers iterator (no public API)
+    loader._iterator = None
+    if iterator is not None:
+        iterator._shutdown_workers()

@@ -317,6 +317,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         resolve_data_config,
     )
     from cvt.data.datasets import first_difference
+    from cvt.data.loader import close_workers
     from cvt.data.seeding import PerSampleSeeds, seed_generators
     from cvt.engine.evaluate import evaluate
 
@@ -483,7 +484,8 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
 
     session_start = time.perf_counter()
     seconds_before = progress["train_seconds"]
-    with _InterruptFlag(announce=env.is_main) as interrupt:
+    with _InterruptFlag(announce=env.is_main) as interrupt, contextlib.ExitStack() as cleanup:
+        cleanup.callback(close_workers, val_loader)  # its workers ignore SIGTERM: end them with the run
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_start = time.perf_counter()
             sampler.set_position(epoch, progress["batches_done"])
