@@ -589,6 +589,29 @@ def test_imagefolder_validation_uses_the_training_class_indices(tmp_path, monkey
     assert not (tmp_path / "refused").exists()  # refused before training, nothing written
 
 
+def test_an_unreadable_validation_image_is_left_out_not_replaced(tmp_path, monkeypatch, no_curves):
+    """With --skip-bad-images, training validated on the next image in place of a truncated one, with
+    that image's label: 6 samples of 5 readable images, and a top-1 cvt eval did not reproduce."""
+    from cvt.engine import evaluate as evaluate_module
+
+    results = []
+
+    def recording_evaluate(*args, **kwargs):
+        results.append(real_evaluate(*args, **kwargs))
+        return results[-1]
+
+    real_evaluate = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", recording_evaluate)
+    root = tmp_path / "data"
+    write_image_folder(root, ["ant", "bee", "cat"], ["ant", "bee", "cat"])  # 2 validation images each
+    truncated = root / "val" / "ant" / "1.png"
+    truncated.write_bytes(truncated.read_bytes()[:-300])  # its header reads, its pixels do not
+    data = dict(dataset="imagefolder", data_dir=str(root), train_subset=None, batch_size=8, epochs=1)
+    with pytest.warns(UserWarning, match=r"ant/1\.png: .*left out"):
+        run(micro(tmp_path, skip_bad_images=True, **data))
+    assert [r.num_samples for r in results] == [5]
+
+
 def test_resume_on_other_classes_is_refused(tmp_path, no_curves):
     """Same class count, other names: resuming would silently change what each output means."""
     data = dict(dataset="imagefolder", data_dir=str(tmp_path / "data"), train_subset=None, batch_size=8)

@@ -317,7 +317,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         resolve_data_config,
     )
     from cvt.data.datasets import first_difference
-    from cvt.data.loader import close_workers
+    from cvt.data.loader import close_workers, collate_readable
     from cvt.data.seeding import PerSampleSeeds, seed_generators
     from cvt.engine.evaluate import evaluate
 
@@ -343,9 +343,10 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
     train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", download=cfg.download and env.is_main,
                               skip_bad_images=cfg.skip_bad_images)  # fmt: skip
     # the training classes index the validation labels too (imagefolder: val/ may lack a class, and a
-    # class folder unknown to training is refused here, naming it)
+    # class folder unknown to training is refused here, naming it); an unreadable validation image is
+    # left out, as cvt eval does, not replaced by the next one counted twice
     val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", skip_bad_images=cfg.skip_bad_images,
-                            classes=train_set.classes)  # fmt: skip
+                            classes=train_set.classes, replace_bad_images=False)  # fmt: skip
     if env.distributed and env.is_main:
         torch.distributed.barrier()
     classes = list(train_set.classes)
@@ -409,7 +410,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin_memory = device.type == "cuda"  # page-locked batches only where they are copied to a GPU
     val_loader = build_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, train=False,
-                              num_workers=cfg.workers, pin_memory=pin_memory,
+                              num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate_readable,
                               worker_init_fn=_worker_ignores_stop_signals)  # fmt: skip
     amp_dtype = autocast_dtype(cfg.amp)
 
