@@ -380,6 +380,14 @@ def test_an_interrupted_ablation_continues_with_resume_auto(tmp_path, monkeypatc
     assert main([*ABLATE, "--output", str(out), "--epochs", "3", "--resume", "auto"]) == 2
     assert "kv_stride-stride_1 was trained with epochs 2 (now 3)" in capsys.readouterr().err
 
+    # the class count and input size record resolved values: unset options are compared as resolved
+    for changed in (["--img-size", "32"], ["--num-classes", "12"]):
+        assert main([*ABLATE, "--output", str(out), *changed, "--resume", "auto"]) == 2
+        said = capsys.readouterr().err
+        assert (
+            "img_size 16 (now 32)" in said if "--img-size" in changed else "num_classes 10 (now 12)" in said
+        )
+
     assert main([*ABLATE, "--output", str(out), "--resume", "auto"]) == 0
     assert (first / "last.pt").read_bytes() == kept  # not trained again
     assert torch.load(second / "last.pt", weights_only=True)["epoch"] == 2

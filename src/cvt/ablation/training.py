@@ -113,14 +113,27 @@ def check_variant_dirs(run_dirs: Sequence[Path], allow_content: bool) -> None:
 # options that change how a variant's run goes, not what it learns: they may differ on --resume
 RESUME_MAY_CHANGE = frozenset(
     {"output", "name", "device", "workers", "data_dir", "download", "eval_batch_size", "save_every_steps",
-     "compile", "grad_checkpointing", "num_classes", "img_size"}
+     "compile", "grad_checkpointing"}
 )  # fmt: skip
 
 
-def check_resumable(configs: Sequence[TrainConfig]) -> None:
+def trained_img_size(budget: TrainConfig) -> int:
+    """The input side the variants train at, as their ``config.yaml`` records it (``img_size``, or the
+    base model's own)."""
+    import torch
+
+    from cvt.engine.config import run_model_kwargs
+    from cvt.models import create_model
+
+    with torch.device("meta"):
+        return create_model(budget.model, **run_model_kwargs(budget.model_args, budget.img_size)).img_size[0]
+
+
+def check_resumable(configs: Sequence[TrainConfig], num_classes: int, img_size: int) -> None:
     """For ``--resume auto``: refuse (before any variant trains) a variant folder with content that is
     not a run of that variant with the ablation's budget, as its ``config.yaml`` records it: a finished
-    variant is kept and an interrupted one continues, so all must share the options the report names."""
+    variant is kept and an interrupted one continues, so all must share the options the report names.
+    ``num_classes`` and ``img_size`` are the resolved ones the runs record (the options may be unset)."""
     import yaml
 
     for config in configs:
@@ -133,6 +146,7 @@ def check_resumable(configs: Sequence[TrainConfig]) -> None:
                 f"resume: move its files away, or pass --overwrite to retrain every variant"
             )
         expected = yaml.safe_load(yaml.safe_dump(config.recorded()))  # as config.yaml holds it
+        expected.update(num_classes=num_classes, img_size=img_size)
         differ = [
             f"{key} {recorded[key]!r} (now {value!r})"
             for key, value in expected.items()
@@ -225,7 +239,7 @@ def train_ablation(
         configs = [variant_config(budget, v, out_dir / variant_slug(v)) for v in variants]
         check_variant_dirs([c.run_dir for c in configs], budget.overwrite or bool(budget.resume))
         if budget.resume:  # folders with content may hold the variants' runs, which continue
-            check_resumable(configs)
+            check_resumable(configs, budget.num_classes or num_classes, trained_img_size(budget))
         for name in REPORT_FILES:  # replaced or continued runs: no report of the earlier ones survives
             (out_dir / name).unlink(missing_ok=True)
 
