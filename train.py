@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from cvt.cli.main import build_parser, main
 from cvt.cli.train import flags_from_args
 from cvt.engine.config import resolve_config
+from cvt.engine.resume import resume_path
 from cvt.errors import CvtError
 
 SEED_RECIPE = "seed_cifar10"
@@ -26,8 +27,9 @@ def train_argv(argv: Sequence[str]) -> list[str]:
 
     The recipe is left out when ``argv`` names a ``--config`` or resumes a checkpoint: applied on
     resume it would replace what the checkpoint recorded (its model, lr, weight decay …).
-    ``--resume auto`` looks where the seed recipe puts the run; it resumes the ``last.pt`` found
-    there by its path, and keeps the recipe when there is none (a fresh seed run).
+    ``--resume auto`` looks where the seed recipe puts the run; it resumes the checkpoint ``cvt train
+    --resume auto`` would take there (``last.pt``, or the ``best.pt`` of a run stopped in its first
+    epoch's saves) by its path, and keeps the recipe when there is none (a fresh seed run).
     """
     seed_run = ["train", "--config", SEED_RECIPE, *argv]
     args = build_parser().parse_args(["train", *argv])  # a bad flag or --help: as cvt train does
@@ -37,11 +39,10 @@ def train_argv(argv: Sequence[str]) -> list[str]:
     if not resume:
         return seed_run
     try:
-        run_dir = resolve_config(SEED_RECIPE, flags_from_args(args)).run_dir
+        checkpoint = resume_path(resolve_config(SEED_RECIPE, flags_from_args(args)))
     except CvtError:
         return seed_run  # cvt train reports the bad option
-    last = run_dir / "last.pt"
-    return ["train", *argv, "--resume", str(last)] if last.is_file() else seed_run
+    return ["train", *argv, "--resume", str(checkpoint)] if checkpoint.is_file() else seed_run
 
 
 if __name__ == "__main__":

@@ -111,6 +111,12 @@ def test_seed_script_resumes_under_the_checkpoints_config(tmp_path, monkeypatch)
         got = {k: getattr(cfg, k) for k in ("model", "dataset", "lr", "weight_decay", "optimizer", "epochs")}
         assert got == dict(model="cvt_tiny", dataset="digits", lr=0.005, weight_decay=0.01, optimizer="adamw",
                            epochs=2)  # fmt: skip
+    # killed between the two saves that end its first epoch: best.pt alone holds its state, and
+    # cvt train --resume auto takes it; the script applied the seed recipe (cvt / cifar10 / sgd) instead
+    for name in ("last.pt", "metrics.csv", "summary.json"):
+        (tmp_path / "runs" / "t" / name).unlink()
+    cfg, ckpt = _run_seed_script(monkeypatch, ["--name", "t", "--resume", "auto", "--epochs", "2"])
+    assert ckpt is not None and (cfg.model, cfg.dataset, cfg.lr) == ("cvt_tiny", "digits", 0.005)
 
 
 def test_seed_script_keeps_the_recipe_without_a_checkpoint(tmp_path, monkeypatch):
