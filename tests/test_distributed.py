@@ -106,3 +106,16 @@ def test_each_process_gets_the_gpu_of_its_local_rank(monkeypatch):
     assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", local_rank=1) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["mps", "meta", "xpu:0"])
+def test_devices_other_than_cpu_and_cuda_are_refused_before_the_run_starts(name, tmp_path, capsys):
+    """torch parses these names, then fails deep inside ('internal error'); meta also left config.yaml
+    and tb/ behind in the run folder."""
+    from cvt.cli.main import main
+    from cvt.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"must be auto, cpu, cuda or cuda:N, got '{name}'"):
+        resolve_device(name)
+    assert main(["train", "--device", name, "--output", str(tmp_path / "run")]) == 2
+    assert f"got '{name}'" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -120,6 +120,8 @@ def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
         ({"ema_decay": -0.5}, r"'ema_decay' .* must be in \[0, 1\]"),
         ({"momentum": 2.0}, r"'momentum' must be in \[0, 1\), got 2.0"),
         ({"momentum": 1.0}, r"'momentum' must be in \[0, 1\)"),
+        # an 'internal error' from torch's SGD (the shipped transfer recipes use Nesterov)
+        ({"optimizer": "sgd", "nesterov": True, "momentum": 0.0}, r"'nesterov' needs a momentum > 0"),
         # augmentation: an internal ValueError from torchvision's ColorJitter
         ({"color_jitter": -1.0}, r"'color_jitter' must be >= 0 when given, got -1.0"),
         ({"scale": [0.9, 0.5]}, r"'scale' must be two numbers 0 < lo <= hi <= 1"),

@@ -369,6 +369,21 @@ def test_cli_eval_refuses_an_image_folder_mixing_known_and_unknown_classes(tmp_p
     assert report["per_class_acc"] == {"cat": 0.0, "dog": None, "eel": 100.0} and report["top1"] == 50.0
 
 
+def test_cli_eval_reads_an_image_folder_from_data_by_default(tmp_path, capsys, monkeypatch):
+    """--help promised ./data without --data-dir (cvt train's default); an image folder said it needed
+    --data-dir."""
+    ckpt = _training_checkpoint(tmp_path, num_classes=3, answer=2)  # its run's data set is digits
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = ["cat", "dog", "eel"]
+    torch.save(saved, ckpt)
+    for name in ("cat", "eel"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 36), (30, 30, 200)).save(tmp_path / "data" / "val" / name / "0.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "imagefolder", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 2
+
+
 @pytest.mark.parametrize("batch_size", [64, 1])  # one batch; a batch holding only the unreadable file
 def test_cli_eval_skip_bad_images_leaves_unreadable_files_out_and_counts_them(tmp_path, capsys, batch_size):
     """With --skip-bad-images, a file that fails when decoded is left out, not replaced by the next

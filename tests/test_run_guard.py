@@ -164,6 +164,16 @@ def test_a_best_pt_written_after_the_resumed_checkpoint_stays_the_best(tmp_path,
     assert (a / "best.pt").read_bytes() == saved
 
 
+def test_resuming_with_fewer_epochs_than_trained_is_refused_untouched(tmp_path, no_curves):
+    """A finished 2-epoch run resumed with --epochs 1 trained nothing, and rewrote config.yaml and
+    summary.json to say 1 epoch while metrics.csv kept 2 rows."""
+    run(micro(tmp_path, "a", epochs=2))
+    before = contents(tmp_path / "a")
+    with pytest.raises(UsageError, match="trained 2 epochs already, more than --epochs 1: pass --epochs 2"):
+        run(micro(tmp_path, "a", epochs=1, resume="auto"))
+    assert contents(tmp_path / "a") == before
+
+
 def test_a_best_pt_of_another_history_is_not_taken_over(tmp_path, no_curves):
     from cvt.engine.resume import carry_best
 

@@ -66,6 +66,7 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir
     if data_dir is None and dataset_name == source.train_config.get("dataset"):
         data_dir = source.train_config.get("data_dir")
+    data_dir = data_dir or "data"  # cvt train's default too
     # an ImageFolder whose class folders the checkpoint all knows is read with the checkpoint's class
     # list (indices agree even if val/ lacks a class); one with none of them is read as it is and
     # compared below; one with some of them and others is refused (its indices would not be the model's)

@@ -276,6 +276,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     augment_config(cfg)  # the augmentation options, checked by AugmentConfig as the run builds it
     if not 0 <= cfg.momentum < 1:  # 1 and above: the momentum buffer never forgets, the steps grow
         raise UsageError(f"option 'momentum' must be in [0, 1), got {cfg.momentum}")
+    if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:  # torch's SGD refuses it at build time
+        raise UsageError(
+            "option 'nesterov' needs a momentum > 0 (got momentum 0): drop --nesterov or set --momentum"
+        )
     if not 0 <= cfg.ema_decay <= 1:
         raise UsageError(
             f"option 'ema_decay' is the weight of the old average per step and must be in [0, 1] "

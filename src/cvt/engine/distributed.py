@@ -42,7 +42,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # mps, meta …: torch fails later, deep inside
+        raise UsageError(f"option 'device' must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} asked for, but torch sees no CUDA GPU")

@@ -434,6 +434,11 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
         progress.update({k: resume[k] for k in progress if k in resume})
+        if progress["epoch"] > cfg.epochs:  # nothing to train; summary.json would say otherwise
+            raise UsageError(
+                f"the checkpoint to resume has trained {progress['epoch']} epochs already, more than "
+                f"--epochs {cfg.epochs}: pass --epochs {progress['epoch']} or more"
+            )
         if "best_epoch" not in resume:  # checkpoints of earlier versions: the first epoch of the best top-1
             progress["best_epoch"] = first_epoch_with(progress["history"], progress["best_top1"])
         progress["batches_done"] = resumed_position(resume, progress["batches_done"], cfg, env.world_size)
