@@ -72,7 +72,11 @@ CASES: list[tuple[list[str], int, str]] = [
     (["train", "--overwrite", "--resume", "auto"], 2, "'overwrite' and 'resume' conflict"),
     (["train", "--resume", "{random}"], 1, "is not a readable PyTorch or safetensors file"),
     (["eval", "--checkpoint", "{random}", "--dataset", "digits"], 1, "is not a readable PyTorch"),
-    (["eval", "--checkpoint", "{ckpt}", "--dataset", "imagefolder"], 2, "needs a data folder"),
+    (
+        ["eval", "--checkpoint", "{ckpt}", "--dataset", "imagefolder", "--data-dir", "{file}.none"],
+        1,
+        "val does not exist; expected",
+    ),
     (["predict", "{img}", "--checkpoint", "{file}/nope.pt"], 1, "does not exist"),
     (["predict", "{file}", "--checkpoint", "{ckpt}"], 1, "cannot read image"),
     (["export", "cvt_tiny", "--format", "safetensors", "--output", "{keep}"], 2, "refusing to overwrite"),
