@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/profile_step.py                      # inference, fp32, batch 8
     .venv/bin/python benchmarks/profile_step.py --mode train --batch-size 16
     .venv/bin/python benchmarks/profile_step.py --subject official --dtype bf16   # a peer: the op table only
+    .venv/bin/python benchmarks/profile_step.py --by-shape   # per op and shape, with each product's GFLOP/s
 
 Stages are labelled with ``record_function`` through forward hooks (the model itself carries no
 profiling code); backward ops run outside those labels and are reported by op only.
@@ -50,7 +51,10 @@ def main() -> int:
     step(*batch)  # warm-up: oneDNN primitive creation, allocator
     if args.subject == "cvt":
         label_stages(model)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
+    # with --by-shape the profiler also counts the FLOPs of the matrix products
+    with profile(
+        activities=[ProfilerActivity.CPU], record_shapes=args.by_shape, with_flops=args.by_shape
+    ) as prof:
         step(*batch)
     events = prof.key_averages(group_by_input_shape=args.by_shape)
     total = sum(e.self_cpu_time_total for e in events)
@@ -61,12 +65,17 @@ def main() -> int:
         print("| stage (forward) | ms | share |\n|---|---|---|")
         for e in sorted((e for e in events if e.key.startswith("stage")), key=lambda e: e.key):
             print(f"| {e.key} | {e.cpu_time_total / 1e3:.0f} | {100 * e.cpu_time_total / total:.0f}% |")
-    header = "op (input shapes)" if args.by_shape else "op"
-    print(f"\n| {header} | self ms | share | calls |\n|---|---|---|---|")
+    header = "op (input shapes) | GFLOP/s" if args.by_shape else "op"
+    rule = "|---" * (5 if args.by_shape else 4)
+    print(f"\n| {header} | self ms | share | calls |\n{rule}|")
     ops = sorted((e for e in events if not e.key.startswith("stage")), key=lambda e: -e.self_cpu_time_total)
     for e in ops[: args.rows]:
         share = 100 * e.self_cpu_time_total / total
-        shapes = f" {e.input_shapes}" if args.by_shape else ""
+        # the rate of each product shape (the profiler counts aten::mm, addmm, bmm; blank for other ops)
+        rate = (
+            f" | {e.flops / e.self_cpu_time_total / 1e3:.0f}" if e.flops and e.self_cpu_time_total else " | "
+        )
+        shapes = f" {e.input_shapes}{rate}" if args.by_shape else ""
         print(f"| {e.key}{shapes} | {e.self_cpu_time_total / 1e3:.0f} | {share:.1f}% | {e.count} |")
     return 0
 
