@@ -7,10 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from cvt.errors import UsageError
-from cvt.figures import pyplot, save_figure
-from cvt.fileio import atomic_write_files, atomic_write_text, check_folder_path, read_yaml_mapping
+from cvt.figures import new_figure, save_figure
+from cvt.fileio import (
+    atomic_write_bytes,
+    atomic_write_files,
+    atomic_write_text,
+    check_folder_path,
+    read_yaml_mapping,
+)
 
 
 def _fsync_failing_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
@@ -38,9 +45,31 @@ def test_atomic_write_files_replaces_no_target_when_one_write_fails(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]  # no temporary file left
 
 
-def test_atomically_written_files_are_readable_like_any_other(tmp_path: Path) -> None:
-    atomic_write_text(tmp_path / "a.txt", "x")  # mkstemp's 0600 would hide a report from other users
-    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+def test_atomically_written_files_get_the_mode_of_any_new_file_or_keep_the_replaced_ones(
+    tmp_path: Path,
+) -> None:
+    """mkstemp's 0600 hid a report from other users; then a fixed 0644 ignored a umask of 077 and
+    opened a private checkpoint to everyone when it was replaced."""
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+        os.umask(0o022)
+        atomic_write_text(tmp_path / "private.txt", "replaced")  # keeps its own mode
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_a_target_name_near_the_file_system_limit_can_be_written(tmp_path: Path) -> None:
+    """The temporary file beside it was named '.<whole name>.XXXXXXXX.tmp', 14 characters longer:
+    'File name too long' for a name `touch` accepts."""
+    path = tmp_path / ("a" * 250 + ".png")
+    atomic_write_bytes(path, b"png")
+    assert path.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_check_folder_path_names_a_file_in_the_way_at_any_depth(tmp_path: Path) -> None:
@@ -89,18 +118,40 @@ def test_read_yaml_mapping_reads_mappings_and_empty_files(tmp_path: Path) -> Non
         read_yaml_mapping(tmp_path, "f", "options")
 
 
-def test_save_figure_writes_the_named_format_and_closes_the_figure_even_when_rendering_fails(tmp_path):
-    plt = pyplot()
-    fig, ax = plt.subplots()
-    ax.plot([0, 1], [1, 0])
+def test_save_figure_writes_the_named_format_and_keeps_the_file_when_rendering_fails(tmp_path):
+    fig = new_figure()
+    fig.subplots().plot([0, 1], [1, 0])
     path = tmp_path / "new" / "plot.png"
     save_figure(fig, path)
-    assert path.read_bytes().startswith(b"\x89PNG") and not plt.get_fignums()
-    fig, _ = plt.subplots()
-    save_figure(fig, tmp_path / "plot.jpeg", fmt="pdf")  # the format named, not the one the suffix says
+    assert path.read_bytes().startswith(b"\x89PNG")
+    save_figure(new_figure(), tmp_path / "plot.jpeg", fmt="pdf")  # the format named, not the suffix's
     assert (tmp_path / "plot.jpeg").read_bytes().startswith(b"%PDF")
-
-    fig, _ = plt.subplots()
     with pytest.raises(ValueError, match="not supported"):
-        save_figure(fig, path, fmt="nope")  # rendering fails: the earlier plot stays, the figure is closed
-    assert path.read_bytes().startswith(b"\x89PNG") and not plt.get_fignums()
+        save_figure(new_figure(), path, fmt="nope")  # rendering fails: the earlier plot stays
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_figures_leave_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+    """The curves and the confusion matrix switched the process to Agg (``matplotlib.use``), which
+    ends a notebook's inline display, and went through pyplot's list of open figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from cvt.engine.evaluate import save_confusion_png
+    from cvt.engine.rundir import plot_curves
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        mine = plt.figure()
+        history = [
+            dict(epoch=e, train_loss=1.0 / e, val_loss=1.2 / e, top1=50.0 + e, top5=90.0) for e in (1, 2)
+        ]
+        plot_curves(tmp_path, history)
+        save_confusion_png(torch.tensor([[3, 1], [0, 4]]), ["a", "b"], tmp_path / "confusion.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [mine.number]
+        for name in ("curves.png", "confusion.png"):
+            assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    finally:
+        plt.close("all")
+        matplotlib.use(before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -165,6 +166,23 @@ def test_predict_missing_input_and_bad_top_k(tmp_path, checkpoint, capsys):
     assert "holds no image files" in capsys.readouterr().err
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--top-k", "0"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [  # an 'internal error' (per-token logits), and an empty list of predictions with exit 0
+        ({"global_pool": ""}, r"gives logits per token \(global_pool ''\), not per image"),
+        ({"num_classes": 0}, r"has no classifier \(num_classes 0\): no class to predict"),
+    ],
+)
+def test_predict_refuses_a_model_without_one_score_per_class(tmp_path, capsys, options, message):
+    from cvt import create_model, save_checkpoint
+
+    path = save_checkpoint(create_model("cvt_tiny", **options), tmp_path / "m.safetensors")
+    Image.new("RGB", (40, 40), (20, 200, 20)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.startswith("cvt predict: error: ") and err.count("\n") == 1
 
 
 def test_load_input_exif_rotated_equals_upright(tmp_path):

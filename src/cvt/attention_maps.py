@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cvt.errors import InputShapeError, UsageError
-from cvt.figures import pyplot, save_figure
+from cvt.figures import new_figure, save_figure
 from cvt.fileio import check_folder_path
 from cvt.models import CvT
 from cvt.models.cvt import kv_grid
@@ -113,7 +113,8 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
     heads = heat.shape[0]
     cols = min(heads + 1, 4)
     rows = -(-(heads + 1) // cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    fig = new_figure(figsize=(3 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(pixels)

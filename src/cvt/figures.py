@@ -1,34 +1,29 @@
-"""Matplotlib figures written to files: pyplot on the Agg backend (no display needed) and one atomic
-write per figure, shared by the confusion matrix, the training curves, attention maps and the
-ablation report."""
+"""Matplotlib figures written to files, shared by the confusion matrix, the training curves, attention
+maps and the ablation report: each is a bare ``matplotlib.figure.Figure`` (no pyplot, so the caller's
+backend and figure list are left alone, and no display is needed), rendered in the format named and
+written atomically."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from cvt.fileio import atomic_write_bytes
 
 
-def pyplot() -> ModuleType:
-    """``matplotlib.pyplot`` on the Agg backend: figures render to files only, with or without a display."""
-    import matplotlib
+def new_figure(**kwargs: Any) -> Any:
+    """A ``matplotlib.figure.Figure(**kwargs)`` outside pyplot: ``matplotlib.use`` switched the caller's
+    backend (a notebook's inline display) for the whole process, and pyplot kept every figure open."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def save_figure(fig: Any, path: Path, fmt: str = "png", dpi: int = 100) -> None:
     """Render the matplotlib figure ``fig`` as ``fmt`` and write it atomically to ``path`` (its folder
-    created): a file already there stays whole if rendering or writing fails. ``fig`` is closed either way."""
+    created): a file already there stays whole if rendering or writing fails."""
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format=fmt, dpi=dpi)  # the format named, never guessed from the path
-    finally:
-        pyplot().close(fig)
+    fig.savefig(buffer, format=fmt, dpi=dpi)  # the format named, never guessed from the path
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())

@@ -8,7 +8,8 @@ Shared by checkpoints (``cvt.checkpoint.save_checkpoint``), exports, reports and
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,21 +29,33 @@ def check_folder_path(folder: Path) -> None:
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in a new, fsynced temporary file beside ``path``; returns the temporary file."""
+    """``data`` in a new, fsynced temporary file beside ``path``; returns the temporary file.
+
+    Its mode is that of a new file under the umask (``open``'s 0666 narrowed by it), or the mode of the
+    ``path`` it will replace: a private file stays private. Its name keeps at most 64 characters of
+    ``path``'s, so a target name near the file-system limit still has room for it.
+    """
+    for attempt in range(8):  # O_EXCL: a name taken (a killed save's leftover) is never opened
+        tmp = path.with_name(f".{path.name[:64]}.{secrets.token_hex(4)}.tmp")  # as mkstemp: 8 characters
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            if attempt == 7:
+                raise
+        except OSError as err:  # name the file asked for, not the temporary one
+            raise type(err)(err.errno, err.strerror, str(path)) from None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:  # name the file asked for, not the temporary one
-        raise type(err)(err.errno, err.strerror, str(path)) from None
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; written files are as readable as any other
+        if path.is_file():
+            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def atomic_write_files(contents: Mapping[Path, bytes]) -> None:

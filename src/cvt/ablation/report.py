@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvt.ablation.runner import AblationRow
-from cvt.figures import pyplot, save_figure
+from cvt.figures import new_figure, save_figure
 from cvt.fileio import atomic_write_text
 from cvt.tables import format_table
 
@@ -59,16 +59,18 @@ def write_csv(rows: Sequence[AblationRow], path: Path) -> None:
 
 
 def plot_top1(rows: Sequence[AblationRow], path: Path, title: str) -> None:
-    """Horizontal bars of top-1 per variant, grouped and coloured by family (matplotlib, Agg)."""
-    plt = pyplot()
+    """Horizontal bars of top-1 per variant, grouped and coloured by family (matplotlib)."""
+    from matplotlib import colormaps
+
     families = list(dict.fromkeys(r.family for r in rows))
-    colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    colours = {f: colormaps["tab10"](i % 10) for i, f in enumerate(families)}
     labels = [f"{r.family}: {r.variant}" for r in rows]
     # the axis starts near the lowest top-1 (differences are a few points); a diverged row has no top-1:
     # a zero-length bar at that start, so that its "diverged (step N)" label is inside the axes
     left = max(0.0, min((r.top1 for r in rows if r.top1 is not None), default=0.0) - 10.0)
     values = [left if r.top1 is None else r.top1 for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    fig = new_figure(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax = fig.subplots()
     bars = ax.barh(range(len(rows)), values, color=[colours[r.family] for r in rows])
     ax.bar_label(bars, labels=[top1_text(r) for r in rows], padding=2, fontsize=8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)

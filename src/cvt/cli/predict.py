@@ -52,6 +52,13 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     paths = collect_images(args.inputs)
     source = load_model_source(args)
+    if source.model.num_classes == 0:
+        raise UsageError(f"{source.description} has no classifier (num_classes 0): no class to predict")
+    if source.model.global_pool == "":
+        raise UsageError(
+            f"{source.description} gives logits per token (global_pool ''), not per image: predict needs "
+            f"a model pooled by 'token' or 'avg'"
+        )
     names = label_names(source)
     data_cfg = resolve_data_config(source.model, source.train_config.get("dataset"), args.img_size)
     transform = build_transform(data_cfg, train=False)

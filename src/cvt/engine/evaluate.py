@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvt.errors import DataError, UsageError
-from cvt.figures import pyplot, save_figure
+from cvt.figures import new_figure, save_figure
 
 
 @dataclass
@@ -142,13 +142,13 @@ def save_confusion_png(
 ) -> Path:
     """Plot the confusion matrix, normalized per true class, as a PNG (counts written in each cell
     when there are at most 20 classes)."""
-    plt = pyplot()
     path = Path(path)
     counts = confusion.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)  # (C, C), rows sum to 1
     num = len(classes)
     side = min(max(4.0, 0.45 * num + 2.0), 24.0)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = new_figure(figsize=(side, side))
+    ax = fig.subplots()
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if num <= 50:

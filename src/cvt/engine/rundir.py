@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from cvt.errors import CvtError, UsageError, first_names
-from cvt.figures import pyplot, save_figure
+from cvt.figures import new_figure, save_figure
 from cvt.fileio import atomic_write_text, check_folder_path, read_yaml_mapping
 
 try:
@@ -247,7 +247,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def plot_curves(run_dir: Path, history: list[dict[str, float]]) -> None:
     """``curves.png``: train/val loss and val top-1 per epoch."""
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
