@@ -602,11 +602,15 @@ def test_an_unwritable_folder_is_reported_with_the_file_asked_for(tmp_path: Path
     """Writes go through a temporary file beside the target; a refusal names the target, not the temporary
     file (TorchScript export to such a folder used to be an 'internal error')."""
 
-    def refuse(*args, dir=None, prefix="", suffix=""):
-        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x1y2{suffix}")
-
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    real_open = os.open
     target = tmp_path / "model.pt"
+
+    def refuse(path, flags, *args, **kwargs):  # creating the temporary file beside the target
+        if Path(path).parent == tmp_path and flags & os.O_EXCL:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     argv = ["export", "cvt_tiny", "--format", "torchscript", "--output", str(target), "--no-verify"]
     assert main(argv) == 1
     err = capsys.readouterr().err
