@@ -72,7 +72,8 @@ def close_workers(loader: DataLoader) -> None:
     multiprocessing's exit handler terminates and then joins them: ``cvt train``'s workers ignore
     SIGTERM, so the process never exited.
     """
-    iterator = loader._iterator  # where DataLoader keeps a persistent-workers iterator (no public API)
-    loader._iterator = None
+    # DataLoader keeps a persistent-workers iterator in ``_iterator`` (torch >= 1.7; no public API)
+    iterator = getattr(loader, "_iterator", None)
     if iterator is not None:
+        loader._iterator = None
         iterator._shutdown_workers()
