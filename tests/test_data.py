@@ -735,3 +735,21 @@ def test_random_resized_crop_only_above_64_pixels(size, resized_crop):
     assert ("RandomResizedCropAndInterpolation" in names) is resized_crop
     assert ("RandomCrop" in names) is not resized_crop
     assert tf(Image.new("RGB", (size, size), (9, 9, 9))).shape == (3, size, size)
+
+
+def test_close_workers_ends_an_evaluation_loaders_worker_processes():
+    """An evaluation loader keeps its workers between passes; close_workers ends them now, and the
+    loader can still be iterated afterwards (with fresh workers)."""
+    import multiprocessing
+
+    from cvt.data.loader import close_workers
+
+    data = torch.utils.data.TensorDataset(torch.arange(12.0))
+    loader = build_loader(data, 4, train=False, num_workers=2)
+    assert [x for (batch,) in loader for x in batch.tolist()] == [float(i) for i in range(12)]  # one pass
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    assert len(workers) == 2  # kept for the next pass
+    close_workers(loader)
+    assert not any(p.is_alive() for p in workers)
+    assert sum(len(b[0]) for b in loader) == 12
+    close_workers(loader)
