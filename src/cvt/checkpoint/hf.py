@@ -20,7 +20,7 @@ import torch
 from cvt.checkpoint.read import HF_CONFIG_FILE, HF_PREPROCESSOR_FILE, HF_WEIGHT_FILES
 from cvt.errors import CheckpointError
 from cvt.fileio import atomic_write_files
-from cvt.models.cvt import CvT, StageSpec
+from cvt.models.cvt import CvT, StageSpec, is_whole_number
 
 _HF_STAGE = "cvt.encoder.stages.{i}."
 _HF_LAYER = _HF_STAGE + "layers.{j}."
@@ -225,7 +225,7 @@ def model_kwargs_from_hf_config(
         act=act or config.get(HF_ACT_KEY, HF_DEFAULT_ACT),
     )
     for key, value in (("num_labels", num_classes), ("num_channels", kwargs["in_chans"])):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_whole_number(value):
             raise CheckpointError(f"config.json field {key} must be a whole number, got {value!r}")
     return {**kwargs, "norm_eps": 1e-5}
 

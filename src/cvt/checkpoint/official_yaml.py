@@ -17,15 +17,11 @@ from typing import Any
 from cvt.checkpoint.native import inference_cfg
 from cvt.errors import UsageError
 from cvt.fileio import read_yaml_mapping
-from cvt.models.cvt import CvT
+from cvt.models.cvt import CvT, is_whole_number
 from cvt.models.official_spec import stages_from_official_spec
 
 OFFICIAL_NUM_CLASSES = 1000  # the official config's default MODEL.NUM_CLASSES
 OFFICIAL_IMAGE_SIZE = (224, 224)
-
-
-def _whole_numbers(values: list[Any]) -> bool:
-    return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
 
 
 def _image_size(section: Any) -> tuple[int, int] | None:
@@ -35,7 +31,7 @@ def _image_size(section: Any) -> tuple[int, int] | None:
     if size is None:
         return None
     sizes = list(size) if isinstance(size, (list, tuple)) else [size, size]
-    if len(sizes) != 2 or not _whole_numbers(sizes):
+    if len(sizes) != 2 or not all(is_whole_number(v) for v in sizes):
         raise UsageError(f"IMAGE_SIZE must be N or [W, H] in whole numbers, got {size!r}")
     width, height = sizes
     return height, width

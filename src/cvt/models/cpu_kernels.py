@@ -74,8 +74,8 @@ CPU_HAS_BF16_KERNELS = _cpu_has_bf16_kernels()
 ONEDNN_PACKED_LINEAR = _onednn_packed_linear_available()
 # fp32 too, except on Intel CPUs: fp32 ``F.linear`` runs MKL's sgemm, which uses its AVX-512 kernels on
 # Intel CPUs only; oneDNN's packed fp32 linear made CvT-13 inference 10 % faster on an AMD Zen 4, and
-# its unpacked form 12 % slower on an Intel Xeon (docs/performance-decisions.md); bf16 ``F.linear``
-# runs oneDNN
+# its unpacked form 12 % slower on an Intel Xeon (docs/performance-decisions.md); bf16 ``F.linear`` runs
+# oneDNN
 ONEDNN_FP32_LINEAR = ONEDNN_PACKED_LINEAR and _cpu_vendor() != "GenuineIntel"
 
 # oneDNN's linear pays a per-call cost that a small product does not earn back: F.linear stays for

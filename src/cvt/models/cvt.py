@@ -255,7 +255,7 @@ class CvT(nn.Module):
         if not stages:
             raise UsageError("a CvT needs at least one stage")
         _check_num_classes(num_classes)
-        if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral) or in_chans < 1:
+        if not is_whole_number(in_chans) or in_chans < 1:
             raise UsageError(f"in_chans must be a whole number >= 1, got {in_chans!r}")
         if (
             isinstance(norm_eps, bool)
@@ -528,18 +528,23 @@ class CvT(nn.Module):
             stage.grad_checkpointing = enable
 
 
+def is_whole_number(value: object) -> bool:
+    """Whether ``value`` is an integer (Python's, NumPy's …) and not a bool, which Python counts as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_num_classes(num_classes: int) -> None:
     """:class:`UsageError` for a class count that is not a whole number >= 0 (0: no classifier)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+    if not is_whole_number(num_classes) or num_classes < 0:
         raise UsageError(f"num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}")
 
 
 def _checked_img_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     """``img_size`` as ``(H, W)``: an int N is N x N; :class:`UsageError` for anything but whole numbers."""
-    size = (img_size, img_size) if isinstance(img_size, numbers.Integral) else img_size
+    size = (img_size, img_size) if is_whole_number(img_size) else img_size
     if (
         not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in size)
+        or not all(is_whole_number(v) for v in size)
     ):  # fmt: skip
         raise UsageError(f"img_size must be a whole number N (N x N) or a pair (H, W), got {img_size!r}")
     return int(size[0]), int(size[1])
