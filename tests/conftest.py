@@ -34,3 +34,17 @@ def fake_result() -> Callable[[str, list[float]], object]:
         return BenchResult(subject, median, min(runs), max(runs), runs, 0.0, 1.0, None, 1.0, None, None)
 
     return make
+
+
+# dims of a CvT of a few thousand parameters, for variants that would otherwise be full size
+MICRO_MODEL_ARGS = {"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2]}
+
+
+@pytest.fixture
+def micro_cvt13() -> torch.nn.Module:
+    """cvt_13 (published preprocessing: a 0.875 center crop) shrunk to a few thousand parameters, for
+    10 classes at 32x32."""
+    from cvt import create_model
+
+    torch.manual_seed(0)
+    return create_model("cvt_13", num_classes=10, img_size=32, **MICRO_MODEL_ARGS).eval()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import cvt
-from cvt.attention_maps import last_stage_attention, save_attention_grid
+from cvt.attention_maps import attention_for_file, last_stage_attention, save_attention_grid
 from cvt.cli.main import main
 from cvt.models.layers import ConvProjection
 
@@ -92,6 +92,26 @@ def test_png_grid_and_cli(tiny, tmp_path, capsys) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 2  # refuses to overwrite
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_the_grid_shows_the_crop_in_its_own_colours(tiny, tmp_path, monkeypatch) -> None:
+    """The panels draw the image the model read, un-normalised back to [0, 1] RGB, not the normalised
+    tensor (which would show ImageNet-normalised values clipped by imshow)."""
+    from cvt import attention_maps
+
+    drawn = []
+    real_save = attention_maps.save_attention_grid
+    monkeypatch.setattr(
+        attention_maps,
+        "save_attention_grid",
+        lambda maps, image, *a: drawn.append(image) or real_save(maps, image, *a),
+    )
+    Image.new("RGB", (40, 50), (200, 30, 90)).save(tmp_path / "plain.png")
+    attention_for_file(tiny, tmp_path / "plain.png", tmp_path / "maps.png")
+    [shown] = drawn
+    assert shown.shape == (3, 32, 32)
+    colour = torch.tensor([200, 30, 90]).view(3, 1, 1) / 255
+    torch.testing.assert_close(shown, colour.expand_as(shown), atol=1e-5, rtol=0)
 
 
 def test_cli_reads_a_checkpoint_that_describes_itself(tmp_path, capsys) -> None:

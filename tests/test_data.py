@@ -406,6 +406,29 @@ def test_small_inputs_pad_and_crop_large_inputs_resized_crop():
     assert not torch.allclose(flipping(image), evaluated(image))
 
 
+def test_large_input_augmentations_take_the_configured_flip_scale_and_erasing():
+    """Above 64 px the crop is timm's RandomResizedCrop: the options reach it, and timm's defaults (a
+    0.5 flip, the 0.08 area floor) do not stand in for them."""
+    cfg = resolve_data_config(_ModelWithCfg(96, 0.875))
+
+    def steps(**options) -> dict[str, object]:
+        tf = build_transform(cfg, True, AugmentConfig(random_crop=True, **options))
+        return {type(t).__name__: t for t in tf.transforms}
+
+    assert "RandomHorizontalFlip" not in steps(hflip=0.0)  # timm would flip half the images
+    assert steps(hflip=1.0)["RandomHorizontalFlip"].p == 1.0
+    assert steps(scale=(0.35, 1.0))["RandomResizedCropAndInterpolation"].scale == (0.35, 1.0)
+    erasing = steps(re_prob=0.25)["RandomErasing"]
+    assert erasing.probability == 0.25 and erasing.mode == "pixel"  # per-pixel noise, as the paper's recipe
+    assert "RandomErasing" not in steps()
+    # the flip, seen in the pixels: with p=1 every training image is mirrored left to right
+    flipping = build_transform(cfg, True, AugmentConfig(random_crop=True, hflip=1.0, scale=(1.0, 1.0)))
+    ramp = Image.fromarray(np.tile(np.arange(96, dtype=np.uint8) * 2, (96, 1)))
+    torch.manual_seed(0)
+    row = flipping(ramp.convert("RGB"))[0, 48]
+    assert row[0] > row[-1]  # the bright right edge of the ramp is now on the left
+
+
 def test_rand_augment_posterize_to_zero_bits_gives_black():
     cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
     tf = build_transform(cfg, True, AugmentConfig(auto_augment="rand-m10-mstd0-inc1"))
@@ -458,6 +481,13 @@ def test_build_mixup_soft_targets():
     own, partner = out == images, out == images.flip(0)
     assert (own | partner).all() and 0 < own[0].float().mean().item() < 1
     assert own[0].float().mean().item() == pytest.approx(lam)
+    # the smoothing option is the one spread, not timm's default 0.1: a class neither image has
+    # gets smoothing / classes
+    for smoothing in (0.0, 0.3):
+        _, target = build_mixup(AugmentConfig(mixup=0.8, label_smoothing=smoothing), 4)(
+            torch.rand(6, 3, 8, 8), labels.clone()
+        )
+        assert target[0, 2:].tolist() == pytest.approx([smoothing / 4] * 2)  # image 0: labels 0 and 1
 
 
 # ---------------------------------------------------------------------------------- loader
@@ -562,21 +592,24 @@ def test_a_requested_size_crops_as_the_official_evaluation_at_that_size():
     assert resolved(at_384, (224, 224), "cifar10") == ((3, 224, 224), 1.0, "center")
 
 
-def test_precrop_resizes_then_crops_at_a_random_offset_as_the_official_fine_tuning():
-    """FINETUNE without USE_TRAIN_AUG: T.Resize((crop + 32, crop + 32)), then T.RandomCrop(crop)."""
-    data_cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10")
+@pytest.mark.parametrize("height, width", [(16, 16), (16, 24)])
+def test_precrop_resizes_then_crops_at_a_random_offset_as_the_official_fine_tuning(height, width):
+    """FINETUNE without USE_TRAIN_AUG: T.Resize((crop + 32, crop + 32)), then T.RandomCrop(crop); a
+    non-square input size (H, W) is padded on both sides, (H + 32, W + 32)."""
+    data_cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10", img_size=(height, width))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8))
     transform = build_transform(data_cfg, train=True, aug=AugmentConfig(random_crop=True, precrop=4))
-    resized = image.resize((20, 20), Image.Resampling.BICUBIC)  # 16 + 4, the aspect not kept
-    full = build_transform(resolve_data_config(_ModelWithCfg(20, 1.0), "cifar10"), train=False)(resized)
+    resized = image.resize((width + 4, height + 4), Image.Resampling.BICUBIC)  # the aspect not kept
+    full_cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10", img_size=(height + 4, width + 4))
+    full = build_transform(full_cfg, train=False)(resized)
     offsets = set()
     for seed in range(20):
         torch.manual_seed(seed)
         got = transform(image)
-        assert got.shape == (3, 16, 16)
+        assert got.shape == (3, height, width)
         matches = [
             (i, j) for i in range(5) for j in range(5)
-            if torch.allclose(got, full[:, i : i + 16, j : j + 16], atol=1e-5)
+            if torch.allclose(got, full[:, i : i + height, j : j + width], atol=1e-5)
         ]  # fmt: skip
         assert len(matches) == 1
         offsets.add(matches[0])

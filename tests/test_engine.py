@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from conftest import MICRO_MODEL_ARGS
 from cvt.engine import NonFiniteLossError, resolve_config, resolve_run, train
 from cvt.engine import evaluate as engine_evaluate
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr, param_groups
@@ -29,7 +30,7 @@ from cvt.models import CvT, create_model
 # A 3-stage CvT of a few thousand parameters at 16x16: 4 steps per epoch on 64 digits in ~1 s
 MICRO = dict(
     img_size=16, train_subset=64, batch_size=16, epochs=2, warmup_epochs=0.5, lr=3e-3, seed=3,
-    model_args={"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2]},
+    model_args=MICRO_MODEL_ARGS,
 )  # fmt: skip
 
 
@@ -1053,3 +1054,70 @@ def test_finetune_resizes_position_embeddings_from_the_grid_they_were_learned_at
     assert torch.equal(same.state_dict()["stage0.pos_embed"], learned)
     with pytest.raises(CheckpointError, match=r"stage0.pos_embed of .* holds 384 position embeddings"):
         _load_finetune(create_model("cvt_tiny", pos_embed=True), str(tmp_path / "official.pth"))
+
+
+def record_model_inputs(monkeypatch) -> dict[str, list[torch.Tensor]]:
+    """Patch the trainer's model builder so that every batch the model sees is recorded, under
+    ``train`` or ``eval`` by the mode the model was in."""
+    from cvt.engine import trainer
+
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+    real_build = trainer._build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(
+            lambda module, inputs: seen["train" if module.training else "eval"].append(inputs[0].clone())
+        )
+        return model
+
+    monkeypatch.setattr(trainer, "_build_model", build_and_watch)
+    return seen
+
+
+def test_validation_sees_the_eval_preprocessing_of_a_small_image_data_set(tmp_path, monkeypatch, no_curves):
+    """Validation batches are the deterministic eval pipeline, the same every epoch, never the training
+    augmentations; an ImageNet-configured variant (cvt_13's 0.875 center crop) on digits is evaluated on
+    the whole image, as the small-image data sets are."""
+    from cvt.data import build_dataset, build_transform, resolve_data_config
+
+    seen = record_model_inputs(monkeypatch)
+    run(micro(tmp_path, model="cvt_13", epochs=2, random_crop=True))
+    val_set = build_dataset("digits", None, "val")
+    model = create_model("cvt_13", num_classes=10, img_size=16, **MICRO["model_args"])
+    data_cfg = resolve_data_config(model, "digits")
+    assert data_cfg["crop_pct"] == 1.0 and model.pretrained_cfg["crop_pct"] == 0.875
+    transform = build_transform(data_cfg, train=False)
+    expected = torch.stack([transform(image) for image, _ in val_set])
+    per_epoch = len(seen["eval"]) // 2
+    first, second = (torch.cat(seen["eval"][i * per_epoch : (i + 1) * per_epoch]) for i in range(2))
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def image_keys(batches: list[torch.Tensor]) -> set[bytes]:
+    return {image.numpy().tobytes() for batch in batches for image in batch}
+
+
+@pytest.mark.parametrize("random_crop", [True, False])
+def test_each_epoch_draws_new_augmentations(tmp_path, monkeypatch, no_curves, random_crop):
+    """With random crops, an image is cropped anew every epoch (its per-sample seed moves with the
+    epoch); without augmentation the epochs see the same images (the control)."""
+    seen = record_model_inputs(monkeypatch)
+    run(micro(tmp_path, epochs=2, random_crop=random_crop))
+    first, second = image_keys(seen["train"][:4]), image_keys(seen["train"][4:8])
+    assert len(first) == len(second) == 64
+    if random_crop:
+        assert len(first & second) < 16  # 25 offsets of a 2-pixel pad: a few repeat by chance
+    else:
+        assert first == second
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_grad_checkpointing_option_recomputes_the_blocks(tmp_path, monkeypatch, no_curves, enabled):
+    from cvt.models import cvt as cvt_model
+
+    calls = []
+    real = cvt_model._checkpointed
+    monkeypatch.setattr(cvt_model, "_checkpointed", lambda *args: calls.append(1) or real(*args))
+    run(micro(tmp_path, epochs=1, grad_checkpointing=enabled))
+    assert len(calls) == (4 * 3 if enabled else 0)  # 4 training steps x 3 blocks; validation: no grad

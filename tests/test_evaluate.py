@@ -483,3 +483,47 @@ def test_cli_eval_cifar_from_the_pickle_archive(tmp_path, capsys):
     assert main([*args[:-1], str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "--download" in err
+
+
+def watch_model_inputs(monkeypatch, cli_module) -> list[tuple[torch.Tensor, torch.dtype | None]]:
+    """Patch ``cli_module``'s model loading so that each batch its model reads is recorded with the CPU
+    autocast dtype in force (None without autocast)."""
+    from cvt.cli import model_source
+
+    seen = []
+
+    def record(module, inputs):
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.append((inputs[0].clone(), amp))
+
+    def load_and_watch(*args, **kwargs):
+        source = model_source.load_model_source(*args, **kwargs)
+        source.model.register_forward_pre_hook(record)
+        return source
+
+    monkeypatch.setattr(cli_module, "load_model_source", load_and_watch)
+    return seen
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_cli_eval_preprocesses_digits_whole_and_runs_under_the_asked_autocast(
+    micro_cvt13, tmp_path, capsys, monkeypatch, amp
+):
+    """A model published with ImageNet preprocessing (a 0.875 center crop) is evaluated on whole digits,
+    as training on digits validates, and ``--amp bf16`` runs it under autocast."""
+    from cvt.checkpoint import save_checkpoint
+    from cvt.cli import evaluate as cli_evaluate
+    from cvt.data import build_dataset, build_transform, resolve_data_config
+
+    path = save_checkpoint(micro_cvt13, tmp_path / "micro.safetensors", variant="cvt_13")
+    seen = watch_model_inputs(monkeypatch, cli_evaluate)
+    amp_args = ["--amp", amp] if amp else []
+    args = ["eval", "--checkpoint", str(path), "--dataset", "digits", "--batch-size", "360", "--json"]
+    assert main([*args, *amp_args]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 360
+    [(images, autocast)] = seen
+    assert autocast == (torch.bfloat16 if amp else None)
+    assert resolve_data_config(micro_cvt13)["crop_pct"] == 0.875  # what a lost data set name would give
+    transform = build_transform(resolve_data_config(micro_cvt13, "digits"), train=False)
+    expected = torch.stack([transform(image) for image, _ in build_dataset("digits", None, "val")])
+    assert torch.equal(images, expected)

@@ -94,6 +94,17 @@ def test_verify_export_reports_the_largest_logit_difference(tmp_path) -> None:
     assert verify_export(model, "torchscript", path) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize(("fmt", "name"), [("torchscript", "m.pt"), ("onnx", "m.onnx")])
+def test_a_model_in_training_mode_is_exported_as_it_evaluates(tmp_path, fmt, name) -> None:
+    """A traced graph freezes the mode it was traced in: a training-mode trace would normalise with
+    each batch's statistics. The export puts the model in eval mode first, and leaves it there."""
+    torch.manual_seed(2)
+    model = _with_batchnorm_statistics(cvt.create_model("cvt_tiny")).train()
+    path = export_model(model, fmt, tmp_path / name)
+    assert not model.training
+    assert verify_export(model, fmt, path) < 1e-4
+
+
 def test_refuses_to_overwrite(tiny, tmp_path) -> None:
     target = tmp_path / "m.onnx"
     target.write_bytes(b"user data")

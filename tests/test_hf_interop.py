@@ -481,6 +481,8 @@ def test_export_keeps_a_non_square_size_and_one_input_channel(tmp_path: Path) ->
     out = export_hf(model, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     assert (config["image_size"], config["num_channels"], config["layer_norm_eps"]) == ([32, 48], 1, 1e-5)
+    # transformers' processor has one size, the shorter side's (the longer would upscale every image)
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 32}
     back = load_model(out)
     assert (back.img_size, back.in_chans) == ((32, 48), 1)
     x = torch.randn(2, 1, 32, 48)

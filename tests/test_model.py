@@ -24,7 +24,8 @@ def tiny(**overrides) -> CvT:
         embed_dim=(16, 32, 48), depth=(1, 1, 2), num_heads=(1, 2, 3), patch_size=(7, 3, 3),
         patch_stride=(4, 2, 2), patch_padding=(2, 1, 1), cls_token=(False, False, True),
     )  # fmt: skip
-    model_args = {k: overrides.pop(k) for k in ("act", "img_size", "num_classes", "init") if k in overrides}
+    model_keys = ("act", "img_size", "num_classes", "init", "norm_eps")
+    model_args = {k: overrides.pop(k) for k in model_keys if k in overrides}
     per_stage.update(overrides)
     return CvT(expand_stages(3, **per_stage), **{"num_classes": 5, "img_size": 64, **model_args})
 
@@ -65,6 +66,13 @@ def test_official_cvt13_spec() -> None:
     assert model.act == "quick_gelu" and model.norm_eps == 1e-5
     assert isinstance(model.stage2.blocks[0].mlp.act, QuickGELU)
     assert model.stage0.blocks[0].norm1.eps == 1e-5
+
+
+def test_norm_eps_reaches_every_layer_norm() -> None:
+    model = tiny(norm_eps=1e-6)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 4 + 3 + 1  # two per block, one per patch embedding, the final norm
+    assert all(norm.eps == 1e-6 for norm in norms)
 
 
 def test_cvt_w24_drop_path_and_default_size() -> None:
@@ -470,6 +478,29 @@ def test_group_matcher_covers_every_parameter() -> None:
     assert all(n.startswith("stage0.patch_embed") for n in first)
     final_norm = {n for names in groups.values() for n in names if n.startswith("norm")}
     assert final_norm == {"norm.weight", "norm.bias"}
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_orders_layers_for_layer_wise_lr_decay(coarse: bool) -> None:
+    """timm's layer-wise lr decay scales each group by its depth: the stem first, then one group per
+    block (fine) or per stage (coarse), a stage's embedding and tokens with its first block, the final
+    norm with the last block (timm's "previous group"), the head last."""
+    model = tiny(pos_embed=True)
+    groups = group_parameters(model, model.group_matcher(coarse))
+    layout = [sorted({".".join(n.split(".")[:2]) for n in names}) for _, names in sorted(groups.items())]
+    stage2 = ["stage2.blocks", "stage2.cls_token", "stage2.patch_embed", "stage2.pos_embed"]
+    if coarse:
+        stage_groups, last = [stage2], ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    else:  # stage 2 has two blocks: its second one a group of its own, with the final norm
+        stage_groups = [stage2, ["norm.bias", "norm.weight", "stage2.blocks"]]
+        last = ["head.bias", "head.weight"]
+    assert layout == [
+        ["stage0.patch_embed"],
+        ["stage0.blocks", "stage0.pos_embed"],
+        ["stage1.blocks", "stage1.patch_embed", "stage1.pos_embed"],
+        *stage_groups,
+        last,
+    ]
 
 
 def test_official_init() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import MICRO_MODEL_ARGS
 from cvt.cli.main import main
 from cvt.data import load_input
 
@@ -446,3 +447,23 @@ def test_predict_shows_five_classes_by_default(tmp_path, checkpoint, capsys):
     assert lines[0] == str(paths["png"]) and len(lines) == 6
     assert [line.split()[:2] for line in lines[1:]] == [["1.", "three"], ["2.", "nine"], ["3.", "eight"],
                                                         ["4.", "seven"], ["5.", "six"]]  # fmt: skip
+
+
+def test_predict_preprocesses_as_the_checkpoint_s_training_data(tmp_path, micro_cvt13, monkeypatch):
+    """A variant published with a 0.875 center crop, trained on digits: predict reads the whole image,
+    as training validated it."""
+    from cvt.cli import predict as cli_predict
+    from cvt.data import resolve_data_config
+    from test_evaluate import watch_model_inputs
+
+    config = {"model": "cvt_13", "num_classes": 10, "img_size": 32, "dataset": "digits",
+              "model_args": MICRO_MODEL_ARGS}  # fmt: skip
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": micro_cvt13.state_dict(), "classes": CLASSES, "config": config}, checkpoint)
+    seen = watch_model_inputs(monkeypatch, cli_predict)
+    path = tmp_path / "noise.png"
+    Image.effect_noise((40, 40), 60).convert("RGB").save(path)
+    assert main(["predict", str(path), "--checkpoint", str(checkpoint), "--json"]) == 0
+    whole = load_input(path, resolve_data_config(micro_cvt13, "digits"))
+    assert not torch.equal(whole, load_input(path, resolve_data_config(micro_cvt13)))  # the crop shows
+    assert torch.equal(seen[0][0], whole)
