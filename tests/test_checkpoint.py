@@ -771,7 +771,7 @@ def test_official_yaml_dropout_rates_land_in_their_fields() -> None:
     assert [s.attn_drop_rate for s in model.stage_specs] == [0.3, 0.4]
     assert [s.drop_path_rate for s in model.stage_specs] == [0.0, 0.05]
     block = model.stage1.blocks[0]
-    assert block.attn.attn_drop_rate == 0.4 and block.mlp.drop1.p == 0.2
+    assert block.attn.attn_drop.p == 0.4 and block.mlp.drop1.p == 0.2
     assert block.attn.proj_drop.p == 0.2 and block.mlp.drop2.p == 0.2  # DROP_RATE: outputs of both
 
 

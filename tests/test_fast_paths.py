@@ -480,6 +480,86 @@ def test_a_hook_that_changes_the_k_pooling_does_not_leak_into_v_and_backward_hoo
     assert fired == ["fc2"]
 
 
+class Adapted(nn.Module):
+    """An adapter (a stand-in for LoRA and the like): the module it wraps, its output ``y`` changed to
+    ``y + 0.1 y**2`` (not a scale, which a following LayerNorm would undo)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.inner(*args)
+        return out + 0.1 * out.square()
+
+
+DROPOUTS = ("mlp.drop1", "mlp.drop2", "attn.attn_drop")
+
+
+@pytest.mark.parametrize("dropout", DROPOUTS)
+def test_a_hooked_or_replaced_dropout_runs_as_itself(
+    onednn_calls: list, monkeypatch: pytest.MonkeyPatch, dropout: str
+) -> None:
+    """The packed MLP and SDPA never call their dropout modules (identities in eval): one with a hook,
+    or replaced by another class, makes them step aside."""
+    monkeypatch.setattr(layers, "FEW_KEYS", 0)  # SDPA, not the explicit softmax, over the tiny key counts
+    x = images()
+    plain = reference_logits(tiny_model("dw_bn", cls=True).eval(), x)
+    hooked = tiny_model("dw_bn", cls=True).eval()
+    hooked.get_submodule(f"stage1.blocks.0.{dropout}").register_forward_hook(lambda m, args, out: 2 * out)
+    replaced = tiny_model("dw_bn", cls=True).eval()
+    parent, name = f"stage1.blocks.0.{dropout}".rsplit(".", 1)
+    setattr(replaced.get_submodule(parent), name, Adapted(getattr(replaced.get_submodule(parent), name)))
+    for model in (hooked, replaced):
+        expected = reference_logits(model, x)
+        assert (expected - plain).abs().max() > 1e-3  # the hook or the adapter matters
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    assert onednn_calls  # the packed path ran where it could
+    replaced.train()  # the training paths too (dropout rates 0: the same computation)
+    torch.testing.assert_close(
+        replaced(x), set_fast_paths(copy.deepcopy(replaced), False)(x), rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dropout", DROPOUTS)
+def test_monte_carlo_dropout_samples_in_an_eval_model(
+    onednn_calls: list, monkeypatch: pytest.MonkeyPatch, dropout: str
+):
+    """Dropouts switched to training in an eval model (Monte Carlo dropout) drop, in the packed MLP and
+    in SDPA too: a dropout's own mode decides, not its block's."""
+    monkeypatch.setattr(layers, "FEW_KEYS", 0)
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        deterministic = model(x)
+        for block in model.stage1.blocks:
+            block.get_submodule(dropout).p = 0.5
+        torch.testing.assert_close(model(x), deterministic, rtol=0, atol=1e-6)  # still eval: no dropout
+        for block in model.stage1.blocks:
+            block.get_submodule(dropout).train()
+        samples = [model(x) for _ in range(2)]
+    assert not torch.allclose(samples[0], deterministic, atol=1e-3)
+    assert not torch.allclose(samples[0], samples[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("submodule", ["stage0.patch_embed.proj", "stage1.blocks.0.attn.conv_proj_k"])
+def test_an_adapter_in_place_of_a_convolution_runs(submodule: str, train: bool) -> None:
+    """The stem conv and a conv projection replaced by another class: the model reads no attribute of
+    theirs (the stem's weight dtype, the projection's compute dtype) and computes what the reference does."""
+    model = tiny_model("dw_bn", cls=True).train(train)
+    parent, name = submodule.rsplit(".", 1)
+    setattr(model.get_submodule(parent), name, Adapted(getattr(model.get_submodule(parent), name)))
+    x = images()
+    expected = set_fast_paths(copy.deepcopy(model), False)
+    torch.manual_seed(0)
+    got = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, expected(x), rtol=0, atol=1e-5)
+    assert (got - reference_logits(tiny_model("dw_bn", cls=True).train(train), x)).abs().max() > 1e-3
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao quantization
 def test_pruned_parametrized_and_quantized_layers_run_as_themselves() -> None:
     """Pruning computes the weight in a pre-hook, a parametrization on access, dynamic quantization
@@ -799,8 +879,7 @@ def test_attention_dropout_is_off_in_eval(monkeypatch: pytest.MonkeyPatch, few_k
     with torch.no_grad():
         expected = model(x)
         for m in model.modules():
-            if hasattr(m, "attn_drop_rate"):
-                m.attn_drop_rate = 0.5
+            if isinstance(m, layers.ConvAttention):
                 m.attn_drop.p = 0.5
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
@@ -967,7 +1046,7 @@ def test_bf16_cpu_training_attention_over_many_keys_is_recomputed(
     model = set_fast_paths(tiny_model("dw_bn", cls=True).train(), recompute_attn=flag)
     for m in model.modules():
         if isinstance(m, layers.ConvAttention):
-            m.attn_drop_rate = attn_drop  # SDPA's dropout_p (the probabilities are never materialised)
+            m.attn_drop.p = attn_drop  # SDPA's dropout_p (the probabilities are never materialised)
     expected = set_fast_paths(copy.deepcopy(model), False)
     x, target = images(4), torch.tensor([0, 3, 6, 2])
     torch.manual_seed(0)

@@ -336,7 +336,8 @@ class CvT(nn.Module):
             raise InputShapeError(
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
             )
-        weight_dtype = self.stage0.patch_embed.proj.weight.dtype
+        # the stem's first floating parameter: its conv weight, or an adapter's that replaced the conv
+        weight_dtype = next(t.dtype for t in self.stage0.patch_embed.parameters() if t.is_floating_point())
         # autocast accepts other float dtypes; the meta device (shape checks) has no autocast to ask
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         mismatch = x.dtype != weight_dtype and not autocast

@@ -98,7 +98,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.G
 
 # submodules whose forward a fast path may replace by reading their parameters
 _READABLE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, CastCachedLinear, nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, QuickGELU, nn.GELU,
+    nn.Linear, CastCachedLinear, nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, nn.Dropout, QuickGELU,
+    nn.GELU,
 )  # fmt: skip
 
 
@@ -309,7 +310,6 @@ class ConvAttention(CachesDerivedWeights):
         self.dim_out = dim_out
         self.scale = dim_out**-0.5
         self.with_cls_token = with_cls_token
-        self.attn_drop_rate = attn_drop
         self.fused_attn = True  # F.scaled_dot_product_attention; False: explicit softmax (reference path)
         self.explicit_few_keys = True  # CPU: explicit softmax over <= FEW_KEYS (bf16: FEW_KEYS_BF16) keys
         self.chunked_attn = True  # bf16 CPU inference: chunked_attention (faster than SDPA there)
@@ -407,7 +407,8 @@ class ConvAttention(CachesDerivedWeights):
         """Patch tokens ``(B, H*W, C)`` → the channels-last ``(B, C, H, W)`` map the conv projections read."""
         x_map = tokens_to_map(x, grid)
         # one cast for the three projections, instead of one by autocast (or dw_fp32) in each
-        dtype = x_map.dtype if self.conv_proj_k is None else self.conv_proj_k.input_dtype(x_map)
+        k_proj = self.conv_proj_k  # another class (an adapter) computes in the map's dtype as far as we know
+        dtype = k_proj.input_dtype(x_map) if isinstance(k_proj, ConvProjection) else x_map.dtype
         if cpu_kernels.runs_plain_ops_only(x_map):  # vmap cannot query a channels-last layout
             return x_map.to(dtype)
         if self.fuse_proj and not dense_channels_last(x_map):
@@ -442,18 +443,27 @@ class ConvAttention(CachesDerivedWeights):
     def forward(self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False) -> torch.Tensor:
         """Normed tokens ``(B, T, C)`` → ``(B, T, dim_out)``, or ``(B, 1, dim_out)`` with ``cls_only``."""
         q, k, v = self.project_qkv(x, grid, cls_only)
-        if self._chunks_attention(q):
+        dropout = self._kernel_dropout()
+        if dropout == 0.0 and self._chunks_attention(q):
             out = chunked_attention(q, k, v, self.scale)
-        elif self._recomputes_attention(q, k, v):
+        elif dropout == 0.0 and self._recomputes_attention(q, k, v):
             out = RecomputedAttention.apply(q, k, v, self.scale)
-        elif self.fused_attn and not self._explicit_is_faster(k):
-            drop = self.attn_drop_rate if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        elif dropout is not None and self.fused_attn and not self._explicit_is_faster(k):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         else:  # explicit: the fast path over few keys keeps bf16 probabilities, the reference path fp32
             probs = self.attention_probs(q, k, in_fp32=not self.fused_attn)
             out = self.attn_drop(probs).to(v.dtype) @ v
         out = out.transpose(1, 2).flatten(2)  # (B, Tq, dim_out)
         return self.proj_drop(self.proj(out))
+
+    def _kernel_dropout(self) -> float | None:
+        """The attention dropout of this call for the kernels that never materialise the probabilities
+        (SDPA applies it; the chunked and recomputed kernels run only without it): ``attn_drop``'s rate
+        while it trains, else 0. None when ``attn_drop`` has hooks or is another class: then it runs as
+        itself, on explicit probabilities."""
+        if not reads_directly(self.attn_drop):
+            return None
+        return self.attn_drop.p if self.attn_drop.training else 0.0
 
     def _chunks_attention(self, q: torch.Tensor) -> bool:
         """``chunked_attn``: bf16 CPU inference (no graph, not traced or compiled) runs
@@ -472,12 +482,11 @@ class ConvAttention(CachesDerivedWeights):
         return torch.is_grad_enabled() and not plain_ops
 
     def _own_bf16_kernel_fits(self, enabled: bool, q: torch.Tensor) -> bool:
-        """What the package's own CPU attention kernels (chunked, recomputed) need: their flag
-        ``enabled``, bf16 queries on a CPU where oneDNN has bf16 kernels, and no attention dropout in
-        this call (they have none; SDPA or the explicit path applies it)."""
-        dropout = self.training and self.attn_drop_rate > 0
+        """What the package's own CPU attention kernels (chunked, recomputed) need, besides no attention
+        dropout in the call (they have none): their flag ``enabled`` and bf16 queries on a CPU where
+        oneDNN has bf16 kernels."""
         on_cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        return enabled and on_cpu_bf16 and cpu_kernels.CPU_HAS_BF16_KERNELS and not dropout
+        return enabled and on_cpu_bf16 and cpu_kernels.CPU_HAS_BF16_KERNELS
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys in fp32, FEW_KEYS_BF16 in bf16
@@ -582,10 +591,14 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         return (*cpu_kernels.pack_linear(w1, b1, dtype), *cpu_kernels.pack_linear(w2, self.fc2.bias, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fold_act and reads_directly(self.fc1, self.act, self.norm, self.fc2)):
+        plain = reads_directly(self.fc1, self.act, self.drop1, self.norm, self.fc2, self.drop2)
+        if not (self.fold_act and plain):
             return super().forward(x)
+        # a dropout's own mode decides (Monte Carlo dropout trains the dropouts of an eval model)
+        hidden_drops = self.drop1.training and self.drop1.p > 0
+        drops = hidden_drops or (self.drop2.training and self.drop2.p > 0)
         sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
-        dtype = packed_linear_dtype(self.onednn_linear and not self.training, x, self.fc1.weight)
+        dtype = packed_linear_dtype(self.onednn_linear and not (self.training or drops), x, self.fc1.weight)
         if dtype is not None and DerivedWeights.keeps(sources):
             w1, b1, w2, b2 = self._packed.get((*sources, self.fc2.bias), lambda: self.packed_weights(dtype))
             h = cpu_kernels.linear(x.to(dtype), w1, b1, silu=True)  # (B, T, hidden): silu(1.702 fc1(x))
@@ -594,7 +607,7 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         h = graph_linear(self.onednn_linear, x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
         if torch.is_grad_enabled() and h.requires_grad:
             # dropout between SiLU and fc2, torch.func transforms or forward-mode AD: plain autograd
-            if (self.training and self.drop1.p > 0) or cpu_kernels.runs_plain_ops_only(h):
+            if hidden_drops or cpu_kernels.runs_plain_ops_only(h):
                 return self.drop2(graph_linear(self.onednn_linear, self.drop1(F.silu(h)), w2, self.fc2.bias))
             w2, b2 = w2.to(h.dtype), self.fc2.bias.to(h.dtype)
             onednn = self.onednn_linear and cpu_kernels.trains_on_onednn(h, w2)
