@@ -25,9 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _subparsers() -> dict[str, object]:
     """``{command name: its argparse parser}`` of the installed CLI."""
-    parser = build_parser()
-    action = next(a for a in parser._actions if a.dest == "command")  # the subparsers action
-    return dict(action.choices)
+    return build_parser().commands
 
 
 COMMANDS = sorted(_subparsers())
@@ -103,14 +101,33 @@ def test_expected_errors_are_one_line_with_the_exit_code(
     argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
     try:
         result = main(argv)
-    except SystemExit as exit_info:  # argparse's own usage errors: usage text, then one error line
+    except SystemExit as exit_info:  # argparse's own usage errors, on one line as well
         assert exit_info.code == code == 2
-        last = capsys.readouterr().err.splitlines()[-1]
-        assert last.startswith(("cvt: error: ", f"cvt {argv[0]}: error: ")) and fragment in last
+        _assert_one_line(capsys.readouterr().err, argv[0], fragment)
     else:
         assert result == code
         _assert_one_line(capsys.readouterr().err, argv[0], fragment)
     assert files["keep"].read_bytes() == b"precious"  # nothing overwritten by a failing command
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--bogus"], "cvt eval: error: unrecognized arguments: --bogus (see cvt eval --help)"),
+        (["train", "--epochs", "abc"], "cvt train: error: argument --epochs: invalid int value: 'abc'"),
+        (["--bogus"], "cvt: error: unrecognized arguments: --bogus (see cvt --help)"),
+    ],
+)
+def test_argparse_errors_are_one_line_naming_the_command(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse prints its whole usage before the error (36 lines for cvt train), and an option the
+    command does not know came from the top-level parser as ``cvt: error``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1 and not captured.out
 
 
 def test_every_command_is_covered_here() -> None:

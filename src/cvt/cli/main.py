@@ -26,6 +26,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from cvt import __version__
 from cvt.errors import CvtError, is_out_of_memory
@@ -36,9 +37,30 @@ COMMAND_MODULES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+class CliParser(argparse.ArgumentParser):
+    """argparse under the CLI's error contract: a usage error (an unknown option, a value of the wrong
+    type) is one line, ``cvt <command>: error: <message> (see cvt <command> --help)``, exit 2; argparse
+    would print the whole usage first (36 lines for ``cvt train``). An option unknown to the command is
+    reported by the command's parser, not as ``cvt: error``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # filled by build_parser on the top level
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def build_parser() -> CliParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="cvt", description="CvT (Convolutional vision Transformer): models, training, evaluation, tools."
     )
     parser.add_argument("--version", action="version", version=f"cvt {__version__}")
@@ -50,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS keeps the top-level value when the flag is not repeated after the command
     for sub in {id(p): p for p in subparsers.choices.values()}.values():
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.commands = dict(subparsers.choices)
     return parser
 
 
