@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -492,6 +493,12 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
     seconds_before = progress["train_seconds"]
     with _InterruptFlag(announce=env.is_main) as interrupt, contextlib.ExitStack() as cleanup:
         cleanup.callback(close_workers, val_loader)  # its workers ignore SIGTERM: end them with the run
+        if env.distributed:
+            # DDP compares each gradient's strides with its bucket's, size-1 dims included: a depthwise
+            # weight's (C, 1, k, k) gradient comes from the conv backward as (k*k, 1, k, 1), the same
+            # memory order as the bucket's (k*k, k*k, k, 1), and is copied into it like any other
+            cleanup.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_start = time.perf_counter()
             sampler.set_position(epoch, progress["batches_done"])
