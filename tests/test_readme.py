@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def test_every_cvt_command_the_docs_show_takes_its_flags() -> None:
     """Each ``cvt COMMAND --flag ...`` in a code block or inline code of the README and docs names a
     command and options its parser has (options of ``cvt`` itself, such as ``--debug``, too)."""
     parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = parser.commands
     own = {s for a in parser._actions for s in a.option_strings}
     shown, wrong = 0, []
     for doc in DOCS:
