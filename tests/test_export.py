@@ -79,7 +79,11 @@ def test_torchscript_loads_without_cvt_and_matches(tiny, tmp_path) -> None:
 @pytest.mark.parametrize(("fmt", "name"), [("safetensors", "m.safetensors"), ("hf", "hf")])
 def test_checkpoint_formats_rebuild_the_model(tiny, tmp_path, fmt, name) -> None:
     # (transformers' own loading of the hf folder is tested with the checkpoint package)
-    path = export_model(tiny, fmt, tmp_path / name, variant="cvt_tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_model(tiny, fmt, tmp_path / name, variant="cvt_tiny")
+    # an hf folder says that transformers runs GELU where this model runs QuickGELU; safetensors is silent
+    assert ["always runs GELU" in str(w.message) for w in caught] == ([True] if fmt == "hf" else [])
     assert verify_export(tiny, fmt, path) < 1e-5
 
 
