@@ -113,6 +113,12 @@ def reads_directly(*modules: nn.Module) -> bool:
     return all(type(m) in _READABLE_MODULES and not has_hooks(m) for m in modules)
 
 
+def dropout_rate(dropout: nn.Dropout) -> float:
+    """The rate a plain dropout applies in this call: its ``p`` in its own training mode, else 0 (a
+    dropout's own mode decides: Monte Carlo dropout trains the dropouts of an eval model)."""
+    return dropout.p if dropout.training else 0.0
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks of its own (global hooks are not counted);
     backward hooks count too: they are set up when the module is called."""
@@ -461,9 +467,7 @@ class ConvAttention(CachesDerivedWeights):
         (SDPA applies it; the chunked and recomputed kernels run only without it): ``attn_drop``'s rate
         while it trains, else 0. None when ``attn_drop`` has hooks or is another class: then it runs as
         itself, on explicit probabilities."""
-        if not reads_directly(self.attn_drop):
-            return None
-        return self.attn_drop.p if self.attn_drop.training else 0.0
+        return dropout_rate(self.attn_drop) if reads_directly(self.attn_drop) else None
 
     def _chunks_attention(self, q: torch.Tensor) -> bool:
         """``chunked_attn``: bf16 CPU inference (no graph, not traced or compiled) runs
@@ -594,9 +598,8 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         plain = reads_directly(self.fc1, self.act, self.drop1, self.norm, self.fc2, self.drop2)
         if not (self.fold_act and plain):
             return super().forward(x)
-        # a dropout's own mode decides (Monte Carlo dropout trains the dropouts of an eval model)
-        hidden_drops = self.drop1.training and self.drop1.p > 0
-        drops = hidden_drops or (self.drop2.training and self.drop2.p > 0)
+        hidden_drops = dropout_rate(self.drop1) > 0
+        drops = hidden_drops or dropout_rate(self.drop2) > 0
         sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
         dtype = packed_linear_dtype(self.onednn_linear and not (self.training or drops), x, self.fc1.weight)
         if dtype is not None and DerivedWeights.keeps(sources):
