@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cvt.benchmark import interleaved_medians
+from cvt.benchmark import describe_machine, interleaved_medians, machine_info
 from cvt.models import cpu_kernels, create_model
 from cvt.models.cvt import StageSpec, kv_grid, stage_grids
 from cvt.models.layers import ConvAttention
@@ -135,8 +135,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {capability}")
+    print(describe_machine(machine_info("cpu")))
     shapes = attention_shapes(args.img_size)
     print(f"\nCvT-13 at {args.img_size}; cvt: chunked_attention (forward), RecomputedAttention (fwd+bwd)")
     columns = "SDPA ms | explicit ms | speed-up | cvt ms | speed-up"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 
@@ -34,14 +33,15 @@ from cvt.allocator import keep_freed_memory
 from cvt.benchmark import (
     BenchConfig,
     BenchResult,
+    describe_machine,
     has_bf16_kernels,
+    machine_info,
     peak_step_memory_mb,
     per_round_speedups,
     run_benchmark,
 )
 from cvt.engine.distributed import resolve_device
 from cvt.models import create_model
-from cvt.models.cpu_kernels import CPU_HAS_BF16_KERNELS
 from cvt.precision import autocast
 
 PEERS = ["hf", "official"]
@@ -235,11 +235,8 @@ def main() -> int:
     if args.keep_freed_memory:
         keep_freed_memory()
     rows = measure(args)
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-               f"oneDNN bf16 kernels {'yes' if CPU_HAS_BF16_KERNELS else 'no'}"
-               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
-               + (", freed memory kept (glibc)" if args.keep_freed_memory else ""))  # fmt: skip
+    info = machine_info(args.device, PEERS)
+    machine = describe_machine(info) + (", freed memory kept (glibc)" if args.keep_freed_memory else "")
     print(f"Machine: {machine}; units: img/s (memory rows: MB); {args.runs} runs, median (CPU rows: "
           "interleaved; GPU rows: one side after the other); per round: cvt over the faster peer in each "
           "round of runs, min-median-max\n")  # fmt: skip
@@ -250,7 +247,8 @@ def main() -> int:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+            report = {"machine": machine, "machine_info": info, "rows": [dataclasses.asdict(r) for r in rows]}
+            json.dump(report, f, indent=2)
     return 0
 
 

@@ -9,6 +9,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -514,3 +515,27 @@ def test_interleaved_medians_warm_up_then_time_one_call_of_each_in_turn(
     seconds = benchmark.interleaved_medians(fns, runs=3, warmup=2)
     assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
     assert seconds == {"a": 0.3, "b": 2.0}
+
+
+def test_cpuinfo_field_reads_the_first_value_of_a_field(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14: 96-Core\n\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\nmodel name\t: another\n"
+    )
+    assert cpu_kernels.cpuinfo_field("model name", str(cpuinfo)) == "AMD EPYC 9R14: 96-Core"
+    assert cpu_kernels.cpuinfo_field("vendor_id", str(cpuinfo)) == "AuthenticAMD"
+    assert cpu_kernels.cpuinfo_field("flags", str(cpuinfo)) == ""  # a field this CPU does not list
+    assert cpu_kernels.cpuinfo_field("vendor_id", str(tmp_path / "missing")) == ""  # not Linux
+
+
+def test_machine_info_names_the_cpu_and_the_compared_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(cpu_kernels, "cpuinfo_field", lambda name: "Zen 9" if name == "model name" else "")
+    info = benchmark.machine_info("cpu", ["hf", "official"])
+    assert info["cpu"] == "Zen 9" and info["transformers"] == transformers.__version__
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "gpu" not in info
+    line = benchmark.describe_machine(info)
+    assert line.startswith(f"Zen 9 ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})")
+    assert f"torch {torch.__version__}" in line and line.endswith(f"transformers {transformers.__version__}")
+    assert "transformers" not in benchmark.describe_machine(benchmark.machine_info("cpu", ["official"]))

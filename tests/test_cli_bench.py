@@ -4,6 +4,7 @@ ceiling skip, and one-line errors (issue 4); ``cvt info``'s class-count check.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def test_bench_json_on_tiny_model_against_official(capsys: pytest.CaptureFixture
         assert r["gflops_per_s"] == pytest.approx(2 * gmacs * r["img_per_s"], rel=1e-6)
         assert r["peak_memory_mb"] is None
     assert report["speedup"]["official"] == pytest.approx(ours["img_per_s"] / official["img_per_s"])
+    # the machine the figures belong to; no transformers version without its port among the subjects
+    machine = report["machine"]
+    assert machine["torch"] == torch.__version__ and machine["threads"] == torch.get_num_threads()
+    assert machine["logical_cpus"] == os.cpu_count() and machine["cpu"]
+    assert machine["bf16_kernels"] is cpu_kernels.CPU_HAS_BF16_KERNELS and "transformers" not in machine
     assert "cvt's forward skips the last block's unused tokens" in report["gflops_basis"]  # an effective rate
     # the same round of interleaved runs, run by run
     expected = [a / b for a, b in zip(ours["img_per_s_runs"], official["img_per_s_runs"], strict=True)]
@@ -160,12 +166,16 @@ def test_bf16_ceiling_is_not_measured_where_bf16_is_emulated(
     code, out, _ = run_cli(capsys, *args, *(["--json"] if json_output else []))
     assert code == 0
     if json_output:
-        (result,) = json.loads(out)["results"]
+        report = json.loads(out)
+        (result,) = report["results"]
         assert result["ceiling_gflops_per_s"] is None and result["ceiling_fraction"] is None
         assert "emulated" in result["ceiling_not_measured"]
+        assert report["machine"]["bf16_kernels"] is False
     else:
-        header, *table, basis = out.splitlines()
+        header, machine, *table, basis = out.splitlines()
         assert "matmul ceiling not measured: bf16 matrix products are emulated" in header
+        assert machine == f"Machine: {benchmark.describe_machine(benchmark.machine_info('cpu'))}"
+        assert "bf16 kernels no" in machine
         assert table[-1].split("|")[6].strip() == "-"  # the "of ceiling" column
         assert basis.startswith("GFLOP/s: the whole network's multiply-accumulates per image for every")
 

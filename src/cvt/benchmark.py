@@ -36,6 +36,7 @@ import importlib.util
 import json
 import math
 import mmap
+import os
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,48 @@ def has_bf16_kernels(device: str) -> bool:
     from cvt.models import cpu_kernels
 
     return cpu_kernels.CPU_HAS_BF16_KERNELS  # read at call time: op_census and tests override it
+
+
+def machine_info(device: str, subjects: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a measurement on ``device`` depends on, to be reported with it: the CPU's model name, its
+    logical CPUs and torch's threads, the Python and torch versions, torch's CPU capability (the vector
+    instructions ATen's kernels use), whether bf16 has compiled kernels there, the GPU's name on CUDA,
+    and the version of transformers where ``subjects`` include ``hf`` (its port is the comparison)."""
+    import platform
+    from importlib import metadata
+
+    from cvt.models import cpu_kernels
+
+    info: dict[str, Any] = {
+        "cpu": cpu_kernels.cpuinfo_field("model name") or platform.processor() or platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_kernels": has_bf16_kernels(device),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if "hf" in subjects:
+        info["transformers"] = metadata.version("transformers")
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """:func:`machine_info` on one line: ``AMD EPYC (2 logical CPUs, torch threads 2), Python 3.11.7, …``."""
+    words = [
+        f"{info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['threads']})",
+        f"Python {info['python']}",
+        f"torch {info['torch']}",
+        f"CPU capability {info['cpu_capability']}",
+        f"bf16 kernels {'yes' if info['bf16_kernels'] else 'no'}",
+    ]
+    if "gpu" in info:
+        words.insert(1, info["gpu"])
+    if "transformers" in info:
+        words.append(f"transformers {info['transformers']}")
+    return ", ".join(words)
 
 
 def load_official_reference() -> Any:

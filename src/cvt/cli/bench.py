@@ -75,7 +75,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.allocator import keep_freed_memory
-    from cvt.benchmark import BenchConfig, per_round_speedups, run_benchmark
+    from cvt.benchmark import BenchConfig, describe_machine, machine_info, per_round_speedups, run_benchmark
     from cvt.engine.distributed import resolve_device
     from cvt.errors import UsageError
 
@@ -93,7 +93,9 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, runs=args.runs, device=device,
         measure_memory=not args.no_memory,
     )  # fmt: skip
-    results = run_benchmark(cfg, COMPARE_CHOICES[args.compare] if args.compare else None)
+    peers = COMPARE_CHOICES[args.compare] if args.compare else []
+    results = run_benchmark(cfg, peers)
+    machine = machine_info(device, peers)
     ours = results[0]
     height, width = cfg.measured_size  # the model's own unless --img-size
     if args.json:
@@ -104,6 +106,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "threads": torch.get_num_threads(),
                 "keep_freed_memory": args.keep_freed_memory,
             },
+            "machine": machine,
             "results": [r.as_dict() for r in results],
             "speedup": {r.subject: ours.img_per_s / r.img_per_s for r in results[1:]},
             "speedup_per_round": {r.subject: per_round_speedups(ours, r) for r in results[1:]},
@@ -127,6 +130,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{cfg.model} {height}x{width} batch {cfg.batch_size} {cfg.mode} {cfg.dtype} "
         f"on {device} ({torch.get_num_threads()} threads{allocator}), {cfg.runs} runs; {ceiling}"
     )
+    print(f"Machine: {describe_machine(machine)}")
     headers = ["model", "img/s", "min-max", "peak MB", "GFLOP/s", "of ceiling", "cvt speed-up (per round)"]
     print(format_table(headers, rows))
     print(f"GFLOP/s: {GFLOPS_BASIS}")

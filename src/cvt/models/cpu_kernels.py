@@ -57,13 +57,15 @@ def _onednn_packed_linear_available() -> bool:
     return bool(ops._is_mkldnn_bf16_supported())
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD`` …) where Linux reports it, else ''."""
+def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
+    """The first value of field ``name`` in Linux's ``/proc/cpuinfo`` (``vendor_id``: ``GenuineIntel``,
+    ``AuthenticAMD`` …; ``model name``: ``AMD EPYC 9R14 …``), or '' where the file or field is missing."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+        with open(path, encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
@@ -76,7 +78,7 @@ ONEDNN_PACKED_LINEAR = _onednn_packed_linear_available()
 # Intel CPUs only; oneDNN's packed fp32 linear made CvT-13 inference 10 % faster on an AMD Zen 4, and
 # its unpacked form 12 % slower on an Intel Xeon (docs/performance-decisions.md); bf16 ``F.linear`` runs
 # oneDNN
-ONEDNN_FP32_LINEAR = ONEDNN_PACKED_LINEAR and _cpu_vendor() != "GenuineIntel"
+ONEDNN_FP32_LINEAR = ONEDNN_PACKED_LINEAR and cpuinfo_field("vendor_id") != "GenuineIntel"
 
 # oneDNN's linear pays a per-call cost that a small product does not earn back: F.linear stays for
 # weights under ONEDNN_MIN_WEIGHT elements in products under ONEDNN_MIN_MACS multiply-accumulates
