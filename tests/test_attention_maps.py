@@ -114,6 +114,36 @@ def test_the_grid_shows_the_crop_in_its_own_colours(tiny, tmp_path, monkeypatch)
     torch.testing.assert_close(shown, colour.expand_as(shown), atol=1e-5, rtol=0)
 
 
+def test_a_grayscale_model_is_shown_its_luma_in_gray(tmp_path, monkeypatch) -> None:
+    """``in_chans=1``: the maps are of the luma the model read, drawn as a gray image (imshow would
+    otherwise colour a one-channel array through its default colour map, scaled to the image's range)."""
+    from cvt import attention_maps
+
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny", in_chans=1).eval()
+    drawn, shows = [], []
+    real_save = attention_maps.save_attention_grid
+    monkeypatch.setattr(
+        attention_maps,
+        "save_attention_grid",
+        lambda maps, image, *a: drawn.append(image) or real_save(maps, image, *a),
+    )
+    Image.new("RGB", (40, 50), (200, 30, 90)).save(tmp_path / "plain.png")
+    from matplotlib.axes import Axes
+
+    real_imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, x, **kw: shows.append((x, kw)) or real_imshow(ax, x, **kw))
+    maps, _ = attention_for_file(model, tmp_path / "plain.png", tmp_path / "maps.png")
+    [shown] = drawn
+    luma = (0.299 * 200 + 0.587 * 30 + 0.114 * 90) / 255
+    torch.testing.assert_close(shown, torch.full((1, 32, 32), luma), atol=1e-5, rtol=0)
+    image_draws = [(x, kw) for x, kw in shows if kw.get("cmap") != "jet"]  # the image, under each head too
+    assert len(image_draws) == 1 + maps.maps.shape[0]
+    for x, kw in image_draws:
+        assert x.shape == (32, 32) and kw == {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+        assert np.allclose(x, luma, atol=1e-5)
+
+
 def test_cli_reads_a_checkpoint_that_describes_itself(tmp_path, capsys) -> None:
     """A cvt safetensors file of a 3-class cvt_tiny: no --model or class count needed, and
     --img-size sets the preprocessing size (48x48 -> 24/12/6 tokens, kv stride 2 -> 3x3 keys)."""

@@ -376,6 +376,60 @@ def test_eval_transform_resizes_by_crop_pct_and_normalizes():
     assert x.mean(dim=(1, 2)).tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def _gray_model(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> nn.Module:
+    model = _ModelWithCfg(224, 0.875, mean=mean, std=std)
+    model.in_chans = 1
+    return model
+
+
+def test_a_grayscale_model_reads_the_luma_normalized_by_luma_weighted_statistics():
+    cfg = resolve_data_config(_gray_model())
+    assert cfg["input_size"] == (1, 224, 224)
+    # ITU-R 601-2 weights (PIL's "L") of the RGB statistics
+    assert cfg["mean"] == pytest.approx((0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406,))
+    assert cfg["std"] == pytest.approx((0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225,))
+    (mean,), (std,) = cfg["mean"], cfg["std"]
+    img = Image.new("RGB", (400, 300), (255, 128, 0))
+    x = build_transform(cfg, train=False)(img)
+    assert x.shape == (1, 224, 224)
+    luma = (0.299 * 255 + 0.587 * 128 + 0.114 * 0) / 255
+    torch.testing.assert_close(x, torch.full_like(x, (luma - mean) / std), atol=1e-5, rtol=0)
+    # PIL's own conversion gives the same up to its rounding to 8 bits
+    pil_luma = img.convert("L").getpixel((0, 0)) / 255
+    assert abs(x[0, 0, 0].item() - (pil_luma - mean) / std) <= 0.5 / 255 / std
+    # a grayscale file (read as RGB, three equal channels) reaches the model as its own values
+    gray = build_transform(cfg, train=False)(Image.new("L", (300, 300), 77).convert("RGB"))
+    torch.testing.assert_close(gray, torch.full_like(gray, (77 / 255 - mean) / std), atol=1e-5, rtol=0)
+
+
+def test_a_grayscale_model_is_augmented_in_rgb_and_erased_in_its_channel():
+    cfg = resolve_data_config(_gray_model(mean=(0.5,), std=(0.5,)))  # one value for all of RGB
+    assert cfg["mean"] == (0.5,) and cfg["std"] == (0.5,)
+    img = Image.effect_noise((300, 300), 60).convert("RGB")
+    eval_x = build_transform(cfg, train=False)(img)
+    assert torch.equal(build_transform(cfg, train=True, aug=AugmentConfig())(img), eval_x)
+    aug = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", re_prob=1.0, hflip=0.5, random_crop=True)
+    train = build_transform(cfg, train=True, aug=aug)
+    names = [type(t).__name__ for t in train.transforms]
+    # RandAugment sees the RGB image; random erasing (every time, p=1) the luma channel
+    assert names.index("RandAugment") < names.index("LumaChannel") < names.index("RandomErasing")
+    torch.manual_seed(0)
+    white = train(Image.new("RGB", (300, 300), (255, 255, 255)))
+    assert white.shape == (1, 224, 224)
+    erased = white != 1.0  # per-pixel normal values replace a patch of the normalized white (1.0)
+    assert 0 < erased.float().mean() < 1
+
+
+def test_images_cannot_feed_a_model_of_other_channel_counts():
+    model = _ModelWithCfg(224, 0.875)
+    model.in_chans = 4
+    with pytest.raises(UsageError, match="the model takes 4 input channels; images give 3 .RGB. or 1"):
+        resolve_data_config(model)
+    odd = _gray_model(mean=(0.5, 0.5), std=(0.5, 0.5))
+    with pytest.raises(UsageError, match=r"a mean or std for RGB images has 1 or 3 values, got \(0.5, 0.5\)"):
+        resolve_data_config(odd)
+
+
 def test_default_augment_is_no_augmentation():
     cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
     img = Image.effect_noise((32, 32), 60).convert("RGB")

@@ -1121,3 +1121,29 @@ def test_grad_checkpointing_option_recomputes_the_blocks(tmp_path, monkeypatch, 
     monkeypatch.setattr(cvt_model, "_checkpointed", lambda *args: calls.append(1) or real(*args))
     run(micro(tmp_path, epochs=1, grad_checkpointing=enabled))
     assert len(calls) == (4 * 3 if enabled else 0)  # 4 training steps x 3 blocks; validation: no grad
+
+
+def test_a_grayscale_model_trains_and_evaluates_on_the_luma_of_the_images(
+    tmp_path, monkeypatch, no_curves, capsys
+):
+    """``in_chans=1`` through model_args: training and validation batches are the one-channel luma of
+    what a 3-channel model reads (the digits' mean and std are the same in R, G and B), and ``cvt eval``
+    of the checkpoint reproduces the run's last validation accuracy."""
+    from cvt.cli.main import main
+    from cvt.data import build_dataset, build_transform, resolve_data_config
+
+    seen = record_model_inputs(monkeypatch)
+    summary = run(micro(tmp_path, epochs=1, model_args={**MICRO_MODEL_ARGS, "in_chans": 1}))
+    assert all(batch.shape[1] == 1 for batch in seen["train"] + seen["eval"])
+    rgb_model = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO_MODEL_ARGS)
+    rgb_transform = build_transform(resolve_data_config(rgb_model, "digits"), train=False)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    rgb = torch.stack([rgb_transform(image) for image, _ in build_dataset("digits", None, "val")])
+    expected = (rgb * luma).sum(1, keepdim=True)  # (N, 1, 16, 16)
+    torch.testing.assert_close(torch.cat(seen["eval"]), expected, atol=1e-6, rtol=0)
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_size"] == [1, 16, 16] and report["num_samples"] == len(expected)
+    assert report["top1"] == pytest.approx(summary["final_top1"])

@@ -102,6 +102,36 @@ def test_predict_gives_each_image_its_own_probabilities(tmp_path, capsys):
     assert len(top1) > 1  # the images are told apart
 
 
+def test_predict_feeds_a_grayscale_model_the_luma_of_each_image(tmp_path, capsys):
+    """A checkpoint trained with ``model_args: {in_chans: 1}``: each image reaches the model as the
+    luma-weighted sum of what a 3-channel cvt_tiny reads (its mean and std are the same in R, G and B)."""
+    from cvt import create_model
+    from cvt.data import resolve_data_config
+
+    torch.manual_seed(2)
+    model = create_model("cvt_tiny", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(50.0)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "classes": CLASSES,
+                "config": {"model": "cvt_tiny", "model_args": {"in_chans": 1}, "num_classes": 10,
+                           "img_size": 32, "dataset": "digits"}}, ckpt)  # fmt: skip
+    paths = _images(tmp_path / "imgs")
+    args = ["predict", str(tmp_path / "imgs"), "--checkpoint", str(ckpt), "--json", "--top-k", "10"]
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    rgb_cfg = resolve_data_config(create_model("cvt_tiny", num_classes=10), "digits", None)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    for entry, path in zip(results, sorted(paths.values()), strict=True):
+        x = (load_input(path, rgb_cfg) * luma).sum(1, keepdim=True)  # (1, 1, 32, 32)
+        with torch.no_grad():
+            want = model(x).softmax(-1)[0]
+        got = torch.zeros(10)
+        for p in entry["predictions"]:
+            got[p["index"]] = p["prob"]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_predict_text_output_and_top_k_clamped(tmp_path, checkpoint, capsys):
     paths = _images(tmp_path)
     assert main(["predict", str(paths["gray"]), "--checkpoint", str(checkpoint), "--top-k", "50"]) == 0

@@ -105,10 +105,14 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
     """The image, then one panel per head with its upsampled attention over the image, saved to
     :func:`image_output_path` ``(path)`` (a PNG unless its extension names another format); that path.
 
-    ``image``: ``(3, H, W)`` with values in [0, 1] (what the model saw, before normalization).
+    ``image``: ``(3, H, W)``, or ``(1, H, W)`` drawn in gray, with values in [0, 1] (what the model saw,
+    before normalization).
     """
     path = image_output_path(path)
-    pixels = image.permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, 3)
+    pixels = image.permute(1, 2, 0).clamp(0, 1).numpy()  # (H, W, C)
+    # one channel: a gray image (imshow would map an (H, W) array through a colour map, scaled to its range)
+    shown = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if pixels.shape[-1] == 1 else {}
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
     heat = maps.upsampled(tuple(image.shape[-2:])).numpy()  # (heads, H, W)
     heads = heat.shape[0]
     cols = min(heads + 1, 4)
@@ -117,11 +121,11 @@ def save_attention_grid(maps: AttentionMaps, image: torch.Tensor, path: str | Pa
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    axes.flat[0].imshow(pixels)
+    axes.flat[0].imshow(pixels, **shown)
     axes.flat[0].set_title("input", fontsize=9)
     for h in range(heads):
         ax = axes.flat[h + 1]
-        ax.imshow(pixels)
+        ax.imshow(pixels, **shown)
         ax.imshow(heat[h], cmap="jet", alpha=0.5)
         ax.set_title(f"head {h + 1}", fontsize=9)
     fig.suptitle(title or f"last-stage attention of the {maps.query}, key grid {maps.grid[0]}x{maps.grid[1]}")
@@ -142,9 +146,9 @@ def attention_for_file(
     from cvt.data.transforms import load_input, resolve_data_config
 
     data_cfg = resolve_data_config(model, img_size=img_size)
-    image = load_input(image_path, data_cfg)  # (1, 3, H, W), normalized
+    image = load_input(image_path, data_cfg)  # (1, C, H, W), normalized
     maps = last_stage_attention(model, image)
-    mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
+    mean = torch.tensor(data_cfg["mean"]).view(-1, 1, 1)  # (C, 1, 1)
+    std = torch.tensor(data_cfg["std"]).view(-1, 1, 1)
     shown = image[0] * std + mean  # back to [0, 1]: the crop the model saw
     return maps, save_attention_grid(maps, shown, output, title)

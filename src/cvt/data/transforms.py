@@ -1,5 +1,8 @@
 """Preprocessing: the model's data configuration, train/eval transforms and batch mixing (timm).
 
+Images are read as RGB; a model built with ``in_chans=1`` gets them as one luma channel (the weights
+of PIL's ``L`` conversion), normalized by the luma-weighted mean and std, after every augmentation.
+
 Eval follows the pretrained configuration: resize the shorter side to ``size / crop_pct`` (bicubic
 for the published weights) and center crop, or (``crop_mode`` squash, the 384 models) resize the whole
 image to the input size; normalize. Training reuses timm's augmentation stack
@@ -29,6 +32,8 @@ from cvt.errors import UsageError
 SMALL_INPUT_MAX = 64
 # data sets of small images: evaluated without a center crop (cropping 12.5% of 32×32 loses content)
 SMALL_IMAGE_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100")
+# ITU-R 601-2 luma: the weights of R, G and B in PIL's convert("L"), which grayscale models read
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 @dataclass
@@ -79,6 +84,10 @@ def resolve_data_config(
     """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode`` for ``model``'s
     preprocessing.
 
+    ``input_size`` is ``(C, H, W)`` with ``C`` the model's ``in_chans``: 3 (RGB) or 1 (grayscale, whose
+    mean and std are the luma-weighted RGB ones, :data:`LUMA_WEIGHTS`); other channel counts are
+    refused (:class:`UsageError`): images have no such channels, so such a model takes tensors only.
+
     From ``model.pretrained_cfg`` (timm's resolver), at ``img_size`` (H, W) when given (``--img-size``),
     else at the input size the model was built for (``model.img_size``, which a fine-tuning run may
     have changed). A configuration that crops as the official evaluation does (a 0.875 center crop up
@@ -93,6 +102,15 @@ def resolve_data_config(
 
     cfg = timm_resolve(model=model)
     cfg.setdefault("crop_mode", "center")
+    in_chans = getattr(model, "in_chans", 3)
+    if in_chans not in (1, 3):
+        raise UsageError(
+            f"the model takes {in_chans} input channels; images give 3 (RGB) or 1 (grayscale, in_chans=1): "
+            f"feed this model tensors of your own through the Python API"
+        )
+    cfg["input_size"] = (in_chans, *cfg["input_size"][-2:])
+    if in_chans == 1:
+        cfg["mean"], cfg["std"] = (_luma(cfg["mean"]),), (_luma(cfg["std"]),)
     size = img_size or getattr(model, "img_size", None)
     if size is not None:
         configured = cfg["input_size"][-2:]
@@ -103,6 +121,42 @@ def resolve_data_config(
     if dataset in SMALL_IMAGE_DATASETS:
         cfg["crop_pct"], cfg["crop_mode"] = 1.0, "center"
     return cfg
+
+
+def _luma(values: tuple[float, ...]) -> float:
+    """A per-channel statistic of RGB images (``(r, g, b)``, or one value for all three) for their luma."""
+    if len(values) == 1:
+        return float(values[0])
+    if len(values) != 3:
+        raise UsageError(f"a mean or std for RGB images has 1 or 3 values, got {tuple(values)}")
+    return sum(w * v for w, v in zip(LUMA_WEIGHTS, values, strict=True))
+
+
+class LumaChannel:
+    """``(3, H, W)`` → ``(1, H, W)``: the luma-weighted sum of the channels (:data:`LUMA_WEIGHTS`).
+
+    On channels normalized by one mean ``m`` and std ``s`` it gives ``(luma - m) / s``: the normalized
+    luma, as PIL's ``convert("L")`` then normalizing would, without rounding the luma to 8 bits.
+    """
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor(LUMA_WEIGHTS, dtype=image.dtype).view(3, 1, 1)
+        return (image * weights).sum(dim=0, keepdim=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _luma_after_normalize(steps: list[Callable]) -> list[Callable]:
+    """``steps`` with :class:`LumaChannel` after their ``Normalize``: every augmentation sees the RGB
+    image, random erasing (after ``Normalize``) the one channel the model reads."""
+    at = next((i for i, step in enumerate(steps) if isinstance(step, transforms.Normalize)), None)
+    if at is None:
+        raise RuntimeError(
+            f"no Normalize step in {[type(step).__name__ for step in steps]}: cvt's grayscale input needs "
+            f"updating for this timm version"
+        )
+    return [*steps[: at + 1], LumaChannel(), *steps[at + 1 :]]
 
 
 def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
@@ -125,12 +179,23 @@ def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
 
 
 def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | None = None) -> Callable:
-    """A PIL image → normalized ``(3, H, W)`` float tensor transform.
+    """A PIL image → normalized ``(C, H, W)`` float tensor transform, ``C`` from ``input_size`` (1: the
+    image's luma).
 
     ``train=False`` (or ``aug`` None with ``train=True``): the deterministic eval pipeline
     (timm's ``transforms_imagenet_eval``). ``train=True``: the crop chosen by the input size
     (see the module docstring), then timm's augmentations, normalization and random erasing.
     """
+    if data_cfg["input_size"][0] != 1:
+        return transforms.Compose(_transform_steps(data_cfg, train, aug))
+    # grayscale: RGB steps whose channels share the luma's mean and std, then one channel
+    (mean,), (std,) = data_cfg["mean"], data_cfg["std"]
+    rgb_cfg = {**data_cfg, "mean": (mean,) * 3, "std": (std,) * 3}
+    return transforms.Compose(_luma_after_normalize(_transform_steps(rgb_cfg, train, aug)))
+
+
+def _transform_steps(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | None) -> list[Callable]:
+    """The steps of :func:`build_transform` for RGB images."""
     from timm.data.transforms import str_to_interp_mode
     from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
 
@@ -138,7 +203,7 @@ def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | 
     common = dict(interpolation=data_cfg["interpolation"], mean=data_cfg["mean"], std=data_cfg["std"])
     if not train or aug is None:
         crop = dict(crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg.get("crop_mode", "center"))
-        return transforms_imagenet_eval((height, width), **crop, **common)
+        return list(transforms_imagenet_eval((height, width), **crop, **common).transforms)
     try:
         rrc_crop, augment, finish = transforms_imagenet_train(
             (height, width), scale=aug.scale, hflip=aug.hflip, color_jitter=aug.color_jitter,
@@ -165,7 +230,7 @@ def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | 
         if aug.hflip > 0:
             crop.append(transforms.RandomHorizontalFlip(aug.hflip))
     _allow_zero_bit_posterize(augment.transforms)
-    return transforms.Compose([*crop, *augment.transforms, *finish.transforms])
+    return [*crop, *augment.transforms, *finish.transforms]
 
 
 def _posterize_keep_msb(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -193,7 +258,7 @@ def _allow_zero_bit_posterize(steps: list[Callable]) -> None:
 
 
 def load_input(path: str | Path, data_cfg: dict[str, Any], transform: Callable | None = None) -> torch.Tensor:
-    """One image file → the ``(1, 3, H, W)`` model input of ``data_cfg``'s eval preprocessing.
+    """One image file → the ``(1, C, H, W)`` model input of ``data_cfg``'s eval preprocessing.
 
     A large image is decoded at reduced size (see :func:`~cvt.data.images.load_image`), never below
     the size the eval resize needs. ``transform`` reuses a pipeline built by :func:`build_transform`.
