@@ -2,8 +2,9 @@
 
 oneDNN runs bf16 convolutions and matrix products on compiled kernels only on AVX-512 CPUs (natively
 with AVX512-BF16 or AMX); elsewhere (AVX2) they fall back to reference code, 20-40x slower than fp32
-(benchmarks/results/avx2-vm_attention_kernels.md). The layers read :data:`CPU_HAS_BF16_KERNELS` and
-:data:`ONEDNN_PACKED_LINEAR` at call time, so tests and ``benchmarks/op_census.py`` may override them.
+(benchmarks/results/avx2-vm_attention_kernels.md). The layers read :data:`CPU_HAS_BF16_KERNELS`,
+:data:`ONEDNN_PACKED_LINEAR` and :data:`ONEDNN_FP32_LINEAR` at call time, so tests may override them
+(``benchmarks/op_census.py`` overrides :data:`CPU_HAS_BF16_KERNELS`).
 
 Two inference paths (no autograd graph, not traced or compiled) live here, both measured on a 2-core
 AMD EPYC (Zen 4, AVX512-BF16, no AMX) in docs/performance-decisions.md:
@@ -13,8 +14,9 @@ AMD EPYC (Zen 4, AVX512-BF16, no AMX) in docs/performance-decisions.md:
   CPUs other than Intel's; 6-15 % faster than ``F.linear`` plus a separate SiLU for CvT-13's MLP shapes);
 - :func:`chunked_attention`: attention as two matrix products around a softmax, over chunks of queries
   whose scores stay in cache (bf16: 1.3-1.9x faster than CPU SDPA's blocked kernel at CvT-13's key
-  counts; in fp32 SDPA stays faster beyond a few dozen keys); over fewer than 64 keys the scores are
-  laid out keys-first and the softmax runs down them (:func:`softmax_runs_down_keys`).
+  counts; in fp32 SDPA stays faster beyond a few dozen keys); over fewer than 64 keys, with at least
+  twice as many queries, the scores are laid out keys-first and the softmax runs down them
+  (:func:`softmax_runs_down_keys`).
 
 And two training paths (while a graph is built):
 

@@ -323,7 +323,7 @@ class CvT(nn.Module):
 
     # ------------------------------------------------------------------------------- checks
     def min_input_size(self) -> tuple[int, int]:
-        """Smallest ``(H, W)`` for which every stage keeps at least one token."""
+        """Smallest ``(H, W)`` for which every stage keeps at least one token and one key."""
         return min_input_size(self.stage_specs)
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -147,8 +147,9 @@ def graph_linear(
 class CastCachedLinear(CachesDerivedWeights, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
     kept between calls while no graph is built, instead of autocast casting them on every call; in CPU
-    inference on AVX-512 they are kept packed for oneDNN's linear kernel (``onednn_linear``), and fp32
-    training off Intel runs that kernel on the plain weights (:func:`graph_linear`)."""
+    inference on AVX-512 (bf16; fp32 off Intel), for products large enough to repay oneDNN's per-call cost,
+    they are kept packed for oneDNN's linear kernel (``onednn_linear``), and fp32 training off Intel
+    runs that kernel on the plain weights (:func:`graph_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)

@@ -31,10 +31,11 @@ compare every one against the plain reference computation):
 - ``fold_act``: QuickGELU's 1.702 moves into the MLP weights, leaving a single SiLU pass:
   ``fc2(h * sigmoid(1.702 h)) == (fc2.w / 1.702) @ silu(1.702 fc1(x)) + fc2.b``; in training
   :class:`SiluLinear` keeps one hidden activation for backward instead of three.
-- ``onednn_linear``: CPU inference (fp32 or bf16) on AVX-512 runs the attention and MLP Linear layers
-  as oneDNN's linear on weights packed once (fc1 with its SiLU fused in), :mod:`cvt.models.cpu_kernels`;
-  fp32 training on AVX-512 CPUs other than Intel's runs them (forward and input gradient) as oneDNN's
-  linear on the plain weights, :class:`~cvt.models.cpu_kernels.OnednnLinear`;
+- ``onednn_linear``: CPU inference on AVX-512 (bf16; fp32 too on CPUs other than Intel's) runs the
+  attention and MLP Linear layers whose product is large enough (``ONEDNN_MIN_WEIGHT`` /
+  ``ONEDNN_MIN_MACS``) as oneDNN's linear on weights packed once (fc1 with its SiLU fused in),
+  :mod:`cvt.models.cpu_kernels`; fp32 training on AVX-512 CPUs other than Intel's runs them (forward
+  and input gradient) as oneDNN's linear on the plain weights, :class:`~cvt.models.cpu_kernels.OnednnLinear`;
 - ``dw_fp32``: under CPU autocast the ``dw_bn`` depthwise conv (and its BatchNorm) stays in fp32 when
   a graph is built (oneDNN's bf16 depthwise backward is ~9x slower) or oneDNN has no bf16 kernels
   for the CPU (AVX2: reference code, 20-40x slower); inference on an AVX-512 CPU runs it in bf16.
@@ -217,7 +218,9 @@ class ConvProjection(CachesDerivedWeights):
         super().__init__()
         self.method = method
         self.fold_bn = True
-        self.dw_fp32 = True  # under CPU autocast the depthwise conv and BatchNorm run in fp32
+        # under CPU autocast the depthwise conv and BatchNorm run in fp32 while a graph is built or where
+        # oneDNN has no kernels for the autocast dtype (computes_in_fp32)
+        self.dw_fp32 = True
         if method == "dw_bn":
             self.conv = nn.Conv2d(
                 dim, dim, kernel_size, stride=stride, padding=padding, bias=False, groups=dim
@@ -578,8 +581,8 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
         super().__init__(in_features, hidden_features, act_layer=QuickGELU, drop=drop)
         self.fold_act = True
-        # CPU inference on AVX-512: fc1 + SiLU and fc2 by oneDNN on packed weights; fp32 training off
-        # Intel: fc1 and fc2 (in SiluLinear) by oneDNN on the plain weights
+        # CPU inference on AVX-512 (bf16; fp32 off Intel): fc1 + SiLU and fc2 by oneDNN on packed weights;
+        # fp32 training off Intel: fc1 and fc2 (in SiluLinear) by oneDNN on the plain weights
         self.onednn_linear = True
         self._scaled = DerivedWeights()
         self._packed = DerivedWeights()
