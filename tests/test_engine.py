@@ -1028,6 +1028,33 @@ def test_finetune_with_the_same_class_count_keeps_the_trained_head(tmp_path):
     assert torch.equal(target.head.bias, source.head.bias)
 
 
+def test_finetune_adapts_an_rgb_stem_to_a_grayscale_model_and_names_the_channels_otherwise(tmp_path):
+    """An RGB checkpoint fine-tuned into ``in_chans=1``: its stem summed over R, G and B (a gray image
+    (g, g, g) gives the same stem output), every other weight as saved; a grayscale checkpoint into an
+    RGB model is refused with the channel count to build it with."""
+    from cvt.engine.trainer import _load_finetune
+
+    torch.manual_seed(0)
+    rgb = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO_MODEL_ARGS).eval()
+    torch.save({"model": rgb.state_dict()}, tmp_path / "rgb.pt")
+    gray = create_model("cvt_tiny", num_classes=10, img_size=16, in_chans=1, **MICRO_MODEL_ARGS).eval()
+    _load_finetune(gray, str(tmp_path / "rgb.pt"))
+    stem = "stage0.patch_embed.proj.weight"
+    loaded, saved = gray.state_dict(), rgb.state_dict()
+    torch.testing.assert_close(loaded[stem], saved[stem].sum(dim=1, keepdim=True))
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved if k != stem)
+    image = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(image), rgb(image.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-4)
+
+    torch.save({"model": gray.state_dict()}, tmp_path / "gray.pt")
+    target = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO_MODEL_ARGS)
+    with pytest.raises(
+        CheckpointError, match=r"Its stem takes 1 input channel\(s\): build the model with in_chans=1$"
+    ):
+        _load_finetune(target, str(tmp_path / "gray.pt"))
+
+
 def test_finetune_resizes_position_embeddings_from_the_grid_they_were_learned_at(tmp_path):
     """A file that records its input size (here 16x24 tokens at 32x48) is resized from that grid, even
     to a grid with the same token count (24x16); an unrecorded, non-square count is refused."""

@@ -23,9 +23,10 @@ from cvt.checkpoint.read import (
     unwrap_state_dict,
 )
 from cvt.errors import CheckpointError
-from cvt.models.cvt import CvT
+from cvt.models.cvt import FIRST_CONV, CvT
 
 HEAD_KEYS = ("head.weight", "head.bias")
+STEM_WEIGHT = f"{FIRST_CONV}.weight"  # (embed_dim, in_chans, k, k)
 _SHOWN = 5  # keys named per category in a mismatch message
 _BLOCK_KEY = re.compile(r"^stage(\d+)\.blocks\.(\d+)\.")
 
@@ -159,7 +160,16 @@ def mismatch_message(
         )
     if any(k.endswith("pos_embed") for k in report.mismatched):
         text += ". Position embeddings differ in size: build the model with the checkpoint's img_size"
+    stem = report.mismatched.get(STEM_WEIGHT)
+    if stem is not None and differs_in_input_channels(*stem):
+        chans = stem[1][1]
+        text += f". Its stem takes {chans} input channel(s): build the model with in_chans={chans}"
     return text
+
+
+def differs_in_input_channels(ours: tuple[int, ...], theirs: tuple[int, ...]) -> bool:
+    """Whether two conv weight shapes ``(out, in, kh, kw)`` differ in their input channels alone."""
+    return len(ours) == len(theirs) == 4 and ours[:1] + ours[2:] == theirs[:1] + theirs[2:] and ours != theirs
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
@@ -173,11 +183,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CvT) -> 
     sd = convert_state_dict(state_dict, model)
     report = check_fit({k: v for k, v in sd.items() if k not in HEAD_KEYS}, model)
     report.missing = [k for k in report.missing if k not in HEAD_KEYS]
-    stem = f"{(model.pretrained_cfg or {}).get('first_conv')}.weight"
-    if stem in report.mismatched:
-        ours, theirs = report.mismatched[stem]
-        if len(ours) == len(theirs) == 4 and ours[:1] + ours[2:] == theirs[:1] + theirs[2:]:
-            del report.mismatched[stem]
+    if STEM_WEIGHT in report.mismatched and differs_in_input_channels(*report.mismatched[STEM_WEIGHT]):
+        del report.mismatched[STEM_WEIGHT]
     if not report.ok:
         raise CheckpointError(mismatch_message(report, sd, model, "pretrained weights"))
     return sd

@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMAT_VERSION
 from cvt.errors import CheckpointError, UsageError
 from cvt.fileio import atomic_write_bytes
-from cvt.models.cvt import CvT, StageSpec
+from cvt.models.cvt import FIRST_CONV, CvT, StageSpec
 from cvt.models.variants import official_eval_crop
 
 # pretrained_cfg entries stored as tuples by timm; JSON turns them into lists
@@ -44,7 +44,7 @@ def inference_cfg(
     return dict(
         input_size=(in_chans, h, w), interpolation="bicubic", mean=tuple(mean or IMAGENET_DEFAULT_MEAN),
         std=tuple(std or IMAGENET_DEFAULT_STD), crop_pct=crop_pct, crop_mode=crop_mode,
-        num_classes=num_classes, first_conv="stage0.patch_embed.proj", classifier="head",
+        num_classes=num_classes, first_conv=FIRST_CONV, classifier="head",
     )  # fmt: skip
 
 

@@ -110,18 +110,28 @@ def _build_model(cfg: TrainConfig, num_classes: int, resuming: bool) -> nn.Modul
 
 
 def _load_finetune(model: nn.Module, path: str) -> None:
-    """Load every weight of ``path`` into ``model``; a head of another class count stays fresh and
-    position embeddings learned at another resolution are resized (bicubic) to the model's grids."""
+    """Load every weight of ``path`` into ``model``; a head of another class count stays fresh,
+    position embeddings learned at another resolution are resized (bicubic) to the model's grids, and
+    an RGB stem is adapted to the model's ``in_chans`` as timm adapts published weights (summed over
+    R, G and B for a grayscale model)."""
     from timm.layers import resample_abs_pos_embed
+    from timm.models import adapt_input_conv
 
-    from cvt.checkpoint.load import convert_state_dict, load_checkpoint
+    from cvt.checkpoint import load
     from cvt.checkpoint.read import read_state_dict
     from cvt.models.cvt import stage_grids
 
     raw, _, info = read_state_dict(path)
-    sd = convert_state_dict(raw, model)
+    sd = load.convert_state_dict(raw, model)
     own = model.state_dict()
     head_differs = "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape
+    stem = sd.get(load.STEM_WEIGHT)  # (embed_dim, in_chans, k, k)
+    if (
+        stem is not None
+        and stem.shape[1] == 3
+        and load.differs_in_input_channels(own[load.STEM_WEIGHT].shape, stem.shape)
+    ):
+        sd[load.STEM_WEIGHT] = adapt_input_conv(model.in_chans, stem)
     size = _recorded_img_size(info)
     learned_at = stage_grids(model.stage_specs, size) if size else None
     for i, stage in enumerate(model.stages):
@@ -140,7 +150,7 @@ def _load_finetune(model: nn.Module, path: str) -> None:
             )
         if grid != tuple(stage.pos_grid):
             sd[key] = resample_abs_pos_embed(sd[key], list(stage.pos_grid), list(grid), num_prefix_tokens=0)
-    load_checkpoint(model, sd, strict=True, ignore_head=head_differs, name=path)
+    load.load_checkpoint(model, sd, strict=True, ignore_head=head_differs, name=path)
 
 
 def _recorded_img_size(info: dict[str, Any]) -> tuple[int, int] | None:

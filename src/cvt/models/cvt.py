@@ -98,6 +98,9 @@ class StageSpec:
 
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StageSpec))
+# the stem: the first stage's patch-embedding conv, the only module that reads the image's channels
+# (timm's ``first_conv``, which it adapts to ``in_chans`` when loading published weights)
+FIRST_CONV = "stage0.patch_embed.proj"
 
 
 def expand_stages(num_stages: int, **per_stage: Any) -> list[StageSpec]:

@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from torch import nn
 
 from cvt.errors import CheckpointError, UsageError
-from cvt.models.cvt import STAGE_FIELDS, CvT, expand_stages
+from cvt.models.cvt import FIRST_CONV, STAGE_FIELDS, CvT, expand_stages
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -47,7 +47,7 @@ def _cfg(hf_hub_id: str = "", input_size: int = 224, **kwargs: Any) -> dict[str,
         "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stage0.patch_embed.proj",
+        "first_conv": FIRST_CONV,
         "classifier": "head",
         "license": "mit",
         **kwargs,
