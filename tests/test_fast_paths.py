@@ -1416,3 +1416,129 @@ def test_explicit_fast_path_keeps_bf16_probabilities_and_the_reference_fp32() ->
     fast = attn.attention_probs(q.bfloat16(), k.bfloat16(), in_fp32=False)
     assert (reference.dtype, fast.dtype) == (torch.float32, torch.bfloat16)
     torch.testing.assert_close(fast.float(), reference, rtol=0, atol=4e-3)  # one bf16 rounding
+
+
+# ---------------------------------------------- behaviours found unguarded by hand mutations (2026-11-27)
+@pytest.mark.parametrize("method", METHODS)
+def test_backprop_through_an_eval_model_gives_the_reference_gradients(method: str) -> None:
+    """A graph built through an eval-mode model (frozen BatchNorm statistics: fine-tuning with frozen
+    statistics, linear probing through the backbone, saliency maps): the folded projections give every
+    parameter the reference gradient, the BatchNorm affine included (the cls-only last block leaves its
+    unused q convolution without a gradient where the reference gives it zeros)."""
+    model = tiny_model(method, cls=True).eval()
+    reference = set_fast_paths(copy.deepcopy(model), False)
+    x, target = images(), torch.tensor([0, 3, 6])
+    for m in (model, reference):
+        nn.functional.cross_entropy(m(x), target).backward()
+    expected = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        want = expected[name].grad
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    if method == "dw_bn":  # the gradient of the folded BatchNorm's weight is not trivially zero
+        assert model.stage1.blocks[0].attn.conv_proj_k.bn.weight.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("onednn_linear", [False, True])
+def test_a_weight_given_new_storage_through_data_refreshes_the_cached_weights(onednn_linear: bool) -> None:
+    """``param.data = tensor`` keeps the Parameter and its version counter but not its storage: the
+    cached scaled (or packed) MLP weights follow it without a mode switch."""
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), onednn_linear=onednn_linear)
+    x = images()
+    fc1 = model.stage1.blocks[0].mlp.fc1
+    with torch.no_grad():
+        before = model(x)
+        fc1.weight.data = fc1.weight + torch.randn(
+            fc1.weight.shape, generator=torch.Generator().manual_seed(3)
+        )
+        after = model(x)
+    torch.testing.assert_close(after, reference_logits(model, x), rtol=0, atol=1e-5)
+    assert (after - before).abs().max() > 1e-2
+
+
+def test_parameters_replaced_twice_between_calls_are_not_mistaken_for_the_cached_one() -> None:
+    """Two replacements without a forward between them: the second new tensor may get the freed
+    original's address and version 0, which only the identity of the cached source tells apart."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    mlp = model.stage1.blocks[0].mlp
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model(x)  # fills the cache
+        for _ in range(10):
+            for _ in range(2):
+                mlp.fc1.weight = nn.Parameter(torch.randn(mlp.fc1.weight.shape, generator=gen))
+            torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_monte_carlo_attention_dropout_samples_under_bf16_cpu_inference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bf16 inference runs the chunked kernel, which has no dropout: an attention dropout switched to
+    training in an eval model (Monte Carlo dropout) makes attention leave it, and samples differ."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    monkeypatch.setattr(layers, "FEW_KEYS_BF16", 0)  # no explicit few-key path: chunked or SDPA
+    calls: list[int] = []
+    chunked_attention = layers.chunked_attention
+    monkeypatch.setattr(
+        layers, "chunked_attention", lambda q, *a: calls.append(1) or chunked_attention(q, *a)
+    )
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        assert len(calls) == 3  # without dropout every block's attention is chunked
+        for block in model.stage1.blocks:
+            block.attn.attn_drop.p = 0.5
+            block.attn.attn_drop.train()
+        samples = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            samples.append(model(x).float())
+    assert len(calls) == 3 + 2  # stage 0's attention (no dropout switched on there) stays chunked
+    assert (samples[0] - samples[1]).abs().max() > 1e-2
+
+
+def test_recomputed_attention_sums_key_gradients_over_many_blocks_in_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At high resolution one image and head spans many blocks of queries; their key and value
+    gradients are summed in fp32 (a bf16 running sum drifts by several percent over hundreds of blocks)."""
+    monkeypatch.setattr(cpu_kernels, "RECOMPUTE_SCORES", 256)  # one query row per block
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, n, 64, generator=gen).bfloat16() for n in (512, 256, 256))
+    grad_out = torch.randn(2, 2, 512, 64, generator=gen).bfloat16()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    cpu_kernels.RecomputedAttention.apply(*inputs, 0.125).backward(grad_out)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]  # the same bf16 values, in float64
+    softmax_attention(*exact, 0.125).backward(grad_out.double())
+    for name, got, want in zip("qkv", inputs, exact, strict=True):
+        rel = (got.grad.double() - want.grad).norm() / want.grad.norm()
+        assert rel < 0.01, f"d{name} differs from float64 by {rel:.3%}"
+
+
+def test_a_trace_of_a_bf16_model_under_no_grad_keeps_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace must record the plain ops, not the chunked bf16 inference kernel (its chunk sizes and
+    layout frozen for the example), also when traced under no_grad; with grad, no traced size is
+    compared (a TracerWarning) in deciding against the recomputing training kernel."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    model = tiny_model("dw_bn", cls=True).eval().bfloat16()
+    x = images().bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        torch.jit.trace(model, x, check_trace=False)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert str(traced.inlined_graph).count("scaled_dot_product_attention") == 3
+        torch.testing.assert_close(traced(x).float(), model(x).float(), rtol=0, atol=0.05)
+
+
+def test_chunked_attention_keeps_fp32_inputs_fp32_under_bf16_autocast() -> None:
+    """The kernel computes in its inputs' dtype: autocast around it must not round fp32 inputs."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (40, 12, 12))
+    expected = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cpu_kernels.chunked_attention(q, k, v, 0.25, max_scores=120)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

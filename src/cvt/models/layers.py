@@ -483,10 +483,11 @@ class ConvAttention(CachesDerivedWeights):
         :class:`~cvt.models.cpu_kernels.RecomputedAttention` instead of SDPA where
         :meth:`_own_bf16_kernel_fits`: a CvT-13 bf16 training step at batch 16 ran 0.1-3.9 % faster on
         the Zen 4 VM."""
-        if not (self._own_bf16_kernel_fits(self.recompute_attn, q) and k.shape[-2] > FEW_KEYS_BF16):
+        if not (self._own_bf16_kernel_fits(self.recompute_attn, q) and torch.is_grad_enabled()):
             return False
-        plain_ops = cpu_kernels.traced_or_compiled() or cpu_kernels.runs_plain_ops_only(q, k, v)
-        return torch.is_grad_enabled() and not plain_ops
+        if cpu_kernels.traced_or_compiled() or cpu_kernels.runs_plain_ops_only(q, k, v):
+            return False
+        return k.shape[-2] > FEW_KEYS_BF16  # read only outside traces: a traced size would become a bool
 
     def _own_bf16_kernel_fits(self, enabled: bool, q: torch.Tensor) -> bool:
         """What the package's own CPU attention kernels (chunked, recomputed) need, besides no attention
