@@ -182,9 +182,13 @@ def test_training_fast_path_has_equal_gradients_and_bn_statistics(method: str, f
     fast = set_fast_paths(tiny_model(method, cls=True).train(), explicit_few_keys=few_keys)
     ref = set_fast_paths(copy.deepcopy(fast), False)
     x, target = images(4), torch.tensor([0, 3, 6, 2])
+    # the memory saving is real: SiLU + fc2 is one autograd node (SiluLinear), which keeps h alone
+    graph_nodes = []
+    fast.stage0.blocks[0].mlp.register_forward_hook(lambda m, a, out: graph_nodes.append(out.grad_fn.name()))
     for model in (fast, ref):
         nn.functional.cross_entropy(model(x), target).backward()
     assert_same_step(fast, ref, grad_tol=(1e-4, 1e-6), buffer_tol=(1e-5, 1e-6))
+    assert graph_nodes == ["SiluLinearBackward"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -202,6 +206,11 @@ def test_cls_only_last_block_equals_the_full_block_in_a_training_step(method: st
         nn.functional.cross_entropy(logits[name], target).backward()
     torch.testing.assert_close(logits["fast"], logits["full"], rtol=0, atol=1e-5)
     assert_same_step(fast, full, grad_tol=(1e-4, 1e-6), buffer_tol=(1e-5, 1e-6))
+    # the saving is real in training too: the last block's MLP ran on the cls token alone
+    seen = []
+    fast.stage1.blocks[-1].mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    fast(x)
+    assert seen == [1]
     if method == "dw_bn":
         unused_q = fast.stage1.blocks[-1].attn.conv_proj_q
         assert unused_q.conv.weight.grad.abs().max() == 0 and unused_q.bn.weight.grad.abs().max() == 0
