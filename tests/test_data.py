@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import pickle
+import random
 import warnings
 from pathlib import Path
 
@@ -413,10 +414,14 @@ def test_a_grayscale_model_is_augmented_in_rgb_and_erased_in_its_channel():
     names = [type(t).__name__ for t in train.transforms]
     # RandAugment sees the RGB image; random erasing (every time, p=1) the luma channel
     assert names.index("RandAugment") < names.index("LumaChannel") < names.index("RandomErasing")
+    assert train(img).shape == (1, 224, 224)
+    # random erasing alone (every time, p=1): per-pixel normal values replace a patch of the one channel
+    erase = build_transform(cfg, train=True, aug=AugmentConfig(re_prob=1.0))
     torch.manual_seed(0)
-    white = train(Image.new("RGB", (300, 300), (255, 255, 255)))
+    random.seed(0)
+    white = erase(Image.new("RGB", (300, 300), (255, 255, 255)))
     assert white.shape == (1, 224, 224)
-    erased = white != 1.0  # per-pixel normal values replace a patch of the normalized white (1.0)
+    erased = white != 1.0  # the normalized white is (1 - 0.5) / 0.5
     assert 0 < erased.float().mean() < 1
 
 
