@@ -428,8 +428,11 @@ def test_a_grayscale_model_is_augmented_in_rgb_and_erased_in_its_channel():
 def test_images_cannot_feed_a_model_of_other_channel_counts():
     model = _ModelWithCfg(224, 0.875)
     model.in_chans = 4
-    with pytest.raises(UsageError, match="the model takes 4 input channels; images give 3 .RGB. or 1"):
-        resolve_data_config(model)
+    cfg = resolve_data_config(model)  # the configuration itself is fine (an HF export writes it)
+    assert cfg["input_size"] == (4, 224, 224) and cfg["mean"] == (0.5, 0.5, 0.5)
+    for train in (False, True):
+        with pytest.raises(UsageError, match="the model takes 4 input channels; images give 3 .RGB. or 1"):
+            build_transform(cfg, train=train, aug=AugmentConfig())
     odd = _gray_model(mean=(0.5, 0.5), std=(0.5, 0.5))
     with pytest.raises(UsageError, match=r"a mean or std for RGB images has 1 or 3 values, got \(0.5, 0.5\)"):
         resolve_data_config(odd)

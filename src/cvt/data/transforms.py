@@ -84,9 +84,9 @@ def resolve_data_config(
     """``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode`` for ``model``'s
     preprocessing.
 
-    ``input_size`` is ``(C, H, W)`` with ``C`` the model's ``in_chans``: 3 (RGB) or 1 (grayscale, whose
-    mean and std are the luma-weighted RGB ones, :data:`LUMA_WEIGHTS`); other channel counts are
-    refused (:class:`UsageError`): images have no such channels, so such a model takes tensors only.
+    ``input_size`` is ``(C, H, W)`` with ``C`` the model's ``in_chans``; for a grayscale model (1) the mean
+    and std are the luma-weighted RGB ones (:data:`LUMA_WEIGHTS`). Image transforms exist for 3 and 1
+    channels only (:func:`build_transform`).
 
     From ``model.pretrained_cfg`` (timm's resolver), at ``img_size`` (H, W) when given (``--img-size``),
     else at the input size the model was built for (``model.img_size``, which a fine-tuning run may
@@ -103,11 +103,6 @@ def resolve_data_config(
     cfg = timm_resolve(model=model)
     cfg.setdefault("crop_mode", "center")
     in_chans = getattr(model, "in_chans", 3)
-    if in_chans not in (1, 3):
-        raise UsageError(
-            f"the model takes {in_chans} input channels; images give 3 (RGB) or 1 (grayscale, in_chans=1): "
-            f"feed this model tensors of your own through the Python API"
-        )
     cfg["input_size"] = (in_chans, *cfg["input_size"][-2:])
     if in_chans == 1:
         cfg["mean"], cfg["std"] = (_luma(cfg["mean"]),), (_luma(cfg["std"]),)
@@ -180,13 +175,19 @@ def _eval_geometry(data_cfg: dict[str, Any]) -> list[Callable]:
 
 def build_transform(data_cfg: dict[str, Any], train: bool, aug: AugmentConfig | None = None) -> Callable:
     """A PIL image → normalized ``(C, H, W)`` float tensor transform, ``C`` from ``input_size`` (1: the
-    image's luma).
+    image's luma); other channel counts are refused (:class:`UsageError`): images have no such channels.
 
     ``train=False`` (or ``aug`` None with ``train=True``): the deterministic eval pipeline
     (timm's ``transforms_imagenet_eval``). ``train=True``: the crop chosen by the input size
     (see the module docstring), then timm's augmentations, normalization and random erasing.
     """
-    if data_cfg["input_size"][0] != 1:
+    channels = data_cfg["input_size"][0]
+    if channels not in (1, 3):
+        raise UsageError(
+            f"the model takes {channels} input channels; images give 3 (RGB) or 1 (grayscale, in_chans=1): "
+            f"feed this model tensors of your own through the Python API"
+        )
+    if channels == 3:
         return transforms.Compose(_transform_steps(data_cfg, train, aug))
     # grayscale: RGB steps whose channels share the luma's mean and std, then one channel
     (mean,), (std,) = data_cfg["mean"], data_cfg["std"]
