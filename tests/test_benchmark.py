@@ -539,3 +539,21 @@ def test_machine_info_names_the_cpu_and_the_compared_port(monkeypatch: pytest.Mo
     assert line.startswith(f"Zen 9 ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})")
     assert f"torch {torch.__version__}" in line and line.endswith(f"transformers {transformers.__version__}")
     assert "transformers" not in benchmark.describe_machine(benchmark.machine_info("cpu", ["official"]))
+
+
+def test_machine_info_counts_the_cpus_this_process_may_use_and_survives_missing_metadata(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``taskset -c 0`` on a bigger machine: one CPU, not the machine's count; transformers importable
+    from a source tree, without package metadata: its module's version, after the measurement."""
+    from importlib import metadata
+
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+
+    def no_metadata(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", no_metadata)
+    info = benchmark.machine_info("cpu", ["hf"])
+    assert info["logical_cpus"] == 1 and info["transformers"] == transformers.__version__

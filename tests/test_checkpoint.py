@@ -405,6 +405,23 @@ def test_non_strict_loads_what_fits(tiny: CvT) -> None:
 def test_matching_variants(tiny: CvT) -> None:
     assert matching_variants(tiny.state_dict()) == ["cvt_tiny"]
     assert matching_variants(_fresh(embed_dim=(16, 64, 128)).state_dict()) == []
+    assert matching_variants(_fresh(in_chans=1).state_dict()) == ["cvt_tiny"]  # a grayscale cvt_tiny
+
+
+def test_a_grayscale_state_dict_without_its_architecture_loads_with_its_channel_count(
+    tmp_path: Path, images: torch.Tensor
+) -> None:
+    """A bare state dict of an ``in_chans=1`` model (``torch.save(model.state_dict())``): the variant is
+    found and rebuilt with the stem's channel count, as the class count is taken from the head."""
+    torch.manual_seed(0)
+    gray = create_model("cvt_tiny", in_chans=1, num_classes=4).eval()
+    torch.save({"model": gray.state_dict()}, tmp_path / "gray.pth")
+    x = images[:, :1]  # (B, 1, H, W)
+    for kwargs in ({}, {"model_name": "cvt_tiny"}):
+        model = load_model(tmp_path / "gray.pth", **kwargs)
+        assert model.in_chans == 1 and model.num_classes == 4
+        with torch.no_grad():
+            assert torch.equal(model(x), gray(x))
 
 
 def test_a_state_dict_without_batchnorm_counters_is_recognised(

@@ -221,6 +221,12 @@ def test_export_writes_the_preprocessing(tmp_path: Path) -> None:
     cropped.pretrained_cfg = {**cropped.pretrained_cfg, "crop_pct": 0.875, "input_size": (3, 384, 384)}
     with pytest.warns(UserWarning, match="never crops from 384 pixels up"):
         export_hf(cropped, tmp_path / "export384")
+    # a grayscale model: one mean and std, and a warning that transformers' processor keeps RGB images
+    gray = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), in_chans=1).eval()
+    with pytest.warns(UserWarning, match=r"does not convert images to grayscale: .*image\.convert\('L'\)"):
+        export_hf(gray, tmp_path / "export_gray")
+    written = json.loads((tmp_path / "export_gray" / "preprocessor_config.json").read_text())
+    assert written["image_mean"] == pytest.approx([0.5]) and written["image_std"] == pytest.approx([0.5])
 
 
 def test_half_precision_hf_folder_loads_as_float32(tmp_path: Path) -> None:
@@ -478,7 +484,8 @@ def test_export_keeps_a_non_square_size_and_one_input_channel(tmp_path: Path) ->
     """config.json's image_size is (H, W) and num_channels the stem's: both come back on loading."""
     torch.manual_seed(0)
     model = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), img_size=(32, 48), in_chans=1).eval()
-    out = export_hf(model, tmp_path / "export")
+    with pytest.warns(UserWarning, match="does not convert images to grayscale"):
+        out = export_hf(model, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
     assert (config["image_size"], config["num_channels"], config["layer_norm_eps"]) == ([32, 48], 1, 1e-5)
     # transformers' processor has one size, the shorter side's (the longer would upscale every image)

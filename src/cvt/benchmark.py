@@ -169,10 +169,11 @@ def has_bf16_kernels(device: str) -> bool:
 
 
 def machine_info(device: str, subjects: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """What a measurement on ``device`` depends on, to be reported with it: the CPU's model name, its
-    logical CPUs and torch's threads, the Python and torch versions, torch's CPU capability (the vector
-    instructions ATen's kernels use), whether bf16 has compiled kernels there, the GPU's name on CUDA,
-    and the version of transformers where ``subjects`` include ``hf`` (its port is the comparison)."""
+    """What a measurement on ``device`` depends on, to be reported with it: the CPU's model name, the
+    logical CPUs this process may use and torch's threads, the Python and torch versions, torch's CPU
+    capability (the vector instructions ATen's kernels use), whether bf16 has compiled kernels there,
+    the GPU's name on CUDA, and the version of transformers where ``subjects`` include ``hf`` (its port
+    is the comparison)."""
     import platform
     from importlib import metadata
 
@@ -180,7 +181,8 @@ def machine_info(device: str, subjects: list[str] | tuple[str, ...] = ()) -> dic
 
     info: dict[str, Any] = {
         "cpu": cpu_kernels.cpuinfo_field("model name") or platform.processor() or platform.machine(),
-        "logical_cpus": os.cpu_count(),
+        # the CPUs this process may run on (taskset, cgroups), where the OS says
+        "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -190,7 +192,10 @@ def machine_info(device: str, subjects: list[str] | tuple[str, ...] = ()) -> dic
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     if "hf" in subjects:
-        info["transformers"] = metadata.version("transformers")
+        try:
+            info["transformers"] = metadata.version("transformers")
+        except metadata.PackageNotFoundError:  # importable without package metadata (a source tree)
+            info["transformers"] = getattr(sys.modules.get("transformers"), "__version__", "unknown")
     return info
 
 

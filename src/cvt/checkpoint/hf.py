@@ -170,6 +170,13 @@ def hf_preprocessor_from_model(model: CvT) -> dict[str, Any]:
             UserWarning,
             stacklevel=3,
         )
+    if data_cfg["input_size"][0] == 1:
+        warnings.warn(
+            "the model reads one (luma) channel; transformers' image processor does not convert images to "
+            "grayscale: give it images converted with image.convert('L') (it normalizes that one channel)",
+            UserWarning,
+            stacklevel=3,
+        )
     return {
         "image_processor_type": "ConvNextImageProcessor",
         "do_resize": True,

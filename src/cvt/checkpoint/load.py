@@ -115,11 +115,15 @@ def matching_variants(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
 
     Shapes cannot tell strides and paddings apart: ``cvt`` and ``cvt_13_cifar`` both match a CvT-13
     with a 3x3 stem. BatchNorm's ``num_batches_tracked`` counters are left out of the comparison: some
-    exports drop them, and loading fills them in.
+    exports drop them, and loading fills them in; so is the stem's input-channel count (a grayscale
+    model of a variant is still that variant, rebuilt with :func:`infer_in_chans`).
     """
 
     def weights(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        return {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+        kept = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+        if STEM_WEIGHT in kept:  # (embed_dim, in_chans, k, k): any input-channel count
+            kept[STEM_WEIGHT] = kept[STEM_WEIGHT][:1] + kept[STEM_WEIGHT][2:]
+        return kept
 
     wanted = weights({k: tuple(v.shape) for k, v in state_dict.items() if k not in HEAD_KEYS})
     return [name for name, shapes in _variant_shapes().items() if weights(shapes) == wanted]
@@ -320,8 +324,9 @@ def rebuild_model(
             model_name = like[0]
         with torch.device("meta"):
             model = create_model(
-                model_name, num_classes=infer_num_classes(native), **({"act": act} if act else {})
-            )
+                model_name, num_classes=infer_num_classes(native), in_chans=infer_in_chans(native),
+                **({"act": act} if act else {}),
+            )  # fmt: skip
     load_checkpoint(model, sd, strict=True)
     return model.eval(), info
 
@@ -365,3 +370,9 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
     """Classifier outputs of a native state dict (0 when it has no head)."""
     head = state_dict.get("head.weight")
     return int(head.shape[0]) if head is not None else 0
+
+
+def infer_in_chans(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Input channels of a native state dict: its stem's (3 when it has none)."""
+    stem = state_dict.get(STEM_WEIGHT)
+    return int(stem.shape[1]) if stem is not None and stem.dim() == 4 else 3
