@@ -94,18 +94,25 @@ def test_png_grid_and_cli(tiny, tmp_path, capsys) -> None:
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-def test_the_grid_shows_the_crop_in_its_own_colours(tiny, tmp_path, monkeypatch) -> None:
-    """The panels draw the image the model read, un-normalised back to [0, 1] RGB, not the normalised
-    tensor (which would show ImageNet-normalised values clipped by imshow)."""
+def record_drawn_images(monkeypatch) -> list[torch.Tensor]:
+    """Patch ``attention_for_file``'s grid saver so that every image it draws is appended to the
+    returned list (and still saved)."""
     from cvt import attention_maps
 
-    drawn = []
+    drawn: list[torch.Tensor] = []
     real_save = attention_maps.save_attention_grid
     monkeypatch.setattr(
         attention_maps,
         "save_attention_grid",
         lambda maps, image, *a: drawn.append(image) or real_save(maps, image, *a),
     )
+    return drawn
+
+
+def test_the_grid_shows_the_crop_in_its_own_colours(tiny, tmp_path, monkeypatch) -> None:
+    """The panels draw the image the model read, un-normalised back to [0, 1] RGB, not the normalised
+    tensor (which would show ImageNet-normalised values clipped by imshow)."""
+    drawn = record_drawn_images(monkeypatch)
     Image.new("RGB", (40, 50), (200, 30, 90)).save(tmp_path / "plain.png")
     attention_for_file(tiny, tmp_path / "plain.png", tmp_path / "maps.png")
     [shown] = drawn
@@ -117,17 +124,9 @@ def test_the_grid_shows_the_crop_in_its_own_colours(tiny, tmp_path, monkeypatch)
 def test_a_grayscale_model_is_shown_its_luma_in_gray(tmp_path, monkeypatch) -> None:
     """``in_chans=1``: the maps are of the luma the model read, drawn as a gray image (imshow would
     otherwise colour a one-channel array through its default colour map, scaled to the image's range)."""
-    from cvt import attention_maps
-
     torch.manual_seed(0)
     model = cvt.create_model("cvt_tiny", in_chans=1).eval()
-    drawn, shows = [], []
-    real_save = attention_maps.save_attention_grid
-    monkeypatch.setattr(
-        attention_maps,
-        "save_attention_grid",
-        lambda maps, image, *a: drawn.append(image) or real_save(maps, image, *a),
-    )
+    drawn, shows = record_drawn_images(monkeypatch), []
     Image.new("RGB", (40, 50), (200, 30, 90)).save(tmp_path / "plain.png")
     from matplotlib.axes import Axes
 
