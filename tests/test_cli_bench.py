@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -106,10 +108,31 @@ def test_the_speedup_cell_is_ours_over_the_peer_with_its_per_round_range(fake_re
 def test_compare_hf_without_transformers(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import fails
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
     code, _, err = run_cli(capsys, "--model", "cvt_13", "--compare", "hf", "--runs", "1", "--no-memory")
     assert code == 2
     assert "needs the transformers package" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_hf_with_a_transformers_too_new_for_this_torch(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 5 imports under torch 2.5 but refuses to build a model: one line, not its traceback."""
+    cvt_config = pytest.importorskip("transformers").CvtConfig
+
+    def refused(config: object) -> None:  # what transformers 5.24 raises under torch 2.5.1
+        raise ImportError(
+            "\nCvtForImageClassification requires PyTorch >= 2.6, but PyTorch was not found or an older "
+            "version is installed.\nPlease install or upgrade PyTorch by following the instructions ..."
+        )
+
+    too_new = types.ModuleType("transformers")
+    too_new.CvtConfig, too_new.CvtForImageClassification = cvt_config, refused
+    monkeypatch.setitem(sys.modules, "transformers", too_new)
+    code, _, err = run_cli(capsys, "--model", "cvt_13", "--compare", "hf", "--runs", "1", "--no-memory")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "transformers cannot build its CvT model here: CvtForImageClassification requires PyTorch" in err
+    assert "pip install 'transformers<5'" in err
 
 
 def test_out_of_memory_gives_one_line_and_exit_1(

@@ -12,16 +12,25 @@ would. A second test runs ``dw_bn`` under DDP, whose last block leaves its q con
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from cvt.engine import resolve_run, train
-from cvt.engine.distributed import init_distributed, resolve_device, shutdown_distributed
+from cvt.engine.distributed import (
+    DistEnv,
+    any_rank,
+    init_distributed,
+    mean_over_ranks,
+    resolve_device,
+    shutdown_distributed,
+)
 
 # SGD, not AdamW: the key bias gets a zero gradient up to rounding (softmax ignores a constant added to
 # every logit of a row), and Adam would scale that rounding noise up to full-size updates.
@@ -83,6 +92,30 @@ def test_ddp_trains_dw_bn_whose_last_q_convolution_gets_zero_gradients(tmp_path)
     # nor does either process warn (DDP's "Grad strides do not match" for the depthwise weights)
     assert "warning" not in done.stderr.lower(), done.stderr[-3000:]
     assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_collectives_reduce_in_buffers_that_outlive_the_call(monkeypatch):
+    """The tensor each collective reduces in is still referenced after the call returns, so a gloo worker
+    never drops the last reference to it. With torch 2.5.1 a temporary there deadlocked about one
+    ``torchrun`` exit in two: the worker waited for the GIL holding the group's lock, and the group's
+    destructor waited for that lock holding the GIL."""
+    other_rank = iter([[1.0], [0.0], [10.0, 20.0]])  # what a second process contributes to each call
+    reduced_in: list[weakref.ref] = []
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):
+        reduced_in.append(weakref.ref(tensor))
+        other = torch.tensor(next(other_rank), dtype=tensor.dtype)
+        tensor.copy_(torch.maximum(tensor, other) if op == dist.ReduceOp.MAX else tensor + other)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    env = DistEnv(rank=0, world_size=2, device=torch.device("cpu"))
+    assert any_rank(env, False) is True
+    assert any_rank(env, False) is False
+    assert mean_over_ranks(env, [2.0, 4.0]) == [6.0, 12.0]
+    gc.collect()
+    buffers = [ref() for ref in reduced_in]
+    assert all(buffer is not None for buffer in buffers)
+    assert buffers[0] is buffers[1] and buffers[2].dtype == torch.float64  # one buffer per length and dtype
 
 
 def test_a_process_group_made_by_the_caller_outlives_training_setup(tmp_path, monkeypatch):

@@ -249,7 +249,14 @@ def build_hf_peer(model: nn.Module) -> nn.Module:
         except CheckpointError as err:  # worded for export; here no file is written
             reason = str(err).removeprefix("cannot export to the Hugging Face layout: ")
             raise UsageError(f"--compare hf: transformers' CvT cannot express this model: {reason}") from None
-    peer = CvtForImageClassification(CvtConfig(**config))
+    try:
+        peer = CvtForImageClassification(CvtConfig(**config))
+    except ImportError as err:  # a backend transformers needs is missing or too old (5.x: torch >= 2.6)
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UsageError(
+            f"--compare hf: transformers cannot build its CvT model here: {reason} (transformers 5 needs "
+            "torch >= 2.6; with an older torch: pip install 'transformers<5')"
+        ) from None
     peer.load_state_dict(native_to_hf(model.state_dict()))
     return peer
 

@@ -7,7 +7,7 @@ without them training runs in one process. NCCL is used on GPUs, gloo on CPU.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,10 @@ class DistEnv:
     world_size: int
     device: torch.device
     owns_group: bool = False  # init_distributed created the process group (and shutdown ends it)
+    # the tensors this process's collectives reduce in, by (length, dtype); see _all_reduce
+    collective_buffers: dict[tuple[int, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def is_main(self) -> bool:
@@ -73,19 +77,33 @@ def shutdown_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+def _all_reduce(env: DistEnv, values: list[float], dtype: torch.dtype, op: dist.ReduceOp) -> list[float]:
+    """``values`` reduced over the ranks with ``op``, in a buffer that ``env`` keeps for the next call.
+
+    The buffer outlives the collective on purpose: a gloo worker thread drops its reference to the
+    tensor after ``all_reduce`` has returned, and if that is the last one (a temporary that Python
+    already freed) it takes the GIL while holding the group's queue lock. On torch < 2.8, whose process
+    group destructor keeps the GIL, leaving the group right after a collective then deadlocks (about one
+    ``torchrun`` exit in two with torch 2.5.1).
+    """
+    key = (len(values), dtype)
+    buffer = env.collective_buffers.get(key)
+    if buffer is None:
+        buffer = env.collective_buffers[key] = torch.empty(len(values), dtype=dtype, device=env.device)
+    buffer.copy_(torch.tensor(values, dtype=dtype))
+    dist.all_reduce(buffer, op=op)
+    return buffer.tolist()
+
+
 def any_rank(env: DistEnv, flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (a collective: all ranks must call it)."""
     if not env.distributed:
         return flag
-    t = torch.tensor([float(flag)], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return _all_reduce(env, [float(flag)], torch.float32, dist.ReduceOp.MAX)[0] > 0
 
 
 def mean_over_ranks(env: DistEnv, values: list[float]) -> list[float]:
     """Element-wise mean of ``values`` over the ranks (identity in one process)."""
     if not env.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return (t / env.world_size).tolist()
+    return [total / env.world_size for total in _all_reduce(env, values, torch.float64, dist.ReduceOp.SUM)]

@@ -556,6 +556,9 @@ class SiluLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops only (as autograd's own SiLU)
             sig = torch.sigmoid(h)
             return (grad_out @ weight) * sig * (1 + h * (1 - sig)), grad_w, grad_b, None
+        if torch.compiler.is_compiling():  # functional ops: the compiler fuses them (and torch 2.5's AOT
+            # autograd refuses the out= buffer below in a traced backward)
+            return torch.ops.aten.silu_backward(grad_out @ weight, h), grad_w, grad_b, None
         if ctx.onednn:  # grad_out @ weight as a linear on weight.t(), in a fresh (N, hidden) tensor
             silu_h = None  # freed first: one hidden-size tensor at a time, as with the buffer below
             grad_silu = cpu_kernels.linear(grad_out_2d, weight.t(), None)
