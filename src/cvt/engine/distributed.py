@@ -82,9 +82,9 @@ def _all_reduce(env: DistEnv, values: list[float], dtype: torch.dtype, op: dist.
 
     The buffer outlives the collective on purpose: a gloo worker thread drops its reference to the
     tensor after ``all_reduce`` has returned, and if that is the last one (a temporary that Python
-    already freed) it takes the GIL while holding the group's queue lock. On torch < 2.8, whose process
-    group destructor keeps the GIL, leaving the group right after a collective then deadlocks (about one
-    ``torchrun`` exit in two with torch 2.5.1).
+    already freed) it takes the GIL while holding the group's queue lock. Where the process group's
+    destructor keeps the GIL (torch 2.5; pytorch/pytorch#154976 releases it), leaving the group right
+    after a collective then deadlocks: about one ``torchrun`` exit in two with torch 2.5.1.
     """
     key = (len(values), dtype)
     buffer = env.collective_buffers.get(key)
