@@ -252,10 +252,9 @@ def build_hf_peer(model: nn.Module) -> nn.Module:
     try:
         peer = CvtForImageClassification(CvtConfig(**config))
     except ImportError as err:  # a backend transformers needs is missing or too old (5.x: torch >= 2.6)
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UsageError(
-            f"--compare hf: transformers cannot build its CvT model here: {reason} (transformers 5 needs "
-            "torch >= 2.6; with an older torch: pip install 'transformers<5')"
+            f"--compare hf: transformers cannot build its CvT model here: {_first_line(err)} "
+            "(transformers 5 needs torch >= 2.6; with an older torch: pip install 'transformers<5')"
         ) from None
     peer.load_state_dict(native_to_hf(model.state_dict()))
     return peer
@@ -368,12 +367,17 @@ def make_batch(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.
     return x, target
 
 
+def _first_line(err: BaseException) -> str:
+    """The first non-blank line of ``err``'s message, or its type's name where it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
 def _oom_error(cfg: BenchConfig, err: BaseException) -> CvtError:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     height, width = cfg.measured_size
     return CvtError(
         f"batch size {cfg.batch_size} at {height}x{width} ({cfg.mode}, {cfg.dtype}) does "
-        f"not fit in memory on {cfg.device} ({first_line}); try a smaller --batch-size"
+        f"not fit in memory on {cfg.device} ({_first_line(err)}); try a smaller --batch-size"
     )
 
 
