@@ -354,6 +354,25 @@ def test_batchnorm_statistics_moved_by_a_train_mode_forward_refold_the_projectio
     torch.testing.assert_close(adapted, reference_logits(model, 3 * x + 1), rtol=0, atol=1e-5)
 
 
+def test_batchnorms_adapting_in_an_eval_model_move_as_in_the_reference() -> None:
+    """Test-time adaptation (an eval model whose BatchNorms train): ``model(x)`` computes the last
+    block for the cls token alone, yet its q projection's BatchNorm must still see every token, as
+    the reference's does (before, its statistics stayed put while the logits matched)."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    expected = set_fast_paths(copy.deepcopy(model), False)
+    for m in (model, expected):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.train()
+    x = 3 * images() + 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(x), rtol=0, atol=1e-5)
+    expected_buffers = dict(expected.named_buffers())
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, expected_buffers[name], rtol=0, atol=1e-6, msg=name)
+    assert int(model.stage1.blocks[-1].attn.conv_proj_q.bn.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_optimizer_steps_refresh_the_cached_weights(autocast: bool) -> None:
     """``AdamW(fused=True)`` updates the parameters without moving their version counters; a model
@@ -567,6 +586,84 @@ def test_an_adapter_in_place_of_a_convolution_runs(submodule: str, train: bool) 
     torch.manual_seed(0)
     torch.testing.assert_close(got, expected(x), rtol=0, atol=1e-5)
     assert (got - reference_logits(tiny_model("dw_bn", cls=True).train(train), x)).abs().max() > 1e-3
+
+
+def _fuse_batchnorm_into_conv(projection: ConvProjection) -> None:
+    """The usual conv + BatchNorm fusion (``fuse_conv_bn_eval``): a biased conv, an identity BatchNorm."""
+    projection.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(projection.conv.eval(), projection.bn.eval())
+    projection.bn = nn.Identity()
+
+
+def _drop_biases(mlp: nn.Module) -> None:
+    for name in ("fc1", "fc2"):
+        old = getattr(mlp, name)
+        new = nn.Linear(old.in_features, old.out_features, bias=False)
+        new.weight.data.copy_(old.weight.data)
+        setattr(mlp, name, new)
+
+
+def _biased_reflect_conv(projection: ConvProjection) -> None:
+    conv = projection.conv
+    conv.bias = nn.Parameter(torch.randn(conv.out_channels))
+    conv.padding_mode = "reflect"
+
+
+# layers of another kind, or configured otherwise, in the places a fast path reads directly: each
+# changes the function (asserted), and the fast path must compute the changed one
+SWAPS = {
+    "dropouts as identities": lambda b: [
+        setattr(b.get_submodule(p), n, nn.Identity())
+        for p, n in (("mlp", "drop1"), ("mlp", "drop2"), ("attn", "attn_drop"), ("attn", "proj_drop"))
+    ],
+    "GELU for QuickGELU": lambda b: setattr(b.mlp, "act", nn.GELU()),
+    "identity for QuickGELU": lambda b: setattr(b.mlp, "act", nn.Identity()),
+    "bias-free MLP": lambda b: _drop_biases(b.mlp),
+    "BatchNorm fused into the k conv": lambda b: _fuse_batchnorm_into_conv(b.attn.conv_proj_k),
+    "biased reflect-padded v conv": lambda b: _biased_reflect_conv(b.attn.conv_proj_v),
+}
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("swap", sorted(SWAPS))
+def test_layers_swapped_for_another_kind_run_as_themselves(swap: str, train: bool) -> None:
+    """A fast path reads a layer directly only where it is the plain layer of the kind it expects there
+    (a dropout, a QuickGELU, a biased Linear, a BatchNorm after a zero-padded conv); otherwise the layer
+    runs. Before, an identity dropout broke training, a fused BatchNorm broke eval, and a GELU, a
+    bias-free MLP or a biased reflect-padded conv were silently computed as the original layers."""
+    model = tiny_model("dw_bn", cls=True).train(train)
+    untouched = copy.deepcopy(model)
+    for block in model.stage1.blocks:
+        SWAPS[swap](block)
+    model.train(train)
+    expected = set_fast_paths(copy.deepcopy(model), False)
+    x = images()
+    got = model(x)
+    torch.testing.assert_close(got, expected(x), rtol=0, atol=1e-5)
+    if swap not in ("dropouts as identities", "BatchNorm fused into the k conv"):  # those compute the same
+        assert (got - set_fast_paths(untouched, False)(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("setting", "value"), [("count_include_pad", False), ("divisor_override", 2)])
+def test_k_and_v_poolings_set_apart_are_not_shared(setting: str, value: object) -> None:
+    """``avg`` projections pool the map once for k and v only while both poolings compute the same."""
+    model = tiny_model("avg", cls=True).eval()
+    for block in model.stage1.blocks:
+        setattr(block.attn.conv_proj_v.avg, setting, value)
+    x = images()
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, reference_logits(model, x), rtol=0, atol=1e-5)
+    assert (got - reference_logits(tiny_model("avg", cls=True).eval(), x)).abs().max() > 1e-4
+
+
+def test_linear_projections_with_and_without_a_bias_are_not_stacked() -> None:
+    """``linear`` projections share one product only when all have a bias or none has."""
+    model = tiny_model("linear", cls=True).eval()
+    for block in model.stage1.blocks:
+        block.attn.proj_k.bias = None
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao quantization

@@ -53,7 +53,8 @@ cached only while no autograd graph is built and are recomputed as soon as a sou
 step, fused ones included);
 ``train()`` and ``eval()`` drop them too, for edits through ``param.data`` that no version counter
 sees. A fast path that reads a submodule's parameters instead of calling it steps aside when that
-submodule has hooks or is not the plain layer it expects (pruned, parametrized, quantized, wrapped):
+submodule has hooks or is not the plain layer it expects (pruned, parametrized, quantized, wrapped,
+or swapped for another kind: :func:`is_plain`):
 the module then runs as itself.
 """
 
@@ -97,27 +98,28 @@ class QuickGELU(nn.Module):
 ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
-# submodules whose forward a fast path may replace by reading their parameters
-_READABLE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, CastCachedLinear, nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Identity, nn.Dropout, QuickGELU,
-    nn.GELU,
-)  # fmt: skip
+# what a fast path accepts in place of a dropout (an identity drops nothing) and of a Linear layer
+DROPOUTS: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Identity)
+LINEARS: tuple[type[nn.Module], ...] = (nn.Linear, CastCachedLinear)
 
 
-def reads_directly(*modules: nn.Module) -> bool:
-    """Whether a fast path may read these submodules' parameters instead of calling them.
+def is_plain(module: nn.Module, *types: type[nn.Module]) -> bool:
+    """Whether a fast path may read ``module``'s parameters instead of calling it: it is exactly one of
+    ``types``, the layers that path was written for in that place, and has no hooks.
 
-    Only for the plain layers it was written for, without forward hooks or pre-hooks: a pruned layer
-    computes its weight in a pre-hook, a parametrized, quantized or adapter-wrapped (LoRA) layer is
-    another class, and a hook must see its module run. Otherwise the caller runs the modules.
+    Otherwise the caller runs the module: a pruned layer computes its weight in a pre-hook, a
+    parametrized, quantized or adapter-wrapped (LoRA) layer is another class, a layer swapped for
+    another kind (a GELU for the QuickGELU whose scale is folded, an identity for a fused BatchNorm)
+    computes something else, and a hook must see its module run.
     """
-    return all(type(m) in _READABLE_MODULES and not has_hooks(m) for m in modules)
+    return type(module) in types and not has_hooks(module)
 
 
-def dropout_rate(dropout: nn.Dropout) -> float:
-    """The rate a plain dropout applies in this call: its ``p`` in its own training mode, else 0 (a
-    dropout's own mode decides: Monte Carlo dropout trains the dropouts of an eval model)."""
-    return dropout.p if dropout.training else 0.0
+def dropout_rate(dropout: nn.Module) -> float:
+    """The rate a plain dropout (one of ``DROPOUTS``) applies in this call: its ``p`` in its own training
+    mode, else 0 (a dropout's own mode decides: Monte Carlo dropout trains the dropouts of an eval
+    model); an identity's is 0."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -233,10 +235,21 @@ class ConvProjection(CachesDerivedWeights):
             raise ValueError(f"ConvProjection method must be 'dw_bn' or 'avg', got {method!r}")
 
     def folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Depthwise weight ``(C, 1, k, k)`` and bias ``(C,)`` equal to conv followed by eval BatchNorm."""
-        bn = self.bn
+        """Depthwise weight ``(C, 1, k, k)`` and bias ``(C,)`` equal to conv followed by eval BatchNorm
+        (a conv with a bias, which the official one has not, gets it folded in too)."""
+        bn, conv = self.bn, self.conv
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,): gamma / sqrt(var + eps)
-        return self.conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+        mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+        return conv.weight * scale[:, None, None, None], bn.bias - mean * scale
+
+    def _folds_bn(self) -> bool:
+        """``fold_bn``: a plain zero-padded conv and a plain affine BatchNorm with running statistics, in
+        eval mode (the BatchNorm's own mode: test-time adaptation trains the BatchNorms of an eval
+        model). Anything else, a BatchNorm already fused into the conv for one, runs as itself."""
+        conv, bn = self.conv, self.bn
+        if not (self.fold_bn and is_plain(conv, nn.Conv2d) and is_plain(bn, nn.BatchNorm2d)):
+            return False
+        return conv.padding_mode == "zeros" and bn.affine and not bn.training and bn.running_mean is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "avg":
@@ -267,14 +280,12 @@ class ConvProjection(CachesDerivedWeights):
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise conv + BatchNorm (folded in eval), ``(B, C, H, W)`` map to ``(B, H'*W', C)`` tokens."""
-        bn = self.bn
-        folds = self.fold_bn and not bn.training and bn.running_mean is not None  # BatchNorm's own mode
-        if folds and reads_directly(self.conv, bn):
+        if self._folds_bn():
+            bn = self.bn
             # BatchNorm updates its running statistics in place without moving their version counters;
             # the batch counter it increments beside them does move
             sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-            if bn.num_batches_tracked is not None:
-                sources += (bn.num_batches_tracked,)
+            sources += tuple(t for t in (self.conv.bias, bn.num_batches_tracked) if t is not None)
             weight, bias = self._folded.get(sources, self.folded_conv)
             c = self.conv
             x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
@@ -283,6 +294,17 @@ class ConvProjection(CachesDerivedWeights):
             if x.requires_grad and not (torch.compiler.is_compiling() or cpu_kernels.runs_plain_ops_only(x)):
                 x = DenseGradient.apply(x)
         return map_to_tokens(x)  # (B, H'*W', C): a view, the conv keeps the channels-last layout
+
+
+def _pooling_settings(pool: nn.AvgPool2d) -> tuple:
+    """Everything that decides what an ``AvgPool2d`` computes."""
+    settings = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    return tuple(getattr(pool, name) for name in settings)
+
+
+def _any_training(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules is in training mode."""
+    return any(m.training for m in module.modules())
 
 
 class ConvAttention(CachesDerivedWeights):
@@ -349,14 +371,21 @@ class ConvAttention(CachesDerivedWeights):
         return x.reshape(b, t, parts, self.num_heads, -1).permute(2, 0, 3, 1, 4)
 
     def _pools_once(self) -> bool:
-        """Whether the k pooling may stand in for the v pooling: both plain, neither hooked."""
-        projections = (self.conv_proj_k, self.conv_proj_v)
-        plain = all(type(p) is ConvProjection and not has_hooks(p) for p in projections)
-        return plain and reads_directly(*(p.avg for p in projections))
+        """Whether the k pooling may stand in for the v pooling: both plain, neither hooked, the same
+        pooling."""
+        k_proj, v_proj = self.conv_proj_k, self.conv_proj_v
+        if not (is_plain(k_proj, ConvProjection) and is_plain(v_proj, ConvProjection)):
+            return False
+        if not (is_plain(k_proj.avg, nn.AvgPool2d) and is_plain(v_proj.avg, nn.AvgPool2d)):
+            return False
+        return _pooling_settings(k_proj.avg) == _pooling_settings(v_proj.avg)
 
     def _fuses_linears(self, parts: int) -> bool:
-        """Whether the last ``parts`` of ``proj_q, proj_k, proj_v`` can run as one matrix product."""
-        return reads_directly(*(self.proj_q, self.proj_k, self.proj_v)[-parts:])
+        """Whether the last ``parts`` of ``proj_q, proj_k, proj_v`` can run as one matrix product: plain
+        Linear layers, all with a bias or none."""
+        linears = (self.proj_q, self.proj_k, self.proj_v)[-parts:]
+        same_bias = len({lin.bias is None for lin in linears}) == 1
+        return same_bias and all(is_plain(lin, *LINEARS) for lin in linears)
 
     def _stacked_linear(self, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
         """``x`` through several Linear layers at once: one matmul with their weights concatenated."""
@@ -400,9 +429,10 @@ class ConvAttention(CachesDerivedWeights):
 
         if not cls_only:
             q_in = x if self.conv_proj_q is None else project(self.conv_proj_q)
-        elif self.conv_proj_q is not None and self.training:
-            # the q conv still runs in training: its BatchNorm statistics move and its parameters get
-            # their (zero) gradients as in the full block (DDP expects a gradient for every parameter)
+        elif self.conv_proj_q is not None and (self.training or _any_training(self.conv_proj_q)):
+            # the q conv still runs in training (or while its BatchNorm adapts in an eval model): its
+            # BatchNorm statistics move and its parameters get their (zero) gradients as in the full
+            # block (DDP expects a gradient for every parameter)
             q_in = project(self.conv_proj_q)[:, :1]
         else:
             q_in = cls_tok
@@ -470,7 +500,7 @@ class ConvAttention(CachesDerivedWeights):
         (SDPA applies it; the chunked and recomputed kernels run only without it): ``attn_drop``'s rate
         while it trains, else 0. None when ``attn_drop`` has hooks or is another class: then it runs as
         itself, on explicit probabilities."""
-        return dropout_rate(self.attn_drop) if reads_directly(self.attn_drop) else None
+        return dropout_rate(self.attn_drop) if is_plain(self.attn_drop, *DROPOUTS) else None
 
     def _chunks_attention(self, q: torch.Tensor) -> bool:
         """``chunked_attn``: bf16 CPU inference (no graph, not traced or compiled) runs
@@ -601,9 +631,17 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         w1, b1, w2 = self.scaled_weights()
         return (*cpu_kernels.pack_linear(w1, b1, dtype), *cpu_kernels.pack_linear(w2, self.fc2.bias, dtype))
 
+    def _reads_directly(self) -> bool:
+        """Whether ``fold_act`` may read the layers instead of calling them: plain Linear layers with
+        biases around a plain QuickGELU (the activation whose scale it folds), no norm, plain dropouts."""
+        linears = (self.fc1, self.fc2)
+        if not all(is_plain(lin, *LINEARS) and lin.bias is not None for lin in linears):
+            return False
+        plain_rest = is_plain(self.act, QuickGELU) and is_plain(self.norm, nn.Identity)
+        return plain_rest and is_plain(self.drop1, *DROPOUTS) and is_plain(self.drop2, *DROPOUTS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = reads_directly(self.fc1, self.act, self.drop1, self.norm, self.fc2, self.drop2)
-        if not (self.fold_act and plain):
+        if not (self.fold_act and self._reads_directly()):
             return super().forward(x)
         hidden_drops = dropout_rate(self.drop1) > 0
         drops = hidden_drops or dropout_rate(self.drop2) > 0
