@@ -182,8 +182,64 @@ def test_a_best_pt_of_another_history_is_not_taken_over(tmp_path, no_curves):
     best_ahead(a, same_run=False)  # its epoch 1 is not the checkpoint's
     last = torch.load(a / "last.pt", weights_only=True)
     progress = {k: last[k] for k in ("best_top1", "best_epoch", "history")}
-    carry_best(a / "last.pt", a, progress)
-    assert (progress["best_top1"], progress["best_epoch"]) == (last["best_top1"], 1)
+    with pytest.warns(UserWarning, match="no best.pt of the best epoch so far"):
+        carry_best(a / "last.pt", a, progress)
+    assert (progress["best_top1"], progress["best_epoch"]) == (-1.0, 0)  # counted anew: no best.pt holds it
+
+
+def test_a_checkpoint_kept_beside_another_runs_files_does_not_resume_into_them(tmp_path, no_curves):
+    """A copy of run a's checkpoint kept in a folder of run b's files: resumed without --output, the
+    run went into that folder, replacing b's last.pt and summary beside b's best.pt. Alone in its
+    folder, a checkpoint still continues there."""
+    run(micro(tmp_path, "a", epochs=1))
+    run(micro(tmp_path, "b", epochs=1, seed=5))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "a_epoch1.pt").write_bytes((tmp_path / "a" / "last.pt").read_bytes())
+    for name in ("last.pt", "best.pt", "summary.json"):
+        (kept / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    before = contents(kept)
+    with pytest.raises(UsageError, match="holds other files .* beside a_epoch1.pt, not the run it continues"):
+        run({"resume": str(kept / "a_epoch1.pt"), "epochs": 2})
+    assert contents(kept) == before
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "a_epoch1.pt").write_bytes((tmp_path / "a" / "last.pt").read_bytes())
+    with pytest.warns(UserWarning, match="no best.pt of the best epoch so far"):
+        summary = run({"resume": str(alone / "a_epoch1.pt"), "epochs": 2})
+    assert summary["epochs"] == 2 and (alone / "last.pt").is_file() and (alone / "best.pt").is_file()
+
+
+def test_resuming_a_best_pt_behind_its_runs_last_pt_is_refused_untouched(tmp_path, no_curves):
+    """best.pt of epoch 1 beside last.pt of epoch 2 (a worse epoch 2): continuing best.pt in the same
+    folder rewound the run, overwriting last.pt and metrics.csv's row of epoch 2."""
+    a = tmp_path / "a"
+    run(micro(tmp_path, "a", epochs=1))
+    epoch1 = (a / "last.pt").read_bytes()
+    run(micro(tmp_path, "a", epochs=2, resume="auto"))
+    (a / "best.pt").write_bytes(epoch1)
+    before = contents(a)
+    with pytest.raises(UsageError, match="last.pt is further on than .*best.pt \\(epoch 2 against 1\\)"):
+        run(micro(tmp_path, "a", epochs=3, resume=str(a / "best.pt")))
+    assert contents(a) == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_run_resumed_without_its_best_pt_counts_the_best_anew(tmp_path, no_curves, damage):
+    """A run's best.pt deleted or damaged before --resume auto: the summary named the best epoch of the
+    checkpoint, which no best.pt held; now the best is counted from the epochs trained since (warned)."""
+    a = tmp_path / "a"
+    run(micro(tmp_path, "a", epochs=1))
+    if damage == "deleted":
+        (a / "best.pt").unlink()
+    else:
+        (a / "best.pt").write_bytes((a / "best.pt").read_bytes()[:100])
+    with pytest.warns(UserWarning, match="no best.pt of the best epoch so far"):
+        summary = run(micro(tmp_path, "a", epochs=2, resume="auto"))
+    assert summary["best_epoch"] == 2
+    best = torch.load(a / "best.pt", weights_only=True)
+    assert (best["epoch"], best["best_top1"]) == (2, summary["best_top1"])
 
 
 # ---- 3. --overwrite

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config
+from cvt.engine.rundir import is_own_checkpoint
 from cvt.engine.state import capture_rng, load_train_checkpoint
-from cvt.errors import CheckpointError, is_out_of_memory
+from cvt.errors import CheckpointError, UsageError, is_out_of_memory
 from cvt.fileio import atomic_write_bytes, check_folder_path
 
 
@@ -127,7 +128,7 @@ def first_epoch_with(history: list[dict[str, float]], top1: float) -> int:
 _DAMAGED_FILE_ERRORS = (OSError, RuntimeError, pickle.UnpicklingError, EOFError, struct.error, ValueError)
 
 
-def _read_best(path: Path) -> dict[str, Any]:
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint ``path`` (its weights memory-mapped, not read), or ``{}`` when there is none or
     it cannot be read."""
     if not path.is_file():
@@ -164,20 +165,22 @@ def carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> No
     when they do better and the summary names the epoch it holds. A run resumed into another folder
     takes the source run's ``best.pt`` along, so that the new folder's ``best.pt`` and summary keep
     meaning the best epoch so far. Without a ``best.pt`` of that best beside the checkpoint, the best
-    is counted anew from the epochs trained there (warned).
+    is counted anew from the epochs trained there (warned), in the run's own folder too (a ``best.pt``
+    deleted or damaged there), so that the summary never names a best epoch that no ``best.pt`` holds.
     """
     same_folder = resume_from.resolve().parent == run_dir.resolve()
     if progress["best_top1"] < 0 and same_folder:
         return  # no epoch ended yet: a best.pt beside it (a kill mid-epoch 1) is retrained over anyway
     source = resume_from.parent / "best.pt"
-    best = _read_best(source)
+    best = _read_checkpoint(source)
     if _ahead_of(best, progress):
         best_epoch = int(best.get("best_epoch") or best["epoch"])  # files of earlier versions: its epoch
         progress.update(best_top1=float(best["best_top1"]), best_epoch=best_epoch)
-    if same_folder or progress["best_top1"] < 0:
+    if progress["best_top1"] < 0:
         return
     if best.get("best_top1") == progress["best_top1"]:
-        atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
+        if not same_folder:
+            atomic_write_bytes(run_dir / "best.pt", source.read_bytes())
         return
     warnings.warn(
         f"no best.pt of the best epoch so far (top-1 {progress['best_top1']:.2f}) beside {resume_from}: "
@@ -185,6 +188,24 @@ def carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> No
         stacklevel=2,
     )
     progress.update(best_top1=-1.0, best_epoch=0)
+
+
+def check_not_rewinding(resume_from: Path, run_dir: Path, resume: dict[str, Any]) -> None:
+    """Refuse to continue a run in its own folder from its ``best.pt`` while its ``last.pt`` is further
+    on: the run would overwrite ``last.pt`` and ``metrics.csv`` from the earlier epoch, discarding the
+    later ones (:class:`~cvt.errors.UsageError`; ``--overwrite`` replaces them knowingly)."""
+    last = run_dir / "last.pt"
+    if not is_own_checkpoint(resume_from, run_dir) or resume_from.resolve() == last.resolve():
+        return
+    later = _read_checkpoint(last)
+    steps, step = later.get("step"), resume.get("step", 0)
+    if isinstance(steps, int) and steps > step:
+        raise UsageError(
+            f"{last} is further on than {resume_from} (epoch {later.get('epoch')} against "
+            f"{resume.get('epoch')}): continuing from {resume_from.name} would discard the later epochs; "
+            f"pass --resume auto to continue {last.name}, --output for a new folder, or --overwrite to "
+            f"discard them"
+        )
 
 
 # the options whose change makes a checkpoint's weights or optimizer state not fit the model built

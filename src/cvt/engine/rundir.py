@@ -35,6 +35,7 @@ RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pt", "best.pt", "
 TB_DIR = "tb"
 TB_EVENTS = "events.out.tfevents.*"  # the files TensorBoard's writer creates in tb/
 STARTUP_FILES = ("config.yaml", TB_DIR)  # written when a run starts, before its first checkpoint
+RUN_CHECKPOINTS = ("last.pt", "best.pt")  # the checkpoints a run saves into its folder
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time", "ema_top1")
 LOCK_FILE = ".lock"  # held by the process training into the folder; not content of the run
 # the temporary file of an atomic write of a run file (tempfile.mkstemp's 8 random characters)
@@ -169,23 +170,37 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def is_own_checkpoint(checkpoint: Path, run_dir: Path) -> bool:
+    """Whether ``checkpoint`` is one that the run in ``run_dir`` saved there (its ``last.pt`` or
+    ``best.pt``): resuming it continues that folder's run."""
+    return checkpoint.name in RUN_CHECKPOINTS and checkpoint.resolve().parent == run_dir.resolve()
+
+
 def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = None) -> None:
-    """Refuse (touching nothing) a run folder with content unless ``overwrite``, or unless
-    ``resume_from`` (the checkpoint being continued) lies in it: another run's checkpoint may only
-    continue into an empty or new folder, so two runs never mix."""
+    """Refuse (touching nothing) a run folder with content unless ``overwrite``, or unless it is the
+    run that ``resume_from`` (the checkpoint being continued) continues: that run's own ``last.pt`` or
+    ``best.pt``, or a checkpoint alone in its folder. Any other checkpoint (a copy kept beside another
+    run's files, or beside a user's) continues only into an empty or new folder, so two runs never mix."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"output {run_dir} exists and is not a folder")
     content = run_dir_content(run_dir)
     if not content or overwrite:
         return
-    if resume_from is not None and resume_from.resolve().parent == run_dir.resolve():
-        return
-    shown = first_names(content, limit=4)
     if resume_from is not None:
+        in_folder = resume_from.resolve().parent == run_dir.resolve()
+        if is_own_checkpoint(resume_from, run_dir) or (in_folder and content == [resume_from.name]):
+            return
+        shown = first_names(content, limit=4)
+        if in_folder:
+            raise UsageError(
+                f"run folder {run_dir} holds other files ({shown}) beside {resume_from.name}, not the run "
+                f"it continues; continue it in an empty or new --output"
+            )
         raise UsageError(
             f"run folder {run_dir} already has content ({shown}) of another run than {resume_from}; "
             f"continue it in its own folder (leave out --output) or in an empty or new --output"
         )
+    shown = first_names(content, limit=4)
     if (run_dir / "last.pt").is_file():
         hint = "pass --resume auto to continue it, --overwrite to replace its run files"
     elif never_saved(run_dir):  # a run stopped before its first checkpoint: --resume auto restarts it

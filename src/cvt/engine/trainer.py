@@ -40,6 +40,7 @@ from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_ove
 from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
 from cvt.engine.resume import (
     carry_best,
+    check_not_rewinding,
     checkpoint_state,
     first_epoch_with,
     misfit_message,
@@ -343,6 +344,8 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
     # --resume auto on a run killed before its first checkpoint starts it again, replacing its start-up files
     replace = cfg.overwrite or (cfg.resume == "auto" and resume is None and never_saved(run_dir))
     check_run_dir(run_dir, replace, resume_from)  # every rank, before anyone writes
+    if resume_from is not None and not replace:
+        check_not_rewinding(resume_from, run_dir, resume)
     if env.distributed:
         torch.distributed.barrier()
     _set_deterministic(cfg.deterministic)
