@@ -30,6 +30,7 @@ def test_features_only_returns_the_stage_maps() -> None:
     assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 12), (2, 64, 8, 6), (2, 128, 4, 3)]
     for got, want in zip(maps, expected, strict=True):
         torch.testing.assert_close(got, want)
+        assert got.view(2, -1).shape[1] == want.numel() // 2  # NCHW-contiguous, as timm's feature maps
     assert net.feature_info.channels() == [32, 64, 128]
     assert net.feature_info.reduction() == [2, 4, 8]  # cvt_tiny: stride-2 embeddings everywhere
 

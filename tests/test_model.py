@@ -381,6 +381,7 @@ def test_forward_intermediates_are_stage_maps() -> None:
         final, maps = model.forward_intermediates(x, norm=True)
         features = model.forward_features(x)
     assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 48, 4, 4)]
+    assert all(m.is_contiguous() for m in maps)  # NCHW as timm's: m.view(2, -1) works
     assert [info["reduction"] for info in model.feature_info] == [4, 8, 16]
     torch.testing.assert_close(final, features)
     # the normed last map is the normed tokens without the cls token

@@ -426,7 +426,9 @@ class CvT(nn.Module):
             is_final = i == self.num_stages - 1
             if i in take:
                 tokens = self.norm(x) if norm and is_final else x
-                intermediates.append(tokens_to_map(tokens, grid, stage.spec.cls_token))
+                # NCHW-contiguous, as timm's models give them (the view would be channels-last, or
+                # strided past a cls token, where `.view(B, -1)` and NCHW kernels fail or copy)
+                intermediates.append(tokens_to_map(tokens, grid, stage.spec.cls_token).contiguous())
             if not is_final:
                 x = tokens_to_map(x, grid, stage.spec.cls_token)
         if intermediates_only:
