@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,64 @@ def test_another_projects_model_and_config_dict_loads_as_a_state_dict(tmp_path: 
         assert model.num_classes == 7
         for key, value in foreign.state_dict().items():
             assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [  # internal TypeErrors and ValueErrors; a string of class names was read letter by letter
+        ({"classes": 5}, r"malformed class names: 'classes' must be a list of strings, got 5 \(int\)"),
+        (
+            {"classes": "abcd"},
+            r"malformed class names: 'classes' must be a list of strings, got 'abcd' \(str\)",
+        ),
+        (
+            {"config": {"model_args": "x=1"}},
+            r"a malformed config: option 'model_args' must be of type dict, got 'x=1'",
+        ),
+        (
+            {"config": {"num_classes": "three"}},
+            r"a malformed config: option 'num_classes' must be of type int, got 'three'",
+        ),
+        (
+            {"config": {"num_classes": None}},
+            r"a malformed config: it must name its 'model' and a 'num_classes' >= 0",
+        ),
+        ({"config": {"img_size": [64, 64]}}, r"a malformed config: option 'img_size' must be of type int"),
+    ],
+)
+def test_a_hand_edited_training_checkpoint_names_its_malformed_entry(
+    tmp_path: Path, edit: dict, message: str
+) -> None:
+    path, _, _ = _train_checkpoint(tmp_path / "last.pt", "cifar10")
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, **edit, "config": {**ckpt["config"], **edit.get("config", {})}}, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"training checkpoint {path} has ") + message):
+        load_model(path)
+
+
+def test_a_file_whose_head_contradicts_its_recorded_class_count_says_so(tmp_path: Path, tiny: CvT) -> None:
+    """The model is built from the file's own record, so the hint of a model built by the caller
+    (num_classes=, the CLI's --num-classes) cannot help: no command that reads a file has that option."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = _train_checkpoint(tmp_path / "last.pt", "cifar10")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["num_classes"] = 3
+    torch.save(ckpt, path)
+    with pytest.raises(
+        CheckpointError, match=r"has a 4-class head but its config's num_classes is 3: the"
+    ) as e:
+        load_model(path)
+    assert "num-classes" not in str(e.value) and "ignore_head" not in str(e.value)
+    native = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    with safe_open(str(native), "pt") as f:
+        metadata = f.metadata()
+    arch = json.loads(metadata["cvt_arch"])
+    edited = {**metadata, "cvt_arch": json.dumps({**arch, "num_classes": 3})}
+    save_file(load_file(str(native)), str(tmp_path / "bad.safetensors"), metadata=edited)
+    with pytest.raises(CheckpointError, match=r"10-class head but its cvt_arch metadata's num_classes is 3"):
+        load_model(tmp_path / "bad.safetensors")
 
 
 def test_cli_convert_keeps_a_training_checkpoints_config(tmp_path: Path, capsys) -> None:

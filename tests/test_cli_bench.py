@@ -98,6 +98,22 @@ def test_bad_options_give_one_line_and_exit_2(
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("threads", ["3", "64"])  # (not 100000: a regression would kill the test process)
+def test_more_threads_than_usable_cpus_give_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, threads: str
+) -> None:
+    """100000 threads was a segfault, 20000 a raw libgomp line, 50000 an out-of-memory advice."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # taskset -c 0,1
+    before = torch.get_num_threads()
+    code, out, err = run_cli(capsys, "--model", "cvt_tiny", "--threads", threads)
+    assert code == 2 and not out
+    assert err == (
+        "cvt bench: error: --threads must be at most the 2 logical CPU(s) this process may use, "
+        f"got {threads}\n"
+    )
+    assert torch.get_num_threads() == before  # refused before any thread was made
+
+
 def test_the_speedup_cell_is_ours_over_the_peer_with_its_per_round_range(fake_result) -> None:
     from cvt.cli.bench import _speedup_cell
 

@@ -129,6 +129,20 @@ def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
         # a ZeroDivisionError in the sampler; a negative count would make every step a gradient ascent
         ({"accum_steps": 0}, r"'accum_steps' must be > 0, got 0"),
         ({"accum_steps": -1}, r"'accum_steps' must be > 0, got -1"),
+        # an internal "Overflow when unpacking long long" from torch's generators, after the run folder
+        # was made; numpy takes seeds below 2**32
+        ({"seed": 2**63 - 1}, r"'seed' must be in \[0, 4294967295\], got 9223372036854775807"),
+        ({"seed": 2**64 - 1}, r"'seed' must be in \[0, 4294967295\]"),
+        ({"seed": 99999999999999999999}, r"'seed' must be in \[0, 4294967295\]"),
+        ({"seed": 2**32}, r"'seed' must be in \[0, 4294967295\], got 4294967296"),
+        ({"seed": -1}, r"'seed' must be in \[0, 4294967295\], got -1"),
+        # logits per token: an internal "Expected target size [4, 10], got [4]" in the loss
+        (
+            {"model_args": {"global_pool": ""}},
+            r"the model of model_args gives logits per token \(global_pool ''\), not per image: training",
+        ),
+        # an empty path started a fresh run without a word
+        ({"resume": ""}, r"'resume' needs a checkpoint path or 'auto', got an empty value"),
     ],
 )
 def test_bad_values_raise_usage_errors(overrides, message):
@@ -254,6 +268,8 @@ def test_model_args_the_run_sets_itself_are_refused(key):
         {"sched": "cosine", "decay_epochs": 0.0, "decay_milestones": [5, 1]},  # step/multistep's alone
         # with lr_base_batch the peak depends on the process count, known when training starts
         {"min_lr": 1e-3, "lr": 2.5e-4, "lr_base_batch": 256},
+        {"seed": 2**32 - 1},  # the largest seed
+        {"model_args": {"global_pool": "avg"}},
     ],
 )
 def test_edge_values_that_can_train_are_accepted(overrides):

@@ -216,6 +216,28 @@ def test_predict_refuses_a_model_without_one_score_per_class(tmp_path, capsys, o
     assert re.search(message, err) and err.startswith("cvt predict: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [  # internal errors, and a hint naming --num-classes, which predict does not have
+        ({"classes": 5}, "has malformed class names: 'classes' must be a list of strings, got 5 (int)"),
+        ({"config": {"model_args": "x=1"}}, "malformed config: option 'model_args' must be of type dict"),
+        ({"config": {"num_classes": "three"}}, "malformed config: option 'num_classes' must be of type int"),
+        ({"config": {"num_classes": 3}}, "has a 10-class head but its config's num_classes is 3"),
+    ],
+)
+def test_predict_names_the_malformed_entry_of_a_hand_edited_checkpoint(
+    tmp_path, checkpoint, capsys, edit, message
+):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    edited = {**ckpt, **edit, "config": {**ckpt["config"], **edit.get("config", {})}}
+    torch.save(edited, tmp_path / "c.pt")
+    Image.new("RGB", (40, 40), (20, 200, 20)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "c.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cvt predict: error: ") and err.count("\n") == 1 and message in err, err
+    assert "--num-classes" not in err
+
+
 def test_load_input_exif_rotated_equals_upright(tmp_path):
     # the same picture stored upright, and stored rotated with an EXIF tag saying how to turn it
     upright = Image.new("RGB", (40, 64), (0, 0, 0))

@@ -22,6 +22,36 @@ def test_bad_option_values_exit_2_with_one_line(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("recipe", "argv", "message"),
+    [  # internal errors, some after the run folder was made
+        (
+            'model_args:\n  global_pool: ""\n',
+            [],
+            "the model of model_args gives logits per token (global_pool ''), not per image",
+        ),
+        (
+            "seed: 18446744073709551615\n",
+            [],
+            "option 'seed' must be in [0, 4294967295], got 18446744073709551615",
+        ),
+        ("", ["--seed", "99999999999999999999"], "option 'seed' must be in [0, 4294967295]"),
+        ("", ["--seed", str(2**63 - 1)], "option 'seed' must be in [0, 4294967295]"),
+        # a fresh run, silently
+        ("", ["--resume", ""], "option 'resume' needs a checkpoint path or 'auto', got an empty value"),
+    ],
+)
+def test_values_no_run_can_use_exit_2_before_the_run_folder(capsys, tmp_path, recipe, argv, message):
+    config = tmp_path / "r.yaml"
+    config.write_text(recipe or "epochs: 1\n")
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--train-subset", "8", "--batch-size", "4", "--output", str(run)]
+    assert main(["train", "--config", str(config), *common, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cvt train: error: ") and err.count("\n") == 1 and message in err, err
+    assert not run.exists()
+
+
 def test_unknown_yaml_key_message_names_the_suggestion(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochz: 3\n")

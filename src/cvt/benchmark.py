@@ -168,6 +168,11 @@ def has_bf16_kernels(device: str) -> bool:
     return cpu_kernels.CPU_HAS_BF16_KERNELS  # read at call time: op_census and tests override it
 
 
+def logical_cpus() -> int:
+    """The logical CPUs this process may run on (taskset, cgroups) where the OS says, else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_info(device: str, subjects: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """What a measurement on ``device`` depends on, to be reported with it: the CPU's model name, the
     logical CPUs this process may use and torch's threads, the Python and torch versions, torch's CPU
@@ -181,8 +186,7 @@ def machine_info(device: str, subjects: list[str] | tuple[str, ...] = ()) -> dic
 
     info: dict[str, Any] = {
         "cpu": cpu_kernels.cpuinfo_field("model name") or platform.processor() or platform.machine(),
-        # the CPUs this process may run on (taskset, cgroups), where the OS says
-        "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "logical_cpus": logical_cpus(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

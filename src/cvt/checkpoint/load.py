@@ -18,6 +18,7 @@ from cvt.checkpoint.native import inference_cfg, model_from_architecture
 from cvt.checkpoint.read import (
     FORMAT_HF,
     FORMAT_NATIVE,
+    HF_CONFIG_FILE,
     detect_format,
     read_state_dict,
     unwrap_state_dict,
@@ -143,8 +144,8 @@ def mismatch_message(
         n = int(found.shape[0]) if found is not None else 0
         return (
             f"checkpoint {source} has a {n}-class head, the model has {model.num_classes} classes: build "
-            f"the model with num_classes={n} (CLI: --num-classes {n}), or load with ignore_head=True to "
-            f"keep a fresh head for fine-tuning"
+            f"the model with num_classes={n}, or load with ignore_head=True to keep a fresh head for "
+            f"fine-tuning"
         )
     parts = []
     if report.missing:
@@ -327,8 +328,25 @@ def rebuild_model(
                 model_name, num_classes=infer_num_classes(native), in_chans=infer_in_chans(native),
                 **({"act": act} if act else {}),
             )  # fmt: skip
-    load_checkpoint(model, sd, strict=True)
+    if train_config is not None:
+        _check_recorded_head(sd, model, source, "its config's num_classes")
+    elif fmt == FORMAT_NATIVE:
+        _check_recorded_head(sd, model, source, "its cvt_arch metadata's num_classes")
+    elif hf_config is not None:
+        _check_recorded_head(sd, model, source, f"the id2label/num_labels of its {HF_CONFIG_FILE}")
+    load_checkpoint(model, sd, strict=True, name=source)
     return model.eval(), info
+
+
+def _check_recorded_head(sd: Mapping[str, torch.Tensor], model: CvT, source: str, record: str) -> None:
+    """Raise CheckpointError when the file ``source`` built ``model`` from its own ``record`` of the
+    class count and its head has another: the file contradicts itself, and no option can fix that."""
+    native = convert_state_dict(sd, model)
+    if check_fit(native, model).head_only:
+        raise CheckpointError(
+            f"checkpoint {source} has a {infer_num_classes(native)}-class head but {record} is "
+            f"{model.num_classes}: the file contradicts itself (edited by hand?)"
+        )
 
 
 def _model_from_train_config(config: dict[str, Any], classes: list[str] | None) -> CvT:

@@ -50,6 +50,8 @@ SHARD_INDEX_SUFFIX = ".index.json"
 # a `cvt train` checkpoint: its run configuration and class names beside the weights
 TRAIN_CONFIG_KEY = "config"
 TRAIN_CONFIG_REQUIRED = {"model", "num_classes"}  # what rebuilds its model
+# the config entries that reading one uses: to rebuild its model, to find and preprocess its data
+TRAIN_CONFIG_READ = ("model", "num_classes", "model_args", "img_size", "dataset", "data_dir")
 CLASSES_KEY = "classes"
 # non-tensor objects that trusted training checkpoints pickle: timm's CheckpointSaver stores `args`
 SAFE_PICKLE_GLOBALS = [argparse.Namespace]
@@ -83,10 +85,10 @@ def read_state_dict(
     fmt = detect_format(state_dict, metadata, weight_file)
     extra: dict[str, Any] = {"path": str(weight_file), "nested_key": nested_key}
     if _is_train_checkpoint(obj):
-        config = obj[TRAIN_CONFIG_KEY]
-        classes = obj.get(CLASSES_KEY) or config.get(CLASSES_KEY)
-        extra["train_config"] = config
-        extra["classes"] = list(classes) if classes else None
+        extra["train_config"] = _checked_train_config(obj[TRAIN_CONFIG_KEY], weight_file)
+        extra["classes"] = _checked_classes(
+            obj.get(CLASSES_KEY) or obj[TRAIN_CONFIG_KEY].get(CLASSES_KEY), weight_file
+        )
     if fmt == FORMAT_NATIVE:
         extra["arch"] = _native_arch(metadata, weight_file)
     if fmt == FORMAT_HF and hf_config_file.is_file():
@@ -102,6 +104,40 @@ def _is_train_checkpoint(obj: Any) -> bool:
     also save ``{"model": ..., "config": vars(args)}``; those load as plain state dicts."""
     config = obj.get(TRAIN_CONFIG_KEY) if isinstance(obj, Mapping) else None
     return isinstance(config, dict) and config.keys() >= TRAIN_CONFIG_REQUIRED
+
+
+def _checked_train_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``config`` of a ``cvt train`` checkpoint; a CheckpointError names an entry that reading it
+    uses (:data:`TRAIN_CONFIG_READ`) holding a value of the wrong type (a file edited by hand)."""
+    from cvt.engine.config import TrainConfig, apply_overrides
+    from cvt.errors import UsageError
+
+    malformed = f"training checkpoint {path} has a malformed config"
+    given = {k: config[k] for k in TRAIN_CONFIG_READ if config.get(k) is not None}  # None: not recorded
+    try:  # the types of the options of the same names
+        apply_overrides(TrainConfig(), given, str(path))
+    except UsageError as err:
+        raise CheckpointError(f"{malformed}: {err}") from None
+    num_classes = given.get("num_classes")
+    if config["model"] is None or num_classes is None or num_classes < 0:  # what rebuilds its model
+        raise CheckpointError(
+            f"{malformed}: it must name its 'model' and a 'num_classes' >= 0, got {config['model']!r} and "
+            f"{config['num_classes']!r}"
+        )
+    return config
+
+
+def _checked_classes(classes: Any, path: Path) -> list[str] | None:
+    """The class names of a ``cvt train`` checkpoint (None when it has none); a CheckpointError when
+    they are not a list of strings."""
+    if not classes:
+        return None
+    if not isinstance(classes, list | tuple) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(
+            f"training checkpoint {path} has malformed class names: 'classes' must be a list of strings, "
+            f"got {classes!r:.80} ({type(classes).__name__})"
+        )
+    return list(classes)
 
 
 def _locate(path: Path) -> tuple[Path, Path]:

@@ -75,13 +75,26 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.allocator import keep_freed_memory
-    from cvt.benchmark import BenchConfig, describe_machine, machine_info, per_round_speedups, run_benchmark
+    from cvt.benchmark import (
+        BenchConfig,
+        describe_machine,
+        logical_cpus,
+        machine_info,
+        per_round_speedups,
+        run_benchmark,
+    )
     from cvt.engine.distributed import resolve_device
     from cvt.errors import UsageError
 
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        cpus = logical_cpus()
+        if args.threads > cpus:  # far above: a segfault or a raw libgomp error while creating them
+            raise UsageError(
+                f"--threads must be at most the {cpus} logical CPU(s) this process may use, "
+                f"got {args.threads}"
+            )
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         keep_freed_memory()

@@ -46,6 +46,7 @@ def run_predict(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.data import build_transform, load_input, resolve_data_config
+    from cvt.engine.config import per_token_logits_error
     from cvt.engine.distributed import resolve_device
 
     if args.top_k < 1:
@@ -55,10 +56,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if source.model.num_classes == 0:
         raise UsageError(f"{source.description} has no classifier (num_classes 0): no class to predict")
     if source.model.global_pool == "":
-        raise UsageError(
-            f"{source.description} gives logits per token (global_pool ''), not per image: predict needs "
-            f"a model pooled by 'token' or 'avg'"
-        )
+        raise per_token_logits_error(source.description, "predict")
     names = label_names(source)
     data_cfg = resolve_data_config(source.model, source.train_config.get("dataset"), args.img_size)
     transform = build_transform(data_cfg, train=False)

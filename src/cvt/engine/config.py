@@ -37,6 +37,9 @@ RUN_CONTROL = ("overwrite", "resume")
 RUN_MODEL_OPTIONS = {
     "num_classes", "img_size", "pretrained", "checkpoint_path", "features_only", "out_indices", "feature_cls",
 }  # fmt: skip
+# the seeds a run accepts: numpy's range (it is seeded with the seed modulo 2**32), and small enough for
+# the data order's generator seed (seed x 1,000,003 + epoch) to stay within torch's 64 bits
+SEED_LIMIT = 2**32
 
 
 def _opt(default: Any, why: str) -> Any:
@@ -119,7 +122,7 @@ class TrainConfig:
         "", "continue from a last.pt, or 'auto' for <output>/last.pt when it exists (command line only)"
     )
     save_every_steps: int = _opt(0, "also write last.pt every N optimizer steps (exact mid-epoch resume)")
-    seed: int = _opt(0, "seeds the weights, data order, augmentation and dropout")
+    seed: int = _opt(0, "seeds the weights, data order, augmentation and dropout (0 to 2**32 - 1)")
     deterministic: bool = _opt(False, "deterministic algorithms only (bit-exact reruns and resumes on CPU)")
     device: str = _opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
 
@@ -211,6 +214,15 @@ def _check_value(key: str, value: Any) -> Any:
     return float(value) if want is float else value
 
 
+def per_token_logits_error(model: str, command: str) -> UsageError:
+    """The error for ``model`` (its description) with ``global_pool ''``, whose logits are per token,
+    where ``command`` needs one score per class and image."""
+    return UsageError(
+        f"{model} gives logits per token (global_pool ''), not per image: {command} needs a model pooled "
+        f"by 'token' or 'avg'"
+    )
+
+
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -273,6 +285,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "workers", "save_every_steps"):
         if getattr(cfg, key) < 0:
             raise UsageError(f"option {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.seed < SEED_LIMIT:  # beyond it: an internal "Overflow when unpacking long long"
+        raise UsageError(f"option 'seed' must be in [0, {SEED_LIMIT - 1}], got {cfg.seed}")
     augment_config(cfg)  # the augmentation options, checked by AugmentConfig as the run builds it
     if not 0 <= cfg.momentum < 1:  # 1 and above: the momentum buffer never forgets, the steps grow
         raise UsageError(f"option 'momentum' must be in [0, 1), got {cfg.momentum}")
@@ -296,6 +310,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"model_args {', '.join(owned)}: set by the run itself (--num-classes, --img-size, --pretrained "
             f"…), or not a model for training; pass them as options"
         )
+    if cfg.model_args.get("global_pool") == "":  # the loss takes one score per class and image
+        raise per_token_logits_error("the model of model_args", "training")
     if cfg.overwrite and cfg.resume:
         raise UsageError("options 'overwrite' and 'resume' conflict: choose one")
     return cfg
@@ -335,6 +351,8 @@ def resolve_config(
     :data:`RUN_CONTROL` keys of the YAML file are ignored (a ``config.yaml`` written before they were
     left out holds them): only flags set them.
     """
+    if flags.get("resume") == "":  # an empty path (`--resume "$RUN"`) would start a fresh run silently
+        raise UsageError("option 'resume' needs a checkpoint path or 'auto', got an empty value")
     cfg = base or TrainConfig()
     if yaml_source:
         options = {k: v for k, v in read_yaml(yaml_source).items() if k not in RUN_CONTROL}
