@@ -141,8 +141,6 @@ def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
             {"model_args": {"global_pool": ""}},
             r"the model of model_args gives logits per token \(global_pool ''\), not per image: training",
         ),
-        # an empty path started a fresh run without a word
-        ({"resume": ""}, r"'resume' needs a checkpoint path or 'auto', got an empty value"),
     ],
 )
 def test_bad_values_raise_usage_errors(overrides, message):

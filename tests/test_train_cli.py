@@ -38,7 +38,10 @@ def test_bad_option_values_exit_2_with_one_line(capsys, tmp_path):
         ("", ["--seed", "99999999999999999999"], "option 'seed' must be in [0, 4294967295]"),
         ("", ["--seed", str(2**63 - 1)], "option 'seed' must be in [0, 4294967295]"),
         # a fresh run, silently
-        ("", ["--resume", ""], "option 'resume' needs a checkpoint path or 'auto', got an empty value"),
+        ("", ["--resume", ""], "option 'resume' was given an empty value (an unset shell variable?)"),
+        ("", ["--finetune", ""], "option 'finetune' was given an empty value"),  # trained from scratch
+        ("", ["--output", ""], "option 'output' was given an empty value"),  # wrote to runs/<name>
+        ("", ["--name", ""], "option 'name' was given an empty value"),
     ],
 )
 def test_values_no_run_can_use_exit_2_before_the_run_folder(capsys, tmp_path, recipe, argv, message):

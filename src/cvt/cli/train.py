@@ -16,6 +16,7 @@ import yaml
 
 from cvt.engine.config import FIELDS, TrainConfig, field_help, field_type, list_item_type
 from cvt.engine.rundir import RUN_FILES, TB_DIR, TB_EVENTS
+from cvt.errors import UsageError
 
 OVERWRITE_HELP = (
     f"replace the run in an existing run folder: removes its {', '.join(RUN_FILES)} and the TensorBoard "
@@ -63,9 +64,21 @@ def add_train_arguments(
             parser.add_argument(flag, type=kind, metavar=name.upper(), **common)
 
 
+# options whose empty value stands for their default (recorded so in config.yaml): given empty on the
+# command line (`--resume "$RUN"` with RUN unset), a run would silently start afresh, from scratch or
+# elsewhere
+EMPTY_MEANS_DEFAULT = ("resume", "finetune", "output", "name")
+
+
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The options given on the command line, as ``TrainConfig`` keys and values."""
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    for key in EMPTY_MEANS_DEFAULT:
+        if flags.get(key) == "":
+            raise UsageError(
+                f"option {key!r} was given an empty value (an unset shell variable?): give one, or leave "
+                f"the option out"
+            )
     if "model_args" in flags:
         flags["model_args"] = dict(flags["model_args"])
     return flags

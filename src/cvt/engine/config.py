@@ -351,8 +351,6 @@ def resolve_config(
     :data:`RUN_CONTROL` keys of the YAML file are ignored (a ``config.yaml`` written before they were
     left out holds them): only flags set them.
     """
-    if flags.get("resume") == "":  # an empty path (`--resume "$RUN"`) would start a fresh run silently
-        raise UsageError("option 'resume' needs a checkpoint path or 'auto', got an empty value")
     cfg = base or TrainConfig()
     if yaml_source:
         options = {k: v for k, v in read_yaml(yaml_source).items() if k not in RUN_CONTROL}
