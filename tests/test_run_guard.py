@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from cvt.cli.main import main
+from cvt.engine import NonFiniteLossError
 from cvt.engine.state import atomic_torch_save
 from cvt.errors import CheckpointError, UsageError
-from test_engine import MICRO, contents, fake_run, micro, run
+from test_engine import MICRO, contents, fake_run, micro, run, watch_training_losses
 from test_resume import as_argv
 
 # another process holding a run folder's lock as cvt's does: flock on <folder>/.lock, "pid command"
@@ -264,7 +265,34 @@ def test_overwrite_removes_the_run_files_and_tensorboard_events_only(tmp_path, n
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    assert "TensorBoard event files (events.out.tfevents.*) in tb/ before training, nothing else" in shown
+    assert "event files (events.out.tfevents.*) in tb/, nothing else, once the new run saves" in shown
+    assert not list(out.glob(".replaced-by-*"))  # the old files went with the new run's first checkpoint
+
+
+def test_an_overwriting_run_that_fails_before_its_first_checkpoint_gives_the_old_run_back(
+    tmp_path, monkeypatch, no_curves
+):
+    """--overwrite removed the old run as the new one started: a NaN (a bad image, Ctrl-C …) in its
+    first epoch left neither. Now the old files wait aside and come back, the new start-up files go."""
+    run(micro(tmp_path, "a", epochs=1))
+    old = contents(tmp_path / "a")
+    watch_training_losses(monkeypatch, lambda n, loss: loss * float("nan"))
+    with pytest.raises(NonFiniteLossError):
+        run(micro(tmp_path, "a", epochs=1, overwrite=True, seed=9))
+    assert contents(tmp_path / "a") == old
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        ["best.pt", "config.yaml", "last.pt", "metrics.csv", "summary.json", "tb"]
+    )
+
+    # a run killed before its first checkpoint left its set-aside folder: the next --overwrite removes it
+    stale = tmp_path / "a" / ".replaced-by-1"
+    stale.mkdir()
+    (stale / "last.pt").write_bytes(b"an older run")
+    monkeypatch.undo()
+    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history: None)
+    run(micro(tmp_path, "a", epochs=1, overwrite=True, seed=9))
+    assert not list((tmp_path / "a").glob(".replaced-by-*"))
+    assert (tmp_path / "a" / "last.pt").read_bytes() != old["last.pt"]
 
 
 # ---- 4. and 6. signals

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,8 @@ STARTUP_FILES = ("config.yaml", TB_DIR)  # written when a run starts, before its
 RUN_CHECKPOINTS = ("last.pt", "best.pt")  # the checkpoints a run saves into its folder
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time", "ema_top1")
 LOCK_FILE = ".lock"  # held by the process training into the folder; not content of the run
+# where --overwrite moves the old run's files until the new run's first checkpoint (one per process)
+SET_ASIDE = ".replaced-by-{pid}"
 # the temporary file of an atomic write of a run file (tempfile.mkstemp's 8 random characters)
 _TEMPORARY = re.compile(rf"^\.({'|'.join(map(re.escape, RUN_FILES))})\.[a-z0-9_]{{8}}\.tmp$")
 
@@ -212,31 +215,63 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
     )
 
 
+def _run_files(run_dir: Path) -> list[str]:
+    """The files of a run in ``run_dir``, relative to it: :data:`RUN_FILES` and the TensorBoard event
+    files in ``tb/`` (a user's other files there are not the run's)."""
+    names = [name for name in RUN_FILES if (run_dir / name).is_file()]
+    if (run_dir / TB_DIR).is_dir():
+        names += [f"{TB_DIR}/{p.name}" for p in sorted((run_dir / TB_DIR).glob(TB_EVENTS)) if p.is_file()]
+    return names
+
+
+def _move(names: list[str], source: Path, target: Path) -> None:
+    for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source / name, target / name)
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` removes the files a run writes
+    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` sets aside the files a run writes
     that it holds: :data:`RUN_FILES` and the TensorBoard event files in ``tb/`` (old events must not
     mix with the new run's). Anything else (a user's notes, other files in ``tb/``) stays.
 
-    Temporary files of a save that was killed midway (``.last.pt.<8 characters>.tmp``) are removed in
-    any case.
+    The old files wait in ``.replaced-by-<pid>/`` until the new run saves its first checkpoint
+    (:func:`discard_set_aside`), or come back if it fails before (:func:`restore_set_aside`): a bad
+    image or a NaN in the first epoch costs no run. Folders left by an overwrite that was killed are
+    removed (the user asked for that run to be replaced). Temporary files of a save that was killed
+    midway (``.last.pt.<8 characters>.tmp``) are removed in any case.
     """
     try:
         for stale in run_dir_content(run_dir):
             if is_temporary(stale):
                 (run_dir / stale).unlink()
         if overwrite:
-            for name in RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-            if (run_dir / TB_DIR).is_dir():
-                for events in (run_dir / TB_DIR).glob(TB_EVENTS):
-                    if events.is_file():
-                        events.unlink()
+            for earlier in run_dir.glob(SET_ASIDE.format(pid="*")):
+                shutil.rmtree(earlier)
+            _move(_run_files(run_dir), run_dir, run_dir / SET_ASIDE.format(pid=os.getpid()))
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise CvtError(f"cannot write to the run folder {run_dir}: {err.strerror or err}") from None
+
+
+def discard_set_aside(run_dir: Path) -> None:
+    """Delete the old run's files that :func:`prepare_run_dir` set aside (the new run has a checkpoint)."""
+    shutil.rmtree(run_dir / SET_ASIDE.format(pid=os.getpid()), ignore_errors=True)
+
+
+def restore_set_aside(run_dir: Path) -> None:
+    """Put back the old run's files that this process set aside, replacing what the failed new run
+    wrote before its first checkpoint (its ``config.yaml``, events …)."""
+    aside = run_dir / SET_ASIDE.format(pid=os.getpid())
+    if not aside.is_dir():
+        return
+    for name in _run_files(run_dir):
+        (run_dir / name).unlink()
+    _move(_run_files(aside), aside, run_dir)
+    shutil.rmtree(aside)
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:

@@ -51,10 +51,12 @@ from cvt.engine.resume import (
 from cvt.engine.rundir import (
     TensorBoardLog,
     check_run_dir,
+    discard_set_aside,
     lock_run_dir,
     never_saved,
     plot_curves,
     prepare_run_dir,
+    restore_set_aside,
     write_config,
     write_metrics,
     write_summary,
@@ -293,7 +295,12 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     """
     env = init_distributed(cfg.device)
     with _locked_run_dir(cfg.run_dir, env):
-        return _train(cfg, resume, env)
+        try:
+            return _train(cfg, resume, env)
+        except BaseException:
+            if env.is_main:  # failed before its first checkpoint: the run it was to overwrite comes back
+                restore_set_aside(cfg.run_dir)
+            raise
 
 
 @contextlib.contextmanager
@@ -495,6 +502,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
     def save(name: str) -> None:
         state = checkpoint_state(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size)
         atomic_torch_save(state, run_dir / name)
+        discard_set_aside(run_dir)  # a checkpoint of the new run: the replaced one goes for good
 
     def stop(where: str) -> TrainingInterrupted:
         """The interruption to raise once ``last.pt`` holds the state at ``where``."""
