@@ -643,6 +643,37 @@ def test_layers_swapped_for_another_kind_run_as_themselves(swap: str, train: boo
         assert (got - set_fast_paths(untouched, False)(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_the_default_layers_take_the_fast_paths(
+    monkeypatch: pytest.MonkeyPatch, method: str, train: bool
+) -> None:
+    """The other side of the swap tests, which compare with the reference only: the layers a model is
+    built with pass every ``is_plain`` check, so the folded BatchNorm (eval), the folded QuickGELU and
+    the stacked projections (k/v of ``avg``, whose pooling is shared, and q/k/v of ``linear``) run."""
+    calls: dict[str, int] = {}
+
+    def spy(cls: type, name: str) -> None:
+        real = getattr(cls, name)
+
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+    spy(ConvProjection, "folded_conv")
+    spy(QuickGeluMlp, "scaled_weights")
+    spy(layers.ConvAttention, "_stacked_linear")
+    model = tiny_model(method, cls=True).train(train)
+    expected = set_fast_paths(copy.deepcopy(model), False)(images())
+    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+    assert calls.get("scaled_weights", 0) == 3  # every block's MLP
+    folds = 8 if method == "dw_bn" and not train else 0  # 3 convs per block, the cls-only last block's q none
+    assert calls.get("folded_conv", 0) == folds
+    assert calls.get("_stacked_linear", 0) == {"dw_bn": 0, "avg": 3, "linear": 3}[method]
+
+
 @pytest.mark.parametrize(("setting", "value"), [("count_include_pad", False), ("divisor_override", 2)])
 def test_k_and_v_poolings_set_apart_are_not_shared(setting: str, value: object) -> None:
     """``avg`` projections pool the map once for k and v only while both poolings compute the same."""

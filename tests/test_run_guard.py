@@ -21,8 +21,8 @@ import torch
 from cvt.cli.main import main
 from cvt.engine import NonFiniteLossError
 from cvt.engine.state import atomic_torch_save
-from cvt.errors import CheckpointError, UsageError
-from test_engine import MICRO, contents, fake_run, micro, run, watch_training_losses
+from cvt.errors import CheckpointError, CvtError, UsageError
+from test_engine import MICRO, REAL_CROSS_ENTROPY, contents, fake_run, micro, run, watch_training_losses
 from test_resume import as_argv
 
 # another process holding a run folder's lock as cvt's does: flock on <folder>/.lock, "pid command"
@@ -221,7 +221,7 @@ def test_resuming_a_best_pt_behind_its_runs_last_pt_is_refused_untouched(tmp_pat
     run(micro(tmp_path, "a", epochs=2, resume="auto"))
     (a / "best.pt").write_bytes(epoch1)
     before = contents(a)
-    with pytest.raises(UsageError, match="last.pt is further on than .*best.pt \\(epoch 2 against 1\\)"):
+    with pytest.raises(UsageError, match="last.pt is further on than .*best.pt \\(step 8 against 4\\)"):
         run(micro(tmp_path, "a", epochs=3, resume=str(a / "best.pt")))
     assert contents(a) == before
 
@@ -266,33 +266,59 @@ def test_overwrite_removes_the_run_files_and_tensorboard_events_only(tmp_path, n
         main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "event files (events.out.tfevents.*) in tb/, nothing else, once the new run saves" in shown
-    assert not list(out.glob(".replaced-by-*"))  # the old files went with the new run's first checkpoint
+    assert not (out / ".replaced").exists()  # the old files went with the new run's first checkpoint
 
 
 def test_an_overwriting_run_that_fails_before_its_first_checkpoint_gives_the_old_run_back(
     tmp_path, monkeypatch, no_curves
 ):
-    """--overwrite removed the old run as the new one started: a NaN (a bad image, Ctrl-C …) in its
-    first epoch left neither. Now the old files wait aside and come back, the new start-up files go."""
+    """--overwrite removed the old run as the new one started: a NaN or a bad image in its first epoch
+    left neither. Now the old files wait aside and come back, and the new start-up files go. A start
+    killed outright leaves them in .replaced/, which --resume auto's restart keeps aside in turn."""
+    a = tmp_path / "a"
     run(micro(tmp_path, "a", epochs=1))
-    old = contents(tmp_path / "a")
+    old = contents(a)
     watch_training_losses(monkeypatch, lambda n, loss: loss * float("nan"))
     with pytest.raises(NonFiniteLossError):
         run(micro(tmp_path, "a", epochs=1, overwrite=True, seed=9))
-    assert contents(tmp_path / "a") == old
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
-        ["best.pt", "config.yaml", "last.pt", "metrics.csv", "summary.json", "tb"]
-    )
+    assert contents(a) == old and not (a / ".replaced").exists()
 
-    # a run killed before its first checkpoint left its set-aside folder: the next --overwrite removes it
-    stale = tmp_path / "a" / ".replaced-by-1"
-    stale.mkdir()
-    (stale / "last.pt").write_bytes(b"an older run")
-    monkeypatch.undo()
-    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history: None)
+    # what a SIGKILL in the new run's first epoch leaves: its start-up files, the old run aside
+    (a / ".replaced" / "tb").mkdir(parents=True)
+    for name in old:
+        (a / name).rename(a / ".replaced" / name)
+    (a / "config.yaml").write_text((a / ".replaced" / "config.yaml").read_text())
+    with pytest.raises(NonFiniteLossError):  # restarted by --resume auto, it fails again: the old run is back
+        run(micro(tmp_path, "a", epochs=1, resume="auto", seed=9))
+    assert contents(a) == old and not (a / ".replaced").exists()
+
+    (a / ".replaced").mkdir()  # stale: left beside a run that has a checkpoint
+    (a / ".replaced" / "last.pt").write_bytes(b"an older run")
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", REAL_CROSS_ENTROPY)
     run(micro(tmp_path, "a", epochs=1, overwrite=True, seed=9))
-    assert not list((tmp_path / "a").glob(".replaced-by-*"))
-    assert (tmp_path / "a" / "last.pt").read_bytes() != old["last.pt"]
+    assert not (a / ".replaced").exists() and (a / "last.pt").read_bytes() != old["last.pt"]
+
+
+def test_a_set_aside_that_fails_midway_puts_back_what_it_moved(tmp_path, monkeypatch):
+    """A move failing partway (tb/ on another file system) used to leave files aside, which the failure's
+    restore then deleted as the new run's."""
+    from cvt.engine import rundir
+
+    fake_run(tmp_path)
+    before = contents(tmp_path)
+    real_move = rundir._move
+
+    def move(name, source, target):
+        if name.startswith("tb/"):
+            raise OSError(18, "Invalid cross-device link")
+        real_move(name, source, target)
+
+    monkeypatch.setattr(rundir, "_move", move)
+    replaced = rundir.ReplacedRun(tmp_path)
+    with pytest.raises(CvtError, match="cannot write to the run folder .*Invalid cross-device link"):
+        rundir.prepare_run_dir(tmp_path, replaced)
+    replaced.restore()
+    assert contents(tmp_path) == before and not (tmp_path / ".replaced").exists()
 
 
 # ---- 4. and 6. signals

@@ -300,13 +300,17 @@ def rebuild_model(
     if act and (train_config is not None or fmt == FORMAT_NATIVE):
         raise UsageError(f"{source} records its activation; act= (CLI: --act) is for files that do not")
     # on "meta": no random init, every tensor comes from the file
+    record = None  # where the file records its class count, when it built the model from its own record
     if train_config is not None:
         with torch.device("meta"):
             model = _model_from_train_config(train_config, info["classes"])
+        record = "its config's num_classes"
     elif fmt == FORMAT_NATIVE:
         with torch.device("meta"):
             model = model_from_architecture(info["arch"])
+        record = "its cvt_arch metadata's num_classes"
     elif hf_config is not None:
+        record = f"the id2label/num_labels of its {HF_CONFIG_FILE}"
         inputs = hf_input_settings(info.get("hf_preprocessor"))
         kwargs = model_kwargs_from_hf_config(hf_config, act, inputs.pop("img_size", 224))
         with torch.device("meta"):
@@ -328,12 +332,8 @@ def rebuild_model(
                 model_name, num_classes=infer_num_classes(native), in_chans=infer_in_chans(native),
                 **({"act": act} if act else {}),
             )  # fmt: skip
-    if train_config is not None:
-        _check_recorded_head(sd, model, source, "its config's num_classes")
-    elif fmt == FORMAT_NATIVE:
-        _check_recorded_head(sd, model, source, "its cvt_arch metadata's num_classes")
-    elif hf_config is not None:
-        _check_recorded_head(sd, model, source, f"the id2label/num_labels of its {HF_CONFIG_FILE}")
+    if record is not None:
+        _check_recorded_head(sd, model, source, record)
     load_checkpoint(model, sd, strict=True, name=source)
     return model.eval(), info
 

@@ -90,7 +90,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         cpus = logical_cpus()
-        if args.threads > cpus:  # far above: a segfault or a raw libgomp error while creating them
+        # more threads than CPUs time the OS's scheduling, not the model (and far more crash libgomp)
+        if args.threads > cpus:
             raise UsageError(
                 f"--threads must be at most the {cpus} logical CPU(s) this process may use, "
                 f"got {args.threads}"

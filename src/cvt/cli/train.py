@@ -21,7 +21,7 @@ from cvt.errors import UsageError
 OVERWRITE_HELP = (
     f"replace the run in an existing run folder: removes its {', '.join(RUN_FILES)} and the TensorBoard "
     f"event files ({TB_EVENTS}) in {TB_DIR}/, nothing else, once the new run saves its first checkpoint "
-    f"(they come back if it fails before) (command line only)"
+    f"(an interrupted run's last.pt included); they come back if it fails before (command line only)"
 )
 
 

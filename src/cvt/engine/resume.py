@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config
-from cvt.engine.rundir import is_own_checkpoint
+from cvt.engine.rundir import is_own_checkpoint, lies_in
 from cvt.engine.state import capture_rng, load_train_checkpoint
 from cvt.errors import CheckpointError, UsageError, is_out_of_memory
 from cvt.fileio import atomic_write_bytes, check_folder_path
@@ -168,7 +168,7 @@ def carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> No
     is counted anew from the epochs trained there (warned), in the run's own folder too (a ``best.pt``
     deleted or damaged there), so that the summary never names a best epoch that no ``best.pt`` holds.
     """
-    same_folder = resume_from.resolve().parent == run_dir.resolve()
+    same_folder = lies_in(resume_from, run_dir)
     if progress["best_top1"] < 0 and same_folder:
         return  # no epoch ended yet: a best.pt beside it (a kill mid-epoch 1) is retrained over anyway
     source = resume_from.parent / "best.pt"
@@ -191,20 +191,19 @@ def carry_best(resume_from: Path, run_dir: Path, progress: dict[str, Any]) -> No
 
 
 def check_not_rewinding(resume_from: Path, run_dir: Path, resume: dict[str, Any]) -> None:
-    """Refuse to continue a run in its own folder from its ``best.pt`` while its ``last.pt`` is further
-    on: the run would overwrite ``last.pt`` and ``metrics.csv`` from the earlier epoch, discarding the
-    later ones (:class:`~cvt.errors.UsageError`; ``--overwrite`` replaces them knowingly)."""
+    """Refuse (:class:`~cvt.errors.UsageError`) to continue a run in its own folder from its
+    ``best.pt`` while its ``last.pt`` is further on: the run would overwrite ``last.pt`` and
+    ``metrics.csv`` from the earlier step, discarding the later ones."""
     last = run_dir / "last.pt"
     if not is_own_checkpoint(resume_from, run_dir) or resume_from.resolve() == last.resolve():
         return
     later = _read_checkpoint(last)
-    steps, step = later.get("step"), resume.get("step", 0)
-    if isinstance(steps, int) and steps > step:
+    later_step, step = later.get("step"), resume.get("step", 0)
+    if isinstance(later_step, int) and later_step > step:
         raise UsageError(
-            f"{last} is further on than {resume_from} (epoch {later.get('epoch')} against "
-            f"{resume.get('epoch')}): continuing from {resume_from.name} would discard the later epochs; "
-            f"pass --resume auto to continue {last.name}, --output for a new folder, or --overwrite to "
-            f"discard them"
+            f"{last} is further on than {resume_from} (step {later_step} against {step}): continuing "
+            f"from {resume_from.name} here would discard the later steps; pass --resume auto to continue "
+            f"{last.name}, or --output to continue {resume_from.name} in a new folder"
         )
 
 

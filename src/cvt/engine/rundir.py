@@ -39,8 +39,8 @@ STARTUP_FILES = ("config.yaml", TB_DIR)  # written when a run starts, before its
 RUN_CHECKPOINTS = ("last.pt", "best.pt")  # the checkpoints a run saves into its folder
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time", "ema_top1")
 LOCK_FILE = ".lock"  # held by the process training into the folder; not content of the run
-# where --overwrite moves the old run's files until the new run's first checkpoint (one per process)
-SET_ASIDE = ".replaced-by-{pid}"
+# where --overwrite keeps the replaced run's files until the new run's first checkpoint
+REPLACED_DIR = ".replaced"
 # the temporary file of an atomic write of a run file (tempfile.mkstemp's 8 random characters)
 _TEMPORARY = re.compile(rf"^\.({'|'.join(map(re.escape, RUN_FILES))})\.[a-z0-9_]{{8}}\.tmp$")
 
@@ -156,7 +156,7 @@ def never_saved(run_dir: Path) -> bool:
     early, which ``--resume auto`` restarts. That is a ``config.yaml`` recorded by a run (it names the
     model and data set), optionally ``tb/`` and temporary files of a killed save; a folder of anything
     else (a user's own recipe, events or notes) is not one."""
-    names = set(run_dir_content(run_dir))
+    names = set(run_dir_content(run_dir)) - {REPLACED_DIR}  # a killed --overwrite start keeps it
     temporary = {n for n in names if is_temporary(n)}
     if "config.yaml" not in names or not names - temporary <= set(STARTUP_FILES):
         return False
@@ -173,10 +173,15 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def lies_in(path: Path, folder: Path) -> bool:
+    """Whether the name ``path`` is in ``folder`` (the folders resolved, not a link named ``path``)."""
+    return path.parent.resolve() == folder.resolve()
+
+
 def is_own_checkpoint(checkpoint: Path, run_dir: Path) -> bool:
     """Whether ``checkpoint`` is one that the run in ``run_dir`` saved there (its ``last.pt`` or
     ``best.pt``): resuming it continues that folder's run."""
-    return checkpoint.name in RUN_CHECKPOINTS and checkpoint.resolve().parent == run_dir.resolve()
+    return checkpoint.name in RUN_CHECKPOINTS and lies_in(checkpoint, run_dir)
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = None) -> None:
@@ -190,7 +195,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume_from: Path | None = Non
     if not content or overwrite:
         return
     if resume_from is not None:
-        in_folder = resume_from.resolve().parent == run_dir.resolve()
+        in_folder = lies_in(resume_from, run_dir)
         if is_own_checkpoint(resume_from, run_dir) or (in_folder and content == [resume_from.name]):
             return
         shown = first_names(content, limit=4)
@@ -224,54 +229,94 @@ def _run_files(run_dir: Path) -> list[str]:
     return names
 
 
-def _move(names: list[str], source: Path, target: Path) -> None:
-    for name in names:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source / name, target / name)
+def _move(name: str, source: Path, target: Path) -> None:
+    (target / name).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source / name, target / name)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create ``run_dir`` (after :func:`check_run_dir`); ``overwrite`` sets aside the files a run writes
-    that it holds: :data:`RUN_FILES` and the TensorBoard event files in ``tb/`` (old events must not
-    mix with the new run's). Anything else (a user's notes, other files in ``tb/``) stays.
+class ReplacedRun:
+    """The run that ``--overwrite`` replaces: its files wait in ``<run>/.replaced/`` until the new run
+    saves its first checkpoint (:meth:`discard`; an interrupted run's ``last.pt`` counts) and come back
+    if it fails before (:meth:`restore`), so a bad image or a NaN in the first epoch costs no run.
 
-    The old files wait in ``.replaced-by-<pid>/`` until the new run saves its first checkpoint
-    (:func:`discard_set_aside`), or come back if it fails before (:func:`restore_set_aside`): a bad
-    image or a NaN in the first epoch costs no run. Folders left by an overwrite that was killed are
-    removed (the user asked for that run to be replaced). Temporary files of a save that was killed
-    midway (``.last.pt.<8 characters>.tmp``) are removed in any case.
+    A ``.replaced/`` that a killed start left (SIGKILL, a preempted job, another rank's failure under
+    torchrun) is adopted by the next start while the folder has no checkpoint (the files beside it are
+    the killed start's), and removed once it has one (then it is stale).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.folder = run_dir / REPLACED_DIR
+        self.names: list[str] = []  # the files kept aside, relative to both folders; none: nothing to do
+
+    def set_aside(self) -> None:
+        """Move the folder's run files into ``.replaced/`` (rank 0, once every option is checked)."""
+        if self.folder.is_dir():
+            if not any((self.run_dir / name).is_file() for name in RUN_CHECKPOINTS):
+                for name in _run_files(self.run_dir):  # a killed start's: its replaced run stays aside
+                    (self.run_dir / name).unlink()
+                self.names = _run_files(self.folder)
+                return
+            shutil.rmtree(self.folder)
+        moved: list[str] = []
+        try:
+            for name in _run_files(self.run_dir):
+                _move(name, self.run_dir, self.folder)
+                moved.append(name)
+        except OSError:  # put back what moved (tb/ on another file system, say) before the error shows
+            for name in moved:
+                _move(name, self.folder, self.run_dir)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        self.names = moved
+
+    def discard(self) -> None:
+        """Delete the replaced run's files: the new run has a checkpoint."""
+        if not self.names:
+            return
+        self.names = []
+        try:
+            shutil.rmtree(self.folder)
+        except OSError as err:
+            warnings.warn(f"cannot delete the replaced run's files in {self.folder}: {err}", stacklevel=2)
+
+    def restore(self) -> None:
+        """Put the replaced run back, removing what the new run wrote before failing (its ``config.yaml``,
+        events …); if that fails, a warning says where the replaced files stay."""
+        if not self.names:
+            return
+        names, self.names = self.names, []
+        try:
+            for name in _run_files(self.run_dir):
+                (self.run_dir / name).unlink()
+            for name in names:
+                _move(name, self.folder, self.run_dir)
+            shutil.rmtree(self.folder)
+        except OSError as err:
+            warnings.warn(f"the replaced run's files stay in {self.folder}: {err}", stacklevel=2)
+
+
+def prepare_run_dir(run_dir: Path, replaced: ReplacedRun | None = None) -> None:
+    """Create ``run_dir`` (after :func:`check_run_dir`); with ``replaced`` (``--overwrite``) the files a
+    run writes that it holds are set aside (:class:`ReplacedRun`): :data:`RUN_FILES` and the
+    TensorBoard event files in ``tb/`` (old events must not mix with the new run's). Anything else (a
+    user's notes, other files in ``tb/``) stays.
+
+    Temporary files of a save that was killed midway (``.last.pt.<8 characters>.tmp``) are removed in
+    any case.
     """
     try:
         for stale in run_dir_content(run_dir):
             if is_temporary(stale):
                 (run_dir / stale).unlink()
-        if overwrite:
-            for earlier in run_dir.glob(SET_ASIDE.format(pid="*")):
-                shutil.rmtree(earlier)
-            _move(_run_files(run_dir), run_dir, run_dir / SET_ASIDE.format(pid=os.getpid()))
+        if replaced is not None:
+            replaced.set_aside()
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise CvtError(f"cannot write to the run folder {run_dir}: {err.strerror or err}") from None
-
-
-def discard_set_aside(run_dir: Path) -> None:
-    """Delete the old run's files that :func:`prepare_run_dir` set aside (the new run has a checkpoint)."""
-    shutil.rmtree(run_dir / SET_ASIDE.format(pid=os.getpid()), ignore_errors=True)
-
-
-def restore_set_aside(run_dir: Path) -> None:
-    """Put back the old run's files that this process set aside, replacing what the failed new run
-    wrote before its first checkpoint (its ``config.yaml``, events …)."""
-    aside = run_dir / SET_ASIDE.format(pid=os.getpid())
-    if not aside.is_dir():
-        return
-    for name in _run_files(run_dir):
-        (run_dir / name).unlink()
-    _move(_run_files(aside), aside, run_dir)
-    shutil.rmtree(aside)
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:

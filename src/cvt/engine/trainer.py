@@ -49,14 +49,13 @@ from cvt.engine.resume import (
     resumed_position,
 )
 from cvt.engine.rundir import (
+    ReplacedRun,
     TensorBoardLog,
     check_run_dir,
-    discard_set_aside,
     lock_run_dir,
     never_saved,
     plot_curves,
     prepare_run_dir,
-    restore_set_aside,
     write_config,
     write_metrics,
     write_summary,
@@ -294,12 +293,12 @@ def train(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, A
     after saving ``last.pt`` when stopped with Ctrl-C, SIGTERM or SIGHUP.
     """
     env = init_distributed(cfg.device)
+    replaced = ReplacedRun(cfg.run_dir)  # what --overwrite sets aside (rank 0)
     with _locked_run_dir(cfg.run_dir, env):
         try:
-            return _train(cfg, resume, env)
+            return _train(cfg, resume, env, replaced)
         except BaseException:
-            if env.is_main:  # failed before its first checkpoint: the run it was to overwrite comes back
-                restore_set_aside(cfg.run_dir)
+            replaced.restore()  # failed before its first checkpoint: the run it was to replace comes back
             raise
 
 
@@ -323,7 +322,9 @@ def _locked_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
         yield
 
 
-def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv, replaced: ReplacedRun
+) -> dict[str, Any]:
     """:func:`train` in the locked run folder."""
     from timm.loss import SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
@@ -486,7 +487,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
 
     if env.is_main:
         # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
-        prepare_run_dir(run_dir, replace)
+        prepare_run_dir(run_dir, replaced if replace else None)
         if resume_from is not None:
             carry_best(resume_from, run_dir, progress)
         write_config(run_dir, recorded_config(cfg, model))
@@ -502,7 +503,7 @@ def _train(cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv) -> dic
     def save(name: str) -> None:
         state = checkpoint_state(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size)
         atomic_torch_save(state, run_dir / name)
-        discard_set_aside(run_dir)  # a checkpoint of the new run: the replaced one goes for good
+        replaced.discard()  # a checkpoint of the new run: the replaced one goes for good
 
     def stop(where: str) -> TrainingInterrupted:
         """The interruption to raise once ``last.pt`` holds the state at ``where``."""
