@@ -256,8 +256,9 @@ class ReplacedRun:
                 for name in _run_files(self.run_dir):  # a killed start's: its replaced run stays aside
                     (self.run_dir / name).unlink()
                 self.names = _run_files(self.folder)
-                return
-            shutil.rmtree(self.folder)
+                if self.names:
+                    return
+            shutil.rmtree(self.folder)  # stale beside a checkpoint, or empty
         moved: list[str] = []
         try:
             for name in _run_files(self.run_dir):
