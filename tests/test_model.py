@@ -183,6 +183,27 @@ def test_too_small_input_names_minimum() -> None:
         model(torch.randn(1, 3, 2, 16))
 
 
+def test_a_training_batch_of_one_whose_batchnorm_sees_one_value_is_refused() -> None:
+    # 16x16: stage1's key/value map is 1x1 (was torch's "Expected more than 1 value per channel")
+    model = cvt.create_model("cvt_13").train()
+    with pytest.raises(cvt.InputShapeError, match=r"one 16x16 image cannot go through stage1 .* 1x1"):
+        model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(cvt.InputShapeError, match=r"one 32x32 image cannot go through stage2"):
+        model(torch.randn(1, 3, 32, 32))
+    # what can normalise still runs: two images, a 2x2 map, eval mode, frozen BatchNorms
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 1000)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
+    model.eval()
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 1000)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 1000)
+    # projections without BatchNorm have nothing to refuse
+    assert cvt.create_model("cvt_tiny", method="avg").train()(torch.randn(1, 3, 16, 16)).isfinite().all()
+
+
 def test_img_size_below_the_minimum_is_refused() -> None:
     with pytest.raises(cvt.UsageError, match="img_size 2x2 is too small.*minimum size is 3x3"):
         cvt.create_model("cvt_13", img_size=2)

@@ -228,12 +228,32 @@ def load_checkpoint(
     else:
         raw, fmt, info = read_state_dict(source, use_ema=use_ema)
         path = info["path"]
-    sd = convert_state_dict(raw, model)
     label = path or name or "state dict"
+    return _load_converted(model, convert_state_dict(raw, model), fmt, path, label, strict, ignore_head)
+
+
+def _load_converted(
+    model: CvT,
+    sd: dict[str, torch.Tensor],
+    fmt: str,
+    path: str | None,
+    label: str,
+    strict: bool,
+    ignore_head: bool,
+    head_record: str | None = None,
+) -> LoadResult:
+    """:func:`load_checkpoint` from a state dict already in this package's key names. ``head_record``:
+    where the file recorded the class count it built ``model`` from (a head of another size then means
+    the file contradicts itself, which no option can fix)."""
     skipped = [k for k in HEAD_KEYS if k in sd] if ignore_head else []
     for k in skipped:
         del sd[k]
     report = check_fit(sd, model)
+    if head_record is not None and report.head_only:
+        raise CheckpointError(
+            f"checkpoint {label} has a {infer_num_classes(sd)}-class head but {head_record} is "
+            f"{model.num_classes}: the file contradicts itself (edited by hand?)"
+        )
     if ignore_head:
         report.missing = [k for k in report.missing if k not in HEAD_KEYS]
     if strict and not report.ok:
@@ -332,21 +352,9 @@ def rebuild_model(
                 model_name, num_classes=infer_num_classes(native), in_chans=infer_in_chans(native),
                 **({"act": act} if act else {}),
             )  # fmt: skip
-    if record is not None:
-        _check_recorded_head(sd, model, source, record)
-    load_checkpoint(model, sd, strict=True, name=source)
-    return model.eval(), info
-
-
-def _check_recorded_head(sd: Mapping[str, torch.Tensor], model: CvT, source: str, record: str) -> None:
-    """Raise CheckpointError when the file ``source`` built ``model`` from its own ``record`` of the
-    class count and its head has another: the file contradicts itself, and no option can fix that."""
     native = convert_state_dict(sd, model)
-    if check_fit(native, model).head_only:
-        raise CheckpointError(
-            f"checkpoint {source} has a {infer_num_classes(native)}-class head but {record} is "
-            f"{model.num_classes}: the file contradicts itself (edited by hand?)"
-        )
+    _load_converted(model, native, fmt, source, source, strict=True, ignore_head=False, head_record=record)
+    return model.eval(), info
 
 
 def _model_from_train_config(config: dict[str, Any], classes: list[str] | None) -> CvT:

@@ -253,8 +253,7 @@ class ReplacedRun:
         """Move the folder's run files into ``.replaced/`` (rank 0, once every option is checked)."""
         if self.folder.is_dir():
             if not any((self.run_dir / name).is_file() for name in RUN_CHECKPOINTS):
-                for name in _run_files(self.run_dir):  # a killed start's: its replaced run stays aside
-                    (self.run_dir / name).unlink()
+                self._delete_new_run_files()  # a killed start's: its replaced run stays aside
                 self.names = _run_files(self.folder)
                 if self.names:
                     return
@@ -281,6 +280,11 @@ class ReplacedRun:
         except OSError as err:
             warnings.warn(f"cannot delete the replaced run's files in {self.folder}: {err}", stacklevel=2)
 
+    def _delete_new_run_files(self) -> None:
+        """Delete the run files in the folder itself: those of the run that was to replace the one aside."""
+        for name in _run_files(self.run_dir):
+            (self.run_dir / name).unlink()
+
     def restore(self) -> None:
         """Put the replaced run back, removing what the new run wrote before failing (its ``config.yaml``,
         events …); if that fails, a warning says where the replaced files stay."""
@@ -288,8 +292,7 @@ class ReplacedRun:
             return
         names, self.names = self.names, []
         try:
-            for name in _run_files(self.run_dir):
-                (self.run_dir / name).unlink()
+            self._delete_new_run_files()
             for name in names:
                 _move(name, self.folder, self.run_dir)
             shutil.rmtree(self.folder)

@@ -357,6 +357,22 @@ class CvT(nn.Module):
                 f"input {x.shape[2]}x{x.shape[3]} is too small: every stage needs at least one token, "
                 f"the minimum size is {min_h}x{min_w}"
             )
+        if x.shape[0] == 1:
+            self._check_single_image_batchnorm(x.shape[2], x.shape[3])
+
+    def _check_single_image_batchnorm(self, height: int, width: int) -> None:
+        """A BatchNorm in training mode cannot normalise one value per channel: that is a batch of one
+        whose key/value map (the smallest map a ``dw_bn`` projection normalises) is 1x1."""
+        grids = stage_grids(self.stage_specs, (height, width))
+        for i, (spec, grid) in enumerate(zip(self.stage_specs, grids, strict=True)):
+            if spec.method != "dw_bn" or kv_grid(spec, grid) != (1, 1):
+                continue
+            if any(m.training for m in self.stages[i].modules() if isinstance(m, nn.BatchNorm2d)):
+                raise InputShapeError(
+                    f"a batch of one {height}x{width} image cannot go through stage{i} in training mode: "
+                    f"its key/value map is 1x1, so each BatchNorm there would see one value per channel; "
+                    f"use batches of 2 or more, a larger input, or put the BatchNorms in eval mode"
+                )
 
     # ------------------------------------------------------------------------------ forward
     def forward_features(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
