@@ -205,6 +205,38 @@ def test_a_hand_edited_training_checkpoint_names_its_malformed_entry(
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"model": "cvt_99"}, "unknown model 'cvt_99'"),
+        ({"model_args": {"method": "conv"}}, "projection method must be one of"),
+        ({"model_args": {"depth": [1, 2]}}, "depth has 2 values for 3 stages"),
+    ],
+)
+def test_a_recorded_architecture_that_cannot_be_built_is_the_files_error(
+    tmp_path: Path, edit: dict, message: str
+) -> None:
+    """Was a UsageError (a bad option, exit 2) that did not name the file."""
+    path, _, _ = _train_checkpoint(tmp_path / "last.pt", "cifar10")
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], **edit}}, path)
+    expected = re.escape(f"{path}: its config describes a model that cannot be built: ") + message
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(path)
+
+
+def test_an_hf_config_that_cannot_be_built_is_the_files_error_and_a_bad_act_the_callers(
+    tmp_path: Path,
+) -> None:
+    out = export_hf(create_model("cvt_13", num_classes=3, act="gelu"), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "qkv_projection_method": ["conv"] * 3}))
+    with pytest.raises(CheckpointError, match=r"config.json describes a model that cannot be built"):
+        load_model(out)
+    with pytest.raises(UsageError, match=r"act must be one of \['gelu', 'quick_gelu'\], got 'foo'"):
+        load_model(out, act="foo")
+
+
 def test_a_file_whose_head_contradicts_its_recorded_class_count_says_so(tmp_path: Path, tiny: CvT) -> None:
     """The model is built from the file's own record, so the hint of a model built by the caller
     (num_classes=, the CLI's --num-classes) cannot help: no command that reads a file has that option."""

@@ -933,7 +933,7 @@ def test_batchnorm_of_a_cls_stage_gets_a_dense_channels_last_gradient() -> None:
 
 
 def test_set_fast_paths_rejects_unknown_flags() -> None:
-    with pytest.raises(ValueError, match="fold_nothing"):
+    with pytest.raises(UsageError, match="fold_nothing"):
         set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvt import fileio
 from cvt.errors import UsageError
 from cvt.figures import new_figure, save_figure
 from cvt.fileio import (
@@ -16,6 +17,7 @@ from cvt.fileio import (
     atomic_write_files,
     atomic_write_text,
     check_folder_path,
+    is_temporary_of,
     read_yaml_mapping,
 )
 
@@ -70,6 +72,16 @@ def test_a_target_name_near_the_file_system_limit_can_be_written(tmp_path: Path)
     path = tmp_path / ("a" * 250 + ".png")
     atomic_write_bytes(path, b"png")
     assert path.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_the_temporary_files_of_a_write_are_told_apart_by_their_target(tmp_path: Path) -> None:
+    """What a killed save leaves is found for its own target only (run folders delete these)."""
+    for target in ("last.pt", "a" * 250 + ".png"):
+        left = fileio._temporary_path(tmp_path / target).name
+        assert is_temporary_of(left, [target]) and is_temporary_of(left, ["x", target])
+        assert not is_temporary_of(left, ["best.pt"]) and not is_temporary_of(left, [])
+    assert not is_temporary_of(".last.pt.mine.tmp", ["last.pt"])  # a user's file of a similar name
+    assert not is_temporary_of(".last.pt.3fa9c2d1.tmp.bak", ["last.pt"])
 
 
 def test_check_folder_path_names_a_file_in_the_way_at_any_depth(tmp_path: Path) -> None:

@@ -253,12 +253,12 @@ def test_overwrite_removes_the_run_files_and_tensorboard_events_only(tmp_path, n
     (out / "tb" / "mine" / "keep.txt").write_text("mine")
     (out / "tb" / "notes.md").write_text("mine")
     (out / ".last.pt.mine.tmp").write_text("mine")  # a name like a temporary file's, not one of cvt's
-    (out / ".last.pt.k2j4_x9a.tmp").write_bytes(b"half a save")  # a killed save's
+    (out / ".last.pt.3fa9c2d1.tmp").write_bytes(b"half a save")  # a killed save's
     run(micro(tmp_path, epochs=1, overwrite=True))
     assert (out / "tb" / "mine" / "keep.txt").read_text() == (out / "tb" / "notes.md").read_text() == "mine"
     assert (out / ".last.pt.mine.tmp").read_text() == "mine"
     assert (
-        not (out / ".last.pt.k2j4_x9a.tmp").exists() and not (out / "tb" / "events.out.tfevents.1").exists()
+        not (out / ".last.pt.3fa9c2d1.tmp").exists() and not (out / "tb" / "events.out.tfevents.1").exists()
     )
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # the new run's
 

@@ -52,7 +52,7 @@ from torch import nn
 
 from cvt.allocator import return_freed_memory
 from cvt.engine.distributed import resolve_device
-from cvt.errors import CheckpointError, CvtError, UsageError, is_out_of_memory
+from cvt.errors import CheckpointError, CvtError, UsageError, first_line, is_out_of_memory
 from cvt.precision import DTYPES, autocast
 
 SUBJECTS: tuple[str, ...] = ("cvt", "hf", "official")
@@ -257,7 +257,7 @@ def build_hf_peer(model: nn.Module) -> nn.Module:
         peer = CvtForImageClassification(CvtConfig(**config))
     except ImportError as err:  # a backend transformers needs is missing or too old (5.x: torch >= 2.6)
         raise UsageError(
-            f"--compare hf: transformers cannot build its CvT model here: {_first_line(err)} "
+            f"--compare hf: transformers cannot build its CvT model here: {first_line(err)} "
             "(transformers 5 needs torch >= 2.6; with an older torch: pip install 'transformers<5')"
         ) from None
     peer.load_state_dict(native_to_hf(model.state_dict()))
@@ -371,17 +371,11 @@ def make_batch(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.
     return x, target
 
 
-def _first_line(err: BaseException) -> str:
-    """The first non-blank line of ``err``'s message, or its type's name where it has none."""
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
-
-
 def _oom_error(cfg: BenchConfig, err: BaseException) -> CvtError:
     height, width = cfg.measured_size
     return CvtError(
         f"batch size {cfg.batch_size} at {height}x{width} ({cfg.mode}, {cfg.dtype}) does "
-        f"not fit in memory on {cfg.device} ({_first_line(err)}); try a smaller --batch-size"
+        f"not fit in memory on {cfg.device} ({first_line(err)}); try a smaller --batch-size"
     )
 
 

@@ -44,6 +44,12 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of ``err``'s message, or its type's name where it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
 def first_names(names: Sequence[str], limit: int = 5) -> str:
     """``a, b, c`` for a message; longer lists are cut after ``limit`` names, with the count."""
     return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")

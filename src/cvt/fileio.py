@@ -8,9 +8,10 @@ Shared by checkpoints (``cvt.checkpoint.save_checkpoint``), exports, reports and
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +29,32 @@ def check_folder_path(folder: Path) -> None:
         raise UsageError(f"cannot write into {folder}: {blocking} is a file, not a folder")
 
 
+# the temporary file of an atomic write: "." + at most 64 characters of the target's name (so a name near
+# the file-system limit still has room) + "." + 8 random hex digits + ".tmp"
+_TEMPORARY_NAME_CHARS = 64
+_TEMPORARY = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _temporary_path(path: Path) -> Path:
+    """A new random name for the temporary file of an atomic write of ``path``, in its folder."""
+    return path.with_name(f".{path.name[:_TEMPORARY_NAME_CHARS]}.{secrets.token_hex(4)}.tmp")
+
+
+def is_temporary_of(name: str, targets: Iterable[str]) -> bool:
+    """Whether the file ``name`` is the temporary file of an atomic write of one of ``targets`` (names
+    in the same folder), left by a write that was killed midway."""
+    match = _TEMPORARY.match(name)
+    return match is not None and any(match[1] == target[:_TEMPORARY_NAME_CHARS] for target in targets)
+
+
 def _write_temporary(path: Path, data: bytes) -> Path:
     """``data`` in a new, fsynced temporary file beside ``path``; returns the temporary file.
 
     Its mode is that of a new file under the umask (``open``'s 0666 narrowed by it), or the mode of the
-    ``path`` it will replace: a private file stays private. Its name keeps at most 64 characters of
-    ``path``'s, so a target name near the file-system limit still has room for it.
+    ``path`` it will replace: a private file stays private.
     """
     for attempt in range(8):  # O_EXCL: a name taken (a killed save's leftover) is never opened
-        tmp = path.with_name(f".{path.name[:64]}.{secrets.token_hex(4)}.tmp")  # as mkstemp: 8 characters
+        tmp = _temporary_path(path)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break

@@ -18,7 +18,7 @@ from cvt.ablation.report import top1_text, write_report
 from cvt.ablation.runner import AblationRow, run_ablation
 from cvt.ablation.variants import Variant
 from cvt.engine.config import TrainConfig
-from cvt.engine.rundir import recorded_config, run_dir_content
+from cvt.engine.rundir import read_recorded_config, run_dir_content
 from cvt.errors import DataError, UsageError
 
 # The default budget: 11 distinct cvt_tiny models on the digits (1437 training images) must train in
@@ -139,7 +139,7 @@ def check_resumable(configs: Sequence[TrainConfig], num_classes: int, img_size: 
     for config in configs:
         if not run_dir_content(config.run_dir):
             continue
-        recorded = recorded_config(config.run_dir)
+        recorded = read_recorded_config(config.run_dir)
         if recorded is None:
             raise UsageError(
                 f"variant run folder {config.run_dir} holds no variant's run (no readable config.yaml) to "

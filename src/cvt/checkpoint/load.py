@@ -4,7 +4,8 @@ rebuild a model from a file that describes its architecture."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,8 +24,9 @@ from cvt.checkpoint.read import (
     read_state_dict,
     unwrap_state_dict,
 )
-from cvt.errors import CheckpointError
+from cvt.errors import CheckpointError, UsageError
 from cvt.models.cvt import FIRST_CONV, CvT
+from cvt.models.layers import ACTIVATIONS
 
 HEAD_KEYS = ("head.weight", "head.bias")
 STEM_WEIGHT = f"{FIRST_CONV}.weight"  # (embed_dim, in_chans, k, k)
@@ -297,7 +299,6 @@ def rebuild_model(
 ) -> tuple[CvT, dict[str, Any]]:
     """:func:`load_model`, and what :func:`~cvt.checkpoint.read.read_state_dict` found in the file
     (``train_config`` and ``classes`` of a ``cvt train`` checkpoint among them)."""
-    from cvt.errors import UsageError
     from cvt.models.variants import create_model
 
     sd, fmt, info = read_state_dict(path, use_ema=use_ema)
@@ -319,10 +320,12 @@ def rebuild_model(
         )
     if act and (train_config is not None or fmt == FORMAT_NATIVE):
         raise UsageError(f"{source} records its activation; act= (CLI: --act) is for files that do not")
+    if act and act not in ACTIVATIONS:  # the caller's value: refused as theirs, not as the file's
+        raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     # on "meta": no random init, every tensor comes from the file
     record = None  # where the file records its class count, when it built the model from its own record
     if train_config is not None:
-        with torch.device("meta"):
+        with torch.device("meta"), _recorded_architecture(source, "its config"):
             model = _model_from_train_config(train_config, info["classes"])
         record = "its config's num_classes"
     elif fmt == FORMAT_NATIVE:
@@ -332,8 +335,8 @@ def rebuild_model(
     elif hf_config is not None:
         record = f"the id2label/num_labels of its {HF_CONFIG_FILE}"
         inputs = hf_input_settings(info.get("hf_preprocessor"))
-        kwargs = model_kwargs_from_hf_config(hf_config, act, inputs.pop("img_size", 224))
-        with torch.device("meta"):
+        with torch.device("meta"), _recorded_architecture(source, f"its {HF_CONFIG_FILE}"):
+            kwargs = model_kwargs_from_hf_config(hf_config, act, inputs.pop("img_size", 224))
             model = CvT(**kwargs)
         model.pretrained_cfg = _hf_pretrained_cfg(kwargs, hf_config, inputs)
     else:
@@ -355,6 +358,17 @@ def rebuild_model(
     native = convert_state_dict(sd, model)
     _load_converted(model, native, fmt, source, source, strict=True, ignore_head=False, head_record=record)
     return model.eval(), info
+
+
+@contextmanager
+def _recorded_architecture(source: str, record: str) -> Iterator[None]:
+    """Turn a :class:`UsageError` of building the model that ``source`` describes in its own ``record``
+    into a :class:`CheckpointError` naming the file: the value is the file's (edited by hand, or
+    written by another version), not an option the caller gave."""
+    try:
+        yield
+    except UsageError as err:
+        raise CheckpointError(f"{source}: {record} describes a model that cannot be built: {err}") from None
 
 
 def _model_from_train_config(config: dict[str, Any], classes: list[str] | None) -> CvT:

@@ -87,7 +87,7 @@ def checkpoint_state(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "ema": ema.module.state_dict() if ema is not None else {},
         "rng": capture_rng(),
-        "config": recorded_config(cfg, model),
+        "config": config_to_record(cfg, model),
         "classes": list(classes),
         **progress,  # epoch, batches_done, step, history, best_top1, epoch sums, train_seconds
     }
@@ -215,7 +215,7 @@ def misfit_message(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, e
     """One line for a checkpoint to resume that does not load into this run's model or optimizer:
     the recorded options that differ from this command's, or else the first line of torch's detail."""
     recorded = resume.get("config") or {}
-    now = recorded_config(cfg, model)
+    now = config_to_record(cfg, model)
     differ = [
         f"{key} {recorded[key]!r} (this command: {now[key]!r})"
         for key in _FIT_OPTIONS
@@ -234,7 +234,7 @@ def misfit_message(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, e
     )
 
 
-def recorded_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+def config_to_record(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
     """The run's options as ``config.yaml`` and checkpoints record them, with the resolved class
     count and resolution."""
     return {**cfg.recorded(), "num_classes": model.num_classes, "img_size": model.img_size[0]}

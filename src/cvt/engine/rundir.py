@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import yaml
 
 from cvt.errors import CvtError, UsageError, first_names
 from cvt.figures import new_figure, save_figure
-from cvt.fileio import atomic_write_text, check_folder_path, read_yaml_mapping
+from cvt.fileio import atomic_write_text, check_folder_path, is_temporary_of, read_yaml_mapping
 
 try:
     import fcntl
@@ -41,13 +40,11 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "top1", "top5", "lr", "time
 LOCK_FILE = ".lock"  # held by the process training into the folder; not content of the run
 # where --overwrite keeps the replaced run's files until the new run's first checkpoint
 REPLACED_DIR = ".replaced"
-# the temporary file of an atomic write of a run file (tempfile.mkstemp's 8 random characters)
-_TEMPORARY = re.compile(rf"^\.({'|'.join(map(re.escape, RUN_FILES))})\.[a-z0-9_]{{8}}\.tmp$")
 
 
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is the temporary file of a save of a run file that was killed midway."""
-    return _TEMPORARY.match(name) is not None
+    return is_temporary_of(name, RUN_FILES)
 
 
 def run_dir_content(run_dir: Path) -> list[str]:
@@ -160,11 +157,11 @@ def never_saved(run_dir: Path) -> bool:
     temporary = {n for n in names if is_temporary(n)}
     if "config.yaml" not in names or not names - temporary <= set(STARTUP_FILES):
         return False
-    recorded = recorded_config(run_dir)
+    recorded = read_recorded_config(run_dir)
     return recorded is not None and {"model", "dataset", "epochs", "seed"} <= recorded.keys()
 
 
-def recorded_config(run_dir: Path) -> dict[str, Any] | None:
+def read_recorded_config(run_dir: Path) -> dict[str, Any] | None:
     """The options a run recorded in ``run_dir/config.yaml``, or None where there is no readable one
     (missing, not YAML, not a mapping)."""
     try:

@@ -42,9 +42,9 @@ from cvt.engine.resume import (
     carry_best,
     check_not_rewinding,
     checkpoint_state,
+    config_to_record,
     first_epoch_with,
     misfit_message,
-    recorded_config,
     resume_path,
     resumed_position,
 )
@@ -62,7 +62,7 @@ from cvt.engine.rundir import (
 )
 from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save, restore_rng
-from cvt.errors import CheckpointError, CvtError, UsageError
+from cvt.errors import CheckpointError, CvtError, UsageError, first_line
 from cvt.precision import autocast, autocast_dtype
 
 
@@ -259,7 +259,7 @@ def _epoch_batches(loader: DataLoader, rng_state: dict[str, Any] | None) -> Iter
         if "DataLoader worker" not in str(err):
             raise
         raise DataLoaderWorkerError(
-            f"a data-loader worker died ({str(err).splitlines()[0]}); the OS may have killed it for memory: "
+            f"a data-loader worker died ({first_line(err)}); the OS may have killed it for memory: "
             f"use fewer --workers, or --workers 0 to see any error in the training process"
         ) from err
 
@@ -490,7 +490,7 @@ def _train(
         prepare_run_dir(run_dir, replaced if replace else None)
         if resume_from is not None:
             carry_best(resume_from, run_dir, progress)
-        write_config(run_dir, recorded_config(cfg, model))
+        write_config(run_dir, config_to_record(cfg, model))
         # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
         tb = TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resume else None)
         print(

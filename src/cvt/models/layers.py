@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from cvt.errors import UsageError
 from cvt.models import cpu_kernels
 from cvt.models.cpu_kernels import RecomputedAttention, builds_no_graph, chunked_attention
 from cvt.models.derived_weights import (
@@ -232,7 +233,7 @@ class ConvProjection(CachesDerivedWeights):
         elif method == "avg":
             self.avg = nn.AvgPool2d(kernel_size, stride=stride, padding=padding, ceil_mode=True)
         else:
-            raise ValueError(f"ConvProjection method must be 'dw_bn' or 'avg', got {method!r}")
+            raise UsageError(f"ConvProjection method must be 'dw_bn' or 'avg', got {method!r}")
 
     def folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Depthwise weight ``(C, 1, k, k)`` and bias ``(C,)`` equal to conv followed by eval BatchNorm
@@ -333,9 +334,9 @@ class ConvAttention(CachesDerivedWeights):
     ) -> None:
         super().__init__()
         if method not in PROJECTION_METHODS:
-            raise ValueError(f"unknown projection method {method!r}; expected one of {PROJECTION_METHODS}")
+            raise UsageError(f"unknown projection method {method!r}; expected one of {PROJECTION_METHODS}")
         if dim_out % num_heads:
-            raise ValueError(f"dim_out {dim_out} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"dim_out {dim_out} is not divisible by num_heads {num_heads}")
         self.method = method
         self.num_heads = num_heads
         self.dim_out = dim_out
@@ -466,7 +467,7 @@ class ConvAttention(CachesDerivedWeights):
         ``cls_only``: the query of the cls token alone (``Tq == 1``); keys and values of all tokens.
         """
         if cls_only and not self.with_cls_token:
-            raise ValueError("cls_only needs a block with a cls token")
+            raise UsageError("cls_only needs a block with a cls token")
         if self.fuse_proj and self.method == "linear" and not cls_only and self._fuses_linears(3):
             q, k, v = self._split_heads(self._stacked_linear(x, (self.proj_q, self.proj_k, self.proj_v)), 3)
             return q, k, v
@@ -724,7 +725,7 @@ def set_fast_paths(model: nn.Module, enabled: bool = True, **flags: bool) -> nn.
     """
     unknown = sorted(set(flags) - set(FAST_PATH_FLAGS))
     if unknown:
-        raise ValueError(f"unknown fast-path flag(s) {unknown}; known: {list(FAST_PATH_FLAGS)}")
+        raise UsageError(f"unknown fast-path flag(s) {unknown}; known: {list(FAST_PATH_FLAGS)}")
     values = {name: flags.get(name, enabled) for name in FAST_PATH_FLAGS}
     for module in model.modules():
         for name, value in values.items():
