@@ -142,8 +142,7 @@ def mismatch_message(
 ) -> str:
     """One readable sentence (or a few) saying why ``state_dict`` does not fit ``model``."""
     if report.head_only:
-        found = state_dict.get("head.weight")
-        n = int(found.shape[0]) if found is not None else 0
+        n = infer_num_classes(state_dict)
         return (
             f"checkpoint {source} has a {n}-class head, the model has {model.num_classes} classes: build "
             f"the model with num_classes={n}, or load with ignore_head=True to keep a fresh head for "

@@ -20,8 +20,8 @@ AMD EPYC (Zen 4, AVX512-BF16, no AMX) in docs/performance-decisions.md:
 
 And two training paths (while a graph is built):
 
-- :class:`OnednnLinear`: fp32 Linear layers on oneDNN's kernel, where :data:`ONEDNN_FP32_LINEAR`
-  (oneDNN's fp32 GEMM beats MKL's on CPUs other than Intel's);
+- :class:`OnednnLinear` (chosen by :func:`graph_linear`): fp32 Linear layers on oneDNN's kernel, where
+  :data:`ONEDNN_FP32_LINEAR` (oneDNN's fp32 GEMM beats MKL's on CPUs other than Intel's);
 - :class:`RecomputedAttention`: bf16 attention over many keys as 2-D products per image and head,
   the probabilities recomputed in backward (faster than CPU SDPA's forward and backward together).
 """
@@ -181,6 +181,17 @@ def trains_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     return large_enough_for_onednn(x, weight) and not runs_plain_ops_only(x, weight)
+
+
+def graph_linear(
+    enabled: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; with the layer's ``onednn_linear`` flag ``enabled``, as
+    :class:`OnednnLinear` where :func:`trains_on_onednn` allows (fp32 CPU training off Intel: oneDNN's
+    GEMM is faster than MKL's there)."""
+    if enabled and trains_on_onednn(x, weight):
+        return OnednnLinear.apply(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def large_enough_for_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

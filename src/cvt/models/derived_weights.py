@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -127,29 +126,12 @@ class CachesDerivedWeights(nn.Module):
         return super().train(mode)
 
 
-def packed_linear_dtype(enabled: bool, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype of the ``onednn_linear`` fast path for ``x`` through a Linear on ``weight``, or None
-    where ``F.linear`` runs (the flag off, or :func:`cvt.models.cpu_kernels.linear_dtype` says so)."""
-    return cpu_kernels.linear_dtype(x, weight) if enabled else None
-
-
-def graph_linear(
-    enabled: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; with the ``onednn_linear`` flag ``enabled``, as
-    :class:`~cvt.models.cpu_kernels.OnednnLinear` where :func:`~cvt.models.cpu_kernels.trains_on_onednn`
-    allows (fp32 CPU training off Intel: oneDNN's GEMM is faster than MKL's there)."""
-    if enabled and cpu_kernels.trains_on_onednn(x, weight):
-        return cpu_kernels.OnednnLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 class CastCachedLinear(CachesDerivedWeights, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are
     kept between calls while no graph is built, instead of autocast casting them on every call; in CPU
     inference on AVX-512 (bf16; fp32 off Intel), for products large enough to repay oneDNN's per-call cost,
     they are kept packed for oneDNN's linear kernel (``onednn_linear``), and fp32 training off Intel
-    runs that kernel on the plain weights (:func:`graph_linear`)."""
+    runs that kernel on the plain weights (:func:`~cvt.models.cpu_kernels.graph_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -159,11 +141,11 @@ class CastCachedLinear(CachesDerivedWeights, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
-        dtype = packed_linear_dtype(self.onednn_linear, x, self.weight)
+        dtype = cpu_kernels.linear_dtype(x, self.weight) if self.onednn_linear else None
         if dtype is not None and DerivedWeights.keeps(params):
             weight, bias = self._packed.get(
                 params, lambda: cpu_kernels.pack_linear(self.weight, self.bias, dtype)
             )
             return cpu_kernels.linear(x.to(dtype), weight, bias)
         weight, *bias = self._cast.get(params, lambda: params)
-        return graph_linear(self.onednn_linear, x, weight, bias[0] if bias else None)
+        return cpu_kernels.graph_linear(self.onednn_linear, x, weight, bias[0] if bias else None)

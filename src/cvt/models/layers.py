@@ -74,8 +74,6 @@ from cvt.models.derived_weights import (
     CachesDerivedWeights,
     CastCachedLinear,
     DerivedWeights,
-    graph_linear,
-    packed_linear_dtype,
 )
 from cvt.precision import active_autocast_dtype
 
@@ -398,14 +396,14 @@ class ConvAttention(CachesDerivedWeights):
             return weight, None if biases[0] is None else torch.cat(biases)
 
         onednn = all(getattr(lin, "onednn_linear", False) for lin in linears)
-        dtype = packed_linear_dtype(onednn, x, linears[0].weight)
+        dtype = cpu_kernels.linear_dtype(x, linears[0].weight) if onednn else None
         if dtype is not None and DerivedWeights.keeps(sources):
             weight, bias = self._packed_weights.get(
                 sources, lambda: cpu_kernels.pack_linear(*concat(), dtype)
             )
             return cpu_kernels.linear(x.to(dtype), weight, bias)
         weight, bias = self._fused_weights.get(sources, concat)
-        return graph_linear(onednn, x, weight, bias)
+        return cpu_kernels.graph_linear(onednn, x, weight, bias)
 
     def _project_inputs(
         self, x: torch.Tensor, grid: tuple[int, int], cls_only: bool = False
@@ -647,17 +645,20 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         hidden_drops = dropout_rate(self.drop1) > 0
         drops = hidden_drops or dropout_rate(self.drop2) > 0
         sources = (self.fc1.weight, self.fc1.bias, self.fc2.weight)
-        dtype = packed_linear_dtype(self.onednn_linear and not (self.training or drops), x, self.fc1.weight)
+        packs = self.onednn_linear and not (self.training or drops)
+        dtype = cpu_kernels.linear_dtype(x, self.fc1.weight) if packs else None
         if dtype is not None and DerivedWeights.keeps(sources):
             w1, b1, w2, b2 = self._packed.get((*sources, self.fc2.bias), lambda: self.packed_weights(dtype))
             h = cpu_kernels.linear(x.to(dtype), w1, b1, silu=True)  # (B, T, hidden): silu(1.702 fc1(x))
             return cpu_kernels.linear(h, w2, b2)
         w1, b1, w2 = self._scaled.get(sources, self.scaled_weights)
-        h = graph_linear(self.onednn_linear, x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
+        h = cpu_kernels.graph_linear(self.onednn_linear, x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
         if torch.is_grad_enabled() and h.requires_grad:
             # dropout between SiLU and fc2, torch.func transforms or forward-mode AD: plain autograd
             if hidden_drops or cpu_kernels.runs_plain_ops_only(h):
-                return self.drop2(graph_linear(self.onednn_linear, self.drop1(F.silu(h)), w2, self.fc2.bias))
+                return self.drop2(
+                    cpu_kernels.graph_linear(self.onednn_linear, self.drop1(F.silu(h)), w2, self.fc2.bias)
+                )
             w2, b2 = w2.to(h.dtype), self.fc2.bias.to(h.dtype)
             onednn = self.onednn_linear and cpu_kernels.trains_on_onednn(h, w2)
             return self.drop2(SiluLinear.apply(h, w2, b2, onednn))
