@@ -177,11 +177,28 @@ def test_too_small_data_and_existing_report_fail_before_training(tmp_path) -> No
     budget = replace(ABLATION_DEFAULTS, train_subset=10, batch_size=64, output=str(tmp_path / "a"))
     with pytest.raises(cvt.DataError, match="has 10 image\\(s\\), fewer than one batch of 64"):
         train_ablation(budget, ["kv_stride"])
+    assert check_data(replace(budget, batch_size=8)) is None  # a check: the class count is class_count's
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "ablation.csv").write_text("mine")
-    with pytest.raises(cvt.UsageError, match="refusing to overwrite"):
+    with pytest.raises(cvt.UsageError) as refused:
         train_ablation(replace(ABLATION_DEFAULTS, output=str(tmp_path / "b")), ["kv_stride"])
+    assert str(refused.value) == (
+        f"refusing to overwrite {tmp_path / 'b' / 'ablation.csv'}: choose another --output or pass "
+        f"--overwrite"
+    )
     assert (tmp_path / "b" / "ablation.csv").read_text() == "mine"
+
+
+def test_cli_refuses_an_earlier_report_with_exit_2(tmp_path, capsys) -> None:
+    out = tmp_path / "ablation"
+    out.mkdir()
+    (out / "ablation.md").write_text("mine")
+    assert main(["ablate", "--family", "kv_stride", "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"cvt ablate: error: refusing to overwrite {out / 'ablation.md'}: choose another --output or pass "
+        f"--overwrite\n"
+    )
+    assert (out / "ablation.md").read_text() == "mine"
 
 
 def test_download_flag_reaches_the_data_check(tmp_path, monkeypatch) -> None:

@@ -617,8 +617,11 @@ def test_save_unwraps_wrapped_models(tmp_path: Path, tiny: CvT) -> None:
 def test_save_refuses_to_overwrite(tmp_path: Path, tiny: CvT) -> None:
     path = tmp_path / "user.safetensors"
     path.write_bytes(b"precious")
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(UsageError) as refused:  # a usage problem like every refused output (CLI exit 2)
         save_checkpoint(tiny, path)
+    assert str(refused.value) == (
+        f"refusing to overwrite {path}: choose another path or pass overwrite=True (CLI: --overwrite)"
+    )
     assert path.read_bytes() == b"precious"
     save_checkpoint(tiny, path, overwrite=True)
     assert read_state_dict(path)[1] == "cvt"
@@ -847,6 +850,31 @@ def test_cli_convert(tmp_path: Path, tiny: CvT, images: torch.Tensor, capsys: py
     assert main(["convert", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "drop-path rates by stage" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_cli_convert_refuses_an_output_written_while_it_reads(
+    tmp_path: Path, tiny: CvT, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output that another process writes after convert's first check is refused by save_checkpoint
+    itself: the same usage error (exit 2) as the check before reading, and the file is kept."""
+    import cvt.checkpoint
+    from cvt.cli.main import main
+
+    source = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out.safetensors"
+    real_load_model = cvt.checkpoint.load_model
+
+    def load_while_another_writes(*args, **kwargs) -> CvT:
+        out.write_bytes(b"precious")
+        return real_load_model(*args, **kwargs)
+
+    monkeypatch.setattr(cvt.checkpoint, "load_model", load_while_another_writes)
+    assert main(["convert", str(source), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"cvt convert: error: refusing to overwrite {out}: choose another path or pass overwrite=True "
+        f"(CLI: --overwrite)\n"
+    )
+    assert out.read_bytes() == b"precious"
 
 
 def test_save_checkpoint_keeps_the_previous_file_when_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,6 +21,22 @@ from cvt.cli.main import main
 from cvt.cli.model_source import ModelSource
 from cvt.engine.evaluate import evaluate, save_confusion_png
 from cvt.errors import DataError
+
+
+@pytest.fixture
+def shown_warnings() -> Iterator[list[str]]:
+    """Warnings printed on stderr as outside pytest (which records them instead), through the
+    ``warnings.formatwarning`` that ``cvt`` sets; yields the messages of those shown."""
+    shown: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        shown.append(str(message))
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield shown
 
 
 class _TableModel(nn.Module):
@@ -246,7 +265,24 @@ def test_cli_eval_json_and_files(tmp_path, capsys):
     assert json.loads((out / "eval.json").read_text())["top1"] == report["top1"]
     # a second run does not overwrite the first without --overwrite
     assert main([*args, "--output", str(out)]) == 2
-    assert "confusion.png exists; pass --overwrite" in capsys.readouterr().err
+    assert f"refusing to overwrite {out / 'confusion.png'}, {out / 'eval.json'}: " in capsys.readouterr().err
+
+
+def test_cli_eval_refuses_an_earlier_evals_files_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    def no_load(args):
+        raise AssertionError("loaded a model for an evaluation whose files cannot be written")
+
+    monkeypatch.setattr(evaluate_cli, "load_model_source", no_load)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    argv = ["eval", "--model", "cvt_tiny", "--dataset", "digits", "--output", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"cvt eval: error: refusing to overwrite {out / 'eval.json'}: choose another --output or pass "
+        f"--overwrite\n"
+    )
+    assert (out / "eval.json").read_text() == "{}"
 
 
 def test_cli_eval_on_the_cpu_pins_no_memory_where_a_gpu_exists(tmp_path, capsys, monkeypatch):
@@ -308,7 +344,7 @@ def test_cli_eval_class_count_mismatch(tmp_path, capsys):
     assert "has 12 classes but imagefolder has 10" in capsys.readouterr().err
 
 
-def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys, monkeypatch):
+def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys, monkeypatch, shown_warnings):
     """A folder whose classes the checkpoint does not know is read as it is: another class count gets the
     --finetune hint, other names of the same count a warning (both used to be a DataError about the
     training split)."""
@@ -335,8 +371,9 @@ def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys, monkeypa
     monkeypatch.undo()
     assert main(image_folder("renamed", [f"c{i}" for i in range(10)])) == 0
     captured = capsys.readouterr()
-    assert "warning: the checkpoint's class names differ from imagefolder's (e.g. '0' vs 'c0')" in (
-        captured.err
+    assert captured.err == (
+        "cvt eval: warning: the checkpoint's class names differ from imagefolder's (e.g. '0' vs 'c0'); "
+        "indices are compared as they are\n"
     )
     assert "on imagefolder val: 10 images" in captured.out
     # a folder with some of the checkpoint's classes keeps the checkpoint's indices: "3" is index 3
@@ -416,17 +453,22 @@ def test_cli_eval_skip_bad_images_leaves_unreadable_files_out_and_counts_them(tm
     assert "| cat   | 2      | 0.00%    |" in text and "| eel   | 2      | 100.00%  |" in text
 
 
-def test_cli_eval_warning_quotes_the_first_class_names_that_differ(tmp_path, capsys):
+def test_cli_eval_warning_quotes_the_first_class_names_that_differ(tmp_path, capsys, shown_warnings):
     """The warning about other class names quotes a pair that differs (it quoted the first names, which
-    may be equal: "'0' vs '0'")."""
+    may be equal: "'0' vs '0'"). It is a Python warning (filters apply: ``-W error`` stops the run) that
+    the CLI shows on one line."""
     ckpt = _training_checkpoint(tmp_path)
     saved = torch.load(ckpt, weights_only=True)
     saved["classes"] = [*(str(i) for i in range(9)), "nine"]
     torch.save(saved, ckpt)
     data = _cifar10_archive(tmp_path / "data")
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data)]) == 0
-    err = capsys.readouterr().err
-    assert "class names differ from cifar10's (e.g. 'nine' vs '9'); indices are compared as they are" in err
+    message = (
+        "the checkpoint's class names differ from cifar10's (e.g. 'nine' vs '9'); indices are compared as "
+        "they are"
+    )
+    assert shown_warnings == [message]
+    assert capsys.readouterr().err == f"cvt eval: warning: {message}\n"
 
 
 def test_cli_eval_and_predict_with_a_head_wider_than_the_classes(tmp_path, capsys):
@@ -436,7 +478,8 @@ def test_cli_eval_and_predict_with_a_head_wider_than_the_classes(tmp_path, capsy
     saved = torch.load(ckpt, weights_only=True)
     saved["classes"] = [f"digit{i}" for i in range(10)]  # what training on digits stores
     torch.save(saved, ckpt)
-    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "digits", "--json"]) == 0
+    with pytest.warns(UserWarning, match=r"class names differ from digits's \(e\.g\. 'digit0' vs '0'\)"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "digits", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["top1"] == pytest.approx(100 * 37 / 360)  # always answers class 3
     assert list(report["per_class_acc"])[-3:] == ["9", "10", "11"]  # digits names its classes 0..9

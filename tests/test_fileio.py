@@ -19,6 +19,7 @@ from cvt.fileio import (
     check_folder_path,
     is_temporary_of,
     read_yaml_mapping,
+    refuse_existing,
 )
 
 
@@ -91,6 +92,23 @@ def test_check_folder_path_names_a_file_in_the_way_at_any_depth(tmp_path: Path) 
         with pytest.raises(UsageError, match=f"cannot write into {folder}: {blocking} is a file"):
             check_folder_path(folder)
     check_folder_path(tmp_path / "new" / "run")  # folders that do not exist yet are fine
+
+
+def test_refuse_existing_names_every_existing_output_and_the_ways_on(tmp_path: Path) -> None:
+    a, b, new = tmp_path / "a.json", tmp_path / "b.png", tmp_path / "new.json"
+    a.write_text("{}")
+    b.write_bytes(b"png")
+    with pytest.raises(UsageError) as refused:
+        refuse_existing([a, new, b], overwrite=False)
+    assert (
+        str(refused.value) == f"refusing to overwrite {a}, {b}: choose another --output or pass --overwrite"
+    )
+    assert refused.value.exit_code == 2  # the CLI's exit code of a usage error
+    with pytest.raises(UsageError) as refused:
+        refuse_existing([a], overwrite=False, option="overwrite=True", output="path")
+    assert str(refused.value) == f"refusing to overwrite {a}: choose another path or pass overwrite=True"
+    refuse_existing([a, b], overwrite=True)
+    refuse_existing([new, tmp_path / "missing" / "x"], overwrite=False)  # nothing exists: nothing to refuse
 
 
 def test_atomic_write_text_is_utf8(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 from transformers import CvtConfig, CvtForImageClassification  # noqa: E402
 
-from cvt import CheckpointError  # noqa: E402
+from cvt import CheckpointError, UsageError  # noqa: E402
 from cvt.checkpoint import export_hf, load_checkpoint, load_model, read_state_dict  # noqa: E402
 from cvt.checkpoint.hf import model_kwargs_from_hf_config, native_to_hf  # noqa: E402
 from cvt.models import create_model  # noqa: E402
@@ -187,7 +187,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
         back = load_model(out)  # act and image size read back from config.json
         assert back.act == "gelu" and back.pretrained_cfg["label_names"][3] == "class3"
         assert torch.equal(back(x), expected)
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(UsageError, match="refusing to overwrite"):  # a usage problem, as every refused output
         export_hf(ours, out)
 
 
@@ -212,8 +212,12 @@ def test_export_writes_the_preprocessing(tmp_path: Path) -> None:
     # the preprocessing file is part of the export: not replaced without overwrite
     (out / "config.json").unlink()
     (out / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"refusing to overwrite .*preprocessor_config\.json"):
+    with pytest.raises(UsageError) as refused:
         export_hf(model, out)
+    assert str(refused.value) == (
+        f"refusing to overwrite {out / 'preprocessor_config.json'}: choose another folder or pass "
+        f"overwrite=True (CLI: --overwrite)"
+    )
     export_hf(model, out, overwrite=True)
     # from 384 pixels up transformers' processor never crops: a cropping model is warned about
     cropped = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), img_size=384).eval()
@@ -445,6 +449,31 @@ def test_cli_convert_hf_to_cvt_and_back(tmp_path: Path, capsys: pytest.CaptureFi
     assert done.returncode == 0 and (tmp_path / "q" / "config.json").is_file()
     assert done.stderr.startswith("cvt convert: warning: the model uses quick_gelu; transformers'")
     assert done.stderr.count("\n") == 1
+
+
+def test_cli_convert_refuses_hf_files_written_while_it_reads(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Files that another process writes into the output folder after convert's first check are refused
+    by export_hf itself: the same usage error (exit 2) as the check before reading, and the files kept."""
+    import cvt.checkpoint
+    from cvt.checkpoint import save_checkpoint
+    from cvt.cli.main import main
+
+    source = save_checkpoint(_ours_for(_hf_model()), tmp_path / "small.safetensors")
+    out = tmp_path / "hf"
+    real_load_model = cvt.checkpoint.load_model
+
+    def load_while_another_writes(*args, **kwargs) -> CvT:
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        return real_load_model(*args, **kwargs)
+
+    monkeypatch.setattr(cvt.checkpoint, "load_model", load_while_another_writes)
+    assert main(["convert", str(source), "--output", str(out), "--to", "hf"]) == 2
+    assert capsys.readouterr().err == (
+        f"cvt convert: error: refusing to overwrite {out / 'config.json'}: choose another folder or pass "
+        f"overwrite=True (CLI: --overwrite)\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
 
 
 def test_hf_label_names_follow_the_integer_index() -> None:

@@ -21,7 +21,7 @@ from timm.layers import to_2tuple
 
 from cvt.checkpoint.hf import hf_export_files
 from cvt.errors import UsageError
-from cvt.fileio import atomic_write_bytes, check_folder_path
+from cvt.fileio import atomic_write_bytes, check_folder_path, refuse_existing
 from cvt.models import CvT
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors", "hf")
@@ -69,15 +69,11 @@ def check_output(fmt: str, output: str | Path, overwrite: bool = False) -> Path:
     if fmt == "hf":
         if path.exists() and not path.is_dir():
             raise UsageError(f"--output {path} is a file; hf export writes a folder")
-        existing = [str(p) for p in hf_export_files(path) if p.exists()]
+        refuse_existing(hf_export_files(path), overwrite)
     else:
         if path.is_dir():
             raise UsageError(f"--output {path} is a folder; {fmt} export writes one file")
-        existing = [str(path)] if path.exists() else []
-    if existing and not overwrite:
-        raise UsageError(
-            f"refusing to overwrite {', '.join(existing)}: choose another --output or pass --overwrite"
-        )
+        refuse_existing([path], overwrite)
     return path
 
 

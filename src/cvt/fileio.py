@@ -1,6 +1,6 @@
 """Reading and writing files safely: atomic writes (a reader, or a resumed run, sees the old file or the
-new one, never half of one), a check that an output folder can exist before any work is done, and the
-one reader of YAML files (recipes, official experiment files).
+new one, never half of one), checks before any work is done that an output folder can exist and that no
+existing output is replaced unasked, and the one reader of YAML files (recipes, official experiment files).
 
 Shared by checkpoints (``cvt.checkpoint.save_checkpoint``), exports, reports and run folders (``cvt.engine``).
 """
@@ -27,6 +27,20 @@ def check_folder_path(folder: Path) -> None:
     blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise UsageError(f"cannot write into {folder}: {blocking} is a file, not a folder")
+
+
+def refuse_existing(
+    paths: Iterable[Path], overwrite: bool, option: str = "--overwrite", output: str = "--output"
+) -> None:
+    """:class:`UsageError` naming those of ``paths`` that exist, unless ``overwrite``: an output is replaced
+    only when asked to. The message says the two ways on: choose another ``output`` (the option or
+    argument that names it) or pass ``option`` (``--overwrite`` on the command line, ``overwrite=True``
+    in the Python API)."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(
+            f"refusing to overwrite {', '.join(existing)}: choose another {output} or pass {option}"
+        )
 
 
 # the temporary file of an atomic write: "." + at most 64 characters of the target's name (so a name near

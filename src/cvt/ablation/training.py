@@ -20,6 +20,7 @@ from cvt.ablation.variants import Variant
 from cvt.engine.config import TrainConfig
 from cvt.engine.rundir import read_recorded_config, run_dir_content
 from cvt.errors import DataError, UsageError
+from cvt.fileio import refuse_existing
 
 # The default budget: 11 distinct cvt_tiny models on the digits (1437 training images) must train in
 # under 15 minutes on a 2-core CPU: 3 epochs each, with the warm-up shortened to a quarter epoch.
@@ -40,8 +41,8 @@ def variant_config(budget: TrainConfig, variant: Variant, run_dir: Path) -> Trai
     )
 
 
-def check_data(budget: TrainConfig) -> int:
-    """The training set's class count; :class:`DataError` when it cannot fill one batch of the budget."""
+def check_data(budget: TrainConfig) -> None:
+    """:class:`DataError` when the training set cannot be read or cannot fill one batch of the budget."""
     from cvt.data import build_dataset
 
     train_set = build_dataset(budget.dataset, budget.data_dir, "train", download=budget.download)
@@ -54,7 +55,6 @@ def check_data(budget: TrainConfig) -> int:
             f"the {budget.dataset} training set has {images} image(s), fewer than one batch of "
             f"{budget.batch_size * budget.accum_steps}: lower --batch-size or use more data"
         )
-    return len(train_set.classes)
 
 
 def class_count(budget: TrainConfig) -> int:
@@ -218,12 +218,10 @@ def train_ablation(
             "(e.g. position embeddings), so no one set of weights loads into all of them"
         )
     out_dir = ablation_dir(budget)
-    existing = [str(out_dir / name) for name in REPORT_FILES if (out_dir / name).exists()]
-    if existing and not (budget.overwrite or budget.resume):  # resume: the report is written again
-        raise UsageError(
-            f"refusing to overwrite {', '.join(existing)}: choose another --output or --overwrite"
-        )
-    num_classes = check_data(budget)
+    replace_report = budget.overwrite or bool(budget.resume)  # resume: the report is written again
+    refuse_existing([out_dir / name for name in REPORT_FILES], replace_report)
+    check_data(budget)
+    num_classes = class_count(budget)  # the heads the variants train (--num-classes, else the data's)
 
     def train_fn(variant: Variant) -> dict[str, float]:
         config = variant_config(budget, variant, out_dir / variant_slug(variant))
@@ -239,7 +237,7 @@ def train_ablation(
         configs = [variant_config(budget, v, out_dir / variant_slug(v)) for v in variants]
         check_variant_dirs([c.run_dir for c in configs], budget.overwrite or bool(budget.resume))
         if budget.resume:  # folders with content may hold the variants' runs, which continue
-            check_resumable(configs, budget.num_classes or num_classes, trained_img_size(budget))
+            check_resumable(configs, num_classes, trained_img_size(budget))
         for name in REPORT_FILES:  # replaced or continued runs: no report of the earlier ones survives
             (out_dir / name).unlink(missing_ok=True)
 
@@ -247,7 +245,7 @@ def train_ablation(
         budget.model,
         families,
         train_fn,
-        budget.num_classes or num_classes,
+        num_classes,
         budget.img_size,
         on_row=announce,
         model_args=budget.model_args,

@@ -19,7 +19,7 @@ import torch
 
 from cvt.checkpoint.read import HF_CONFIG_FILE, HF_PREPROCESSOR_FILE, HF_WEIGHT_FILES
 from cvt.errors import CheckpointError
-from cvt.fileio import atomic_write_files
+from cvt.fileio import atomic_write_files, refuse_existing
 from cvt.models.cvt import CvT, StageSpec, is_whole_number
 
 _HF_STAGE = "cvt.encoder.stages.{i}."
@@ -321,11 +321,12 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = Fal
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"export target {out} exists and is not a directory")
     config_file, weight_file, preprocessor_file = hf_export_files(out)
-    existing = [str(p) for p in (config_file, weight_file, preprocessor_file) if p.exists()]
-    if existing and not overwrite:
-        raise CheckpointError(
-            f"refusing to overwrite {', '.join(existing)}: pass overwrite=True (CLI: --overwrite)"
-        )
+    refuse_existing(
+        (config_file, weight_file, preprocessor_file),
+        overwrite,
+        option="overwrite=True (CLI: --overwrite)",
+        output="folder",
+    )
     preprocessor = hf_preprocessor_from_model(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in native_to_hf(model.state_dict()).items()}
     contents = {

@@ -19,7 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cvt.checkpoint.read import NATIVE_ARCH_KEY, NATIVE_FORMAT_KEY, NATIVE_FORMAT_VERSION
 from cvt.errors import CheckpointError, UsageError
-from cvt.fileio import atomic_write_bytes
+from cvt.fileio import atomic_write_bytes, refuse_existing
 from cvt.models.cvt import FIRST_CONV, CvT, StageSpec
 from cvt.models.variants import official_eval_crop
 
@@ -114,8 +114,7 @@ def save_checkpoint(
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint target {path} is a directory, expected a file path")
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"refusing to overwrite {path}: pass overwrite=True (CLI: --overwrite)")
+    refuse_existing([path], overwrite, option="overwrite=True (CLI: --overwrite)", output="path")
     # safetensors stores contiguous, unshared tensors; the state dict of a CvT shares none
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {

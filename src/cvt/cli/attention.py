@@ -36,11 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_attention(args: argparse.Namespace) -> int:
     """``cvt attention``: save the last stage's attention maps over one image; the exit status."""
     from cvt.attention_maps import attention_for_file, image_output_path
-    from cvt.errors import UsageError
+    from cvt.fileio import refuse_existing
 
     output = image_output_path(args.output)  # the file matplotlib will write: the one to protect
-    if output.exists() and not args.overwrite:
-        raise UsageError(f"refusing to overwrite {output}: choose another --output or pass --overwrite")
+    refuse_existing([output], args.overwrite)
     source = load_model_source(args, random_weights=True)
     title = f"{source.description}: {Path(args.image).name}"
     maps, path = attention_for_file(source.model, args.image, output, title=title, img_size=args.img_size)

@@ -44,21 +44,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """``cvt eval``: evaluate the model on a split of a data set and report it; the exit status."""
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
-    from cvt.data.datasets import first_difference, image_folder_classes
     from cvt.data.loader import collate_readable
     from cvt.engine.distributed import resolve_device
-    from cvt.engine.evaluate import evaluate, save_confusion_png
-    from cvt.errors import CheckpointError, DataError, UsageError, first_names
-    from cvt.fileio import atomic_write_text, check_folder_path
+    from cvt.engine.evaluate import (
+        check_eval_classes,
+        evaluate,
+        image_folder_eval_classes,
+        save_confusion_png,
+    )
+    from cvt.errors import UsageError
+    from cvt.fileio import atomic_write_text, check_folder_path, refuse_existing
     from cvt.precision import autocast_dtype
 
     output = Path(args.output) if args.output else None
     if output is not None:
         check_folder_path(output)  # before the evaluation, not after it
-    if output is not None and not args.overwrite:
-        existing = [output / n for n in (CONFUSION_PNG, METRICS_JSON) if (output / n).exists()]
-        if existing:
-            raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it, or another --output")
+        refuse_existing([output / CONFUSION_PNG, output / METRICS_JSON], args.overwrite)
     source = load_model_source(args)
     dataset_name = args.dataset or source.train_config.get("dataset")
     if dataset_name is None:
@@ -67,44 +68,25 @@ def run_eval(args: argparse.Namespace) -> int:
     if data_dir is None and dataset_name == source.train_config.get("dataset"):
         data_dir = source.train_config.get("data_dir")
     data_dir = data_dir or "data"  # cvt train's default too
-    # an ImageFolder whose class folders the checkpoint all knows is read with the checkpoint's class
-    # list (indices agree even if val/ lacks a class); one with none of them is read as it is and
-    # compared below; one with some of them and others is refused (its indices would not be the model's)
-    known = None
-    if dataset_name == "imagefolder" and source.classes and data_dir is not None:
-        folder = Path(data_dir) / args.split
-        found = image_folder_classes(folder) or []
-        unknown = sorted(set(found) - set(source.classes))
-        if not unknown:
-            known = source.classes
-        elif len(unknown) < len(found):
-            raise DataError(
-                f"image folder {folder} has class folder(s) {first_names(unknown)} that {source.description} "
-                f"does not know (its classes: {first_names(list(source.classes))}); evaluate it on the "
-                f"classes it knows: move those folders out"
-            )
+    known = None  # an ImageFolder's classes: the checkpoint's list where it has all of them
+    if dataset_name == "imagefolder":
+        known = image_folder_eval_classes(Path(data_dir) / args.split, source.classes, source.description)
     # an unreadable file is left out (counted below), never replaced by another image counted twice
     dataset = build_dataset(dataset_name, data_dir, args.split, download=args.download,
                             skip_bad_images=args.skip_bad_images, classes=known,
                             replace_bad_images=False)  # fmt: skip
     model = source.model
-    # a head trained wider than its data set's classes (cvt train --num-classes) evaluates on that data set
-    trained_wider = (
-        dataset_name == source.train_config.get("dataset") and len(dataset.classes) < model.num_classes
+    # --finetune takes a checkpoint file; published weights are named by --model
+    start = f"--finetune {args.checkpoint}" if args.checkpoint else f"--model {args.model} --pretrained"
+    check_eval_classes(
+        model.num_classes,
+        dataset_name,
+        dataset.classes,
+        model_name=source.description,
+        model_classes=source.classes,
+        trained_on=source.train_config.get("dataset"),
+        finetune_command=f"cvt train {start} --dataset {dataset_name}",
     )
-    if len(dataset.classes) != model.num_classes and not trained_wider:
-        # --finetune takes a checkpoint file; published weights are named by --model
-        start = f"--finetune {args.checkpoint}" if args.checkpoint else f"--model {args.model} --pretrained"
-        raise CheckpointError(
-            f"{source.description} has {model.num_classes} classes but {dataset_name} has "
-            f"{len(dataset.classes)}: evaluate on the data set it was trained on, or fine-tune it first "
-            f"with a new head (cvt train {start} --dataset {dataset_name})"
-        )
-    if source.classes and list(source.classes) != list(dataset.classes):
-        _, theirs, ours = first_difference(source.classes, dataset.classes)
-        print(f"cvt eval: warning: the checkpoint's class names differ from {dataset_name}'s "
-              f"(e.g. {theirs!r} vs {ours!r}); indices are compared as they are",
-              file=sys.stderr)  # fmt: skip
 
     data_cfg = resolve_data_config(model, dataset_name, args.img_size)
     dataset.transform = build_transform(data_cfg, train=False)

@@ -1,4 +1,5 @@
-"""The evaluation loop and its metrics: top-1/top-k accuracy, mean loss, per-class accuracy, confusion.
+"""The evaluation loop and its metrics: top-1/top-k accuracy, mean loss, per-class accuracy, confusion;
+and the checks that a model's classes fit the data set it is evaluated on.
 
 Used by ``cvt eval`` and by the training engine for validation. Top-5 becomes top-k with
 k = the class count when a data set has fewer than 5 classes.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvt.errors import DataError, UsageError
+from cvt.data.datasets import first_difference, image_folder_classes
+from cvt.errors import CheckpointError, DataError, UsageError, first_names
 from cvt.figures import new_figure, save_figure
 
 
@@ -58,6 +61,62 @@ class EvalResult:
             },
             "confusion": self.confusion.tolist(),
         }
+
+
+def image_folder_eval_classes(
+    folder: Path, model_classes: Sequence[str] | None, model_name: str
+) -> list[str] | None:
+    """The class list to read the ImageFolder split ``folder`` with, to evaluate a model that knows the
+    classes ``model_classes`` (``model_name`` in messages): the model's when it knows every class folder
+    (indices agree even if the split lacks a class); None, the folder read as it is, when the model knows
+    no names or none of the folders (:func:`check_eval_classes` compares them). :class:`DataError` when
+    the folder has some of the model's classes and others: its indices would not be the model's."""
+    if not model_classes:
+        return None
+    found = image_folder_classes(folder) or []
+    unknown = sorted(set(found) - set(model_classes))
+    if not unknown:
+        return list(model_classes)
+    if len(unknown) < len(found):
+        raise DataError(
+            f"image folder {folder} has class folder(s) {first_names(unknown)} that {model_name} "
+            f"does not know (its classes: {first_names(list(model_classes))}); evaluate it on the "
+            f"classes it knows: move those folders out"
+        )
+    return None
+
+
+def check_eval_classes(
+    num_classes: int,
+    dataset: str,
+    dataset_classes: Sequence[str],
+    *,
+    model_name: str,
+    model_classes: Sequence[str] | None,
+    trained_on: str | None,
+    finetune_command: str,
+) -> None:
+    """Check that a model with ``num_classes`` outputs (``model_name`` in messages) can be scored on the
+    data set ``dataset`` of ``dataset_classes``.
+
+    :class:`CheckpointError` for another class count, suggesting ``finetune_command`` (a training with a
+    new head), unless the head is wider than the classes of the data set it was ``trained_on``
+    (``cvt train --num-classes``). A warning when the model's class names ``model_classes`` differ from
+    the data set's: the indices are compared as they are.
+    """
+    trained_wider = dataset == trained_on and len(dataset_classes) < num_classes
+    if len(dataset_classes) != num_classes and not trained_wider:
+        raise CheckpointError(
+            f"{model_name} has {num_classes} classes but {dataset} has {len(dataset_classes)}: evaluate "
+            f"on the data set it was trained on, or fine-tune it first with a new head ({finetune_command})"
+        )
+    if model_classes and list(model_classes) != list(dataset_classes):
+        _, theirs, ours = first_difference(model_classes, dataset_classes)
+        warnings.warn(
+            f"the checkpoint's class names differ from {dataset}'s (e.g. {theirs!r} vs {ours!r}); indices "
+            f"are compared as they are",
+            stacklevel=2,
+        )
 
 
 @torch.inference_mode()
