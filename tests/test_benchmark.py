@@ -59,15 +59,17 @@ def test_cuda_peak_is_each_step_above_what_was_allocated_before_it(monkeypatch: 
         made[name] += 1
         return lambda x, target: memory.step(extra[name])
 
-    monkeypatch.setattr(benchmark, "make_step", make_step)
-    monkeypatch.setattr(benchmark, "make_batch", lambda cfg, num_classes: (torch.zeros(1), torch.zeros(1)))
-    monkeypatch.setattr(benchmark, "synchronize", lambda device: None)
-    monkeypatch.setattr(benchmark, "MIN_CUDA_RUN_S", 1e-9)  # one step per timed run
+    monkeypatch.setattr(benchmark.timing, "make_step", make_step)
+    monkeypatch.setattr(
+        benchmark.timing, "make_batch", lambda cfg, num_classes: (torch.zeros(1), torch.zeros(1))
+    )
+    monkeypatch.setattr(benchmark.timing, "synchronize", lambda device: None)
+    monkeypatch.setattr(benchmark.timing, "MIN_CUDA_RUN_S", 1e-9)  # one step per timed run
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", memory.reset_peak)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: memory.allocated)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: memory.peak)
     cfg = BenchConfig(model="cvt_tiny", device="cuda", mode="train", runs=2, warmup=1)
-    times, peaks = benchmark.time_subjects(cfg, subjects, num_classes=10)
+    times, peaks = benchmark.timing.time_subjects(cfg, subjects, num_classes=10)
     assert peaks == {"cvt": 40, "official": 70}
     assert {name: len(t) for name, t in times.items()} == {"cvt": 2, "official": 2}
     # the measured step has an optimizer of its own: its momentum buffers count, as on CPU
@@ -85,24 +87,26 @@ def test_cuda_matmul_ceiling_repeats_the_product_for_each_timed_run(monkeypatch:
 
     monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: FakeMatrix())
     monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(benchmark, "synchronize", lambda device: None)
+    monkeypatch.setattr(benchmark.timing, "synchronize", lambda device: None)
     runs = 5
-    gflops = benchmark.matmul_ceiling("fp32", "cuda", size=2048, runs=runs)
+    gflops = benchmark.machine.matmul_ceiling("fp32", "cuda", size=2048, runs=runs)
     assert gflops == pytest.approx(2 * 2048**3 / product_s / 1e9)
     # every timed run lasts at least MIN_CUDA_RUN_S (plus the warm-up and the probe products)
-    assert clock["products"] >= runs * math.ceil(benchmark.MIN_CUDA_RUN_S / product_s)
+    assert clock["products"] >= runs * math.ceil(benchmark.timing.MIN_CUDA_RUN_S / product_s)
 
 
 def test_cpu_matmul_ceiling_times_single_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert benchmark.repeats_per_run(lambda: None, "cpu") == 1
-    assert benchmark.matmul_ceiling("fp32", "cpu", size=64, runs=2) > 0
+    assert benchmark.timing.repeats_per_run(lambda: None, "cpu") == 1
+    assert benchmark.machine.matmul_ceiling("fp32", "cpu", size=64, runs=2) > 0
     # the rate of the median run: 2 * 64^3 FLOP in 0.2 s, whatever the slowest and fastest runs took
     times = iter([0.1, 0.5, 0.2, 0.25, 0.2])
     calls = []
     monkeypatch.setattr(
-        benchmark, "timed_run", lambda fn, repeats, device: calls.append(repeats) or next(times)
+        benchmark.machine, "timed_run", lambda fn, repeats, device: calls.append(repeats) or next(times)
     )
-    assert benchmark.matmul_ceiling("fp32", "cpu", size=64, runs=5) == pytest.approx(2 * 64**3 / 0.2 / 1e9)
+    assert benchmark.machine.matmul_ceiling("fp32", "cpu", size=64, runs=5) == pytest.approx(
+        2 * 64**3 / 0.2 / 1e9
+    )
     assert calls == [1] * 5
 
 
@@ -126,7 +130,7 @@ class WorkerLog:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[str] = []
         self.threads: list[int] = []
-        real_make_step = benchmark.make_step
+        real_make_step = benchmark.timing.make_step
 
         def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
             step = real_make_step(model, cfg)
@@ -147,10 +151,10 @@ class WorkerLog:
             self.events.append("baseline")
             return 100.0
 
-        monkeypatch.setattr(benchmark, "make_step", make_step)
+        monkeypatch.setattr(benchmark.memory, "make_step", make_step)
         monkeypatch.setattr(torch, "compile", compile_)
-        monkeypatch.setattr(benchmark, "settled_rss_mb", baseline)
-        monkeypatch.setattr(benchmark, "peak_rss_mb", lambda: 112.5)
+        monkeypatch.setattr(benchmark.memory, "settled_rss_mb", baseline)
+        monkeypatch.setattr(benchmark.memory, "peak_rss_mb", lambda: 112.5)
         monkeypatch.setattr(torch, "set_num_threads", self.threads.append)
 
 
@@ -161,7 +165,9 @@ def test_memory_worker_takes_its_baseline_after_a_first_step_and_settling(
     log = WorkerLog(monkeypatch)
     # no img_size: the worker reads the request's None as the model's own size, as the parent does
     cfg = BenchConfig(model="cvt_tiny", batch_size=2, mode="train", compile=compile_)
-    benchmark._memory_worker(json.dumps({"cfg": dataclasses.asdict(cfg), "subject": "cvt", "threads": 3}))
+    benchmark.memory._memory_worker(
+        json.dumps({"cfg": dataclasses.asdict(cfg), "subject": "cvt", "threads": 3})
+    )
     assert float(capsys.readouterr().out) == pytest.approx(12.5)  # peak RSS minus the baseline
     assert log.threads == [3]
     # one step with an optimizer of its own before the baseline, eager or compiled (first-call
@@ -511,8 +517,8 @@ def test_interleaved_medians_warm_up_then_time_one_call_of_each_in_turn(
     calls: list[str] = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
     durations = iter([0.5, 2.0, 0.1, 3.0, 0.3, 1.0])  # a, b, a, b, a, b
-    monkeypatch.setattr(benchmark, "timed_run", lambda fn, repeats, device: (fn(), next(durations))[1])
-    seconds = benchmark.interleaved_medians(fns, runs=3, warmup=2)
+    monkeypatch.setattr(benchmark.timing, "timed_run", lambda fn, repeats, device: (fn(), next(durations))[1])
+    seconds = benchmark.timing.interleaved_medians(fns, runs=3, warmup=2)
     assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
     assert seconds == {"a": 0.3, "b": 2.0}
 

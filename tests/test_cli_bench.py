@@ -158,7 +158,7 @@ def test_out_of_memory_gives_one_line_and_exit_1(
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     # the real model is built, the timed step then fails to allocate
-    monkeypatch.setattr(benchmark, "make_step", lambda model, cfg: exhausted)
+    monkeypatch.setattr(benchmark.timing, "make_step", lambda model, cfg: exhausted)
     code, _, err = run_cli(
         capsys, "--model", "cvt_tiny", "--img-size", "32", "--batch-size", "4096", "--runs", "1"
     )
@@ -181,7 +181,7 @@ def test_batch_too_large_to_create_gives_one_line_and_exit_1(
     def allocate(cfg: BenchConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise error  # what creating 50000 images of 224x224 does on a machine with less than 30 GB
 
-    monkeypatch.setattr(benchmark, "make_batch", allocate)
+    monkeypatch.setattr(benchmark.timing, "make_batch", allocate)
     code, _, err = run_cli(
         capsys, "--model", "cvt_tiny", "--img-size", "224", "--batch-size", "50000", "--runs", "1",
         "--warmup", "0",
@@ -305,7 +305,7 @@ def test_cpu_peak_memory_without_proc_gives_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # a system without Linux's /proc (macOS): the peak cannot be read, so ask for --no-memory up front
-    monkeypatch.setattr(benchmark, "PROC_SELF", tmp_path / "no-proc")
+    monkeypatch.setattr(benchmark.memory, "PROC_SELF", tmp_path / "no-proc")
     code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--runs", "1", "--warmup", "0", "--device", "cpu")
     assert code == 2
     assert "pass --no-memory" in err and len(err.strip().splitlines()) == 1

@@ -33,8 +33,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.autograd import forward_ad
 
+from cvt.models.call_context import builds_no_graph, runs_plain_ops_only, traced_or_compiled
 from cvt.precision import active_autocast_dtype
 
 
@@ -106,25 +106,13 @@ def has_kernels_for(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and CPU_HAS_BF16_KERNELS)
 
 
-def traced_or_compiled() -> bool:
-    """Whether the current call is traced (``torch.jit.trace``) or compiled (``torch.compile``): a trace
-    or graph must see the plain ops, not this module's kernels."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
-def builds_no_graph() -> bool:
-    """Whether the current call builds no autograd graph and is neither traced nor compiled: the
-    precondition of every cached or packed inference path."""
-    return not (torch.is_grad_enabled() or traced_or_compiled())
-
-
 def linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype in which ``F.linear(x, weight, ...)`` may run as oneDNN's packed kernel instead: CPU
     autocast's dtype, or without autocast the common dtype of ``x`` and ``weight``; None where
     ``F.linear`` runs: off the CPU, when a graph is built, traced or compiled, without
     :data:`ONEDNN_PACKED_LINEAR` (in fp32: :data:`ONEDNN_FP32_LINEAR`), in a dtype other than fp32 and
     bf16, for mismatched dtypes (``F.linear`` reports them), for small products
-    (:func:`large_enough_for_onednn`), or for :func:`runs_plain_ops_only`."""
+    (:func:`large_enough_for_onednn`), or for :func:`~cvt.models.call_context.runs_plain_ops_only`."""
     if x.device.type != "cpu" or not ONEDNN_PACKED_LINEAR or not builds_no_graph():
         return None
     if runs_plain_ops_only(x, weight) or not large_enough_for_onednn(x, weight):
@@ -159,21 +147,12 @@ def linear(
     return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 
 
-def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
-    """Whether ``torch.func`` transforms are active or one of ``tensors`` carries a forward-mode tangent:
-    oneDNN's ops have no derivative formulas or batching rules, so they would drop the tangent (or be
-    refused) where ``F.linear`` works."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def trains_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.linear(x, weight, ...)`` may run as :class:`OnednnLinear` while a graph is built:
     fp32 on a CPU where :data:`ONEDNN_FP32_LINEAR` (oneDNN's fp32 GEMM beats MKL's), without CPU
     autocast, large enough (:func:`large_enough_for_onednn`), neither traced nor compiled (a trace or
     graph must see ``F.linear``), nor under ``torch.func`` transforms or forward-mode AD
-    (:func:`runs_plain_ops_only`)."""
+    (:func:`~cvt.models.call_context.runs_plain_ops_only`)."""
     if x.device.type != "cpu" or not ONEDNN_FP32_LINEAR or not torch.is_grad_enabled():
         return False
     if traced_or_compiled() or torch.is_autocast_enabled("cpu"):

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cvt.errors import InputShapeError, UsageError
-from cvt.models.cpu_kernels import traced_or_compiled
+from cvt.models.call_context import traced_or_compiled
 from cvt.models.layers import ACTIVATIONS, PROJECTION_METHODS, Block, ConvEmbed, conv_out_size, tokens_to_map
 
 # StageSpec's field annotations (strings, under ``from __future__ import annotations``): the values they admit

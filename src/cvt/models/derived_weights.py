@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cvt.models import cpu_kernels
-from cvt.models.cpu_kernels import builds_no_graph
+from cvt.models.call_context import builds_no_graph
 from cvt.precision import active_autocast_dtype
 
 

@@ -69,7 +69,8 @@ from torch import nn
 
 from cvt.errors import UsageError
 from cvt.models import cpu_kernels
-from cvt.models.cpu_kernels import RecomputedAttention, builds_no_graph, chunked_attention
+from cvt.models.call_context import builds_no_graph, runs_plain_ops_only, traced_or_compiled
+from cvt.models.cpu_kernels import RecomputedAttention, chunked_attention
 from cvt.models.derived_weights import (
     CachesDerivedWeights,
     CastCachedLinear,
@@ -290,7 +291,7 @@ class ConvProjection(CachesDerivedWeights):
             x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
         else:
             x = self.bn(self.conv(x))
-            if x.requires_grad and not (torch.compiler.is_compiling() or cpu_kernels.runs_plain_ops_only(x)):
+            if x.requires_grad and not (torch.compiler.is_compiling() or runs_plain_ops_only(x)):
                 x = DenseGradient.apply(x)
         return map_to_tokens(x)  # (B, H'*W', C): a view, the conv keeps the channels-last layout
 
@@ -447,7 +448,7 @@ class ConvAttention(CachesDerivedWeights):
         # one cast for the three projections, instead of one by autocast (or dw_fp32) in each
         k_proj = self.conv_proj_k  # another class (an adapter) computes in the map's dtype as far as we know
         dtype = k_proj.input_dtype(x_map) if isinstance(k_proj, ConvProjection) else x_map.dtype
-        if cpu_kernels.runs_plain_ops_only(x_map):  # vmap cannot query a channels-last layout
+        if runs_plain_ops_only(x_map):  # vmap cannot query a channels-last layout
             return x_map.to(dtype)
         if self.fuse_proj and not dense_channels_last(x_map):
             # after the cls split the batch stride is (1+H*W)*C: each conv would copy to NCHW and run
@@ -514,7 +515,7 @@ class ConvAttention(CachesDerivedWeights):
         the Zen 4 VM."""
         if not (self._own_bf16_kernel_fits(self.recompute_attn, q) and torch.is_grad_enabled()):
             return False
-        if cpu_kernels.traced_or_compiled() or cpu_kernels.runs_plain_ops_only(q, k, v):
+        if traced_or_compiled() or runs_plain_ops_only(q, k, v):
             return False
         return k.shape[-2] > FEW_KEYS_BF16  # read only outside traces: a traced size would become a bool
 
@@ -655,7 +656,7 @@ class QuickGeluMlp(CachesDerivedWeights, Mlp):
         h = cpu_kernels.graph_linear(self.onednn_linear, x, w1, b1)  # (B, T, hidden): 1.702 * fc1(x)
         if torch.is_grad_enabled() and h.requires_grad:
             # dropout between SiLU and fc2, torch.func transforms or forward-mode AD: plain autograd
-            if hidden_drops or cpu_kernels.runs_plain_ops_only(h):
+            if hidden_drops or runs_plain_ops_only(h):
                 return self.drop2(
                     cpu_kernels.graph_linear(self.onednn_linear, self.drop1(F.silu(h)), w2, self.fc2.bias)
                 )

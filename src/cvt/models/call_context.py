@@ -1,0 +1,31 @@
+"""When the model's fast paths may run: what the current call is doing (building an autograd graph,
+being traced or compiled, running under ``torch.func`` transforms or forward-mode AD), asked by the
+layers before they take a cached, packed or oneDNN path, and by :class:`~cvt.models.CvT` before its
+eager-only input checks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad
+
+
+def traced_or_compiled() -> bool:
+    """Whether the current call is traced (``torch.jit.trace``) or compiled (``torch.compile``): a trace
+    or graph must see the plain ops, not the fast paths' kernels."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def builds_no_graph() -> bool:
+    """Whether the current call builds no autograd graph and is neither traced nor compiled: the
+    precondition of every cached or packed inference path."""
+    return not (torch.is_grad_enabled() or traced_or_compiled())
+
+
+def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
+    """Whether ``torch.func`` transforms are active or one of ``tensors`` carries a forward-mode tangent:
+    oneDNN's ops have no derivative formulas or batching rules, so they would drop the tangent (or be
+    refused) where ``F.linear`` works."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
