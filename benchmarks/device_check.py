@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cvt.engine.distributed import resolve_device
+from cvt.devices import resolve_device
 from cvt.models import CvT, create_model
 from cvt.models.layers import set_fast_paths
 

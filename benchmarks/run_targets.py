@@ -40,7 +40,7 @@ from cvt.benchmark import (
     per_round_speedups,
     run_benchmark,
 )
-from cvt.engine.distributed import resolve_device
+from cvt.devices import resolve_device
 from cvt.models import create_model
 from cvt.precision import autocast
 

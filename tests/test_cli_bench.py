@@ -16,7 +16,7 @@ from cvt import allocator, benchmark
 from cvt.benchmark import BenchConfig, build_subjects
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
-from cvt.engine.distributed import resolve_device
+from cvt.devices import resolve_device
 from cvt.models import cpu_kernels, create_model
 
 

@@ -22,13 +22,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cvt.devices import resolve_device
 from cvt.engine import resolve_run, train
 from cvt.engine.distributed import (
     DistEnv,
     any_rank,
     init_distributed,
     mean_over_ranks,
-    resolve_device,
     shutdown_distributed,
 )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cvt.engine.distributed import resolve_device
+from cvt.devices import resolve_device
 from cvt.errors import CvtError, UsageError, first_line
 from cvt.precision import DTYPES
 

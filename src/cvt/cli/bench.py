@@ -83,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> int:
         per_round_speedups,
         run_benchmark,
     )
-    from cvt.engine.distributed import resolve_device
+    from cvt.devices import resolve_device
     from cvt.errors import UsageError
 
     if args.threads is not None:

@@ -45,7 +45,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """``cvt eval``: evaluate the model on a split of a data set and report it; the exit status."""
     from cvt.data import build_dataset, build_loader, build_transform, resolve_data_config
     from cvt.data.loader import collate_readable
-    from cvt.engine.distributed import resolve_device
+    from cvt.devices import resolve_device
     from cvt.engine.evaluate import (
         check_eval_classes,
         evaluate,

@@ -46,8 +46,8 @@ def run_predict(args: argparse.Namespace) -> int:
     import torch
 
     from cvt.data import build_transform, load_input, resolve_data_config
+    from cvt.devices import resolve_device
     from cvt.engine.config import per_token_logits_error
-    from cvt.engine.distributed import resolve_device
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
