@@ -136,6 +136,9 @@ def test_unknown_yaml_key_suggests_the_close_option(tmp_path):
         ({"seed": 99999999999999999999}, r"'seed' must be in \[0, 4294967295\]"),
         ({"seed": 2**32}, r"'seed' must be in \[0, 4294967295\], got 4294967296"),
         ({"seed": -1}, r"'seed' must be in \[0, 4294967295\], got -1"),
+        # timm's Mixup asserts an even batch: refused once the data sets and the model were built
+        ({"batch_size": 15, "mixup": 0.8}, r"^mixup/cutmix need an even batch size, got 15$"),
+        ({"batch_size": 7, "cutmix": 1.0}, r"^mixup/cutmix need an even batch size, got 7$"),
         # logits per token: an internal "Expected target size [4, 10], got [4]" in the loss
         (
             {"model_args": {"global_pool": ""}},
@@ -268,6 +271,7 @@ def test_model_args_the_run_sets_itself_are_refused(key):
         {"min_lr": 1e-3, "lr": 2.5e-4, "lr_base_batch": 256},
         {"seed": 2**32 - 1},  # the largest seed
         {"model_args": {"global_pool": "avg"}},
+        {"batch_size": 15, "mixup": 0.0, "cutmix": 0.0},  # an odd batch, unmixed
     ],
 )
 def test_edge_values_that_can_train_are_accepted(overrides):

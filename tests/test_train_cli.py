@@ -55,6 +55,26 @@ def test_values_no_run_can_use_exit_2_before_the_run_folder(capsys, tmp_path, re
     assert not run.exists()
 
 
+@pytest.mark.parametrize("mixing", [["--mixup", "0.8"], ["--cutmix", "1.0"]])
+def test_mixing_an_odd_batch_exits_2_before_any_data_or_model_is_built(capsys, tmp_path, monkeypatch, mixing):
+    """The even-batch check of mixup/cutmix ran once the data sets and the model were built: after
+    CIFAR's download into --data-dir and the pretrained weights', which fail here if asked for."""
+    import cvt.data
+    import cvt.models
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("data or model built before the options were checked")
+
+    monkeypatch.setattr(cvt.data, "build_dataset", built)
+    monkeypatch.setattr(cvt.models, "create_model", built)
+    run, data = tmp_path / "run", tmp_path / "cifar"
+    argv = ["--dataset", "cifar10", "--data-dir", str(data), "--download", "--pretrained", "--model",
+            "cvt_13.msft_in1k", "--batch-size", "15", *mixing, "--output", str(run)]  # fmt: skip
+    assert main(["train", *argv]) == 2
+    assert capsys.readouterr().err == "cvt train: error: mixup/cutmix need an even batch size, got 15\n"
+    assert not run.exists() and not data.exists()
+
+
 def test_unknown_yaml_key_message_names_the_suggestion(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochz: 3\n")

@@ -288,6 +288,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 <= cfg.seed < SEED_LIMIT:  # beyond it: an internal "Overflow when unpacking long long"
         raise UsageError(f"option 'seed' must be in [0, {SEED_LIMIT - 1}], got {cfg.seed}")
     augment_config(cfg)  # the augmentation options, checked by AugmentConfig as the run builds it
+    # timm's Mixup mixes each image with its mirror in the batch (x.flip(0)) and asserts an even batch:
+    # refused here, before the data (CIFAR may download) and the model (pretrained weights may) are built
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise UsageError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
     if not 0 <= cfg.momentum < 1:  # 1 and above: the momentum buffer never forgets, the steps grow
         raise UsageError(f"option 'momentum' must be in [0, 1), got {cfg.momentum}")
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:  # torch's SGD refuses it at build time

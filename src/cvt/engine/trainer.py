@@ -27,13 +27,14 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cvt.engine.config import TrainConfig, augment_config, run_model_kwargs
 from cvt.engine.distributed import DistEnv, any_rank, init_distributed, mean_over_ranks, shutdown_distributed
@@ -64,6 +65,12 @@ from cvt.engine.sampler import ResumableSampler
 from cvt.engine.state import atomic_torch_save, restore_rng
 from cvt.errors import CheckpointError, CvtError, UsageError, first_line
 from cvt.precision import autocast, autocast_dtype
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
+
+    from cvt.data.seeding import PerSampleSeeds
+    from cvt.data.transforms import AugmentConfig
 
 
 class NonFiniteLossError(CvtError):
@@ -322,25 +329,131 @@ def _locked_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
         yield
 
 
+@dataclass
+class _Run:
+    """What the epochs of a run use and advance, as :func:`_train` built it."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    replaced: ReplacedRun  # what --overwrite set aside, discarded with the run's first checkpoint
+    model: nn.Module  # the raw model: what checkpoints and evaluation see
+    train_model: nn.Module  # what the steps call: the model in DDP and torch.compile where asked
+    ddp: nn.Module  # for no_sync(), which a compiled wrapper does not expose
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm's, stepped per optimizer step
+    scaler: torch.amp.GradScaler | None  # fp16's
+    mixup: Callable | None  # timm's Mixup, with --mixup or --cutmix
+    criterion: nn.Module
+    train_set: PerSampleSeeds
+    sampler: ResumableSampler
+    val_loader: DataLoader
+    pin_memory: bool  # the training loaders' (on a GPU)
+    classes: list[str]
+    num_classes: int
+    progress: dict[str, Any]  # the position, the epoch's loss so far, the history: what last.pt records
+    # rank 0's generator states of the checkpoint resumed, restored once the first loader's iterator
+    # exists; None from the first batch it yields on
+    pending_rng: dict[str, Any] | None
+    tb: TensorBoardLog | None  # rank 0's; None on the other ranks
+    session_start: float = field(default_factory=time.perf_counter)
+    seconds_before: float = field(init=False)  # the training time of the sessions before a resume
+
+    def __post_init__(self) -> None:
+        self.seconds_before = self.progress["train_seconds"]
+
+    def count_time(self) -> None:
+        """Bring ``train_seconds`` up to now: the earlier sessions' time and this one's so far."""
+        self.progress["train_seconds"] = self.seconds_before + time.perf_counter() - self.session_start
+
+    def save(self, name: str) -> None:
+        """Write the run's state to ``name`` in the run folder (rank 0)."""
+        state = checkpoint_state(self.model, self.optimizer, self.scaler, self.ema, self.cfg, self.progress,
+                                 self.classes, self.env.world_size)  # fmt: skip
+        atomic_torch_save(state, self.cfg.run_dir / name)
+        self.replaced.discard()  # a checkpoint of the new run: the replaced one goes for good
+
+    def stopped(self, interrupt: _InterruptFlag, where: str) -> TrainingInterrupted:
+        """The interruption to raise once ``last.pt`` holds the state at ``where``."""
+        last = self.cfg.run_dir / "last.pt"
+        saved = f"saved {last} {where}" if self.env.is_main else f"rank 0 saved last.pt {where}"
+        return TrainingInterrupted(f"{saved} ({interrupt.name}); continue with --resume auto",
+                                   interrupt.signum or signal.SIGINT)  # fmt: skip
+
+
 def _train(
     cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv, replaced: ReplacedRun
 ) -> dict[str, Any]:
     """:func:`train` in the locked run folder."""
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.utils import ModelEmaV3
+    from cvt.data import build_loader
+    from cvt.data.loader import collate_readable
+    from cvt.data.seeding import seed_generators
 
-    from cvt.data import (
-        build_dataset,
-        build_loader,
-        build_mixup,
-        build_transform,
-        resolve_data_config,
+    resume_from, replace = _check_run_options(cfg, resume, env)
+    _set_deterministic(cfg.deterministic)
+
+    # ---- data: datasets first (their class count sizes the head), transforms from the model
+    aug = augment_config(cfg)
+    train_set, val_set, classes, num_classes = _build_datasets(cfg, resume, env)
+    model, train_set = _build_model_and_transforms(
+        cfg, aug, train_set, val_set, num_classes, resuming=resume is not None, device=env.device
     )
-    from cvt.data.datasets import first_difference
-    from cvt.data.loader import close_workers, collate_readable
-    from cvt.data.seeding import PerSampleSeeds, seed_generators
-    from cvt.engine.evaluate import evaluate
 
+    # ---- sampler, optimizer, schedule, loss
+    sampler = _build_sampler(cfg, len(train_set), env)
+    global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
+    lr = _peak_lr(cfg, global_batch)
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=sampler.batches_per_epoch // cfg.accum_steps)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    mixup, criterion = _build_loss(cfg, aug, num_classes)
+    pin_memory = env.device.type == "cuda"  # page-locked batches only where they are copied to a GPU
+    val_loader = build_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, train=False,
+                              num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate_readable,
+                              worker_init_fn=_worker_ignores_stop_signals)  # fmt: skip
+
+    # ---- where we are: fresh, or restored from a checkpoint
+    progress: dict[str, Any] = dict(
+        epoch=0, batches_done=0, step=0, history=[], best_top1=-1.0, best_epoch=0, epoch_loss_sum=0.0,
+        epoch_samples=0, train_seconds=0.0, skipped_steps=0,
+    )  # fmt: skip
+    pending_rng: dict[str, Any] | None = None
+    if resume is not None:
+        pending_rng = _restore_resume(cfg, resume, env, progress, model, optimizer, scheduler, scaler)
+    else:
+        seed_generators(cfg.seed + env.rank, cuda=True)  # per-rank augmentation and dropout streams
+    ema, train_model, ddp = _wrap_model(cfg, model, resume, env)
+
+    tb = None
+    if env.is_main:
+        # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
+        tb = _open_run_folder(cfg, model, progress, replaced if replace else None, resume_from,
+                              resuming=resume is not None)  # fmt: skip
+        print(
+            f"training {cfg.model} on {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
+            f"{num_classes} classes) for {cfg.epochs} epochs: global batch {global_batch}, lr {lr:g}, "
+            f"{env.world_size} process(es) on {env.device.type} → {cfg.run_dir}",
+            flush=True,
+        )
+
+    run = _Run(
+        cfg=cfg, env=env, replaced=replaced, model=model, train_model=train_model, ddp=ddp, ema=ema,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, mixup=mixup, criterion=criterion,
+        train_set=train_set, sampler=sampler, val_loader=val_loader, pin_memory=pin_memory, classes=classes,
+        num_classes=num_classes, progress=progress, pending_rng=pending_rng, tb=tb,
+    )  # fmt: skip
+    _run_epochs(run)
+    summary = _finish(run)
+    shutdown_distributed(env)
+    return summary
+
+
+def _check_run_options(
+    cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv
+) -> tuple[Path | None, bool]:
+    """Refuse, before any data or model is built, options this device cannot run and a run folder this
+    run may not write (every rank checks, before anyone writes). Returns the checkpoint file a resumed
+    run continues from (None for a fresh run) and whether the folder's run is to be replaced."""
     device = env.device
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UsageError("amp fp16 needs a CUDA GPU (its grad scaler is GPU-only); use --amp bf16 on CPU")
@@ -356,10 +469,17 @@ def _train(
         check_not_rewinding(resume_from, run_dir, resume)
     if env.distributed:
         torch.distributed.barrier()
-    _set_deterministic(cfg.deterministic)
+    return resume_from, replace
 
-    # ---- data: datasets first (their class count sizes the head), transforms from the model
-    aug = augment_config(cfg)
+
+def _build_datasets(
+    cfg: TrainConfig, resume: dict[str, Any] | None, env: DistEnv
+) -> tuple[Dataset, Dataset, list[str], int]:
+    """The training and validation sets, without transforms (the model decides them), their class names
+    (those of the checkpoint resumed, in its order) and the head's class count."""
+    from cvt.data import build_dataset
+    from cvt.data.datasets import first_difference
+
     if env.distributed and not env.is_main:
         torch.distributed.barrier()  # rank 0 reads (and with --download fetches) the data first
     train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", download=cfg.download and env.is_main,
@@ -383,32 +503,53 @@ def _train(
     num_classes = cfg.num_classes or len(classes)
     if num_classes < len(classes):
         raise UsageError(f"num_classes {num_classes} is smaller than the data set's {len(classes)} classes")
+    return train_set, val_set, classes, num_classes
 
-    # ---- model (the raw `model` is what checkpoints and evaluation see)
+
+def _build_model_and_transforms(
+    cfg: TrainConfig,
+    aug: AugmentConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    num_classes: int,
+    resuming: bool,
+    device: torch.device,
+) -> tuple[nn.Module, PerSampleSeeds]:
+    """The model on ``device`` (the raw one: what checkpoints and evaluation see), with the same initial
+    weights on every rank; the data sets get the transforms of its input size and normalisation.
+    Returns it and the training set the sampler indexes: cut to --train-subset, seeded per sample."""
+    from cvt.data import build_transform, resolve_data_config
+    from cvt.data.seeding import PerSampleSeeds, seed_generators
+
     seed_generators(cfg.seed, cuda=True)  # same initial weights on every rank
-    model = _build_model(cfg, num_classes, resuming=resume is not None)
+    model = _build_model(cfg, num_classes, resuming=resuming)
     data_cfg = resolve_data_config(model, cfg.dataset)
     train_set.transform = build_transform(data_cfg, train=True, aug=aug)
     val_set.transform = build_transform(data_cfg, train=False)
     if cfg.train_subset is not None and cfg.train_subset < len(train_set):
         keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
         train_set = Subset(train_set, keep[: cfg.train_subset].tolist())
-    train_set = PerSampleSeeds(train_set, cfg.seed)  # augmentations independent of workers and resumes
+    seeded = PerSampleSeeds(train_set, cfg.seed)  # augmentations independent of workers and resumes
     if cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    return model, seeded
 
-    # ---- sampler, optimizer, schedule, loss
-    sampler = ResumableSampler(
-        len(train_set), cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.accum_steps
-    )
+
+def _build_sampler(cfg: TrainConfig, size: int, env: DistEnv) -> ResumableSampler:
+    """This rank's share of the ``size`` training images, in whole steps; refused when no step fits."""
+    sampler = ResumableSampler(size, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.accum_steps)
     if sampler.batches_per_epoch == 0:
         raise UsageError(
             f"batch size {cfg.batch_size} x {env.world_size} process(es) x {cfg.accum_steps} accumulation "
-            f"step(s) is larger than the training set ({len(train_set)} images): no full step per epoch"
+            f"step(s) is larger than the training set ({size} images): no full step per epoch"
         )
-    steps_per_epoch = sampler.batches_per_epoch // cfg.accum_steps
-    global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
+    return sampler
+
+
+def _peak_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """The lr after warm-up for ``global_batch`` images a step; refused when the schedule's floor or
+    the warm-up's start is above it (known only now: it depends on the process count)."""
     lr = effective_lr(cfg, global_batch)
     if cfg.sched == "cosine" and cfg.min_lr > lr:  # without lr_base_batch, validate() said so already
         raise UsageError(
@@ -420,216 +561,284 @@ def _train(
             f"option 'warmup_lr' {cfg.warmup_lr:g} is above the peak lr {lr:g} (global batch "
             f"{global_batch}): the warm-up would run downhill; set --warmup-lr below it (official: 1e-6)"
         )
-    optimizer = build_optimizer(model, cfg, lr)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    return lr
+
+
+def _build_loss(cfg: TrainConfig, aug: AugmentConfig, num_classes: int) -> tuple[Callable | None, nn.Module]:
+    """timm's Mixup (None without --mixup and --cutmix) and the loss its targets need."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    from cvt.data import build_mixup
+
     mixup = build_mixup(aug, num_classes)
-    if mixup is not None and cfg.batch_size % 2:
-        raise UsageError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
     if mixup is not None:
         criterion: nn.Module = SoftTargetCrossEntropy()  # mixup's targets are smoothed one-hot vectors
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    pin_memory = device.type == "cuda"  # page-locked batches only where they are copied to a GPU
-    val_loader = build_loader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, train=False,
-                              num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate_readable,
-                              worker_init_fn=_worker_ignores_stop_signals)  # fmt: skip
-    amp_dtype = autocast_dtype(cfg.amp)
+    return mixup, criterion
 
-    # ---- where we are: fresh, or restored from a checkpoint
-    progress: dict[str, Any] = dict(
-        epoch=0, batches_done=0, step=0, history=[], best_top1=-1.0, best_epoch=0, epoch_loss_sum=0.0,
-        epoch_samples=0, train_seconds=0.0, skipped_steps=0,
-    )  # fmt: skip
-    pending_rng: dict[str, Any] | None = None
-    if resume is not None:
-        # the optimizer's state (moments, momentum buffers) comes from the checkpoint, its settings
-        # (weight decay, momentum, betas …) from this command, as the lr does
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        try:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-        except (RuntimeError, ValueError) as err:  # another variant, class count or optimizer
-            raise CheckpointError(misfit_message(resume, cfg, model, err)) from err
-        for group, own in zip(optimizer.param_groups, settings, strict=True):
-            group.update(own)
-        if scaler is not None and resume["scaler"]:
-            scaler.load_state_dict(resume["scaler"])
-        progress.update({k: resume[k] for k in progress if k in resume})
-        if progress["epoch"] > cfg.epochs:  # nothing to train; summary.json would say otherwise
-            raise UsageError(
-                f"the checkpoint to resume has trained {progress['epoch']} epochs already, more than "
-                f"--epochs {cfg.epochs}: pass --epochs {progress['epoch']} or more"
-            )
-        if "best_epoch" not in resume:  # checkpoints of earlier versions: the first epoch of the best top-1
-            progress["best_epoch"] = first_epoch_with(progress["history"], progress["best_top1"])
-        progress["batches_done"] = resumed_position(resume, progress["batches_done"], cfg, env.world_size)
-        # the lr of the resumed step from this run's options, which may change --epochs, --lr, --sched …
-        scheduler.step_update(progress["step"])
-        if env.is_main:
-            pending_rng = resume["rng"]
-        else:  # only rank 0's generators were saved: the others get a fresh stream per restart
-            seed_generators(cfg.seed + env.rank + 7919 * progress["step"], cuda=True)
-    else:
-        seed_generators(cfg.seed + env.rank, cuda=True)  # per-rank augmentation and dropout streams
 
-    # ---- EMA and wrappers, after the resumed weights: an EMA first asked for on resume starts from them
+def _restore_resume(
+    cfg: TrainConfig,
+    resume: dict[str, Any],
+    env: DistEnv,
+    progress: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any] | None:
+    """Load the checkpoint ``resume`` into the model, optimizer, grad scaler and ``progress``, and set
+    the lr of its step. Returns rank 0's saved generator states, to restore once the first loader's
+    iterator exists; the other ranks' generators are seeded here (None)."""
+    from cvt.data.seeding import seed_generators
+
+    # the optimizer's state (moments, momentum buffers) comes from the checkpoint, its settings
+    # (weight decay, momentum, betas …) from this command, as the lr does
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+    except (RuntimeError, ValueError) as err:  # another variant, class count or optimizer
+        raise CheckpointError(misfit_message(resume, cfg, model, err)) from err
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+    if scaler is not None and resume["scaler"]:
+        scaler.load_state_dict(resume["scaler"])
+    progress.update({k: resume[k] for k in progress if k in resume})
+    if progress["epoch"] > cfg.epochs:  # nothing to train; summary.json would say otherwise
+        raise UsageError(
+            f"the checkpoint to resume has trained {progress['epoch']} epochs already, more than "
+            f"--epochs {cfg.epochs}: pass --epochs {progress['epoch']} or more"
+        )
+    if "best_epoch" not in resume:  # checkpoints of earlier versions: the first epoch of the best top-1
+        progress["best_epoch"] = first_epoch_with(progress["history"], progress["best_top1"])
+    progress["batches_done"] = resumed_position(resume, progress["batches_done"], cfg, env.world_size)
+    # the lr of the resumed step from this run's options, which may change --epochs, --lr, --sched …
+    scheduler.step_update(progress["step"])
+    if env.is_main:
+        return resume["rng"]
+    # only rank 0's generators were saved: the others get a fresh stream per restart
+    seed_generators(cfg.seed + env.rank + 7919 * progress["step"], cuda=True)
+    return None
+
+
+def _wrap_model(
+    cfg: TrainConfig, model: nn.Module, resume: dict[str, Any] | None, env: DistEnv
+) -> tuple[ModelEmaV3 | None, nn.Module, nn.Module]:
+    """The EMA of ``model`` (--ema), and the wrappers the steps call it through: DDP across processes,
+    torch.compile. Made after the resumed weights are loaded: an EMA first asked for on resume starts
+    from them. Returns the EMA, the model the steps call, and the DDP one (or ``model``)."""
+    from timm.utils import ModelEmaV3
+
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     if ema is not None and resume is not None and resume["ema"]:
         ema.module.load_state_dict(resume["ema"])
     train_model: nn.Module = model
     if env.distributed:
+        device = env.device
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ddp = train_model  # for no_sync(), which a compiled wrapper does not expose
     if cfg.compile:
         train_model = torch.compile(train_model)
+    return ema, train_model, ddp
 
-    if env.is_main:
-        # only now, every option checked and the checkpoint loaded: a refused run leaves the folder as it was
-        prepare_run_dir(run_dir, replaced if replace else None)
-        if resume_from is not None:
-            carry_best(resume_from, run_dir, progress)
-        write_config(run_dir, config_to_record(cfg, model))
-        # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
-        tb = TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resume else None)
-        print(
-            f"training {cfg.model} on {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
-            f"{num_classes} classes) for {cfg.epochs} epochs: global batch {global_batch}, lr {lr:g}, "
-            f"{env.world_size} process(es) on {device.type} → {run_dir}",
-            flush=True,
-        )
 
-    def save(name: str) -> None:
-        state = checkpoint_state(model, optimizer, scaler, ema, cfg, progress, classes, env.world_size)
-        atomic_torch_save(state, run_dir / name)
-        replaced.discard()  # a checkpoint of the new run: the replaced one goes for good
+def _open_run_folder(
+    cfg: TrainConfig,
+    model: nn.Module,
+    progress: dict[str, Any],
+    replaced: ReplacedRun | None,
+    resume_from: Path | None,
+    resuming: bool,
+) -> TensorBoardLog:
+    """Rank 0's start of the run folder: created (the files of a ``replaced`` run set aside), the best
+    so far carried over from the checkpoint resumed, ``config.yaml`` written; returns its TensorBoard
+    log."""
+    run_dir = cfg.run_dir
+    prepare_run_dir(run_dir, replaced)
+    if resume_from is not None:
+        carry_best(resume_from, run_dir, progress)
+    write_config(run_dir, config_to_record(cfg, model))
+    # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
+    return TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resuming else None)
 
-    def stop(where: str) -> TrainingInterrupted:
-        """The interruption to raise once ``last.pt`` holds the state at ``where``."""
-        saved = f"saved {run_dir / 'last.pt'} {where}" if env.is_main else f"rank 0 saved last.pt {where}"
-        return TrainingInterrupted(f"{saved} ({interrupt.name}); continue with --resume auto",
-                                   interrupt.signum or signal.SIGINT)  # fmt: skip
 
-    session_start = time.perf_counter()
-    seconds_before = progress["train_seconds"]
-    with _InterruptFlag(announce=env.is_main) as interrupt, contextlib.ExitStack() as cleanup:
-        cleanup.callback(close_workers, val_loader)  # its workers ignore SIGTERM: end them with the run
-        if env.distributed:
+def _run_epochs(run: _Run) -> None:
+    """The epochs from the run's position to its last, each trained then ended (:func:`_end_epoch`).
+    A stop signal saves ``last.pt`` and raises :class:`TrainingInterrupted`: after the step it
+    arrives in, or after the validation and saves it arrives during."""
+    from cvt.data.loader import close_workers
+
+    with _InterruptFlag(announce=run.env.is_main) as interrupt, contextlib.ExitStack() as cleanup:
+        cleanup.callback(close_workers, run.val_loader)  # its workers ignore SIGTERM: end them with the run
+        if run.env.distributed:
             # DDP compares each gradient's strides with its bucket's, size-1 dims included: a depthwise
             # weight's (C, 1, k, k) gradient comes from the conv backward as (k*k, 1, k, 1), the same
             # memory order as the bucket's (k*k, k*k, k, 1), and is copied into it like any other
             cleanup.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        for epoch in range(progress["epoch"], cfg.epochs):
+        for epoch in range(run.progress["epoch"], run.cfg.epochs):
             epoch_start = time.perf_counter()
-            sampler.set_position(epoch, progress["batches_done"])
-            train_set.set_epoch(epoch)
-            loader = build_loader(
-                train_set, cfg.batch_size, train=True, num_workers=cfg.workers, sampler=sampler,
-                seed=cfg.seed * 1_000_003 + epoch, pin_memory=pin_memory,  # seed: the workers' base seeds
-                worker_init_fn=_worker_ignores_stop_signals,
-            )  # fmt: skip
-            train_model.train()
-            bar = _progress_bar(len(loader), epoch, cfg.epochs, env)
-            window_bad = False  # a non-finite loss in this accumulation window (--skip-nonfinite)
-            seen = 0
-            for images, targets in _epoch_batches(loader, pending_rng):
-                pending_rng = None
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                n = targets.shape[0]
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                batch_idx = progress["batches_done"]
-                boundary = (batch_idx + 1) % cfg.accum_steps == 0
-                # DDP: all-reduce gradients only on the last micro-batch of the window
-                sync = boundary or not env.distributed
-                # a skipped micro-batch must leave no trace: its forward already moved BatchNorm's
-                # running statistics (NaN in, NaN statistics: every later eval would be NaN)
-                buffers_before = _copy_buffers(model) if cfg.skip_nonfinite else None
-                with ddp.no_sync() if not sync else contextlib.nullcontext(), autocast(device.type, cfg.amp):
-                    logits = train_model(images)
-                    loss = criterion(logits.float(), targets)
-                    finite = bool(torch.isfinite(loss))
-                    if any_rank(env, not finite):  # every rank decides together
-                        if buffers_before is None:
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({loss.item()}) at step {progress['step']} "
-                                f"(epoch {epoch + 1}, batch {batch_idx}); lower --lr, set --clip-grad, "
-                                f"or pass --skip-nonfinite",
-                                step=progress["step"],
-                            )
-                        _restore_buffers(model, buffers_before)
-                        window_bad = True
-                    else:
-                        scaled = loss / cfg.accum_steps
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                progress["batches_done"] += 1
-                if finite:
-                    progress["epoch_loss_sum"] += loss.item() * n
-                    progress["epoch_samples"] += n
-                seen += n
-                if boundary:
-                    if window_bad:
-                        progress["skipped_steps"] += 1
-                        if env.is_main:
-                            print(f"skipped step {progress['step']}: non-finite loss", file=sys.stderr)
-                    else:
-                        apply_gradients(model, optimizer, scaler, cfg.clip_grad)
-                        if ema is not None:
-                            ema.update(model, step=progress["step"])
-                    optimizer.zero_grad(set_to_none=True)
-                    window_bad = False
-                    progress["step"] += 1
-                    scheduler.step_update(progress["step"])  # the lr of the next step
-                    if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0 and env.is_main:
-                        save("last.pt")
-                    if any_rank(env, interrupt.raised):
-                        if env.is_main:
-                            progress["train_seconds"] = seconds_before + time.perf_counter() - session_start
-                            save("last.pt")
-                        raise stop(f"at step {progress['step']} (epoch {epoch + 1})")
-                bar.update(1)
-                if bar.n % 10 == 0 or bar.n == bar.total:
-                    rate = seen * env.world_size / max(time.perf_counter() - epoch_start, 1e-9)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{rate:.0f}")  # fmt: skip
-            bar.close()
+            _train_epoch(run, epoch, epoch_start, interrupt)
+            _end_epoch(run, epoch, epoch_start, interrupt)
 
-            # ---- end of epoch: validation, checkpoints, logs (a signal now stops after them)
-            interrupt.phase = "validation"
-            loss_sum, samples = mean_over_ranks(env, [progress["epoch_loss_sum"], progress["epoch_samples"]])
-            train_loss = loss_sum / samples if samples else float("nan")
-            result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, num_classes=num_classes)
-            row = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=result.loss, top1=result.top1,
-                       top5=result.top5, lr=optimizer.param_groups[0]["lr"],
-                       time=time.perf_counter() - epoch_start)  # fmt: skip
-            if ema is not None:
-                row["ema_top1"] = evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype).top1
-            progress["history"].append(row)
-            progress.update(epoch=epoch + 1, batches_done=0, epoch_loss_sum=0.0, epoch_samples=0)
-            progress["train_seconds"] = seconds_before + time.perf_counter() - session_start
-            is_best = result.top1 > progress["best_top1"]
-            if is_best:
-                progress.update(best_top1=result.top1, best_epoch=epoch + 1)
-            if env.is_main:
-                if is_best:
-                    save("best.pt")
-                save("last.pt")
-                write_metrics(run_dir, progress["history"])
-                plot_curves(run_dir, progress["history"])
-                tb.log({f"train/{k}" if k in ("train_loss", "lr") else f"val/{k}": v
-                        for k, v in row.items() if k not in ("epoch", "time")}, progress["step"])  # fmt: skip
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}  train_loss {train_loss:.4f}  "
-                    f"val_loss {result.loss:.4f}  top1 {result.top1:.2f}  top5 {result.top5:.2f}  "
-                    f"lr {row['lr']:.2e}  {row['time']:.1f}s",
-                    flush=True,
+
+def _train_epoch(run: _Run, epoch: int, epoch_start: float, interrupt: _InterruptFlag) -> None:
+    """Train ``epoch`` from the run's position in it: a step every ``accum_steps`` batches; a stop
+    signal stops after its step, ``last.pt`` saved."""
+    from cvt.data import build_loader
+
+    cfg, env, progress = run.cfg, run.env, run.progress
+    run.sampler.set_position(epoch, progress["batches_done"])
+    run.train_set.set_epoch(epoch)
+    loader = build_loader(
+        run.train_set, cfg.batch_size, train=True, num_workers=cfg.workers, sampler=run.sampler,
+        seed=cfg.seed * 1_000_003 + epoch, pin_memory=run.pin_memory,  # seed: the workers' base seeds
+        worker_init_fn=_worker_ignores_stop_signals,
+    )  # fmt: skip
+    run.train_model.train()
+    bar = _progress_bar(len(loader), epoch, cfg.epochs, env)
+    window_bad = False  # a non-finite loss in this accumulation window (--skip-nonfinite)
+    seen = 0
+    for images, targets in _epoch_batches(loader, run.pending_rng):
+        run.pending_rng = None
+        loss, spoiled = _train_batch(run, images, targets, epoch)
+        window_bad = window_bad or spoiled
+        seen += targets.shape[0]
+        if progress["batches_done"] % cfg.accum_steps == 0:  # the window's last batch
+            _optimizer_step(run, window_bad)
+            window_bad = False
+            if any_rank(env, interrupt.raised):
+                if env.is_main:
+                    run.count_time()
+                    run.save("last.pt")
+                raise run.stopped(interrupt, f"at step {progress['step']} (epoch {epoch + 1})")
+        bar.update(1)
+        if bar.n % 10 == 0 or bar.n == bar.total:
+            rate = seen * env.world_size / max(time.perf_counter() - epoch_start, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{rate:.0f}")  # fmt: skip
+    bar.close()
+
+
+def _train_batch(
+    run: _Run, images: torch.Tensor, targets: torch.Tensor, epoch: int
+) -> tuple[torch.Tensor, bool]:
+    """Forward and backward one batch of the loader (mixed with mixup/cutmix): its gradients add to the
+    accumulation window's, its loss to the epoch's. Returns the loss, and whether a non-finite loss on
+    any rank spoiled the window: its step is skipped with --skip-nonfinite, else
+    :class:`NonFiniteLossError` stops the run."""
+    cfg, env, progress = run.cfg, run.env, run.progress
+    device = env.device
+    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    n = targets.shape[0]
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    batch_idx = progress["batches_done"]
+    boundary = (batch_idx + 1) % cfg.accum_steps == 0
+    # DDP: all-reduce gradients only on the last micro-batch of the window
+    sync = boundary or not env.distributed
+    # a skipped micro-batch must leave no trace: its forward already moved BatchNorm's
+    # running statistics (NaN in, NaN statistics: every later eval would be NaN)
+    buffers_before = _copy_buffers(run.model) if cfg.skip_nonfinite else None
+    spoiled = False
+    with run.ddp.no_sync() if not sync else contextlib.nullcontext(), autocast(device.type, cfg.amp):
+        logits = run.train_model(images)
+        loss = run.criterion(logits.float(), targets)
+        finite = bool(torch.isfinite(loss))
+        if any_rank(env, not finite):  # every rank decides together
+            if buffers_before is None:
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {progress['step']} "
+                    f"(epoch {epoch + 1}, batch {batch_idx}); lower --lr, set --clip-grad, "
+                    f"or pass --skip-nonfinite",
+                    step=progress["step"],
                 )
-            if any_rank(env, interrupt.raised):  # arrived during validation or the saves: stop now
-                raise stop(f"at the end of epoch {epoch + 1}")
-            interrupt.phase = "step"
+            _restore_buffers(run.model, buffers_before)
+            spoiled = True
+        else:
+            scaled = loss / cfg.accum_steps
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    progress["batches_done"] += 1
+    if finite:
+        progress["epoch_loss_sum"] += loss.item() * n
+        progress["epoch_samples"] += n
+    return loss, spoiled
 
+
+def _optimizer_step(run: _Run, spoiled: bool) -> None:
+    """End an accumulation window: update the weights (and the EMA) with its gradients unless a
+    non-finite loss ``spoiled`` it, set the next step's lr, and save ``last.pt`` every
+    ``save_every_steps`` steps."""
+    cfg, env, progress = run.cfg, run.env, run.progress
+    if spoiled:
+        progress["skipped_steps"] += 1
+        if env.is_main:
+            print(f"skipped step {progress['step']}: non-finite loss", file=sys.stderr)
+    else:
+        apply_gradients(run.model, run.optimizer, run.scaler, cfg.clip_grad)
+        if run.ema is not None:
+            run.ema.update(run.model, step=progress["step"])
+    run.optimizer.zero_grad(set_to_none=True)
+    progress["step"] += 1
+    run.scheduler.step_update(progress["step"])  # the lr of the next step
+    if cfg.save_every_steps and progress["step"] % cfg.save_every_steps == 0 and env.is_main:
+        run.save("last.pt")
+
+
+def _end_epoch(run: _Run, epoch: int, epoch_start: float, interrupt: _InterruptFlag) -> None:
+    """After ``epoch``'s steps: validation (of the EMA too), the history and best so far, then rank 0's
+    checkpoints and logs (:func:`_record_epoch`); a stop signal arriving meanwhile stops after them."""
+    from cvt.engine.evaluate import evaluate
+
+    cfg, env, progress = run.cfg, run.env, run.progress
+    interrupt.phase = "validation"
+    loss_sum, samples = mean_over_ranks(env, [progress["epoch_loss_sum"], progress["epoch_samples"]])
+    train_loss = loss_sum / samples if samples else float("nan")
+    amp_dtype = autocast_dtype(cfg.amp)
+    result = evaluate(run.model, run.val_loader, env.device, amp_dtype=amp_dtype, num_classes=run.num_classes)
+    row = dict(epoch=epoch + 1, train_loss=train_loss, val_loss=result.loss, top1=result.top1,
+               top5=result.top5, lr=run.optimizer.param_groups[0]["lr"],
+               time=time.perf_counter() - epoch_start)  # fmt: skip
+    if run.ema is not None:
+        row["ema_top1"] = evaluate(run.ema.module, run.val_loader, env.device, amp_dtype=amp_dtype).top1
+    progress["history"].append(row)
+    progress.update(epoch=epoch + 1, batches_done=0, epoch_loss_sum=0.0, epoch_samples=0)
+    run.count_time()
+    is_best = result.top1 > progress["best_top1"]
+    if is_best:
+        progress.update(best_top1=result.top1, best_epoch=epoch + 1)
+    if env.is_main:
+        _record_epoch(run, row, is_best)
+    if any_rank(env, interrupt.raised):  # arrived during validation or the saves: stop now
+        raise run.stopped(interrupt, f"at the end of epoch {epoch + 1}")
+    interrupt.phase = "step"
+
+
+def _record_epoch(run: _Run, row: dict[str, float], is_best: bool) -> None:
+    """Rank 0's end of an epoch (``row`` of the history): ``best.pt`` when ``is_best``, ``last.pt``,
+    metrics.csv, the curves, TensorBoard scalars and a line of output."""
+    run_dir, progress = run.cfg.run_dir, run.progress
+    if is_best:
+        run.save("best.pt")
+    run.save("last.pt")
+    write_metrics(run_dir, progress["history"])
+    plot_curves(run_dir, progress["history"])
+    run.tb.log({f"train/{k}" if k in ("train_loss", "lr") else f"val/{k}": v
+                for k, v in row.items() if k not in ("epoch", "time")}, progress["step"])  # fmt: skip
+    print(
+        f"epoch {row['epoch']}/{run.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+        f"val_loss {row['val_loss']:.4f}  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}  "
+        f"lr {row['lr']:.2e}  {row['time']:.1f}s",
+        flush=True,
+    )
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """The run's summary; rank 0 writes it to ``summary.json``, closes TensorBoard and prints it."""
+    progress, run_dir = run.progress, run.cfg.run_dir
     history = progress["history"]
     best_epoch = progress["best_epoch"]  # the epoch best.pt holds
     summary = {
@@ -637,19 +846,18 @@ def _train(
         "best_epoch": best_epoch,
         "final_top1": history[-1]["top1"] if history else float("nan"),
         "final_top5": history[-1]["top5"] if history else float("nan"),
-        "epochs": cfg.epochs,
+        "epochs": run.cfg.epochs,
         "steps": progress["step"],
         "skipped_steps": progress["skipped_steps"],
         "train_seconds": round(progress["train_seconds"], 2),
         "run_dir": str(run_dir),
     }
-    if env.is_main:
+    if run.env.is_main:
         write_summary(run_dir, summary)
-        tb.close()
+        run.tb.close()
         print(
             f"done: top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% at epoch "
             f"{best_epoch}) in {summary['train_seconds']:.0f} s → {run_dir}",
             flush=True,
         )
-    shutdown_distributed(env)
     return summary
