@@ -53,3 +53,12 @@ def first_line(err: BaseException) -> str:
 def first_names(names: Sequence[str], limit: int = 5) -> str:
     """``a, b, c`` for a message; longer lists are cut after ``limit`` names, with the count."""
     return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def per_token_logits_error(model: str, command: str) -> UsageError:
+    """The error for ``model`` (its description) with ``global_pool ''``, whose logits are per token,
+    where ``command`` needs one score per class and image."""
+    return UsageError(
+        f"{model} gives logits per token (global_pool ''), not per image: {command} needs a model pooled "
+        f"by 'token' or 'avg'"
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cvt.cli.common import print_json
 from cvt.cli.model_source import add_model_source_arguments, label_names, load_model_source
-from cvt.errors import DataError, UsageError
+from cvt.errors import DataError, UsageError, per_token_logits_error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +47,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from cvt.data import build_transform, load_input, resolve_data_config
     from cvt.devices import resolve_device
-    from cvt.engine.config import per_token_logits_error
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")

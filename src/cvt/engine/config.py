@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cvt.errors import UsageError
+from cvt.errors import UsageError, per_token_logits_error
 from cvt.fileio import read_yaml_mapping
 
 if TYPE_CHECKING:
@@ -212,15 +212,6 @@ def _check_value(key: str, value: Any) -> Any:
             )
         return [float(v) for v in value] if item is float else value
     return float(value) if want is float else value
-
-
-def per_token_logits_error(model: str, command: str) -> UsageError:
-    """The error for ``model`` (its description) with ``global_pool ''``, whose logits are per token,
-    where ``command`` needs one score per class and image."""
-    return UsageError(
-        f"{model} gives logits per token (global_pool ''), not per image: {command} needs a model pooled "
-        f"by 'token' or 'avg'"
-    )
 
 
 def _suggest(key: str) -> str:
