@@ -92,7 +92,9 @@ def no_curves(monkeypatch):
     monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history: None)
 
 
-def test_run_folder_has_every_file_with_sane_contents(tmp_path):
+def test_run_folder_has_every_file_with_sane_contents(tmp_path, capsys):
+    from cvt.cli.main import main
+
     summary = run(micro(tmp_path))
     out = tmp_path / "run"
     names = {p.name for p in out.iterdir()}
@@ -142,6 +144,41 @@ def test_run_folder_has_every_file_with_sane_contents(tmp_path):
     model.load_state_dict(ckpt["model"])
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["history"][-1]["top1"] == pytest.approx(saved["best_top1"])
+
+    # the last epoch's validation figures are those of its model: cvt eval of last.pt gives them again
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] == pytest.approx(float(rows[-1]["top1"])) == pytest.approx(saved["final_top1"])
+    assert report["top5"] == pytest.approx(float(rows[-1]["top5"])) == pytest.approx(saved["final_top5"])
+    assert report["loss"] == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
+
+
+def test_curves_plot_each_column_of_the_history_under_its_label(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from cvt.engine.rundir import plot_curves
+
+    plotted: dict[str, tuple[list, list]] = {}
+    real_plot = Axes.plot
+
+    def recording_plot(self, x, y, *args, label=None, **kwargs):
+        plotted[label] = (list(x), list(y))
+        return real_plot(self, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    history = [
+        {"epoch": 1, "train_loss": 2.0, "val_loss": 1.5, "top1": 40.0, "top5": 80.0},
+        {"epoch": 2, "train_loss": 1.2, "val_loss": 1.1, "top1": 55.0, "top5": 90.0},
+    ]
+    plot_curves(tmp_path, history)
+    assert plotted == {
+        "train": ([1, 2], [2.0, 1.2]),
+        "val": ([1, 2], [1.5, 1.1]),
+        "top-1": ([1, 2], [40.0, 55.0]),
+        "top-5": ([1, 2], [80.0, 90.0]),
+    }
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_existing_run_folder_is_refused_untouched_then_overwritten(tmp_path):
@@ -987,6 +1024,40 @@ def test_ema_bf16_and_clipping_run_and_are_recorded(tmp_path, monkeypatch):
     assert_same_weights(ema_weights, ckpt["ema"])
     assert float(rows[0]["top1"]) == pytest.approx(model_top1) and math.isfinite(summary["final_top1"])
     assert float(rows[0]["ema_top1"]) == pytest.approx(ema_top1)
+
+
+def test_the_ema_averages_the_weights_after_each_optimizer_step(tmp_path, monkeypatch, no_curves):
+    """EMA_1 = w_1, then EMA_t = d EMA_(t-1) + (1 - d) w_t, w_t the weights the t-th optimizer step
+    left (timm's schedule: the first update copies). An update before the step would average weights one
+    step stale; the 0-based step given before (ModelEmaV3's decay is 0 up to step 1) copied twice."""
+    import timm.utils
+    from timm.utils import ModelEmaV3
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen: dict = {"steps": []}
+
+    class RecordingEma(ModelEmaV3):
+        def __init__(self, model, **kwargs):
+            super().__init__(model, **kwargs)
+            seen["model"] = model
+
+    def after_step(optimizer, args, kwargs):
+        seen["steps"].append({k: v.detach().clone() for k, v in seen["model"].named_parameters()})
+
+    monkeypatch.setattr(timm.utils, "ModelEmaV3", RecordingEma)  # the trainer imports it when it runs
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        run(micro(tmp_path, epochs=1, ema=True, ema_decay=0.5))
+    finally:
+        handle.remove()
+    assert len(seen["steps"]) == 4
+    expected = seen["steps"][0]
+    for weights_after_step in seen["steps"][1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * weights_after_step[k] for k in expected}
+    ema = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["ema"]
+    for key, value in expected.items():
+        torch.testing.assert_close(ema[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(ema["head.weight"], seen["steps"][-1]["head.weight"])  # an average, not a copy
 
 
 def test_finetune_keeps_the_body_resets_the_head_and_resizes_position_embeddings(tmp_path):

@@ -780,7 +780,9 @@ def _optimizer_step(run: _Run, spoiled: bool) -> None:
     else:
         apply_gradients(run.model, run.optimizer, run.scaler, cfg.clip_grad)
         if run.ema is not None:
-            run.ema.update(run.model, step=progress["step"])
+            # the count of updates with this one, as timm's train.py passes it: the first copies the
+            # weights (ModelEmaV3's decay is 0 up to step 1), every later one averages with decay d
+            run.ema.update(run.model, step=progress["step"] + 1)
     run.optimizer.zero_grad(set_to_none=True)
     progress["step"] += 1
     run.scheduler.step_update(progress["step"])  # the lr of the next step
