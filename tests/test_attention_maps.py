@@ -51,6 +51,49 @@ def test_maps_are_the_cls_rows_of_the_reference_softmax(tiny) -> None:
     assert maps.upsampled((32, 32)).shape == (4, 32, 32)
 
 
+def test_a_non_square_key_grid_keeps_rows_and_columns_in_place(tiny) -> None:
+    """A 32x48 image gives 4x6 last-stage tokens and a 2x3 key grid: map cell (r, c) is key
+    ``r * 3 + c`` after the cls key (keys are flattened row by row), not a transposed 3x2 reading."""
+    image = torch.randn(1, 3, 32, 48)
+    maps = last_stage_attention(tiny, image)
+    assert maps.grid == (2, 3)
+    cls_row = _reference_probs(tiny, image)[:, 0]  # (heads, 1 + 6)
+    expected = torch.empty(4, 2, 3)
+    for h, r, c in np.ndindex(4, 2, 3):
+        expected[h, r, c] = cls_row[h, 1 + r * 3 + c]
+    torch.testing.assert_close(maps.maps, expected)
+
+
+def test_upsampled_maps_are_a_bilinear_resize_without_corner_alignment(tiny) -> None:
+    """What the panels show: each head's map resized bilinearly (align_corners=False, as documented),
+    not blocky nearest-neighbour cells."""
+    maps = last_stage_attention(tiny, torch.randn(1, 3, 32, 48))
+    expected = torch.nn.functional.interpolate(
+        maps.maps[None], size=(32, 48), mode="bilinear", align_corners=False
+    )[0]
+    torch.testing.assert_close(maps.upsampled((32, 48)), expected)
+    # bilinear between cell centres: inside the image the values vary within a cell's 16x16 block
+    assert not torch.equal(expected[:, 0, 0], expected[:, 15, 15])
+
+
+def test_each_head_panel_shows_that_heads_map(tiny, tmp_path, monkeypatch) -> None:
+    """The h-th heat overlay of the PNG grid is head h's upsampled map (the heads differ, so a grid
+    that repeated one head's map would fail)."""
+    from matplotlib.axes import Axes
+
+    maps = last_stage_attention(tiny, torch.randn(1, 3, 32, 48))
+    heat = maps.upsampled((32, 48)).numpy()
+    assert not np.allclose(heat[0], heat[1])
+    shows = []
+    real_imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, x, **kw: shows.append((x, kw)) or real_imshow(ax, x, **kw))
+    save_attention_grid(maps, torch.rand(3, 32, 48), tmp_path / "grid.png")
+    panels = [np.asarray(x) for x, kw in shows if kw.get("cmap") == "jet"]
+    assert len(panels) == 4
+    for h, panel in enumerate(panels):
+        np.testing.assert_allclose(panel, heat[h], rtol=0, atol=1e-7, err_msg=f"panel of head {h + 1}")
+
+
 def test_mean_query_without_cls_token_and_avg_keys() -> None:
     torch.manual_seed(0)
     model = cvt.create_model("cvt_tiny", cls_token=False, method="avg").eval()

@@ -265,6 +265,31 @@ def test_result_arithmetic_from_the_raw_step_times(
     assert result.peak_memory_mb is None and result.ceiling_not_measured is None
 
 
+class _Shifted(nn.Module):
+    """A peer whose logits are ``inner``'s plus ``shift``."""
+
+    def __init__(self, inner: nn.Module, shift: float) -> None:
+        super().__init__()
+        self.inner, self.shift = inner, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + self.shift
+
+
+def test_official_peer_must_give_cvts_logits_within_atol() -> None:
+    """``check_same_logits`` refuses a peer that computes another function (here off by 1e-3, ten times
+    the 1e-4 tolerance) and names the difference; a peer within the tolerance passes."""
+    from cvt.benchmark.subjects import check_same_logits
+
+    torch.manual_seed(0)
+    ours = create_model("cvt_tiny").eval()
+    cfg = BenchConfig(model="cvt_tiny")
+    with pytest.raises(AssertionError, match=r"differs from cvt by 1\.00e-03 \(> 0\.0001\)"):
+        check_same_logits(ours, _Shifted(ours, 1e-3), cfg)
+    check_same_logits(ours, _Shifted(ours, 5e-5), cfg)
+    check_same_logits(ours, ours, cfg)
+
+
 def test_config_measures_the_models_own_size_unless_given() -> None:
     assert BenchConfig(model="cvt_tiny").measured_size == (32, 32)
     assert BenchConfig(model="cvt_13.msft_in1k_384").measured_size == (384, 384)  # a tag: its own size

@@ -491,6 +491,25 @@ def test_large_input_augmentations_take_the_configured_flip_scale_and_erasing():
     assert row[0] > row[-1]  # the bright right edge of the ramp is now on the left
 
 
+@pytest.mark.parametrize("size", [32, 96])
+def test_color_jitter_reaches_the_training_pipeline_at_small_and_large_inputs(size):
+    """``--color-jitter 0.4`` is timm's ColorJitter with brightness, contrast and saturation drawn from
+    [0.6, 1.4] (no hue), after either crop; None (the default) adds none, and 0 adds one that changes
+    nothing. With auto_augment timm drops it (RandAugment does the colour work), as AugmentConfig says."""
+    cfg = resolve_data_config(_ModelWithCfg(size, 0.875))
+
+    def jitters(**options) -> list[tuple]:
+        """(brightness, contrast, saturation, hue) of each ColorJitter step of the training pipeline."""
+        tf = build_transform(cfg, True, AugmentConfig(random_crop=True, **options))
+        return [(t.brightness, t.contrast, t.saturation, t.hue) for t in tf.transforms
+                if type(t).__name__ == "ColorJitter"]  # fmt: skip
+
+    assert jitters(color_jitter=0.4) == [((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), None)]
+    assert jitters() == [] and jitters(color_jitter=None) == []
+    assert all(factors == (None,) * 4 for factors in jitters(color_jitter=0))
+    assert jitters(color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1") == []
+
+
 def test_rand_augment_posterize_to_zero_bits_gives_black():
     cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
     tf = build_transform(cfg, True, AugmentConfig(auto_augment="rand-m10-mstd0-inc1"))
