@@ -25,8 +25,7 @@ from cvt.checkpoint.read import (
     unwrap_state_dict,
 )
 from cvt.errors import CheckpointError, UsageError
-from cvt.models.cvt import FIRST_CONV, CvT
-from cvt.models.layers import ACTIVATIONS
+from cvt.models.cvt import FIRST_CONV, CvT, check_act
 
 HEAD_KEYS = ("head.weight", "head.bias")
 STEM_WEIGHT = f"{FIRST_CONV}.weight"  # (embed_dim, in_chans, k, k)
@@ -319,8 +318,8 @@ def rebuild_model(
         )
     if act and (train_config is not None or fmt == FORMAT_NATIVE):
         raise UsageError(f"{source} records its activation; act= (CLI: --act) is for files that do not")
-    if act and act not in ACTIVATIONS:  # the caller's value: refused as theirs, not as the file's
-        raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if act:
+        check_act(act)  # the caller's value: refused as theirs, not as the file's
     # on "meta": no random init, every tensor comes from the file
     record = None  # where the file records its class count, when it built the model from its own record
     if train_config is not None:

@@ -251,8 +251,7 @@ class CvT(nn.Module):
         global_pool: str | None = None,
     ) -> None:
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        check_act(act)
         if init not in ("trunc_norm", "xavier"):
             raise UsageError(f"init must be 'trunc_norm' or 'xavier', got {init!r}")
         if not stages:
@@ -553,6 +552,12 @@ class CvT(nn.Module):
 def is_whole_number(value: object) -> bool:
     """Whether ``value`` is an integer (Python's, NumPy's …) and not a bool, which Python counts as one."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_act(act: str) -> None:
+    """:class:`UsageError` for an MLP activation name other than those of :data:`ACTIVATIONS`."""
+    if act not in ACTIVATIONS:
+        raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
 
 
 def _check_num_classes(num_classes: int) -> None:
