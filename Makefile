@@ -10,9 +10,10 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# --no-cache-dir: no second copy of the downloaded wheels in ~/.cache (a CI install once ran out of disk)
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install $(TORCH_PIN)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-cache-dir $(TORCH_PIN)
+	$(BIN)/pip install --no-cache-dir -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

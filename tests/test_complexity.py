@@ -1,4 +1,5 @@
-"""GMACs of the official variants against the paper's figures (within 2%)."""
+"""GMACs of the official variants against the paper's figures (within 2%), and the eval mode that the
+read-only calls (FLOP counts, evaluation, attention maps) run a caller's model in."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 import cvt
+from cvt.attention_maps import last_stage_attention
 from cvt.complexity import complexity, count_gmacs
+from cvt.engine.evaluate import evaluate
 from cvt.models import cpu_kernels
 
 PUBLISHED_GMACS = [
@@ -88,3 +91,57 @@ def test_onednn_packed_linears_are_counted_like_f_linear(
     with torch.device("meta"):
         on_meta = cvt.create_model("cvt_tiny").eval()
     assert gmacs == pytest.approx(count_gmacs(on_meta, (32, 32)), rel=1e-9)
+
+
+def _frozen_first_batchnorm(training: bool) -> cvt.CvT:
+    """cvt_tiny in ``training`` mode with its first BatchNorm in the other mode (a frozen BN, say)."""
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny").train(training)
+    next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).train(not training)
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("read_only_call", ["count_gmacs", "evaluate", "attention_maps"])
+def test_read_only_calls_run_in_eval_mode_and_give_each_submodule_its_mode_back(
+    read_only_call: str, training: bool
+) -> None:
+    """Counting FLOPs, evaluating and drawing attention maps run the network as it evaluates (BatchNorm
+    on its running statistics, no dropout); afterwards every submodule is back in its own mode, a frozen
+    BatchNorm of a training model included."""
+    model = _frozen_first_batchnorm(training)
+    modes_before = [m.training for m in model.modules()]
+    modes_seen: list[bool] = []
+    for m in model.modules():  # the BatchNorms of the depthwise q/k/v projections
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_pre_hook(lambda module, args: modes_seen.append(module.training))
+    image = torch.randn(1, 3, 32, 32)
+    if read_only_call == "count_gmacs":
+        count_gmacs(model, (32, 32))
+        complexity(model)
+    elif read_only_call == "evaluate":
+        evaluate(model, [(image, torch.tensor([0]))], "cpu")
+    else:
+        last_stage_attention(model, image)
+    assert modes_seen and not any(modes_seen)
+    assert [m.training for m in model.modules()] == modes_before
+    assert True in modes_before and False in modes_before
+
+
+def test_a_grayscale_model_is_counted_with_its_one_input_channel() -> None:
+    """in_chans=1 changes only the stem conv: two input channels fewer, so its MACs per output position
+    and output channel drop by 2 * k * k, and its weights by 2 * k * k per output channel."""
+    with torch.device("meta"):
+        rgb, gray = cvt.create_model("cvt_13"), cvt.create_model("cvt_13", in_chans=1)
+    stem = gray.stage_specs[0]
+    k, s, p, dim = stem.patch_size, stem.patch_stride, stem.patch_padding, stem.embed_dim
+    assert (k, s, p, dim) == (7, 4, 2, 64)  # the official stem, as the hand count below takes it
+    size = (224, 160)
+    h, w = ((n + 2 * p - k) // s + 1 for n in size)
+    assert (h, w) == (56, 40)
+    stem_macs_saved = 2 * h * w * dim * k * k  # 2 channels x (56 * 40 outputs) x 64 filters x 7 x 7
+    info, rgb_info = complexity(gray, size), complexity(rgb, size)
+    assert rgb_info.gmacs - info.gmacs == pytest.approx(stem_macs_saved / 1e9, rel=1e-9)
+    assert info.gmacs == pytest.approx(count_gmacs(gray, size, in_chans=1), rel=1e-12)
+    assert rgb_info.params - info.params == 2 * dim * k * k
+    assert info.token_grids == rgb_info.token_grids == [(56, 40), (28, 20), (14, 10)]

@@ -19,6 +19,7 @@ from cvt.errors import InputShapeError, UsageError
 from cvt.figures import new_figure, save_figure
 from cvt.fileio import check_folder_path
 from cvt.models import CvT
+from cvt.models.call_context import evaluating
 from cvt.models.cvt import kv_grid
 
 
@@ -53,17 +54,14 @@ def last_stage_attention(model: CvT, image: torch.Tensor) -> AttentionMaps:
         captured["args"] = args[:2]  # normed tokens (1, [1+]T, C), token grid (H, W) [, cls_only]
 
     handle = attn.register_forward_pre_hook(keep_input)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(image)
             tokens, grid = captured["args"]
             q, k, _ = attn.project_qkv(tokens, grid)  # (1, heads, Tq, d), (1, heads, Tkv, d)
             probs = attn.attention_probs(q, k)[0]  # (heads, Tq, Tkv)
     finally:
         handle.remove()
-        model.train(was_training)
     has_cls = model.stage_specs[-1].cls_token
     row = probs[:, 0] if has_cls else probs.mean(dim=1)  # (heads, Tkv)
     key_grid = kv_grid(model.stage_specs[-1], tuple(grid))

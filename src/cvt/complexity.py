@@ -16,6 +16,7 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cvt.models.call_context import evaluating
 from cvt.models.cvt import CvT, count_params, stage_grids
 
 
@@ -55,16 +56,12 @@ class Complexity:
 def count_gmacs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> float:
     """Multiply–accumulates (billions) of one forward pass for a single ``img_size`` image (a zero
     image in the model's dtype, on its device)."""
-    was_training = model.training
-    model.eval()
     weight = next(model.parameters())
     x = torch.zeros(1, in_chans, *img_size, device=weight.device, dtype=weight.dtype)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-            # the whole network, as the paper counts it (CvT.forward skips the last block's unused tokens)
-            model.forward_head(model.forward_features(x)) if isinstance(model, CvT) else model(x)
-    finally:
-        model.train(was_training)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with evaluating(model), torch.no_grad(), counter:
+        # the whole network, as the paper counts it (CvT.forward skips the last block's unused tokens)
+        model.forward_head(model.forward_features(x)) if isinstance(model, CvT) else model(x)
     return counter.get_total_flops() / 2e9
 
 

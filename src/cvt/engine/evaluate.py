@@ -22,6 +22,7 @@ from torch import nn
 from cvt.data.datasets import first_difference, image_folder_classes
 from cvt.errors import CheckpointError, DataError, UsageError, first_names
 from cvt.figures import new_figure, save_figure
+from cvt.models.call_context import evaluating
 
 
 @dataclass
@@ -141,12 +142,10 @@ def evaluate(
 
         loader = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stderr)
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     confusion: torch.Tensor | None = None
     non_finite = torch.zeros(0, dtype=torch.int64)
     loss_sum, topk_correct, k = 0.0, 0, 5
-    try:
+    with evaluating(model):
         for images, targets in loader:
             targets = torch.as_tensor(targets)
             if targets.numel() == 0:  # every image of the batch was unreadable (cvt.data.collate_readable)
@@ -176,8 +175,6 @@ def evaluate(
             pairs = (targets * num_classes + topk_pred[:, 0])[finite]
             confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, -1)
             non_finite += torch.bincount(targets[~finite], minlength=num_classes)
-    finally:
-        model.train(was_training)
     if confusion is None:
         raise DataError("the evaluation data set yielded no images")
     confusion, non_finite = confusion.cpu(), non_finite.cpu()

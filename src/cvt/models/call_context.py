@@ -1,12 +1,17 @@
 """When the model's fast paths may run: what the current call is doing (building an autograd graph,
 being traced or compiled, running under ``torch.func`` transforms or forward-mode AD), asked by the
 layers before they take a cached, packed or oneDNN path, and by :class:`~cvt.models.CvT` before its
-eager-only input checks.
+eager-only input checks; and :func:`evaluating`, the eval mode that read-only calls (evaluation, FLOP
+counting, attention maps) run a caller's model in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 from torch.autograd import forward_ad
 
 
@@ -29,3 +34,18 @@ def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
     if torch._C._are_functorch_transforms_active():
         return True
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode, then give every submodule back its own train/eval flag: a training
+    model with a frozen (eval-mode) BatchNorm keeps it frozen, which ``model.train(was_training)`` would
+    undo."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(modes[0][1])  # through train(): the cached derived weights are dropped on a mode change
+        for module, training in modes:
+            module.training = training
