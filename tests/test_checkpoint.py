@@ -73,6 +73,28 @@ def test_official_layouts_load(tmp_path: Path, tiny: CvT, layout: str) -> None:
     assert _same_weights(model, tiny)
 
 
+def test_a_plain_safetensors_file_of_official_keys_is_official(
+    tmp_path: Path, tiny: CvT, images: torch.Tensor
+) -> None:
+    """safetensors.torch.save_file from plain torch code records only ``{"format": "pt"}``: without the
+    project's ``cvt_format`` entry the file is an official state dict, not a broken cvt file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "official.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path), metadata={"format": "pt"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    sd, fmt, info = read_state_dict(path)
+    assert fmt == "official" and "arch" not in info and sd.keys() == tiny.state_dict().keys()
+    model = _fresh()
+    assert load_checkpoint(model, path).format == "official" and _same_weights(model, tiny)
+    rebuilt = load_model(path)  # the one variant with these shapes
+    assert rebuilt.pretrained_cfg["architecture"] == "cvt_tiny" and rebuilt.num_classes == 10
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), tiny(images))
+
+
 def test_training_checkpoint_prefers_model_or_ema(tmp_path: Path, tiny: CvT) -> None:
     other = _fresh().state_dict()
     path = tmp_path / "last.pt"
@@ -193,6 +215,10 @@ def test_another_projects_model_and_config_dict_loads_as_a_state_dict(tmp_path: 
             r"a malformed config: it must name its 'model' and a 'num_classes' >= 0",
         ),
         ({"config": {"img_size": [64, 64]}}, r"a malformed config: option 'img_size' must be of type int"),
+        (
+            {"config": {"num_classes": -1}},
+            r"a malformed config: it must name its 'model' and a 'num_classes' >= 0, got 'cvt_13' and -1",
+        ),
     ],
 )
 def test_a_hand_edited_training_checkpoint_names_its_malformed_entry(
@@ -203,6 +229,27 @@ def test_a_hand_edited_training_checkpoint_names_its_malformed_entry(
     torch.save({**ckpt, **edit, "config": {**ckpt["config"], **edit.get("config", {})}}, path)
     with pytest.raises(CheckpointError, match=re.escape(f"training checkpoint {path} has ") + message):
         load_model(path)
+
+
+def test_a_headless_training_checkpoint_loads_as_a_feature_extractor(tmp_path: Path) -> None:
+    """``num_classes`` 0 (a run without a classifier head) is a valid record: the model is rebuilt headless,
+    its output the pooled features."""
+    path, trained, _ = _train_checkpoint(tmp_path / "last.pt", "imagefolder")
+    ckpt = torch.load(path, weights_only=True)
+    headless = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
+    assert len(headless) == len(ckpt["model"]) - 2
+    config = {**ckpt["config"], "num_classes": 0}
+    torch.save({**ckpt, "model": headless, "ema": {}, "config": config, "classes": []}, path)
+    model, info = rebuild_model(path)
+    assert info["train_config"]["num_classes"] == 0 and info["classes"] is None
+    assert model.num_classes == 0 and isinstance(model.head, torch.nn.Identity)
+    assert model.stage_specs == trained.stage_specs and model.img_size == (64, 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features = model(x)
+        assert features.shape == (2, 32)
+        pooled = trained.forward_head(trained.forward_features(x, cls_only=True), pre_logits=True)
+        assert torch.equal(features, pooled)  # the trained model's cls token, before its head
 
 
 @pytest.mark.parametrize(
@@ -426,6 +473,29 @@ def test_other_architecture_names_keys_and_variant(tmp_path: Path) -> None:
     assert "it matches cvt or cvt_13_cifar" in message  # same shapes, other strides
 
 
+def test_position_embeddings_of_another_size_say_to_build_at_the_checkpoints_img_size(tiny: CvT) -> None:
+    hint = ". Position embeddings differ in size: build the model with the checkpoint's img_size"
+    torch.manual_seed(0)
+    at_48 = create_model("cvt_tiny", pos_embed=True, img_size=48).state_dict()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(_fresh(pos_embed=True), at_48)
+    assert str(err.value) == (
+        "checkpoint state dict does not fit the model: 3 shape mismatch(es): stage0.pos_embed (model "
+        "[1, 256, 32], checkpoint [1, 576, 32]), stage1.pos_embed (model [1, 64, 64], checkpoint "
+        "[1, 144, 64]), stage2.pos_embed (model [1, 16, 128], checkpoint [1, 36, 128])" + hint
+    )
+    with pytest.raises(CheckpointError) as err:  # beside other mismatches (here the head)
+        load_checkpoint(_fresh(pos_embed=True, num_classes=3), at_48)
+    assert "head.weight (model [3, 128], checkpoint [10, 128])" in str(err.value)
+    assert str(err.value).endswith(hint)
+    with pytest.raises(CheckpointError) as err:  # missing, not of another size: no img_size to change
+        load_checkpoint(_fresh(pos_embed=True), tiny.state_dict())
+    assert str(err.value) == (
+        "checkpoint state dict does not fit the model: 3 missing key(s): stage0.pos_embed, stage1.pos_embed, "
+        "stage2.pos_embed"
+    )
+
+
 def test_a_prefix_is_stripped_only_when_every_key_has_it() -> None:
     t = torch.zeros(1)
     assert set(unwrap_state_dict({"module.stage0.x": t, "module.stage0.y": t})[0]) == {"stage0.x", "stage0.y"}
@@ -580,6 +650,30 @@ def test_unusable_architecture_metadata_is_a_checkpoint_error(tmp_path: Path, ti
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**metadata, "cvt_arch": bad})
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / "bad.safetensors")
+
+
+def test_architecture_metadata_without_final_norm_keeps_the_final_norm(
+    tmp_path: Path, tiny: CvT, images: torch.Tensor
+) -> None:
+    """``final_norm`` was added to ``cvt_arch`` later: a file that does not record it has its LayerNorm."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from cvt.checkpoint.native import model_from_architecture
+
+    path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    arch = json.loads(metadata["cvt_arch"])
+    assert arch.pop("final_norm") is True
+    assert isinstance(model_from_architecture(arch).norm, torch.nn.LayerNorm)
+    assert isinstance(model_from_architecture({**arch, "final_norm": False}).norm, torch.nn.Identity)
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={**metadata, "cvt_arch": json.dumps(arch)})
+    model = load_model(old)  # strict: the file's norm.weight and norm.bias need the LayerNorm
+    assert isinstance(model.norm, torch.nn.LayerNorm) and torch.equal(model.norm.weight, tiny.norm.weight)
+    with torch.no_grad():
+        assert torch.equal(model(images), tiny(images))
 
 
 def test_native_round_trip(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
@@ -783,6 +877,7 @@ def test_official_yaml_image_sizes_are_width_then_height() -> None:
         ("TEST", "IMAGE_SIZE", 224.5, r"IMAGE_SIZE must be N or \[W, H\]"),
         ("MODEL", "NUM_CLASSES", "ten", "num_classes must be a whole number >= 0"),
         ("INPUT", "MEAN", 0.5, "INPUT.MEAN must be a list of numbers, one per channel, got 0.5"),
+        ("INPUT", "STD", ["x"], r"INPUT\.STD must be a list of numbers, one per channel, got \['x'\]"),
     ],
 )
 def test_official_yaml_values_of_the_wrong_kind_are_named(
@@ -792,6 +887,23 @@ def test_official_yaml_values_of_the_wrong_kind_are_named(
     doc.setdefault(section, {})[key] = value
     with pytest.raises(UsageError, match=message), torch.device("meta"):
         create_model_from_official_yaml(doc)
+
+
+def test_official_yaml_input_mean_and_std_are_the_preprocessing(tmp_path: Path) -> None:
+    doc = yaml.safe_load(CVT_13_YAML)
+    doc["INPUT"] = {"MEAN": [0.1, 0.2, 0.3], "STD": [0.25, 0.5, 0.75]}
+    path = tmp_path / "cvt-13-stats.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with torch.device("meta"):
+        model = create_model_from_official_yaml(path)
+        default = create_model_from_official_yaml({**doc, "INPUT": {}})
+    assert model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+    assert model.pretrained_cfg["std"] == (0.25, 0.5, 0.75)
+    data_config = resolve_data_config(model)
+    assert (data_config["mean"], data_config["std"]) == ((0.1, 0.2, 0.3), (0.25, 0.5, 0.75))
+    # without INPUT: the official default, ImageNet's statistics
+    assert default.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    assert default.pretrained_cfg["std"] == (0.229, 0.224, 0.225)
 
 
 def test_official_yaml_without_center_crop_gets_the_official_default() -> None:

@@ -223,7 +223,7 @@ def test_compare_hf_with_a_model_transformers_cannot_express(capsys: pytest.Capt
     pytest.importorskip("transformers")
     code, _, err = run_cli(capsys, "--model", "cvt_tiny", "--compare", "hf", "--runs", "1", "--no-memory")
     assert code == 2
-    assert "--compare hf: transformers' CvT cannot express this model: stage 1 has 1 block(s)" in err
+    assert "--compare hf: transformers' CvT cannot express this model: stages.1 has 1 block(s)" in err
     assert "export" not in err and len(err.strip().splitlines()) == 1
 
 

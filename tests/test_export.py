@@ -13,7 +13,7 @@ import torch
 import cvt
 from cvt.cli.main import main
 from cvt.complexity import complexity, count_gmacs
-from cvt.export import export_model, require_packages, run_exported, verify_export
+from cvt.export import INPUT_NAME, OUTPUT_NAME, export_model, require_packages, run_exported, verify_export
 
 
 def _with_batchnorm_statistics(model: cvt.CvT) -> cvt.CvT:
@@ -54,6 +54,24 @@ def test_onnx_matches_eager_with_a_dynamic_batch(tiny, tmp_path) -> None:
         with torch.no_grad():
             expected = tiny(images)
         torch.testing.assert_close(run_exported("onnx", path, images), expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_input_and_output_share_the_dynamic_batch_axis(tiny, tmp_path) -> None:
+    """Both the image and the logits have batch axis "batch" in the graph (not the traced 2): runtimes
+    that check shapes, or allocate the output from the graph's, take any batch."""
+    import onnx
+
+    graph = onnx.load(str(export_model(tiny, "onnx", tmp_path / "m.onnx"))).graph
+    assert [v.name for v in graph.input] == [INPUT_NAME] and [v.name for v in graph.output] == [OUTPUT_NAME]
+    dims = {v.name: v.type.tensor_type.shape.dim for v in (*graph.input, *graph.output)}
+    assert [(d.dim_param, d.dim_value) for d in dims[INPUT_NAME]] == [
+        ("batch", 0),
+        ("", 3),
+        ("", 32),
+        ("", 32),
+    ]
+    # cvt_tiny: 10 classes
+    assert [(d.dim_param, d.dim_value) for d in dims[OUTPUT_NAME]] == [("batch", 0), ("", 10)]
 
 
 @pytest.mark.slow

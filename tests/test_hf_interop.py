@@ -485,6 +485,24 @@ def test_hf_label_names_follow_the_integer_index() -> None:
     assert hf_label_names({"id2label": {str(i): f"LABEL_{i}" for i in range(12)}}) is None
 
 
+def test_export_labels_classes_by_name_only_when_there_is_one_name_per_class() -> None:
+    """Class names of another count than the head's (a config edited by hand, or the data set's names
+    kept after re-heading the model) are transformers' placeholders: ``LABEL_i``."""
+    from cvt.checkpoint.hf import hf_config_from_model
+
+    model = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), num_classes=3)
+    placeholders = {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+    for names in (["ant", "bee", "cat", "dog"], ["ant", "bee"]):
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
+        config = hf_config_from_model(model)
+        assert config["id2label"] == placeholders
+        assert config["label2id"] == {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": ["ant", "bee", "cat"]}
+    config = hf_config_from_model(model)
+    assert config["id2label"] == {"0": "ant", "1": "bee", "2": "cat"}
+    assert config["label2id"] == {"ant": 0, "bee": 1, "cat": 2}
+
+
 def test_hf_config_without_labels_has_transformers_default_two_classes() -> None:
     config = CvtConfig(**{k: v for k, v in SMALL.items() if k != "num_labels"}).to_dict()
     assert CvtForImageClassification(CvtConfig(**config)).config.num_labels == 2

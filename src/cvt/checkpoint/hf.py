@@ -257,17 +257,17 @@ def hf_config_from_model(model: CvT) -> dict[str, Any]:
     problems = []
     for i, s in enumerate(specs):
         if s.pos_embed:
-            problems.append(f"stage {i} has a position embedding (transformers' CvT has none)")
+            problems.append(f"stages.{i} has a position embedding (transformers' CvT has none)")
         if s.cls_token and i != last:
-            problems.append(f"stage {i} has a cls token (transformers supports one only in the last stage)")
+            problems.append(f"stages.{i} has a cls token (transformers supports one only in the last stage)")
         if s.method != "dw_bn":
             problems.append(
-                f"stage {i} uses the {s.method!r} projection (transformers supports only 'dw_bn')"
+                f"stages.{i} uses the {s.method!r} projection (transformers supports only 'dw_bn')"
             )
         if s.depth <= i:
             problems.append(
-                f"stage {i} has {s.depth} block(s) (transformers indexes drop-path rates by stage, so "
-                f"stage {i} needs at least {i + 1})"
+                f"stages.{i} has {s.depth} block(s) (transformers indexes drop-path rates by stage, so "
+                f"stages.{i} needs at least {i + 1})"
             )
     if model.norm_eps != 1e-5:
         problems.append(f"LayerNorm eps is {model.norm_eps} (transformers' CvT always uses 1e-5)")
