@@ -155,6 +155,23 @@ def test_cifar_meta_must_name_every_label(tmp_path):
         build_dataset("cifar10", tmp_path, "train")
 
 
+def test_cifar_labels_must_be_indices_of_the_meta_class_names(tmp_path):
+    """Labels 0..9 of CIFAR-10's 10 names are read; 10 (one past the last name) or -1 are refused."""
+    _write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+
+    def with_labels(labels):
+        data = np.zeros((len(labels), 3072), dtype=np.uint8)
+        path.write_bytes(pickle.dumps({b"data": data, b"labels": labels}, protocol=2))
+        return build_dataset("cifar10", tmp_path, "val")
+
+    assert with_labels([0, 9, 4]).targets == [0, 9, 4]  # the first and the last class
+    with pytest.raises(DataError, match=r"batches\.meta lists 10 class names for labels 0\.\.10"):
+        with_labels([0, 10, 4])
+    with pytest.raises(DataError, match=r"batches\.meta lists 10 class names for labels -1\.\.9"):
+        with_labels([-1, 9])
+
+
 class _Payload:
     """Unpickling this runs ``os.system`` — a CIFAR file must never do that."""
 
@@ -584,6 +601,12 @@ def test_loader_order_is_seeded_and_batches_checked():
     assert len(build_loader(ds, 6, train=True)) == 3  # drop_last for training
     with pytest.raises(UsageError, match=r"batch size 32 is larger than the data set \(20 images"):
         build_loader(ds, 32, train=True)
+    with pytest.raises(UsageError, match=r"batch size 21 is larger .* use --batch-size 20 or less"):
+        build_loader(ds, 21, train=True)
+    # the whole data set in one batch is the largest training batch
+    (whole,) = [b[0].tolist() for b in build_loader(ds, 20, train=True, seed=3)]
+    assert sorted(whole) == list(range(20))
+    assert [b[0].tolist() for b in build_loader(ds, 1, train=False)][:2] == [[0], [1]]  # the smallest batch
     with pytest.raises(UsageError, match="batch size must be >= 1"):
         build_loader(ds, 0, train=False)
 

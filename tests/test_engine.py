@@ -872,6 +872,23 @@ def test_sampler_shards_are_the_single_process_batches():
     assert list(ResumableSampler(50, batch_size=8, seed=2)) != order  # and another for another --seed
 
 
+def test_resumed_shards_are_the_rest_of_the_single_process_order():
+    """Two processes resumed after k steps: each skips its own k batches, so that together they yield
+    exactly what one process with the global batch yields after k global batches."""
+    single = ResumableSampler(50, batch_size=8, seed=1)
+    order = list(single)
+    for k in range(7):
+        ranks = [ResumableSampler(50, batch_size=4, rank=r, world_size=2, seed=1) for r in range(2)]
+        fresh = [list(s) for s in ranks]  # each rank's whole epoch
+        for s in ranks:
+            s.set_position(epoch=0, batches_done=k)
+        shards = [list(s) for s in ranks]
+        assert [len(s) for s in ranks] == [len(shard) for shard in shards] == [4 * (6 - k)] * 2
+        assert shards == [fresh[0][4 * k :], fresh[1][4 * k :]]  # each rank's share: its own rest
+        assert sorted(shards[0] + shards[1]) == sorted(order[8 * k :])
+        assert not set(shards[0]) & set(shards[1])
+
+
 def test_an_epoch_is_whole_accumulation_windows(tmp_path, monkeypatch, no_curves):
     """64 images in batches of 8 accumulated 3 at a time: 2 steps of 3 batches; the 2 batches left
     would add gradients to the next epoch's first step."""
@@ -943,6 +960,50 @@ def test_lr_scaling_and_schedule():
     for step, expected in ((0, 0.2), (5, 0.6), (100, 0.01)):
         sched.step_update(step)
         assert opt.param_groups[0]["lr"] == pytest.approx(expected), step
+
+
+def scheduled_lrs(options: dict, steps: list[int], steps_per_epoch: int = 10) -> list[float]:
+    """The lr :func:`build_scheduler` sets at each of ``steps`` (unless ``options`` say otherwise: peak lr 1,
+    10 epochs, 1 warm-up epoch from 0)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = resolve_config(None, {"lr": 1.0, "epochs": 10, "warmup_epochs": 1.0, "warmup_lr": 0.0, **options})
+    sched = build_scheduler(opt, cfg, steps_per_epoch)
+    lrs = []
+    for step in steps:
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+# every step after the 10 of the warm-up up to 100, the step after the last (10 epochs x 10 steps):
+# the lr the last epoch's row of metrics.csv records
+AFTER_WARM_UP = list(range(10, 101))
+
+
+def test_step_schedule_decays_by_decay_rate_every_decay_epochs():
+    lrs = scheduled_lrs({"sched": "step", "decay_epochs": 2.5, "decay_rate": 0.4}, [5, *AFTER_WARM_UP])
+    assert lrs[0] == pytest.approx(0.5)  # the warm-up, as for the cosine
+    # decays counted from step 0, every 25 steps
+    assert lrs[1:] == pytest.approx([0.4 ** (step // 25) for step in AFTER_WARM_UP])
+    assert lrs[1 + 24 - 10 : 1 + 26 - 10] == pytest.approx([1.0, 0.4])  # steps 24 and 25: the first decay
+
+
+def test_multistep_schedule_decays_by_decay_rate_at_each_milestone():
+    """timm's convention (it compares the step + 1 with the milestones): milestone m (epochs) applies from
+    step m x steps_per_epoch - 1, the last step of epoch m, one step before the step schedule's decay."""
+    lrs = scheduled_lrs({"sched": "multistep", "decay_milestones": [2, 5], "decay_rate": 0.2}, AFTER_WARM_UP)
+    expected = [1.0 if step < 19 else 0.2 if step < 49 else 0.04 for step in AFTER_WARM_UP]
+    assert lrs == pytest.approx(expected)
+
+
+def test_constant_schedule_holds_the_lr_after_the_warm_up_to_the_end():
+    """No decay ever, not even at the step after the last one; the step options are not used."""
+    options = {"sched": "constant", "decay_epochs": 3.0, "decay_milestones": [2], "decay_rate": 0.5}
+    lrs = scheduled_lrs(options, [0, 5, *AFTER_WARM_UP])
+    assert lrs == pytest.approx([0.0, 0.5] + [1.0] * len(AFTER_WARM_UP))
+    # the same for a run of 1 epoch of 4 steps, 2 of them warm-up
+    lrs = scheduled_lrs({**options, "epochs": 1, "warmup_epochs": 0.5}, list(range(5)), steps_per_epoch=4)
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])
 
 
 def test_sgd_follows_the_nesterov_option():

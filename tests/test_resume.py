@@ -19,6 +19,9 @@ import pytest
 import torch
 
 from cvt.engine import resolve_run, train
+from cvt.engine.resume import check_not_rewinding
+from cvt.engine.state import atomic_torch_save
+from cvt.errors import UsageError
 
 MICRO = dict(
     img_size=16, train_subset=64, batch_size=16, epochs=3, warmup_epochs=0.5, lr=3e-3, seed=5,
@@ -79,3 +82,27 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
     stopped = start_and_stop(tmp_path / "killed", signal.SIGKILL)
     assert stopped.returncode == -signal.SIGKILL
     resume_and_compare(tmp_path / "killed", reference)
+
+
+def test_a_best_pt_at_the_step_of_its_runs_last_pt_continues_in_its_folder(tmp_path):
+    """An epoch that is the best so far ends with best.pt and last.pt of the same step: continuing that
+    best.pt in its own folder rewinds nothing and is allowed; a last.pt one step further on is refused."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    best = {"step": 4, "epoch": 1, "model": {"w": torch.ones(2)}}
+    atomic_torch_save(best, run_dir / "best.pt")
+    atomic_torch_save(best, run_dir / "last.pt")
+    check_not_rewinding(run_dir / "best.pt", run_dir, best)  # the same step: nothing to discard
+
+    atomic_torch_save({**best, "step": 5}, run_dir / "last.pt")
+    with pytest.raises(UsageError, match=r"last\.pt is further on than .*best\.pt \(step 5 against 4\)"):
+        check_not_rewinding(run_dir / "best.pt", run_dir, best)
+    check_not_rewinding(run_dir / "last.pt", run_dir, {**best, "step": 5})  # last.pt itself
+    # another folder's best.pt is not this run's to rewind (check_run_dir refuses mixing runs)
+    other = tmp_path / "other"
+    other.mkdir()
+    atomic_torch_save(best, other / "best.pt")
+    check_not_rewinding(other / "best.pt", run_dir, best)
+
+    atomic_torch_save({**best, "step": 3}, run_dir / "last.pt")  # behind best.pt: nothing later to discard
+    check_not_rewinding(run_dir / "best.pt", run_dir, best)
