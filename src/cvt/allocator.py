@@ -6,8 +6,8 @@ twice that threshold lies free there. The next forward then writes to pages the 
 again: one minor page fault per 4 KiB page. How often that happens depends on the sizes and order of
 everything the process allocated before, not on the model alone. On a 2-core Zen 4 VM
 (docs/performance.md), one bf16 CvT-13 forward at batch 8 faulted 0 or 6 240 times depending on
-what ran before it in the process, transformers' port 28 815 to 37 793 times (64 to 208 ms of kernel
-time, up to a third of its forward).
+what ran before it in the process, transformers' port 28 815 to 37 793 times (alone: 64–88 ms of
+kernel time; beside the other implementations its forward took 418–476 ms instead of 286–309).
 
 :func:`keep_freed_memory` stops both: every block comes from the heap and the heap is never trimmed,
 so each forward reuses the pages of the one before, as a caching allocator would.
