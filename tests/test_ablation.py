@@ -476,6 +476,27 @@ def test_variants_with_other_token_grids_are_warned() -> None:
         dry_run("cvt_tiny", ["token_embed"], img_size=32)  # a multiple of every stride: the same grids
 
 
+def test_paper_figures_are_given_for_a_three_stage_base_only() -> None:
+    """The paper's Table 8 is CvT-13's (3 stages): a base of another depth gets no paper column."""
+    two, four = _tiny_stages()[:2], (*_tiny_stages(), _tiny_stages()[-1])
+    for stages, names in (
+        (two, ["none", "stage 1", "all stages"]),
+        (four, ["none", "stage 1", "stages 1-2", "stages 1-3", "all stages"]),
+    ):
+        variants = ablation_variants(stages, ["conv_proj"])
+        assert [v.name for v in variants] == names
+        assert [v.paper.top1 for v in variants] == [None] * len(names)
+
+
+def test_a_family_named_twice_is_run_once() -> None:
+    variants = ablation_variants(_tiny_stages(), ["kv_stride", "pos_embed", "kv_stride"])
+    assert [(v.family, v.name) for v in variants] == [
+        ("kv_stride", "stride 1"), ("kv_stride", "stride 2"),
+        ("pos_embed", "none"), ("pos_embed", "first stage"), ("pos_embed", "last stage"),
+        ("pos_embed", "every stage"),
+    ]  # fmt: skip
+
+
 def test_empty_family_list_is_refused() -> None:
     with pytest.raises(cvt.UsageError, match="no ablation family given"):
         ablation_variants(_tiny_stages(), [])

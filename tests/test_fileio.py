@@ -83,6 +83,7 @@ def test_the_temporary_files_of_a_write_are_told_apart_by_their_target(tmp_path:
         assert not is_temporary_of(left, ["best.pt"]) and not is_temporary_of(left, [])
     assert not is_temporary_of(".last.pt.mine.tmp", ["last.pt"])  # a user's file of a similar name
     assert not is_temporary_of(".last.pt.3fa9c2d1.tmp.bak", ["last.pt"])
+    assert not is_temporary_of(".last.pt.3fa9c2.tmp", ["last.pt"])  # 8 hex digits, no other count
 
 
 def test_check_folder_path_names_a_file_in_the_way_at_any_depth(tmp_path: Path) -> None:
@@ -111,6 +112,31 @@ def test_refuse_existing_names_every_existing_output_and_the_ways_on(tmp_path: P
     refuse_existing([new, tmp_path / "missing" / "x"], overwrite=False)  # nothing exists: nothing to refuse
 
 
+def test_a_write_takes_another_temporary_name_when_one_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed save's leftover under the random name drawn is neither opened nor a failure; only when
+    all 8 names drawn are taken does the write give up."""
+    left = tmp_path / ".last.pt.00000000.tmp"
+    left.write_bytes(b"leftover")
+    drawn = iter(["00000000", "00000000", "0000000a"])
+    monkeypatch.setattr(fileio.secrets, "token_hex", lambda nbytes: next(drawn))
+    atomic_write_bytes(tmp_path / "last.pt", b"new")
+    assert (tmp_path / "last.pt").read_bytes() == b"new" and left.read_bytes() == b"leftover"
+    monkeypatch.setattr(fileio.secrets, "token_hex", lambda nbytes: "00000000")
+    with pytest.raises(FileExistsError):
+        atomic_write_bytes(tmp_path / "last.pt", b"newer")
+    assert (tmp_path / "last.pt").read_bytes() == b"new"
+
+
+def test_a_write_that_cannot_start_names_the_target_not_its_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "missing" / "last.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        atomic_write_bytes(target, b"x")
+    assert err.value.filename == str(target) and err.value.errno == errno.ENOENT
+    assert str(err.value) == f"[Errno {errno.ENOENT}] No such file or directory: '{target}'"
+
+
 def test_atomic_write_text_is_utf8(tmp_path: Path) -> None:
     path = tmp_path / "t.md"
     atomic_write_text(path, "CvT — 93.6 %\n")
@@ -125,6 +151,7 @@ def test_atomic_write_text_is_utf8(tmp_path: Path) -> None:
         (b"a: 1\n\x00\n", r"^the file is not valid YAML: unacceptable character #x0000"),
         (b"epochs: [1\n", r"^the file is not valid YAML: expected ',' or ']', .* at line 2, column 1$"),
         (b"- 1\n- 2\n", r"^the file must be a mapping of option: value pairs, got a YAML list$"),
+        (b"just text\n", r"^the file must be a mapping of option: value pairs, got a YAML str$"),
     ],
 )
 def test_read_yaml_mapping_errors_are_one_usage_error_line(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -192,11 +193,23 @@ def test_predict_json_with_non_finite_logits_is_valid_json(tmp_path, checkpoint,
 def test_predict_missing_input_and_bad_top_k(tmp_path, checkpoint, capsys):
     assert main(["predict", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint)]) == 1
     assert "nope.png does not exist" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.png")  # exists, but opening it would wait for a writer
+    assert main(["predict", str(tmp_path / "pipe.png"), "--checkpoint", str(checkpoint)]) == 1
+    assert "pipe.png is not a regular file (expected an image file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(tmp_path / "empty"), "--checkpoint", str(checkpoint)]) == 1
     assert "holds no image files" in capsys.readouterr().err
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--top-k", "0"]) == 2
+
+
+def test_predict_runs_on_the_device_asked(tmp_path, checkpoint, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    args = ["predict", str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--json", "--top-k=1"]
+    assert main([*args, "--device", "meta"]) == 2  # --device reaches the one parser of devices
+    assert "option 'device' must be auto, cpu, cuda or cuda:N, got 'meta'" in capsys.readouterr().err
+    assert main([*args, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "three"
 
 
 @pytest.mark.parametrize(
@@ -519,3 +532,29 @@ def test_predict_preprocesses_as_the_checkpoint_s_training_data(tmp_path, micro_
     whole = load_input(path, resolve_data_config(micro_cvt13, "digits"))
     assert not torch.equal(whole, load_input(path, resolve_data_config(micro_cvt13)))  # the crop shows
     assert torch.equal(seen[0][0], whole)
+
+
+def test_predict_crops_as_the_training_of_a_model_fine_tuned_from_384_weights(
+    tmp_path, micro_cvt13, monkeypatch
+):
+    """cvt_13.msft_in1k_384 is published to squash the whole image to its input size; fine-tuned on
+    digits, its training validated on a center crop of the shorter side (all of it), and predict reads
+    a non-square image so, not squashed."""
+    from cvt.cli import predict as cli_predict
+    from cvt.data import resolve_data_config
+    from test_evaluate import watch_model_inputs
+
+    config = {"model": "cvt_13.msft_in1k_384", "num_classes": 10, "img_size": 32, "dataset": "digits",
+              "model_args": MICRO_MODEL_ARGS}  # fmt: skip
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": micro_cvt13.state_dict(), "classes": CLASSES, "config": config}, checkpoint)
+    seen = watch_model_inputs(monkeypatch, cli_predict)
+    path = tmp_path / "wide.png"
+    Image.effect_noise((48, 32), 60).convert("RGB").save(path)
+    assert main(["predict", str(path), "--checkpoint", str(checkpoint), "--json"]) == 0
+    trained = resolve_data_config(micro_cvt13, "digits")
+    assert (trained["crop_pct"], trained["crop_mode"]) == (1.0, "center")
+    centered = load_input(path, trained)
+    squashed = load_input(path, {**trained, "crop_mode": "squash"})
+    assert not torch.equal(centered, squashed)  # the two ways differ on this image
+    assert torch.equal(seen[0][0], centered)

@@ -36,6 +36,8 @@ def collect_images(inputs: list[str]) -> list[Path]:
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
+        elif path.exists():  # a device, a FIFO, a socket: reading it could block forever
+            raise DataError(f"{path} is not a regular file (expected an image file or a folder of images)")
         else:
             raise DataError(f"{path} does not exist (expected an image file or a folder of images)")
     return paths
