@@ -22,6 +22,7 @@ from cvt.data import (
     build_loader,
     build_mixup,
     build_transform,
+    is_image_file,
     load_image,
     load_input,
     resolve_data_config,
@@ -213,6 +214,17 @@ def test_imagefolder_classes_targets_and_non_images_ignored(tmp_path):
     assert target == 1 and img.getpixel((0, 0)) == (41, 7, 9)
 
 
+def test_image_extensions_are_matched_whatever_their_case(tmp_path):
+    """Cameras write IMG_0001.JPG: an image whatever the case of its extension, as torchvision's
+    ImageFolder finds it."""
+    names = ("IMG_1.JPG", "b.Png", "c.TIFF", "d.webp", "e.txt", "f.jpg.bak")
+    assert [is_image_file(name) for name in names] == [True] * 4 + [False] * 2
+    _make_folder(tmp_path, per_class=1)
+    _save(tmp_path / "train" / "dog" / "IMG_1.JPG", Image.new("RGB", (10, 12), (200, 7, 9)))
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.targets == [0, 1, 1] and ds[2][0].getpixel((0, 0))[0] > 190
+
+
 def test_imagefolder_given_classes_keep_their_order(tmp_path):
     """A class list passed in (a checkpoint's label names) fixes the indices: it is not re-sorted."""
     _save(tmp_path / "val" / "cat" / "0.png", Image.new("RGB", (4, 4)))
@@ -373,9 +385,34 @@ def test_load_image_drafts_a_jpeg_by_its_shorter_side(tmp_path, monkeypatch):
     assert load_image(panorama, min_side=200).size == (1600, 400)
 
 
+@pytest.mark.parametrize(("side", "decoded"), [(4095, 455), (4097, 513)])
+def test_load_image_decodes_an_indivisible_jpeg_in_full_up_to_4096_squared_then_at_an_eighth(
+    tmp_path, side, decoded
+):
+    """No DCT scale divides an odd side: up to 4096×4096 pixels the JPEG is decoded in full and box-reduced
+    (4095 = 9 × 455), above it at the largest scale anyway (1/8: ceil(4097 / 8) = 513) to spare memory."""
+    path = _save(tmp_path / "odd.jpg", Image.new("L", (side, side), 90))
+    img = load_image(path, min_side=200)
+    assert img.size == (decoded, decoded) and img.getpixel((7, 7)) == (90, 90, 90)
+
+
 def test_load_image_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope\.png: no such file"):
         load_image(tmp_path / "nope.png")
+
+
+def test_load_image_names_a_png_whose_text_chunk_inflates_past_pillows_limit(tmp_path):
+    """Pillow refuses a compressed text chunk that inflates past 1 MB with a ValueError (a bomb in the
+    metadata): a DataError naming the file, as for any other unreadable image."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (2 << 20), zip=True)  # 2 MB of text in 2 kB of file
+    path = _save(tmp_path / "text.png", Image.new("RGB", (4, 4)), pnginfo=info)
+    with pytest.raises(
+        DataError, match=rf"cannot read image {path}: ValueError: Decompressed data too large"
+    ):
+        load_image(path)
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -551,6 +588,18 @@ def test_augment_config_rejects_bad_values():
     cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
     with pytest.raises(UsageError, match="auto_augment must be a timm policy .* got 'bogus'"):
         build_transform(cfg, True, AugmentConfig(auto_augment="bogus"))
+
+
+def test_augment_config_bounds_are_inclusive_where_the_option_allows_the_value():
+    """Probabilities may be 0 and 1, the crop area 1 and the smoothing 0; a smoothing of 1 (uniform
+    targets: nothing to learn) and a crop area of 0 (an empty crop) are refused."""
+    edge = AugmentConfig(re_prob=1.0, hflip=1.0, label_smoothing=0.0, scale=(1.0, 1.0), mixup=0.0)
+    assert (edge.re_prob, edge.hflip, edge.label_smoothing, edge.scale) == (1.0, 1.0, 0.0, (1.0, 1.0))
+    assert AugmentConfig(label_smoothing=0.99).label_smoothing == 0.99
+    with pytest.raises(UsageError, match=r"'label_smoothing' must be in \[0, 1\), got 1\.0"):
+        AugmentConfig(label_smoothing=1.0)
+    with pytest.raises(UsageError, match=r"'scale' must be two numbers .*, got \(0\.0, 1\.0\)"):
+        AugmentConfig(scale=(0.0, 1.0))
 
 
 def test_build_mixup_soft_targets():
@@ -872,6 +921,20 @@ def test_random_resized_crop_only_above_64_pixels(size, resized_crop):
     assert ("RandomResizedCropAndInterpolation" in names) is resized_crop
     assert ("RandomCrop" in names) is not resized_crop
     assert tf(Image.new("RGB", (size, size), (9, 9, 9))).shape == (3, size, size)
+
+
+@pytest.mark.parametrize("height, width", [(32, 96), (96, 32)])
+def test_a_non_square_input_is_small_only_if_its_longer_side_is(height, width):
+    """A side above 64 px makes the input ImageNet-size: RandomResizedCrop (the pad-and-crop is for
+    32×32-like inputs); no flip step with hflip 0, as for small inputs."""
+    cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10", img_size=(height, width))
+    tf = build_transform(cfg, True, AugmentConfig(random_crop=True))
+    names = [type(t).__name__ for t in tf.transforms]
+    assert "RandomResizedCropAndInterpolation" in names and "RandomCrop" not in names
+    assert "RandomHorizontalFlip" not in names
+    assert tf(Image.new("RGB", (48, 48), (9, 9, 9))).shape == (3, height, width)
+    small = build_transform(resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10"), True, AugmentConfig())
+    assert "RandomHorizontalFlip" not in [type(t).__name__ for t in small.transforms]
 
 
 def test_close_workers_ends_an_evaluation_loaders_worker_processes():
