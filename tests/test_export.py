@@ -160,6 +160,83 @@ def test_cli_export(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_cli_convert_to_hf_checks_the_folder_as_an_hf_output_before_reading(tmp_path, capsys) -> None:
+    """An HF folder holding a config.json is refused as one (not as a folder where a file was to be
+    written), before the source is read: here it does not even exist."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert main(["convert", str(tmp_path / "missing.pth"), "--to", "hf", "--output", str(hf)]) == 2
+    assert capsys.readouterr().err == (
+        f"cvt convert: error: refusing to overwrite {hf / 'config.json'}: choose another --output or pass "
+        f"--overwrite\n"
+    )
+    assert (hf / "config.json").read_text() == "{}"
+
+
+def test_cli_convert_builds_the_model_that_model_names(tiny, tmp_path, capsys) -> None:
+    """--model is the variant an official state dict is loaded into: one it does not fit is refused
+    (naming both architectures), not replaced by the variant its shapes match."""
+    torch.save(tiny.state_dict(), tmp_path / "o.pth")
+    out = tmp_path / "m.safetensors"
+    assert main(["convert", str(tmp_path / "o.pth"), "--output", str(out), "--model", "cvt_13"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cvt convert: error: checkpoint {tmp_path / 'o.pth'} does not fit the model: ")
+    said = (
+        "(width, depth) per stage [(32, 1), (64, 2), (128, 3)] vs the model's [(64, 1), (192, 2), (384, 10)]"
+    )
+    assert said in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_cli_convert_to_hf_overwrites_with_overwrite_and_says_what_it_wrote(tmp_path, capsys) -> None:
+    from cvt.checkpoint import load_model, save_checkpoint
+
+    hf, images = tmp_path / "hf", torch.randn(2, 3, 32, 32)
+    for seed in (0, 1):  # the second convert replaces the first one's folder
+        torch.manual_seed(seed)
+        model = cvt.create_model("cvt_tiny", depth=(1, 2, 3), act="gelu").eval()
+        source = save_checkpoint(model, tmp_path / f"seed{seed}.safetensors")
+        assert main(["convert", str(source), "--to", "hf", "--output", str(hf), "--overwrite"]) == 0
+        assert capsys.readouterr().out == f"wrote {hf}: cvt_tiny, 820,810 parameters, 10 classes, gelu\n"
+        with torch.no_grad():
+            torch.testing.assert_close(load_model(hf).eval()(images), model(images), rtol=0, atol=1e-5)
+
+
+def test_cli_export_takes_the_same_model_named_twice_and_its_class_count(tmp_path, capsys) -> None:
+    from cvt.checkpoint import load_model
+
+    out = tmp_path / "m.safetensors"
+    argv = ["export", "cvt_tiny", "--model", "cvt_tiny", "--num-classes", "4", "--format", "safetensors"]
+    assert main([*argv, "--output", str(out), "--no-verify"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    back = load_model(out)
+    assert (back.pretrained_cfg["architecture"], back.num_classes) == ("cvt_tiny", 4)
+
+
+def test_cli_export_traces_and_checks_at_img_size(tmp_path, capsys, monkeypatch) -> None:
+    """--img-size is the traced input size (the ONNX graph's), and the check runs at it; --no-verify
+    needs no onnxruntime, and --overwrite replaces the earlier export."""
+    import onnx
+
+    def input_size(path):
+        (image,) = onnx.load(str(path)).graph.input
+        return [d.dim_value for d in image.type.tensor_type.shape.dim][2:]
+
+    out = tmp_path / "m.onnx"
+    argv = ["export", "cvt_tiny", "--format", "onnx", "--output", str(out)]
+    assert main([*argv, "--img-size", "48"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"wrote {out}\nmax |logit difference| vs. eager PyTorch on 3 random images: ")
+    assert float(text.rsplit(":", 1)[1]) < 1e-4 and input_size(out) == [48, 48]
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a)
+    )
+    assert main([*argv, "--img-size", "40", "--no-verify", "--overwrite"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n" and input_size(out) == [40, 40]
+
+
 def test_cli_export_of_a_training_checkpoint_needs_no_model_or_class_count(tmp_path, capsys) -> None:
     """`cvt export --checkpoint best.pt` rebuilds the model from the checkpoint's config (4 classes)."""
     from cvt.checkpoint import load_model
@@ -279,9 +356,13 @@ def test_cli_refuses_what_it_would_otherwise_ignore(argv, fragment, tmp_path, ca
     assert fragment in err and err.count("\n") == 1 and not out.exists()
 
 
-def test_cli_refuses_an_img_size_a_checkpoint_format_would_ignore(tmp_path, capsys) -> None:
-    out = tmp_path / "m.safetensors"
-    argv = ["export", "cvt_tiny", "--format", "safetensors", "--output", str(out), "--img-size", "64"]
+@pytest.mark.parametrize(("fmt", "name"), [("safetensors", "m.safetensors"), ("hf", "hf")])
+def test_cli_refuses_an_img_size_a_checkpoint_format_would_ignore(tmp_path, capsys, fmt, name) -> None:
+    out = tmp_path / name
+    argv = ["export", "cvt_tiny", "--format", fmt, "--output", str(out), "--img-size", "64"]
     assert main(argv) == 2
-    assert "--img-size is the traced input size of onnx and torchscript" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"cvt export: error: --img-size is the traced input size of onnx and torchscript; a {fmt} export "
+        f"keeps the model's own input size\n"
+    )
     assert not out.exists()

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,55 @@ def test_an_ablation_folder_in_use_is_refused(tmp_path, held_lock, monkeypatch, 
     assert f"run folder {out} is in use by another cvt train (pid {pid})" in err and err.count("\n") == 1
 
 
+def test_a_lock_file_removed_by_its_ending_holder_is_taken_over(tmp_path, monkeypatch):
+    """A run ending between this one's open and lock of .lock removes the file: the lock is taken again
+    on a new one, not refused as in use; only processes that keep doing so are refused."""
+    from cvt.engine import rundir
+
+    real_flock, calls = rundir.fcntl.flock, []
+
+    def holder_ends_first(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            (tmp_path / "run" / ".lock").unlink()  # the holder's exit, just before this lock
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", holder_ends_first)
+    with rundir.lock_run_dir(tmp_path / "run", "cvt train"):
+        assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()} cvt train\n"
+    assert len(calls) == 2 and not (tmp_path / "run").exists()
+
+    def holders_keep_ending(fd, operation):
+        calls.append(fd)
+        (tmp_path / "run" / ".lock").unlink()
+        real_flock(fd, operation)
+
+    calls.clear()
+    monkeypatch.setattr(rundir.fcntl, "flock", holders_keep_ending)
+    refused = pytest.raises(UsageError, match="in use by other cvt processes starting and ending")
+    with refused, rundir.lock_run_dir(tmp_path / "run"):
+        pytest.fail("ran without the lock")
+    assert len(calls) == 10 and not (tmp_path / "run").exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    """flock failing with ENOLCK (some network file systems): the block runs, warned, and leaves neither
+    a .lock nor the folder it created behind."""
+    import errno
+
+    from cvt.engine import rundir
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    ran = []
+    warned = pytest.warns(UserWarning, match=r"cannot lock the run folder .*new \(No locks available\)")
+    with warned, rundir.lock_run_dir(tmp_path / "a" / "new"):
+        ran.append(sorted(p.name for p in (tmp_path / "a" / "new").iterdir()))
+    assert ran == [[]] and not (tmp_path / "a").exists()
+
+
 # ---- 2. a best.pt ahead of the checkpoint
 
 
@@ -226,6 +276,35 @@ def test_resuming_a_best_pt_behind_its_runs_last_pt_is_refused_untouched(tmp_pat
     assert contents(a) == before
 
 
+def test_a_fresh_run_into_a_run_folder_is_refused_naming_its_first_files_and_the_ways_on(tmp_path):
+    from cvt.engine.rundir import check_run_dir
+
+    fake_run(tmp_path / "a")
+    with pytest.raises(UsageError) as info:
+        check_run_dir(tmp_path / "a", False)
+    assert str(info.value) == (
+        f"run folder {tmp_path / 'a'} already has content (best.pt, config.yaml, last.pt, metrics.csv … "
+        f"(5 in all)); pass --resume auto to continue it, --overwrite to replace its run files, or "
+        f"--output/--name for a new folder"
+    )
+
+
+def test_a_checkpoint_named_by_a_relative_path_is_its_run_folders_own(tmp_path, monkeypatch):
+    """`--resume a/last.pt --output /abs/a` names the run's own folder twice: it continues there, not
+    refused as another run's content; a run folder of other files is still refused."""
+    from cvt.engine.rundir import check_run_dir, is_own_checkpoint
+
+    for name in ("a", "b"):
+        fake_run(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert is_own_checkpoint(Path("a/last.pt"), tmp_path / "a") is True
+    assert is_own_checkpoint(Path("a/last.pt"), tmp_path / "b") is False
+    check_run_dir(tmp_path / "a", False, Path("a/last.pt"))  # accepted
+    shown = r"best\.pt, config\.yaml, last\.pt, metrics\.csv … \(5 in all\)"  # the first 4 names
+    with pytest.raises(UsageError, match=rf"already has content \({shown}\) of another run than a/last\.pt"):
+        check_run_dir(tmp_path / "b", False, Path("a/last.pt"))
+
+
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
 def test_a_run_resumed_without_its_best_pt_counts_the_best_anew(tmp_path, no_curves, damage):
     """A run's best.pt deleted or damaged before --resume auto: the summary named the best epoch of the
@@ -241,6 +320,53 @@ def test_a_run_resumed_without_its_best_pt_counts_the_best_anew(tmp_path, no_cur
     assert summary["best_epoch"] == 2
     best = torch.load(a / "best.pt", weights_only=True)
     assert (best["epoch"], best["best_top1"]) == (2, summary["best_top1"])
+
+
+def test_a_resume_from_what_is_no_training_checkpoint_says_what_it_is(tmp_path):
+    """A run folder (with the hint only where it has a last.pt), a missing file, a checkpoint without
+    the config it resumes with, a file of another kind: each refused by name, not a crash further on."""
+    from cvt.engine.state import load_train_checkpoint
+
+    (tmp_path / "cut").mkdir()
+    atomic_torch_save({"model": {}}, tmp_path / "cut" / "best.pt")  # killed before its first last.pt
+    atomic_torch_save({"model": {}, "optimizer": {}, "epoch": 1, "step": 4}, tmp_path / "no_config.pt")
+    torch.save([1, 2], tmp_path / "a_list.pt")
+    said = {
+        "cut": f"checkpoint {tmp_path / 'cut'} is a folder, not a last.pt/best.pt file",
+        "missing.pt": f"checkpoint {tmp_path / 'missing.pt'} does not exist",
+        "no_config.pt": f"{tmp_path / 'no_config.pt'} is not a cvt train checkpoint (missing config)",
+        "a_list.pt": f"{tmp_path / 'a_list.pt'} is not a cvt train checkpoint "
+        f"(missing model, optimizer, epoch, step, config)",
+    }
+    for name, message in said.items():
+        with pytest.raises(CheckpointError) as info:
+            load_train_checkpoint(tmp_path / name)
+        assert str(info.value) == message
+
+
+def test_a_checkpoints_rng_state_continues_every_generator_where_it_was(tmp_path):
+    """Python's, numpy's (with its cached second normal) and torch's generators, saved in a checkpoint
+    and restored after other draws, give the draws that followed the save (augmentations, drop-path
+    and mixup of a resumed run are those of the uninterrupted one)."""
+    import random
+
+    import numpy as np
+
+    from cvt.engine.state import capture_rng, restore_rng
+
+    def draws():
+        return random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # an odd count: numpy keeps the second of its pair for the next draw
+    atomic_torch_save({"rng": capture_rng()}, tmp_path / "last.pt")
+    expected = draws()
+    draws()  # the run goes on, then is killed
+    np.random.standard_normal()
+    restore_rng(torch.load(tmp_path / "last.pt", weights_only=True)["rng"])
+    assert draws() == expected
 
 
 # ---- 3. --overwrite
@@ -319,6 +445,43 @@ def test_a_set_aside_that_fails_midway_puts_back_what_it_moved(tmp_path, monkeyp
         rundir.prepare_run_dir(tmp_path, replaced)
     replaced.restore()
     assert contents(tmp_path) == before and not (tmp_path / ".replaced").exists()
+
+
+def test_a_run_failing_after_its_first_checkpoint_keeps_its_own_files(tmp_path):
+    """Once the new run's first checkpoint discarded the replaced run, a later failure (a NaN in epoch
+    2, Ctrl-C) has nothing to give back: the new run's files stay."""
+    from cvt.engine import rundir
+
+    fake_run(tmp_path)
+    replaced = rundir.ReplacedRun(tmp_path)
+    rundir.prepare_run_dir(tmp_path, replaced)
+    aside = ("best.pt", "config.yaml", "last.pt", "metrics.csv", "tb/events.out.tfevents.1")
+    assert sorted(contents(tmp_path)) == [f".replaced/{name}" for name in aside]
+    (tmp_path / "last.pt").write_text("the new run's epoch 1")
+    replaced.discard()  # its first checkpoint is saved
+    replaced.restore()  # what the failure calls
+    assert contents(tmp_path) == {"last.pt": b"the new run's epoch 1"}
+
+
+def test_metrics_csv_leaves_a_value_an_epoch_did_not_measure_empty(tmp_path):
+    """A run without EMA has no ema_top1: its column is empty, not a 0 % that reads as measured."""
+    from cvt.engine.rundir import METRIC_COLUMNS, write_metrics
+
+    row = {
+        "epoch": 1,
+        "train_loss": 2.5,
+        "val_loss": 2.25,
+        "top1": 12.5,
+        "top5": 50.0,
+        "lr": 0.001,
+        "time": 3.0,
+    }
+    write_metrics(tmp_path, [row])
+    with open(tmp_path / "metrics.csv") as f:
+        assert list(csv.reader(f)) == [
+            list(METRIC_COLUMNS),
+            ["1", "2.5", "2.25", "12.5", "50.0", "0.001", "3.0", ""],
+        ]
 
 
 # ---- 4. and 6. signals
