@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -514,24 +515,32 @@ def test_predict_shows_five_classes_by_default(tmp_path, checkpoint, capsys):
                                                         ["4.", "seven"], ["5.", "six"]]  # fmt: skip
 
 
+def _predict_a_digits_run(tmp_path, monkeypatch, model, model_name, image_size) -> tuple[Path, torch.Tensor]:
+    """``cvt predict`` of a noise image of ``image_size`` with the training checkpoint of a ``model_name``
+    run on digits at 32 px holding ``model``'s weights: the image's path and the input the model saw."""
+    from cvt.cli import predict as cli_predict
+    from test_evaluate import watch_model_inputs
+
+    config = {"model": model_name, "num_classes": 10, "img_size": 32, "dataset": "digits",
+              "model_args": MICRO_MODEL_ARGS}  # fmt: skip
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "classes": CLASSES, "config": config}, checkpoint)
+    seen = watch_model_inputs(monkeypatch, cli_predict)
+    path = tmp_path / "noise.png"
+    Image.effect_noise(image_size, 60).convert("RGB").save(path)
+    assert main(["predict", str(path), "--checkpoint", str(checkpoint), "--json"]) == 0
+    return path, seen[0][0]
+
+
 def test_predict_preprocesses_as_the_checkpoint_s_training_data(tmp_path, micro_cvt13, monkeypatch):
     """A variant published with a 0.875 center crop, trained on digits: predict reads the whole image,
     as training validated it."""
-    from cvt.cli import predict as cli_predict
     from cvt.data import resolve_data_config
-    from test_evaluate import watch_model_inputs
 
-    config = {"model": "cvt_13", "num_classes": 10, "img_size": 32, "dataset": "digits",
-              "model_args": MICRO_MODEL_ARGS}  # fmt: skip
-    checkpoint = tmp_path / "best.pt"
-    torch.save({"model": micro_cvt13.state_dict(), "classes": CLASSES, "config": config}, checkpoint)
-    seen = watch_model_inputs(monkeypatch, cli_predict)
-    path = tmp_path / "noise.png"
-    Image.effect_noise((40, 40), 60).convert("RGB").save(path)
-    assert main(["predict", str(path), "--checkpoint", str(checkpoint), "--json"]) == 0
+    path, seen = _predict_a_digits_run(tmp_path, monkeypatch, micro_cvt13, "cvt_13", (40, 40))
     whole = load_input(path, resolve_data_config(micro_cvt13, "digits"))
     assert not torch.equal(whole, load_input(path, resolve_data_config(micro_cvt13)))  # the crop shows
-    assert torch.equal(seen[0][0], whole)
+    assert torch.equal(seen, whole)
 
 
 def test_predict_crops_as_the_training_of_a_model_fine_tuned_from_384_weights(
@@ -540,21 +549,12 @@ def test_predict_crops_as_the_training_of_a_model_fine_tuned_from_384_weights(
     """cvt_13.msft_in1k_384 is published to squash the whole image to its input size; fine-tuned on
     digits, its training validated on a center crop of the shorter side (all of it), and predict reads
     a non-square image so, not squashed."""
-    from cvt.cli import predict as cli_predict
     from cvt.data import resolve_data_config
-    from test_evaluate import watch_model_inputs
 
-    config = {"model": "cvt_13.msft_in1k_384", "num_classes": 10, "img_size": 32, "dataset": "digits",
-              "model_args": MICRO_MODEL_ARGS}  # fmt: skip
-    checkpoint = tmp_path / "best.pt"
-    torch.save({"model": micro_cvt13.state_dict(), "classes": CLASSES, "config": config}, checkpoint)
-    seen = watch_model_inputs(monkeypatch, cli_predict)
-    path = tmp_path / "wide.png"
-    Image.effect_noise((48, 32), 60).convert("RGB").save(path)
-    assert main(["predict", str(path), "--checkpoint", str(checkpoint), "--json"]) == 0
+    path, seen = _predict_a_digits_run(tmp_path, monkeypatch, micro_cvt13, "cvt_13.msft_in1k_384", (48, 32))
     trained = resolve_data_config(micro_cvt13, "digits")
     assert (trained["crop_pct"], trained["crop_mode"]) == (1.0, "center")
     centered = load_input(path, trained)
     squashed = load_input(path, {**trained, "crop_mode": "squash"})
     assert not torch.equal(centered, squashed)  # the two ways differ on this image
-    assert torch.equal(seen[0][0], centered)
+    assert torch.equal(seen, centered)
