@@ -23,7 +23,15 @@ from cvt.ablation import (
     run_ablation,
 )
 from cvt.ablation.report import write_report
-from cvt.ablation.training import ABLATION_DEFAULTS, check_data, train_ablation, variant_config, variant_slug
+from cvt.ablation.training import (
+    ABLATION_DEFAULTS,
+    ablation_dir,
+    check_data,
+    class_count,
+    train_ablation,
+    variant_config,
+    variant_slug,
+)
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
 from cvt.data import datasets
@@ -520,3 +528,146 @@ def test_docs_show_what_the_dry_run_prints(capsys) -> None:
         v.family for v in ablation_variants(stages) if build_variant("cvt_tiny", v).stage_specs == stages
     }
     assert len(holding) == 5 and "the baseline appears in five families" in " ".join(doc.split())
+
+
+def test_the_plot_lists_variants_top_down_by_family_from_zero(tmp_path, monkeypatch) -> None:
+    """Bars in table order from the top, labelled ``family: variant``, one colour per family, the title
+    given, at 120 dpi; an axis that would start below 0 (a top-1 under 10%) starts at 0."""
+    import matplotlib.figure
+
+    from cvt.ablation.report import plot_top1
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append((fig, k)))
+    rows = [
+        AblationRow("pos_embed", "none", 1, 0.1, PaperFigures(), 6.0, 1.0),
+        AblationRow("pos_embed", "every stage", 1, 0.1, PaperFigures(), 8.0, 1.0),
+        AblationRow("kv_stride", "stride 1", 1, 0.1, PaperFigures(), 7.5, 1.0),
+    ]
+    plot_top1(rows, tmp_path / "a.png", "digits ablation")
+    [(fig, saved)] = drawn
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (0.0, 100.0) and saved["dpi"] == 120
+    assert ax.yaxis_inverted()  # the first row on top, as in the table
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "pos_embed: none", "pos_embed: every stage", "kv_stride: stride 1",
+    ]  # fmt: skip
+    bars = ax.patches
+    assert [b.get_width() for b in bars] == [6.0, 8.0, 7.5]
+    colours = [b.get_facecolor() for b in bars]
+    assert colours[0] == colours[1] != colours[2]
+    assert ax.get_title() == "digits ablation"
+
+
+def test_the_report_and_the_command_name_the_budget(tmp_path, monkeypatch, capsys) -> None:
+    """ablation.md starts with the budget as its title; the command says each variant's top-1 as it
+    finishes and, at the end, the files it wrote."""
+    monkeypatch.setattr(
+        "cvt.ablation.training.train_variant",
+        lambda cfg: {"top1": 90.0 + cfg.model_args["stride_kv"], "train_seconds": 4.0},
+    )
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--family", "kv_stride", "--output", str(out), "--epochs", "2", "--batch-size", "16"]
+    assert main([*argv, "--lr", "0.01", "--seed", "3"]) == 0
+    title = "cvt_tiny on digits: 2 epoch(s) per variant, batch 16, lr 0.01, seed 3"
+    assert (out / "ablation.md").read_text().splitlines()[0] == f"# {title}"
+    shown = capsys.readouterr().out
+    assert "ablation kv_stride / stride 1: top-1 91.00% in 4 s\n" in shown
+    assert "ablation kv_stride / stride 2: top-1 92.00% in 4 s\n" in shown
+    assert shown.endswith(f"wrote {out / 'ablation.md'}, {out / 'ablation.csv'}, {out / 'ablation.png'}\n")
+
+
+def test_resume_auto_keeps_finished_variants_and_writes_the_report_again(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """``resume="auto"``: a variant whose summary.json reads is kept with its top-1 (not trained again),
+    one whose summary cannot be read trains, options that may change (the output) may differ, the
+    earlier report is replaced, and a folder without a config.yaml is refused before anything trains."""
+    trained: list[str] = []
+    monkeypatch.setattr(
+        "cvt.ablation.training.train_variant",
+        lambda cfg: trained.append(cfg.output) or {"top1": 90.0, "train_seconds": 1.0},
+    )
+    out = tmp_path / "ablation"
+    first, second = out / "kv_stride-stride_1", out / "kv_stride-stride_2"
+    first.mkdir(parents=True)
+    second.mkdir()
+    (first / "config.yaml").write_text(f"model: cvt_tiny\noutput: {tmp_path / 'elsewhere'}\n")
+    (first / "summary.json").write_text(json.dumps({"final_top1": 77.0, "train_seconds": 5.0}))
+    (second / "config.yaml").write_text("model: cvt_tiny\n")
+    (second / "summary.json").write_text('{"final_top1": ')  # cut short: that run did not finish
+    for name in ("ablation.md", "ablation.csv", "ablation.png"):
+        (out / name).write_text("the earlier report")
+    budget = replace(ABLATION_DEFAULTS, output=str(out), resume="auto")
+    rows, paths = train_ablation(budget, ["kv_stride"], verbose=False)
+    assert trained == [str(second)]
+    assert [(r.variant, r.top1, r.train_seconds) for r in rows] == [
+        ("stride 1", 77.0, 5.0),
+        ("stride 2", 90.0, 1.0),
+    ]
+    with open(out / "ablation.csv") as f:
+        assert [r["top1"] for r in csv.DictReader(f)] == ["77.0", "90.0"]
+    assert paths == [out / "ablation.md", out / "ablation.csv", out / "ablation.png"]
+    assert capsys.readouterr().out == ""  # verbose=False: nothing printed
+
+    other = tmp_path / "b"
+    (other / "kv_stride-stride_1").mkdir(parents=True)
+    (other / "kv_stride-stride_1" / "metrics.csv").write_text("someone's run")
+    with pytest.raises(
+        cvt.UsageError, match="holds no variant's run \\(no readable config.yaml\\) to resume"
+    ):
+        train_ablation(replace(budget, output=str(other)), ["kv_stride"], verbose=False)
+    assert trained == [str(second)]
+
+
+def test_a_variants_overrides_win_over_the_budgets_model_args(tmp_path) -> None:
+    """``--model-args method=avg``: the proj_method variant dw_bn still trains dw_bn (as it is measured)."""
+    budget = replace(ABLATION_DEFAULTS, model_args={"method": "avg", "drop_path_rate": 0.0})
+    dw_bn = ablation_variants(_tiny_stages(), ["proj_method"])[0]
+    cfg = variant_config(budget, dw_bn, tmp_path / variant_slug(dw_bn))
+    assert cfg.model_args == {"method": "dw_bn", "drop_path_rate": 0.0}
+
+
+def test_variant_folders_and_the_default_output_are_named_as_documented() -> None:
+    variants = ablation_variants(_tiny_stages(), ["token_embed"])
+    assert [variant_slug(v) for v in variants] == [
+        "token_embed-linear_no_pe", "token_embed-linear_pe", "token_embed-conv_pe", "token_embed-conv_no_pe",
+    ]  # fmt: skip
+    assert ablation_dir(ABLATION_DEFAULTS) == Path("runs") / "ablate-cvt_tiny-digits"
+    assert ablation_dir(replace(ABLATION_DEFAULTS, model="cvt_13", dataset="cifar10")) == Path(
+        "runs/ablate-cvt_13-cifar10"
+    )
+    assert ablation_dir(replace(ABLATION_DEFAULTS, output="mine")) == Path("mine")
+
+
+def test_the_data_check_counts_accumulated_batches() -> None:
+    """With --accum-steps 4 one optimizer step takes 4 batches: 40 images cannot fill one of 4 x 16."""
+    budget = replace(ABLATION_DEFAULTS, train_subset=40, batch_size=16, accum_steps=4)
+    with pytest.raises(cvt.DataError, match="has 40 image\\(s\\), fewer than one batch of 64"):
+        check_data(budget)
+    assert check_data(replace(budget, accum_steps=2)) is None
+
+
+def test_an_unreadable_class_folder_counts_the_default_head(tmp_path, monkeypatch) -> None:
+    """A data folder that cannot be listed (no permission) is as good as none for counting classes."""
+    from cvt.data import datasets as data_module
+
+    def unreadable(folder):
+        raise cvt.DataError(f"cannot list folder {folder}: PermissionError")
+
+    monkeypatch.setattr(data_module, "_list_folder", unreadable)
+    budget = replace(ABLATION_DEFAULTS, dataset="imagefolder", data_dir=str(tmp_path))
+    with pytest.warns(
+        UserWarning, match="found no class folders in .*: counted cvt_tiny with its default head"
+    ):
+        assert class_count(budget) == 10
+
+
+def test_model_args_that_keep_the_token_grids_are_not_warned() -> None:
+    """4x4 patches at 64 px give the grids 16/8/4 for the base with these model_args and every variant:
+    no warning (the grids are compared with the base's model_args, not with the bare base's 32/16/8)."""
+    patches = {"patch_stride": 4, "patch_size": 4, "patch_padding": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = dry_run("cvt_tiny", ["kv_stride"], img_size=64, model_args=patches)
+    assert [r.variant for r in rows] == ["stride 1", "stride 2"]

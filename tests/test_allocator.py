@@ -3,6 +3,7 @@ library is not glibc (issue 4: page faults that depend on what ran before a benc
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,35 @@ def test_keeping_freed_memory_reports_a_refused_threshold(monkeypatch: pytest.Mo
     with pytest.raises(UsageError, match="refused"):
         allocator.keep_freed_memory()
     assert calls == [(allocator.M_MMAP_MAX, 0)]
+
+
+def test_keeping_freed_memory_turns_off_mmap_and_trimming(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    class Glibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(allocator, "glibc", Glibc)
+    allocator.keep_freed_memory()
+    # glibc's <malloc.h>: M_MMAP_MAX is -4 (0: no block gets a mapping of its own), M_TRIM_THRESHOLD
+    # is -1 (-1, the largest size_t: the heap is never trimmed)
+    assert calls == [(-4, 0), (-1, -1)]
+
+
+def test_glibc_is_found_only_where_the_c_library_is_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Musl:  # a C library without glibc's version function
+        def mallopt(self, param: int, value: int) -> int:
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Musl())
+    assert allocator.glibc() is None
+    with pytest.raises(UsageError, match="needs glibc's malloc"):
+        allocator.keep_freed_memory()
+
+    def no_process_handle(name: object) -> None:
+        raise TypeError("Windows: no handle for None")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_process_handle)
+    assert allocator.glibc() is None

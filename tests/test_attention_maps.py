@@ -234,3 +234,44 @@ def test_output_path_is_the_file_written(tmp_path, capsys) -> None:
     assert main([*argv, str(tmp_path / "out")]) == 2
     assert "is a folder: give the image file to write" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_overwrite_replaces_the_file_and_titles_it_with_the_model_and_image(
+    tmp_path, capsys, monkeypatch
+):
+    """``--overwrite`` replaces an existing output; the grid's title names the model and the image; a
+    non-square --img-size (H,W 32,48) gives a 2x3 key grid, said as rows x columns."""
+    import matplotlib.figure
+
+    titles = []
+    real_suptitle = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "suptitle",
+        lambda fig, t, *a, **k: titles.append(t) or real_suptitle(fig, t, *a, **k),
+    )
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / "gray.png")
+    out = tmp_path / "maps.png"
+    out.write_bytes(b"an earlier grid")
+    argv = ["attention", str(tmp_path / "gray.png"), "--model", "cvt_tiny", "--img-size", "32,48"]
+    assert main([*argv, "--output", str(out), "--overwrite"]) == 0
+    assert "4 head(s), attention of the cls token over a 2x3 key grid" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert titles == ["cvt_tiny (random weights): gray.png"]
+
+
+def test_a_batch_of_images_is_refused(tiny) -> None:
+    """Two images in a batch would silently give the first one's maps."""
+    with pytest.raises(
+        cvt.InputShapeError, match=r"expected one image \(1, C, H, W\), got shape \(2, 3, 32, 32\)"
+    ):
+        last_stage_attention(tiny, torch.randn(2, 3, 32, 32))
+
+
+def test_pgf_output_is_refused_before_any_work(tmp_path) -> None:
+    """pgf is LaTeX source matplotlib writes only with a TeX installation: refused up front."""
+    from cvt.attention_maps import image_output_path
+
+    with pytest.raises(cvt.UsageError, match=r"cannot write a '\.pgf' image .*: use \.png, or one of"):
+        image_output_path(tmp_path / "maps.pgf")
+    assert image_output_path(tmp_path / "maps.svg") == tmp_path / "maps.svg"

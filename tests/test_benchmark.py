@@ -9,10 +9,13 @@ import gc
 import importlib.util
 import json
 import math
+import mmap
 import os
+import re
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +28,7 @@ import cvt
 from cvt import allocator, benchmark
 from cvt.benchmark import BenchConfig
 from cvt.complexity import count_gmacs
+from cvt.errors import CvtError, UsageError
 from cvt.models import CvTStage, cpu_kernels, create_model
 
 MB = 2**20
@@ -588,3 +592,282 @@ def test_machine_info_counts_the_cpus_this_process_may_use_and_survives_missing_
     monkeypatch.setattr(metadata, "version", no_metadata)
     info = benchmark.machine_info("cpu", ["hf"])
     assert info["logical_cpus"] == 1 and info["transformers"] == transformers.__version__
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"runs": 0}, "runs must be >= 1"),
+        ({"warmup": -1}, "warmup >= 0"),
+        ({"mode": "eval"}, "mode must be 'infer' or 'train', got 'eval'"),
+        ({"device": "auto"}, "resolve 'auto' with resolve_device first"),
+    ],
+)
+def test_config_refuses_what_cannot_be_measured(fields: dict[str, object], message: str) -> None:
+    """No timed run (nothing to take a median of), a negative warm-up, an unknown mode, or ``auto`` (the
+    figures must name a concrete device): refused before anything is built."""
+    cfg = BenchConfig(model="cvt_tiny", measure_memory=False, **fields)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=re.escape(message)):
+        cfg.check()
+
+
+def test_config_defaults_are_the_documented_ones() -> None:
+    cfg = BenchConfig()
+    assert (cfg.model, cfg.batch_size, cfg.mode, cfg.dtype) == ("cvt_13", 8, "infer", "fp32")
+    assert (cfg.warmup, cfg.runs, cfg.device, cfg.measure_memory) == (2, 5, "cpu", True)
+    assert (cfg.compile, cfg.compile_mode, cfg.channels_last, cfg.grad_checkpointing) == (
+        False, "default", False, False,
+    )  # fmt: skip
+
+
+def test_rss_figures_are_read_from_proc_in_mb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """statm's second field is the RSS in pages; status's VmHWM the peak in kB (MB = 2**20 bytes)."""
+    (tmp_path / "statm").write_text("99999 2560 300 1 0 500 0\n")  # size, resident, shared, ...
+    (tmp_path / "status").write_text(
+        "Name:\tpython\nVmPeak:\t  999999 kB\nVmHWM:\t  153600 kB\nVmRSS:\t 1 kB\n"
+    )
+    monkeypatch.setattr(benchmark.memory, "PROC_SELF", tmp_path)
+    assert benchmark.memory._rss_mb() == pytest.approx(2560 * mmap.PAGESIZE / MB)
+    assert benchmark.peak_rss_mb() == pytest.approx(150.0)
+    (tmp_path / "status").write_text("Name:\tpython\nVmRSS:\t 1 kB\n")  # a kernel without the peak
+    with pytest.raises(RuntimeError, match="has no VmHWM line"):
+        benchmark.peak_rss_mb()
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "error", "message"),
+    [
+        # killed by a signal: the kernel's OOM killer
+        (-9, "", CvtError, "batch size 64 at 40x48 (train, fp32) does not fit in memory on cpu"),
+        (1, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried", CvtError, "does not fit"),
+        (1, "Traceback ...\nMemoryError", CvtError, "does not fit in memory"),
+        (1, "Traceback ...\nKeyError: 'stages'", RuntimeError, "memory measurement of cvt failed"),
+    ],
+)
+def test_memory_subprocess_failures_are_told_apart(
+    monkeypatch: pytest.MonkeyPatch, returncode: int, stderr: str, error: type[Exception], message: str
+) -> None:
+    """A worker killed by a signal (the kernel's OOM killer) or failing to allocate is a batch that does not
+    fit, worded as in the timed runs; any other failure is a bug, reported with its traceback."""
+    monkeypatch.setattr(
+        subprocess, "run", lambda args, **kwargs: subprocess.CompletedProcess(args, returncode, "", stderr)
+    )
+    cfg = BenchConfig(model="cvt_tiny", img_size=(40, 48), batch_size=64, mode="train")
+    with pytest.raises(error, match=re.escape(message)) as caught:
+        benchmark.peak_step_memory_mb(cfg, "cvt")
+    assert isinstance(caught.value, CvtError) == (error is CvtError)
+
+
+def test_memory_subprocess_figure_is_its_last_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a library that prints a warning to stdout before the worker prints its figure
+    out = "UserWarning: something about threads\n37.25\n"
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 0, out, ""))
+    assert benchmark.peak_step_memory_mb(BenchConfig(model="cvt_tiny"), "cvt") == 37.25
+
+
+def test_subjects_get_grad_checkpointing_and_channels_last_as_asked() -> None:
+    cfg = BenchConfig(model="cvt_tiny", grad_checkpointing=True, channels_last=True)
+    subjects, _ = benchmark.build_subjects(cfg, ["cvt", "official"])
+    assert all(stage.grad_checkpointing for stage in subjects["cvt"].stages)
+    for model in subjects.values():
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x, _ = benchmark.make_batch(cfg, num_classes=10)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    plain, _ = benchmark.build_subjects(BenchConfig(model="cvt_tiny"), ["cvt"])
+    assert not any(stage.grad_checkpointing for stage in plain["cvt"].stages)
+
+
+def test_official_peer_that_computes_another_function_is_refused_when_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class OfficialCvT:
+        @staticmethod
+        def from_cvt(ours: nn.Module) -> nn.Module:
+            return _Shifted(ours, 1e-2)
+
+    monkeypatch.setattr(
+        benchmark.subjects, "load_official_reference", lambda: types.SimpleNamespace(OfficialCvT=OfficialCvT)
+    )
+    with pytest.raises(AssertionError, match="official re-implementation differs from cvt"):
+        benchmark.build_subjects(BenchConfig(model="cvt_tiny"), ["cvt", "official"])
+    with pytest.raises(UsageError, match="unknown benchmark subject 'timm'"):
+        benchmark.build_subjects(BenchConfig(model="cvt_tiny"), ["cvt", "timm"])
+
+
+def test_hf_peer_holds_cvts_weights() -> None:
+    pytest.importorskip("transformers")
+    from cvt.checkpoint.hf import native_to_hf
+
+    subjects, num_classes = benchmark.build_subjects(BenchConfig(model="cvt_13"), ["cvt", "hf"])
+    assert num_classes == 1000
+    expected = native_to_hf(subjects["cvt"].state_dict())
+    peer = subjects["hf"].inner.state_dict()
+    assert set(expected) <= set(peer)
+    for name, tensor in expected.items():
+        assert torch.equal(peer[name], tensor), name
+
+
+class _Probe(nn.Module):
+    """A linear classifier that records the state its forward runs in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.seen: list[tuple[bool, bool, bool, torch.dtype | None]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        self.seen.append((self.training, inference, grad, autocast_dtype))
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_infer_step_is_an_eval_forward_in_inference_mode_and_autocast(dtype: str) -> None:
+    model = _Probe().train()
+    step = benchmark.make_step(model, BenchConfig(mode="infer", dtype=dtype))
+    step(torch.randn(2, 4), torch.tensor([0, 2]))
+    assert model.seen == [(False, True, False, None if dtype == "fp32" else torch.bfloat16)]
+
+
+def test_train_step_is_a_train_mode_sgd_step_with_momentum(monkeypatch: pytest.MonkeyPatch) -> None:
+    optimizers: list[torch.optim.SGD] = []
+
+    class RecordedSGD(torch.optim.SGD):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            optimizers.append(self)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordedSGD)
+    model = _Probe().eval()
+    before = model.linear.weight.detach().clone()
+    step = benchmark.make_step(model, BenchConfig(mode="train", dtype="bf16"))
+    step(torch.randn(2, 4), torch.tensor([0, 2]))
+    assert model.seen == [(True, False, True, torch.bfloat16)]  # train mode, autograd, autocast
+    (optimizer,) = optimizers
+    assert optimizer.defaults["momentum"] == 0.9
+    # the step updated the weights, created its momentum buffers and left no gradients behind
+    assert not torch.equal(model.linear.weight, before)
+    assert all("momentum_buffer" in optimizer.state[p] for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_is_the_same_each_time_with_labels_among_the_classes() -> None:
+    cfg = BenchConfig(model="cvt_tiny", batch_size=64)
+    x, target = benchmark.make_batch(cfg, num_classes=3)
+    assert set(target.tolist()) == {0, 1, 2}
+    x2, target2 = benchmark.make_batch(cfg, num_classes=3)
+    assert torch.equal(x, x2) and torch.equal(target, target2)  # every subject and process: one batch
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_timed_subjects_are_compiled_in_the_asked_mode(
+    monkeypatch: pytest.MonkeyPatch, compile_: bool
+) -> None:
+    modes: list[str] = []
+
+    def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_model)
+    cfg = BenchConfig(model="cvt_tiny", batch_size=1, warmup=0, runs=1, compile=compile_,
+                      compile_mode="max-autotune")  # fmt: skip
+    times, _ = benchmark.time_subjects(cfg, {"cvt": nn.Identity(), "official": nn.Identity()}, num_classes=10)
+    assert modes == (["max-autotune"] * 2 if compile_ else [])
+    assert {name: len(t) for name, t in times.items()} == {"cvt": 1, "official": 1}
+
+
+def test_timed_steps_are_the_warm_up_then_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    subjects = {"cvt": nn.Identity(), "official": nn.Identity()}
+
+    def make_step(model: nn.Module, cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        name = next(n for n, m in subjects.items() if m is model)
+        return lambda x, target: calls.append(name)
+
+    monkeypatch.setattr(benchmark.timing, "make_step", make_step)
+    cfg = BenchConfig(model="cvt_tiny", batch_size=1, warmup=3, runs=2)
+    times, peaks = benchmark.time_subjects(cfg, subjects, num_classes=10)
+    assert calls == ["cvt"] * 3 + ["official"] * 3 + ["cvt", "official"] * 2
+    assert {name: len(t) for name, t in times.items()} == {"cvt": 2, "official": 2} and peaks == {}
+
+
+def test_a_failing_step_that_is_not_out_of_memory_is_not_reported_as_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(x: torch.Tensor, target: torch.Tensor) -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(benchmark.timing, "make_step", lambda model, cfg: broken)
+    cfg = BenchConfig(model="cvt_tiny", batch_size=1, warmup=1, runs=1)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
+        benchmark.time_subjects(cfg, {"cvt": nn.Identity()}, num_classes=10)
+    assert not isinstance(caught.value, CvtError)
+
+
+def test_cuda_peak_memory_is_skipped_without_measure_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = []
+    monkeypatch.setattr(benchmark.timing, "make_step", lambda model, cfg: lambda x, t: steps.append(1))
+    monkeypatch.setattr(
+        benchmark.timing, "make_batch", lambda cfg, num_classes: (torch.zeros(1), torch.zeros(1))
+    )
+    monkeypatch.setattr(benchmark.timing, "synchronize", lambda device: None)
+    monkeypatch.setattr(benchmark.timing, "MIN_CUDA_RUN_S", 1e-9)  # one step per timed run
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: pytest.fail("measured"))
+    cfg = BenchConfig(model="cvt_tiny", device="cuda", runs=2, warmup=1, measure_memory=False)
+    _, peaks = benchmark.time_subjects(cfg, {"cvt": nn.Identity()}, num_classes=10)
+    assert peaks == {} and len(steps) == 1 + 1 + 2  # warm-up, sizing the run, the timed runs
+
+
+@pytest.mark.parametrize("measure_memory", [False, True])
+def test_cuda_results_take_their_peak_memory_from_the_timed_runs(
+    monkeypatch: pytest.MonkeyPatch, measure_memory: bool
+) -> None:
+    monkeypatch.setattr(benchmark.config, "resolve_device", torch.device)  # a GPU, as far as the check goes
+    monkeypatch.setattr(benchmark, "build_subjects", lambda cfg, names: (dict.fromkeys(names), 10))
+    peaks = {"cvt": 123.0, "official": 456.0} if measure_memory else {}
+    monkeypatch.setattr(
+        benchmark, "time_subjects", lambda cfg, subjects, n: ({"cvt": [0.5], "official": [0.25]}, peaks)
+    )
+    monkeypatch.setattr(benchmark, "matmul_ceiling", lambda dtype, device: 100.0)
+    monkeypatch.setattr(benchmark, "peak_step_memory_mb", lambda cfg, name: pytest.fail("CPU measurement"))
+    cfg = BenchConfig(model="cvt_tiny", device="cuda", batch_size=2, measure_memory=measure_memory)
+    results = benchmark.run_benchmark(cfg, ["official"])
+    assert [r.peak_memory_mb for r in results] == ([123.0, 456.0] if measure_memory else [None, None])
+    assert [r.img_per_s for r in results] == [4.0, 8.0]
+
+
+def test_cuda_matmul_ceiling_sizes_its_runs_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first product pays for the library's initialisation (a second on some GPUs): sized by it, a timed
+    run would hold one product of microseconds, which launch and sync would dominate."""
+    clock = {"now": 0.0, "products": 0}
+
+    class FakeMatrix:
+        def __matmul__(self, other: FakeMatrix) -> None:
+            clock["now"] += 1.0 if clock["products"] == 0 else 30e-6
+            clock["products"] += 1
+
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: FakeMatrix())
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(benchmark.timing, "synchronize", lambda device: None)
+    assert benchmark.machine.matmul_ceiling("fp32", "cuda", size=2048, runs=3) == pytest.approx(
+        2 * 2048**3 / 30e-6 / 1e9
+    )
+    assert clock["products"] >= 3 * math.ceil(benchmark.timing.MIN_CUDA_RUN_S / 30e-6)
+
+
+def test_ceiling_is_measured_for_fp16_on_a_gpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(benchmark.machine, "has_bf16_kernels", lambda device: False)  # e.g. a V100
+    assert benchmark.ceiling_skip_reason("fp16", "cuda") is None
+    assert "emulated on cuda" in benchmark.ceiling_skip_reason("bf16", "cuda")
+
+
+def test_machine_line_names_the_gpu_after_the_cpu_and_bf16_kernels() -> None:
+    info = {"cpu": "Xeon", "logical_cpus": 16, "threads": 8, "python": "3.11.7", "torch": "2.5.1",
+            "cpu_capability": "AVX512", "bf16_kernels": True, "gpu": "NVIDIA H200"}  # fmt: skip
+    assert benchmark.describe_machine(info) == (
+        "Xeon (16 logical CPUs, torch threads 8), NVIDIA H200, Python 3.11.7, torch 2.5.1, "
+        "CPU capability AVX512, bf16 kernels yes"
+    )

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cvt import allocator, benchmark
-from cvt.benchmark import BenchConfig, build_subjects
+from cvt.benchmark import BenchConfig, BenchResult, build_subjects
 from cvt.cli.main import main
 from cvt.complexity import count_gmacs
 from cvt.devices import resolve_device
@@ -314,3 +314,125 @@ def test_cpu_peak_memory_without_proc_gives_one_line_and_exit_2(
         capsys, "--model", "cvt_tiny", "--runs", "1", "--warmup", "0", "--device", "cpu", "--no-memory"
     )
     assert code == 0
+
+
+Measured = list[tuple[BenchConfig, list[str] | None]]
+
+
+def fake_measurement(monkeypatch: pytest.MonkeyPatch, results: list[BenchResult]) -> Measured:
+    """Makes ``cvt bench`` report ``results`` without measuring; returns the list of the (configuration,
+    peers) it is asked to measure."""
+    calls: Measured = []
+
+    def measure(cfg: BenchConfig, compare: list[str] | None = None) -> list[BenchResult]:
+        calls.append((cfg, compare))
+        return results
+
+    monkeypatch.setattr(benchmark, "run_benchmark", measure)
+    return calls
+
+
+def test_bench_options_reach_the_measured_configuration(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fake_result
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # taskset -c 0,1
+    results = [fake_result(name, [10.0]) for name in ("cvt", "hf", "official")]
+    calls = fake_measurement(monkeypatch, results)
+    code, out, _ = run_cli(
+        capsys, "--model", "cvt_tiny", "--img-size", "40,48", "--batch-size", "3", "--mode", "train",
+        "--dtype", "bf16", "--device", "cpu", "--compile", "--compile-mode", "max-autotune",
+        "--channels-last", "--grad-checkpointing", "--compare", "all", "--warmup", "4", "--runs", "6",
+        "--threads", "2", "--no-memory", "--json",
+    )  # fmt: skip
+    assert code == 0
+    ((cfg, peers),) = calls
+    assert cfg == BenchConfig(
+        model="cvt_tiny", img_size=(40, 48), batch_size=3, mode="train", dtype="bf16", compile=True,
+        compile_mode="max-autotune", channels_last=True, grad_checkpointing=True, warmup=4, runs=6,
+        device="cpu", measure_memory=False,
+    )  # fmt: skip
+    assert peers == ["hf", "official"]  # all: both peers, transformers' first
+    config = json.loads(out)["config"]
+    assert config["threads"] == 2 and config["img_size"] == [40, 48] and config["keep_freed_memory"] is False
+
+
+def test_bench_defaults_are_the_documented_ones(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fake_result
+) -> None:
+    calls = fake_measurement(monkeypatch, [fake_result("cvt", [10.0])])
+    code, out, _ = run_cli(capsys, "--device", "cpu", "--json")
+    assert code == 0
+    ((cfg, peers),) = calls
+    assert cfg == BenchConfig(device="cpu")  # cvt_13 at its own size, batch 8, 2 warm-up and 5 timed runs
+    assert (cfg.batch_size, cfg.warmup, cfg.runs, cfg.mode, cfg.measure_memory) == (8, 2, 5, "infer", True)
+    assert peers == []
+    config = json.loads(out)["config"]
+    assert config["threads"] == torch.get_num_threads() and config["img_size"] == [224, 224]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--runs", "0"], "runs must be >= 1"),
+        (["--warmup", "-1"], "warmup >= 0"),
+    ],
+)
+def test_counts_below_their_minimum_give_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, out, err = run_cli(capsys, "--model", "cvt_tiny", "--no-memory", *args)
+    assert code == 2 and not out
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_as_many_threads_as_usable_cpus_are_accepted(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fake_result
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # taskset -c 0,1
+    threads: list[int] = []
+    results = [fake_result("cvt", [10.0])]
+    monkeypatch.setattr(
+        benchmark, "run_benchmark", lambda *a: threads.append(torch.get_num_threads()) or results
+    )
+    code, _, _ = run_cli(capsys, "--model", "cvt_tiny", "--threads", "2", "--no-memory")
+    assert code == 0 and threads == [2]
+
+
+def test_bench_table_shows_every_figure(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fake_result
+) -> None:
+    ours, peer = fake_result("cvt", [30.0, 27.0, 33.0]), fake_result("hf", [24.0, 18.0, 20.0])
+    for r, memory, gflops in ((ours, 123.4, 45.67), (peer, None, 31.0)):
+        r.peak_memory_mb, r.gflops_per_s = memory, gflops
+        r.ceiling_gflops_per_s, r.ceiling_fraction = 250.0, gflops / 250.0
+    calls = fake_measurement(monkeypatch, [ours, peer])
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: None)
+    code, out, _ = run_cli(
+        capsys, "--model", "cvt_tiny", "--img-size", "40,48", "--batch-size", "4", "--mode", "train",
+        "--device", "cpu", "--warmup", "1", "--runs", "3", "--compare", "hf", "--keep-freed-memory",
+    )  # fmt: skip
+    assert code == 0 and len(calls) == 1
+    header, machine, *table, basis = out.splitlines()
+    assert header == (
+        f"cvt_tiny 40x48 batch 4 train fp32 on cpu ({torch.get_num_threads()} threads, freed memory kept), "
+        "3 runs; matmul ceiling 250 GFLOP/s"
+    )
+    assert machine.startswith("Machine: ") and basis.startswith("GFLOP/s: ")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table if line.startswith("| ")]
+    assert rows[-2:] == [
+        ["cvt", "30.00", "27.00-33.00", "123", "45.7", "18%", "1.00x"],
+        ["hf", "20.00", "18.00-24.00", "-", "31.0", "12%", "1.50x (1.25-1.65)"],  # rounds 30/24 27/18 33/20
+    ]
+
+
+def test_bench_json_speedup_is_the_ratio_of_the_medians(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fake_result
+) -> None:
+    ours, peer = fake_result("cvt", [30.0, 27.0, 60.0]), fake_result("official", [24.0, 18.0, 20.0])
+    fake_measurement(monkeypatch, [ours, peer])
+    code, out, _ = run_cli(capsys, "--model", "cvt_tiny", "--compare", "official", "--no-memory", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["speedup"] == {"official": pytest.approx(1.5)}  # 30 / 20, not the fastest runs' 60 / 24
+    assert report["speedup_per_round"] == {"official": pytest.approx([1.25, 1.5, 3.0])}

@@ -79,3 +79,10 @@ def test_console_script_runs_as_module() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("cvt info: error: unknown model 'cvt_99'")
+
+
+def test_info_table_shows_a_non_square_input_as_height_by_width(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "cvt_tiny", "--img-size", "48,32"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if "cvt_tiny" in row)
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells == ["cvt_tiny", "48x32", "0.57M", "0.02", "24x16 / 12x8 / 6x4"]

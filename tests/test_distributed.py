@@ -12,6 +12,7 @@ would. A second test runs ``dw_bn`` under DDP, whose last block leaves its q con
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -154,3 +155,66 @@ def test_devices_other_than_cpu_and_cuda_are_refused_before_the_run_starts(name,
         resolve_device(name)
     assert main(["train", "--device", name, "--output", str(tmp_path / "run")]) == 2
     assert f"got '{name}'" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@contextlib.contextmanager
+def callers_group(tmp_path, monkeypatch, **environ):
+    """A one-process gloo group made by the caller, with the torchrun variables ``environ`` (WORLD_SIZE,
+    RANK …): cvt trains in it as the process of that rank among that many (their collectives are this
+    process's own values; DDP wraps the model in the group)."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, str(value))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_takes_its_global_rank_and_the_gpu_of_its_local_rank(tmp_path, monkeypatch):
+    """Process 1 of the second node of 2 x 2: RANK 3 of WORLD_SIZE 4 (not LOCAL_RANK 1 nor
+    LOCAL_WORLD_SIZE 2, which would make it a second rank 1) on GPU 1, its local rank."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with callers_group(tmp_path, monkeypatch, WORLD_SIZE=4, RANK=3, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2):
+        env = init_distributed("cuda")
+    assert (env.rank, env.world_size, env.device) == (3, 4, torch.device("cuda", 1))
+    assert env.distributed and not env.is_main
+
+
+def ddp_forwards(monkeypatch) -> list[tuple[bool, int]]:
+    """Patch DDP so that every forward through it (the training steps; validation calls the raw model)
+    appends whether its backward all-reduces the gradients, and the torch seed it runs under."""
+    forwards: list[tuple[bool, int]] = []
+
+    class RecordingDDP(torch.nn.parallel.DistributedDataParallel):
+        def forward(self, *args, **kwargs):
+            forwards.append((self.require_backward_grad_sync, torch.initial_seed()))
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    return forwards
+
+
+def test_ddp_all_reduces_gradients_on_the_last_micro_batch_of_each_window_only(tmp_path, monkeypatch):
+    """With --accum-steps 2 the first micro-batch of a window runs under no_sync (its gradients stay
+    local) and the second all-reduces the window's sum: an all-reduce on the first would leave the
+    second's gradients different on every rank."""
+    forwards = ddp_forwards(monkeypatch)
+    flags = {**MICRO, "epochs": 1, "batch_size": 8, "accum_steps": 2, "output": str(tmp_path / "run")}
+    with callers_group(tmp_path, monkeypatch, WORLD_SIZE=2, RANK=0):
+        summary = train(resolve_run(None, flags)[0])
+    assert summary["steps"] == 2  # 64 images in steps of 8 x 2 processes x 2
+    assert [sync for sync, _ in forwards] == [False, True, False, True]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_a_rank_other_than_0_writes_no_file_and_draws_its_own_random_stream(tmp_path, monkeypatch):
+    """Rank 1 trains but leaves the run folder to rank 0, --save-every-steps included; its dropout
+    and stochastic depth draw from a stream of its own (seeded with --seed + rank, not rank 0's)."""
+    forwards = ddp_forwards(monkeypatch)
+    flags = {**MICRO, "epochs": 1, "batch_size": 8, "save_every_steps": 1, "output": str(tmp_path / "run")}
+    with callers_group(tmp_path, monkeypatch, WORLD_SIZE=2, RANK=1):
+        summary = train(resolve_run(None, flags)[0])
+    assert summary["steps"] == 4 and len(forwards) == 4
+    assert not (tmp_path / "run").exists()
+    assert {seed for _, seed in forwards} == {MICRO["seed"] + 1}

@@ -1306,3 +1306,147 @@ def test_a_grayscale_model_trains_and_evaluates_on_the_luma_of_the_images(
     report = json.loads(capsys.readouterr().out)
     assert report["input_size"] == [1, 16, 16] and report["num_samples"] == len(expected)
     assert report["top1"] == pytest.approx(summary["final_top1"])
+
+
+def test_a_run_at_zero_top1_still_keeps_best_pt_of_its_first_epoch(tmp_path, monkeypatch, no_curves):
+    """A top-1 of 0 (a hard data set, the first epochs) is a best so far: best.pt is written at epoch 1
+    and the summary names it, as for any other accuracy (the best starts below every possible top-1)."""
+    real_evaluate = engine_evaluate.evaluate
+
+    def at_zero(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        result.top1 = 0.0
+        return result
+
+    monkeypatch.setattr(engine_evaluate, "evaluate", at_zero)
+    summary = run(micro(tmp_path, epochs=2, train_subset=32))
+    assert (summary["best_epoch"], summary["best_top1"]) == (1, 0.0)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert (best["epoch"], best["step"]) == (1, 2)
+
+
+def test_tensorboard_logs_the_lr_and_train_loss_under_train_and_validation_under_val(tmp_path, no_curves):
+    """Each metrics.csv column but epoch and time is a TensorBoard scalar at the epoch's last step,
+    with the csv's values: train/train_loss and train/lr, val/val_loss, val/top1, val/top5, val/ema_top1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run(micro(tmp_path, epochs=2, train_subset=32, ema=True))
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    columns = {"train/train_loss": "train_loss", "train/lr": "lr", "val/val_loss": "val_loss",
+               "val/top1": "top1", "val/top5": "top5", "val/ema_top1": "ema_top1"}  # fmt: skip
+    assert set(events.Tags()["scalars"]) == set(columns)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    for tag, column in columns.items():
+        assert [e.step for e in events.Scalars(tag)] == [2, 4], tag
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([float(r[column]) for r in rows]), tag
+
+
+def test_a_ctrl_c_in_a_later_epoch_stops_after_its_step_with_the_time_trained_so_far(
+    tmp_path, monkeypatch, capfd, no_curves
+):
+    """A Ctrl-C during a step of epoch 2 is announced as stopping after this step (not after a
+    validation, as in epoch 1's); last.pt holds the time trained up to that step, beyond epoch 1's, and
+    the resumed run adds its own time to the checkpoint's (set here to 1000 s, far above a micro run)."""
+    import signal
+
+    from cvt.engine.trainer import TrainingInterrupted
+
+    def ctrl_c_during_the_sixth_batch(n, loss):
+        if n == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    watch_training_losses(monkeypatch, ctrl_c_during_the_sixth_batch)
+    with pytest.raises(TrainingInterrupted, match="at step 6 "):
+        run(micro(tmp_path, epochs=2))
+    assert "SIGINT: stopping after this step" in capfd.readouterr().err
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    epoch_one = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert (state["step"], epoch_one["step"]) == (6, 4)
+    assert state["train_seconds"] > epoch_one["train_seconds"] > 0  # counted up to the interruption
+    atomic_torch_save({**state, "train_seconds": 1000.0}, last)
+    watch_training_losses(monkeypatch)  # no more signals
+    summary = run({"output": str(tmp_path / "run"), "resume": "auto"})
+    assert summary["steps"] == 8
+    assert 1000.0 < summary["train_seconds"] < 1000.0 + 600
+    assert (
+        json.loads((tmp_path / "run" / "summary.json").read_text())["train_seconds"]
+        == summary["train_seconds"]
+    )
+
+
+def test_a_resumed_run_keeps_counting_the_skipped_steps_of_the_checkpoint(tmp_path, monkeypatch, no_curves):
+    """A step skipped for a NaN loss before the checkpoint stays in summary.json's skipped_steps after a
+    resume (the count is of the whole run, as steps is)."""
+
+    def nan_at_third_batch(n, loss):
+        return loss * float("nan") if n == 3 else loss
+
+    watch_training_losses(monkeypatch, nan_at_third_batch)
+    assert run(micro(tmp_path, epochs=1, skip_nonfinite=True))["skipped_steps"] == 1
+    watch_training_losses(monkeypatch)  # the resumed epoch's losses are all finite
+    summary = run({"epochs": 2, "output": str(tmp_path / "run"), "resume": "auto"})
+    assert (summary["steps"], summary["skipped_steps"]) == (8, 1)
+
+
+def test_a_checkpoint_without_best_epoch_resumes_with_the_first_epoch_of_its_best_top1(
+    tmp_path, monkeypatch, no_curves
+):
+    """Checkpoints of earlier versions record best_top1 but no best_epoch: the resumed run finds it in
+    the history (the first epoch at that top-1), so summary.json names epoch 2, not 0."""
+    real_evaluate = engine_evaluate.evaluate
+    top1_by_epoch = iter([60.0, 80.0, 80.0, 70.0])
+
+    def scripted(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        result.top1 = next(top1_by_epoch)
+        return result
+
+    monkeypatch.setattr(engine_evaluate, "evaluate", scripted)
+    run(micro(tmp_path, epochs=3, train_subset=32))
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert (state["best_top1"], state["best_epoch"]) == (80.0, 2)
+    del state["best_epoch"]
+    atomic_torch_save(state, last)
+    summary = run({"epochs": 4, "output": str(tmp_path / "run"), "resume": "auto"})
+    assert (summary["best_top1"], summary["best_epoch"]) == (80.0, 2)
+
+
+def test_a_dead_data_loader_worker_is_a_clear_error_and_other_errors_pass_through():
+    """A worker killed by the OS (for memory, usually) surfaces as a DataLoaderWorkerError that says
+    what to do; any other RuntimeError of the batches is raised as it is."""
+    from cvt.engine.trainer import DataLoaderWorkerError, _epoch_batches
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def __iter__(self):
+            yield "first batch"
+            raise self.error
+
+    died = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    batches = _epoch_batches(Failing(died), None)
+    assert next(batches) == "first batch"
+    with pytest.raises(
+        DataLoaderWorkerError, match=r"died \(DataLoader worker \(pid\(s\) 4242\) exited .*--workers 0"
+    ):
+        next(batches)
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError) as caught:
+        list(_epoch_batches(Failing(other), None))
+    assert caught.value is other
+
+
+def test_an_epoch_whose_every_step_was_skipped_has_no_train_loss(tmp_path, monkeypatch, no_curves):
+    """No finite loss in the epoch (every step skipped with --skip-nonfinite): its train_loss is NaN,
+    not a 0.0 that reads as a perfect fit."""
+    watch_training_losses(monkeypatch, lambda n, loss: loss * float("nan"))
+    summary = run(micro(tmp_path, epochs=1, train_subset=32, skip_nonfinite=True))
+    assert (summary["steps"], summary["skipped_steps"]) == (2, 2)
+    (row,) = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["history"]
+    assert math.isnan(row["train_loss"])

@@ -570,3 +570,152 @@ def test_cli_eval_preprocesses_digits_whole_and_runs_under_the_asked_autocast(
     transform = build_transform(resolve_data_config(micro_cvt13, "digits"), train=False)
     expected = torch.stack([transform(image) for image, _ in build_dataset("digits", None, "val")])
     assert torch.equal(images, expected)
+
+
+def test_evaluate_refuses_class_indices_outside_the_logits():
+    """Index C (one past the last class) and negative indices are the data set's fault, said as such (not
+    an internal error of the loss)."""
+    model, images = _TableModel(torch.eye(3)), torch.zeros(2, 3, 2, 2)
+    with pytest.raises(DataError, match=r"^class indices must be in \[0, 3\), found 0\.\.3$"):
+        evaluate(model, [(images, torch.tensor([0, 3]))], "cpu")
+    with pytest.raises(DataError, match=r"^class indices must be in \[0, 3\), found -1\.\.2$"):
+        evaluate(model, [(images, torch.tensor([-1, 2]))], "cpu")
+
+
+def test_evaluate_refuses_logits_of_another_width_than_the_classes():
+    from cvt.errors import UsageError
+
+    images = torch.zeros(2, 3, 2, 2)
+    with pytest.raises(UsageError, match=r"^the model gives 3 logits per image, expected 4 classes$"):
+        evaluate(_TableModel(torch.eye(3)), [(images, torch.tensor([0, 1]))], "cpu", num_classes=4)
+    # without num_classes, the logits' width is the class count
+    assert evaluate(_TableModel(torch.eye(3)), [(images, torch.tensor([0, 1]))], "cpu").confusion.shape == (
+        3,
+        3,
+    )
+
+
+def test_eval_result_as_dict_without_names_uses_indices_and_says_its_k():
+    table = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [0.0, 2.0, 1.0]])
+    images = torch.zeros(3, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(3, dtype=torch.float32)
+    result = evaluate(_TableModel(table), [(images, torch.tensor([0, 1, 1]))], "cpu")
+    as_dict = result.as_dict()
+    assert as_dict["topk"] == 3 and as_dict["top5"] == 100.0  # top-3 of 3 classes
+    assert as_dict["per_class_acc"] == {"0": 100.0, "1": 50.0, "2": None}
+    assert as_dict["num_samples"] == 3 and as_dict["confusion"] == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+
+
+def _three_class_checkpoint(tmp_path):
+    """A checkpoint of classes cat, dog, eel that always answers eel."""
+    ckpt = _training_checkpoint(tmp_path, num_classes=3, answer=2)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = ["cat", "dog", "eel"]
+    torch.save(saved, ckpt)
+    return ckpt
+
+
+def test_cli_eval_text_names_the_k_of_top_k_and_marks_an_absent_class(tmp_path, capsys):
+    """With 3 classes the line says top-3 (not top-5), and a class without images has "-" for its
+    accuracy (not nan%)."""
+    ckpt = _three_class_checkpoint(tmp_path)
+    for name in ("cat", "eel"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 36), (30, 30, 200)).save(tmp_path / "data" / "val" / name / "0.png")
+    args = [
+        "eval",
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "top-1 50.00%  top-3 100.00%  loss " in text and "top-5" not in text
+    assert "| dog   | 0      | -        |" in text and "nan" not in text
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["topk"] == 3
+
+
+def test_cli_eval_reads_a_checkpoints_data_folder_for_its_own_data_set_only(tmp_path, capsys, monkeypatch):
+    """Without --data-dir, the data set the checkpoint was trained on is read from its run's data folder;
+    another data set from ./data, as cvt train's default (not from the checkpoint's folder)."""
+    ckpt = _training_checkpoint(tmp_path)  # always answers 3
+    saved = torch.load(ckpt, weights_only=True)
+    cifar = _cifar10_archive(tmp_path / "cifar")  # labels 3, 3, 1, 0, 9, 3
+    saved["config"].update(dataset="cifar10", data_dir=str(cifar))
+    torch.save(saved, ckpt)
+    work = tmp_path / "work"
+    for name in ("3", "7"):
+        (work / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (30, 30, 200)).save(work / "data" / "val" / name / "0.png")
+    monkeypatch.chdir(work)
+    assert main(["eval", "--checkpoint", str(ckpt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dataset"], report["num_samples"], report["top1"]) == ("cifar10", 6, 50.0)
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "imagefolder", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dataset"], report["num_samples"], report["top1"]) == ("imagefolder", 2, 50.0)
+
+
+def test_cli_eval_split_size_and_output_files_are_reported(tmp_path, capsys, monkeypatch):
+    """--split train and --img-size reach the data, the model and the report; --output's plot is named in
+    the JSON and in the text, its title names the model, data and top-1."""
+    import cvt.engine.evaluate as engine_evaluate
+
+    ckpt = _training_checkpoint(tmp_path)  # always answers 3
+    data = _cifar10_archive(tmp_path / "data")  # train split: 20 images of class 0
+    seen = watch_model_inputs(monkeypatch, evaluate_cli)
+    titles = []
+    real_save = engine_evaluate.save_confusion_png
+    monkeypatch.setattr(
+        engine_evaluate,
+        "save_confusion_png",
+        lambda confusion, classes, path, title="": (
+            titles.append(title) or real_save(confusion, classes, path, title)
+        ),
+    )
+    out = tmp_path / "out"
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data),
+            "--split", "train", "--img-size", "48", "--output", str(out)]  # fmt: skip
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["split"], report["num_samples"], report["top1"]) == ("train", 20, 0.0)
+    assert report["input_size"] == [3, 48, 48] and report["confusion_png"] == str(out / "confusion.png")
+    assert json.loads((out / "eval.json").read_text()) == report
+    assert seen and all(images.shape[-2:] == (48, 48) for images, _ in seen)
+    assert titles == [f"cvt_tiny from {ckpt} — cifar10 train, top-1 0.00%"]
+    assert main([*args, "--overwrite"]) == 0
+    text = capsys.readouterr().out
+    assert f"cvt_tiny from {ckpt} on cifar10 train: 20 images at 48x48\n" in text
+    assert f"confusion matrix: {out / 'confusion.png'}; metrics: {out / 'eval.json'}\n" in text
+
+
+def test_cli_eval_passes_download_and_reads_64_images_a_batch_by_default(tmp_path, capsys, monkeypatch):
+    """--download reaches the data set (CIFAR's download), and --help's default batch of 64 is the one
+    used."""
+    import cvt.data
+
+    real_build_dataset, real_build_loader = cvt.data.build_dataset, cvt.data.build_loader
+    downloads, batch_sizes = [], []
+
+    def build_dataset(*args, **kwargs):
+        downloads.append(kwargs["download"])
+        return real_build_dataset(*args, **{**kwargs, "download": False})  # no network in the tests
+
+    def build_loader(dataset, batch_size, *args, **kwargs):
+        batch_sizes.append(batch_size)
+        return real_build_loader(dataset, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(cvt.data, "build_dataset", build_dataset)
+    monkeypatch.setattr(cvt.data, "build_loader", build_loader)
+    ckpt = _training_checkpoint(tmp_path)
+    data = _cifar10_archive(tmp_path / "data")
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data), "--json"]
+    assert main([*args, "--download"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 6
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 6
+    assert downloads == [True, False] and batch_sizes == [64, 64]

@@ -182,3 +182,30 @@ def test_seed_script_keeps_the_recipe_without_a_checkpoint(tmp_path, monkeypatch
     train_argv = _seed_script()["train_argv"]
     assert train_argv(["--epochs", "3"]) == ["train", "--config", "seed_cifar10", "--epochs", "3"]
     assert train_argv(["--config", "digits"]) == ["train", "--config", "digits"]
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("=5", "argument --model-args: expected KEY=VALUE, got '=5'"),  # no key: create_model's TypeError
+        ("depth=[1,1", "argument --model-args: cannot read the value of 'depth=[1,1'"),  # not YAML
+    ],
+)
+def test_model_args_without_a_key_or_with_a_value_that_is_not_yaml_exit_2(capsys, tmp_path, pair, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model-args", pair, "--output", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_help_explains_what_overwrite_removes(capsys):
+    """``cvt train --help`` gives --overwrite the text of what it removes, not the option's short help."""
+    from cvt.cli.train import OVERWRITE_HELP
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    squeezed = "".join(capsys.readouterr().out.split())  # argparse wraps the text at any space or hyphen
+    assert "".join(OVERWRITE_HELP.split()) in squeezed
+    assert "removesits" in squeezed and "(commandlineonly)" in squeezed
