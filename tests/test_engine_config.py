@@ -297,3 +297,123 @@ def test_list_items_of_the_wrong_type_name_the_option(tmp_path):
     recipe.write_text("scale: [0.5, 1]\n")
     scale = resolve_config(str(recipe), {}).scale
     assert scale == [0.5, 1.0] and all(isinstance(v, float) for v in scale)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # sizes and counts that are optional: None means "the default", zero or below none can use
+        ({"eval_batch_size": 0}, r"^option 'eval_batch_size' must be > 0 when given, got 0$"),
+        ({"num_classes": 0}, r"^option 'num_classes' must be > 0 when given, got 0$"),
+        ({"img_size": 0}, r"^option 'img_size' must be > 0 when given, got 0$"),
+        ({"train_subset": 0}, r"^option 'train_subset' must be > 0 when given, got 0$"),
+        ({"lr_base_batch": -256}, r"^option 'lr_base_batch' must be > 0 when given, got -256$"),
+        ({"clip_grad": 0.0}, r"^option 'clip_grad' must be > 0 when given, got 0.0$"),
+        # zero is fine, below it is not
+        ({"workers": -1}, r"^option 'workers' must be >= 0, got -1$"),
+        ({"save_every_steps": -1}, r"^option 'save_every_steps' must be >= 0, got -1$"),
+        ({"warmup_epochs": -0.5}, r"^option 'warmup_epochs' must be >= 0, got -0.5$"),
+        ({"min_lr": -1e-05}, r"^option 'min_lr' must be >= 0, got -1e-05$"),
+        ({"weight_decay": -0.01}, r"^option 'weight_decay' must be >= 0, got -0.01$"),
+        (
+            {"sched": "linear"},
+            r"^option 'sched' must be one of cosine, step, multistep, constant, got 'linear'$",
+        ),
+        # a repeated milestone is not "increasing" (timm would decay twice at that epoch)
+        (
+            {"sched": "multistep", "decay_milestones": [30, 30]},
+            r"'decay_milestones' must be epochs > 0 in incr",
+        ),
+        # a resume path, not only 'auto', conflicts with --overwrite
+        ({"overwrite": True, "resume": "runs/x/last.pt"}, r"^options 'overwrite' and 'resume' conflict"),
+    ],
+)
+def test_optional_sizes_counts_and_schedule_names_out_of_range_are_refused(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        resolve_config(None, overrides)
+
+
+def test_an_empty_yaml_value_is_refused_for_a_required_option_only(tmp_path):
+    """``epochs:`` with no value reads as None: an option that needs a value names itself (it was a
+    TypeError from the range checks); an optional one (``num_classes``) takes None as its default."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs:\n")
+    with pytest.raises(UsageError, match=r"^option 'epochs' must be of type int, got None \(NoneType\)$"):
+        resolve_config(str(recipe), {})
+    recipe.write_text("num_classes:\nimg_size:\n")
+    cfg = resolve_config(str(recipe), {})
+    assert (cfg.num_classes, cfg.img_size) == (None, None)
+
+
+def test_unknown_option_errors_say_where_the_option_came_from(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("batchsize: 32\n")
+    with pytest.raises(UsageError) as info:
+        resolve_config(str(recipe), {})
+    assert (
+        str(info.value)
+        == f"unknown option(s) in config {str(recipe)!r}: 'batchsize' (did you mean 'batch_size'?)"
+    )
+    with pytest.raises(UsageError) as info:
+        resolve_config(None, {"epochz": 3, "zzz": 1})
+    assert (
+        str(info.value) == "unknown option(s) in the command line: 'epochz' (did you mean 'epochs'?), 'zzz'"
+    )
+
+
+def test_a_shipped_recipe_may_be_named_with_its_yaml_suffix(tmp_path, monkeypatch):
+    """``cvt train --config cvt13_in1k.yaml`` outside the source tree is the shipped recipe, as without
+    the suffix."""
+    monkeypatch.chdir(tmp_path)  # no file of that name here
+    assert read_yaml("cvt13_in1k.yaml") == read_yaml("cvt13_in1k")
+    assert resolve_config("seed_cifar10.yaml", {}) == resolve_config("seed_cifar10", {})
+    assert resolve_config("seed_cifar10.yaml", {}).optimizer == "sgd"
+
+
+def test_list_options_take_tuples_and_record_lists():
+    cfg = resolve_config(None, {"scale": (0.5, 1), "decay_milestones": (10, 20)})
+    assert cfg.scale == [0.5, 1.0] and all(type(v) is float for v in cfg.scale)
+    assert cfg.decay_milestones == [10, 20] and type(cfg.decay_milestones) is list
+
+
+def test_nesterov_without_momentum_is_refused_for_sgd_only():
+    """AdamW has no momentum buffer: ``--nesterov`` with momentum 0 is no error there."""
+    cfg = resolve_config(None, {"optimizer": "adamw", "nesterov": True, "momentum": 0.0})
+    assert (cfg.optimizer, cfg.nesterov, cfg.momentum) == ("adamw", True, 0.0)
+    with pytest.raises(UsageError, match="'nesterov' needs a momentum > 0"):
+        resolve_config(None, {"optimizer": "sgd", "nesterov": True, "momentum": 0.0})
+
+
+def test_model_args_flag_keeps_every_pair_with_yaml_values():
+    flags = flags_from_args(parse(["--model-args", "method=avg", "depth=[1,1,1]", "drop_path_rate=0"]))
+    assert flags == {"model_args": {"method": "avg", "depth": [1, 1, 1], "drop_path_rate": 0}}
+
+
+def test_repeated_model_args_flags_add_their_pairs_and_replace_the_recipes(tmp_path):
+    """``--model-args a=1 --model-args b=2`` keeps both pairs (argparse alone keeps the last flag's); a
+    later key wins; the flags' pairs replace a recipe's ``model_args`` as a whole, as any flag does."""
+    argv = [
+        "--model-args",
+        "depth=[1,1,1]",
+        "method=avg",
+        "--model-args",
+        "drop_path_rate=0.2",
+        "method=linear",
+    ]
+    flags = flags_from_args(parse(argv))
+    assert flags == {"model_args": {"depth": [1, 1, 1], "method": "linear", "drop_path_rate": 0.2}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_args: {act: gelu_tanh, method: avg}\n")
+    assert resolve_config(str(recipe), {}).model_args == {"act": "gelu_tanh", "method": "avg"}
+    assert resolve_config(str(recipe), flags).model_args == flags["model_args"]
+
+
+def test_commands_sharing_the_train_flags_hide_reword_and_default_them_their_own_way():
+    """``cvt ablate`` reuses the flags with options hidden from --help (still parsed, to be refused
+    with a reason), its own defaults shown, and help texts of its own."""
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser, hidden={"compile"}, defaults=TrainConfig(epochs=3), helps={"lr": "own words"})
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["compile"] == argparse.SUPPRESS and "--compile" not in parser.format_help()
+    assert helps["epochs"].endswith("(default: 3)") and helps["lr"] == "own words"
+    assert flags_from_args(parser.parse_args(["--compile"])) == {"compile": True}

@@ -58,7 +58,10 @@ def add_train_arguments(
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif kind is dict:
-            parser.add_argument(flag, nargs="+", type=_key_value, metavar="KEY=VALUE", **common)
+            # repeating the flag adds its pairs (a later key wins), where plain nargs would keep the last only
+            parser.add_argument(
+                flag, action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE", **common
+            )
         elif kind is list:
             parser.add_argument(flag, nargs="+", type=list_item_type(name), **common)
         else:
