@@ -85,6 +85,14 @@ def test_digits_item_is_rgb_scaled_to_255_and_transform_upscales():
     assert target == ds.targets[0]
 
 
+def test_digits_split_and_item_order_are_the_published_ones():
+    """The split seed and the items in the archive's order are pinned: another seed (or the split's
+    shuffled order) is still fixed and stratified, yet changes every digits result already reported."""
+    first_val_targets = [1, 4, 8, 6, 5, 9, 9, 1, 3, 2, 2, 2, 0, 7, 4, 8]
+    assert build_dataset("digits", None, "val").targets[:16] == first_val_targets
+    assert build_dataset("digits", None, "train").targets[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
 # ------------------------------------------------------------------------------------- CIFAR
 def _write_cifar10(root: Path, per_batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """The CIFAR-10 python archive layout with ``per_batch`` random images per file (protocol 2)."""
@@ -190,6 +198,65 @@ def test_cifar_pickle_with_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(DataError, match=r"test_batch.*refusing to load"):
         build_dataset("cifar10", tmp_path, "val")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ([1, 2, 3], r"data_batch_2 holds a list, expected a dict"),
+        (
+            {b"data": np.zeros((2, 3072), np.uint8)},
+            r"data_batch_2 is not in the CIFAR python format: KeyError",
+        ),
+        (
+            {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]},
+            r"data_batch_2 has 3 images but 2 labels",
+        ),
+    ],
+)
+def test_cifar_file_of_another_shape_is_named_with_what_is_wrong(tmp_path, entry, message):
+    _write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataError, match=message):
+        build_dataset("cifar10", tmp_path, "train")
+
+
+def test_cifar_without_a_data_folder_reads_data_under_the_working_directory(tmp_path, monkeypatch):
+    _write_cifar10(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert len(build_dataset("cifar10", None, "val")) == 8
+
+
+def test_cifar_download_fetches_a_missing_archive_only(tmp_path, monkeypatch):
+    from cvt.data import datasets
+
+    fetched: list[tuple[str, Path]] = []
+
+    def fake_download(name: str, root: Path) -> None:
+        fetched.append((name, root))
+        _write_cifar10(root)
+
+    monkeypatch.setattr(datasets, "_download_cifar", fake_download)
+    assert len(build_dataset("cifar10", tmp_path, "val", download=True)) == 8
+    assert len(build_dataset("cifar10", tmp_path, "train", download=True)) == 40  # already there
+    assert fetched == [("cifar10", tmp_path)]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_download_asks_torchvision_for_the_named_archive(tmp_path, monkeypatch, name):
+    from torchvision.datasets import CIFAR10, CIFAR100, utils
+
+    calls = []
+
+    def no_network(url: str, root: str, filename: str, md5: str) -> None:
+        calls.append((url, root, filename, md5))
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(utils, "download_and_extract_archive", no_network)
+    with pytest.raises(DataError, match=rf"could not download {name} from .* into {tmp_path}: no network"):
+        build_dataset(name, tmp_path, "train", download=True)
+    source = CIFAR10 if name == "cifar10" else CIFAR100
+    assert calls == [(source.url, str(tmp_path), source.filename, source.tgz_md5)]
 
 
 # -------------------------------------------------------------------------------- imagefolder
@@ -304,6 +371,56 @@ def test_imagefolder_for_evaluation_leaves_a_file_that_fails_to_decode_out(tmp_p
     assert [b[1].tolist() for b in batches] == [[0, 0, 1], [1, 1]]  # cat/2.png only is missing
     assert batches[0][0][:, 0].tolist() == [0, 1, 40]
     assert [t.shape for t in collate_readable([None, None])] == [(0,), (0,)]
+
+
+def test_imagefolder_sample_order_is_torchvisions_in_nested_folders(tmp_path):
+    """A class folder's own files before its sub-folders', sub-folders as torchvision's sorted os.walk
+    orders them ("a" < "a b" < "a-1" < "a/b"), which is neither the search's order nor the paths' as
+    strings."""
+    from torchvision.datasets import ImageFolder
+
+    for rel in ("cat/z.png", "cat/a/y.png", "cat/a b/x.png", "cat/a-1/w.png", "cat/a/b/v.png", "dog/0.png"):
+        _save(tmp_path / "train" / rel, Image.new("RGB", (4, 4)))
+    ds = build_dataset("imagefolder", tmp_path, "train")
+    assert ds.samples == ImageFolder(str(tmp_path / "train")).samples
+    assert [Path(p).relative_to(tmp_path / "train").as_posix() for p, _ in ds.samples] == [
+        "cat/z.png", "cat/a/y.png", "cat/a b/x.png", "cat/a-1/w.png", "cat/a/b/v.png", "dog/0.png"
+    ]  # fmt: skip
+
+
+def test_imagefolder_with_given_classes_reads_the_folders_in_name_order(tmp_path):
+    """The given list sets the indices, not the sample order: that stays torchvision's (folders by name)."""
+    _make_folder(tmp_path)
+    ds = build_dataset("imagefolder", tmp_path, "train", classes=["dog", "cat"])
+    assert ds.targets == [1, 1, 1, 0, 0, 0]
+    img, target = ds[0]
+    assert target == 1 and img.getpixel((0, 0)) == (0, 7, 9)  # cat/0.png
+
+
+def test_imagefolder_lists_the_skipped_files_and_replaces_a_bad_last_item_by_the_first(tmp_path):
+    _make_folder(tmp_path)
+    empty = tmp_path / "train" / "cat" / "0.png"
+    empty.write_bytes(b"")
+    (tmp_path / "train" / "dog" / "2.png").write_bytes(_truncated_jpeg())  # its header passes the scan
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable file"):
+        ds = build_dataset("imagefolder", tmp_path, "train", skip_bad_images=True)
+    assert ds.skipped == [str(empty)] and len(ds) == 5
+    with pytest.warns(UserWarning, match=r"2\.png.*using the next image"):
+        img, target = ds[4]
+    assert target == 0 and img.getpixel((0, 0)) == (1, 7, 9)  # cat/1.png: the next one wraps around
+
+
+def test_imagefolder_needs_a_data_folder():
+    with pytest.raises(UsageError, match=r"dataset imagefolder needs a data folder \(--data-dir\)"):
+        build_dataset("imagefolder", None, "train")
+
+
+def test_first_difference_names_the_first_differing_class_and_none_past_the_shorter_list():
+    from cvt.data.datasets import first_difference
+
+    assert first_difference(["a", "b", "c"], ["a", "x", "c"]) == (1, "b", "x")
+    assert first_difference(["a", "b"], ["a", "b", "c"]) == (2, "(none)", "c")
+    assert first_difference(["a", "b"], ["a"]) == (1, "b", "(none)")
 
 
 # ------------------------------------------------------------------------------ load_image
@@ -637,6 +754,92 @@ def test_build_mixup_soft_targets():
         assert target[0, 2:].tolist() == pytest.approx([smoothing / 4] * 2)  # image 0: labels 0 and 1
 
 
+def test_training_without_a_random_crop_resizes_as_the_evaluation_does():
+    """Without random_crop the training geometry is the configuration's eval resize: its crop mode (the
+    whole image squashed here, not a center crop) and its interpolation (bicubic upscaling of a small
+    image, not bilinear)."""
+    cfg = dict(input_size=(3, 32, 48), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+               crop_pct=1.0, crop_mode="squash")  # fmt: skip
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 20, 3), dtype=np.uint8))
+    expected = np.array(image.resize((48, 32), Image.Resampling.BICUBIC))
+    expected = (torch.from_numpy(expected).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    for transform in (
+        build_transform(cfg, train=False),
+        build_transform(cfg, train=True, aug=AugmentConfig()),
+    ):
+        torch.testing.assert_close(transform(image), expected, rtol=0, atol=1e-5)
+
+
+def test_evaluation_ignores_the_augmentations():
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    aug = AugmentConfig(random_crop=True, hflip=1.0, re_prob=1.0, color_jitter=0.4, precrop=8)
+    torch.testing.assert_close(build_transform(cfg, False, aug)(image), build_transform(cfg, False)(image))
+
+
+def test_precrop_applies_with_random_crop_only_and_at_any_input_size():
+    """precrop replaces RandomResizedCrop above 64 px too; without random_crop it changes nothing."""
+    steps = build_transform(resolve_data_config(_ModelWithCfg(96, 1.0)), True,
+                            AugmentConfig(random_crop=True, precrop=32)).transforms  # fmt: skip
+    assert type(steps[0]).__name__ == "Resize" and steps[0].size == (128, 128)
+    assert type(steps[1]).__name__ == "RandomCrop" and steps[1].size == (96, 96)
+    assert "RandomResizedCropAndInterpolation" not in [type(t).__name__ for t in steps]
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    no_crop = build_transform(cfg, True, AugmentConfig(precrop=32))
+    torch.testing.assert_close(no_crop(image), build_transform(cfg, False)(image), rtol=0, atol=0)
+
+
+def test_small_input_pad_and_crop_takes_an_eighth_of_the_longer_side_and_the_flip_probability():
+    cfg = resolve_data_config(_ModelWithCfg(16, 1.0), "cifar10", img_size=(32, 48))
+    tf = build_transform(cfg, True, AugmentConfig(random_crop=True, hflip=0.3))
+    steps = {type(t).__name__: t for t in tf.transforms}
+    assert steps["RandomCrop"].padding == 6 and steps["RandomCrop"].size == (32, 48)
+    assert steps["RandomHorizontalFlip"].p == 0.3  # not torchvision's default 0.5
+
+
+def test_auto_augment_v0_posterize_to_zero_bits_gives_black():
+    """AutoAugment's ops sit in sub-policies, not in RandAugment's flat list: they keep 0 bits too."""
+    cfg = resolve_data_config(_ModelWithCfg(32, 1.0), "cifar10")
+    tf = build_transform(cfg, True, AugmentConfig(auto_augment="v0"))
+    policy = next(t for t in tf.transforms if type(t).__name__ == "AutoAugment").policy
+    posterize = [op for sub in policy for op in sub if op.name == "Posterize"]
+    assert posterize
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    for op in posterize:
+        op.prob, op.magnitude = 1.0, 0  # level 0: keep int(0 / 10 * 4) = 0 bits
+        assert np.asarray(op(img)).max() == 0
+
+
+def test_load_input_decodes_at_least_the_eval_resize_of_the_input(tmp_path, monkeypatch):
+    """At crop_pct 0.875 a 224 input is cropped from a 256 resize: the decode must reach 256, not 224."""
+    from cvt.data import transforms as transforms_module
+
+    asked: list[int] = []
+    real_load = transforms_module.load_image
+
+    def recording_load(path: Path, min_side: int) -> Image.Image:
+        asked.append(min_side)
+        return real_load(path, min_side=min_side)
+
+    monkeypatch.setattr(transforms_module, "load_image", recording_load)
+    path = _save(tmp_path / "x.png", Image.new("RGB", (300, 300), (255, 128, 0)))
+    assert load_input(path, resolve_data_config(_ModelWithCfg(224, 0.875))).shape == (1, 3, 224, 224)
+    assert asked == [256]
+
+
+@pytest.mark.parametrize("option", ["precrop", "mixup", "cutmix"])
+def test_augment_config_refuses_negative_sizes_and_alphas(option):
+    with pytest.raises(UsageError, match=rf"option '{option}' must be >= 0, got -1"):
+        AugmentConfig(**{option: -1})
+    assert getattr(AugmentConfig(**{option: 0}), option) == 0
+
+
+def test_augment_config_refuses_a_crop_area_beyond_the_whole_image():
+    with pytest.raises(UsageError, match=r"'scale' must be two numbers .*, got \(0\.5, 1\.5\)"):
+        AugmentConfig(scale=(0.5, 1.5))
+
+
 # ---------------------------------------------------------------------------------- loader
 def test_loader_order_is_seeded_and_batches_checked():
     ds = torch.utils.data.TensorDataset(torch.arange(20))
@@ -953,3 +1156,87 @@ def test_close_workers_ends_an_evaluation_loaders_worker_processes():
     assert not any(p.is_alive() for p in workers)
     assert sum(len(b[0]) for b in loader) == 12
     close_workers(loader)
+
+
+def test_loader_edge_cases_evaluation_batches_samplers_and_empty_batches():
+    from cvt.data.loader import close_workers, collate_readable
+    from cvt.engine.sampler import ResumableSampler
+
+    ds = torch.utils.data.TensorDataset(torch.arange(6))
+    with pytest.raises(UsageError, match="num_workers must be >= 0, got -1"):
+        build_loader(ds, 2, train=False, num_workers=-1)
+    # evaluation reads every item: a batch larger than the data set is one short batch, not an error
+    assert [b[0].tolist() for b in build_loader(ds, 32, train=False)] == [[0, 1, 2, 3, 4, 5]]
+    # a sampler's owner checks its batch size: no full batch is an empty epoch (a resume at its end)
+    assert list(build_loader(ds, 8, train=True, sampler=ResumableSampler(6, batch_size=8))) == []
+    # an evaluation batch of unreadable images only: labels as long as every other batch's
+    images, labels = collate_readable([None, None])
+    assert images.numel() == 0 and labels.dtype == torch.long
+    close_workers(build_loader(ds, 2, train=False, num_workers=1))  # never iterated: no workers to end
+
+
+_WORKER_TAG = -1
+
+
+def _tag_worker(worker_id: int) -> None:
+    global _WORKER_TAG
+    _WORKER_TAG = 100 + worker_id
+
+
+class _WorkerTags(torch.utils.data.Dataset):
+    """Item i: the tag the worker_init_fn left in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return _WORKER_TAG
+
+
+def test_loader_runs_the_worker_init_fn_in_each_worker():
+    from cvt.data.loader import close_workers
+
+    loader = build_loader(_WorkerTags(), 1, train=False, num_workers=2, worker_init_fn=_tag_worker)
+    assert [b.item() for b in loader] == [100, 101, 100, 101]  # batch i from worker i % 2
+    close_workers(loader)
+
+
+# --------------------------------------------------------------------------------- sampler
+def test_sampler_order_is_a_function_of_seed_and_epoch():
+    """Seed 1's epoch 0 is not seed 0's epoch 1: two runs of neighbouring seeds do not share orders."""
+    from cvt.engine.sampler import ResumableSampler
+
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = ResumableSampler(20, batch_size=4, seed=seed)
+        sampler.set_position(epoch)
+        return list(sampler)
+
+    assert order(1, 2) == order(1, 2) and sorted(order(1, 2)) == list(range(20))
+    assert len({tuple(order(seed, epoch)) for seed in (0, 1) for epoch in (0, 1)}) == 4
+
+
+def test_sampler_ranks_share_each_global_batch_and_a_resume_continues_the_epoch():
+    """Rank r's k-th batch of B holds, with the other ranks', exactly the k-th batch of R * B of one
+    process; 22 samples in global batches of 4 (two ranks of 2) are 5 batches, the last 2 dropped."""
+    from cvt.engine.sampler import ResumableSampler
+
+    one = ResumableSampler(22, batch_size=4, seed=3)
+    ranks = [ResumableSampler(22, batch_size=2, rank=r, world_size=2, seed=3) for r in range(2)]
+    for sampler in (one, *ranks):
+        sampler.set_position(epoch=1)
+    full, per_rank = list(one), [list(sampler) for sampler in ranks]
+    assert len(full) == len(one) == 20 and [len(p) for p in per_rank] == [10, 10]
+    assert [ranks[0].batches_per_epoch, ranks[1].batches_per_epoch] == [5, 5]
+    for k in range(5):
+        step = per_rank[0][2 * k : 2 * k + 2] + per_rank[1][2 * k : 2 * k + 2]
+        assert sorted(step) == sorted(full[4 * k : 4 * k + 4])
+    # resumed after 3 of its batches, a rank reads the rest of the same order
+    ranks[1].set_position(epoch=1, batches_done=3)
+    assert list(ranks[1]) == per_rank[1][6:] and len(ranks[1]) == 4
+
+
+def test_sampler_cuts_the_epoch_to_whole_accumulation_windows():
+    from cvt.engine.sampler import ResumableSampler
+
+    sampler = ResumableSampler(22, batch_size=2, accum_steps=3)  # 11 batches: 3 windows of 3
+    assert sampler.batches_per_epoch == 9 and len(sampler) == len(list(sampler)) == 18
