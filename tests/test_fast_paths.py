@@ -608,6 +608,29 @@ def _biased_reflect_conv(projection: ConvProjection) -> None:
     conv.padding_mode = "reflect"
 
 
+def _biased_zero_padded_conv(projection: ConvProjection) -> None:
+    projection.conv.bias = nn.Parameter(torch.randn(projection.conv.out_channels))
+
+
+def _replace_batchnorm(projection: ConvProjection, **kwargs: bool) -> None:
+    bn = nn.BatchNorm2d(projection.bn.num_features, **kwargs)
+    if bn.running_mean is not None:
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    projection.bn = bn
+
+
+def _double_output(parent: nn.Module, name: str) -> None:
+    """A subclass of the layer's own class (``is_plain`` asks for the exact class) doubling its output."""
+    layer = getattr(parent, name)
+
+    class Doubled(type(layer)):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    layer.__class__ = Doubled
+
+
 # layers of another kind, or configured otherwise, in the places a fast path reads directly: each
 # changes the function (asserted), and the fast path must compute the changed one
 SWAPS = {
@@ -620,6 +643,14 @@ SWAPS = {
     "bias-free MLP": lambda b: _drop_biases(b.mlp),
     "BatchNorm fused into the k conv": lambda b: _fuse_batchnorm_into_conv(b.attn.conv_proj_k),
     "biased reflect-padded v conv": lambda b: _biased_reflect_conv(b.attn.conv_proj_v),
+    # folded too (eval): the conv's bias enters the folded bias
+    "biased zero-padded k conv": lambda b: _biased_zero_padded_conv(b.attn.conv_proj_k),
+    "affine-free BatchNorm": lambda b: _replace_batchnorm(b.attn.conv_proj_v, affine=False),
+    "BatchNorm without running statistics": lambda b: _replace_batchnorm(
+        b.attn.conv_proj_v, track_running_stats=False
+    ),
+    "Linear subclass computing otherwise": lambda b: _double_output(b.mlp, "fc1"),
+    "dropout subclass computing otherwise": lambda b: _double_output(b.attn, "attn_drop"),
 }
 
 
@@ -639,7 +670,10 @@ def test_layers_swapped_for_another_kind_run_as_themselves(swap: str, train: boo
     x = images()
     got = model(x)
     torch.testing.assert_close(got, expected(x), rtol=0, atol=1e-5)
-    if swap not in ("dropouts as identities", "BatchNorm fused into the k conv"):  # those compute the same
+    same = {"dropouts as identities", "BatchNorm fused into the k conv"}  # those compute the same
+    if train:
+        same.add("biased zero-padded k conv")  # the batch mean takes the bias away
+    if swap not in same:
         assert (got - set_fast_paths(untouched, False)(x)).abs().max() > 1e-3
 
 
@@ -1679,3 +1713,293 @@ def test_chunked_attention_keeps_fp32_inputs_fp32_under_bf16_autocast() -> None:
         out = cpu_kernels.chunked_attention(q, k, v, 0.25, max_scores=120)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------- survivors of a mutation round on layers.py (gates, caches)
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_ceil_mode_output_size_equals_pytorch_pooling(kernel: int, stride: int) -> None:
+    """Grids of ``avg`` projections: a last window starting exactly at the right padding's edge is kept
+    (``(out - 1) * stride == size + padding``), one starting inside it dropped, as PyTorch does."""
+    for size in range(1, 12):
+        for padding in range(kernel // 2 + 1):
+            if size + 2 * padding < kernel:
+                continue
+            pooled = nn.functional.avg_pool2d(
+                torch.zeros(1, 1, size, 1), (kernel, 1), (stride, 1), (padding, 0), ceil_mode=True
+            )
+            assert layers.conv_out_size(size, kernel, stride, padding, ceil_mode=True) == pooled.shape[2]
+
+
+def test_a_backward_pre_hook_on_a_bypassed_layer_fires() -> None:
+    """Backward pre-hooks count as hooks too: the module they sit on must run for them to fire."""
+    model = tiny_model("dw_bn", cls=True).train()
+    fired: list[str] = []
+    model.stage1.blocks[0].mlp.fc2.register_full_backward_pre_hook(lambda m, grad_out: fired.append("fc2"))
+    model(images()).sum().backward()
+    assert fired == ["fc2"]
+
+
+def test_forward_mode_tangents_pass_unfolded_batchnorms() -> None:
+    """With ``fold_bn`` off and a graph the conv + BatchNorm output would pass DenseGradient, which has
+    no forward-mode formula: dual tensors take plain ops there and keep their tangent."""
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), fold_bn=False, onednn_linear=False)
+    x, tangent = images(2), torch.ones(2, 3, *INPUT_HW)
+    _, expected = torch.func.jvp(set_fast_paths(copy.deepcopy(model), False), (x,), (tangent,))
+    with forward_ad.dual_level():
+        got = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent))).tangent
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tensor", ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]
+)
+def test_any_folded_tensor_edited_in_place_refolds_the_projection(tensor: str) -> None:
+    """The folded conv is keyed on each tensor it is derived from, the conv's bias (folded in when the
+    conv has one) and each BatchNorm statistic included: one edited in place alone shows at once."""
+    model = tiny_model("dw_bn", cls=False).eval()
+    projection = model.stage1.blocks[0].attn.conv_proj_v  # v: a shift of k would not show in the logits
+    _biased_zero_padded_conv(projection)
+    owner, name = tensor.split(".")
+    x = images()
+    with torch.no_grad():
+        before = model(x)  # folds and caches
+        getattr(projection.get_submodule(owner), name).mul_(1.5).add_(0.3)
+        after = model(x)
+    torch.testing.assert_close(after, reference_logits(model, x), rtol=0, atol=1e-5)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_a_bias_given_to_a_folded_conv_after_caching_is_folded_in() -> None:
+    """The cache's sources grow by the new bias: a different number of sources is a miss, not an error."""
+    model = tiny_model("dw_bn", cls=False).eval()
+    x = images()
+    with torch.no_grad():
+        model(x)
+        _biased_zero_padded_conv(model.stage1.blocks[0].attn.conv_proj_k)
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_a_depthwise_projection_given_a_bf16_map_under_autocast_computes_in_fp32() -> None:
+    """``dw_fp32`` casts whatever map it is given (the attention casts it beforehand, a caller of the
+    projection itself may not)."""
+    proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1).train()
+    x = torch.randn(2, 8, 9, 7).bfloat16()
+    expected = copy.deepcopy(proj)(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proj(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_bf16_model_under_autocast_runs_its_depthwise_projections_in_bf16(train: bool) -> None:
+    """``model.bfloat16()`` then autocast: ``dw_fp32`` would give its bf16 weights an fp32 map (a
+    dtype-mismatch error in training, and in eval with grad enabled); it computes as autocast does."""
+    model = tiny_model("dw_bn", cls=True).bfloat16().train(train)
+    reference = set_fast_paths(copy.deepcopy(model), False)
+    x = images().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        expected = reference(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    conv_grad = model.stage1.blocks[0].attn.conv_proj_k.conv.weight.grad
+    assert conv_grad is not None and conv_grad.dtype == torch.bfloat16 and conv_grad.abs().sum() > 0
+
+
+def test_dw_fp32_leaves_only_cpu_autocast() -> None:
+    """A map on another device (here the meta device) is not the CPU autocast's business."""
+    proj = ConvProjection("dw_bn", 8, 3, stride=2, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert proj.computes_in_fp32(torch.empty(2, 8, 9, 7))
+        assert not proj.computes_in_fp32(torch.empty(2, 8, 9, 7, device="meta"))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_avg_projections_pool_fp32_maps_under_autocast(train: bool) -> None:
+    """``avg`` pools in its input's dtype (autocast leaves pooling alone): the map is not cast to bf16
+    for it, as it is for the ``dw_bn`` convs."""
+    seen: list[torch.dtype] = []
+    model = tiny_model("avg", cls=True).train(train)
+    model.stage1.blocks[0].attn.conv_proj_k.avg.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].dtype)
+    )
+    with torch.set_grad_enabled(train), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images())
+    assert seen == [torch.float32]
+
+
+def test_a_training_model_with_frozen_projections_gives_the_cls_only_q_conv_zero_gradients() -> None:
+    """Frozen (eval) projections in a training model: the cls-only last block still runs its q conv, so
+    its parameters get zero gradients as in the full block (DDP expects a gradient for every parameter)."""
+    model = tiny_model("dw_bn", cls=True).train()
+    for m in model.modules():
+        if isinstance(m, ConvProjection):
+            m.eval()
+    model(images()).sum().backward()
+    unused_q = model.stage1.blocks[-1].attn.conv_proj_q
+    assert unused_q.conv.weight.grad is not None and unused_q.conv.weight.grad.abs().max() == 0
+
+
+def test_a_hook_on_the_v_pooling_itself_stops_k_standing_in_for_it() -> None:
+    model = tiny_model("avg", cls=True).eval()
+    model.stage1.blocks[0].attn.conv_proj_v.avg.register_forward_hook(lambda m, args, out: 2 * out)
+    x = images()
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, reference_logits(model, x), rtol=0, atol=1e-5)
+    assert (got - reference_logits(tiny_model("avg", cls=True).eval(), x)).abs().max() > 1e-3
+
+
+def test_pooling_padding_set_apart_for_v_is_not_shared() -> None:
+    """Kernel 3, stride 3 over a 4x4 grid: padding 1 and 0 give the same 2x2 keys, different values."""
+    attn = layers.ConvAttention(8, 8, 2, method="avg", stride_kv=3).eval()
+    attn.conv_proj_v.avg.padding = 0
+    x = torch.randn(2, 1 + 16, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = attn(x, (4, 4))
+        expected = set_fast_paths(copy.deepcopy(attn), False)(x, (4, 4))
+        attn.conv_proj_v.avg.padding = 1
+        shared = attn(x, (4, 4))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (got - shared).abs().max() > 1e-3
+
+
+def test_fuse_proj_off_runs_every_projection_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    forward = ConvProjection.forward
+    monkeypatch.setattr(ConvProjection, "forward", lambda self, x: calls.append("pool") or forward(self, x))
+    stacked = layers.ConvAttention._stacked_linear
+    monkeypatch.setattr(
+        layers.ConvAttention, "_stacked_linear", lambda *a: calls.append("stacked") or stacked(*a)
+    )
+    model = tiny_model("avg", cls=True).eval()
+    with torch.no_grad():
+        model(images())
+        assert calls == ["pool", "stacked"] * 3  # k and v: one pooling and one product per block
+        calls.clear()
+        set_fast_paths(model, fuse_proj=False)(images())
+    assert calls == ["pool", "pool"] * 3
+
+
+def test_stacked_projections_run_onednn_only_when_every_linear_allows_it(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    """k and v of ``avg`` read as one product take oneDNN's path only if both layers have the flag."""
+    model = set_fast_paths(tiny_model("avg", cls=True).eval(), onednn_linear=False)
+    for block in model.stage1.blocks:
+        block.attn.proj_k.onednn_linear = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(images()), reference_logits(model, images()), rtol=0, atol=1e-5)
+    assert onednn_calls == []
+
+
+def test_a_model_made_under_inference_mode_keeps_f_linear(
+    onednn_calls: list[tuple[torch.dtype, bool]],
+) -> None:
+    """Inference tensors cannot key the cache: packing their weights on every call would cost more than
+    the packed kernel saves, so the linears (stacked or not) and the MLP stay on ``F.linear``."""
+    with torch.inference_mode():
+        for method in ("avg", "linear"):
+            tiny_model(method, cls=True).eval()(images())
+    assert onednn_calls == []
+
+
+def test_packed_and_plain_products_alternating_with_the_batch_size_keep_their_own_weights(
+    onednn_calls: list[tuple[torch.dtype, bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a product is large enough for oneDNN depends on its rows: batches of 3 and 1 alternate the
+    packed and the ``F.linear`` path of the same layers, each with its own cached weights."""
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_MACS", 50_000)  # stage 1's k/v product: 79872 at 3 images
+    for method in ("avg", "linear"):
+        model = tiny_model(method, cls=True).eval()
+        with torch.no_grad():
+            for batch in (3, 1, 3, 1):
+                x = images(batch)
+                torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+    assert onednn_calls
+
+
+@pytest.mark.parametrize("method", ["avg", "linear"])
+def test_stacked_projections_train_on_onednn(
+    onednn_calls: list[tuple[torch.dtype, bool]], monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """fp32 training: the stacked k/v (``avg``) or q/k/v (``linear``) product runs oneDNN's linear too."""
+    rows: list[int] = []
+    counted = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda x, w, *a: rows.append(w.shape[0]) or counted(x, w, *a))
+    model = tiny_model(method, cls=True).train()
+    model(images()).sum().backward()
+    stacked = {"avg": 2, "linear": 3}[method] * 32  # stage 1's width
+    assert stacked in rows
+
+
+def test_fuse_proj_off_leaves_the_conv_projections_the_token_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense channels-last copy of the projections' map belongs to ``fuse_proj``: off, the convs read
+    the view of the tokens after the cls split."""
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).eval(), fuse_proj=False)
+    conv_inputs: list[torch.Tensor] = []
+    model.stage1.blocks[0].attn.conv_proj_k.register_forward_pre_hook(lambda m, a: conv_inputs.append(a[0]))
+    with torch.no_grad():
+        model(images(2))
+    assert len(conv_inputs) == 1 and not dense_channels_last(conv_inputs[0])
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_explicit_attention_keeps_bf16_probabilities_only_on_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], fused_attn: bool
+) -> None:
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    dtypes: list[torch.dtype] = []
+    probs = layers.ConvAttention.attention_probs
+    monkeypatch.setattr(
+        layers.ConvAttention,
+        "attention_probs",
+        lambda *a, **k: dtypes.append(probs(*a, **k).dtype) or probs(*a, **k),
+    )
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).train(), fused_attn=fused_attn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images())
+    assert sdpa_calls == [] and dtypes == [torch.bfloat16 if fused_attn else torch.float32] * 3
+
+
+def test_attention_kernels_switch_at_their_key_limits(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int]
+) -> None:
+    """Stage 0 attends over 35 keys, stage 1 over 13: a limit of 13 keys is still "few" (explicit in fp32)
+    and not "many" (no recomputation in bf16); the recomputing kernel runs only with a graph and the
+    chunked one only in bf16."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    monkeypatch.setattr(layers, "FEW_KEYS", 13)
+    monkeypatch.setattr(layers, "FEW_KEYS_BF16", 13)
+    recomputed: list[int] = []
+    apply = cpu_kernels.RecomputedAttention.apply
+    monkeypatch.setattr(
+        layers.RecomputedAttention,
+        "apply",
+        lambda q, k, *a: recomputed.append(k.shape[-2]) or apply(q, k, *a),
+    )
+    chunked: list[int] = []
+    chunk = layers.chunked_attention
+    monkeypatch.setattr(
+        layers, "chunked_attention", lambda q, k, *a: chunked.append(k.shape[-2]) or chunk(q, k, *a)
+    )
+    model = tiny_model("dw_bn", cls=True).train()
+    model(images())  # fp32 with a graph: SDPA over 35 keys, explicit over 13
+    assert (sdpa_calls, recomputed, chunked) == ([35], [], [])
+    sdpa_calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images())  # bf16 with a graph: recomputed over 35 keys, explicit over 13
+    assert (sdpa_calls, recomputed, chunked) == ([], [35], [])
+    recomputed.clear()
+    set_fast_paths(model.eval(), chunked_attn=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images())  # bf16 without a graph and without chunks: SDPA, not the training kernel
+    assert (sdpa_calls, recomputed, chunked) == ([35], [], [])
+    sdpa_calls.clear()
+    set_fast_paths(model)
+    with torch.no_grad():
+        model(images())  # fp32 inference: no chunked kernel
+    assert (sdpa_calls, recomputed, chunked) == ([35], [], [])

@@ -272,8 +272,11 @@ class ConvProjection(CachesDerivedWeights):
         """Whether this ``dw_bn`` projection leaves CPU autocast for fp32 (``dw_fp32``): when a graph is
         built (oneDNN's bf16 depthwise backward is ~9x slower than fp32) or when oneDNN has no bf16
         kernels for the CPU (then even the forward is far slower); on an AVX512-BF16 Xeon the bf16
-        forward is ~2x faster (docs/performance-decisions.md)."""
+        forward is ~2x faster (docs/performance-decisions.md). A model whose weights are not fp32
+        (``model.bfloat16()``) computes as autocast would: an fp32 map would not match its weights."""
         if not (self.method == "dw_bn" and self.dw_fp32 and x.device.type == "cpu"):
+            return False
+        if self.conv.weight.dtype != torch.float32:
             return False
         cast_to = active_autocast_dtype("cpu")
         return cast_to is not None and (torch.is_grad_enabled() or not cpu_kernels.has_kernels_for(cast_to))
