@@ -9,15 +9,18 @@ tested by each command's own tests; here one representative failure per command 
 from __future__ import annotations
 
 import errno
+import io
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cvt.cli.main import build_parser, main
+from cvt.cli.main import build_parser, main, one_line
 from cvt.errors import CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,3 +296,83 @@ def test_no_command_prints_the_help_and_exits_2(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert out.startswith("usage: cvt ") and "COMMAND" in out
     assert all(name in out for name in ("train", "predict", "bench"))
+
+
+@pytest.mark.parametrize(
+    ("message", "line"),
+    [
+        ("No space left on device", "No space left on device"),  # one line: nothing left out, no hint
+        ("\n\n  weights are stale  \n", "weights are stale"),  # blank lines are not the first line
+        ("boom\n\nsecond line of detail", "boom [more with --debug]"),
+        (
+            "Caught DataError in DataLoader worker process 2.\nOriginal Traceback (most recent call last):\n"
+            '  File "loader.py", line 9, in read\ncvt.errors.DataError: cannot read image a.jpg: truncated',
+            "cannot read image a.jpg: truncated (in data loader worker 2)",  # no "cvt.errors.DataError: "
+        ),
+    ],
+    ids=["one-line", "blank-lines", "two-lines", "worker"],
+)
+def test_one_line_is_the_message_the_user_reads(message: str, line: str) -> None:
+    assert one_line(RuntimeError(message)) == line
+
+
+def test_a_command_s_return_value_is_the_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command returns its exit status (``None`` meaning 0); main passes it on."""
+    for returned, code in ((3, 3), (None, 0)):
+        monkeypatch.setattr("cvt.cli.models.run_list", lambda args, value=returned: value)
+        assert main(["list"]) == code
+
+
+def test_warnings_are_one_line_naming_the_command_unless_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warnings print as ``cvt <command>: warning: ...`` on one line while the command runs; --debug keeps
+    Python's format (file:line), and either way main puts Python's formatter back when it returns."""
+    default = warnings.formatwarning
+    formatted: list[str] = []
+
+    def warn(args: object) -> int:
+        warning = UserWarning("weights are\n    stale")
+        formatted.append(warnings.formatwarning(warning, UserWarning, "w.py", 7))
+        return 0
+
+    monkeypatch.setattr("cvt.cli.models.run_list", warn)
+    assert main(["list"]) == 0
+    assert formatted == ["cvt list: warning: weights are stale\n"]
+    assert warnings.formatwarning is default
+    assert main(["list", "--debug"]) == 0
+    assert formatted[1] == "w.py:7: UserWarning: weights are\n    stale\n"
+    assert warnings.formatwarning is default
+
+
+class _Hangup(KeyboardInterrupt):
+    """What cvt train raises when a SIGHUP stops it (its TrainingInterrupted)."""
+
+    signum = signal.SIGHUP
+
+
+class _GoneTerminal(io.StringIO):
+    """stderr after a hang-up: the terminal is gone, every write fails with EIO."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_hangup_with_the_terminal_gone_still_exits_129(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The line saying what was saved cannot be printed; the exit status must still say SIGHUP."""
+    _fail_with(monkeypatch, _Hangup("saved runs/x/last.pt (epoch 3)"))
+    monkeypatch.setattr(sys, "stderr", _GoneTerminal())
+    assert main(["list"]) == 129
+
+
+@pytest.mark.parametrize("num_classes", ["3", "0"])  # 0 (a headless model) is a class count too
+def test_num_classes_with_a_checkpoint_is_a_usage_error(
+    num_classes: str, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint brings its own classifier: --num-classes would be silently ignored."""
+    output = tmp_path / "m.safetensors"
+    argv = ["export", "--checkpoint", str(files["ckpt"]), "--num-classes", num_classes]
+    assert main([*argv, "--format", "safetensors", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (
+        "cvt export: error: --num-classes applies to a model built by name; a checkpoint brings its own "
+        "classifier\n"
+    )
+    assert not output.exists()

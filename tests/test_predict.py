@@ -558,3 +558,209 @@ def test_predict_crops_as_the_training_of_a_model_fine_tuned_from_384_weights(
     squashed = load_input(path, {**trained, "crop_mode": "squash"})
     assert not torch.equal(centered, squashed)  # the two ways differ on this image
     assert torch.equal(seen, centered)
+
+
+def test_predict_lists_the_images_in_the_order_given(tmp_path, checkpoint, capsys):
+    """Files and folders mixed: each file where it was given, each folder's images (sorted) in its place."""
+    for name in ("b.png", "folder/y.png", "folder/x.png", "a.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    inputs = [str(tmp_path / "b.png"), str(tmp_path / "folder"), str(tmp_path / "a.png")]
+    assert main(["predict", *inputs, "--checkpoint", str(checkpoint), "--json", "--top-k=1"]) == 0
+    images = [entry["image"] for entry in json.loads(capsys.readouterr().out)]
+    assert images == [str(tmp_path / name) for name in ("b.png", "folder/x.png", "folder/y.png", "a.png")]
+
+
+def test_predict_reads_every_image_extension_in_any_case(tmp_path, checkpoint, capsys):
+    """The extensions torchvision's ImageFolder reads, lower or upper case."""
+    extensions = [".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"]
+    names = sorted(f"img{i}{ext.upper() if i % 2 else ext}" for i, ext in enumerate(extensions))
+    for name in names:
+        Image.new("RGB", (16, 16), (40, 90, 200)).save(tmp_path / name)
+    assert main(["predict", str(tmp_path), "--checkpoint", str(checkpoint), "--json", "--top-k=1"]) == 0
+    assert [entry["image"] for entry in json.loads(capsys.readouterr().out)] == [
+        str(tmp_path / name) for name in names
+    ]
+
+
+def test_predict_names_outputs_beyond_the_checkpoint_s_classes_by_index(tmp_path, capsys):
+    """A head trained wider than the data's classes (cvt train --num-classes 5 on 3 classes): the class
+    names for the first outputs, the index for the others."""
+    from cvt import create_model
+
+    model = create_model("cvt_tiny", num_classes=5)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 2.0, 1.0, 0.5, 3.0]))
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "classes": ["cat", "dog", "fox"],
+                "config": {"model": "cvt_tiny", "num_classes": 5}}, ckpt)  # fmt: skip
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert [(p["index"], p["label"]) for p in entry["predictions"]] == [
+        (4, "4"), (1, "dog"), (2, "fox"), (3, "3"), (0, "cat")
+    ]  # fmt: skip
+
+
+def test_predict_pretrained_uses_the_published_weights_and_their_class_names(tmp_path, monkeypatch, capsys):
+    """``--model NAME --pretrained`` asks create_model for the published weights (stood in for here: no
+    download) and labels the outputs with the names published with them."""
+    import cvt.models
+
+    calls = []
+
+    def published(name, **kwargs):
+        calls.append((name, kwargs))
+        model = create_model(name, num_classes=kwargs.get("num_classes") or 3)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.copy_(torch.tensor([0.0, 5.0, 1.0]))
+        model.pretrained_cfg["label_names"] = ["ant", "bee", "wasp"]
+        return model
+
+    create_model = cvt.models.create_model
+    monkeypatch.setattr(cvt.models, "create_model", published)
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--model", "cvt_tiny", "--pretrained", "--json"]) == 0
+    assert calls == [("cvt_tiny", {"pretrained": True, "num_classes": None})]
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in entry["predictions"]] == ["bee", "wasp", "ant"]
+
+
+def test_predict_model_source_errors_name_the_model_and_the_way_out(tmp_path, monkeypatch, capsys):
+    """The exact line of each: the model described as the user gave it (name and weights, or the file),
+    and a hint that fits predict (no random weights, which only cvt attention accepts)."""
+    import cvt.models
+    from cvt import create_model, save_checkpoint
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    image = str(tmp_path / "x.png")
+    headless = save_checkpoint(create_model("cvt_tiny", num_classes=0), tmp_path / "m.safetensors")
+    monkeypatch.setattr(cvt.models, "create_model", lambda name, **kwargs: create_model(name, num_classes=0))
+    cases = [
+        (["--checkpoint", str(headless)],
+         f"cvt_tiny from {headless} has no classifier (num_classes 0): no class to predict"),
+        (["--model", "cvt_tiny"],
+         "give --checkpoint PATH, or --model NAME --pretrained for the published weights"),
+        (["--model", "cvt_tiny", "--pretrained", "--ema"],
+         "--ema takes the EMA weights of a training checkpoint: give --checkpoint PATH"),
+        (["--model", "cvt_tiny", "--pretrained"],
+         "cvt_tiny (pretrained) has no classifier (num_classes 0): no class to predict"),
+    ]  # fmt: skip
+    for options, message in cases:
+        assert main(["predict", image, *options]) == 2
+        assert capsys.readouterr().err == f"cvt predict: error: {message}\n"
+
+
+@pytest.mark.parametrize("min_side", [None, 25])  # full decode; reduced 4x (I;16 cannot be box-reduced)
+def test_load_image_keeps_the_top_8_bits_of_a_16_bit_grayscale_png(tmp_path, min_side):
+    """40000 of 65535 is 156 of 255: PIL's own conversion clips at 255 (a white image)."""
+    from cvt.data import load_image
+
+    path = tmp_path / "deep16.png"
+    Image.fromarray(np.full((200, 240), 40000, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    img = load_image(path, min_side=min_side)
+    assert img.mode == "RGB" and img.size == ((240, 200) if min_side is None else (60, 50))
+    assert np.unique(np.asarray(img)).tolist() == [156]
+
+
+def test_load_image_of_a_missing_file_says_so(tmp_path):
+    from cvt.data import load_image
+    from cvt.errors import DataError
+
+    with pytest.raises(DataError) as err:
+        load_image(tmp_path / "gone.png")
+    assert str(err.value) == f"cannot read image {tmp_path / 'gone.png'}: no such file"
+
+
+def test_model_source_by_name_builds_the_head_asked():
+    """``cvt export --model NAME --num-classes N`` (random weights): N outputs, named by their index."""
+    import argparse
+
+    from cvt.cli.model_source import label_names, load_model_source
+
+    args = argparse.Namespace(checkpoint=None, model="cvt_tiny", pretrained=False, ema=False, img_size=None)
+    source = load_model_source(args, random_weights=True, num_classes=7)
+    assert source.model.head.out_features == source.model.num_classes == 7
+    assert source.description == "cvt_tiny (random weights)" and not source.model.training
+    assert label_names(source) == ["0", "1", "2", "3", "4", "5", "6"]
+
+
+def test_predict_names_the_outputs_of_a_head_wider_than_imagenet_by_index(tmp_path, capsys):
+    """ImageNet's names are for exactly 1000 outputs; a 1001-output head without class names gets indices."""
+    from cvt import create_model
+
+    model = create_model("cvt_tiny", num_classes=1001)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[1000] = 20.0
+    ckpt = tmp_path / "wide.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "cvt_tiny", "num_classes": 1001}}, ckpt)
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--json", "--top-k=2"]) == 0
+    assert [p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]] == ["1000", "0"]
+
+
+def test_load_image_reduces_by_2_when_only_2_keeps_twice_the_size(tmp_path):
+    """300x292 for a shorter side of 73: halved (150x146 still holds 2 x 73), not decoded in full."""
+    from cvt.data import load_image
+
+    Image.effect_noise((300, 292), 40).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png", min_side=73).size == (150, 146)
+
+
+def test_load_image_decodes_a_jpeg_at_the_smallest_dct_scale_that_keeps_twice_the_size(tmp_path, monkeypatch):
+    """2048x2048 for a shorter side of 64: the decoder is asked for 1/8 (256x256), the least memory."""
+    from PIL import JpegImagePlugin
+
+    from cvt.data import load_image
+
+    Image.new("L", (2048, 2048), 90).save(tmp_path / "a.jpg")
+    asked = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        asked.append(size)
+        return real_draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    assert load_image(tmp_path / "a.jpg", min_side=64).size == (128, 128)
+    assert asked == [(256, 256)]
+
+
+def test_load_image_scales_a_huge_jpeg_no_dct_scale_divides(tmp_path):
+    """Over 4096x4096 pixels, with an odd side: decoded at 1/8 anyway (memory first), not in full."""
+    from cvt.data import load_image
+
+    Image.new("L", (4100, 4099), 90).save(tmp_path / "huge.jpg", quality=50)
+    img = load_image(tmp_path / "huge.jpg", min_side=256)
+    assert img.size == (513, 513) and img.getpixel((100, 100)) == (90, 90, 90)
+
+
+def test_load_image_names_a_png_whose_text_chunk_is_a_zip_bomb(tmp_path):
+    """A compressed text chunk inflating past Pillow's limit: Pillow's ValueError, naming the file."""
+    from PIL import PngImagePlugin
+
+    from cvt.data import load_image
+    from cvt.errors import DataError
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "bomb.png", pnginfo=info)
+    with pytest.raises(DataError) as err:
+        load_image(tmp_path / "bomb.png")
+    assert str(err.value).startswith(f"cannot read image {tmp_path / 'bomb.png'}: ValueError: ")
+
+
+def test_predict_ignores_more_class_names_than_outputs(tmp_path, checkpoint, capsys):
+    """12 names for a 10-output head fit no output for sure: the outputs are named by index."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    torch.save({**ckpt, "classes": [*CLASSES, "ten", "eleven"]}, tmp_path / "c.pt")
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    args = ["predict", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "c.pt"), "--json"]
+    assert main([*args, "--top-k=20"]) == 0
+    labels = [p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]]
+    assert labels == ["3", "9", "8", "7", "6", "5", "4", "2", "1", "0"]
