@@ -167,3 +167,32 @@ def test_fpn_example_trains_through_the_backbone() -> None:
     losses = example.train("cvt_tiny", img_size=32, steps=4, batch=4)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_pruning_to_stages_without_a_cls_token_updates_what_the_head_reads() -> None:
+    """Pruned to the cls-free first stages: token pooling is refused, avg pooling averages every token
+    (none is taken for a cls token), and feature_info and stage indices (-1: the last stage) follow."""
+    model = cvt.create_model("cvt_tiny", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        (last,) = model.forward_intermediates(x, indices=[-1], intermediates_only=True)
+        torch.testing.assert_close(last, model.forward_intermediates(x, intermediates_only=True)[2])
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert not model.has_cls_token and [info["module"] for info in model.feature_info] == ["stage0", "stage1"]
+    with pytest.raises(cvt.UsageError, match="needs a cls token"):
+        model.reset_classifier(3, "token")
+    model.reset_classifier(0, "avg")
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        torch.testing.assert_close(model(x), tokens.mean(dim=1), rtol=0, atol=0)
+
+
+def test_prune_norm_drops_the_final_norm_even_when_every_stage_stays() -> None:
+    model = cvt.create_model("cvt_tiny", num_classes=5).eval()
+    seen: list[torch.Tensor] = []
+    model.stage2.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+    assert model.prune_intermediate_layers(3, prune_norm=True) == [0, 1, 2] and model.num_stages == 3
+    assert isinstance(model.norm, torch.nn.Identity)
+    with torch.no_grad():
+        tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(tokens, seen[0], rtol=0, atol=0)  # the last stage's tokens, unnormed

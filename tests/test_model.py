@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -11,6 +12,7 @@ from timm.models import group_parameters
 from torch import nn
 
 import cvt
+import cvt.models.cvt as cvt_module
 from cvt.models import CvT, StageSpec, expand_stages
 from cvt.models.cvt import kv_grid, stage_grids
 from cvt.models.layers import QuickGELU
@@ -637,3 +639,151 @@ def test_stage_dropout_after_the_embedding_runs_in_training_only() -> None:
         seen.clear()
         model.eval()(x)
         assert all(torch.equal(inp, out) for inp, out in seen) and len(seen) == 3
+
+
+# -------------------------------------------------------------- survivors of a mutation round on cvt.py
+def test_per_stage_lists_longer_than_the_stages_are_refused() -> None:
+    with pytest.raises(cvt.UsageError, match="depth has 4 values for 3 stages"):
+        expand_stages(3, depth=[1, 1, 2, 1])
+
+
+def test_the_cls_token_is_prepended_and_pooled_from_the_front() -> None:
+    """The first block of a cls stage sees the learned cls token at position 0, before the patch tokens
+    (the official layout, which published checkpoints rely on)."""
+    model = tiny().eval()
+    with torch.no_grad():
+        model.stage2.cls_token.normal_()
+    seen: list[torch.Tensor] = []
+    model.stage2.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    (tokens,) = seen
+    assert tokens.shape == (2, 1 + 16, 48)
+    torch.testing.assert_close(tokens[:, 0], model.stage2.cls_token[0].expand(2, -1), rtol=0, atol=0)
+
+
+def test_grad_checkpointing_recomputes_only_when_enabled_and_a_graph_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a graph (no_grad) nothing is recomputed in backward, so the blocks run plainly."""
+    calls: list[bool] = []
+    checkpoint = cvt_module.checkpoint
+
+    def counted(block: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(args[-1])  # cls_only
+        return checkpoint(block, *args, **kwargs)
+
+    monkeypatch.setattr(cvt_module, "checkpoint", counted)
+    model = tiny().train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    assert calls == []
+    model.set_grad_checkpointing(True)
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+    model(x)
+    assert calls == [False, False, False, True]  # every block; the last one for the cls token alone
+
+
+def test_a_checkpointed_forward_moves_batchnorm_statistics_once_with_or_without_backward() -> None:
+    """The forward updates the running statistics (also when no backward follows: a step given up);
+    the recomputation in backward leaves them as the forward left them."""
+    torch.manual_seed(0)
+    plain = tiny().train()
+    recomputing = copy.deepcopy(plain)
+    recomputing.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    outputs = [model(x) for model in (plain, recomputing)]
+
+    def assert_same_buffers() -> None:
+        expected = dict(plain.named_buffers())
+        for name, buffer in recomputing.named_buffers():
+            torch.testing.assert_close(buffer, expected[name], rtol=0, atol=1e-7, msg=name)
+
+    assert plain.stage0.blocks[0].attn.conv_proj_k.bn.num_batches_tracked == 1
+    assert_same_buffers()
+    for out in outputs:
+        out.square().sum().backward()
+    assert_same_buffers()
+
+
+def test_forward_intermediates_runs_no_stage_past_the_last_index_for_maps_only() -> None:
+    model = tiny().eval()
+    ran: list[int] = []
+    for i, stage in enumerate(model.stages):
+        stage.register_forward_hook(lambda m, args, out, i=i: ran.append(i))
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(2, 3, 64, 64), indices=[0, 1], intermediates_only=True)
+    assert ran == [0, 1] and [m.shape[1] for m in maps] == [16, 32]
+
+
+def test_forward_intermediates_norms_the_last_map_only_when_asked() -> None:
+    model = tiny().eval()
+    seen: list[torch.Tensor] = []
+    model.stage2.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.forward_intermediates(x, intermediates_only=True)[-1]
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)[-1]
+    for tokens, got in zip(seen, (plain, normed), strict=True):
+        expected = (tokens if got is plain else model.norm(tokens))[:, 1:]  # without the cls token
+        torch.testing.assert_close(got, expected.transpose(1, 2).reshape(2, 48, 4, 4), rtol=0, atol=0)
+
+
+def test_forward_intermediates_takes_the_last_n_stages_up_to_all_and_nchw_only() -> None:
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        every = model.forward_intermediates(x, intermediates_only=True)
+        last_three = model.forward_intermediates(x, indices=3, intermediates_only=True)
+        for got, expected in zip(last_three, every, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        with pytest.raises(cvt.UsageError, match="output_fmt must be 'NCHW'"):
+            model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_a_one_class_head_is_initialized_as_any_other() -> None:
+    """A single logit (binary classification) gets timm's head init too: zero bias, std 0.02."""
+    model = tiny()
+    model.reset_classifier(1)
+    head = model.get_classifier()
+    assert head.out_features == 1 and torch.equal(head.bias, torch.zeros(1))
+
+
+def test_avg_projection_padding_may_be_half_the_kernel() -> None:
+    """PyTorch's pooling rule allows padding up to half the kernel: kernel 2, padding 1 builds and runs."""
+    model = tiny(method="avg", kernel_qkv=2, padding_kv=1).eval()
+    assert kv_grid(model.stage_specs[2], (4, 4)) == (3, 3)  # ceil((4 + 2 - 2) / 2) + 1
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
+
+
+def test_too_narrow_inputs_and_img_sizes_are_refused_as_too_short_ones_are() -> None:
+    """The minimum size applies to each side: a tall, narrow input (or img_size) is refused too."""
+    model = tiny().eval()
+    min_w = model.min_input_size()[1]
+    with pytest.raises(cvt.InputShapeError, match="too small"):
+        model(torch.randn(1, 3, 64, min_w - 1))
+    with pytest.raises(cvt.UsageError, match=f"img_size 64x{min_w - 1} is too small"):
+        tiny(img_size=(64, min_w - 1))
+
+
+def test_layer_norms_may_have_zero_epsilon() -> None:
+    """norm_eps must be finite and >= 0: 0 itself is allowed, as nn.LayerNorm allows it."""
+    model = tiny(norm_eps=0.0)
+    assert {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} == {0.0}
+
+
+def test_attention_without_qkv_biases_builds_and_initializes_the_other_biases() -> None:
+    attn = tiny(qkv_bias=False).stage2.blocks[0].attn
+    assert attn.proj_q.bias is None and attn.proj_k.bias is None and attn.proj_v.bias is None
+    assert torch.equal(attn.proj.bias, torch.zeros(48))  # the output projection keeps its (zeroed) bias
+
+
+def test_a_bool_is_refused_for_a_numeric_stage_option() -> None:
+    """Python counts True as 1: ``depth=True`` or ``mlp_ratio=False`` is a mistake, not a number."""
+    with pytest.raises(cvt.UsageError, match="stage depth must be int, got True"):
+        StageSpec(embed_dim=16, depth=True, num_heads=1)
+    with pytest.raises(cvt.UsageError, match="stage mlp_ratio must be float, got False"):
+        StageSpec(embed_dim=16, depth=1, num_heads=1, mlp_ratio=False)
