@@ -2003,3 +2003,197 @@ def test_attention_kernels_switch_at_their_key_limits(
     with torch.no_grad():
         model(images())  # fp32 inference: no chunked kernel
     assert (sdpa_calls, recomputed, chunked) == ([35], [], [])
+
+
+def test_a_cast_linear_called_without_autocast_after_autocast_uses_its_fp32_weights() -> None:
+    """The autocast dtype is part of the cache's key: bf16 copies kept under autocast must not serve the
+    next fp32 call (the reverse order would hide it: autocast casts fp32 weights anyway)."""
+    torch.manual_seed(0)
+    lin = CastCachedLinear(16, 8)
+    lin.onednn_linear = False  # the _cast cache
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lin(x)
+        assert lin._cast.cached[0].dtype == torch.bfloat16
+        out = lin(x)
+        assert lin._cast.cached[0] is lin.weight  # recomputed for fp32: the parameters themselves
+    torch.testing.assert_close(out, nn.functional.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+
+
+def test_derived_weights_cast_only_floating_tensors_to_the_autocast_dtype() -> None:
+    """Under autocast the kept copies are cast to its dtype, except integer tensors and absent ones
+    (a Linear without a bias derives None)."""
+    weight = torch.randn(3, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scaled, index, bias = DerivedWeights().get((weight,), lambda: (2 * weight, torch.arange(3), None))
+    assert (scaled.dtype, index.dtype, bias) == (torch.bfloat16, torch.int64, None)
+    torch.testing.assert_close(scaled, (2 * weight).bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(index, torch.arange(3), rtol=0, atol=0)
+
+
+def test_derived_weights_recompute_when_the_number_of_sources_changes() -> None:
+    """A source added or removed after caching (a bias given to a layer, or deleted) is a miss: the
+    common sources matching must neither hit the cache nor end in an error."""
+    cache, a, b = DerivedWeights(), torch.ones(2), torch.full((2,), 3.0)
+    with torch.no_grad():
+        assert cache.get((a,), lambda: (a + 1,))[0].tolist() == [2.0, 2.0]
+        assert cache.get((a, b), lambda: (a + b,))[0].tolist() == [4.0, 4.0]
+        assert cache.get((a,), lambda: (a + 1,))[0].tolist() == [2.0, 2.0]
+
+
+def test_derived_weights_recompute_for_a_source_reinterpreted_in_another_dtype() -> None:
+    """``param.data = param.data.view(dtype)`` keeps the Parameter, its version counter and its storage
+    address: only the dtype in the key tells the cached tensors apart."""
+    cache, t = DerivedWeights(), torch.ones(3)
+    with torch.no_grad():
+        assert cache.get((t,), lambda: (t.clone(),))[0].dtype == torch.float32
+        t.data = t.data.view(torch.int32)
+        (value,) = cache.get((t,), lambda: (t.clone(),))
+    assert value.dtype == torch.int32 and value.tolist() == [1065353216] * 3  # the bits of 1.0
+
+
+def test_a_cast_linear_under_autocast_recasts_a_bias_edited_in_place() -> None:
+    """The bias is a source of the kept bf16 copies as much as the weight is: an in-place edit of it
+    alone must show in the next call."""
+    torch.manual_seed(0)
+    lin = CastCachedLinear(16, 8)
+    lin.onednn_linear = False  # the _cast cache
+    x = torch.randn(4, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = lin(x)
+        lin.bias.add_(1.0)
+        after = lin(x)
+        expected = nn.functional.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    assert (after.float() - before.float()).abs().min() > 0.9
+
+
+def test_attention_without_a_cls_token_rejects_cls_only() -> None:
+    attn = layers.ConvAttention(8, 8, num_heads=1, with_cls_token=False)
+    with pytest.raises(UsageError, match="cls token"):
+        attn(torch.randn(2, 9, 8), (3, 3), cls_only=True)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over SDPA
+def test_per_sample_gradients_of_a_bf16_model_over_many_keys_pass_the_recomputing_attention_by(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RecomputedAttention has no functorch rule: ``vmap(grad(...))`` of a bf16 model whose attention
+    would recompute (many keys, a graph) runs SDPA instead, and gives each image's own gradient."""
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    monkeypatch.setattr(layers, "FEW_KEYS_BF16", 13)  # stage 0's 35 keys are "many"
+    model = tiny_model("dw_bn", cls=True).eval().bfloat16()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = images(2).bfloat16()
+
+    def loss(p: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, (p, buffers), (image[None],)).float().square().mean()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    weight = model.stage0.blocks[0].attn.proj_q.weight
+    for i in range(2):
+        model.zero_grad()
+        model(x[i : i + 1]).float().square().mean().backward()
+        got = per_sample["stage0.blocks.0.attn.proj_q.weight"][i].float()
+        torch.testing.assert_close(got, weight.grad.float(), rtol=0.05, atol=0.02)
+
+
+def test_reference_attention_of_a_bf16_model_multiplies_bf16_probabilities_with_v() -> None:
+    """The reference path's softmax is fp32 even for a bf16 model (``model.bfloat16()``, no autocast to
+    reconcile the dtypes): the probabilities are cast back before the product with bf16 values."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    expected = reference_logits(model, x)
+    reference = set_fast_paths(model.bfloat16(), False)
+    with torch.no_grad():
+        got = reference(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.1)
+
+
+def test_attention_output_dropout_drops_in_training_only() -> None:
+    torch.manual_seed(0)
+    attn = layers.ConvAttention(8, 8, num_heads=2, proj_drop=0.5, with_cls_token=True)
+    x, grid = torch.randn(2, 1 + 12, 8), (3, 4)
+    with torch.no_grad():
+        dropped = (attn.train()(x, grid) == 0).float().mean().item()
+        kept = attn.eval()(x, grid)
+    assert 0.3 < dropped < 0.7
+    assert (kept != 0).all()
+
+
+def test_derived_weights_of_sources_partly_made_under_inference_mode_are_recomputed() -> None:
+    """One inference tensor among the sources (a buffer replaced under ``torch.inference_mode``) is
+    enough to bypass the cache: it has no version counter to key on."""
+    weight = torch.ones(2)
+    with torch.inference_mode():
+        shift = torch.full((2,), 2.0)
+    cache = DerivedWeights()
+    with torch.no_grad():
+        for _ in range(2):
+            assert cache.get((weight, shift), lambda: (weight + shift,))[0].tolist() == [3.0, 3.0]
+    assert cache.cached is None
+
+
+def _many_keys_model() -> CvT:
+    """One stage over 72x72 inputs: 18x18 tokens, 81 keys, past FEW_KEYS, so the fast path runs SDPA."""
+    torch.manual_seed(0)
+    stages = expand_stages(1, embed_dim=(16,), depth=(1,), num_heads=(1,), patch_size=(7,), patch_stride=(4,),
+                           patch_padding=(2,), cls_token=(False,), method="dw_bn", stride_kv=2)  # fmt: skip
+    return CvT(stages, num_classes=7, img_size=(72, 72)).eval()
+
+
+def test_forward_mode_ad_over_many_keys_passes_sdpa_by() -> None:
+    """CPU SDPA's flash kernel has no forward-mode derivative: ``jvp`` and dual tensors over more than
+    FEW_KEYS keys raised NotImplementedError; they run the explicit products, as the reference does."""
+    model = _many_keys_model()
+    reference = set_fast_paths(copy.deepcopy(model), False)
+    x, tangent = torch.randn(2, 3, 72, 72), torch.randn(2, 3, 72, 72)
+    _, expected = torch.func.jvp(reference, (x,), (tangent,))
+    _, got = torch.func.jvp(model, (x,), (tangent,))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with forward_ad.dual_level():
+        dual = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent))).tangent
+    torch.testing.assert_close(dual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_still_runs_over_many_keys_without_a_tangent(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    sdpa = nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        layers.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    model = _many_keys_model()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 72, 72))
+    assert calls == [1]
+
+
+def test_weights_given_new_data_twice_between_calls_refresh_the_derived_weights() -> None:
+    """``param.data = t`` twice: the second tensor could take the freed first one's address, and with
+    the same Parameter, version and dtype the cache kept the old derived weights (logits off by 1.5-2.5
+    from the 6th round on). Holding the recorded storage keeps its address from being reused."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x, fc1 = images(), model.stage1.blocks[0].mlp.fc1
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model(x)
+        for _ in range(10):
+            for _ in range(2):
+                fc1.weight.data = torch.randn(fc1.weight.shape, generator=generator)
+            torch.testing.assert_close(model(x), reference_logits(model, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_kernels.CPU_HAS_BF16_KERNELS, reason="the chunked kernel runs on bf16 CPUs only")
+def test_vmap_over_bf16_inference_passes_the_chunked_kernel_by() -> None:
+    """``torch.func.vmap`` under bf16 inference: the chunked kernel's ``out=`` products have no batching
+    rule (RuntimeError: "Batching rule not implemented for aten::mul.out"); SDPA runs instead."""
+    model, x = _many_keys_model(), torch.randn(3, 1, 3, 72, 72)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.func.vmap(model)(x)
+        expected = torch.stack(
+            [set_fast_paths(copy.deepcopy(model), chunked_attn=False)(image) for image in x]
+        )
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)

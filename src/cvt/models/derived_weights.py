@@ -44,8 +44,8 @@ class DerivedWeights:
     optimizer_steps = 0  # counted by a post-hook on every torch.optim optimizer's step()
 
     def __init__(self) -> None:
-        # (state, [(weak source, its key)], value), or None before the first call
-        self._entry: tuple[tuple[Any, ...], list[tuple[weakref.ref, tuple[Any, ...]]], Any] | None = None
+        # (state, [(weak source, its key, its storage)], value), or None before the first call
+        self._entry: tuple[tuple[Any, ...], list[tuple[weakref.ref, tuple[Any, ...], Any]], Any] | None = None
 
     def get(
         self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
@@ -61,7 +61,10 @@ class DerivedWeights:
         value = compute()
         if cast_to is not None:
             value = tuple(v.to(cast_to) if v is not None and v.is_floating_point() else v for v in value)
-        self._entry = (state, [(weakref.ref(t), self._key(t)) for t in sources], value)
+        # each source's storage is held, so that no later tensor can take its address: a key naming the
+        # address of freed memory would match a new tensor there (``param.data`` assigned twice between
+        # calls, the second reusing the first's memory: same Parameter, version and dtype)
+        self._entry = (state, [(weakref.ref(t), self._key(t), t.untyped_storage()) for t in sources], value)
         return value
 
     @staticmethod
@@ -78,12 +81,13 @@ class DerivedWeights:
 
     @classmethod
     def _same_sources(
-        cls, recorded: list[tuple[weakref.ref, tuple[Any, ...]]], sources: tuple[torch.Tensor, ...]
+        cls, recorded: list[tuple[weakref.ref, tuple[Any, ...], Any]], sources: tuple[torch.Tensor, ...]
     ) -> bool:
         """Whether ``sources`` are the recorded tensors, unchanged since."""
         if len(recorded) != len(sources):
             return False
-        return all(ref() is t and key == cls._key(t) for (ref, key), t in zip(recorded, sources, strict=True))
+        pairs = zip(recorded, sources, strict=True)
+        return all(ref() is t and key == cls._key(t) for (ref, key, _storage), t in pairs)
 
     @staticmethod
     def _key(t: torch.Tensor) -> tuple[Any, ...]:

@@ -490,7 +490,12 @@ class ConvAttention(CachesDerivedWeights):
             out = chunked_attention(q, k, v, self.scale)
         elif dropout == 0.0 and self._recomputes_attention(q, k, v):
             out = RecomputedAttention.apply(q, k, v, self.scale)
-        elif dropout is not None and self.fused_attn and not self._explicit_is_faster(k):
+        elif (
+            dropout is not None
+            and self.fused_attn
+            and not self._explicit_is_faster(k)
+            and self._sdpa_fits(q, k, v)
+        ):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         else:  # explicit: the fast path over few keys keeps bf16 probabilities, the reference path fp32
             probs = self.attention_probs(q, k, in_fp32=not self.fused_attn)
@@ -506,9 +511,11 @@ class ConvAttention(CachesDerivedWeights):
         return dropout_rate(self.attn_drop) if is_plain(self.attn_drop, *DROPOUTS) else None
 
     def _chunks_attention(self, q: torch.Tensor) -> bool:
-        """``chunked_attn``: bf16 CPU inference (no graph, not traced or compiled) runs
+        """``chunked_attn``: bf16 CPU inference (no graph, not traced or compiled, no ``torch.func``
+        transform: its ``out=`` products have no batching rule) runs
         :func:`~cvt.models.cpu_kernels.chunked_attention` where :meth:`_own_bf16_kernel_fits`."""
-        return self._own_bf16_kernel_fits(self.chunked_attn, q) and builds_no_graph()
+        fits = self._own_bf16_kernel_fits(self.chunked_attn, q) and builds_no_graph()
+        return fits and not runs_plain_ops_only(q)
 
     def _recomputes_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """``recompute_attn``: bf16 CPU attention over more than FEW_KEYS_BF16 keys while grad is enabled
@@ -528,6 +535,13 @@ class ConvAttention(CachesDerivedWeights):
         oneDNN has bf16 kernels."""
         on_cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
         return enabled and on_cpu_bf16 and cpu_kernels.CPU_HAS_BF16_KERNELS
+
+    @staticmethod
+    def _sdpa_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """SDPA unless a forward-mode tangent or a ``torch.func`` transform is in the call: CPU SDPA's
+        flash kernel has no forward-mode derivative (``jvp`` raised NotImplementedError over more than
+        FEW_KEYS keys), so the explicit products run there, as in the reference path."""
+        return traced_or_compiled() or not runs_plain_ops_only(q, k, v)
 
     def _explicit_is_faster(self, k: torch.Tensor) -> bool:
         """``explicit_few_keys``: CPU attention over at most FEW_KEYS keys in fp32, FEW_KEYS_BF16 in bf16
