@@ -2197,3 +2197,108 @@ def test_vmap_over_bf16_inference_passes_the_chunked_kernel_by() -> None:
             [set_fast_paths(copy.deepcopy(model), chunked_attn=False)(image) for image in x]
         )
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+# SiluLinear, QuickGeluMlp and Block: which path runs, and with which settings
+
+
+def _random_layer_norms(module: nn.Module, seed: int = 5) -> None:
+    """LayerNorms off their identity init (weight 1, bias 0), so that they change what they normalise."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.data = 1 + 0.3 * torch.randn(m.weight.shape, generator=gen)
+            m.bias.data = 0.3 * torch.randn(m.bias.shape, generator=gen)
+
+
+def test_block_passes_its_settings_to_its_layers() -> None:
+    for act in ("quick_gelu", "gelu"):
+        block = layers.Block(
+            8, num_heads=2, mlp_ratio=2.5, drop=0.25, attn_drop=0.125, norm_eps=1e-3, act=act
+        )
+        assert isinstance(block.mlp, QuickGeluMlp) == (act == "quick_gelu")
+        assert block.mlp.fc1.out_features == block.mlp.fc2.in_features == 20
+        assert block.mlp.drop1.p == block.mlp.drop2.p == block.attn.proj_drop.p == 0.25
+        assert block.attn.attn_drop.p == 0.125
+        assert block.norm1.eps == block.norm2.eps == 1e-3
+        assert isinstance(block.drop_path, nn.Identity)
+
+
+class _Doubled(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("swap", ["norm", "drop2", "drop1"])
+def test_mlp_with_a_hidden_norm_or_another_dropout_kind_runs_as_timm_mlp(
+    onednn_calls: list[tuple[torch.dtype, bool]], swap: str, train: bool
+) -> None:
+    """``fold_act`` reads fc1 → SiLU → fc2 directly only with no norm between them and plain dropouts:
+    a LayerNorm on the hidden units (timm's ``norm_layer``) or another module as a dropout runs as is,
+    on the packed inference path too (which calls neither dropout)."""
+    torch.manual_seed(0)
+    mlp = QuickGeluMlp(8, 32)
+    if swap == "norm":
+        mlp.norm = nn.LayerNorm(32)
+        _random_layer_norms(mlp)
+    else:
+        setattr(mlp, swap, _Doubled())
+    mlp.train(train)
+    reference = set_fast_paths(copy.deepcopy(mlp), False)
+    x = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), reference(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    torch.testing.assert_close(mlp(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert (torch.float32, True) not in onednn_calls  # no packed fc1 + SiLU
+    plain = QuickGeluMlp(8, 32).train(train)
+    with torch.no_grad():
+        plain(x)
+    assert ((torch.float32, True) in onednn_calls) == (not train)  # where the plain MLP packs
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_silu_linear_runs_its_product_and_input_gradient_on_onednn_only_when_asked(
+    onednn_calls: list[tuple[torch.dtype, bool]], onednn: bool
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
+    weight, bias = torch.randn(4, 8, generator=gen), torch.randn(4, generator=gen)
+    out = SiluLinear.apply(h, weight, bias, onednn)
+    torch.testing.assert_close(out, nn.functional.linear(nn.functional.silu(h), weight, bias))
+    assert len(onednn_calls) == int(onednn)  # forward
+    out.backward(torch.ones_like(out))
+    assert len(onednn_calls) == 2 * int(onednn)  # and the input gradient
+
+
+@pytest.mark.parametrize("mlp_dropout", [0.0, 0.3])
+def test_onednn_linear_off_keeps_fp32_training_off_onednn(
+    onednn_calls: list[tuple[torch.dtype, bool]], mlp_dropout: float
+) -> None:
+    """``onednn_linear=False`` on a CPU where fp32 training would run oneDNN: no product runs there."""
+    model = set_fast_paths(tiny_model("linear", cls=True).train(), onednn_linear=False)
+    for mlp in (m for m in model.modules() if isinstance(m, QuickGeluMlp)):
+        mlp.drop1.p = mlp.drop2.p = mlp_dropout
+    nn.functional.cross_entropy(model(images()), torch.tensor([0, 3, 6])).backward()
+    assert onednn_calls == []
+
+
+@pytest.mark.parametrize(("p1", "p2"), [(0.5, 0.0), (0.0, 0.5), (0.3, 0.3)])
+def test_training_mlp_with_dropout_equals_timm_mlp_under_the_same_seed(p1: float, p2: float) -> None:
+    """Unhooked dropouts in a training graph: the folded path draws the masks timm's Mlp draws, in the
+    same places (drop1 on the hidden units, drop2 on the output); outputs and gradients equal."""
+    torch.manual_seed(0)
+    mlp = QuickGeluMlp(8, 32).train()
+    mlp.drop1.p, mlp.drop2.p = p1, p2
+    reference = set_fast_paths(copy.deepcopy(mlp), False)
+    x = torch.randn(4, 50, 8, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for m in (mlp, reference):
+        torch.manual_seed(5)
+        outs.append(m(x.requires_grad_(True)))
+        outs[-1].square().sum().backward()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert (outs[0] == 0).float().mean() > 0.1 or p2 == 0
+    for got, expected in zip(mlp.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-5)
