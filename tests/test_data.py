@@ -1240,3 +1240,26 @@ def test_sampler_cuts_the_epoch_to_whole_accumulation_windows():
 
     sampler = ResumableSampler(22, batch_size=2, accum_steps=3)  # 11 batches: 3 windows of 3
     assert sampler.batches_per_epoch == 9 and len(sampler) == len(list(sampler)) == 18
+
+
+def test_load_image_scales_a_float_image_by_255_rounded_and_clipped(tmp_path):
+    """0.61 is 155.55 levels (156), 0.8 is 204; values past 1 are white, negative ones black."""
+    values = np.array([[0.61, 0.8], [1.5, -0.5]], dtype=np.float32)
+    img = load_image(_save(tmp_path / "float.tif", Image.fromarray(values)))
+    assert np.asarray(img).transpose(2, 0, 1).tolist() == [[[156, 204], [255, 0]]] * 3
+
+
+def test_load_image_keeps_the_top_8_bits_of_a_32_bit_integer_image_clipped_to_0_255(tmp_path):
+    """A 32-bit integer TIFF (PIL mode I) holds 16-bit data, as a 16-bit PNG does: 25600 is 100 of 255
+    (PIL's own conversion clips it to 255); values past 16 bits are white, negative ones black."""
+    values = np.array([[0, 25600], [70000, -300]], dtype=np.int32)
+    path = _save(tmp_path / "deep32.tif", Image.fromarray(values))
+    assert Image.open(path).mode == "I"
+    assert np.asarray(load_image(path)).transpose(2, 0, 1).tolist() == [[[0, 100], [255, 0]]] * 3
+
+
+def test_load_image_decodes_an_indivisible_jpeg_one_pixel_under_4096_squared_in_full(tmp_path):
+    """4097x4095 is 4096² - 1 pixels, and its sides share no factor: decoded in full, not at an eighth."""
+    path = _save(tmp_path / "odd.jpg", Image.new("L", (4097, 4095), 90), quality=50)
+    img = load_image(path, min_side=200)
+    assert img.size == (4097, 4095) and img.getpixel((4096, 4094)) == (90, 90, 90)

@@ -2302,3 +2302,31 @@ def test_training_mlp_with_dropout_equals_timm_mlp_under_the_same_seed(p1: float
     assert (outs[0] == 0).float().mean() > 0.1 or p2 == 0
     for got, expected in zip(mlp.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_kernels_at_the_key_counts_of_cvt13_at_224(
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int]
+) -> None:
+    """CvT-13 at 224 pixels attends over 784, 196 and 50 keys: in fp32 only the 50 are few enough for the
+    explicit products; in a bf16 training step on a CPU with bf16 kernels the 784 are recomputed and the
+    196 and 50 explicit (the limits measured in docs/performance-decisions.md)."""
+    from conftest import MICRO_MODEL_ARGS
+    from cvt import create_model
+
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
+    recomputed: list[int] = []
+    apply = cpu_kernels.RecomputedAttention.apply
+    monkeypatch.setattr(
+        layers.RecomputedAttention,
+        "apply",
+        lambda q, k, *a: recomputed.append(k.shape[-2]) or apply(q, k, *a),
+    )
+    torch.manual_seed(0)
+    model = create_model("cvt_13", num_classes=10, **MICRO_MODEL_ARGS).train()
+    x = torch.randn(1, 3, 224, 224)
+    model(x)
+    assert (sdpa_calls, recomputed) == ([784, 196], [])
+    sdpa_calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert (sdpa_calls, recomputed) == ([], [784])

@@ -787,3 +787,16 @@ def test_a_bool_is_refused_for_a_numeric_stage_option() -> None:
         StageSpec(embed_dim=16, depth=True, num_heads=1)
     with pytest.raises(cvt.UsageError, match="stage mlp_ratio must be float, got False"):
         StageSpec(embed_dim=16, depth=1, num_heads=1, mlp_ratio=False)
+
+
+def test_quick_gelu_is_x_times_sigmoid_of_1_702_x() -> None:
+    """The activation the official checkpoints were trained with, where its scale matters (|x| up to 3)."""
+    x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 3.0])
+    expected = x.double() * torch.sigmoid(1.702 * x.double())
+    torch.testing.assert_close(QuickGELU()(x).double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_projection_method_is_refused_naming_the_three_methods() -> None:
+    message = "projection method must be one of ('dw_bn', 'avg', 'linear'), got 'max'"
+    with pytest.raises(cvt.UsageError, match=re.escape(message)):
+        tiny(method="max")

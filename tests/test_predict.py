@@ -764,3 +764,29 @@ def test_predict_ignores_more_class_names_than_outputs(tmp_path, checkpoint, cap
     assert main([*args, "--top-k=20"]) == 0
     labels = [p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]]
     assert labels == ["3", "9", "8", "7", "6", "5", "4", "2", "1", "0"]
+
+
+def test_predict_moves_the_model_to_the_device_asked(tmp_path, checkpoint, monkeypatch, capsys):
+    """The model goes to the device ``--device`` names before any image reaches it."""
+    from cvt.cli import model_source
+    from cvt.cli import predict as cli_predict
+
+    moved = []
+
+    def load_and_watch(*args, **kwargs):
+        source = model_source.load_model_source(*args, **kwargs)
+        to = source.model.to
+
+        def recording_to(*to_args, **to_kwargs):
+            moved.append(to_kwargs.get("device", to_args[0] if to_args else None))
+            return to(*to_args, **to_kwargs)
+
+        source.model.to = recording_to
+        return source
+
+    monkeypatch.setattr(cli_predict, "load_model_source", load_and_watch)
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    args = ["predict", str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "--json", "--top-k=1"]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert [torch.device(d) for d in moved] == [torch.device("cpu")]
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "three"
