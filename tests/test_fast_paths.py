@@ -67,6 +67,16 @@ def reference_logits(model: CvT, x: torch.Tensor) -> torch.Tensor:
         return ref(x)
 
 
+def assert_runs_as_reference_and_differs_from_plain_avg(model: CvT, min_change: float) -> None:
+    """An eval-mode ``avg`` model whose stage-1 poolings were edited computes what its own reference does,
+    and its logits move by more than ``min_change`` from an unedited one's: the fast path saw the edit."""
+    x = images()
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, reference_logits(model, x), rtol=0, atol=1e-5)
+    assert (got - reference_logits(tiny_model("avg", cls=True).eval(), x)).abs().max() > min_change
+
+
 def assert_same_step(
     model: nn.Module, expected: nn.Module, grad_tol: tuple[float, float], buffer_tol: tuple[float, float]
 ) -> None:
@@ -714,11 +724,7 @@ def test_k_and_v_poolings_set_apart_are_not_shared(setting: str, value: object) 
     model = tiny_model("avg", cls=True).eval()
     for block in model.stage1.blocks:
         setattr(block.attn.conv_proj_v.avg, setting, value)
-    x = images()
-    with torch.no_grad():
-        got = model(x)
-    torch.testing.assert_close(got, reference_logits(model, x), rtol=0, atol=1e-5)
-    assert (got - reference_logits(tiny_model("avg", cls=True).eval(), x)).abs().max() > 1e-4
+    assert_runs_as_reference_and_differs_from_plain_avg(model, min_change=1e-4)
 
 
 def test_linear_projections_with_and_without_a_bias_are_not_stacked() -> None:
@@ -1846,11 +1852,7 @@ def test_a_training_model_with_frozen_projections_gives_the_cls_only_q_conv_zero
 def test_a_hook_on_the_v_pooling_itself_stops_k_standing_in_for_it() -> None:
     model = tiny_model("avg", cls=True).eval()
     model.stage1.blocks[0].attn.conv_proj_v.avg.register_forward_hook(lambda m, args, out: 2 * out)
-    x = images()
-    with torch.no_grad():
-        got = model(x)
-    torch.testing.assert_close(got, reference_logits(model, x), rtol=0, atol=1e-5)
-    assert (got - reference_logits(tiny_model("avg", cls=True).eval(), x)).abs().max() > 1e-3
+    assert_runs_as_reference_and_differs_from_plain_avg(model, min_change=1e-3)
 
 
 def test_pooling_padding_set_apart_for_v_is_not_shared() -> None:

@@ -142,16 +142,23 @@ def test_predict_text_output_and_top_k_clamped(tmp_path, checkpoint, capsys):
     assert lines[1].startswith("  1. three  99.9")
 
 
-def test_predict_imagenet_names_for_1000_classes(tmp_path, capsys):
+def _checkpoint_answering(path, num_classes: int, answer: int):
+    """A cvt_tiny checkpoint at ``path``, without class names, whose head always ranks ``answer`` first
+    (every other output ties at 0, so the lowest index comes second)."""
     from cvt import create_model
 
-    model = create_model("cvt_tiny", num_classes=1000)
+    model = create_model("cvt_tiny", num_classes=num_classes)
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
-        model.head.bias[1] = 20.0
-    ckpt = tmp_path / "in1k.pt"
-    torch.save({"model": model.state_dict(), "config": {"model": "cvt_tiny", "num_classes": 1000}}, ckpt)
+        model.head.bias[answer] = 20.0
+    config = {"model": "cvt_tiny", "num_classes": num_classes}
+    torch.save({"model": model.state_dict(), "config": config}, path)
+    return path
+
+
+def test_predict_imagenet_names_for_1000_classes(tmp_path, capsys):
+    ckpt = _checkpoint_answering(tmp_path / "in1k.pt", 1000, answer=1)
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--json", "--top-k=1"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "goldfish, Carassius auratus"
@@ -690,15 +697,7 @@ def test_model_source_by_name_builds_the_head_asked():
 
 def test_predict_names_the_outputs_of_a_head_wider_than_imagenet_by_index(tmp_path, capsys):
     """ImageNet's names are for exactly 1000 outputs; a 1001-output head without class names gets indices."""
-    from cvt import create_model
-
-    model = create_model("cvt_tiny", num_classes=1001)
-    with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.bias.zero_()
-        model.head.bias[1000] = 20.0
-    ckpt = tmp_path / "wide.pt"
-    torch.save({"model": model.state_dict(), "config": {"model": "cvt_tiny", "num_classes": 1001}}, ckpt)
+    ckpt = _checkpoint_answering(tmp_path / "wide.pt", 1001, answer=1000)
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--json", "--top-k=2"]) == 0
     assert [p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]] == ["1000", "0"]
