@@ -8,7 +8,9 @@ import os
 import pickle
 import random
 import re
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -517,6 +519,23 @@ def test_load_image_decodes_an_indivisible_jpeg_in_full_up_to_4096_squared_then_
 def test_load_image_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"nope\.png: no such file"):
         load_image(tmp_path / "nope.png")
+
+
+def test_load_image_names_a_png_that_pillow_opens_but_cannot_load(tmp_path):
+    """A zTXt chunk after the image data, with a compression method PNG does not define: Pillow opens
+    the file (it reads only the chunks before the data) and raises SyntaxError in ``load``."""
+    path = _save(tmp_path / "late.png", Image.new("RGB", (4, 4), (10, 20, 30)))
+    data = path.read_bytes()
+    end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+    body = b"comment\0" + b"\x01" + zlib.compress(b"text")  # method 1: only 0 (deflate) exists
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    path.write_bytes(data[:end] + chunk + data[end:])
+    Image.open(path)  # opens: the failure is in decoding, which load_image must report too
+    with pytest.raises(DataError) as err:
+        load_image(path)
+    assert (
+        str(err.value) == f"cannot read image {path}: SyntaxError: Unknown compression method 1 in zTXt chunk"
+    )
 
 
 def test_load_image_names_a_png_whose_text_chunk_inflates_past_pillows_limit(tmp_path):
