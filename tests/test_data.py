@@ -531,11 +531,9 @@ def test_load_image_names_a_png_that_pillow_opens_but_cannot_load(tmp_path):
     chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
     path.write_bytes(data[:end] + chunk + data[end:])
     Image.open(path)  # opens: the failure is in decoding, which load_image must report too
-    with pytest.raises(DataError) as err:
+    # Pillow's own words follow the exception's name ("Unknown compression method 1 in zTXt chunk")
+    with pytest.raises(DataError, match=rf"^cannot read image {re.escape(str(path))}: SyntaxError: \S.*zTXt"):
         load_image(path)
-    assert (
-        str(err.value) == f"cannot read image {path}: SyntaxError: Unknown compression method 1 in zTXt chunk"
-    )
 
 
 def test_load_image_names_a_png_whose_text_chunk_inflates_past_pillows_limit(tmp_path):
