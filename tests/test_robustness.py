@@ -10,6 +10,7 @@ a data-loader worker that dies.
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -521,9 +522,19 @@ def test_sigint_saves_and_exits_130_then_resume_gives_the_same_weights(
     _assert_same_weights(_weights(out / "last.pt"), uninterrupted)
 
 
+@pytest.fixture
+def forked_workers():
+    """Data loader workers forked from the test process, so that a monkeypatch reaches them: Python
+    3.14's default start method on Linux (forkserver) starts them from a fresh interpreter."""
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("fork", force=True)
+    yield
+    multiprocessing.set_start_method(previous, force=True)
+
+
 @pytest.mark.slow  # a micro training run
 def test_a_data_loader_worker_killed_by_the_os_is_one_clear_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, forked_workers
 ) -> None:
     """A worker killed by the OS (out of memory) mid-epoch: a runtime error that says a worker died
     and how to see more (--workers 0), not an 'internal error'."""
