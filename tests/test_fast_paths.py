@@ -129,6 +129,18 @@ def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def recomputed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The key count of every :class:`~cvt.models.cpu_kernels.RecomputedAttention` call made during the
+    test."""
+    calls: list[int] = []
+    apply = cpu_kernels.RecomputedAttention.apply
+    monkeypatch.setattr(
+        layers.RecomputedAttention, "apply", lambda q, k, *a: calls.append(k.shape[-2]) or apply(q, k, *a)
+    )
+    return calls
+
+
 @pytest.mark.parametrize(("few_keys", "expected_sdpa_calls"), [(64, 0), (20, 1), (0, 3)])
 def test_cpu_attention_over_few_keys_is_explicit(
     monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], few_keys: int, expected_sdpa_calls: int
@@ -1202,8 +1214,8 @@ def test_recomputed_attention_in_bf16_stays_close_to_fp32_under_autocast() -> No
     ],
 )
 def test_bf16_cpu_training_attention_over_many_keys_is_recomputed(
-    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], bf16_kernels: bool, flag: bool,
-    attn_drop: float, dtype: torch.dtype, recomputed: bool,
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], recomputed_calls: list[int],
+    bf16_kernels: bool, flag: bool, attn_drop: float, dtype: torch.dtype, recomputed: bool,
 ) -> None:  # fmt: skip
     """``recompute_attn``: a bf16 training step on a CPU with bf16 kernels runs attention over more than
     FEW_KEYS_BF16 keys (all three blocks here) through RecomputedAttention instead of SDPA; without
@@ -1212,14 +1224,6 @@ def test_bf16_cpu_training_attention_over_many_keys_is_recomputed(
     monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", bf16_kernels)
     monkeypatch.setattr(layers, "FEW_KEYS", 0)
     monkeypatch.setattr(layers, "FEW_KEYS_BF16", 0)  # the tiny model's 35 and 13 keys count as many
-    calls: list[int] = []
-    recomputed_attention = cpu_kernels.RecomputedAttention.apply
-
-    def counted(q: torch.Tensor, *args: object) -> torch.Tensor:
-        calls.append(q.shape[-2])
-        return recomputed_attention(q, *args)
-
-    monkeypatch.setattr(layers.RecomputedAttention, "apply", counted)
     model = set_fast_paths(tiny_model("dw_bn", cls=True).train(), recompute_attn=flag)
     for m in model.modules():
         if isinstance(m, layers.ConvAttention):
@@ -1230,7 +1234,7 @@ def test_bf16_cpu_training_attention_over_many_keys_is_recomputed(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         logits = model(x)
     nn.functional.cross_entropy(logits, target).backward()
-    assert (len(calls), len(sdpa_calls)) == ((3, 0) if recomputed else (0, 3))
+    assert (len(recomputed_calls), len(sdpa_calls)) == ((3, 0) if recomputed else (0, 3))
     if attn_drop:
         return  # dropout draws differ from the reference's; the dispatch is what is checked
     torch.manual_seed(0)
@@ -1968,7 +1972,7 @@ def test_explicit_attention_keeps_bf16_probabilities_only_on_the_fast_path(
 
 
 def test_attention_kernels_switch_at_their_key_limits(
-    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int]
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], recomputed_calls: list[int]
 ) -> None:
     """Stage 0 attends over 35 keys, stage 1 over 13: a limit of 13 keys is still "few" (explicit in fp32)
     and not "many" (no recomputation in bf16); the recomputing kernel runs only with a graph and the
@@ -1976,13 +1980,6 @@ def test_attention_kernels_switch_at_their_key_limits(
     monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
     monkeypatch.setattr(layers, "FEW_KEYS", 13)
     monkeypatch.setattr(layers, "FEW_KEYS_BF16", 13)
-    recomputed: list[int] = []
-    apply = cpu_kernels.RecomputedAttention.apply
-    monkeypatch.setattr(
-        layers.RecomputedAttention,
-        "apply",
-        lambda q, k, *a: recomputed.append(k.shape[-2]) or apply(q, k, *a),
-    )
     chunked: list[int] = []
     chunk = layers.chunked_attention
     monkeypatch.setattr(
@@ -1990,21 +1987,21 @@ def test_attention_kernels_switch_at_their_key_limits(
     )
     model = tiny_model("dw_bn", cls=True).train()
     model(images())  # fp32 with a graph: SDPA over 35 keys, explicit over 13
-    assert (sdpa_calls, recomputed, chunked) == ([35], [], [])
+    assert (sdpa_calls, recomputed_calls, chunked) == ([35], [], [])
     sdpa_calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(images())  # bf16 with a graph: recomputed over 35 keys, explicit over 13
-    assert (sdpa_calls, recomputed, chunked) == ([], [35], [])
-    recomputed.clear()
+    assert (sdpa_calls, recomputed_calls, chunked) == ([], [35], [])
+    recomputed_calls.clear()
     set_fast_paths(model.eval(), chunked_attn=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(images())  # bf16 without a graph and without chunks: SDPA, not the training kernel
-    assert (sdpa_calls, recomputed, chunked) == ([35], [], [])
+    assert (sdpa_calls, recomputed_calls, chunked) == ([35], [], [])
     sdpa_calls.clear()
     set_fast_paths(model)
     with torch.no_grad():
         model(images())  # fp32 inference: no chunked kernel
-    assert (sdpa_calls, recomputed, chunked) == ([35], [], [])
+    assert (sdpa_calls, recomputed_calls, chunked) == ([35], [], [])
 
 
 def test_a_cast_linear_called_without_autocast_after_autocast_uses_its_fp32_weights() -> None:
@@ -2307,7 +2304,7 @@ def test_training_mlp_with_dropout_equals_timm_mlp_under_the_same_seed(p1: float
 
 
 def test_attention_kernels_at_the_key_counts_of_cvt13_at_224(
-    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int]
+    monkeypatch: pytest.MonkeyPatch, sdpa_calls: list[int], recomputed_calls: list[int]
 ) -> None:
     """CvT-13 at 224 pixels attends over 784, 196 and 50 keys: in fp32 only the 50 are few enough for the
     explicit products; in a bf16 training step on a CPU with bf16 kernels the 784 are recomputed and the
@@ -2316,19 +2313,12 @@ def test_attention_kernels_at_the_key_counts_of_cvt13_at_224(
     from cvt import create_model
 
     monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16_KERNELS", True)
-    recomputed: list[int] = []
-    apply = cpu_kernels.RecomputedAttention.apply
-    monkeypatch.setattr(
-        layers.RecomputedAttention,
-        "apply",
-        lambda q, k, *a: recomputed.append(k.shape[-2]) or apply(q, k, *a),
-    )
     torch.manual_seed(0)
     model = create_model("cvt_13", num_classes=10, **MICRO_MODEL_ARGS).train()
     x = torch.randn(1, 3, 224, 224)
     model(x)
-    assert (sdpa_calls, recomputed) == ([784, 196], [])
+    assert (sdpa_calls, recomputed_calls) == ([784, 196], [])
     sdpa_calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
-    assert (sdpa_calls, recomputed) == ([], [784])
+    assert (sdpa_calls, recomputed_calls) == ([], [784])
