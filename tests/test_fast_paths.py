@@ -984,6 +984,24 @@ def test_batchnorm_of_a_cls_stage_gets_a_dense_channels_last_gradient() -> None:
     torch.testing.assert_close(x.grad, strided, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_a_forward_hook_may_scale_a_projection_output_in_place_while_training(fast: bool) -> None:
+    """The output of a training ``dw_bn`` projection (through :class:`DenseGradient`) is no view: a hook's
+    in-place edit is allowed and gives the gradients of the same edit out of place."""
+    x = images()
+    grads = []
+    for scale in (lambda out: out.mul_(0.5), lambda out: out * 0.5):
+        model = set_fast_paths(tiny_model("dw_bn", cls=True).train(), fast)
+        projection = model.stage1.blocks[0].attn.conv_proj_k
+        projection.register_forward_hook(lambda module, args, out, scale=scale: scale(out))
+        model(x).square().sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    in_place, out_of_place = grads
+    assert in_place.keys() == out_of_place.keys()
+    for name, grad in in_place.items():
+        torch.testing.assert_close(grad, out_of_place[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_set_fast_paths_rejects_unknown_flags() -> None:
     with pytest.raises(UsageError, match="fold_nothing"):
         set_fast_paths(tiny_model("linear", cls=False), fold_nothing=True)
@@ -1489,6 +1507,48 @@ def test_per_sample_gradients_by_torch_func_equal_one_backward_per_image(
             torch.testing.assert_close(per_sample[name][i], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16 autocast"])
+def test_an_ensemble_vmapped_over_stacked_parameters_without_a_graph_equals_each_model(bf16: bool) -> None:
+    """``torch.func`` over parameters under ``no_grad`` (model ensembling, ``stack_module_state``): the
+    batched parameters have no storage, so the derived-weight cache steps aside instead of keying on
+    their address (RuntimeError: "Cannot access data pointer of Tensor that doesn't have storage"), and
+    still hands out autocast's dtype (under ``vmap`` autocast left a folded conv's bias in fp32)."""
+    models = [tiny_model("dw_bn", cls=True, seed=seed).eval() for seed in (0, 1)]
+    params, buffers = torch.func.stack_module_state(models)
+    base, x = copy.deepcopy(models[0]).to("meta"), images(2)
+
+    def logits(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got = torch.func.vmap(logits)(params, buffers)
+        expected = torch.stack([model(x) for model in models])
+    tolerance = 0.05 if bf16 else 1e-5
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    if not bf16:  # the fast paths of each model equal the reference
+        torch.testing.assert_close(
+            got, torch.stack([reference_logits(m, x) for m in models]), rtol=0, atol=1e-5
+        )
+
+
+def test_a_jvp_over_parameters_without_a_graph_equals_the_reference() -> None:
+    """Forward-mode derivatives over the weights under ``no_grad``: nothing is cached from the dual
+    parameters (a kept value would keep a stale tangent)."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    tangents = {name: torch.ones_like(p) for name, p in params.items()}
+    x = images(2)
+
+    def logits(m: nn.Module) -> object:
+        return lambda p: torch.func.functional_call(m, p, (x,))
+
+    with torch.no_grad():
+        got = torch.func.jvp(logits(model), (params,), (tangents,))
+        expected = torch.func.jvp(logits(set_fast_paths(copy.deepcopy(model), False)), (params,), (tangents,))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, True), (True, True, True)])
 def test_onednn_linear_function_equals_autograd_linear(needs_grad: tuple[bool, bool, bool]) -> None:
     gen = torch.Generator().manual_seed(2)
@@ -1788,6 +1848,39 @@ def test_a_bias_given_to_a_folded_conv_after_caching_is_folded_in() -> None:
         model(x)
         _biased_zero_padded_conv(model.stage1.blocks[0].attn.conv_proj_k)
         torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_a_batchnorm_eps_changed_after_caching_is_folded_in() -> None:
+    """``eps`` is no tensor source of the fold: the cache is keyed on it as a setting."""
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+    with torch.no_grad():
+        model(x)
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.eps = 0.5
+        torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("grad", [True, False], ids=["graph", "no graph"])
+def test_a_float64_model_under_bf16_autocast_computes_in_float64(fast: bool, grad: bool) -> None:
+    """Autocast leaves float64 tensors alone, and so do the cached copies and the projections' casts."""
+    model = set_fast_paths(tiny_model("dw_bn", cls=True).double().eval(), fast)
+    x = images().double()
+    with torch.no_grad():
+        expected = model(x)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_a_cast_linear_of_float64_under_autocast_keeps_float64_weights() -> None:
+    layer = CastCachedLinear(8, 4).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    torch.testing.assert_close(got, nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
 
 
 def test_a_depthwise_projection_given_a_bf16_map_under_autocast_computes_in_fp32() -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import cvt
 import cvt.models.cvt as cvt_module
-from cvt.models import CvT, StageSpec, expand_stages
+from cvt.models import CvT, StageSpec, expand_stages, stages_from_official_spec
 from cvt.models.cvt import kv_grid, stage_grids
 from cvt.models.layers import QuickGELU
 
@@ -645,6 +645,28 @@ def test_stage_dropout_after_the_embedding_runs_in_training_only() -> None:
 def test_per_stage_lists_longer_than_the_stages_are_refused() -> None:
     with pytest.raises(cvt.UsageError, match="depth has 4 values for 3 stages"):
         expand_stages(3, depth=[1, 1, 2, 1])
+
+
+def test_stage_fields_without_a_default_must_be_given() -> None:
+    with pytest.raises(cvt.UsageError, match=r"\['depth', 'num_heads'\] have no default"):
+        expand_stages(3, embed_dim=[64, 192, 384])
+
+
+def test_an_official_spec_with_num_stages_may_give_scalars() -> None:
+    """``NUM_STAGES`` sets the count; a scalar applies to every stage, as in ``expand_stages``."""
+    specs = stages_from_official_spec({"NUM_STAGES": 2, "DIM_EMBED": 64, "DEPTH": [1, 2], "NUM_HEADS": 2})
+    assert [(s.embed_dim, s.depth, s.num_heads) for s in specs] == [(64, 1, 2), (64, 2, 2)]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"DIM_EMBED": 64}, {"DIM_EMBED": [64], "NUM_STAGES": "one"}, {"DIM_EMBED": [64], "NUM_STAGES": 0},
+     {"DIM_EMBED": [64], "NUM_STAGES": True}],
+    ids=["scalar dims alone", "count a string", "count zero", "count a bool"],
+)  # fmt: skip
+def test_an_official_spec_without_a_stage_count_is_refused(spec: dict) -> None:
+    with pytest.raises(cvt.UsageError, match="NUM_STAGES as a positive integer or DIM_EMBED as a per-stage"):
+        stages_from_official_spec(spec)
 
 
 def test_the_cls_token_is_prepended_and_pooled_from_the_front() -> None:

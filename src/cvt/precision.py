@@ -27,6 +27,12 @@ def autocast(device_type: str, name: str) -> AbstractContextManager[Any]:
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
+def autocast_casts(t: torch.Tensor) -> bool:
+    """Whether autocast casts ``t`` to its dtype for the ops it runs in lower precision: floating
+    tensors other than float64 (which autocast leaves alone)."""
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
 def active_autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type`` (``cpu``, ``cuda``) now; None when it is off there.
 

@@ -1,5 +1,6 @@
 """When the model's fast paths may run: what the current call is doing (building an autograd graph,
-being traced or compiled, running under ``torch.func`` transforms or forward-mode AD), asked by the
+being traced or compiled, running under ``torch.func`` transforms or forward-mode AD, on transformed
+tensors), asked by the
 layers before they take a cached, packed or oneDNN path, and by :class:`~cvt.models.CvT` before its
 eager-only input checks; and :func:`evaluating`, the eval mode that read-only calls (evaluation, FLOP
 counting, attention maps) run a caller's model in.
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad
 
 
@@ -34,6 +36,14 @@ def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
     if torch._C._are_functorch_transforms_active():
         return True
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def transformed(*tensors: torch.Tensor) -> bool:
+    """Whether one of ``tensors`` is a ``torch.func`` transform's wrapper (batched by ``vmap``, dual
+    in ``jvp``: no storage of its own) or carries a forward-mode tangent: what a cache must not keep."""
+    return any(
+        is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
 
 
 @contextmanager

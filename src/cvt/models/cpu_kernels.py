@@ -136,13 +136,13 @@ def pack_linear(
 
 
 def linear(
-    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = False
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, then SiLU if ``silu``, by one oneDNN kernel on a weight packed by
     :func:`pack_linear` (or a plain ``(out, in)`` weight, strided views too): ``(..., in)`` → ``(..., out)``
     in ``x``'s dtype (which must be the weight's)."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in): the op takes 2-D inputs
-    out = torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "swish" if silu else "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "swish" if silu else "none", [], "")
     # not a view (as F.linear's output): a hook may edit it in place, also as an autograd Function's output
     return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
 

@@ -98,6 +98,9 @@ class StageSpec:
 
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StageSpec))
+REQUIRED_STAGE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(StageSpec) if f.default is dataclasses.MISSING
+)
 # the stem: the first stage's patch-embedding conv, the only module that reads the image's channels
 # (timm's ``first_conv``, which it adapts to ``in_chans`` when loading published weights)
 FIRST_CONV = "stage0.patch_embed.proj"
@@ -116,6 +119,9 @@ def expand_stages(num_stages: int, **per_stage: Any) -> list[StageSpec]:
             columns[name] = list(value)
         else:
             columns[name] = [value] * num_stages
+    missing = [name for name in REQUIRED_STAGE_FIELDS if name not in per_stage]
+    if missing:
+        raise UsageError(f"stage option(s) {missing} have no default and were not given")
     return [StageSpec(**{k: v[i] for k, v in columns.items()}) for i in range(num_stages)]
 
 

@@ -18,8 +18,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cvt.models import cpu_kernels
-from cvt.models.call_context import builds_no_graph
-from cvt.precision import active_autocast_dtype
+from cvt.models.call_context import builds_no_graph, transformed
+from cvt.precision import active_autocast_dtype, autocast_casts
 
 
 class DerivedWeights:
@@ -29,13 +29,15 @@ class DerivedWeights:
     source tensor (an optimizer step or ``load_state_dict`` bumps the version; ``.to()`` and
     ``.double()`` keep the Parameter object and its version but give it new storage), on the number of
     ``torch.optim`` steps taken in this process (fused optimizers, ``AdamW(fused=True)``, update
-    parameters without moving their version counters), and on the autocast state: under autocast the
-    cached copies are already in the autocast dtype, saving a cast per call. With grad enabled or under
-    ``torch.compile`` the tensors are recomputed on every call (autograd must see them); under
-    ``torch.jit.trace`` too, so the trace records the derivation, not a frozen copy; and for inference
-    tensors (made under ``torch.inference_mode``), which have no version counter.
+    parameters without moving their version counters), on the non-tensor settings the derivation
+    reads (a BatchNorm's ``eps``) and on the autocast state: under autocast the cached copies are
+    already in the autocast dtype, saving a cast per call. With grad enabled or under ``torch.compile``
+    the tensors are recomputed on every call (autograd must see them); under ``torch.jit.trace`` too, so
+    the trace records the derivation, not a frozen copy; for inference tensors (made under
+    ``torch.inference_mode``), which have no version counter; and for ``torch.func``-transformed ones.
     One entry per object: calls that alternate autocast states (fp32, then bf16, then fp32 …) recompute
     it on every call (CvT-13 at batch 8: 13-17 % slower per call); a model copy per state avoids that.
+    Under autocast, float64 values stay float64, as autocast leaves float64 tensors alone.
     The entry is read and replaced as one object, so modules called from several threads at once
     (``nn.DataParallel`` replicas share this object) each get the tensors of their own sources.
     Not pickled and not deep-copied: a copy starts empty.
@@ -48,19 +50,23 @@ class DerivedWeights:
         self._entry: tuple[tuple[Any, ...], list[tuple[weakref.ref, tuple[Any, ...], Any]], Any] | None = None
 
     def get(
-        self, sources: tuple[torch.Tensor, ...], compute: Callable[[], tuple[torch.Tensor, ...]]
+        self,
+        sources: tuple[torch.Tensor, ...],
+        compute: Callable[[], tuple[torch.Tensor, ...]],
+        settings: tuple[Any, ...] = (),
     ) -> tuple[torch.Tensor, ...]:
-        """``compute()``, or its cached result when the sources and autocast state are unchanged."""
-        if not self.keeps(sources):
-            return compute()
+        """``compute()`` in the autocast dtype (where autocast would cast it), or its cached result when
+        the sources, the non-tensor ``settings`` that ``compute`` reads (a BatchNorm's ``eps``) and the
+        autocast state are unchanged."""
         cast_to = active_autocast_dtype(sources[0].device.type)
-        state = (cast_to, DerivedWeights.optimizer_steps)
+        if not self.keeps(sources):
+            # cast here too: autocast skips the bias of a conv under ``vmap`` over stacked parameters
+            return self._cast(compute(), cast_to)
+        state = (cast_to, DerivedWeights.optimizer_steps, settings)
         entry = self._entry  # one read: another thread may replace the entry meanwhile
         if entry is not None and entry[0] == state and self._same_sources(entry[1], sources):
             return entry[2]
-        value = compute()
-        if cast_to is not None:
-            value = tuple(v.to(cast_to) if v is not None and v.is_floating_point() else v for v in value)
+        value = self._cast(compute(), cast_to)
         # each source's storage is held, so that no later tensor can take its address: a key naming the
         # address of freed memory would match a new tensor there (``param.data`` assigned twice between
         # calls, the second reusing the first's memory: same Parameter, version and dtype)
@@ -68,10 +74,20 @@ class DerivedWeights:
         return value
 
     @staticmethod
+    def _cast(value: tuple[torch.Tensor, ...], dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+        """``value``'s tensors that autocast would cast, in ``dtype`` (all of them as they are if None)."""
+        if dtype is None:
+            return value
+        return tuple(v.to(dtype) if v is not None and autocast_casts(v) else v for v in value)
+
+    @staticmethod
     def keeps(sources: tuple[torch.Tensor, ...]) -> bool:
         """Whether :meth:`get` may keep what it computes from ``sources`` now: no graph built, not traced
-        or compiled, and no inference tensor among them."""
-        return builds_no_graph() and not any(t.is_inference() for t in sources)
+        or compiled, and no inference tensor or :func:`~cvt.models.call_context.transformed` one among
+        them (``vmap`` over stacked parameters: no storage to key on; a kept value would lose a tangent)."""
+        if not builds_no_graph() or transformed(*sources):
+            return False
+        return not any(t.is_inference() for t in sources)
 
     @property
     def cached(self) -> tuple[torch.Tensor, ...] | None:

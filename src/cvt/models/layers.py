@@ -76,7 +76,7 @@ from cvt.models.derived_weights import (
     CastCachedLinear,
     DerivedWeights,
 )
-from cvt.precision import active_autocast_dtype
+from cvt.precision import active_autocast_dtype, autocast_casts
 
 PROJECTION_METHODS: tuple[str, ...] = ("dw_bn", "avg", "linear")
 QUICK_GELU_SCALE = 1.702
@@ -181,7 +181,8 @@ class DenseGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        return x.view_as(x)
+        # the same strides, not marked as a view: a forward hook may edit the projection's output in place
+        return torch.ops.aten._unsafe_view(x, x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -261,11 +262,12 @@ class ConvProjection(CachesDerivedWeights):
 
     def input_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype this projection computes ``x`` in: fp32 under ``dw_fp32``, the autocast dtype for
-        a ``dw_bn`` conv under autocast (autocast would cast ``x`` to it), else ``x.dtype`` (pooling
-        runs in its input dtype)."""
+        a ``dw_bn`` conv under autocast (autocast would cast ``x`` to it unless it is float64), else
+        ``x.dtype`` (pooling runs in its input dtype)."""
         if self.computes_in_fp32(x):
             return torch.float32
-        cast_to = active_autocast_dtype(x.device.type) if self.method == "dw_bn" else None
+        casts = self.method == "dw_bn" and autocast_casts(x)
+        cast_to = active_autocast_dtype(x.device.type) if casts else None
         return x.dtype if cast_to is None else cast_to
 
     def computes_in_fp32(self, x: torch.Tensor) -> bool:
@@ -289,7 +291,7 @@ class ConvProjection(CachesDerivedWeights):
             # the batch counter it increments beside them does move
             sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
             sources += tuple(t for t in (self.conv.bias, bn.num_batches_tracked) if t is not None)
-            weight, bias = self._folded.get(sources, self.folded_conv)
+            weight, bias = self._folded.get(sources, self.folded_conv, settings=(bn.eps,))
             c = self.conv
             x = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
         else:

@@ -47,6 +47,12 @@ def stages_from_official_spec(spec: Mapping[str, Any]) -> list[StageSpec]:
         raise UsageError(f"unknown MODEL.SPEC key(s) {unknown}; known: {sorted(OFFICIAL_SPEC_KEYS)}")
     if "DIM_EMBED" not in spec:
         raise UsageError("MODEL.SPEC has no DIM_EMBED: cannot tell the number of stages")
-    num_stages = int(spec.get("NUM_STAGES", len(spec["DIM_EMBED"])))
+    dims = spec["DIM_EMBED"]
+    num_stages = spec.get("NUM_STAGES", len(dims) if isinstance(dims, (list, tuple)) else None)
+    if type(num_stages) is not int or num_stages < 1:  # type(): a YAML `true` is not a stage count
+        raise UsageError(
+            f"MODEL.SPEC needs NUM_STAGES as a positive integer or DIM_EMBED as a per-stage list; got "
+            f"NUM_STAGES={spec.get('NUM_STAGES')!r}, DIM_EMBED={dims!r}"
+        )
     fields = {OFFICIAL_SPEC_KEYS[k]: v for k, v in spec.items() if k in OFFICIAL_SPEC_KEYS}
     return expand_stages(num_stages, **fields)
