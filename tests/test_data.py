@@ -215,13 +215,36 @@ def test_cifar_pickle_with_code_is_refused_without_running_it(tmp_path):
             {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]},
             r"data_batch_2 has 3 images but 2 labels",
         ),
+        # re-packed copies: read as rows of CHW planes, they were other pixels (an HWC red image gave grey)
+        (
+            {b"data": np.zeros((2, 32, 32, 3), np.uint8), b"labels": [0, 1]},
+            r"data_batch_2 holds data of shape \(2, 32, 32, 3\); .* shape \(N, 3072\)",
+        ),
+        (
+            {b"data": np.full((2, 3072), 0.5, np.float32), b"labels": [0, 1]},
+            r"data_batch_2 holds float32 data; the CIFAR python format has bytes \(uint8, 0..255\)",
+        ),
+        (
+            {b"data": np.full((2, 3072), 300, np.int64), b"labels": [0, 1]},
+            r"data_batch_2 holds int64 data; the CIFAR python format has bytes",
+        ),
     ],
+    ids=["a list", "no labels", "fewer labels", "HWC images", "floats", "past 255"],
 )
 def test_cifar_file_of_another_shape_is_named_with_what_is_wrong(tmp_path, entry, message):
     _write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(entry, protocol=2))
     with pytest.raises(DataError, match=message):
         build_dataset("cifar10", tmp_path, "train")
+
+
+def test_cifar_bytes_stored_in_a_wider_integer_type_read_as_the_same_images(tmp_path):
+    written = _write_cifar10(tmp_path)
+    data, labels = written["data_batch_2"]
+    entry = {b"data": data.astype(np.int64), b"labels": labels}
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(entry, protocol=2))
+    img, _ = build_dataset("cifar10", tmp_path, "train")[8 + 3]
+    assert np.array_equal(np.asarray(img), data[3].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
 def test_cifar_without_a_data_folder_reads_data_under_the_working_directory(tmp_path, monkeypatch):

@@ -240,6 +240,9 @@ def test_resume_auto_continues_and_extends_a_finished_run(tmp_path):
     wider = {**MICRO["model_args"], "embed_dim": [8, 16, 64]}
     with pytest.raises(CheckpointError, match="does not fit cvt_tiny with 10 classes"):
         run(micro(tmp_path, epochs=2, resume="auto", model_args=wider))
+    # torch loads AdamW's moments into SGD (and fails the other way round inside Adam): refused up front
+    with pytest.raises(CheckpointError, match=r"trained with optimizer 'adamw' \(this command: 'sgd'\)"):
+        run(micro(tmp_path, epochs=2, resume="auto", optimizer="sgd"))
     summary = run(micro(tmp_path, epochs=2, resume="auto"))
     assert summary["steps"] == 8
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
@@ -1158,6 +1161,29 @@ def test_finetune_with_the_same_class_count_keeps_the_trained_head(tmp_path):
     _load_finetune(target, str(tmp_path / "best.pt"))
     assert torch.equal(target.head.weight, source.head.weight)
     assert torch.equal(target.head.bias, source.head.bias)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_finetune_from_a_headless_backbone_keeps_the_body_and_a_fresh_head(tmp_path, fmt):
+    """A backbone saved with ``num_classes=0`` (no head at all) starts a run as one with another head."""
+    from cvt.checkpoint.native import save_checkpoint
+    from cvt.engine.trainer import _load_finetune
+
+    torch.manual_seed(0)
+    backbone = create_model("cvt_tiny", num_classes=0, img_size=16, **MICRO["model_args"])
+    path = tmp_path / f"backbone.{fmt}"
+    if fmt == "pt":
+        torch.save({"model": backbone.state_dict()}, path)
+    else:
+        save_checkpoint(backbone, path)
+    torch.manual_seed(1)
+    target = create_model("cvt_tiny", num_classes=10, img_size=16, **MICRO["model_args"])
+    fresh_head = target.head.weight.clone()
+    _load_finetune(target, str(path))
+    got = target.state_dict()
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(got[key], value), key
+    assert torch.equal(target.head.weight, fresh_head)
 
 
 def test_finetune_adapts_an_rgb_stem_to_a_grayscale_model_and_names_the_channels_otherwise(tmp_path):

@@ -124,6 +124,25 @@ def _text(value: Any) -> Any:
     return value.decode("latin1") if isinstance(value, bytes) else value
 
 
+def _cifar_pixels(data: np.ndarray, path: Path) -> np.ndarray:
+    """The archive's ``data``, one row of 3072 bytes per image (its R, G and B planes of 32 x 32), as
+    ``(N, 3, 32, 32)`` uint8. Anything else (an HWC ``(N, 32, 32, 3)`` array, floats in [0, 1], values
+    past 255) would be read as other pixels, so it is refused."""
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"CIFAR file {path} holds data of shape {data.shape}; the CIFAR python format has one row of "
+            f"3072 values per image (R, G, B planes of 32x32): shape (N, 3072)"
+        )
+    if data.dtype != np.uint8:
+        integral = np.issubdtype(data.dtype, np.integer)
+        if not integral or (data.size and (data.min() < 0 or data.max() > 255)):
+            raise DataError(
+                f"CIFAR file {path} holds {data.dtype} data; the CIFAR python format has bytes (uint8, "
+                f"0..255)"
+            )
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
 def cifar_dataset(
     name: str, root: Path, split: str, transform: Callable | None = None, download: bool = False
 ) -> ArrayImageDataset:
@@ -142,7 +161,7 @@ def cifar_dataset(
         path = folder / file_name
         entry = _read_cifar_pickle(path)
         try:
-            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are CHW planes
+            data = _cifar_pixels(np.asarray(entry["data"]), path)
             labels = [int(t) for t in entry[layout["labels_key"]]]
         except (KeyError, ValueError, TypeError) as err:
             raise DataError(f"CIFAR file {path} is not in the CIFAR python format: {err!r}") from err

@@ -211,9 +211,11 @@ def check_not_rewinding(resume_from: Path, run_dir: Path, resume: dict[str, Any]
 _FIT_OPTIONS = ("model", "num_classes", "img_size", "model_args", "optimizer")
 
 
-def misfit_message(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, err: Exception) -> str:
+def misfit_message(
+    resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, err: Exception | None = None
+) -> str:
     """One line for a checkpoint to resume that does not load into this run's model or optimizer:
-    the recorded options that differ from this command's, or else the first line of torch's detail."""
+    the recorded options that differ from this command's, or else the first line of torch's ``err``."""
     recorded = resume.get("config") or {}
     now = config_to_record(cfg, model)
     differ = [

@@ -119,7 +119,7 @@ def _build_model(cfg: TrainConfig, num_classes: int, resuming: bool) -> nn.Modul
 
 
 def _load_finetune(model: nn.Module, path: str) -> None:
-    """Load every weight of ``path`` into ``model``; a head of another class count stays fresh,
+    """Load every weight of ``path`` into ``model``; a head of another class count (or none) stays fresh,
     position embeddings learned at another resolution are resized (bicubic) to the model's grids, and
     an RGB stem is adapted to the model's ``in_chans`` as timm adapts published weights (summed over
     R, G and B for a grayscale model)."""
@@ -133,7 +133,8 @@ def _load_finetune(model: nn.Module, path: str) -> None:
     raw, _, info = read_state_dict(path)
     sd = load.convert_state_dict(raw, model)
     own = model.state_dict()
-    head_differs = "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape
+    # a head of another class count, or none (a backbone saved with num_classes=0), leaves the model's
+    fresh_head = "head.weight" not in sd or sd["head.weight"].shape != own["head.weight"].shape
     stem = sd.get(load.STEM_WEIGHT)  # (embed_dim, in_chans, k, k)
     if (
         stem is not None
@@ -159,7 +160,7 @@ def _load_finetune(model: nn.Module, path: str) -> None:
             )
         if grid != tuple(stage.pos_grid):
             sd[key] = resample_abs_pos_embed(sd[key], list(stage.pos_grid), list(grid), num_prefix_tokens=0)
-    load.load_checkpoint(model, sd, strict=True, ignore_head=head_differs, name=path)
+    load.load_checkpoint(model, sd, strict=True, ignore_head=fresh_head, name=path)
 
 
 def _recorded_img_size(info: dict[str, Any]) -> tuple[int, int] | None:
@@ -596,6 +597,9 @@ def _restore_resume(
     # the optimizer's state (moments, momentum buffers) comes from the checkpoint, its settings
     # (weight decay, momentum, betas …) from this command, as the lr does
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    recorded_optimizer = (resume.get("config") or {}).get("optimizer", cfg.optimizer)
+    if recorded_optimizer != cfg.optimizer:  # torch loads any optimizer's state into any other
+        raise CheckpointError(misfit_message(resume, cfg, model))
     try:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
