@@ -87,6 +87,7 @@ def test_train_step_peak_memory_is_measured_in_a_fresh_process() -> None:
         (["--model", "cvt_14"], "unknown model 'cvt_14'; did you mean cvt_21, cvt_13"),  # create_model's
         (["--batch-size", "0"], "must be >= 1"),
         (["--compile", "--compile-mode", "fastest"], "compile mode must be one of"),
+        (["--compile-mode", "reduce-overhead"], "compile mode 'reduce-overhead' needs compile (--compile)"),
         (["--device", "gpu"], "must be auto, cpu, cuda or cuda:N, got 'gpu'"),  # as predict and eval say
     ],
 )
@@ -415,8 +416,8 @@ def test_bench_table_shows_every_figure(
     assert code == 0 and len(calls) == 1
     header, machine, *table, basis = out.splitlines()
     assert header == (
-        f"cvt_tiny 40x48 batch 4 train fp32 on cpu ({torch.get_num_threads()} threads, freed memory kept), "
-        "3 runs; matmul ceiling 250 GFLOP/s"
+        f"cvt_tiny 40x48 batch 4 train fp32 on cpu ({torch.get_num_threads()} threads, freed memory kept in "
+        "the timed runs), 3 runs; matmul ceiling 250 GFLOP/s"
     )
     assert machine.startswith("Machine: ") and basis.startswith("GFLOP/s: ")
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table if line.startswith("| ")]
@@ -424,6 +425,22 @@ def test_bench_table_shows_every_figure(
         ["cvt", "30.00", "27.00-33.00", "123", "45.7", "18%", "1.00x"],
         ["hf", "20.00", "18.00-24.00", "-", "31.0", "12%", "1.50x (1.25-1.65)"],  # rounds 30/24 27/18 33/20
     ]
+
+
+def test_bench_header_names_the_options_that_change_what_was_measured(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fake_result
+) -> None:
+    """Compiled, channels-last or checkpointed runs say so above the table (only ``--json`` did)."""
+    fake_measurement(monkeypatch, [fake_result("cvt", [10.0])])
+    code, out, _ = run_cli(
+        capsys, "--model", "cvt_tiny", "--device", "cpu", "--runs", "1", "--no-memory", "--compile",
+        "--compile-mode", "max-autotune", "--channels-last", "--grad-checkpointing", "--mode", "train",
+    )  # fmt: skip
+    assert code == 0
+    assert out.splitlines()[0].startswith(
+        "cvt_tiny 32x32 batch 8 train fp32, compile (max-autotune), channels-last, gradient checkpointing "
+        "(cvt only) on cpu ("
+    )
 
 
 def test_bench_json_speedup_is_the_ratio_of_the_medians(

@@ -189,20 +189,26 @@ def test_environment_errors_are_one_line_not_internal(
 
 
 @pytest.mark.parametrize(
-    "err",
+    ("err", "message"),
     [
-        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 9 B"),
-        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-        MemoryError(),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+            "error: out of memory ([enforce fail",
+        ),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): use a smaller",
+        ),
+        (MemoryError(), "error: out of memory: use a smaller image size or batch"),  # no empty "()"
     ],
     ids=["cpu-allocator", "cuda", "python"],
 )
 def test_out_of_memory_is_one_line_not_internal(
-    err: BaseException, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    err: BaseException, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _fail_with(monkeypatch, err)
     assert main(["list"]) == 1
-    _assert_one_line(capsys.readouterr().err, "list", "error: out of memory (")
+    _assert_one_line(capsys.readouterr().err, "list", message)
 
 
 def test_export_of_an_image_size_beyond_memory_says_so(

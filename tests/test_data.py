@@ -325,6 +325,14 @@ def test_imagefolder_given_classes_keep_their_order(tmp_path):
     assert val.classes == ["cat", "ant", "bee"] and val.targets == [0]
 
 
+def test_a_split_with_empty_class_folders_counts_its_own_folders(tmp_path):
+    """A validation split given the training classes names its own folders' count, not the list's."""
+    for name in ("cat", "dog"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+    with pytest.raises(DataError, match=r"has 2 class folder\(s\) but no image files"):
+        build_dataset("imagefolder", tmp_path, "val", classes=[str(i) for i in range(10)] + ["cat", "dog"])
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -152,7 +152,7 @@ def test_cli_export(tmp_path, capsys) -> None:
     args = ["export", "cvt_tiny", "--format", "safetensors", "--output", str(out)]
     assert main([*args, "--num-classes", "4"]) == 0
     text = capsys.readouterr().out
-    assert f"wrote {out}" in text and "vs. eager PyTorch" in text
+    assert f"wrote {out}" in text and "export read by cvt.load_model vs. eager PyTorch" in text
     diff = float(text.rsplit(":", 1)[1])
     assert diff < 1e-4
     # a second export to the same path is refused with exit code 2 and one line on stderr
@@ -226,7 +226,10 @@ def test_cli_export_traces_and_checks_at_img_size(tmp_path, capsys, monkeypatch)
     argv = ["export", "cvt_tiny", "--format", "onnx", "--output", str(out)]
     assert main([*argv, "--img-size", "48"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"wrote {out}\nmax |logit difference| vs. eager PyTorch on 3 random images: ")
+    assert text.startswith(
+        f"wrote {out}\nmax |logit difference| of the export read by onnxruntime vs. eager PyTorch "
+        "on 3 random images: "
+    )
     assert float(text.rsplit(":", 1)[1]) < 1e-4 and input_size(out) == [48, 48]
 
     real = importlib.util.find_spec

@@ -28,6 +28,9 @@ EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors", "hf")
 # the packages each format needs to write its file, and those that run it to check the export
 _WRITE_PACKAGES = {"onnx": ("onnx",), "safetensors": ("safetensors",), "hf": ("safetensors",)}
 _CHECK_PACKAGES = {"onnx": ("onnxruntime",)}
+# what reads each export back for the check (transformers itself cannot: its CvT runs GELU, not QuickGELU)
+CHECKED_BY = {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "safetensors": "cvt.load_model",
+              "hf": "cvt.load_model"}  # fmt: skip
 ONNX_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime >= 1.17 runs it
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
@@ -141,7 +144,8 @@ def export_model(
 
 
 def run_exported(fmt: str, path: str | Path, images: torch.Tensor) -> torch.Tensor:
-    """Logits of the exported file on ``images``, computed by that format's own runtime."""
+    """Logits of the exported file on ``images``, computed by what reads that format back
+    (:data:`CHECKED_BY`)."""
     require_packages(fmt, verify=True)
     if fmt == "onnx":
         import onnxruntime

@@ -11,8 +11,9 @@ machine hits all of them alike.
 - ``train``: forward, cross-entropy, backward and an SGD (momentum 0.9) step in train mode.
 - ``bf16``/``fp16``: the fp32 model under ``torch.autocast`` (the usual mixed-precision recipe).
 - GFLOP/s: 2 x the multiply-accumulates of ``cvt.complexity`` per image (x3 for a training step:
-  backward costs two forwards), divided by the median time; the ceiling is a square matrix product
-  in the same dtype on the same device and threads (not measured for bf16 on a CPU without bf16
+  backward costs two forwards), divided by the median time; the ceiling is the fastest square matrix
+  product (1024 and 2048, fastest of 5 runs each) in the same dtype on the same device and threads (not
+  measured for bf16 on a CPU without bf16
   kernels, where one product takes a minute). The MACs are the whole network's for every subject
   (cvt's own forward skips the last block's unused tokens, 6.5 % of CvT-13), so it is an effective rate.
 - peak memory: what one subject's step allocates at its peak above what was allocated just before it:

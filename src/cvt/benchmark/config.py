@@ -60,6 +60,8 @@ class BenchConfig:
             raise UsageError("dtype fp16 needs a CUDA device; on CPU use --dtype bf16 or fp32")
         if self.compile_mode not in COMPILE_MODES:
             raise UsageError(f"compile mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:  # it would be recorded but never used
+            raise UsageError(f"compile mode {self.compile_mode!r} needs compile (--compile)")
         if self.batch_size < 1 or self.runs < 1 or self.warmup < 0:
             raise UsageError(
                 f"batch size and runs must be >= 1 and warmup >= 0, got batch {self.batch_size}, "

@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export a model to ONNX, TorchScript, safetensors or a Hugging Face folder",
         description="Export a model (a checkpoint, published weights, or random weights of a variant) "
-        "and check the exported file against the eager model in its own runtime. --img-size is the "
-        "traced input size.",
+        "and check the exported file against the eager model, read back by onnxruntime, torch.jit.load, "
+        "or this package (safetensors and hf: transformers' CvT runs GELU where CvT has QuickGELU). "
+        "--img-size is the traced input size.",
     )
     p.add_argument("model_name", nargs="?", metavar="MODEL", help="variant name (same as --model)")
     add_model_source_arguments(p)
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``cvt export``: export the model and check the export against eager PyTorch; the exit status."""
-    from cvt.export import check_output, export_model, require_packages, verify_export
+    from cvt.export import CHECKED_BY, check_output, export_model, require_packages, verify_export
 
     if args.model_name and args.model and args.model_name != args.model:
         raise UsageError(f"MODEL {args.model_name!r} and --model {args.model!r} differ; give one")
@@ -50,5 +51,6 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {path}")
     if not args.no_verify:
         diff = verify_export(model, args.fmt, path, args.img_size)
-        print(f"max |logit difference| vs. eager PyTorch on 3 random images: {diff:.2e}")
+        print(f"max |logit difference| of the export read by {CHECKED_BY[args.fmt]} vs. eager PyTorch "
+              f"on 3 random images: {diff:.2e}")  # fmt: skip
     return 0

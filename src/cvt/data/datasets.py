@@ -261,7 +261,7 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"image folder {root}: none of its {len(bad)} image file(s) is readable")
         if not samples:
             raise DataError(
-                f"image folder {root} has {len(self.classes)} class folder(s) but no image files "
+                f"image folder {root} has {len(found)} class folder(s) but no image files "
                 f"(expected {root}/<class>/<image> with extension {', '.join(IMAGE_EXTENSIONS)})"
             )
         if classes is None:
