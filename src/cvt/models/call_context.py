@@ -41,6 +41,9 @@ def runs_plain_ops_only(*tensors: torch.Tensor) -> bool:
 def transformed(*tensors: torch.Tensor) -> bool:
     """Whether one of ``tensors`` is a ``torch.func`` transform's wrapper (batched by ``vmap``, dual
     in ``jvp``: no storage of its own) or carries a forward-mode tangent: what a cache must not keep."""
+    # neither exists outside a transform or a dual level: one check per call instead of one per tensor
+    if not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0:
+        return False
     return any(
         is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors
     )
