@@ -89,7 +89,7 @@ def watch_training_losses(monkeypatch, change=None) -> list[float]:
 @pytest.fixture
 def no_curves(monkeypatch):
     """Skip drawing curves.png (half the time of a micro epoch) in tests about other files."""
-    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history: None)
+    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history, topk=5: None)
 
 
 def test_run_folder_has_every_file_with_sane_contents(tmp_path, capsys):
@@ -178,6 +178,9 @@ def test_curves_plot_each_column_of_the_history_under_its_label(tmp_path, monkey
         "top-1": ([1, 2], [40.0, 55.0]),
         "top-5": ([1, 2], [80.0, 90.0]),
     }
+    plotted.clear()
+    plot_curves(tmp_path, history, topk=3)  # 3 classes: the "top5" column is top-3
+    assert "top-3" in plotted and "top-5" not in plotted
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -606,7 +609,7 @@ def write_image_folder(root, train_classes, val_classes):
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
-def test_imagefolder_validation_uses_the_training_class_indices(tmp_path, monkeypatch, no_curves):
+def test_imagefolder_validation_uses_the_training_class_indices(tmp_path, monkeypatch, capsys, no_curves):
     """val/ without the first training class keeps the training labels (the model is validated on
     what it learned); a val/ class unknown to training is refused before anything is written."""
     from cvt.engine import evaluate as evaluate_module
@@ -623,6 +626,9 @@ def test_imagefolder_validation_uses_the_training_class_indices(tmp_path, monkey
     write_image_folder(tmp_path / "missing", ["ant", "bee", "cat"], ["bee", "cat"])
     run(micro(tmp_path, data_dir=str(tmp_path / "missing"), **data))
     assert seen == [(["ant", "bee", "cat"], [1, 1, 2, 2])]  # bee and cat keep their training indices
+    # 3 classes: the epoch line names the "top5" column's k
+    epoch_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
+    assert " top3 100.00 " in epoch_line and "top5" not in epoch_line
 
     write_image_folder(tmp_path / "extra", ["ant", "bee", "cat"], ["ant", "dog"])
     with pytest.raises(DataError, match=r"extra/val has class folder\(s\) dog"):

@@ -43,7 +43,7 @@ HOLD_LOCK = textwrap.dedent(
 @pytest.fixture
 def no_curves(monkeypatch):
     """Skip drawing curves.png in these tests (as test_engine's fixture of that name)."""
-    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history: None)
+    monkeypatch.setattr("cvt.engine.trainer.plot_curves", lambda run_dir, history, topk=5: None)
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_a_second_run_started_during_a_run_is_refused(tmp_path, monkeypatch):
     """Two runs into one folder at once (here the second starts while the first saves its epoch)."""
     refused = []
 
-    def second_run(run_dir, history):
+    def second_run(run_dir, history, topk=5):
         with pytest.raises(UsageError) as info:
             run(micro(tmp_path, epochs=3, resume="auto", seed=4))
         refused.append(str(info.value))

@@ -340,8 +340,9 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def plot_curves(run_dir: Path, history: list[dict[str, float]]) -> None:
-    """``curves.png``: train/val loss and val top-1 per epoch."""
+def plot_curves(run_dir: Path, history: list[dict[str, float]], topk: int = 5) -> None:
+    """``curves.png``: train/val loss and val top-1 and top-``topk`` (the ``top5`` column, whose k is
+    min(5, classes)) per epoch."""
     epochs = [row["epoch"] for row in history]
     fig = new_figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -350,7 +351,7 @@ def plot_curves(run_dir: Path, history: list[dict[str, float]]) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
     ax_acc.plot(epochs, [row["top1"] for row in history], label="top-1")
-    ax_acc.plot(epochs, [row["top5"] for row in history], label="top-5")
+    ax_acc.plot(epochs, [row["top5"] for row in history], label=f"top-{topk}")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
     ax_acc.legend()
     fig.tight_layout()

@@ -831,12 +831,13 @@ def _record_epoch(run: _Run, row: dict[str, float], is_best: bool) -> None:
         run.save("best.pt")
     run.save("last.pt")
     write_metrics(run_dir, progress["history"])
-    plot_curves(run_dir, progress["history"])
+    topk = min(5, run.num_classes)  # the "top5" column: top-k with k = min(5, classes)
+    plot_curves(run_dir, progress["history"], topk=topk)
     run.tb.log({f"train/{k}" if k in ("train_loss", "lr") else f"val/{k}": v
                 for k, v in row.items() if k not in ("epoch", "time")}, progress["step"])  # fmt: skip
     print(
         f"epoch {row['epoch']}/{run.cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-        f"val_loss {row['val_loss']:.4f}  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}  "
+        f"val_loss {row['val_loss']:.4f}  top1 {row['top1']:.2f}  top{topk} {row['top5']:.2f}  "
         f"lr {row['lr']:.2e}  {row['time']:.1f}s",
         flush=True,
     )
