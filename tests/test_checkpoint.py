@@ -543,6 +543,27 @@ def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(tmp_path: P
         read_state_dict(index)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda sd: sd.update({"head.weight": sd["head.weight"][:, :32]}), r"head.weight \(model \[10, 128"),
+        (lambda sd: sd.pop("head.bias"), r"1 missing key\(s\): head.bias"),
+    ],
+    ids=["another input width", "no bias"],
+)
+def test_a_head_of_the_same_class_count_that_does_not_fit_names_the_key(
+    tmp_path: Path, tiny: CvT, edit: object, message: str
+) -> None:
+    """Only a whole head for another class count gets the num_classes advice (it read "has a 10-class
+    head, the model has 10 classes: build the model with num_classes=10")."""
+    state_dict = dict(tiny.state_dict())
+    edit(state_dict)
+    torch.save(state_dict, tmp_path / "edited.pth")
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(_fresh(), tmp_path / "edited.pth")
+    assert "num_classes=" not in str(info.value)
+
+
 def test_head_mismatch_says_how_to_fix(tmp_path: Path, tiny: CvT) -> None:
     path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
     model = _fresh(num_classes=3)

@@ -303,6 +303,16 @@ def test_export_refuses_what_transformers_cannot_express(
     assert not (tmp_path / "export").exists()
 
 
+def test_export_refuses_a_model_whose_final_norm_was_pruned(tmp_path: Path) -> None:
+    """transformers initialised a fresh LayerNorm in its place (logits off by ~0.5), and this package
+    refused its own export for two missing keys."""
+    model = create_model("cvt_tiny", act="gelu", depth=(1, 2, 3), num_classes=5)
+    model.prune_intermediate_layers(indices=3, prune_norm=True, prune_head=False)
+    with pytest.raises(CheckpointError, match="the final LayerNorm was pruned"):
+        export_hf(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.slow
 def test_pretrained_true_downloads_and_converts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import timm.models._hub as timm_hub
@@ -516,7 +526,11 @@ def test_hf_config_without_labels_has_transformers_default_two_classes() -> None
     ("change", "message"),
     [  # each was a raw TypeError or ValueError
         ({"embed_dim": 64}, r"embed_dim must be a list \(one value per stage\), got 64"),
-        ({"id2label": {"zero": "a", "one": "b"}}, r"id2label keys must be class indices .*'zero'"),
+        ({"id2label": {"zero": "a", "one": "b"}}, r"id2label keys must be the class indices 0..1, .*'zero'"),
+        # a gap or an offset put each name on another output than transformers does, silently
+        ({"id2label": {"1": "a", "2": "b", "3": "c"}}, r"id2label keys must be the class indices 0..2, one"),
+        ({"id2label": {"0": "a", "1": "b", "3": "c"}}, r"0..2, one each, got \['0', '1', '3'\]"),
+        ({"id2label": {"0": "a", "²": "b"}}, r"class indices 0..1"),  # "²".isdigit(), int("²") fails
         ({"num_labels": "nine", "id2label": None}, "num_labels must be a whole number, got 'nine'"),
         ({"num_channels": "3"}, "num_channels must be a whole number, got '3'"),
     ],

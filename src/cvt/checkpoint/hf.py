@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cvt.checkpoint.read import HF_CONFIG_FILE, HF_PREPROCESSOR_FILE, HF_WEIGHT_FILES
 from cvt.errors import CheckpointError
@@ -240,11 +241,15 @@ def model_kwargs_from_hf_config(
 def hf_label_names(config: dict[str, Any]) -> list[str] | None:
     """Class names from ``id2label``, or None when they are transformers' placeholders (``LABEL_3``)."""
     labels = config.get("id2label") or {}
-    if not all(str(k).isdigit() for k in labels):  # JSON's "0", "1", … (ints in a live CvtConfig)
+    # JSON's "0", "1", … (ints in a live CvtConfig), every output once: a gap or an offset would put
+    # each name on another output than transformers does
+    indices = {str(i): i for i in range(len(labels))}
+    if {str(k) for k in labels} != set(indices):
         raise CheckpointError(
-            f"config.json id2label keys must be class indices ('0', '1', …), got {list(labels)!r}"
+            f"config.json id2label keys must be the class indices 0..{len(labels) - 1}, one each, got "
+            f"{list(labels)!r}"
         )
-    names = [labels[k] for k in sorted(labels, key=int)]
+    names = [labels[k] for k in sorted(labels, key=lambda k: indices[str(k)])]
     if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         return None
     return names
@@ -269,6 +274,8 @@ def hf_config_from_model(model: CvT) -> dict[str, Any]:
                 f"stages.{i} has {s.depth} block(s) (transformers indexes drop-path rates by stage, so "
                 f"stages.{i} needs at least {i + 1})"
             )
+    if isinstance(model.norm, nn.Identity):
+        problems.append("the final LayerNorm was pruned (transformers' CvT always has one)")
     if model.norm_eps != 1e-5:
         problems.append(f"LayerNorm eps is {model.norm_eps} (transformers' CvT always uses 1e-5)")
     if model.global_pool != ("token" if model.has_cls_token else "avg"):

@@ -136,12 +136,24 @@ def _fmt_keys(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
+def other_class_count(report: FitReport, state_dict: Mapping[str, torch.Tensor], model: CvT) -> int | None:
+    """The class count of ``state_dict``'s head where a whole head for another number of classes is its
+    only difference from ``model`` (0: no head); None otherwise (a head of another input width, a
+    missing bias)."""
+    if not report.head_only:
+        return None
+    n = infer_num_classes(state_dict)
+    head = {k: tuple(state_dict[k].shape) for k in HEAD_KEYS if k in state_dict}
+    whole = {"head.weight": (n, model.num_features), "head.bias": (n,)} if n else {}
+    return n if head == whole and n != model.num_classes else None
+
+
 def mismatch_message(
     report: FitReport, state_dict: Mapping[str, torch.Tensor], model: CvT, source: Any
 ) -> str:
     """One readable sentence (or a few) saying why ``state_dict`` does not fit ``model``."""
-    if report.head_only:
-        n = infer_num_classes(state_dict)
+    n = other_class_count(report, state_dict, model)
+    if n is not None:
         return (
             f"checkpoint {source} has a {n}-class head, the model has {model.num_classes} classes: build "
             f"the model with num_classes={n}, or load with ignore_head=True to keep a fresh head for "
@@ -249,7 +261,7 @@ def _load_converted(
     for k in skipped:
         del sd[k]
     report = check_fit(sd, model)
-    if head_record is not None and report.head_only:
+    if head_record is not None and other_class_count(report, sd, model) is not None:
         raise CheckpointError(
             f"checkpoint {label} has a {infer_num_classes(sd)}-class head but {head_record} is "
             f"{model.num_classes}: the file contradicts itself (edited by hand?)"
