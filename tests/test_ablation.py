@@ -281,6 +281,38 @@ def test_model_args_are_part_of_every_variant_measured_and_deduplicated() -> Non
     assert top1["proj_method", "dw_bn"] == 53.0
 
 
+def test_variants_differing_only_in_what_their_projection_ignores_train_once() -> None:
+    """Under ``method=linear`` (no conv) the k/v stride builds nothing: kv_stride's two variants and
+    proj_method's linear one are one model, trained once (they were trained twice, as two models)."""
+    calls: list[dict] = []
+
+    def fake_train(variant: Variant) -> dict[str, float]:
+        calls.append(variant.overrides)
+        return {"top1": 50.0 + len(calls), "train_seconds": 1.0}
+
+    linear = {"method": "linear"}
+    rows = run_ablation("cvt_tiny", ["kv_stride", "proj_method"], fake_train, 10, model_args=linear)
+    assert calls == [{"stride_kv": 1}, {"method": "dw_bn"}, {"method": "avg"}]
+    top1 = {(r.family, r.variant): r.top1 for r in rows}
+    shared = (top1["kv_stride", "stride 1"], top1["kv_stride", "stride 2"], top1["proj_method", "linear"])
+    assert shared == (51.0, 51.0, 51.0)
+
+
+def test_a_model_shared_by_families_trains_as_the_first_variant_in_the_papers_order() -> None:
+    """The baseline of pos_embed and kv_stride trains (and keeps its run folder) as pos_embed's,
+    whatever order the families are given in: --resume auto with another order retrained it."""
+    for families in (["kv_stride", "pos_embed"], ["pos_embed", "kv_stride"]):
+        names: list[str] = []
+
+        def fake_train(variant: Variant, names: list[str] = names) -> dict[str, float]:
+            names.append(f"{variant.family}/{variant.name}")
+            return {"top1": 50.0, "train_seconds": 1.0}
+
+        run_ablation("cvt_tiny", families, fake_train, 10)
+        pos_embed = [f"pos_embed/{n}" for n in ("none", "first stage", "last stage", "every stage")]
+        assert sorted(names) == sorted(["kv_stride/stride 1", *pos_embed]), families  # none: the baseline
+
+
 def test_cli_dry_run_counts_the_model_args(capsys) -> None:
     assert main(["ablate", "--dry-run", "--family", "kv_stride", "--model-args", "method=avg", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -325,6 +357,18 @@ def test_cli_refuses_options_it_would_ignore(argv, fragment, tmp_path, capsys) -
     err = capsys.readouterr().err.strip()
     assert err.startswith("cvt ablate: error: ") and fragment in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_refuses_torchrun_before_any_rank_locks_the_folder(tmp_path, capsys, monkeypatch) -> None:
+    """Under torchrun every rank took the ablation folder's lock, so rank 1 refused rank 0's run as "in
+    use by another cvt ablate" and torchrun killed both; --dry-run trains nothing and still works."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--family", "kv_stride", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not under torchrun (WORLD_SIZE=2)" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(["ablate", "--family", "kv_stride", "--dry-run", "--num-classes", "10"]) == 0
 
 
 def test_help_leaves_out_the_train_options_it_refuses(capsys) -> None:

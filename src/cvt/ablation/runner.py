@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from cvt.ablation.variants import PaperFigures, Variant, ablation_variants
+from cvt.ablation.variants import FAMILIES, PaperFigures, Variant, ablation_variants
 from cvt.complexity import count_gmacs
-from cvt.models import CvT, StageSpec, count_params, create_model
+from cvt.models import CvT, count_params, create_model
 from cvt.models.cvt import stage_grids
 
 
@@ -63,23 +63,34 @@ def _grid_text(grids: Sequence[tuple[int, int]]) -> str:
     return "/".join(f"{h}x{w}" for h, w in grids)
 
 
+FAMILY_ORDER: list[str] = list(FAMILIES)  # the paper's order
+ModelKey = tuple[tuple[Any, ...], ...]  # StageSpec.identity() of every stage: equal keys, the same model
+
+
+def model_key(model: CvT) -> ModelKey:
+    """What decides the model a variant builds: its stages' :meth:`~cvt.models.StageSpec.identity`
+    (``kv_stride``'s variants under ``method=linear`` build one model)."""
+    return tuple(spec.identity() for spec in model.stage_specs)
+
+
 def _measure(
     base: str,
     families: Sequence[str] | None,
     img_size: int | tuple[int, int] | None,
     num_classes: int | None,
     model_args: Mapping[str, Any] | None,
-) -> list[tuple[Variant, AblationRow, tuple[StageSpec, ...]]]:
-    """Each variant with its row and its model's stages (equal stages: the same model)."""
+) -> list[tuple[Variant, AblationRow, ModelKey]]:
+    """Each variant with its row and its model's :func:`model_key` (equal keys: the same model)."""
     with torch.device("meta"):  # the families start from the base with model_args, at img_size
         base_model = build_variant(base, Variant("base", "base"), num_classes, img_size, model_args)
     variants = ablation_variants(base_model.stage_specs, families)
     base_grids = stage_grids(base_model.stage_specs, base_model.img_size)
-    measured: dict[tuple[StageSpec, ...], tuple[int, float]] = {}
+    measured: dict[ModelKey, tuple[int, float]] = {}
     out = []
     for variant in variants:
         with torch.device("meta"):  # shapes only: counting needs no weights
             model = build_variant(base, variant, num_classes, img_size, model_args).eval()
+        key = model_key(model)
         grids = stage_grids(model.stage_specs, model.img_size)
         if grids != base_grids:
             warnings.warn(
@@ -89,17 +100,10 @@ def _measure(
                 f"stride): its size, cost and accuracy are not those of the base's grids",
                 stacklevel=2,
             )
-        if model.stage_specs not in measured:
-            gmacs = count_gmacs(model, model.img_size, model.in_chans)
-            measured[model.stage_specs] = (count_params(model), gmacs)
-        params, gmacs = measured[model.stage_specs]
-        out.append(
-            (
-                variant,
-                AblationRow(variant.family, variant.name, params, gmacs, variant.paper),
-                model.stage_specs,
-            )
-        )
+        if key not in measured:
+            measured[key] = (count_params(model), count_gmacs(model, model.img_size, model.in_chans))
+        params, gmacs = measured[key]
+        out.append((variant, AblationRow(variant.family, variant.name, params, gmacs, variant.paper), key))
     return out
 
 
@@ -136,21 +140,24 @@ def run_ablation(
     ``train_fn`` builds ``base`` with ``model_args`` and the variant's overrides and holds the rest
     of the budget (data, epochs, seed), so every variant gets the same one; for a variant whose
     training diverged it returns ``{"diverged_step", "train_seconds"}`` (a row without top-1). Only
-    the first variant of each distinct model is trained; ``before_training`` gets those variants before
-    the first trains (it may refuse them), ``on_row`` each row once its variant is trained.
+    one variant of each distinct model is trained: the first of its chosen variants in the paper's
+    family order (so families given in another order keep each model's run folder, and ``--resume
+    auto`` finds it); ``before_training`` gets those variants before the first trains (it may refuse
+    them), ``on_row`` each row once its variant is trained.
     """
     measured = _measure(base, families, img_size, num_classes, model_args)
-    first: dict[tuple[StageSpec, ...], Variant] = {}
-    for variant, _, specs in measured:
-        first.setdefault(specs, variant)
+    first: dict[ModelKey, Variant] = {}
+    for variant, _, key in sorted(measured, key=lambda m: FAMILY_ORDER.index(m[0].family)):  # stable
+        first.setdefault(key, variant)
+    training = {key: first[key] for _, _, key in measured}  # chosen models, in the chosen order
     if before_training is not None:
-        before_training(list(first.values()))
-    results: dict[tuple[StageSpec, ...], dict[str, float]] = {}
+        before_training(list(training.values()))
+    results: dict[ModelKey, dict[str, float]] = {}
     trained = []
-    for _, row, specs in measured:
-        if specs not in results:  # the same model in another family: reuse its result
-            results[specs] = train_fn(first[specs])
-        result = results[specs]
+    for _, row, key in measured:
+        if key not in results:  # the same model in another family: reuse its result
+            results[key] = train_fn(training[key])
+        result = results[key]
         if "diverged_step" in result:
             row = replace(
                 row, diverged_step=int(result["diverged_step"]), train_seconds=float(result["train_seconds"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from cvt.cli.common import print_json
 from cvt.cli.train import add_train_arguments, flags_from_args
@@ -62,6 +63,13 @@ def check_ablate_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} does not apply to cvt ablate: {why}")
     if args.json and not args.dry_run:
         raise UsageError("--json needs --dry-run (a training run writes ablation.csv and ablation.md)")
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if not args.dry_run and world_size != "1":  # every rank took the folder's lock and refused the others
+        raise UsageError(
+            f"cvt ablate trains its variants one after another in one process, not under torchrun "
+            f"(WORLD_SIZE={world_size}): run it without torchrun, or train each variant of "
+            f"`cvt ablate --dry-run` with `torchrun ... -m cvt train --model-args ...`"
+        )
     if vars(args).get("resume", "auto") != "auto":
         raise UsageError(
             f"cvt ablate --resume takes auto only (got {args.resume!r}): each variant continues from the "

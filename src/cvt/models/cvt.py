@@ -96,6 +96,15 @@ class StageSpec:
                 f"{self.kernel_qkv}"
             )
 
+    def identity(self) -> tuple[Any, ...]:
+        """The field values that decide the stage this spec builds: equal for specs that build the same
+        stage. A ``linear`` projection has no conv, so its kernel, strides and paddings play no part."""
+        unused = _CONV_PROJECTION_FIELDS if self.method == "linear" else ()
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in unused)
+
+
+_CONV_PROJECTION_FIELDS = ("kernel_qkv", "stride_q", "padding_q", "stride_kv", "padding_kv")
+
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StageSpec))
 REQUIRED_STAGE_FIELDS: tuple[str, ...] = tuple(
