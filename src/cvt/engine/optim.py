@@ -51,6 +51,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     Linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then cosine to ``min_lr``, a decay by
     ``decay_rate`` every ``decay_epochs`` (step) or at ``decay_milestones`` (multistep), or constant.
     The lr is a function of the step count only, so a resumed run sets it from the step it restores.
+    As in timm (and the official recipes trained with it), the cosine is counted from step 0, not
+    from the warm-up's end, so the first step after the warm-up runs below ``lr`` (0.85 of it after 1
+    warm-up epoch of 4, 0.999 after 5 of 300); ``multistep`` decays on the last step of a milestone
+    epoch, ``step`` on the first step after it.
     """
     from timm.scheduler import create_scheduler_v2
 
