@@ -303,6 +303,17 @@ def test_export_refuses_what_transformers_cannot_express(
     assert not (tmp_path / "export").exists()
 
 
+def test_export_without_a_cls_token_warns_that_transformers_cannot_classify_with_it(tmp_path: Path) -> None:
+    model = create_model("cvt_tiny", act="gelu", cls_token=(False, False, False), depth=(1, 2, 3)).eval()
+    with pytest.warns(UserWarning, match="no cls token: transformers' CvtForImageClassification cannot"):
+        out = export_hf(model, tmp_path / "export")
+    hf = CvtForImageClassification.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # transformers' CvtModel with its head applied by hand, and this package
+        torch.testing.assert_close(_hf_logits(hf, x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(load_model(out)(x), model(x), rtol=0, atol=0)
+
+
 def test_export_refuses_a_model_whose_final_norm_was_pruned(tmp_path: Path) -> None:
     """transformers initialised a fresh LayerNorm in its place (logits off by ~0.5), and this package
     refused its own export for two missing keys."""

@@ -282,6 +282,14 @@ def hf_config_from_model(model: CvT) -> dict[str, Any]:
         problems.append(f"global_pool is {model.global_pool!r} (transformers pools the cls token if any)")
     if problems:
         raise CheckpointError("cannot export to the Hugging Face layout: " + "; ".join(problems))
+    if not specs[last].cls_token:
+        warnings.warn(
+            "the model has no cls token: transformers' CvtForImageClassification cannot classify with it "
+            "(its forward fails with an IndexError); its CvtModel runs the folder, and this package "
+            "reads it back whole",
+            UserWarning,
+            stacklevel=3,
+        )
     if model.act != "gelu":
         warnings.warn(
             f"the model uses {model.act}; transformers' CvtForImageClassification always runs GELU, so "
