@@ -58,6 +58,8 @@ def test_info_table_has_every_variant(capsys: pytest.CaptureFixture[str]) -> Non
     [
         (["info", "cvt_14"], 2, "unknown model 'cvt_14'; did you mean"),
         (["info", "cvt_13", "--img-size", "2"], 1, "minimum size is 3x3"),
+        (["list", "cvt_99*"], 2, "no model variant matches 'cvt_99*'"),  # it printed nothing, exit 0
+        (["list", "--pretrained", "cvt_tiny*"], 2, "no model variant matches 'cvt_tiny*'"),
     ],
 )
 def test_errors_are_one_line(argv: list[str], code: int, message: str, capsys) -> None:

@@ -25,9 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     """``cvt list``: print the variant names; the exit status."""
+    from cvt.errors import UsageError
     from cvt.models import list_models
 
-    for name in list_models(args.pattern, pretrained=args.pretrained):
+    names = list_models(args.pattern, pretrained=args.pretrained)
+    if not names:  # a typo printed nothing and exited 0
+        raise UsageError(f"no model variant matches {args.pattern!r}; `cvt list` shows them all")
+    for name in names:
         print(name)
     return 0
 
