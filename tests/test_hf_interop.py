@@ -456,7 +456,8 @@ def test_cli_convert_hf_to_cvt_and_back(tmp_path: Path, capsys: pytest.CaptureFi
         warnings.simplefilter("error")  # gelu: nothing to warn about
         assert main(["convert", str(folder), "--output", str(native), "--act", "gelu"]) == 0
         assert main(["convert", str(native), "--output", str(tmp_path / "again"), "--to", "hf"]) == 0
-    assert capsys.readouterr().err == ""
+    out, err = capsys.readouterr()
+    assert err == "" and f"wrote {native}: a 3-stage CvT (" in out  # a folder names no variant ("model")
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         expected = hf(pixel_values=x).logits

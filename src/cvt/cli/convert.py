@@ -46,7 +46,9 @@ def run_convert(args: argparse.Namespace) -> int:
         out = export_hf(model, args.output, overwrite=args.overwrite)
     else:
         out = save_checkpoint(model, args.output, overwrite=args.overwrite)
-    name = model.pretrained_cfg.get("architecture") or "model"
+    # a transformers folder names no variant: its stages' widths then say what it is
+    widths = "/".join(str(spec.embed_dim) for spec in model.stage_specs)
+    name = model.pretrained_cfg.get("architecture") or f"a {len(model.stage_specs)}-stage CvT ({widths} wide)"
     print(
         f"wrote {out}: {name}, {count_params(model):,} parameters, {model.num_classes} classes, {model.act}"
     )
