@@ -544,13 +544,14 @@ def test_attention_kernels_takes_cvt13s_shapes_at_any_size_and_times_each_kernel
 def test_interleaved_medians_warm_up_then_time_one_call_of_each_in_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Each round starts one function further on, so no function always runs after the same one."""
     calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    durations = iter([0.5, 2.0, 0.1, 3.0, 0.3, 1.0])  # a, b, a, b, a, b
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    durations = iter([0.5, 2.0, 4.0, 3.0, 5.0, 0.1, 6.0, 0.3, 1.0])  # a b c, b c a, c a b
     monkeypatch.setattr(benchmark.timing, "timed_run", lambda fn, repeats, device: (fn(), next(durations))[1])
     seconds = benchmark.timing.interleaved_medians(fns, runs=3, warmup=2)
-    assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
-    assert seconds == {"a": 0.3, "b": 2.0}
+    assert calls == ["a", "a", "b", "b", "c", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert seconds == {"a": 0.3, "b": 2.0, "c": 5.0}  # a: 0.5 0.1 0.3, b: 2.0 3.0 1.0, c: 4.0 5.0 6.0
 
 
 def test_cpuinfo_field_reads_the_first_value_of_a_field(tmp_path: Path) -> None:
@@ -791,7 +792,7 @@ def test_timed_steps_are_the_warm_up_then_the_runs(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(benchmark.timing, "make_step", make_step)
     cfg = BenchConfig(model="cvt_tiny", batch_size=1, warmup=3, runs=2)
     times, peaks = benchmark.time_subjects(cfg, subjects, num_classes=10)
-    assert calls == ["cvt"] * 3 + ["official"] * 3 + ["cvt", "official"] * 2
+    assert calls == ["cvt"] * 3 + ["official"] * 3 + ["cvt", "official", "official", "cvt"]  # rounds rotate
     assert {name: len(t) for name, t in times.items()} == {"cvt": 2, "official": 2} and peaks == {}
 
 

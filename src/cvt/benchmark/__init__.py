@@ -4,8 +4,9 @@ One *subject* is a model to time: ``cvt`` (this package), ``hf`` (transformers'
 ``CvtForImageClassification`` built from the same configuration and loaded with the same weights) or
 ``official`` (``benchmarks/official_reference.py``: the official algorithm re-implemented, checked to
 give this package's logits). All subjects of one call run in the same process with the same input,
-and their timed runs are interleaved (one run of each in turn), so background load on a shared
-machine hits all of them alike.
+and their timed runs are interleaved (one run of each in turn, each round starting one subject
+further on since 2026-11-29), so background load on a shared machine, and what a run inherits from
+the run before it, hit all of them alike.
 
 - ``infer``: a forward pass under ``torch.inference_mode`` in eval mode;
 - ``train``: forward, cross-entropy, backward and an SGD (momentum 0.9) step in train mode.
@@ -110,7 +111,7 @@ def run_benchmark(
     results = []
     for name in names:
         rates = [cfg.batch_size / t for t in times[name]]
-        median = statistics.median(rates)
+        median = cfg.batch_size / statistics.median(times[name])  # = the median rate for odd runs
         if not cfg.measure_memory:
             memory = None
         elif cfg.device.startswith("cuda"):

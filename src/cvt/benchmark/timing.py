@@ -127,16 +127,20 @@ def interleaved_times(
 ) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns`` in each of ``runs`` rounds that time one run of each in turn
     (so background load hits them alike), after ``warmup`` untimed calls of each; a run holds as many
-    calls as :func:`repeats_per_run` asks (one on CPU)."""
+    calls as :func:`repeats_per_run` asks (one on CPU). Round ``r`` starts at the ``r``-th function and
+    goes round (a, b, c; b, c, a; …): what a call inherits from the one before it (the allocator's
+    free memory, the caches) falls on each function alike, not always on the same one."""
     repeats = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
         repeats[name] = repeats_per_run(fn, device)
-    seconds: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            seconds[name].append(timed_run(fn, repeats[name], device))
+    names = list(fns)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        start = r % len(names) if names else 0
+        for name in names[start:] + names[:start]:
+            seconds[name].append(timed_run(fns[name], repeats[name], device))
     return seconds
 
 
