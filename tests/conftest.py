@@ -36,6 +36,13 @@ def fake_result() -> Callable[[str, list[float]], object]:
     return make
 
 
+@pytest.fixture
+def reduced_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_image`` with a ``min_side`` reduces images of any size (normally only those over 4096²
+    pixels), so that tests check the reduced decode on small files."""
+    monkeypatch.setattr("cvt.data.images._FULL_DECODE_MAX_PIXELS", 0)
+
+
 # dims of a CvT of a few thousand parameters, for variants that would otherwise be full size
 MICRO_MODEL_ARGS = {"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 1, 2]}
 

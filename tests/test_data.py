@@ -488,7 +488,7 @@ def test_load_image_applies_exif_orientation(tmp_path):
     assert img.getpixel((0, 0))[0] < 60 and img.getpixel((0, 3))[0] > 200
 
 
-def test_load_image_draft_decodes_large_jpeg_small(tmp_path):
+def test_load_image_draft_decodes_large_jpeg_small(tmp_path, reduced_decode):
     path = _save(tmp_path / "big.jpg", Image.new("L", (2400, 1600), 128))
     img = load_image(path, min_side=200)
     # JPEG DCT scaling 1/4, the shorter side staying >= 2 * 200: never the full 2400x1600 in RGB
@@ -516,7 +516,7 @@ def test_load_image_reads_a_float_image_as_0_to_1(tmp_path):
     assert img.getpixel((1, 1)) == (128, 128, 128) and img.getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_load_image_drafts_a_jpeg_by_its_shorter_side(tmp_path, monkeypatch):
+def test_load_image_drafts_a_jpeg_by_its_shorter_side(tmp_path, monkeypatch, reduced_decode):
     """The DCT scale keeps the shorter side at >= 2 * min_side (a panorama at 1/2, not 1/8), and the
     decoder is asked for the image's own aspect (a square request decodes a landscape at twice the size)."""
     from PIL import JpegImagePlugin
@@ -536,12 +536,13 @@ def test_load_image_drafts_a_jpeg_by_its_shorter_side(tmp_path, monkeypatch):
     assert load_image(panorama, min_side=200).size == (1600, 400)
 
 
-@pytest.mark.parametrize(("side", "decoded"), [(4095, 455), (4097, 513)])
+@pytest.mark.parametrize(("side", "decoded"), [(4095, 4095), (4097, 513)])
 def test_load_image_decodes_an_indivisible_jpeg_in_full_up_to_4096_squared_then_at_an_eighth(
     tmp_path, side, decoded
 ):
-    """No DCT scale divides an odd side: up to 4096×4096 pixels the JPEG is decoded in full and box-reduced
-    (4095 = 9 × 455), above it at the largest scale anyway (1/8: ceil(4097 / 8) = 513) to spare memory."""
+    """Up to 4096×4096 pixels an image is decoded in full, as the evaluation data sets decode it; above,
+    a JPEG no DCT scale divides is scaled at the largest anyway (1/8: ceil(4097 / 8) = 513) to spare
+    memory."""
     path = _save(tmp_path / "odd.jpg", Image.new("L", (side, side), 90))
     img = load_image(path, min_side=200)
     assert img.size == (decoded, decoded) and img.getpixel((7, 7)) == (90, 90, 90)

@@ -292,12 +292,28 @@ def test_predict_folder_follows_linked_folders_and_skips_hidden_files(tmp_path, 
     assert images == [str(loop / "dogs" / "a.png"), str(loop / "dogs" / "b.png"), str(loop / "own.png")]
 
 
+@pytest.mark.parametrize(("fmt", "size"), [("jpeg", (1602, 1200)), ("png", (1400, 1100))])
+def test_predict_input_of_a_photo_equals_the_evaluation_input(tmp_path, micro_cvt13, fmt, size) -> None:
+    """Below 4096² pixels `cvt predict` decodes in full, as `cvt eval`'s data sets do: a reduced decode
+    moved these images' inputs by up to 0.09 (normalized) and CvT-13's logits by ~3 % of their spread."""
+    from cvt.data import build_transform, load_image
+    from cvt.data.transforms import resolve_data_config
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    path = tmp_path / f"photo.{fmt}"
+    Image.fromarray(pixels).resize(size, Image.BICUBIC).save(path)  # smooth, like a photo
+    data_cfg = resolve_data_config(micro_cvt13)
+    evaluated = build_transform(data_cfg, train=False)(load_image(path)).unsqueeze(0)
+    assert torch.equal(load_input(path, data_cfg), evaluated)
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])  # box reduce; JPEG draft (DCT scaling), then box reduce
 @pytest.mark.parametrize("crop_pct", [0.875, 1.0])
 @pytest.mark.parametrize("input_hw", [(64, 48), (48, 64)])
 @pytest.mark.parametrize("image_wh", [(1500, 1000), (1000, 1500)])  # landscape, portrait
 def test_load_input_never_decodes_below_what_the_resize_needs(
-    tmp_path, monkeypatch, fmt, crop_pct, input_hw, image_wh
+    tmp_path, monkeypatch, fmt, crop_pct, input_hw, image_wh, reduced_decode
 ):
     from cvt.data import build_transform, load_image
     from cvt.data import transforms as transforms_module
@@ -661,7 +677,7 @@ def test_predict_model_source_errors_name_the_model_and_the_way_out(tmp_path, mo
 
 
 @pytest.mark.parametrize("min_side", [None, 25])  # full decode; reduced 4x (I;16 cannot be box-reduced)
-def test_load_image_keeps_the_top_8_bits_of_a_16_bit_grayscale_png(tmp_path, min_side):
+def test_load_image_keeps_the_top_8_bits_of_a_16_bit_grayscale_png(tmp_path, min_side, reduced_decode):
     """40000 of 65535 is 156 of 255: PIL's own conversion clips at 255 (a white image)."""
     from cvt.data import load_image
 
@@ -703,7 +719,7 @@ def test_predict_names_the_outputs_of_a_head_wider_than_imagenet_by_index(tmp_pa
     assert [p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]] == ["1000", "0"]
 
 
-def test_load_image_reduces_by_2_when_only_2_keeps_twice_the_size(tmp_path):
+def test_load_image_reduces_by_2_when_only_2_keeps_twice_the_size(tmp_path, reduced_decode):
     """300x292 for a shorter side of 73: halved (150x146 still holds 2 x 73), not decoded in full."""
     from cvt.data import load_image
 
@@ -711,7 +727,9 @@ def test_load_image_reduces_by_2_when_only_2_keeps_twice_the_size(tmp_path):
     assert load_image(tmp_path / "a.png", min_side=73).size == (150, 146)
 
 
-def test_load_image_decodes_a_jpeg_at_the_smallest_dct_scale_that_keeps_twice_the_size(tmp_path, monkeypatch):
+def test_load_image_decodes_a_jpeg_at_the_smallest_dct_scale_that_keeps_twice_the_size(
+    tmp_path, monkeypatch, reduced_decode
+):
     """2048x2048 for a shorter side of 64: the decoder is asked for 1/8 (256x256), the least memory."""
     from PIL import JpegImagePlugin
 

@@ -29,8 +29,10 @@ _AVERAGEABLE_MODES = ("L", "RGB", "CMYK", "I", "F")
 _REDUCING_GAP = 2
 # the DCT scales a JPEG decoder offers
 _JPEG_SCALES = (8, 4, 2)
-# a JPEG whose sides no allowed DCT scale divides is decoded in full up to this size (48 MB as RGB);
-# a larger one is scaled anyway, its last row and column of pixels covering part of a block
+# images up to this size (48 MB as RGB) are decoded in full even with a min_side, as the evaluation's
+# data sets decode them, so `cvt predict` gives their logits exactly (a reduced decode moved a 12 MP
+# photo's logits by ~3 % of their spread); a larger one is reduced, and a JPEG whose sides no DCT
+# scale divides is scaled anyway, its last row and column of pixels covering part of a block
 _FULL_DECODE_MAX_PIXELS = 4096 * 4096
 
 
@@ -62,13 +64,14 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Read an image file as an upright 8-bit RGB PIL image.
 
     Applies the EXIF orientation, converts grayscale / RGBA / palette / CMYK / 16-bit images to RGB.
-    With ``min_side``, a large image is decoded at reduced size (JPEG ``draft``: DCT scaling, so a
-    10,000×10,000 JPEG never exists in memory at full size) and box-reduced by an integer factor,
-    its shorter side staying at least twice ``min_side``. The factors divide both sides, so the
-    reduced image has the exact aspect ratio and pixel grid of the original and the caller's resize
-    gives from it nearly what it gives from the full image. A JPEG whose sides no DCT scale divides is
-    decoded in full, unless it has over 4096×4096 pixels: memory first, the geometry is then off by
-    a fraction of a pixel (its last row and column cover part of a block).
+    With ``min_side``, an image of over 4096×4096 pixels is decoded at reduced size (JPEG ``draft``:
+    DCT scaling, so a 10,000×10,000 JPEG never exists in memory at full size) and box-reduced by an
+    integer factor, its shorter side staying at least twice ``min_side``; smaller ones are decoded in
+    full, exactly as without it. The factors divide both sides, so the reduced image has the exact
+    aspect ratio and pixel grid of the original and the caller's resize gives from it nearly what it
+    gives from the full image; a JPEG whose sides no DCT scale divides is scaled anyway (memory first:
+    the geometry is then off by a fraction of a pixel, its last row and column covering part of a
+    block).
     Raises :class:`~cvt.errors.DataError` naming the file when it is missing, empty, not an image,
     truncated or corrupt.
     """
@@ -77,16 +80,15 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         if path.stat().st_size == 0:
             raise DataError(f"cannot read image {path}: the file is empty (0 bytes)")
         with Image.open(path) as img:
-            if min_side and img.format == "JPEG":
+            reduces = bool(min_side) and img.size[0] * img.size[1] > _FULL_DECODE_MAX_PIXELS
+            if reduces and img.format == "JPEG":
                 scales = [s for s in _JPEG_SCALES if s * _REDUCING_GAP * min_side <= min(img.size)]
-                chosen = [s for s in scales if _divides(s, img.size)]
-                if not chosen and img.size[0] * img.size[1] > _FULL_DECODE_MAX_PIXELS:
-                    chosen = scales[:1]  # memory first
+                chosen = [s for s in scales if _divides(s, img.size)] or scales[:1]  # memory first
                 if chosen:  # draft picks the largest scale keeping both sides >= the size asked
                     img.draft("RGB", (img.size[0] // chosen[0], img.size[1] // chosen[0]))
             img.load()  # decode now so a truncated or corrupt file fails here, naming the path
             img = ImageOps.exif_transpose(img)
-            most = min(img.size) // (_REDUCING_GAP * min_side) if min_side else 1
+            most = min(img.size) // (_REDUCING_GAP * min_side) if reduces else 1
             factor = next((f for f in range(most, 1, -1) if _divides(f, img.size)), 1)
             if factor >= 2:
                 if img.mode not in _AVERAGEABLE_MODES:
