@@ -107,7 +107,8 @@ def report_error(command: str, err: Exception) -> int:
         print(f"cvt {command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     if is_out_of_memory(err):  # the input, not the code: an image size or batch this machine cannot hold
-        detail = f" ({one_line(err)})" if one_line(err) else ""  # a bare MemoryError says nothing
+        line = one_line(err)
+        detail = f" ({line})" if line else ""  # a bare MemoryError says nothing
         message = f"out of memory{detail}: use a smaller image size or batch"
         print(f"cvt {command}: error: {message}", file=sys.stderr)
         return 1

@@ -817,22 +817,22 @@ def _end_epoch(run: _Run, epoch: int, epoch_start: float, interrupt: _InterruptF
     if is_best:
         progress.update(best_top1=result.top1, best_epoch=epoch + 1)
     if env.is_main:
-        _record_epoch(run, row, is_best)
+        _record_epoch(run, row, is_best, result.topk)
     if any_rank(env, interrupt.raised):  # arrived during validation or the saves: stop now
         raise run.stopped(interrupt, f"at the end of epoch {epoch + 1}")
     interrupt.phase = "step"
 
 
-def _record_epoch(run: _Run, row: dict[str, float], is_best: bool) -> None:
+def _record_epoch(run: _Run, row: dict[str, float], is_best: bool, topk: int) -> None:
     """Rank 0's end of an epoch (``row`` of the history): ``best.pt`` when ``is_best``, ``last.pt``,
-    metrics.csv, the curves, TensorBoard scalars and a line of output."""
+    metrics.csv, the curves, TensorBoard scalars and a line of output; ``topk``: the k of the row's
+    ``top5`` (the evaluation's, min(5, classes))."""
     run_dir, progress = run.cfg.run_dir, run.progress
     if is_best:
         run.save("best.pt")
     run.save("last.pt")
     write_metrics(run_dir, progress["history"])
-    topk = min(5, run.num_classes)  # the "top5" column: top-k with k = min(5, classes)
-    plot_curves(run_dir, progress["history"], topk=topk)
+    plot_curves(run_dir, progress["history"], topk=topk)  # the "top5" column's k: min(5, classes)
     run.tb.log({f"train/{k}" if k in ("train_loss", "lr") else f"val/{k}": v
                 for k, v in row.items() if k not in ("epoch", "time")}, progress["step"])  # fmt: skip
     print(
