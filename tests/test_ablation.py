@@ -664,6 +664,59 @@ def test_resume_auto_keeps_finished_variants_and_writes_the_report_again(
     assert trained == [str(second)]
 
 
+def test_a_resumed_run_with_fewer_families_continues_a_shared_models_run(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A run of pos_embed and kv_stride trained the baseline in ``pos_embed-none``; resumed with
+    kv_stride alone, its stride 2 (the baseline) keeps that run instead of training it again in a
+    folder of its own, and its row says whose run it is; without --resume the folder is its own."""
+    trained: list[str] = []
+    monkeypatch.setattr(
+        "cvt.ablation.training.train_variant",
+        lambda cfg: trained.append(Path(cfg.output).name) or {"top1": 90.0, "train_seconds": 1.0},
+    )
+    out = tmp_path / "ablation"
+    baseline = out / "pos_embed-none"
+    baseline.mkdir(parents=True)
+    (baseline / "config.yaml").write_text("model: cvt_tiny\n")
+    (baseline / "summary.json").write_text(json.dumps({"final_top1": 77.0, "train_seconds": 5.0}))
+    budget = replace(ABLATION_DEFAULTS, output=str(out), resume="auto")
+    rows, _ = train_ablation(budget, ["kv_stride"], verbose=True)
+    assert trained == ["kv_stride-stride_1"]
+    assert [(r.variant, r.top1, r.trained_as) for r in rows] == [
+        ("stride 1", 90.0, None),
+        ("stride 2", 77.0, "pos_embed / none"),
+    ]
+    assert not (out / "kv_stride-stride_2").exists()
+    assert "ablation kv_stride / stride 2: top-1 77.00% in 5 s (the same model as pos_embed / none" in (
+        capsys.readouterr().out
+    )
+    with open(out / "ablation.csv") as f:
+        assert [r["trained_as"] for r in csv.DictReader(f)] == ["", "pos_embed / none"]
+
+    fresh = replace(budget, output=str(tmp_path / "fresh"), resume=None)
+    rows, _ = train_ablation(fresh, ["kv_stride"], verbose=False)  # nothing to continue: its own folders
+    assert trained[1:] == ["kv_stride-stride_1", "kv_stride-stride_2"]
+    assert [r.trained_as for r in rows] == [None, None]
+
+
+def test_only_a_variant_of_the_same_model_continues_in_its_stead() -> None:
+    """``continues`` redirects a model only to a variant that builds that model: an unrelated
+    variant's run (pos_embed / first stage) is not taken for kv_stride's baseline."""
+    names: list[str] = []
+
+    def fake_train(variant: Variant) -> dict[str, float]:
+        names.append(f"{variant.family}/{variant.name}")
+        return {"top1": 50.0, "train_seconds": 1.0}
+
+    def continues(variant: Variant) -> bool:
+        return (variant.family, variant.name) in {("pos_embed", "first stage"), ("conv_proj", "all stages")}
+
+    rows = run_ablation("cvt_tiny", ["kv_stride"], fake_train, 10, continues=continues)
+    assert names == ["kv_stride/stride 1", "conv_proj/all stages"]
+    assert [r.trained_as for r in rows] == [None, "conv_proj / all stages"]
+
+
 def test_a_variants_overrides_win_over_the_budgets_model_args(tmp_path) -> None:
     """``--model-args method=avg``: the proj_method variant dw_bn still trains dw_bn (as it is measured)."""
     budget = replace(ABLATION_DEFAULTS, model_args={"method": "avg", "drop_path_rate": 0.0})

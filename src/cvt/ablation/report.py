@@ -14,7 +14,7 @@ from cvt.tables import format_table
 
 CSV_COLUMNS: tuple[str, ...] = (
     "family", "variant", "params", "gmacs", "top1", "train_seconds", "paper_params_m", "paper_gflops",
-    "paper_top1", "diverged_step",
+    "paper_top1", "diverged_step", "trained_as",
 )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ import torch
 
 from cvt.ablation.variants import FAMILIES, PaperFigures, Variant, ablation_variants
 from cvt.complexity import count_gmacs
+from cvt.errors import UsageError
 from cvt.models import CvT, count_params, create_model
 from cvt.models.cvt import stage_grids
 
@@ -37,6 +38,7 @@ class AblationRow:
     top1: float | None = None  # validation top-1 accuracy, %; None when not trained or diverged
     train_seconds: float | None = None
     diverged_step: int | None = None  # the step whose loss was NaN/Inf when its training diverged
+    trained_as: str | None = None  # "family / variant" whose run trained this model, when another's
 
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON/CSV-ready dict; the paper's figures become ``paper_params_m``, ``paper_gflops``…"""
@@ -107,6 +109,26 @@ def _measure(
     return out
 
 
+def _variants_by_model(
+    base: str,
+    img_size: int | tuple[int, int] | None,
+    num_classes: int | None,
+    model_args: Mapping[str, Any] | None,
+) -> dict[ModelKey, list[Variant]]:
+    """Each distinct model of every family, chosen or not, with the variants that build it in the
+    paper's family order: where an earlier run with other families may have trained it."""
+    by_model: dict[ModelKey, list[Variant]] = {}
+    with torch.device("meta"):  # keys only: no weights
+        base_model = build_variant(base, Variant("base", "base"), num_classes, img_size, model_args)
+        for variant in ablation_variants(base_model.stage_specs, FAMILY_ORDER):
+            try:
+                model = build_variant(base, variant, num_classes, img_size, model_args)
+            except UsageError:  # a variant these model_args rule out: refused if chosen (_measure)
+                continue
+            by_model.setdefault(model_key(model), []).append(variant)
+    return by_model
+
+
 def dry_run(
     base: str = "cvt_tiny",
     families: Sequence[str] | None = None,
@@ -134,6 +156,7 @@ def run_ablation(
     on_row: Callable[[AblationRow], None] | None = None,
     model_args: Mapping[str, Any] | None = None,
     before_training: Callable[[list[Variant]], None] | None = None,
+    continues: Callable[[Variant], bool] | None = None,
 ) -> list[AblationRow]:
     """Train every variant with ``train_fn(variant) -> {"top1", "train_seconds"}``; one row each.
 
@@ -141,23 +164,33 @@ def run_ablation(
     of the budget (data, epochs, seed), so every variant gets the same one; for a variant whose
     training diverged it returns ``{"diverged_step", "train_seconds"}`` (a row without top-1). Only
     one variant of each distinct model is trained: the first of its chosen variants in the paper's
-    family order (so families given in another order keep each model's run folder, and ``--resume
-    auto`` finds it); ``before_training`` gets those variants before the first trains (it may refuse
-    them), ``on_row`` each row once its variant is trained.
+    family order (so families given in another order keep each model's run folder), unless
+    ``continues`` (a resumed run: whether a variant's folder holds a run) names another variant of
+    that model, of any family, chosen or not, whose run then continues (a run resumed with fewer
+    families finds a shared model's run); ``before_training`` gets those variants before the first
+    trains (it may refuse them), ``on_row`` each row once its variant is trained; a row whose model
+    trained as another variant names it (``trained_as``).
     """
     measured = _measure(base, families, img_size, num_classes, model_args)
-    first: dict[ModelKey, Variant] = {}
+    trains_as: dict[ModelKey, Variant] = {}  # each model's first chosen variant in the paper's order
     for variant, _, key in sorted(measured, key=lambda m: FAMILY_ORDER.index(m[0].family)):  # stable
-        first.setdefault(key, variant)
-    training = {key: first[key] for _, _, key in measured}  # chosen models, in the chosen order
+        trains_as.setdefault(key, variant)
+    if continues is not None:  # an earlier run of the model, under another family's name, continues
+        every = _variants_by_model(base, img_size, num_classes, model_args)
+        for key, variant in trains_as.items():
+            if not continues(variant):
+                trains_as[key] = next((v for v in every[key] if continues(v)), variant)
+    training = {key: trains_as[key] for _, _, key in measured}  # in the chosen order
     if before_training is not None:
         before_training(list(training.values()))
     results: dict[ModelKey, dict[str, float]] = {}
     trained = []
-    for _, row, key in measured:
+    for variant, row, key in measured:
         if key not in results:  # the same model in another family: reuse its result
             results[key] = train_fn(training[key])
         result = results[key]
+        if training[key] != variant:
+            row = replace(row, trained_as=f"{training[key].family} / {training[key].name}")
         if "diverged_step" in result:
             row = replace(
                 row, diverged_step=int(result["diverged_step"]), train_seconds=float(result["train_seconds"])

@@ -231,7 +231,11 @@ def train_ablation(
         if not verbose:
             return
         result = f"top-1 {row.top1:.2f}%" if row.diverged_step is None else top1_text(row)
-        print(f"ablation {row.family} / {row.variant}: {result} in {row.train_seconds:.0f} s")
+        shared = "" if row.trained_as is None else f" (the same model as {row.trained_as}: one run)"
+        print(f"ablation {row.family} / {row.variant}: {result} in {row.train_seconds:.0f} s{shared}")
+
+    def holds_run(variant: Variant) -> bool:
+        return read_recorded_config(out_dir / variant_slug(variant)) is not None
 
     def check_dirs(variants: list[Variant]) -> None:
         configs = [variant_config(budget, v, out_dir / variant_slug(v)) for v in variants]
@@ -250,6 +254,8 @@ def train_ablation(
         on_row=announce,
         model_args=budget.model_args,
         before_training=check_dirs,
+        # resumed: a shared model's run may be in the folder of a family this run leaves out
+        continues=holds_run if budget.resume else None,
     )
     diverged = [f"{r.family} / {r.variant}" for r in rows if r.diverged_step is not None]
     if diverged:
