@@ -516,6 +516,32 @@ def test_load_image_reads_a_float_image_as_0_to_1(tmp_path):
     assert img.getpixel((1, 1)) == (128, 128, 128) and img.getpixel((0, 0)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        (np.full((8, 8), 70000, dtype=np.int32), "integer pixels range 70000..70000, outside the 0..65535"),
+        (np.full((8, 8), -3, dtype=np.int32), "integer pixels range -3..-3, outside the 0..65535"),
+        (
+            np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8),
+            "float pixels range 0..255, outside the 0..1",
+        ),
+        (np.array([[np.nan, 0.5]], dtype=np.float32), "float pixels range nan..nan, outside the 0..1"),
+    ],
+)
+def test_load_image_refuses_wide_pixels_outside_the_range_it_maps(tmp_path, values, fragment):
+    """A 32-bit integer image beyond 16 bits, a float image in 0..255 or with NaN: a DataError naming
+    the file (they were clipped to a white or black image without a word)."""
+    path = _save(tmp_path / "wide.tif", Image.fromarray(values))
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: its {fragment}")):
+        load_image(path)
+
+
+def test_load_image_clips_float_rounding_just_outside_0_to_1(tmp_path):
+    values = np.array([[-0.0005, 1.0005, 0.25]], dtype=np.float32)
+    img = load_image(_save(tmp_path / "float.tif", Image.fromarray(values, mode="F")))
+    assert [img.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (255, 255, 255), (64, 64, 64)]
+
+
 def test_load_image_drafts_a_jpeg_by_its_shorter_side(tmp_path, monkeypatch, reduced_decode):
     """The DCT scale keeps the shorter side at >= 2 * min_side (a panorama at 1/2, not 1/8), and the
     decoder is asked for the image's own aspect (a square request decodes a landscape at twice the size)."""
@@ -1295,17 +1321,17 @@ def test_sampler_cuts_the_epoch_to_whole_accumulation_windows():
     assert sampler.batches_per_epoch == 9 and len(sampler) == len(list(sampler)) == 18
 
 
-def test_load_image_scales_a_float_image_by_255_rounded_and_clipped(tmp_path):
-    """0.61 is 155.55 levels (156), 0.8 is 204; values past 1 are white, negative ones black."""
-    values = np.array([[0.61, 0.8], [1.5, -0.5]], dtype=np.float32)
+def test_load_image_scales_a_float_image_by_255_rounded(tmp_path):
+    """0.61 is 155.55 levels (156), 0.8 is 204 (values outside 0..1 are refused: the test above)."""
+    values = np.array([[0.61, 0.8], [1.0, 0.0]], dtype=np.float32)
     img = load_image(_save(tmp_path / "float.tif", Image.fromarray(values)))
     assert np.asarray(img).transpose(2, 0, 1).tolist() == [[[156, 204], [255, 0]]] * 3
 
 
-def test_load_image_keeps_the_top_8_bits_of_a_32_bit_integer_image_clipped_to_0_255(tmp_path):
+def test_load_image_keeps_the_top_8_bits_of_a_32_bit_integer_image(tmp_path):
     """A 32-bit integer TIFF (PIL mode I) holds 16-bit data, as a 16-bit PNG does: 25600 is 100 of 255
-    (PIL's own conversion clips it to 255); values past 16 bits are white, negative ones black."""
-    values = np.array([[0, 25600], [70000, -300]], dtype=np.int32)
+    (PIL's own conversion clips it to 255); values past 16 bits or negative are refused (above)."""
+    values = np.array([[0, 25600], [65535, 255]], dtype=np.int32)
     path = _save(tmp_path / "deep32.tif", Image.fromarray(values))
     assert Image.open(path).mode == "I"
     assert np.asarray(load_image(path)).transpose(2, 0, 1).tolist() == [[[0, 100], [255, 0]]] * 3

@@ -41,17 +41,39 @@ def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale keeps its top 8 bits (PIL would clip at 255)."""
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale keeps its top 8 bits (PIL would clip at 255).
+
+    Integer images wider than 8 bits must hold 0..65535 and float images 0..1: other values (a 32-bit
+    depth map, a float image in 0..255) are a :class:`~cvt.errors.DataError` naming ``path``, where
+    clipping them would turn the image black or white without a word.
+    """
     if img.mode in _WIDE_INT_MODES:
         # PIL's own I;16 → RGB conversion clips at 255, which turns most 16-bit images white
-        values = np.asarray(img)  # (H, W) uint16 or int32 holding 0..65535
-        img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
+        values = np.asarray(img)  # (H, W) uint16 or int32
+        _check_range(values, (0, 65535), "0..65535", "integer", path)
+        img = Image.fromarray((values >> 8).astype(np.uint8), mode="L")
     elif img.mode == "F":
-        values = np.asarray(img, dtype=np.float32)  # float images: assume 0..1
+        values = np.asarray(img, dtype=np.float32)  # (H, W)
+        _check_range(values, (-_FLOAT_SLACK, 1.0 + _FLOAT_SLACK), "0..1", "float", path)
         img = Image.fromarray(np.clip(values * 255.0, 0, 255).round().astype(np.uint8), mode="L")
     # RGBA/LA/P-with-transparency: alpha is dropped, as torchvision's default loader does
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+_FLOAT_SLACK = 1e-3  # float pixels this far outside 0..1 are rounding, clipped to it
+
+
+def _check_range(
+    values: np.ndarray, bounds: tuple[float, float], expected: str, kind: str, path: Path
+) -> None:
+    """Raise :class:`DataError` unless every pixel of ``values`` lies within ``bounds`` (NaN does not)."""
+    least, most = float(values.min()), float(values.max())  # NaN anywhere makes both NaN
+    if not (bounds[0] <= least and most <= bounds[1]):
+        raise DataError(
+            f"cannot read image {path}: its {kind} pixels range {least:g}..{most:g}, outside the "
+            f"{expected} this reader maps to 8 bits; save it as an 8-bit or 16-bit image"
+        )
 
 
 def _divides(factor: int, size: tuple[int, int]) -> bool:
@@ -92,9 +114,11 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
             factor = next((f for f in range(most, 1, -1) if _divides(f, img.size)), 1)
             if factor >= 2:
                 if img.mode not in _AVERAGEABLE_MODES:
-                    img = _to_rgb(img)  # alpha dropped first; palette indices, 1-bit pixels not averaged
+                    img = _to_rgb(
+                        img, path
+                    )  # alpha dropped first; palette indices, 1-bit pixels not averaged
                 img = img.reduce(factor)  # box filter, before the RGB copy: cheap and alias-free
-            return _to_rgb(img)
+            return _to_rgb(img, path)
     except DataError:
         raise
     except FileNotFoundError:
