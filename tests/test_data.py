@@ -525,15 +525,35 @@ def test_load_image_reads_a_float_image_as_0_to_1(tmp_path):
             np.linspace(0, 255, 64, dtype=np.float32).reshape(8, 8),
             "float pixels range 0..255, outside the 0..1",
         ),
-        (np.array([[np.nan, 0.5]], dtype=np.float32), "float pixels range nan..nan, outside the 0..1"),
     ],
 )
 def test_load_image_refuses_wide_pixels_outside_the_range_it_maps(tmp_path, values, fragment):
-    """A 32-bit integer image beyond 16 bits, a float image in 0..255 or with NaN: a DataError naming
-    the file (they were clipped to a white or black image without a word)."""
+    """A 32-bit integer image beyond 16 bits, a float image in 0..255: a DataError naming the file
+    (they were clipped into a white or black image without a word)."""
     path = _save(tmp_path / "wide.tif", Image.fromarray(values))
     with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: its {fragment}")):
         load_image(path)
+
+
+def test_load_image_refuses_nan_pixels(tmp_path):
+    path = _save(tmp_path / "nan.tif", Image.fromarray(np.array([[0.25, np.nan]], dtype=np.float32)))
+    with pytest.raises(DataError, match=re.escape(f"cannot read image {path}: it has NaN pixels")):
+        load_image(path)
+
+
+@pytest.mark.parametrize(
+    ("values", "mode"),
+    [(np.array([[1.02, 0.4], [0.4, 1.02]], dtype=np.float32), "F"), (np.array([[70000, 60000]] * 2), "I")],
+)
+def test_the_reduced_decode_checks_the_range_before_averaging(tmp_path, reduced_decode, values, mode):
+    """A large image is box-reduced before it becomes RGB: averaging a checkerboard of 1.02 and 0.4
+    gave 0.71, in range, and `cvt predict` read an image `cvt eval` refuses."""
+    tiles = np.tile(values, (32, 32)).astype(np.float32 if mode == "F" else np.int32)  # 64x64
+    path = _save(tmp_path / "wide.tif", Image.fromarray(tiles))
+    assert Image.open(path).mode == mode
+    for min_side in (None, 8):  # full decode, reduced 4x
+        with pytest.raises(DataError, match="pixels range"):
+            load_image(path, min_side=min_side)
 
 
 def test_load_image_clips_float_rounding_just_outside_0_to_1(tmp_path):

@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 # integer modes PIL uses for 16-bit (and 32-bit) grayscale PNG/TIFF files
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_FLOAT_SLACK = 1e-3  # float pixels this far outside 0..1 are rounding, clipped to it
 # modes whose pixel values Image.reduce may average: it refuses I;16, would average palette indices, and
 # premultiplies alpha (LA, RGBA), which blackens transparent pixels whose colour the RGB copy keeps
 _AVERAGEABLE_MODES = ("L", "RGB", "CMYK", "I", "F")
@@ -41,35 +42,36 @@ def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale keeps its top 8 bits (PIL would clip at 255).
-
-    Integer images wider than 8 bits must hold 0..65535 and float images 0..1: other values (a 32-bit
-    depth map, a float image in 0..255) are a :class:`~cvt.errors.DataError` naming ``path``, where
-    clipping them would turn the image black or white without a word.
-    """
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale keeps its top 8 bits (PIL would clip at 255),
+    float images are read as 0..1 (:func:`_check_pixel_range` has refused values outside)."""
     if img.mode in _WIDE_INT_MODES:
         # PIL's own I;16 → RGB conversion clips at 255, which turns most 16-bit images white
-        values = np.asarray(img)  # (H, W) uint16 or int32
-        _check_range(values, (0, 65535), "0..65535", "integer", path)
+        values = np.asarray(img)  # (H, W) uint16 or int32 holding 0..65535
         img = Image.fromarray((values >> 8).astype(np.uint8), mode="L")
     elif img.mode == "F":
-        values = np.asarray(img, dtype=np.float32)  # (H, W)
-        _check_range(values, (-_FLOAT_SLACK, 1.0 + _FLOAT_SLACK), "0..1", "float", path)
+        values = np.asarray(img, dtype=np.float32)  # (H, W), 0..1 up to rounding
         img = Image.fromarray(np.clip(values * 255.0, 0, 255).round().astype(np.uint8), mode="L")
     # RGBA/LA/P-with-transparency: alpha is dropped, as torchvision's default loader does
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-_FLOAT_SLACK = 1e-3  # float pixels this far outside 0..1 are rounding, clipped to it
-
-
-def _check_range(
-    values: np.ndarray, bounds: tuple[float, float], expected: str, kind: str, path: Path
-) -> None:
-    """Raise :class:`DataError` unless every pixel of ``values`` lies within ``bounds`` (NaN does not)."""
-    least, most = float(values.min()), float(values.max())  # NaN anywhere makes both NaN
-    if not (bounds[0] <= least and most <= bounds[1]):
+def _check_pixel_range(img: Image.Image, path: Path) -> None:
+    """Raise :class:`DataError` naming ``path`` for pixels :func:`_to_rgb` cannot map to 8 bits: a 32-bit
+    integer image (mode ``I``) outside 0..65535, a float one (``F``) outside 0..1 (beyond
+    :data:`_FLOAT_SLACK`) or with NaN. Clipping them would give a white or black image without a word
+    (a 32-bit depth map, floats in 0..255)."""
+    if img.mode == "I":
+        kind, expected, low, high = "integer", "0..65535", 0.0, 65535.0
+    elif img.mode == "F":
+        kind, expected, low, high = "float", "0..1", -_FLOAT_SLACK, 1.0 + _FLOAT_SLACK
+    else:
+        return  # 8-bit and 16-bit modes hold nothing else
+    values = np.asarray(img)  # (H, W) int32 or float32
+    if img.mode == "F" and np.isnan(values).any():
+        raise DataError(f"cannot read image {path}: it has NaN pixels; save it without them")
+    least, most = float(values.min()), float(values.max())
+    if least < low or most > high:
         raise DataError(
             f"cannot read image {path}: its {kind} pixels range {least:g}..{most:g}, outside the "
             f"{expected} this reader maps to 8 bits; save it as an 8-bit or 16-bit image"
@@ -110,15 +112,14 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
                     img.draft("RGB", (img.size[0] // chosen[0], img.size[1] // chosen[0]))
             img.load()  # decode now so a truncated or corrupt file fails here, naming the path
             img = ImageOps.exif_transpose(img)
+            _check_pixel_range(img, path)  # before the reduce, whose averages could bring it into range
             most = min(img.size) // (_REDUCING_GAP * min_side) if reduces else 1
             factor = next((f for f in range(most, 1, -1) if _divides(f, img.size)), 1)
             if factor >= 2:
                 if img.mode not in _AVERAGEABLE_MODES:
-                    img = _to_rgb(
-                        img, path
-                    )  # alpha dropped first; palette indices, 1-bit pixels not averaged
+                    img = _to_rgb(img)  # alpha dropped first; palette indices, 1-bit pixels not averaged
                 img = img.reduce(factor)  # box filter, before the RGB copy: cheap and alias-free
-            return _to_rgb(img, path)
+            return _to_rgb(img)
     except DataError:
         raise
     except FileNotFoundError:
