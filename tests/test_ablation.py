@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import cvt
 from cvt.ablation import (
@@ -700,21 +701,76 @@ def test_a_resumed_run_with_fewer_families_continues_a_shared_models_run(
     assert [r.trained_as for r in rows] == [None, None]
 
 
-def test_only_a_variant_of_the_same_model_continues_in_its_stead() -> None:
-    """``continues`` redirects a model only to a variant that builds that model: an unrelated
-    variant's run (pos_embed / first stage) is not taken for kv_stride's baseline."""
+def test_choose_run_is_offered_only_the_variants_of_the_same_model() -> None:
+    """``choose_run`` gets a model's first chosen variant and the other variants of every family that
+    build it, in the paper's order; what it returns is what trains, and the row names it."""
     names: list[str] = []
+    offered: dict[str, list[str]] = {}
 
     def fake_train(variant: Variant) -> dict[str, float]:
-        names.append(f"{variant.family}/{variant.name}")
+        names.append(variant.label)
         return {"top1": 50.0, "train_seconds": 1.0}
 
-    def continues(variant: Variant) -> bool:
-        return (variant.family, variant.name) in {("pos_embed", "first stage"), ("conv_proj", "all stages")}
+    def choose_run(first: Variant, others: list[Variant]) -> Variant:
+        offered[first.label] = [v.label for v in others]
+        return others[-1] if others else first
 
-    rows = run_ablation("cvt_tiny", ["kv_stride"], fake_train, 10, continues=continues)
-    assert names == ["kv_stride/stride 1", "conv_proj/all stages"]
-    assert [r.trained_as for r in rows] == [None, "conv_proj / all stages"]
+    rows = run_ablation("cvt_tiny", ["kv_stride"], fake_train, 10, choose_run=choose_run)
+    baseline = [
+        "pos_embed / none",
+        "token_embed / conv, no PE",
+        "conv_proj / all stages",
+        "proj_method / dw_bn",
+    ]
+    assert offered == {"kv_stride / stride 1": [], "kv_stride / stride 2": baseline}
+    assert names == ["kv_stride / stride 1", "proj_method / dw_bn"]
+    assert [r.trained_as for r in rows] == [None, "proj_method / dw_bn"]
+
+
+def _baseline_run(out: Path, epochs: int) -> None:
+    """A finished run of the baseline as pos_embed / none trained it in ``out``, as its config.yaml
+    records it (digits: 10 classes; cvt_tiny: 32 px)."""
+    variant = ablation_variants(_tiny_stages(), ["pos_embed"])[0]
+    folder = out / variant_slug(variant)
+    config = variant_config(replace(ABLATION_DEFAULTS, epochs=epochs), variant, folder)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump({**config.recorded(), "num_classes": 10, "img_size": 32})
+    )
+    (folder / "summary.json").write_text(json.dumps({"final_top1": 77.0, "train_seconds": 5.0}))
+
+
+def test_a_resumed_run_continues_another_familys_run_only_with_its_budget(tmp_path, monkeypatch) -> None:
+    """The baseline's run in ``pos_embed-none`` continues only if it was trained with this budget (a
+    1-epoch run is no row of a 3-epoch ablation: kv_stride's own folder trains), and only while the
+    model's own folder is empty (stray files there are refused, as without the other run)."""
+    trained: list[str] = []
+    monkeypatch.setattr(
+        "cvt.ablation.training.train_variant",
+        lambda cfg: trained.append(Path(cfg.output).name) or {"top1": 90.0, "train_seconds": 1.0},
+    )
+    budget = replace(ABLATION_DEFAULTS, resume="auto")
+    other = tmp_path / "other_budget"
+    _baseline_run(other, epochs=1)
+    rows, _ = train_ablation(replace(budget, output=str(other)), ["kv_stride"], verbose=False)
+    assert trained == ["kv_stride-stride_1", "kv_stride-stride_2"]
+    assert [r.trained_as for r in rows] == [None, None]
+
+    stray = tmp_path / "stray"
+    _baseline_run(stray, epochs=ABLATION_DEFAULTS.epochs)
+    (stray / "kv_stride-stride_2").mkdir()
+    (stray / "kv_stride-stride_2" / "notes.txt").write_text("mine")
+    with pytest.raises(cvt.UsageError, match="kv_stride-stride_2 holds no variant's run"):
+        train_ablation(replace(budget, output=str(stray)), ["kv_stride"], verbose=False)
+    assert trained == ["kv_stride-stride_1", "kv_stride-stride_2"]
+
+    same = tmp_path / "same_budget"
+    _baseline_run(same, epochs=ABLATION_DEFAULTS.epochs)
+    rows, _ = train_ablation(replace(budget, output=str(same)), ["kv_stride"], verbose=False)
+    assert trained[2:] == ["kv_stride-stride_1"]
+    assert [(r.top1, r.trained_as) for r in rows] == [(90.0, None), (77.0, "pos_embed / none")]
+    report = (same / "ablation.md").read_text()
+    assert "- kv_stride / stride 2: the same model as pos_embed / none, trained once" in report
 
 
 def test_a_variants_overrides_win_over_the_budgets_model_args(tmp_path) -> None:

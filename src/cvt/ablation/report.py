@@ -86,7 +86,9 @@ def write_report(rows: Sequence[AblationRow], out_dir: Path, title: str) -> list
     """``ablation.md``, ``ablation.csv`` and ``ablation.png`` in ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path, png = out_dir / "ablation.md", out_dir / "ablation.csv", out_dir / "ablation.png"
-    atomic_write_text(md, f"# {title}\n\n{markdown_table(rows)}\n")
+    shared = [f"- {r.label}: the same model as {r.trained_as}, trained once" for r in rows if r.trained_as]
+    notes = "\nRows that share a model, in its run folder:\n\n" + "\n".join(shared) + "\n" if shared else ""
+    atomic_write_text(md, f"# {title}\n\n{markdown_table(rows)}\n{notes}")
     write_csv(rows, csv_path)
     plot_top1(rows, png, title)
     return [md, csv_path, png]

@@ -40,6 +40,11 @@ class AblationRow:
     diverged_step: int | None = None  # the step whose loss was NaN/Inf when its training diverged
     trained_as: str | None = None  # "family / variant" whose run trained this model, when another's
 
+    @property
+    def label(self) -> str:
+        """``family / variant``, as :attr:`Variant.label`."""
+        return f"{self.family} / {self.variant}"
+
     def as_dict(self) -> dict[str, Any]:
         """Flat JSON/CSV-ready dict; the paper's figures become ``paper_params_m``, ``paper_gflops``…"""
         row = {k: v for k, v in asdict(self).items() if k != "paper"}
@@ -75,6 +80,21 @@ def model_key(model: CvT) -> ModelKey:
     return tuple(spec.identity() for spec in model.stage_specs)
 
 
+_BASE = Variant("base", "base")  # no overrides: the base model with the budget's model_args
+
+
+def _meta_model(
+    base: str,
+    variant: Variant,
+    num_classes: int | None,
+    img_size: int | tuple[int, int] | None,
+    model_args: Mapping[str, Any] | None,
+) -> CvT:
+    """:func:`build_variant` on the meta device, in eval mode: shapes and stage specs, no weights."""
+    with torch.device("meta"):
+        return build_variant(base, variant, num_classes, img_size, model_args).eval()
+
+
 def _measure(
     base: str,
     families: Sequence[str] | None,
@@ -83,20 +103,19 @@ def _measure(
     model_args: Mapping[str, Any] | None,
 ) -> list[tuple[Variant, AblationRow, ModelKey]]:
     """Each variant with its row and its model's :func:`model_key` (equal keys: the same model)."""
-    with torch.device("meta"):  # the families start from the base with model_args, at img_size
-        base_model = build_variant(base, Variant("base", "base"), num_classes, img_size, model_args)
+    # the families start from the base with model_args, at img_size
+    base_model = _meta_model(base, _BASE, num_classes, img_size, model_args)
     variants = ablation_variants(base_model.stage_specs, families)
     base_grids = stage_grids(base_model.stage_specs, base_model.img_size)
     measured: dict[ModelKey, tuple[int, float]] = {}
     out = []
     for variant in variants:
-        with torch.device("meta"):  # shapes only: counting needs no weights
-            model = build_variant(base, variant, num_classes, img_size, model_args).eval()
+        model = _meta_model(base, variant, num_classes, img_size, model_args)
         key = model_key(model)
         grids = stage_grids(model.stage_specs, model.img_size)
         if grids != base_grids:
             warnings.warn(
-                f"{variant.family} / {variant.name}: token grids {_grid_text(grids)} differ from "
+                f"{variant.label}: token grids {_grid_text(grids)} differ from "
                 f"the base model's {_grid_text(base_grids)} at img_size "
                 f"{model.img_size[0]}x{model.img_size[1]} (a stage's input side is not a multiple of its "
                 f"stride): its size, cost and accuracy are not those of the base's grids",
@@ -115,17 +134,17 @@ def _variants_by_model(
     num_classes: int | None,
     model_args: Mapping[str, Any] | None,
 ) -> dict[ModelKey, list[Variant]]:
-    """Each distinct model of every family, chosen or not, with the variants that build it in the
-    paper's family order: where an earlier run with other families may have trained it."""
+    """Every family's variants grouped by the model they build (:func:`model_key`), each group in the
+    paper's family order. A variant that ``model_args`` rule out is left out (``_measure`` refuses it
+    when it is chosen, before this is asked)."""
+    stages = _meta_model(base, _BASE, num_classes, img_size, model_args).stage_specs
     by_model: dict[ModelKey, list[Variant]] = {}
-    with torch.device("meta"):  # keys only: no weights
-        base_model = build_variant(base, Variant("base", "base"), num_classes, img_size, model_args)
-        for variant in ablation_variants(base_model.stage_specs, FAMILY_ORDER):
-            try:
-                model = build_variant(base, variant, num_classes, img_size, model_args)
-            except UsageError:  # a variant these model_args rule out: refused if chosen (_measure)
-                continue
-            by_model.setdefault(model_key(model), []).append(variant)
+    for variant in ablation_variants(stages, FAMILY_ORDER):
+        try:
+            model = _meta_model(base, variant, num_classes, img_size, model_args)
+        except UsageError:
+            continue
+        by_model.setdefault(model_key(model), []).append(variant)
     return by_model
 
 
@@ -156,7 +175,7 @@ def run_ablation(
     on_row: Callable[[AblationRow], None] | None = None,
     model_args: Mapping[str, Any] | None = None,
     before_training: Callable[[list[Variant]], None] | None = None,
-    continues: Callable[[Variant], bool] | None = None,
+    choose_run: Callable[[Variant, list[Variant]], Variant] | None = None,
 ) -> list[AblationRow]:
     """Train every variant with ``train_fn(variant) -> {"top1", "train_seconds"}``; one row each.
 
@@ -164,23 +183,23 @@ def run_ablation(
     of the budget (data, epochs, seed), so every variant gets the same one; for a variant whose
     training diverged it returns ``{"diverged_step", "train_seconds"}`` (a row without top-1). Only
     one variant of each distinct model is trained: the first of its chosen variants in the paper's
-    family order (so families given in another order keep each model's run folder), unless
-    ``continues`` (a resumed run: whether a variant's folder holds a run) names another variant of
-    that model, of any family, chosen or not, whose run then continues (a run resumed with fewer
-    families finds a shared model's run); ``before_training`` gets those variants before the first
-    trains (it may refuse them), ``on_row`` each row once its variant is trained; a row whose model
-    trained as another variant names it (``trained_as``).
+    family order, so families given in another order keep each model's run folder.
+
+    ``choose_run(first, others)``, given that variant and the model's other variants of every family
+    (chosen or not, in the paper's order), may return another one to train as instead: a resumed run
+    continues a shared model's run in the folder of a family it leaves out. ``before_training`` gets
+    the variants that will train before the first does (it may refuse them); ``on_row`` gets each row
+    once its model is trained. A row whose model trained as another variant names it in
+    ``trained_as``.
     """
     measured = _measure(base, families, img_size, num_classes, model_args)
-    trains_as: dict[ModelKey, Variant] = {}  # each model's first chosen variant in the paper's order
+    first: dict[ModelKey, Variant] = {}  # each model's first chosen variant in the paper's order
     for variant, _, key in sorted(measured, key=lambda m: FAMILY_ORDER.index(m[0].family)):  # stable
-        trains_as.setdefault(key, variant)
-    if continues is not None:  # an earlier run of the model, under another family's name, continues
+        first.setdefault(key, variant)
+    if choose_run is not None:
         every = _variants_by_model(base, img_size, num_classes, model_args)
-        for key, variant in trains_as.items():
-            if not continues(variant):
-                trains_as[key] = next((v for v in every[key] if continues(v)), variant)
-    training = {key: trains_as[key] for _, _, key in measured}  # in the chosen order
+        first = {key: choose_run(v, [o for o in every[key] if o != v]) for key, v in first.items()}
+    training = {key: first[key] for _, _, key in measured}  # in the chosen order
     if before_training is not None:
         before_training(list(training.values()))
     results: dict[ModelKey, dict[str, float]] = {}
@@ -190,7 +209,7 @@ def run_ablation(
             results[key] = train_fn(training[key])
         result = results[key]
         if training[key] != variant:
-            row = replace(row, trained_as=f"{training[key].family} / {training[key].name}")
+            row = replace(row, trained_as=training[key].label)
         if "diverged_step" in result:
             row = replace(
                 row, diverged_step=int(result["diverged_step"]), train_seconds=float(result["train_seconds"])

@@ -131,32 +131,42 @@ def trained_img_size(budget: TrainConfig) -> int:
 
 def check_resumable(configs: Sequence[TrainConfig], num_classes: int, img_size: int) -> None:
     """For ``--resume auto``: refuse (before any variant trains) a variant folder with content that is
-    not a run of that variant with the ablation's budget, as its ``config.yaml`` records it: a finished
-    variant is kept and an interrupted one continues, so all must share the options the report names.
-    ``num_classes`` and ``img_size`` are the resolved ones the runs record (the options may be unset)."""
+    not a run of that variant with the ablation's budget (:func:`resume_problem`): a finished variant
+    is kept and an interrupted one continues, so all must share the options the report names."""
+    for config in configs:
+        problem = resume_problem(config, num_classes, img_size)
+        if problem is not None:
+            raise UsageError(f"{problem}, or pass --overwrite to retrain every variant")
+
+
+def resume_problem(config: TrainConfig, num_classes: int, img_size: int) -> str | None:
+    """Why the run in ``config.run_dir`` cannot continue as ``config`` (no readable ``config.yaml``,
+    options it was trained with that differ), or None: an empty folder, or a run of that variant with
+    that budget. ``num_classes`` and ``img_size`` are the resolved ones runs record (the options may
+    be unset)."""
     import yaml
 
-    for config in configs:
-        if not run_dir_content(config.run_dir):
-            continue
-        recorded = read_recorded_config(config.run_dir)
-        if recorded is None:
-            raise UsageError(
-                f"variant run folder {config.run_dir} holds no variant's run (no readable config.yaml) to "
-                f"resume: move its files away, or pass --overwrite to retrain every variant"
-            )
-        expected = yaml.safe_load(yaml.safe_dump(config.recorded()))  # as config.yaml holds it
-        expected.update(num_classes=num_classes, img_size=img_size)
-        differ = [
-            f"{key} {recorded[key]!r} (now {value!r})"
-            for key, value in expected.items()
-            if key not in RESUME_MAY_CHANGE and key in recorded and recorded[key] != value
-        ]
-        if differ:
-            raise UsageError(
-                f"variant run folder {config.run_dir} was trained with {'; '.join(differ)}: resume with the "
-                f"options the ablation was started with, or pass --overwrite to retrain every variant"
-            )
+    if not run_dir_content(config.run_dir):
+        return None
+    recorded = read_recorded_config(config.run_dir)
+    if recorded is None:
+        return (
+            f"variant run folder {config.run_dir} holds no variant's run (no readable config.yaml) to "
+            f"resume: move its files away"
+        )
+    expected = yaml.safe_load(yaml.safe_dump(config.recorded()))  # as config.yaml holds it
+    expected.update(num_classes=num_classes, img_size=img_size)
+    differ = [
+        f"{key} {recorded[key]!r} (now {value!r})"
+        for key, value in expected.items()
+        if key not in RESUME_MAY_CHANGE and key in recorded and recorded[key] != value
+    ]
+    if not differ:
+        return None
+    return (
+        f"variant run folder {config.run_dir} was trained with {'; '.join(differ)}: resume with the "
+        f"options the ablation was started with"
+    )
 
 
 def finished_result(config: TrainConfig) -> dict[str, float] | None:
@@ -223,8 +233,11 @@ def train_ablation(
     check_data(budget)
     num_classes = class_count(budget)  # the heads the variants train (--num-classes, else the data's)
 
+    def config_of(variant: Variant) -> TrainConfig:
+        return variant_config(budget, variant, out_dir / variant_slug(variant))
+
     def train_fn(variant: Variant) -> dict[str, float]:
-        config = variant_config(budget, variant, out_dir / variant_slug(variant))
+        config = config_of(variant)
         return (budget.resume and finished_result(config)) or train_variant(config)
 
     def announce(row: AblationRow) -> None:
@@ -232,13 +245,26 @@ def train_ablation(
             return
         result = f"top-1 {row.top1:.2f}%" if row.diverged_step is None else top1_text(row)
         shared = "" if row.trained_as is None else f" (the same model as {row.trained_as}: one run)"
-        print(f"ablation {row.family} / {row.variant}: {result} in {row.train_seconds:.0f} s{shared}")
+        print(f"ablation {row.label}: {result} in {row.train_seconds:.0f} s{shared}")
 
-    def holds_run(variant: Variant) -> bool:
-        return read_recorded_config(out_dir / variant_slug(variant)) is not None
+    def choose_run(first: Variant, others: list[Variant]) -> Variant:
+        """With --resume auto, a model whose own folder is empty continues the run that another variant
+        of it trained (in a family left out this time), if that run has this budget."""
+        if run_dir_content(config_of(first).run_dir):
+            return first  # its own run, or something check_dirs refuses
+        img_size = trained_img_size(budget)
+
+        def continues(variant: Variant) -> bool:
+            config = config_of(variant)
+            return (
+                bool(run_dir_content(config.run_dir))
+                and resume_problem(config, num_classes, img_size) is None
+            )
+
+        return next((v for v in others if continues(v)), first)
 
     def check_dirs(variants: list[Variant]) -> None:
-        configs = [variant_config(budget, v, out_dir / variant_slug(v)) for v in variants]
+        configs = [config_of(v) for v in variants]
         check_variant_dirs([c.run_dir for c in configs], budget.overwrite or bool(budget.resume))
         if budget.resume:  # folders with content may hold the variants' runs, which continue
             check_resumable(configs, num_classes, trained_img_size(budget))
@@ -254,10 +280,9 @@ def train_ablation(
         on_row=announce,
         model_args=budget.model_args,
         before_training=check_dirs,
-        # resumed: a shared model's run may be in the folder of a family this run leaves out
-        continues=holds_run if budget.resume else None,
+        choose_run=choose_run if budget.resume else None,
     )
-    diverged = [f"{r.family} / {r.variant}" for r in rows if r.diverged_step is not None]
+    diverged = [r.label for r in rows if r.diverged_step is not None]
     if diverged:
         warnings.warn(
             f"{len(diverged)} variant(s) diverged (non-finite loss): {', '.join(diverged)}; their rows "

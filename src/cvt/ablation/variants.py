@@ -34,6 +34,11 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     paper: PaperFigures = PaperFigures()
 
+    @property
+    def label(self) -> str:
+        """``family / name``, as messages and the report name a variant."""
+        return f"{self.family} / {self.name}"
+
 
 def _first_stages(flag_on: Any, flag_off: Any, count: int, num_stages: int) -> tuple[Any, ...]:
     """``flag_on`` for the first ``count`` stages, ``flag_off`` for the others."""
