@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cvt.benchmark import describe_machine, interleaved_medians, machine_info
+from cvt.errors import run_script
 from cvt.models import cpu_kernels, create_model
 from cvt.models.cvt import StageSpec, kv_grid, stage_grids
 from cvt.models.layers import ConvAttention
@@ -156,4 +157,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main, "attention_kernels.py")

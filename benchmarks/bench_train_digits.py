@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cvt.errors import run_script
+
 
 def main() -> int:
     """Run the demo once and print its figures; exit 1 when the target is missed."""
@@ -59,4 +61,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "bench_train_digits.py")

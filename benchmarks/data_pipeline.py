@@ -21,6 +21,7 @@ from PIL import Image
 from cvt.benchmark import peak_rss_mb, settled_rss_mb
 from cvt.data import AugmentConfig, build_dataset, build_transform, load_input, resolve_data_config
 from cvt.data.datasets import ArrayImageDataset
+from cvt.errors import run_script
 from cvt.models import create_model
 
 
@@ -82,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "data_pipeline.py")

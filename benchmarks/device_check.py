@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cvt.devices import resolve_device
+from cvt.errors import run_script
 from cvt.models import CvT, create_model
 from cvt.models.layers import set_fast_paths
 
@@ -125,4 +126,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "device_check.py")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 
 import torch
 from step_options import step_config, step_parser
 from torch import nn
 
 from cvt.benchmark import interleaved_medians, make_batch, make_step
+from cvt.errors import run_script
 from cvt.models import create_model
 from cvt.models.layers import FAST_PATH_FLAGS, set_fast_paths
 
@@ -68,4 +68,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "fast_path_ablation.py")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -27,6 +26,7 @@ from timm.layers import to_2tuple
 
 from cvt.benchmark import has_bf16_kernels, interleaved_medians
 from cvt.cli.common import parse_img_size
+from cvt.errors import run_script
 from cvt.export import INPUT_NAME, export_onnx
 from cvt.models import CvT, create_model
 
@@ -118,4 +118,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "onnx_serving.py")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from step_options import step_config, step_parser
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt
+from cvt.errors import run_script
 from cvt.models import cpu_kernels, create_model
 from cvt.precision import autocast
 
@@ -94,4 +94,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "op_census.py")

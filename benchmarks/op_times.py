@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvt.allocator import keep_freed_memory
 from cvt.benchmark import SUBJECTS, build_subjects, make_batch, make_step, timed_run
+from cvt.errors import run_script
 from cvt.models import cpu_kernels
 
 # op kinds, by the op's name without its overload: the same work in every implementation (linear
@@ -192,4 +192,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "op_times.py")

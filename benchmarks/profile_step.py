@@ -11,7 +11,6 @@ profiling code); backward ops run outside those labels and are reported by op on
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from step_options import step_config, step_parser
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from cvt.benchmark import SUBJECTS, build_subjects, make_batch, make_step
+from cvt.errors import run_script
 
 
 def label_stages(model: torch.nn.Module) -> None:
@@ -81,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "profile_step.py")

@@ -41,6 +41,7 @@ from cvt.benchmark import (
     run_benchmark,
 )
 from cvt.devices import resolve_device
+from cvt.errors import run_script
 from cvt.models import create_model
 from cvt.precision import autocast
 
@@ -253,4 +254,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "run_targets.py")

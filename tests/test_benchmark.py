@@ -28,7 +28,7 @@ import cvt
 from cvt import allocator, benchmark
 from cvt.benchmark import BenchConfig
 from cvt.complexity import count_gmacs
-from cvt.errors import CvtError, UsageError
+from cvt.errors import CvtError, UsageError, run_script
 from cvt.models import CvTStage, cpu_kernels, create_model
 
 MB = 2**20
@@ -873,3 +873,39 @@ def test_machine_line_names_the_gpu_after_the_cpu_and_bf16_kernels() -> None:
         "Xeon (16 logical CPUs, torch threads 8), NVIDIA H200, Python 3.11.7, torch 2.5.1, "
         "CPU capability AVX512, bf16 kernels yes"
     )
+
+
+def test_a_script_prints_one_line_for_a_users_error_and_exits_with_its_code(capsys) -> None:
+    def main() -> int:
+        raise UsageError("device 'cuda' asked for, but torch sees no CUDA GPU\nmore detail")
+
+    with pytest.raises(SystemExit) as exited:
+        run_script(main, "run_targets.py")
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "run_targets.py: error: device 'cuda' asked for, but torch sees no CUDA GPU\n"
+    )
+    with pytest.raises(SystemExit) as exited:
+        run_script(lambda: 1, "run_targets.py")  # a missed target: the script's own status
+    assert exited.value.code == 1
+
+
+def test_every_benchmark_script_runs_its_main_through_run_script() -> None:
+    """A user's error in any script (``--device cuda`` without a GPU) is one line, not a traceback."""
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        text = script.read_text(encoding="utf-8")
+        if "def main(" in text:
+            assert text.rstrip().endswith(f'run_script(main, "{script.name}")'), script.name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_run_targets_on_cuda_without_a_gpu_is_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run_targets.py"), "--device", "cuda", "--only", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "run_targets.py: error: device 'cuda' asked for, but torch sees no CUDA GPU\n"

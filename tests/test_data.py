@@ -285,6 +285,30 @@ def test_cifar_download_asks_torchvision_for_the_named_archive(tmp_path, monkeyp
     assert calls == [(source.url, str(tmp_path), source.filename, source.tgz_md5)]
 
 
+def test_a_failed_cifar_download_leaves_nothing_it_made(tmp_path, monkeypatch):
+    """Offline, torchvision made the folders and a partial archive before failing: they go, and what
+    was there before stays (an empty data/ folder was left behind)."""
+    from torchvision.datasets import utils
+
+    def cut_off(url: str, root: str, filename: str, md5: str) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(b"partial")
+        (Path(root) / "cifar-10-batches-py").mkdir()
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(utils, "download_and_extract_archive", cut_off)
+    root = tmp_path / "data" / "cifar"
+    with pytest.raises(DataError, match="could not download cifar10"):
+        build_dataset("cifar10", root, "train", download=True)
+    assert list(tmp_path.iterdir()) == []
+
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="could not download cifar10"):
+        build_dataset("cifar10", root, "train", download=True)
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
+
+
 # -------------------------------------------------------------------------------- imagefolder
 def _save(path: Path, img: Image.Image, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ was found. The CLI prints that sentence and exits non-zero; library users can ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 
 class CvtError(Exception):
@@ -62,3 +64,14 @@ def per_token_logits_error(model: str, command: str) -> UsageError:
         f"{model} gives logits per token (global_pool ''), not per image: {command} needs a model pooled "
         f"by 'token' or 'avg'"
     )
+
+
+def run_script(main: Callable[[], int | None], name: str) -> NoReturn:
+    """Exit with ``main()``'s status, as a script's ``__main__`` block: a :class:`CvtError` prints one
+    line ``<name>: error: ...`` and exits with its code (2 for a usage error), as the CLI does."""
+    try:
+        status = main()
+    except CvtError as err:
+        print(f"{name}: error: {first_line(err)}", file=sys.stderr)
+        status = err.exit_code
+    sys.exit(status)

@@ -7,9 +7,11 @@ and what was found when its files are missing, empty or unreadable.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pickle
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -179,14 +181,26 @@ def cifar_dataset(
 
 
 def _download_cifar(name: str, root: Path) -> None:
-    """Fetch and extract the archive with torchvision (which checks its md5)."""
+    """Fetch and extract the archive with torchvision (which checks its md5). A download that fails
+    leaves nothing it made behind: the archive, the extracted folder and the folders up to ``root``
+    that did not exist before are removed (what was there before is left as it was)."""
     from torchvision.datasets import CIFAR10, CIFAR100
     from torchvision.datasets.utils import download_and_extract_archive
 
     source = CIFAR10 if name == "cifar10" else CIFAR100
+    made = [p for p in (root / source.filename, root / source.base_folder) if not p.exists()]
+    made_dirs = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
         download_and_extract_archive(source.url, str(root), filename=source.filename, md5=source.tgz_md5)
     except Exception as err:  # no network, DNS failure, bad checksum, full disk …
+        for path in made:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in made_dirs:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                folder.rmdir()
         raise DataError(f"could not download {name} from {source.url} into {root}: {err}") from err
 
 
