@@ -333,6 +333,74 @@ def test_resume_keeps_the_global_batch_and_converts_the_position_to_another_spli
     assert order["resumed"][1] == order["full"][1]
 
 
+def test_resume_refuses_other_training_data(tmp_path, monkeypatch, no_curves):
+    """The schedule and the position in the epoch count the saved training set: another --train-subset
+    is refused mid-epoch (it crashed with "__len__() should return >= 0") and at an epoch end (the
+    cosine then never reached its floor); another --seed is refused where it picks the subset."""
+    snapshots = {}
+
+    def save_and_keep(obj, path):
+        atomic_torch_save(obj, path)
+        if path.name == "last.pt":
+            snapshots.setdefault(obj["step"], path.read_bytes())
+
+    monkeypatch.setattr("cvt.engine.trainer.atomic_torch_save", save_and_keep)
+    run(micro(tmp_path, epochs=1, save_every_steps=3))  # 64 images, 4 steps of 16; saved at steps 3 and 4
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["batch_geometry"]["train_images"] == 64
+    middle = tmp_path / "middle"
+    middle.mkdir()
+    (middle / "last.pt").write_bytes(snapshots[3])
+    for flags in ({"train_subset": 32}, {"epochs": 2, "train_subset": 128}):
+        with pytest.raises(CheckpointError, match="trained on 64 images an epoch, this run has (32|128)"):
+            run({"resume": str(middle / "last.pt"), **flags})
+    with pytest.raises(CheckpointError, match="trained on 64 images an epoch, this run has 128"):
+        run({"resume": "auto", "output": str(tmp_path / "run"), "epochs": 2, "train_subset": 128})
+    with pytest.raises(CheckpointError, match="--seed 3, this run has 4, which chooses the --train-subset"):
+        run({"resume": "auto", "output": str(tmp_path / "run"), "epochs": 2, "seed": 4})
+    summary = run({"resume": "auto", "output": str(tmp_path / "run"), "epochs": 2})
+    assert summary["steps"] == 8
+
+
+def test_resume_checks_the_flags_on_the_runs_own_options(tmp_path, no_curves):
+    """--lr below the default min_lr (1e-5) for a run whose floor is 0: the flags are checked on the
+    checkpoint's config, not on the defaults (where they named a cosine floor the run does not have)."""
+    run(micro(tmp_path, epochs=1, sched="step", min_lr=0.0))
+    summary = run(
+        {"resume": "auto", "output": str(tmp_path / "run"), "epochs": 2, "lr": 5e-6, "warmup_lr": 1e-6}
+    )
+    assert summary["steps"] == 8
+    with pytest.raises(UsageError, match="'min_lr'"):  # still checked, on the run's own options
+        run(
+            {
+                "resume": "auto",
+                "output": str(tmp_path / "run"),
+                "epochs": 3,
+                "sched": "cosine",
+                "min_lr": 1e-3,
+            }
+        )
+
+
+def test_an_extended_run_drops_its_summary_until_it_finishes_again(tmp_path, monkeypatch, no_curves):
+    """summary.json says a run finished: resumed with more epochs and stopped, it held the old
+    run's outcome (2 epochs, step 8) beside a config.yaml of 3 epochs and a last.pt at step 10."""
+    run(micro(tmp_path, epochs=1))
+    summary_path = tmp_path / "run" / "summary.json"
+    assert json.loads(summary_path.read_text())["epochs"] == 1
+
+    def stop_in_the_second_epoch(run_state, epoch, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cvt.engine.trainer._train_epoch", stop_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run({"resume": "auto", "output": str(tmp_path / "run"), "epochs": 2})
+    assert not summary_path.exists()
+    monkeypatch.undo()
+    summary = run({"resume": "auto", "output": str(tmp_path / "run"), "epochs": 2})
+    assert json.loads(summary_path.read_text()) == json.loads(json.dumps(summary))
+    assert summary["epochs"] == 2 and summary["topk"] == 5
+
+
 def test_resumed_position_counts_the_batches_of_every_saved_process() -> None:
     """3 batches of 8 done by each of 2 processes are 48 images: 6 batches of 8 for one process that
     accumulates 2 (the same global batch of 16); a geometry-less checkpoint keeps its count."""
@@ -1094,6 +1162,29 @@ def test_ema_bf16_and_clipping_run_and_are_recorded(tmp_path, monkeypatch):
     assert_same_weights(ema_weights, ckpt["ema"])
     assert float(rows[0]["top1"]) == pytest.approx(model_top1) and math.isfinite(summary["final_top1"])
     assert float(rows[0]["ema_top1"]) == pytest.approx(ema_top1)
+
+
+def test_the_ema_copies_the_first_update_when_step_0_was_skipped(tmp_path, monkeypatch, no_curves):
+    """--skip-nonfinite, a NaN loss at the first step: the first real update still copies the weights
+    (its count was 2, so the EMA averaged the random initialisation in with decay 0.9998)."""
+    import timm.utils
+    from timm.utils import ModelEmaV3
+
+    first: dict[str, dict[str, torch.Tensor]] = {}
+
+    class RecordingEma(ModelEmaV3):
+        def update(self, model, step=None):
+            super().update(model, step=step)
+            if not first:  # the EMA and the weights after the first real update
+                first["ema"] = {k: v.clone() for k, v in self.module.state_dict().items()}
+                first["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    watch_training_losses(monkeypatch, lambda n, loss: loss * float("nan") if n == 1 else loss)
+    monkeypatch.setattr(timm.utils, "ModelEmaV3", RecordingEma)  # the trainer imports it when it runs
+    summary = run(micro(tmp_path, epochs=1, ema=True, ema_decay=0.9998, skip_nonfinite=True))
+    assert summary["skipped_steps"] == 1
+    for key, value in first["model"].items():
+        torch.testing.assert_close(first["ema"][key], value, msg=key)
 
 
 def test_the_ema_averages_the_weights_after_each_optimizer_step(tmp_path, monkeypatch, no_curves):

@@ -25,6 +25,11 @@ from cvt.figures import new_figure, save_figure
 from cvt.models.call_context import evaluating
 
 
+def topk_of(num_classes: int) -> int:
+    """The k of the top-k accuracy (the ``top5`` column): 5, or every class when there are fewer."""
+    return min(5, num_classes)
+
+
 @dataclass
 class EvalResult:
     """Metrics of one pass over a data set (accuracies in percent)."""
@@ -161,7 +166,7 @@ def evaluate(
                     raise UsageError(
                         f"the model gives {logits.shape[1]} logits per image, expected {num_classes} classes"
                     )
-                k = min(5, num_classes)
+                k = topk_of(num_classes)
                 confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
                 non_finite = torch.zeros(num_classes, dtype=torch.int64, device=device)
             if targets.min() < 0 or targets.max() >= num_classes:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config
+from cvt.engine.config import RUN_CONTROL, TrainConfig, resolve_config, validate
 from cvt.engine.rundir import is_own_checkpoint, lies_in
 from cvt.engine.state import capture_rng, load_train_checkpoint
 from cvt.errors import CheckpointError, UsageError, is_out_of_memory
@@ -30,12 +30,14 @@ def resolve_run(yaml_source: str | None, flags: dict[str, Any]) -> tuple[TrainCo
     Without ``resume``: defaults ← YAML ← flags. With ``resume PATH`` (or ``auto`` and an existing
     ``<run>/last.pt``): the checkpoint's config ← YAML ← flags, so ``--epochs`` can extend a run.
     """
-    cfg = resolve_config(yaml_source, flags)
+    # where the run is: checked against the checkpoint's config once read (against the defaults, a
+    # resume with --lr below the default min_lr was refused whatever the run's schedule)
+    cfg = resolve_config(yaml_source, flags, check=False)
     if cfg.output:  # an output that cannot be a folder is refused before a checkpoint is read
         check_folder_path(Path(cfg.output))
     ckpt = resume_checkpoint(cfg)
     if ckpt is None:
-        return cfg, None
+        return validate(cfg), None
     path = resume_path(cfg)
     # how the interrupted run was started (--overwrite, its own --resume) does not carry over; older
     # checkpoints still record it
@@ -74,14 +76,16 @@ def resume_path(cfg: TrainConfig) -> Path:
 
 def checkpoint_state(
     model: nn.Module, optimizer: Any, scaler: Any, ema: Any, cfg: TrainConfig, progress: dict[str, Any],
-    classes: list[str], world_size: int,
+    classes: list[str], world_size: int, train_images: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Everything a resumed run needs, as tensors and plain containers (``weights_only``-loadable).
 
     No scheduler state: the lr is a function of the step, and a resumed run follows its own options.
+    ``train_images``: the training set's size, whose epoch the schedule and the data position count.
     """
+    geometry = dict(batch_size=cfg.batch_size, world_size=world_size, accum_steps=cfg.accum_steps)
     return {
-        "batch_geometry": dict(batch_size=cfg.batch_size, world_size=world_size, accum_steps=cfg.accum_steps),
+        "batch_geometry": {**geometry, "train_images": train_images},
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -91,6 +95,29 @@ def checkpoint_state(
         "classes": list(classes),
         **progress,  # epoch, batches_done, step, history, best_top1, epoch sums, train_seconds
     }
+
+
+def check_same_data(resume: dict[str, Any], cfg: TrainConfig, train_images: int, mid_epoch: bool) -> None:
+    """Refuse to continue the checkpoint ``resume`` on other training data: another number of images
+    (``--train-subset``, images added or removed: the schedule's steps per epoch and the position in
+    the epoch count the old set), or another ``--seed`` where it chose the data (the subset of
+    ``--train-subset``, or the order of the epoch stopped ``mid_epoch``)."""
+    saved = (resume.get("batch_geometry") or {}).get("train_images")  # None: checkpoints of earlier versions
+    if saved is not None and saved != train_images:
+        raise CheckpointError(
+            f"the checkpoint to resume was trained on {saved} images an epoch, this run has {train_images} "
+            f"(another --train-subset, or images added to or removed from the training set): its lr "
+            f"schedule and data position count epochs of {saved}; resume with the same training set, or "
+            f"start a new run from it with --finetune"
+        )
+    saved_seed = (resume.get("config") or {}).get("seed", cfg.seed)
+    if saved_seed != cfg.seed and (mid_epoch or cfg.train_subset is not None):
+        subset = cfg.train_subset is not None
+        chose = "the --train-subset images" if subset else "the order of the epoch it stopped in"
+        raise CheckpointError(
+            f"the checkpoint to resume was trained with --seed {saved_seed}, this run has {cfg.seed}, which "
+            f"chooses {chose}: resume with --seed {saved_seed}, or start a new run from it with --finetune"
+        )
 
 
 def resumed_position(resume: dict[str, Any], batches_done: int, cfg: TrainConfig, world_size: int) -> int:

@@ -42,6 +42,7 @@ from cvt.engine.optim import build_optimizer, build_scheduler, effective_lr
 from cvt.engine.resume import (
     carry_best,
     check_not_rewinding,
+    check_same_data,
     checkpoint_state,
     config_to_record,
     first_epoch_with,
@@ -370,7 +371,7 @@ class _Run:
     def save(self, name: str) -> None:
         """Write the run's state to ``name`` in the run folder (rank 0)."""
         state = checkpoint_state(self.model, self.optimizer, self.scaler, self.ema, self.cfg, self.progress,
-                                 self.classes, self.env.world_size)  # fmt: skip
+                                 self.classes, self.env.world_size, len(self.train_set))  # fmt: skip
         atomic_torch_save(state, self.cfg.run_dir / name)
         self.replaced.discard()  # a checkpoint of the new run: the replaced one goes for good
 
@@ -420,7 +421,9 @@ def _train(
     )  # fmt: skip
     pending_rng: dict[str, Any] | None = None
     if resume is not None:
-        pending_rng = _restore_resume(cfg, resume, env, progress, model, optimizer, scheduler, scaler)
+        pending_rng = _restore_resume(
+            cfg, resume, env, progress, model, optimizer, scheduler, scaler, len(train_set)
+        )
     else:
         seed_generators(cfg.seed + env.rank, cuda=True)  # per-rank augmentation and dropout streams
     ema, train_model, ddp = _wrap_model(cfg, model, resume, env)
@@ -588,10 +591,12 @@ def _restore_resume(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    train_images: int,
 ) -> dict[str, Any] | None:
     """Load the checkpoint ``resume`` into the model, optimizer, grad scaler and ``progress``, and set
-    the lr of its step. Returns rank 0's saved generator states, to restore once the first loader's
-    iterator exists; the other ranks' generators are seeded here (None)."""
+    the lr of its step; ``train_images``: this run's training set size, which must be the checkpoint's.
+    Returns rank 0's saved generator states, to restore once the first loader's iterator exists; the
+    other ranks' generators are seeded here (None)."""
     from cvt.data.seeding import seed_generators
 
     # the optimizer's state (moments, momentum buffers) comes from the checkpoint, its settings
@@ -617,6 +622,7 @@ def _restore_resume(
         )
     if "best_epoch" not in resume:  # checkpoints of earlier versions: the first epoch of the best top-1
         progress["best_epoch"] = first_epoch_with(progress["history"], progress["best_top1"])
+    check_same_data(resume, cfg, train_images, mid_epoch=progress["batches_done"] > 0)
     progress["batches_done"] = resumed_position(resume, progress["batches_done"], cfg, env.world_size)
     # the lr of the resumed step from this run's options, which may change --epochs, --lr, --sched …
     scheduler.step_update(progress["step"])
@@ -664,6 +670,8 @@ def _open_run_folder(
     prepare_run_dir(run_dir, replaced)
     if resume_from is not None:
         carry_best(resume_from, run_dir, progress)
+    if resuming and progress["epoch"] < cfg.epochs:  # a finished run extended: not finished any more
+        (run_dir / "summary.json").unlink(missing_ok=True)
     write_config(run_dir, config_to_record(cfg, model))
     # the checkpoint's own step keeps its epoch-end scalars; later ones came from the stopped run
     return TensorBoardLog(run_dir, purge_step=progress["step"] + 1 if resuming else None)
@@ -784,9 +792,10 @@ def _optimizer_step(run: _Run, spoiled: bool) -> None:
     else:
         apply_gradients(run.model, run.optimizer, run.scaler, cfg.clip_grad)
         if run.ema is not None:
-            # the count of updates with this one, as timm's train.py passes it: the first copies the
-            # weights (ModelEmaV3's decay is 0 up to step 1), every later one averages with decay d
-            run.ema.update(run.model, step=progress["step"] + 1)
+            # the count of updates with this one (skipped steps updated nothing), as timm's train.py
+            # passes it: the first copies the weights (ModelEmaV3's decay is 0 up to step 1), every later
+            # one averages with decay d
+            run.ema.update(run.model, step=progress["step"] - progress["skipped_steps"] + 1)
     run.optimizer.zero_grad(set_to_none=True)
     progress["step"] += 1
     run.scheduler.step_update(progress["step"])  # the lr of the next step
@@ -845,6 +854,8 @@ def _record_epoch(run: _Run, row: dict[str, float], is_best: bool, topk: int) ->
 
 def _finish(run: _Run) -> dict[str, Any]:
     """The run's summary; rank 0 writes it to ``summary.json``, closes TensorBoard and prints it."""
+    from cvt.engine.evaluate import topk_of
+
     progress, run_dir = run.progress, run.cfg.run_dir
     history = progress["history"]
     best_epoch = progress["best_epoch"]  # the epoch best.pt holds
@@ -853,6 +864,7 @@ def _finish(run: _Run) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "final_top1": history[-1]["top1"] if history else float("nan"),
         "final_top5": history[-1]["top5"] if history else float("nan"),
+        "topk": topk_of(run.num_classes),  # the k of final_top5 and the "top5" column
         "epochs": run.cfg.epochs,
         "steps": progress["step"],
         "skipped_steps": progress["skipped_steps"],
