@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -623,14 +624,43 @@ def test_a_state_dict_without_batchnorm_counters_is_recognised(
 
 
 # ------------------------------------------------------------------------------ own format
+def _without_crop_marker(path: Path) -> None:
+    """Rewrite the cvt file at ``path`` as versions before ``crop_as_recorded`` wrote it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    arch = json.loads(metadata["cvt_arch"])
+    del arch["crop_as_recorded"]
+    save_file(tensors, str(path), metadata={**metadata, "cvt_arch": json.dumps(arch)})
+
+
 def test_a_384_file_written_before_squashing_is_evaluated_as_the_official_384_models(tmp_path: Path) -> None:
     """Files saved before 384 evaluation squashed the image recorded the official rule as crop 1.0, center."""
     with torch.device("meta"):
         model = create_model("cvt_13.msft_in1k_384")
     model.pretrained_cfg = {**model.pretrained_cfg, "crop_pct": 1.0, "crop_mode": "center"}  # an old file
     path = save_checkpoint(model.to_empty(device="cpu"), tmp_path / "old384.safetensors")
+    _without_crop_marker(path)
     cfg = load_model(path).pretrained_cfg
     assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash")
+
+
+def test_a_new_file_keeps_a_whole_image_center_crop_above_224(tmp_path: Path) -> None:
+    """A model evaluated at 256 with crop 1.0, center (a transformers folder whose preprocessor says so)
+    saved now reads back as it was: the rewrite for old files turned it into squash, so `cvt convert`
+    changed how `cvt predict` treats non-square images."""
+    model = create_model("cvt_13", img_size=256)
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "input_size": (3, 256, 256),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    cfg = load_model(save_checkpoint(model, tmp_path / "center256.safetensors")).pretrained_cfg
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "center")
 
 
 def test_a_whole_image_config_built_above_224_keeps_its_crop_through_a_save(tmp_path: Path) -> None:
@@ -645,6 +675,29 @@ def test_a_whole_image_config_built_above_224_keeps_its_crop_through_a_save(tmp_
         == (before["crop_pct"], before["crop_mode"])
         == (1.0, "center")
     )
+
+
+def test_loading_into_a_model_of_another_architecture_than_the_file_records_is_warned(tmp_path: Path) -> None:
+    """The shapes fit but the strides, heads, activation, LayerNorm eps or pooling differ: the weights
+    loaded without a word and the logits moved by up to 0.93 (cvt_13_cifar's file into `cvt`)."""
+    source = create_model("cvt_13_cifar")
+    path = save_checkpoint(source, tmp_path / "cifar.safetensors")
+    with pytest.warns(
+        UserWarning, match=r"records another architecture .*stage0 patch_stride 1 \(the model: 4\)"
+    ):
+        create_model("cvt", checkpoint_path=path)
+    tiny = create_model("cvt_tiny", act="gelu", global_pool="avg", norm_eps=1e-6)
+    path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    expected = "act 'gelu' (the model: 'quick_gelu'), norm_eps 1e-06 (the model: 1e-05), global_pool 'avg'"
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        load_checkpoint(create_model("cvt_tiny"), path)
+    # transformers' folder records the activation as hidden_act (its stage i needs i + 1 blocks)
+    export_hf(create_model("cvt_tiny", depth=[1, 2, 3], act="gelu"), tmp_path / "hf")
+    with pytest.warns(UserWarning, match=re.escape("act 'gelu' (the model: 'quick_gelu')")):
+        load_checkpoint(create_model("cvt_tiny", depth=[1, 2, 3]), tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file's own architecture: no warning
+        load_checkpoint(create_model("cvt_tiny", act="gelu", global_pool="avg", norm_eps=1e-6), path)
 
 
 def test_unusable_architecture_metadata_is_a_checkpoint_error(tmp_path: Path, tiny: CvT) -> None:
@@ -750,6 +803,21 @@ def test_a_torchscript_export_is_named_as_such(tmp_path: Path, tiny: CvT) -> Non
     for load in (read_state_dict, load_model):
         with pytest.raises(CheckpointError, match=r"model\.pt is a TorchScript export .* not a checkpoint"):
             load(path)
+
+
+def test_an_onnx_export_or_a_config_json_is_named_as_such(tmp_path: Path) -> None:
+    """They read as a damaged pickle ("UnpicklingError: Unsupported operand 123" for a config.json)."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "cvt", "embed_dim": [64, 192, 384]}')
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX protobuf's first bytes
+    for load in (read_state_dict, load_model):
+        with pytest.raises(
+            CheckpointError, match=r"config\.json is a JSON file, not a checkpoint: .*pass the folder"
+        ):
+            load(tmp_path / "hf" / "config.json")
+        with pytest.raises(CheckpointError, match=r"model\.onnx is an ONNX export, not a checkpoint"):
+            load(onnx)
 
 
 def test_load_model_of_official_state_dict(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:

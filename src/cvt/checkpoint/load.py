@@ -3,7 +3,9 @@ rebuild a model from a file that describes its architecture."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ import torch
 from timm.layers import to_2tuple
 
 from cvt.checkpoint.hf import hf_input_settings, hf_label_names, hf_to_native, model_kwargs_from_hf_config
-from cvt.checkpoint.native import inference_cfg, model_from_architecture
+from cvt.checkpoint.native import architecture_of, inference_cfg, model_from_architecture
 from cvt.checkpoint.read import (
     FORMAT_HF,
     FORMAT_NATIVE,
@@ -24,7 +26,7 @@ from cvt.checkpoint.read import (
     read_state_dict,
     unwrap_state_dict,
 )
-from cvt.errors import CheckpointError, UsageError
+from cvt.errors import CheckpointError, UsageError, first_names
 from cvt.models.cvt import FIRST_CONV, CvT, check_act
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -156,8 +158,8 @@ def mismatch_message(
     if n is not None:
         return (
             f"checkpoint {source} has a {n}-class head, the model has {model.num_classes} classes: build "
-            f"the model with num_classes={n}, or load with ignore_head=True to keep a fresh head for "
-            f"fine-tuning"
+            f"the model with num_classes={n}, or keep a fresh head for fine-tuning with "
+            f"load_checkpoint(model, ..., ignore_head=True) (cvt train: --finetune)"
         )
     parts = []
     if report.missing:
@@ -234,14 +236,66 @@ def load_checkpoint(
     and reports the rest in the returned :class:`LoadResult`. ``name``: what messages call a state
     dict given as a mapping (e.g. the file it was read from; default "state dict").
     """
+    recorded = None  # the architecture the file records, if any
     if isinstance(source, Mapping):
         raw, _ = unwrap_state_dict(source, use_ema=use_ema)
         fmt, path = detect_format(raw), None
     else:
         raw, fmt, info = read_state_dict(source, use_ema=use_ema)
         path = info["path"]
+        recorded = _recorded_architecture_of(fmt, info)
     label = path or name or "state dict"
-    return _load_converted(model, convert_state_dict(raw, model), fmt, path, label, strict, ignore_head)
+    result = _load_converted(model, convert_state_dict(raw, model), fmt, path, label, strict, ignore_head)
+    _warn_other_architecture(model, recorded, label)  # once the weights are in: their shapes fit
+    return result
+
+
+# stage fields that change no tensor's shape but what the stage computes (training-only rates left out)
+_SHAPELESS_STAGE_FIELDS = (
+    "num_heads", "patch_stride", "patch_padding", "method", "stride_q", "padding_q", "stride_kv",
+    "padding_kv",
+)  # fmt: skip
+_SHAPELESS_MODEL_FIELDS = ("act", "norm_eps", "global_pool", "final_norm")
+
+
+def _recorded_architecture_of(fmt: str, info: dict[str, Any]) -> dict[str, Any] | None:
+    """The architecture a file records, as :func:`~cvt.checkpoint.native.architecture_of` describes a
+    model: a ``cvt`` file's metadata, or a transformers folder's ``config.json``; None for files that
+    record none (official state dicts)."""
+    if fmt == FORMAT_NATIVE and "arch" in info:
+        return info["arch"]
+    if fmt == FORMAT_HF and "hf_config" in info:
+        kwargs = model_kwargs_from_hf_config(info["hf_config"])
+        stages = [dataclasses.asdict(spec) for spec in kwargs["stages"]]
+        return {"stages": stages, "act": kwargs["act"], "norm_eps": kwargs.get("norm_eps", 1e-5)}
+    return None
+
+
+def _warn_other_architecture(model: CvT, recorded: dict[str, Any] | None, path: str) -> None:
+    """Warn when the file at ``path`` records settings that its tensors' shapes do not show (heads,
+    strides, the projection, the activation, LayerNorm eps, pooling) and ``model`` has others: the
+    weights load, but into a network that computes something else."""
+    if recorded is None:
+        return
+    mine = architecture_of(model)
+    differ = [
+        f"{key} {recorded[key]!r} (the model: {mine[key]!r})"
+        for key in _SHAPELESS_MODEL_FIELDS
+        if key in recorded and recorded[key] != mine[key]
+    ]
+    for i, (theirs, ours) in enumerate(zip(recorded.get("stages", []), mine["stages"], strict=False)):
+        differ += [
+            f"stage{i} {key} {theirs[key]!r} (the model: {ours[key]!r})"
+            for key in _SHAPELESS_STAGE_FIELDS
+            if key in theirs and theirs[key] != ours[key]
+        ]
+    if differ:
+        warnings.warn(
+            f"{path} records another architecture than the model it is loaded into: {first_names(differ)}; "
+            f"its weights fit, but the model computes something else with them (load_model rebuilds the "
+            f"file's own)",
+            stacklevel=3,
+        )
 
 
 def _load_converted(

@@ -62,6 +62,9 @@ def architecture_of(model: CvT, variant: str | None = None) -> dict[str, Any]:
         "final_norm": not isinstance(model.norm, torch.nn.Identity),
         "global_pool": model.global_pool,
         "pretrained_cfg": cfg,
+        # the crop above is the model's own: files without this key are read as written before 384
+        # evaluation squashed the image (model_from_architecture)
+        "crop_as_recorded": True,
     }
 
 
@@ -83,9 +86,11 @@ def model_from_architecture(arch: dict[str, Any]) -> CvT:
     for key in _TUPLE_CFG_KEYS:
         if isinstance(cfg.get(key), list):
             cfg[key] = tuple(cfg[key])
-    # files written before 384 evaluation squashed the image recorded the official rule at their own
-    # input size as crop 1.0, center; a small-image config (cvt_tiny: 32 px, no crop) built larger is not one
-    old_384_rule = (cfg.get("crop_pct"), cfg.get("crop_mode")) == (1.0, "center")
+    # files written before 384 evaluation squashed the image (no crop_as_recorded) recorded the official
+    # rule at their own input size as crop 1.0, center; a small-image config (cvt_tiny: 32 px, no crop)
+    # built larger is not one
+    old_file = not arch.get("crop_as_recorded", False)
+    old_384_rule = old_file and (cfg.get("crop_pct"), cfg.get("crop_mode")) == (1.0, "center")
     if old_384_rule and max(model.img_size) > 224 and tuple(cfg.get("input_size", ())[-2:]) == model.img_size:
         cfg["crop_pct"], cfg["crop_mode"] = official_eval_crop(*model.img_size)
     model.pretrained_cfg = cfg

@@ -250,6 +250,15 @@ def safe_torch_load(path: Path) -> Any:
             f"{path} is a TorchScript export (a traced program, read by torch.jit.load), not a checkpoint: "
             f"use the checkpoint it was exported from"
         )
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path} is an ONNX export, not a checkpoint: use the checkpoint it was exported from"
+        )
+    if path.suffix.lower() == ".json":  # a transformers folder's config.json, say
+        raise CheckpointError(
+            f"{path} is a JSON file, not a checkpoint: for a transformers folder, pass the folder that holds "
+            f"{HF_CONFIG_FILE} and the weights"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
