@@ -401,6 +401,28 @@ def test_an_extended_run_drops_its_summary_until_it_finishes_again(tmp_path, mon
     assert summary["epochs"] == 2 and summary["topk"] == 5
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            {"epochs": 1, "warmup_epochs": 2.0},
+            "--warmup-epochs 2 is not shorter than --epochs 1: the lr never reaches",
+        ),
+        (
+            {"sched": "multistep", "decay_milestones": [1, 2, 5]},
+            "--decay-milestones 2, 5 at or after --epochs 2",
+        ),
+        (
+            {"sched": "step", "decay_epochs": 3},
+            "--decay-epochs 3 at or after --epochs 2: the lr never decays",
+        ),
+    ],
+)
+def test_schedule_settings_past_the_runs_end_are_warned(tmp_path, no_curves, flags, message):
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        run(micro(tmp_path, **flags))
+
+
 def test_resumed_position_counts_the_batches_of_every_saved_process() -> None:
     """3 batches of 8 done by each of 2 processes are 48 images: 6 batches of 8 for one process that
     accumulates 2 (the same global batch of 16); a geometry-less checkpoint keeps its count."""

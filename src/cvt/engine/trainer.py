@@ -405,6 +405,8 @@ def _train(
     sampler = _build_sampler(cfg, len(train_set), env)
     global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
     lr = _peak_lr(cfg, global_batch)
+    if env.is_main:
+        _warn_unreached_schedule(cfg, lr)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=sampler.batches_per_epoch // cfg.accum_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
@@ -435,7 +437,8 @@ def _train(
                               resuming=resume is not None)  # fmt: skip
         print(
             f"training {cfg.model} on {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
-            f"{num_classes} classes) for {cfg.epochs} epochs: global batch {global_batch}, lr {lr:g}, "
+            f"{num_classes} classes) for {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}: global batch "
+            f"{global_batch}, lr {lr:g}, "
             f"{env.world_size} process(es) on {env.device.type} → {cfg.run_dir}",
             flush=True,
         )
@@ -566,6 +569,28 @@ def _peak_lr(cfg: TrainConfig, global_batch: int) -> float:
             f"{global_batch}): the warm-up would run downhill; set --warmup-lr below it (official: 1e-6)"
         )
     return lr
+
+
+def _warn_unreached_schedule(cfg: TrainConfig, lr: float) -> None:
+    """Warn about schedule settings past the run's end: a warm-up as long as the run (the lr never
+    reaches its peak ``lr``), step or multistep decays at or after the last epoch (never applied)."""
+    if 0 < cfg.epochs <= cfg.warmup_epochs:
+        warnings.warn(
+            f"--warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the lr never "
+            f"reaches its peak {lr:g}",
+            stacklevel=3,
+        )
+    if cfg.sched == "multistep":
+        late = [m for m in cfg.decay_milestones if m >= cfg.epochs]
+    else:
+        late = [cfg.decay_epochs] if cfg.sched == "step" and cfg.decay_epochs >= cfg.epochs else []
+    if late:
+        option = "--decay-milestones" if cfg.sched == "multistep" else "--decay-epochs"
+        warnings.warn(
+            f"{option} {', '.join(f'{m:g}' for m in late)} at or after --epochs {cfg.epochs}: the lr "
+            f"never decays there",
+            stacklevel=3,
+        )
 
 
 def _build_loss(cfg: TrainConfig, aug: AugmentConfig, num_classes: int) -> tuple[Callable | None, nn.Module]:
