@@ -820,6 +820,22 @@ def test_an_onnx_export_or_a_config_json_is_named_as_such(tmp_path: Path) -> Non
             load(onnx)
 
 
+def test_pytorchs_own_averaged_model_loads_as_the_ema(tmp_path: Path, tiny: CvT) -> None:
+    """``torch.optim.swa_utils.AveragedModel`` saves ``n_averaged`` beside ``module.*``: it read as
+    "holds no CvT weights"."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(tiny, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)  # the EMA's weights differ from the model's
+    torch.save({"model": tiny.state_dict(), "ema": ema.state_dict()}, tmp_path / "train.pth")
+    model = create_model("cvt_tiny")
+    load_checkpoint(model, tmp_path / "train.pth", use_ema=True)
+    for name, value in ema.module.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_load_model_of_official_state_dict(tmp_path: Path, tiny: CvT, images: torch.Tensor) -> None:
     torch.save({"model": tiny.state_dict()}, tmp_path / "official.pth")
     model = load_model(tmp_path / "official.pth")  # the only variant with these shapes

@@ -57,6 +57,7 @@ CLASSES_KEY = "classes"
 SAFE_PICKLE_GLOBALS = [argparse.Namespace]
 # containers of the model weights in training checkpoints (ours, timm's, the official trainer's)
 STATE_DICT_KEYS = ("state_dict", "model")
+AVERAGED_MODEL_COUNT = "n_averaged"  # AveragedModel's counter: no weight
 EMA_STATE_DICT_KEYS = ("ema", "model_ema", "state_dict_ema")  # cvt train; DeiT-style; timm
 # wrappers that prefix every key: DistributedDataParallel / DataParallel, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -330,6 +331,12 @@ def unwrap_state_dict(
             )
         obj = obj[nested_key]
     state_dict = dict(obj)
+    # torch.optim.swa_utils.AveragedModel (PyTorch's own EMA and SWA) keeps its update count beside the
+    # weights of the model it wraps, ``module.*``
+    if AVERAGED_MODEL_COUNT in state_dict and all(
+        k.startswith("module.") for k in state_dict if k != AVERAGED_MODEL_COUNT
+    ):
+        del state_dict[AVERAGED_MODEL_COUNT]
     stripped = True
     while stripped:
         stripped = False
