@@ -238,6 +238,17 @@ def test_cls_only_last_block_equals_the_full_block_in_a_training_step(method: st
         assert unused_q.conv.weight.grad.abs().max() == 0 and unused_q.bn.weight.grad.abs().max() == 0
 
 
+def test_an_eval_model_trained_with_frozen_batchnorms_gives_every_parameter_a_gradient() -> None:
+    """Backward through an eval-mode model (BatchNorms frozen): the last block's unused q conv gets
+    zero gradients, not None (DDP without find_unused_parameters raised; AdamW skipped their decay)."""
+    model = tiny_model("dw_bn", cls=True, seed=3).eval()
+    nn.functional.cross_entropy(model(images(2)), torch.tensor([0, 3])).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    unused_q = model.stage1.blocks[-1].attn.conv_proj_q
+    assert unused_q.conv.weight.grad.abs().max() == 0
+
+
 def test_cls_only_features_are_the_cls_row_of_all_features() -> None:
     model = tiny_model("dw_bn", cls=True).eval()
     x = images()
@@ -316,6 +327,26 @@ def test_switching_a_fast_path_off_drops_its_cached_weights() -> None:
     with torch.no_grad():  # and the plain path neither fills nor needs them
         torch.testing.assert_close(model(x), reference_logits(model, x), rtol=0, atol=1e-5)
     assert all(m._scaled.cached is None for m in mlps)
+
+
+def test_moving_or_converting_the_model_drops_the_cached_weights() -> None:
+    """.to(), .double(), .half(): the cache of the old tensors kept them alive (CvT-13: ~72 MB of fp32
+    weights and their packed copies) until the next call without a graph."""
+    from cvt.models.derived_weights import DerivedWeights
+
+    model = tiny_model("dw_bn", cls=True).eval()
+    x = images()
+
+    def kept() -> list[DerivedWeights]:
+        caches = (v for m in model.modules() for v in vars(m).values() if isinstance(v, DerivedWeights))
+        return [cache for cache in caches if cache.cached is not None]
+
+    for convert in (lambda m: m.double(), lambda m: m.to(torch.float32), lambda m: m.half().float()):
+        with torch.no_grad():
+            model(x.to(next(model.parameters()).dtype))
+        assert kept()
+        convert(model)
+        assert kept() == []
 
 
 def test_cached_weights_are_reused_then_invalidated_by_weight_changes() -> None:
@@ -722,8 +753,9 @@ def test_the_default_layers_take_the_fast_paths(
     spy(QuickGeluMlp, "scaled_weights")
     spy(layers.ConvAttention, "_stacked_linear")
     model = tiny_model(method, cls=True).train(train)
-    expected = set_fast_paths(copy.deepcopy(model), False)(images())
-    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+    with torch.set_grad_enabled(train):  # eval: inference, where the cls-only last block skips its q conv
+        expected = set_fast_paths(copy.deepcopy(model), False)(images())
+        torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
     assert calls.get("scaled_weights", 0) == 3  # every block's MLP
     folds = 8 if method == "dw_bn" and not train else 0  # 3 convs per block, the cls-only last block's q none
     assert calls.get("folded_conv", 0) == folds

@@ -185,6 +185,18 @@ def test_too_small_input_names_minimum() -> None:
         model(torch.randn(1, 3, 2, 16))
 
 
+def test_a_training_batch_of_one_whose_query_map_is_1x1_is_refused() -> None:
+    """padding_kv 2 keeps a 2x2 key/value map over a 1x1 token grid, whose query BatchNorm sees one
+    value per channel (torch's "Expected more than 1 value per channel when training")."""
+    stage = cvt.StageSpec(embed_dim=8, depth=1, num_heads=1, patch_stride=2, padding_kv=2)
+    model = cvt.CvT([stage], num_classes=10, img_size=8).train()
+    with pytest.raises(
+        cvt.InputShapeError, match=r"one 2x2 image cannot go through stage0 .*its query map is 1x1"
+    ):
+        model(torch.randn(1, 3, 2, 2))
+    assert model(torch.randn(2, 3, 2, 2)).shape == (2, model.num_classes)
+
+
 def test_a_training_batch_of_one_whose_batchnorm_sees_one_value_is_refused() -> None:
     # 16x16: stage1's key/value map is 1x1 (was torch's "Expected more than 1 value per channel")
     model = cvt.create_model("cvt_13").train()
@@ -231,6 +243,12 @@ def test_wrong_dtype_is_refused_but_autocast_works() -> None:
     with torch.no_grad():
         ref = model(x)
     assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    # autocast casts neither a float64 input nor float64 weights: a raw dtype error in the first conv
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(cvt.InputShapeError, match=r"got torch.float64 \(autocast leaves float64 as it is\)"),
+    ):
+        model(x.double())
 
 
 def test_batch_of_one_equals_row_of_batch() -> None:

@@ -355,12 +355,14 @@ class CvT(nn.Module):
             )
         # the stem's first floating parameter: its conv weight, or an adapter's that replaced the conv
         weight_dtype = next(t.dtype for t in self.stage0.patch_embed.parameters() if t.is_floating_point())
-        # autocast accepts other float dtypes; the meta device (shape checks) has no autocast to ask
+        # autocast accepts other float dtypes but float64, which it leaves as it is (input or weights);
+        # the meta device (shape checks) has no autocast to ask
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-        mismatch = x.dtype != weight_dtype and not autocast
-        if not x.is_floating_point() or mismatch:
+        uncast = not autocast or torch.float64 in (x.dtype, weight_dtype)
+        if not x.is_floating_point() or (x.dtype != weight_dtype and uncast):
+            note = " (autocast leaves float64 as it is)" if autocast else ""
             raise InputShapeError(
-                f"expected a {weight_dtype} input (the model's dtype), got {x.dtype}; convert with "
+                f"expected a {weight_dtype} input (the model's dtype), got {x.dtype}{note}; convert with "
                 f"x.to({weight_dtype}) (integer images: scale to floats and normalize first)"
             )
         if x.shape[0] == 0:
@@ -376,16 +378,23 @@ class CvT(nn.Module):
 
     def _check_single_image_batchnorm(self, height: int, width: int) -> None:
         """A BatchNorm in training mode cannot normalise one value per channel: that is a batch of one
-        whose key/value map (the smallest map a ``dw_bn`` projection normalises) is 1x1."""
+        whose query or key/value map (the maps a ``dw_bn`` projection normalises) is 1x1."""
         grids = stage_grids(self.stage_specs, (height, width))
         for i, (spec, grid) in enumerate(zip(self.stage_specs, grids, strict=True)):
-            if spec.method != "dw_bn" or kv_grid(spec, grid) != (1, 1):
+            if spec.method != "dw_bn":
                 continue
-            if any(m.training for m in self.stages[i].modules() if isinstance(m, nn.BatchNorm2d)):
+            q_map = tuple(conv_out_size(g, spec.kernel_qkv, spec.stride_q, spec.padding_q) for g in grid)
+            one_value = [
+                name for name, m in (("query", q_map), ("key/value", kv_grid(spec, grid))) if m == (1, 1)
+            ]
+            if one_value and any(
+                m.training for m in self.stages[i].modules() if isinstance(m, nn.BatchNorm2d)
+            ):
                 raise InputShapeError(
                     f"a batch of one {height}x{width} image cannot go through stage{i} in training mode: "
-                    f"its key/value map is 1x1, so each BatchNorm there would see one value per channel; "
-                    f"use batches of 2 or more, a larger input, or put the BatchNorms in eval mode"
+                    f"its {' and '.join(one_value)} map is 1x1, so each BatchNorm there would see one "
+                    f"value per channel; use batches of 2 or more, a larger input, or put the BatchNorms in "
+                    f"eval mode"
                 )
 
     # ------------------------------------------------------------------------------ forward

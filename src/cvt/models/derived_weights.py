@@ -145,6 +145,12 @@ class CachesDerivedWeights(nn.Module):
         self.clear_derived()
         return super().train(mode)
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> CachesDerivedWeights:
+        # .to(), .double(), .half(), .cuda() …: the derived weights of the old tensors would keep them
+        # alive (CvT-13: ~72 MB of fp32 weights and their packed copies) until the next call
+        self.clear_derived()
+        return super()._apply(fn, recurse)
+
 
 class CastCachedLinear(CachesDerivedWeights, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose autocast copies of weight and bias are

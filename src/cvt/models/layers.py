@@ -434,10 +434,13 @@ class ConvAttention(CachesDerivedWeights):
 
         if not cls_only:
             q_in = x if self.conv_proj_q is None else project(self.conv_proj_q)
-        elif self.conv_proj_q is not None and (self.training or _any_training(self.conv_proj_q)):
-            # the q conv still runs in training (or while its BatchNorm adapts in an eval model): its
-            # BatchNorm statistics move and its parameters get their (zero) gradients as in the full
-            # block (DDP expects a gradient for every parameter)
+        elif self.conv_proj_q is not None and (
+            self.training or torch.is_grad_enabled() or _any_training(self.conv_proj_q)
+        ):
+            # the q conv still runs in training, while a graph is built (an eval model fine-tuned with
+            # frozen BatchNorms) or while its BatchNorm adapts in an eval model: its BatchNorm statistics
+            # move and its parameters get their (zero) gradients as in the full block (DDP expects a
+            # gradient for every parameter, and AdamW decays only the parameters that have one)
             q_in = project(self.conv_proj_q)[:, :1]
         else:
             q_in = cls_tok
