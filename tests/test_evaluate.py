@@ -344,6 +344,54 @@ def test_cli_eval_class_count_mismatch(tmp_path, capsys):
     assert "has 12 classes but imagefolder has 10" in capsys.readouterr().err
 
 
+def _image_folder_checkpoint(tmp_path, classes, num_classes):
+    """A `cvt train`-style checkpoint trained on an image folder of ``classes`` (head of ``num_classes``)."""
+    ckpt = _training_checkpoint(tmp_path, num_classes=num_classes, answer=1)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["config"]["dataset"], saved["classes"] = "imagefolder", list(classes)
+    torch.save(saved, ckpt)
+    return ckpt
+
+
+def _val_folder(root, classes):
+    for c in classes:
+        for i in range(2):
+            path = root / "val" / c / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32)).save(path)
+    return ["--dataset", "imagefolder", "--data-dir", str(root)]
+
+
+def test_cli_eval_refuses_another_image_folder_of_fewer_classes(tmp_path, capsys):
+    """A 3-class image-folder checkpoint on a folder of 2 other classes: it was scored (folder 'a' as
+    'cat', top-1 100 %, exit 0), as if that folder were the data set a wider head was trained on."""
+    ckpt = _image_folder_checkpoint(tmp_path, ["cat", "dog", "zebra"], 3)
+    assert main(["eval", "--checkpoint", str(ckpt), *_val_folder(tmp_path / "ab", ["a", "b"])]) == 1
+    assert "has 3 classes but imagefolder has 2" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(ckpt), *_val_folder(tmp_path / "horse", ["horse"])]) == 1
+    assert "has 3 classes but imagefolder has 1" in capsys.readouterr().err
+
+
+def test_cli_eval_names_the_outputs_of_a_wider_head_apart_from_the_classes(tmp_path, capsys):
+    """Classes '1' and '3' with 4 outputs: the extra outputs were named '2' and '3', so the JSON's class
+    '3' (both its images right) was overwritten by the empty output 3."""
+    ckpt = _image_folder_checkpoint(tmp_path, ["1", "3"], 4)
+    data = _val_folder(tmp_path / "numbers", ["1", "3"])
+    assert main(["eval", "--checkpoint", str(ckpt), *data, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_class_acc"] == {"1": 0.0, "3": 100.0, "2": None, "output 3": None}
+
+
+def test_cli_eval_of_a_per_token_model_says_why_it_cannot_be_scored(tmp_path, capsys):
+    """global_pool '': logits per token. The message counted the tokens as logits per image."""
+    path = cvt.save_checkpoint(
+        cvt.create_model("cvt_tiny", num_classes=10, global_pool=""), tmp_path / "tok.safetensors"
+    )
+    assert main(["eval", "--checkpoint", str(path), "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "gives logits per token (global_pool ''), not per image: eval needs a model pooled" in err
+
+
 def test_cli_eval_on_an_image_folder_of_other_classes(tmp_path, capsys, monkeypatch, shown_warnings):
     """A folder whose classes the checkpoint does not know is read as it is: another class count gets the
     --finetune hint, other names of the same count a warning (both used to be a DataError about the

@@ -52,7 +52,7 @@ def run_eval(args: argparse.Namespace) -> int:
         image_folder_eval_classes,
         save_confusion_png,
     )
-    from cvt.errors import UsageError
+    from cvt.errors import UsageError, per_token_logits_error
     from cvt.fileio import atomic_write_text, check_folder_path, refuse_existing
     from cvt.precision import autocast_dtype
 
@@ -61,6 +61,8 @@ def run_eval(args: argparse.Namespace) -> int:
         check_folder_path(output)  # before the evaluation, not after it
         refuse_existing([output / CONFUSION_PNG, output / METRICS_JSON], args.overwrite)
     source = load_model_source(args)
+    if source.model.global_pool == "":
+        raise per_token_logits_error(source.description, "eval")
     dataset_name = args.dataset or source.train_config.get("dataset")
     if dataset_name is None:
         raise UsageError("which data set? pass --dataset digits|cifar10|cifar100|imagefolder")

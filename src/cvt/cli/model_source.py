@@ -95,5 +95,9 @@ def label_names(source: ModelSource) -> list[str]:
 
 def with_index_names(names: Sequence[str], num_classes: int) -> list[str]:
     """``names`` for the first outputs, then each output's index: a head trained wider than the data
-    set's classes (``cvt train --num-classes``) has outputs no class name belongs to."""
-    return [*names, *(str(i) for i in range(len(names), num_classes))]
+    set's classes (``cvt train --num-classes``) has outputs no class name belongs to. An index that is
+    itself a class's name (classes ``1`` and ``3``, four outputs) becomes ``output 3``: every output's
+    name stays its own (per-class results are keyed by name)."""
+    taken = set(names)
+    extra = (str(i) if str(i) not in taken else f"output {i}" for i in range(len(names), num_classes))
+    return [*names, *extra]

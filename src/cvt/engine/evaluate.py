@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvt.data.datasets import first_difference, image_folder_classes
+from cvt.data.datasets import FIXED_CLASS_COUNTS, first_difference, image_folder_classes
 from cvt.errors import CheckpointError, DataError, UsageError, first_names
 from cvt.figures import new_figure, save_figure
 from cvt.models.call_context import evaluating
@@ -110,7 +110,11 @@ def check_eval_classes(
     (``cvt train --num-classes``). A warning when the model's class names ``model_classes`` differ from
     the data set's: the indices are compared as they are.
     """
-    trained_wider = dataset == trained_on and len(dataset_classes) < num_classes
+    # a head trained wider than its data set's classes is scored on those classes; an image folder's
+    # classes are its folders, so another folder of fewer classes is another data set
+    fixed = dataset in FIXED_CLASS_COUNTS
+    own_classes = fixed or not model_classes or list(dataset_classes) == list(model_classes)
+    trained_wider = dataset == trained_on and len(dataset_classes) < num_classes and own_classes
     if len(dataset_classes) != num_classes and not trained_wider:
         raise CheckpointError(
             f"{model_name} has {num_classes} classes but {dataset} has {len(dataset_classes)}: evaluate "
