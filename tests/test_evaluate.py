@@ -101,6 +101,16 @@ def test_evaluate_metrics_are_exact():
     assert result.per_class_acc == pytest.approx([50.0, 100.0, 50.0, 0.0, 0.0, 0.0, 0.0])
 
 
+def test_evaluate_per_class_accuracy_is_exact_in_float64():
+    """3 right of 35: 8.571428571428571, as top-1 is computed (float32 gave 8.571428298950195)."""
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # image i answers class i
+    images = torch.zeros(35, 3, 2, 2)
+    images[:3, 0, 0, 0] = 0.0  # three answer class 0 (right), the others class 1
+    images[3:, 0, 0, 0] = 1.0
+    result = evaluate(_TableModel(table), [(images, torch.zeros(35, dtype=torch.long))], "cpu")
+    assert result.per_class_acc[0] == 100 * 3 / 35 == result.top1
+
+
 def test_evaluate_bf16_autocast_and_fewer_than_five_classes():
     table = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]])
     images = torch.zeros(4, 3, 2, 2)
@@ -380,6 +390,7 @@ def test_cli_eval_names_the_outputs_of_a_wider_head_apart_from_the_classes(tmp_p
     assert main(["eval", "--checkpoint", str(ckpt), *data, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["per_class_acc"] == {"1": 0.0, "3": 100.0, "2": None, "output 3": None}
+    assert report["ema"] is False  # which weights were scored
 
 
 def test_cli_eval_of_a_per_token_model_says_why_it_cannot_be_scored(tmp_path, capsys):

@@ -103,7 +103,7 @@ def run_eval(args: argparse.Namespace) -> int:
     skipped = len(getattr(dataset, "skipped", [])) + len(dataset) - result.num_samples
     classes = with_index_names(dataset.classes, model.num_classes)
     report = {
-        "model": source.description, "dataset": dataset_name, "split": args.split,
+        "model": source.description, "ema": args.ema, "dataset": dataset_name, "split": args.split,
         "input_size": list(data_cfg["input_size"]), **result.as_dict(classes), "skipped_images": skipped,
     }  # fmt: skip
     if output is not None:

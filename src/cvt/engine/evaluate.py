@@ -189,7 +189,9 @@ def evaluate(
     confusion, non_finite = confusion.cpu(), non_finite.cpu()
     per_class_total = confusion.sum(dim=1) + non_finite
     n = int(per_class_total.sum())
-    per_class_acc = (100.0 * confusion.diag() / per_class_total).tolist()  # NaN where a class has no samples
+    # in float64, as top-1 (3 of 35 is 8.571428571428571, not float32's 8.571428298950195); NaN where a
+    # class has no samples
+    per_class_acc = (100.0 * confusion.diag().double() / per_class_total).tolist()
     return EvalResult(
         top1=100.0 * int(confusion.diag().sum()) / n,
         top5=100.0 * topk_correct / n,
