@@ -728,13 +728,11 @@ def test_cli_eval_split_size_and_output_files_are_reported(tmp_path, capsys, mon
     data = _cifar10_archive(tmp_path / "data")  # train split: 20 images of class 0
     seen = watch_model_inputs(monkeypatch, evaluate_cli)
     titles = []
-    real_save = engine_evaluate.save_confusion_png
+    real_figure = engine_evaluate.confusion_figure
     monkeypatch.setattr(
         engine_evaluate,
-        "save_confusion_png",
-        lambda confusion, classes, path, title="": (
-            titles.append(title) or real_save(confusion, classes, path, title)
-        ),
+        "confusion_figure",
+        lambda confusion, classes, title="": titles.append(title) or real_figure(confusion, classes, title),
     )
     out = tmp_path / "out"
     args = ["eval", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir", str(data),
@@ -750,6 +748,33 @@ def test_cli_eval_split_size_and_output_files_are_reported(tmp_path, capsys, mon
     text = capsys.readouterr().out
     assert f"cvt_tiny from {ckpt} on cifar10 train: 20 images at 48x48\n" in text
     assert f"confusion matrix: {out / 'confusion.png'}; metrics: {out / 'eval.json'}\n" in text
+
+
+def test_cli_eval_output_writes_its_plot_and_report_as_one(tmp_path, capsys, monkeypatch):
+    """A report that cannot be written (a full disk) leaves the earlier plot as it was: the new
+    confusion.png was written first, beside the earlier eval.json."""
+    import errno
+
+    import cvt.fileio
+
+    real_write = cvt.fileio._write_temporary
+
+    def full_disk_for_the_report(path, data):
+        if path.name == "eval.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, data)
+
+    monkeypatch.setattr(cvt.fileio, "_write_temporary", full_disk_for_the_report)
+    ckpt = _training_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "confusion.png").write_bytes(b"the earlier plot")
+    (out / "eval.json").write_text("the earlier report")
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "digits", "--output", str(out), "--overwrite"]
+    assert main(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert (out / "confusion.png").read_bytes() == b"the earlier plot"
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "eval.json"]  # no temporary file left
 
 
 def test_cli_eval_passes_download_and_reads_64_images_a_batch_by_default(tmp_path, capsys, monkeypatch):

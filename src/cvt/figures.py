@@ -20,10 +20,16 @@ def new_figure(**kwargs: Any) -> Any:
     return Figure(**kwargs)
 
 
+def figure_bytes(fig: Any, fmt: str = "png", dpi: int = 100) -> bytes:
+    """The matplotlib figure ``fig`` rendered as ``fmt`` (named, never guessed from a path)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi)
+    return buffer.getvalue()
+
+
 def save_figure(fig: Any, path: Path, fmt: str = "png", dpi: int = 100) -> None:
     """Render the matplotlib figure ``fig`` as ``fmt`` and write it atomically to ``path`` (its folder
     created): a file already there stays whole if rendering or writing fails."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=dpi)  # the format named, never guessed from the path
+    data = figure_bytes(fig, fmt, dpi)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, data)

@@ -48,12 +48,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from cvt.devices import resolve_device
     from cvt.engine.evaluate import (
         check_eval_classes,
+        confusion_figure,
         evaluate,
         image_folder_eval_classes,
-        save_confusion_png,
     )
     from cvt.errors import UsageError, per_token_logits_error
-    from cvt.fileio import atomic_write_text, check_folder_path, refuse_existing
+    from cvt.figures import figure_bytes
+    from cvt.fileio import atomic_write_files, check_folder_path, refuse_existing
     from cvt.precision import autocast_dtype
 
     output = Path(args.output) if args.output else None
@@ -109,9 +110,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         title = f"{source.description} — {dataset_name} {args.split}, top-1 {result.top1:.2f}%"
-        png = save_confusion_png(result.confusion, classes, output / CONFUSION_PNG, title)
-        report["confusion_png"] = str(png)
-        atomic_write_text(output / METRICS_JSON, json_text(report) + "\n")
+        report["confusion_png"] = str(output / CONFUSION_PNG)
+        # the two files as one: a failed write leaves neither new (a new plot beside an old report)
+        atomic_write_files({
+            output / CONFUSION_PNG: figure_bytes(confusion_figure(result.confusion, classes, title)),
+            output / METRICS_JSON: (json_text(report) + "\n").encode(),
+        })  # fmt: skip
     if args.json:
         print_json(report)
         return 0

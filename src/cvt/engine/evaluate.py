@@ -207,9 +207,15 @@ def evaluate(
 def save_confusion_png(
     confusion: torch.Tensor, classes: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
-    """Plot the confusion matrix, normalized per true class, as a PNG (counts written in each cell
-    when there are at most 20 classes)."""
+    """Write :func:`confusion_figure` as a PNG to ``path``; returns it."""
     path = Path(path)
+    save_figure(confusion_figure(confusion, classes, title), path)
+    return path
+
+
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], title: str = "") -> Any:
+    """The confusion matrix ``(C, C)`` as a matplotlib figure, normalized per true class (counts written
+    in each cell when there are at most 20 classes)."""
     counts = confusion.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)  # (C, C), rows sum to 1
     num = len(classes)
@@ -230,5 +236,4 @@ def save_confusion_png(
     ax.set_ylabel("true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    save_figure(fig, path)
-    return path
+    return fig
