@@ -416,9 +416,14 @@ def test_an_extended_run_drops_its_summary_until_it_finishes_again(tmp_path, mon
             {"sched": "step", "decay_epochs": 3},
             "--decay-epochs 3 at or after --epochs 2: the lr never decays",
         ),
+        (
+            {"sched": "step", "decay_epochs": 1, "decay_milestones": [1]},
+            "--decay-milestones set, but --sched step",
+        ),
+        ({"decay_rate": 0.5}, "--decay-rate set, but --sched cosine does not read them: ignored"),
     ],
 )
-def test_schedule_settings_past_the_runs_end_are_warned(tmp_path, no_curves, flags, message):
+def test_schedule_settings_that_do_nothing_are_warned(tmp_path, no_curves, flags, message):
     with pytest.warns(UserWarning, match=re.escape(message)):
         run(micro(tmp_path, **flags))
 

@@ -406,7 +406,7 @@ def _train(
     global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
     lr = _peak_lr(cfg, global_batch)
     if env.is_main:
-        _warn_unreached_schedule(cfg, lr)
+        _warn_schedule_settings(cfg, lr)
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=sampler.batches_per_epoch // cfg.accum_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
@@ -571,9 +571,29 @@ def _peak_lr(cfg: TrainConfig, global_batch: int) -> float:
     return lr
 
 
-def _warn_unreached_schedule(cfg: TrainConfig, lr: float) -> None:
-    """Warn about schedule settings past the run's end: a warm-up as long as the run (the lr never
-    reaches its peak ``lr``), step or multistep decays at or after the last epoch (never applied)."""
+# the decay options and the schedules that read them
+_DECAY_OPTIONS = {
+    "decay_epochs": ("step",),
+    "decay_milestones": ("multistep",),
+    "decay_rate": ("step", "multistep"),
+}
+
+
+def _warn_schedule_settings(cfg: TrainConfig, lr: float) -> None:
+    """Warn about schedule settings that do nothing: decay options set for a schedule that does not
+    read them, a warm-up as long as the run (the lr never reaches its peak ``lr``), step or multistep
+    decays at or after the last epoch."""
+    defaults = TrainConfig()
+    ignored = [
+        f"--{name.replace('_', '-')}"
+        for name, schedules in _DECAY_OPTIONS.items()
+        if cfg.sched not in schedules and getattr(cfg, name) != getattr(defaults, name)
+    ]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)} set, but --sched {cfg.sched} does not read them: ignored",
+            stacklevel=3,
+        )
     if 0 < cfg.epochs <= cfg.warmup_epochs:
         warnings.warn(
             f"--warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the lr never "
