@@ -232,6 +232,8 @@ def train_ablation(
     refuse_existing([out_dir / name for name in REPORT_FILES], replace_report)
     check_data(budget)
     num_classes = class_count(budget)  # the heads the variants train (--num-classes, else the data's)
+    # the input side the runs record, which a resumed run's folders are checked against
+    img_size = trained_img_size(budget) if budget.resume else 0
 
     def config_of(variant: Variant) -> TrainConfig:
         return variant_config(budget, variant, out_dir / variant_slug(variant))
@@ -252,7 +254,6 @@ def train_ablation(
         of it trained (in a family left out this time), if that run has this budget."""
         if run_dir_content(config_of(first).run_dir):
             return first  # its own run, or something check_dirs refuses
-        img_size = trained_img_size(budget)
 
         def continues(variant: Variant) -> bool:
             config = config_of(variant)
@@ -267,7 +268,7 @@ def train_ablation(
         configs = [config_of(v) for v in variants]
         check_variant_dirs([c.run_dir for c in configs], budget.overwrite or bool(budget.resume))
         if budget.resume:  # folders with content may hold the variants' runs, which continue
-            check_resumable(configs, num_classes, trained_img_size(budget))
+            check_resumable(configs, num_classes, img_size)
         for name in REPORT_FILES:  # replaced or continued runs: no report of the earlier ones survives
             (out_dir / name).unlink(missing_ok=True)
 

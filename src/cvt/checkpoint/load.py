@@ -265,9 +265,12 @@ def _recorded_architecture_of(fmt: str, info: dict[str, Any]) -> dict[str, Any] 
     if fmt == FORMAT_NATIVE and "arch" in info:
         return info["arch"]
     if fmt == FORMAT_HF and "hf_config" in info:
-        kwargs = model_kwargs_from_hf_config(info["hf_config"])
+        try:
+            kwargs = model_kwargs_from_hf_config(info["hf_config"])
+        except CheckpointError:  # a config load_model refuses: the weights still load, unchecked
+            return None
         stages = [dataclasses.asdict(spec) for spec in kwargs["stages"]]
-        return {"stages": stages, "act": kwargs["act"], "norm_eps": kwargs.get("norm_eps", 1e-5)}
+        return {"stages": stages, "act": kwargs["act"], "norm_eps": kwargs["norm_eps"]}
     return None
 
 
